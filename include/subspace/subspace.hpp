@@ -1,0 +1,11 @@
+#pragma once
+// subspace: everything in one include. In translation units compiled by nvcc the CUDA implementations come
+// along; elsewhere the host build alone.
+
+#include "core/config.hpp"
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/executor.hpp"
+#include "core/memory.hpp"
+#include "core/rng.hpp"
+#include "core/tensor.hpp"
