@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs what building and testing subspace needs, when it is missing, and puts the tools on PATH.
+# Sourced by scripts/test.sh and scripts/main.sh; safe to run again (it only installs what is missing).
+#
+#   Debian packages: libboost-dev (Boost.Hana headers), doctest-dev, ninja-build, python3-venv, plus any
+#                    named in SUBSPACE_EXTRA_PACKAGES. As root they are installed; otherwise the exact
+#                    apt-get line is printed and the script fails.
+#   CMake >= 3.28:   Debian 12's 3.25 cannot build CUDA C++20 with nvcc 13, so a newer CMake is installed from
+#                    PyPI into .tools/ (git-ignored) when the one on PATH is older.
+#   CUDA:            /usr/local/cuda/bin joins PATH when nvcc is there but not on PATH. CUDA is optional.
+
+_subspace_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+_subspace_setup() {
+  local missing=() pkg
+  local want=(libboost-dev doctest-dev ninja-build python3-venv ${SUBSPACE_EXTRA_PACKAGES:-})
+  for pkg in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  # Packages may be present without dpkg knowing (a machine with its own image): trust the files.
+  if [[ " ${missing[*]} " == *" libboost-dev "* ]] && [ -f /usr/include/boost/hana.hpp ]; then
+    missing=("${missing[@]/libboost-dev}")
+  fi
+  if [[ " ${missing[*]} " == *" doctest-dev "* ]] && [ -f /usr/include/doctest/doctest.h ]; then
+    missing=("${missing[@]/doctest-dev}")
+  fi
+  if [[ " ${missing[*]} " == *" ninja-build "* ]] && command -v ninja >/dev/null; then
+    missing=("${missing[@]/ninja-build}")
+  fi
+  read -r -a missing <<<"${missing[*]}"
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      echo "setup: installing Debian packages: ${missing[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+        { echo "setup: apt-get install ${missing[*]} failed" >&2; return 1; }
+    else
+      echo "setup: missing Debian packages. Install them with:" >&2
+      echo "  sudo apt-get install -y ${missing[*]}" >&2
+      return 1
+    fi
+  fi
+
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH="/usr/local/cuda/bin:$PATH"
+  fi
+
+  # CMake >= 3.28: the one on PATH, or one from PyPI in .tools/.
+  if [ -x "$_subspace_root/.tools/bin/cmake" ]; then
+    export PATH="$_subspace_root/.tools/bin:$PATH"
+  fi
+  local version
+  version="$(cmake --version 2>/dev/null | head -n1 | sed -E 's/[^0-9]*([0-9]+\.[0-9]+).*/\1/')"
+  if [ -z "$version" ] || [ "$(printf '%s\n3.28\n' "$version" | sort -V | head -n1)" != "3.28" ]; then
+    echo "setup: CMake ${version:-none} is older than 3.28; installing CMake from PyPI into .tools/"
+    python3 -m venv "$_subspace_root/.tools" &&
+      "$_subspace_root/.tools/bin/pip" install -q --disable-pip-version-check "cmake>=3.28,<5" ||
+      { echo "setup: could not install CMake >= 3.28 (pip install 'cmake>=3.28' into .tools/ failed)" >&2; return 1; }
+    export PATH="$_subspace_root/.tools/bin:$PATH"
+  fi
+  echo "setup: $(cmake --version | head -n1); nvcc: $(command -v nvcc >/dev/null && nvcc --version | tail -n1 || echo 'not found (host build only)')"
+}
+
+_subspace_setup || { [ "${BASH_SOURCE[0]}" = "$0" ] && exit 1 || return 1; }
+
+# Presets: cuda when nvcc is there (CI: warnings as errors), else cpu.
+if command -v nvcc >/dev/null; then
+  SUBSPACE_PRESET="${SUBSPACE_PRESET:-$([ "${CI:-}" = "true" ] && echo ci || echo cuda)}"
+else
+  SUBSPACE_PRESET="${SUBSPACE_PRESET:-cpu}"
+fi
+export SUBSPACE_PRESET
