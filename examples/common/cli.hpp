@@ -1,0 +1,120 @@
+#pragma once
+// A small command-line parser for the example programs: every flag is declared once with its help text and
+// default, --help prints them all, and a bad value fails with the flag, the value and what was expected.
+
+#include <algorithm>
+#include <charconv>
+#include <cstdio>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace examples {
+
+class cli_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class cli {
+ public:
+  cli(std::string program, std::string summary) : program_(std::move(program)), summary_(std::move(summary)) {}
+
+  /// Declares --name VALUE bound to `target`; the value `target` holds now is the default shown in --help.
+  template <class T>
+  cli& flag(const std::string& name, T& target, const std::string& help, std::vector<std::string> choices = {}) {
+    flags_.push_back({name, help, show(target), std::move(choices), [&target, name](std::string_view v) {
+                        target = parse<T>(name, v);
+                      }});
+    return *this;
+  }
+
+  /// Parses argv. Returns false after printing --help (the caller exits 0); throws cli_error on bad input.
+  bool parse(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+      std::string_view arg = argv[i];
+      if (arg == "--help" || arg == "-h") {
+        print_help();
+        return false;
+      }
+      if (arg.substr(0, 2) != "--") throw cli_error("unexpected argument '" + std::string(arg) + "' (see --help)");
+      std::string name(arg.substr(2));
+      std::string value;
+      if (const auto eq = name.find('='); eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      } else {
+        if (i + 1 >= argc) throw cli_error("--" + name + " needs a value (see --help)");
+        value = argv[++i];
+      }
+      flag_info* f = find(name);
+      if (!f) throw cli_error("unknown flag --" + name + " (see --help)");
+      if (!f->choices.empty() && std::find(f->choices.begin(), f->choices.end(), value) == f->choices.end()) {
+        std::string list;
+        for (const auto& c : f->choices) list += (list.empty() ? "" : "|") + c;
+        throw cli_error("--" + name + ": got '" + value + "', expected one of " + list);
+      }
+      f->set(value);
+    }
+    return true;
+  }
+
+  void print_help() const {
+    std::printf("usage: %s [flags]\n\n%s\n\nflags:\n", program_.c_str(), summary_.c_str());
+    for (const auto& f : flags_) {
+      std::string choices;
+      for (const auto& c : f.choices) choices += (choices.empty() ? " {" : "|") + c;
+      if (!choices.empty()) choices += "}";
+      std::printf("  --%-18s %s%s (default: %s)\n", f.name.c_str(), f.help.c_str(), choices.c_str(),
+                  f.default_value.empty() ? "none" : f.default_value.c_str());
+    }
+    std::printf("  --%-18s print this help and exit\n", "help");
+  }
+
+ private:
+  struct flag_info {
+    std::string name, help, default_value;
+    std::vector<std::string> choices;
+    std::function<void(std::string_view)> set;
+  };
+
+  flag_info* find(const std::string& name) {
+    for (auto& f : flags_)
+      if (f.name == name) return &f;
+    return nullptr;
+  }
+
+  template <class T>
+  static std::string show(const T& v) {
+    if constexpr (std::is_same_v<T, std::string>) return v;
+    else if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
+    else return std::to_string(v);
+  }
+
+  template <class T>
+  static T parse(const std::string& name, std::string_view v) {
+    if constexpr (std::is_same_v<T, std::string>) {
+      return std::string(v);
+    } else if constexpr (std::is_same_v<T, bool>) {
+      if (v == "true" || v == "1" || v == "on") return true;
+      if (v == "false" || v == "0" || v == "off") return false;
+      throw cli_error("--" + name + ": got '" + std::string(v) + "', expected true or false");
+    } else {
+      T out{};
+      const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+      if (ec != std::errc{} || end != v.data() + v.size())
+        throw cli_error("--" + name + ": got '" + std::string(v) + "', expected " +
+                        (std::is_integral_v<T> ? "an integer" : "a number"));
+      return out;
+    }
+  }
+
+  std::string program_, summary_;
+  std::vector<flag_info> flags_;
+};
+
+}  // namespace examples
