@@ -2,8 +2,8 @@
 # Installs what building and testing subspace needs, when it is missing, and puts the tools on PATH.
 # Sourced by scripts/test.sh and scripts/main.sh; safe to run again (it only installs what is missing).
 #
-#   Debian packages: libboost-dev (Boost.Hana headers), doctest-dev, ninja-build, python3-venv, plus any
-#                    named in SUBSPACE_EXTRA_PACKAGES. As root they are installed; otherwise the exact
+#   Debian packages: libboost-dev (Boost.Hana headers), doctest-dev, ninja-build, plus any named in
+#                    SUBSPACE_EXTRA_PACKAGES (python3-venv too when CMake must be installed). As root they are installed; otherwise the exact
 #                    apt-get line is printed and the script fails.
 #   CMake >= 3.28:   Debian 12's 3.25 cannot build CUDA C++20 with nvcc 13, so a newer CMake is installed from
 #                    PyPI into .tools/ (git-ignored) when the one on PATH is older.
@@ -13,7 +13,7 @@ _subspace_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 _subspace_setup() {
   local missing=() pkg
-  local want=(libboost-dev doctest-dev ninja-build python3-venv ${SUBSPACE_EXTRA_PACKAGES:-})
+  local want=(libboost-dev doctest-dev ninja-build ${SUBSPACE_EXTRA_PACKAGES:-})
   for pkg in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
@@ -53,6 +53,14 @@ _subspace_setup() {
   version="$(cmake --version 2>/dev/null | head -n1 | sed -E 's/[^0-9]*([0-9]+\.[0-9]+).*/\1/')"
   if [ -z "$version" ] || [ "$(printf '%s\n3.28\n' "$version" | sort -V | head -n1)" != "3.28" ]; then
     echo "setup: CMake ${version:-none} is older than 3.28; installing CMake from PyPI into .tools/"
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+      if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      else
+        echo "setup: python3-venv is needed to install CMake: sudo apt-get install -y python3-venv" >&2
+        return 1
+      fi
+    fi
     python3 -m venv "$_subspace_root/.tools" &&
       "$_subspace_root/.tools/bin/pip" install -q --disable-pip-version-check "cmake>=3.28,<5" ||
       { echo "setup: could not install CMake >= 3.28 (pip install 'cmake>=3.28' into .tools/ failed)" >&2; return 1; }
