@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On a GPU machine: builds the cuda preset, runs the whole test suite (GPU suite included), the main job on
+# CUDA, and every benchmark. Logs and JSON results go to OUTDIR (default bench/results); copy the JSON you
+# keep into bench/results/ and commit it.
+#
+#   bash bench/run.sh [OUTDIR]            # SUBSPACE_COMMIT=<sha> names the measured commit when .git is absent
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)"
+SUBSPACE_PRESET=cuda source scripts/setup.sh || exit 1
+commit="${SUBSPACE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+jobs="$(nproc 2>/dev/null || echo 4)"
+status=0
+
+echo "== build (cuda preset, commit $commit)"
+{ cmake --preset cuda >/dev/null && cmake --build --preset cuda -j "$jobs"; } >"$out/build.log" 2>&1 ||
+  { tail -n 60 "$out/build.log"; exit 1; }
+
+echo "== tests"
+ctest --preset cuda -j 4 --output-on-failure >"$out/ctest.log" 2>&1 || status=1
+build/cuda/tests/subspace_cuda_tests >"$out/gpu_suite.log" 2>&1 || status=1
+tail -n 4 "$out/gpu_suite.log"; grep -E "tests passed|tests failed|Skipped|Failed" "$out/ctest.log" | tail -n 12
+
+echo "== main job on CUDA"
+build/cuda/examples/primitives_demo --device cuda >"$out/main_job.log" 2>&1 || status=1
+tail -n 3 "$out/main_job.log"
+
+echo "== benchmarks"
+build/cuda/bench/bench_gemm --commit "$commit" --out "$out/gemm.json" 2>&1 | tee "$out/bench_gemm.log" | tail -n 12 ||
+  status=1
+exit $status
