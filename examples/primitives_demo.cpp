@@ -51,11 +51,16 @@ int run(const Exec& ex, const options& o, const char* device_name) {
   gemm(ex, op::none, op::none, 1.0f, x.v(), w_teacher.v(), 0.0f, y.v());
   axpy(ex, 1.0f, noise.v(), y.v());
 
-  // Student: fp32 master weights start at zero, plus the working copy in the activation type.
+  // Student: fp32 master weights start at zero. On CUDA the GEMMs read a bf16 working copy that the optimizer
+  // writes in the same pass as the update; on the host they read the fp32 master weights directly.
   tensor<float, S> w({in, out}), grad({in, out}), residual({rows, out});
   tensor<A, S> w_work({in, out}), residual_act({rows, out});
   fill(ex, w.v(), 0.0f);
   cast(ex, w.v(), w_work.v());
+  const auto weights = [&] {
+    if constexpr (std::is_same_v<A, float>) return view<const float, S>(w.v());
+    else return view<const A, S>(w_work.v());
+  };
 
   optim::adamw opt;
   opt.weight_decay = 0.0f;  // a regression: nothing to decay
@@ -67,12 +72,14 @@ int run(const Exec& ex, const options& o, const char* device_name) {
   float loss = 0.0f;
   for (int step = 1; step <= o.steps; ++step) {
     // forward: residual = X W - Y; loss = 0.5 |residual|^2 / rows
-    gemm(ex, op::none, op::none, 1.0f, x.v(), w_work.v(), 0.0f, residual.v());
+    gemm(ex, op::none, op::none, 1.0f, x.v(), weights(), 0.0f, residual.v());
     axpy(ex, -1.0f, y.v(), residual.v());
     // backward: dL/dW = X^T residual / rows
     cast(ex, residual.v(), residual_act.v());
     gemm(ex, op::transpose, op::none, 1.0f / float(rows), x.v(), residual_act.v(), 0.0f, grad.v());
-    opt.step(ex, w.v(), grad.v(), state, info, optim::step_context{o.lr, step}, w_work.v());
+    const optim::step_context ctx{o.lr, step};
+    if constexpr (std::is_same_v<A, bf16>) opt.step(ex, w.v(), grad.v(), state, info, ctx, w_work.v());
+    else opt.step(ex, w.v(), grad.v(), state, info, ctx);
     if (step % o.log_every == 0 || step == 1 || step == o.steps) {
       loss = 0.5f * squared_norm(ex, residual.v()) / float(rows);  // synchronizes on CUDA
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

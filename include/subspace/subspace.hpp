@@ -9,3 +9,10 @@
 #include "core/memory.hpp"
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
+
+#include "kernels/elementwise.hpp"
+#include "kernels/gemm.hpp"
+#include "kernels/random.hpp"
+#include "kernels/reduce.hpp"
+
+#include "policies.hpp"  // the four concepts and their first policies

@@ -34,6 +34,21 @@ SUBSPACE_HD inline float bits_float(std::uint32_t u) {
   return f;
 #endif
 }
+/// Rounds a double to float with round-to-odd: the result is exact, or the neighbour of the two that has an
+/// odd last bit. A round-to-odd value with at least two more significant bits than the final format
+/// (float's 24 against bf16's 8 and fp16's 11) rounds to nearest even into that format exactly as the original
+/// double would (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
+/// rounding to odd", 2008).
+SUBSPACE_HD inline float to_float_round_odd(double d) {
+  const float nearest = float(d);  // round to nearest even
+  if (double(nearest) == d || d != d) return nearest;  // exact, or NaN
+  std::uint32_t bits = float_bits(nearest);
+  const double abs_nearest = nearest < 0 ? -double(nearest) : double(nearest);
+  const double abs_d = d < 0 ? -d : d;
+  if (abs_nearest > abs_d) --bits;  // truncate: one step toward zero (also turns infinity into the largest float)
+  return bits_float(bits | 1u);
+}
+
 }  // namespace detail
 
 /// bfloat16: 1 sign, 8 exponent, 7 mantissa bits. Conversion from float rounds to nearest even; NaN stays NaN.
@@ -126,11 +141,14 @@ inline constexpr bool is_element_v = std::is_same_v<T, float> || std::is_same_v<
 template <class T>
 using accum_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-/// Converts between element types through float (or double when either side is double).
+/// Converts between element types with a single round-to-nearest-even (double to a 16-bit type goes through
+/// a round-to-odd float, which avoids double rounding).
 template <class To, class From>
 SUBSPACE_HD inline To convert(From x) {
   if constexpr (std::is_same_v<To, From>) {
     return x;
+  } else if constexpr (std::is_same_v<From, double> && (std::is_same_v<To, bf16> || std::is_same_v<To, fp16>)) {
+    return To(detail::to_float_round_odd(x));
   } else if constexpr (std::is_same_v<To, double> || std::is_same_v<From, double>) {
     return To(static_cast<double>(x));
   } else {

@@ -89,7 +89,8 @@ class view {
   SUBSPACE_HD std::int64_t dim(int i) const { return shape_.dims[std::size_t(i)]; }
   SUBSPACE_HD std::int64_t stride(int i) const { return strides_[std::size_t(i)]; }
   SUBSPACE_HD std::int64_t numel() const { return shape_.numel(); }
-  SUBSPACE_HD bool empty() const { return numel() == 0; }
+  /// True for a default-constructed view (no data) and for views with a zero extent.
+  SUBSPACE_HD bool empty() const { return data_ == nullptr || numel() == 0; }
   std::size_t bytes() const { return std::size_t(numel()) * sizeof(T); }
 
   /// True when the elements are dense and row-major (strides of unit-extent dimensions are ignored).

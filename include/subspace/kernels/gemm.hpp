@@ -1,0 +1,276 @@
+#pragma once
+// gemm: C = alpha * op_a(A) * op_b(B) + beta * C, on rank-2 views (one matrix) or rank-3 views (a strided batch:
+// dimension 0 is the batch, its stride the distance between matrices). Row-major semantics, like the tensors:
+// element (i, j) of a rank-2 view is data[i * stride(0) + j * stride(1)], whatever those strides are.
+//
+//   gemm(exec::host{}, op::none, op::transpose, 1.0f, x.v(), w.v(), 0.0f, y.v());   // y = x w^T
+//
+// Element types may be const or not (a tensor passes as .v()). Products accumulate in accum_t: fp32 for bf16, fp16
+// and fp32 operands, fp64 as soon as one operand is double. beta == 0 means C is written, not read (BLAS
+// convention: whatever C held, NaN included, is overwritten); alpha == 0 skips the product.
+//
+// The host implementation below is both the readable reference and fast enough for CPU training demos: it packs
+// blocks of op_a(A) and op_b(B) into contiguous panels (every transpose, stride and element type is handled
+// there, converting to the accumulator type), runs a register-blocked micro-kernel written so that the compiler
+// vectorises it at plain -O2 (no intrinsics), and spreads blocks of C over at most ex.concurrency() threads.
+// Every block of C is computed the same way whichever thread runs it, so results do not depend on the thread count.
+// The CUDA implementation (cuBLASLt) lives in detail/cuda/gemm.cuh and comes along under nvcc.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/tensor.hpp"
+
+namespace subspace {
+
+/// What gemm does to an operand before multiplying: use it as it is, or its transpose.
+enum class op { none, transpose };
+
+inline const char* to_string(op o) { return o == op::none ? "none" : "transpose"; }
+
+/// The accumulator type of gemm on (TA, TB, TC): double when any of them is double, else float.
+template <class TA, class TB, class TC>
+using gemm_accum_t = std::conditional_t<std::is_same_v<accum_t<TA>, double> || std::is_same_v<accum_t<TB>, double> ||
+                                            std::is_same_v<accum_t<TC>, double>,
+                                        double, float>;
+
+namespace detail {
+
+/// A matrix as seen by the kernels: element (i, j) of batch entry b is data[b * batch + i * row + j * col].
+struct gemm_operand {
+  std::int64_t batch = 0, row = 0, col = 0;
+};
+
+/// The sizes of one gemm call, checked: C (m x n) = op_a(A) (m x k) * op_b(B) (k x n), `batch` times, and the
+/// strides under which op_a(A), op_b(B) and C are addressed (transposes already applied).
+struct gemm_problem {
+  std::int64_t batch = 1, m = 0, n = 0, k = 0;
+  gemm_operand a, b, c;
+};
+
+/// Rows and columns of op(X) for a rank-2 or rank-3 view, and the strides that address op(X).
+template <class V>
+gemm_operand gemm_op_strides(const V& x, op o, std::int64_t& rows, std::int64_t& cols) {
+  const int r = x.rank();
+  const std::int64_t batch = r == 3 ? x.stride(0) : 0;
+  const std::int64_t s0 = x.stride(r - 2), s1 = x.stride(r - 1);
+  rows = o == op::none ? x.dim(r - 2) : x.dim(r - 1);
+  cols = o == op::none ? x.dim(r - 1) : x.dim(r - 2);
+  return o == op::none ? gemm_operand{batch, s0, s1} : gemm_operand{batch, s1, s0};
+}
+
+inline std::string gemm_op_shape(std::int64_t rows, std::int64_t cols) {
+  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+/// Checks ranks, batch counts and shapes; every message names the operands and their shapes.
+template <class VA, class VB, class VC>
+gemm_problem gemm_check(op op_a, op op_b, const VA& A, const VB& B, const VC& C) {
+  const auto rank_ok = [](int r) { return r == 2 || r == 3; };
+  require(rank_ok(A.rank()) && rank_ok(B.rank()) && rank_ok(C.rank()) && A.rank() == B.rank() &&
+              B.rank() == C.rank(),
+          "gemm: A, B and C must all be rank 2, or all rank 3 (a strided batch in dimension 0); got A " +
+              to_string(A.shape()) + ", B " + to_string(B.shape()) + ", C " + to_string(C.shape()));
+  gemm_problem p;
+  if (A.rank() == 3) {
+    require(A.dim(0) == B.dim(0) && B.dim(0) == C.dim(0),
+            "gemm: batch counts (dimension 0) differ: A " + to_string(A.shape()) + ", B " + to_string(B.shape()) +
+                ", C " + to_string(C.shape()));
+    p.batch = A.dim(0);
+  }
+  std::int64_t ar, ac, br, bc, cr, cc;
+  p.a = gemm_op_strides(A, op_a, ar, ac);
+  p.b = gemm_op_strides(B, op_b, br, bc);
+  p.c = gemm_op_strides(C, op::none, cr, cc);
+  require(ac == br, std::string("gemm: inner dimensions differ: op_a(A) has shape ") + gemm_op_shape(ar, ac) +
+                        " (A " + to_string(A.shape()) + ", op_a = " + to_string(op_a) + ") but op_b(B) has shape " +
+                        gemm_op_shape(br, bc) + " (B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) + ")");
+  require(cr == ar && cc == bc, "gemm: C has shape " + to_string(C.shape()) + " but op_a(A) * op_b(B) has shape " +
+                                    gemm_op_shape(ar, bc) + " (A " + to_string(A.shape()) + ", op_a = " +
+                                    to_string(op_a) + "; B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) +
+                                    ")");
+  require(p.batch <= 1 || p.c.batch != 0 || cr * cc == 0,
+          "gemm: C " + to_string(C.shape()) + " has batch stride 0: the batch entries would overwrite each other");
+  p.m = ar;
+  p.n = bc;
+  p.k = ac;
+  return p;
+}
+
+}  // namespace detail
+
+namespace detail::gemm_host {
+
+/// Register and cache blocking per accumulator type. mr x nr is the register tile of the micro-kernel (16
+/// SSE2 registers: 8 x 8 floats is 16 accumulator vectors; 4 x 4 doubles is 8); a task computes an mc x nc
+/// block of C, walking k in steps of kc, with an (mc x kc) panel of A (L2) and a (kc x nc) panel of B packed.
+template <class Acc>
+struct blocking {
+  static_assert(dependent_false<Acc>, "gemm (host): no blocking for this accumulator type (float or double)");
+};
+template <>
+struct blocking<float> {
+  static constexpr int mr = 8, nr = 8, mc = 128, nc = 256, kc = 256;
+};
+template <>
+struct blocking<double> {
+  static constexpr int mr = 4, nr = 4, mc = 96, nc = 256, kc = 128;
+};
+
+/// One row of the register tile: acc[j] += a * b[j]. The loop has a fixed trip count, so it vectorises.
+template <class Acc, int NR>
+inline void micro_row(Acc (&acc)[NR], Acc a, const Acc* b) {
+  for (int j = 0; j < NR; ++j) acc[j] += a * b[j];
+}
+
+/// c[mr x nr] (leading dimension ldc) += a_panel (kc x mr, packed) * b_panel (kc x nr, packed).
+/// The rows are unrolled with an index_sequence rather than a compiler-specific pragma.
+template <class Acc, int MR, int NR>
+inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc) {
+  Acc acc[MR][NR] = {};
+  for (int p = 0; p < kc; ++p) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (micro_row<Acc, NR>(acc[I], a[p * MR + int(I)], b + p * NR), ...);
+    }(std::make_index_sequence<std::size_t(MR)>{});
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+}
+
+/// Packs rows [i0, i0 + rows) and columns [p0, p0 + depth) of the matrix x(i, p) = data[i * row + p * col] into
+/// panels of R rows: panel q holds x(i0 + q*R + r, p0 + p) at dst[q * R * depth + p * R + r], zero past `rows`.
+/// Packing B uses the same routine on op_b(B)^T (panels of columns).
+template <class Acc, int R, class T>
+void pack(const T* data, std::int64_t row, std::int64_t col, std::int64_t i0, int rows, std::int64_t p0, int depth,
+          Acc* dst) {
+  for (int q = 0; q < rows; q += R) {
+    const int live = std::min(R, rows - q);
+    const T* base = data + (i0 + q) * row + p0 * col;
+    for (int p = 0; p < depth; ++p, dst += R) {
+      const T* src = base + p * col;
+      int r = 0;
+      for (; r < live; ++r) dst[r] = convert<Acc>(src[r * row]);
+      for (; r < R; ++r) dst[r] = Acc(0);
+    }
+  }
+}
+
+/// Per-thread buffers: packed panels of A and B and the mc x nc accumulator block of C.
+template <class Acc>
+struct workspace {
+  using blk = blocking<Acc>;
+  std::unique_ptr<Acc[]> a{new Acc[std::size_t(blk::mc) * blk::kc]};
+  std::unique_ptr<Acc[]> b{new Acc[std::size_t(blk::kc) * blk::nc]};
+  std::unique_ptr<Acc[]> c{new Acc[std::size_t(blk::mc) * blk::nc]};
+};
+
+/// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi`: the whole k loop, then the epilogue.
+template <class Acc, class TA, class TB, class TC>
+void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, std::int64_t bi,
+           std::int64_t i0, std::int64_t j0, workspace<Acc>& ws) {
+  using blk = blocking<Acc>;
+  const int mb = int(std::min<std::int64_t>(blk::mc, pr.m - i0));
+  const int nb = int(std::min<std::int64_t>(blk::nc, pr.n - j0));
+  const TA* a = A + bi * pr.a.batch;
+  const TB* b = B + bi * pr.b.batch;
+  TC* c = C + bi * pr.c.batch;
+  Acc* acc = ws.c.get();  // ld = nc; padded micro-tiles stay inside
+  std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
+
+  if (alpha != Acc(0)) {
+    for (std::int64_t p0 = 0; p0 < pr.k; p0 += blk::kc) {
+      const int kb = int(std::min<std::int64_t>(blk::kc, pr.k - p0));
+      pack<Acc, blk::mr>(a, pr.a.row, pr.a.col, i0, mb, p0, kb, ws.a.get());
+      pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0, nb, p0, kb, ws.b.get());  // op_b(B)^T: columns as rows
+      for (int jr = 0; jr < nb; jr += blk::nr)
+        for (int ir = 0; ir < mb; ir += blk::mr)
+          micro_kernel<Acc, blk::mr, blk::nr>(kb, ws.a.get() + std::size_t(ir) * kb, ws.b.get() + std::size_t(jr) * kb,
+                                              acc + std::size_t(ir) * blk::nc + jr, blk::nc);
+    }
+  }
+
+  for (int i = 0; i < mb; ++i) {
+    TC* crow = c + (i0 + i) * pr.c.row + j0 * pr.c.col;
+    const Acc* arow = acc + std::size_t(i) * blk::nc;
+    if (beta == Acc(0)) {
+      for (int j = 0; j < nb; ++j) crow[j * pr.c.col] = convert<TC>(alpha * arow[j]);
+    } else {
+      for (int j = 0; j < nb; ++j)
+        crow[j * pr.c.col] = convert<TC>(alpha * arow[j] + beta * convert<Acc>(crow[j * pr.c.col]));
+    }
+  }
+}
+
+/// Runs the problem's blocks of C on at most `threads` threads (the calling thread included).
+template <class Acc, class TA, class TB, class TC>
+void run(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, int threads) {
+  using blk = blocking<Acc>;
+  const std::int64_t mblocks = (pr.m + blk::mc - 1) / blk::mc, nblocks = (pr.n + blk::nc - 1) / blk::nc;
+  const std::int64_t tasks = pr.batch * mblocks * nblocks;
+  // A thread costs tens of microseconds to start: give each one at least ~4 MFLOP of work.
+  const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
+  const std::int64_t by_work = std::max<std::int64_t>(1, std::int64_t(flops / 4.0e6));
+  const int n_threads = int(std::max<std::int64_t>(1, std::min({std::int64_t(threads), tasks, by_work})));
+
+  std::vector<workspace<Acc>> ws(static_cast<std::size_t>(n_threads));  // allocated here, so a bad_alloc reaches the caller
+  std::atomic<std::int64_t> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto work = [&](workspace<Acc>& w) {
+    try {
+      for (std::int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+        const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
+        block(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
+      }
+    } catch (...) {
+      const std::lock_guard lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next.store(tasks);  // the others stop at their next task
+    }
+  };
+  {
+    std::vector<std::jthread> helpers;  // joined when the scope ends, also if starting one throws
+    helpers.reserve(std::size_t(n_threads - 1));
+    for (int t = 1; t < n_threads; ++t) helpers.emplace_back(work, std::ref(ws[std::size_t(t)]));
+    work(ws[0]);
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace detail::gemm_host
+
+/// C = alpha * op_a(A) * op_b(B) + beta * C on the host. A, B, C: float, double, bf16 or fp16, in any mix (A and B
+/// const or not). Any strides. Throws invalid_argument on rank, batch or shape mismatches.
+template <class TA, class TB, class TC>
+void gemm(const exec::host& ex, op op_a, op op_b, float alpha, view<TA, host_space> A, view<TB, host_space> B,
+          float beta, view<TC, host_space> C) {
+  using a_t = std::remove_const_t<TA>;
+  using b_t = std::remove_const_t<TB>;
+  static_assert(is_element_v<a_t> && is_element_v<b_t> && is_element_v<std::remove_const_t<TC>>,
+                "gemm (host): A, B and C must hold float, double, bf16 or fp16");
+  static_assert(!std::is_const_v<TC>, "gemm: C is written, so it must be a view of non-const elements");
+  using acc_t = gemm_accum_t<a_t, b_t, TC>;
+
+  const detail::gemm_problem pr = detail::gemm_check(op_a, op_b, A, B, C);
+  if (pr.batch == 0 || pr.m == 0 || pr.n == 0) return;
+  detail::gemm_host::run<acc_t>(pr, static_cast<const a_t*>(A.data()), static_cast<const b_t*>(B.data()), C.data(),
+                                acc_t(alpha), acc_t(beta), ex.concurrency());
+}
+
+}  // namespace subspace
+
+#if defined(__CUDACC__)
+#include "detail/cuda/gemm.cuh"
+#endif

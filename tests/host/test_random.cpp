@@ -1,0 +1,110 @@
+// Random fills on the host: element i (row-major) equals T(rng::uniform_at / normal_at(seed, offset, i)) exactly,
+// for every element type, odd sizes, large seeds and offsets, and strided views.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include <subspace/kernels/random.hpp>
+
+#include "support/numeric.hpp"
+
+using namespace subspace;
+
+namespace {
+
+template <class T>
+bool same_bits(T a, T b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+/// Checks every element of v, in row-major order, against the reference draw at its flat index.
+template <class T>
+void check_against_reference(view<T, host_space> v, std::uint64_t seed, std::uint64_t offset, bool normal,
+                             float a, float b) {
+  std::uint64_t i = 0;
+  bool all_equal = true;
+  std::uint64_t first_bad = 0;
+  for_each_offset(v.shape(), v.strides(), v.strides(), [&](std::int64_t at, std::int64_t) {
+    const T want = T(normal ? rng::normal_at(seed, offset, i, a, b) : rng::uniform_at(seed, offset, i, a, b));
+    if (!same_bits(v.data()[at], want) && all_equal) {
+      all_equal = false;
+      first_bad = i;
+    }
+    ++i;
+  });
+  CAPTURE(first_bad);
+  CHECK(all_equal);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("fill_uniform and fill_normal equal the reference draws element for element", T, float, double,
+                   bf16, fp16) {
+  const exec::host ex;
+  const std::uint64_t seed = testing::fresh_seed();
+  for (std::uint64_t offset : {std::uint64_t(0), std::uint64_t(12345), std::uint64_t(0x1234567890ull),
+                               ~std::uint64_t(0)}) {
+    for (std::int64_t n : {0, 1, 2, 3, 4, 5, 7, 8, 13, 4097}) {
+      CAPTURE(seed);
+      CAPTURE(offset);
+      CAPTURE(n);
+      host_tensor<T> x({n});
+      fill_uniform(ex, x.v(), seed, offset);
+      check_against_reference(x.v(), seed, offset, false, 0.0f, 1.0f);
+      fill_uniform(ex, x.v(), seed, offset, -3.0f, 5.0f);
+      check_against_reference(x.v(), seed, offset, false, -3.0f, 5.0f);
+      fill_normal(ex, x.v(), seed, offset);
+      check_against_reference(x.v(), seed, offset, true, 0.0f, 1.0f);
+      fill_normal(ex, x.v(), seed, offset, 2.0f, 0.02f);
+      check_against_reference(x.v(), seed, offset, true, 2.0f, 0.02f);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("random fills of strided views count elements in row-major order", T, float, bf16) {
+  const exec::host ex;
+  const std::uint64_t seed = testing::fresh_seed(), offset = (std::uint64_t(1) << 40) + 3;
+  CAPTURE(seed);
+  host_tensor<T> storage({7, 11});
+  fill_uniform(ex, storage.v(), seed, 999);
+  host_tensor<T> before({7, 11});
+  copy(ex, std::as_const(storage).v(), before.v());
+
+  SUBCASE("transposed") {
+    const auto t = storage.v().transposed();  // [11, 7]
+    fill_normal(ex, t, seed, offset, 1.0f, 3.0f);
+    check_against_reference(t, seed, offset, true, 1.0f, 3.0f);
+    CHECK(same_bits(t(10, 6), T(rng::normal_at(seed, offset, 10 * 7 + 6, 1.0f, 3.0f))));
+  }
+  SUBCASE("every other column of a row slice, as a rank-3 view") {
+    const view<T, host_space> v(storage.data() + 11 + 1, {3, 5, 1}, {11, 2, 1, 0});  // rows 1..3, odd columns
+    fill_uniform(ex, v, seed, offset, -1.0f, 1.0f);
+    check_against_reference(v, seed, offset, false, -1.0f, 1.0f);
+    for (int i = 0; i < 7; ++i)
+      for (int j = 0; j < 11; ++j)
+        if (!(i >= 1 && i <= 3 && j % 2 == 1 && j <= 9)) REQUIRE(same_bits(storage(i, j), before(i, j)));
+  }
+}
+
+TEST_CASE("random fills: ranges, distinct streams, and large seeds") {
+  const exec::host ex;
+  const std::uint64_t seed = testing::fresh_seed() | (std::uint64_t(1) << 63);
+  CAPTURE(seed);
+  host_tensor<float> a({10001}), b({10001});
+  fill_uniform(ex, a.v(), seed, 0, -2.0f, -1.0f);
+  for (std::int64_t i = 0; i < a.numel(); ++i) REQUIRE((a(i) >= -2.0f && a(i) < -1.0f));
+  fill_uniform(ex, b.v(), seed, 1, -2.0f, -1.0f);
+  int same = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) same += a(i) == b(i);
+  CHECK(same < 10);  // another offset is another stream
+  fill_normal(ex, a.v(), seed, 7, 5.0f, 0.5f);
+  double mean = 0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) mean += a(i);
+  CHECK(mean / double(a.numel()) == doctest::Approx(5.0).epsilon(0.01));
+  // The same (seed, offset) repeats the same numbers.
+  fill_normal(ex, b.v(), seed, 7, 5.0f, 0.5f);
+  CHECK(testing::rel_error(a, b) == 0.0);
+}
