@@ -17,11 +17,12 @@ _subspace_setup() {
   for pkg in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
-  # Packages may be present without dpkg knowing (a machine with its own image): trust the files.
-  if [[ " ${missing[*]} " == *" libboost-dev "* ]] && [ -f /usr/include/boost/hana.hpp ]; then
+  # Packages may be present without dpkg knowing (a machine with its own image): trust the compiler.
+  _has_header() { echo "#include <$1>" | ${CXX:-c++} -std=c++20 -E -x c++ - >/dev/null 2>&1; }
+  if [[ " ${missing[*]} " == *" libboost-dev "* ]] && _has_header boost/hana.hpp; then
     missing=("${missing[@]/libboost-dev}")
   fi
-  if [[ " ${missing[*]} " == *" doctest-dev "* ]] && [ -f /usr/include/doctest/doctest.h ]; then
+  if [[ " ${missing[*]} " == *" doctest-dev "* ]] && _has_header doctest/doctest.h; then
     missing=("${missing[@]/doctest-dev}")
   fi
   if [[ " ${missing[*]} " == *" ninja-build "* ]] && command -v ninja >/dev/null; then

@@ -5,6 +5,7 @@
 #include "core/config.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/exact.hpp"
 #include "core/executor.hpp"
 #include "core/memory.hpp"
 #include "core/rng.hpp"

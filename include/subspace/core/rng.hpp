@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "config.hpp"
+#include "exact.hpp"
 
 namespace subspace::rng {
 
@@ -55,20 +56,6 @@ SUBSPACE_HD inline u32x4 bits4(std::uint64_t seed, std::uint64_t offset, std::ui
 
 namespace detail {
 
-SUBSPACE_HD inline double fma_rn(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return __fma_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-SUBSPACE_HD inline float fmaf_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
 SUBSPACE_HD inline std::uint64_t double_bits(double x) {
 #if defined(__CUDA_ARCH__)
   return std::uint64_t(__double_as_longlong(x));
@@ -101,21 +88,21 @@ SUBSPACE_HD inline double log_det(double x) {
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
   double p = 1.0 / 25.0;
-  p = fma_rn(p, s2, 1.0 / 23.0);
-  p = fma_rn(p, s2, 1.0 / 21.0);
-  p = fma_rn(p, s2, 1.0 / 19.0);
-  p = fma_rn(p, s2, 1.0 / 17.0);
-  p = fma_rn(p, s2, 1.0 / 15.0);
-  p = fma_rn(p, s2, 1.0 / 13.0);
-  p = fma_rn(p, s2, 1.0 / 11.0);
-  p = fma_rn(p, s2, 1.0 / 9.0);
-  p = fma_rn(p, s2, 1.0 / 7.0);
-  p = fma_rn(p, s2, 1.0 / 5.0);
-  p = fma_rn(p, s2, 1.0 / 3.0);
+  p = exact::fma(p, s2, 1.0 / 23.0);
+  p = exact::fma(p, s2, 1.0 / 21.0);
+  p = exact::fma(p, s2, 1.0 / 19.0);
+  p = exact::fma(p, s2, 1.0 / 17.0);
+  p = exact::fma(p, s2, 1.0 / 15.0);
+  p = exact::fma(p, s2, 1.0 / 13.0);
+  p = exact::fma(p, s2, 1.0 / 11.0);
+  p = exact::fma(p, s2, 1.0 / 9.0);
+  p = exact::fma(p, s2, 1.0 / 7.0);
+  p = exact::fma(p, s2, 1.0 / 5.0);
+  p = exact::fma(p, s2, 1.0 / 3.0);
   const double two_s = 2.0 * s;
-  const double log_m = fma_rn(two_s, s2 * p, two_s);
+  const double log_m = exact::fma(two_s, s2 * p, two_s);
   constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  return fma_rn(double(e), ln2_hi, fma_rn(double(e), ln2_lo, log_m));
+  return exact::fma(double(e), ln2_hi, exact::fma(double(e), ln2_lo, log_m));
 }
 
 /// cos(2 pi v) and sin(2 pi v) for v in [0, 1), computed identically on host and device.
@@ -128,24 +115,24 @@ SUBSPACE_HD inline void cossin_2pi_det(double v, double& c, double& s) {
   const double t2 = t * t;
   // Taylor series: terms past t^17 / t^18 are below 1e-17 on this interval.
   double ps = 1.0 / 355687428096000.0;  // 1/17!
-  ps = fma_rn(ps, t2, -1.0 / 1307674368000.0);
-  ps = fma_rn(ps, t2, 1.0 / 6227020800.0);
-  ps = fma_rn(ps, t2, -1.0 / 39916800.0);
-  ps = fma_rn(ps, t2, 1.0 / 362880.0);
-  ps = fma_rn(ps, t2, -1.0 / 5040.0);
-  ps = fma_rn(ps, t2, 1.0 / 120.0);
-  ps = fma_rn(ps, t2, -1.0 / 6.0);
-  const double sin_t = fma_rn(t * t2, ps, t);
+  ps = exact::fma(ps, t2, -1.0 / 1307674368000.0);
+  ps = exact::fma(ps, t2, 1.0 / 6227020800.0);
+  ps = exact::fma(ps, t2, -1.0 / 39916800.0);
+  ps = exact::fma(ps, t2, 1.0 / 362880.0);
+  ps = exact::fma(ps, t2, -1.0 / 5040.0);
+  ps = exact::fma(ps, t2, 1.0 / 120.0);
+  ps = exact::fma(ps, t2, -1.0 / 6.0);
+  const double sin_t = exact::fma(t * t2, ps, t);
   double pc = -1.0 / 6402373705728000.0;  // -1/18!
-  pc = fma_rn(pc, t2, 1.0 / 20922789888000.0);
-  pc = fma_rn(pc, t2, -1.0 / 87178291200.0);
-  pc = fma_rn(pc, t2, 1.0 / 479001600.0);
-  pc = fma_rn(pc, t2, -1.0 / 3628800.0);
-  pc = fma_rn(pc, t2, 1.0 / 40320.0);
-  pc = fma_rn(pc, t2, -1.0 / 720.0);
-  pc = fma_rn(pc, t2, 1.0 / 24.0);
-  pc = fma_rn(pc, t2, -0.5);
-  const double cos_t = fma_rn(t2, pc, 1.0);
+  pc = exact::fma(pc, t2, 1.0 / 20922789888000.0);
+  pc = exact::fma(pc, t2, -1.0 / 87178291200.0);
+  pc = exact::fma(pc, t2, 1.0 / 479001600.0);
+  pc = exact::fma(pc, t2, -1.0 / 3628800.0);
+  pc = exact::fma(pc, t2, 1.0 / 40320.0);
+  pc = exact::fma(pc, t2, -1.0 / 720.0);
+  pc = exact::fma(pc, t2, 1.0 / 24.0);
+  pc = exact::fma(pc, t2, -0.5);
+  const double cos_t = exact::fma(t2, pc, 1.0);
   switch (quadrant) {
     case 0: c = cos_t; s = sin_t; break;
     case 1: c = -sin_t; s = cos_t; break;
@@ -163,7 +150,7 @@ SUBSPACE_HD inline float to_uniform(std::uint32_t x) { return float(x >> 8) * (1
 SUBSPACE_HD inline void uniform4(std::uint64_t seed, std::uint64_t offset, std::uint64_t block, float lo, float hi,
                                  float out[4]) {
   const u32x4 r = bits4(seed, offset, block);
-  for (int i = 0; i < 4; ++i) out[i] = detail::fmaf_rn(hi - lo, to_uniform(r.v[i]), lo);
+  for (int i = 0; i < 4; ++i) out[i] = exact::fma(hi - lo, to_uniform(r.v[i]), lo);
 }
 
 /// Four normal draws N(mean, std^2) from block `block` of stream (seed, offset), by Box-Muller.
@@ -173,11 +160,11 @@ SUBSPACE_HD inline void normal4(std::uint64_t seed, std::uint64_t offset, std::u
   for (int pair = 0; pair < 2; ++pair) {
     const double u1 = (double(r.v[2 * pair]) + 1.0) * (1.0 / 4294967296.0);  // (0, 1]
     const double u2 = double(r.v[2 * pair + 1]) * (1.0 / 4294967296.0);      // [0, 1)
-    const double radius = std::sqrt(-2.0 * detail::log_det(u1));
+    const double radius = exact::sqrt(-2.0 * detail::log_det(u1));
     double c, s;
     detail::cossin_2pi_det(u2, c, s);
-    out[2 * pair] = detail::fmaf_rn(std, float(radius * c), mean);
-    out[2 * pair + 1] = detail::fmaf_rn(std, float(radius * s), mean);
+    out[2 * pair] = exact::fma(std, float(radius * c), mean);
+    out[2 * pair + 1] = exact::fma(std, float(radius * s), mean);
   }
 }
 

@@ -22,33 +22,18 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/exact.hpp"
 #include "../core/tensor.hpp"
 
 namespace subspace {
 
 namespace detail::elementwise {
 
-/// a * b + c rounded once, on the host and on the device alike.
-SUBSPACE_HD inline float fma_acc(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-SUBSPACE_HD inline double fma_acc(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return __fma_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
 /// y <- alpha * x + y, computed in accum_t<T> with one rounding, then rounded to T.
 template <class T>
 struct axpy_op {
   accum_t<T> alpha;
-  SUBSPACE_HD T operator()(T x, T y) const { return T(fma_acc(alpha, accum_t<T>(x), accum_t<T>(y))); }
+  SUBSPACE_HD T operator()(T x, T y) const { return T(exact::fma(alpha, accum_t<T>(x), accum_t<T>(y))); }
 };
 
 /// x <- alpha * x, computed in accum_t<T>, then rounded to T.

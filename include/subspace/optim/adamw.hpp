@@ -27,34 +27,13 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/exact.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
 
 namespace subspace::optim {
 
 namespace detail {
-
-SUBSPACE_HD inline float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-SUBSPACE_HD inline float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-SUBSPACE_HD inline float sqrt_rn(float a) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
 
 /// The scalars of one AdamW step, shared by every element.
 struct adamw_coefficients {
@@ -68,10 +47,10 @@ struct adamw_coefficients {
 
 /// One element of an AdamW step: updates p, m and v in place and returns the new p.
 SUBSPACE_HD inline float adamw_update(float& p, float g, float& m, float& v, const adamw_coefficients& c) {
-  m = fma_rn(c.beta1, m, c.one_minus_beta1 * g);
-  v = fma_rn(c.beta2, v, c.one_minus_beta2 * (g * g));
-  const float denom = div_rn(sqrt_rn(v), c.sqrt_bias2) + c.eps;
-  p = fma_rn(-c.step_size, div_rn(m, denom), p * c.decay_factor);
+  m = exact::fma(c.beta1, m, c.one_minus_beta1 * g);
+  v = exact::fma(c.beta2, v, c.one_minus_beta2 * (g * g));
+  const float denom = exact::div(exact::sqrt(v), c.sqrt_bias2) + c.eps;
+  p = exact::fma(-c.step_size, exact::div(m, denom), p * c.decay_factor);
   return p;
 }
 
