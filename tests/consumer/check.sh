@@ -10,20 +10,23 @@ rm -rf "$work"
 cuda=OFF
 [ "$preset" != "cpu" ] && command -v nvcc >/dev/null && cuda=ON
 
+# consume HOW [CMAKE_ARGS...]: configures the consumer with SUBSPACE_CONSUME=HOW, builds it and runs its programs.
+consume() {
+  local how="$1"
+  shift
+  cmake -S "$root/tests/consumer" -B "$work/$how" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DSUBSPACE_CONSUME="$how" -DCONSUMER_CUDA=$cuda "$@" >/dev/null
+  cmake --build "$work/$how"
+  "$work/$how/consumer_host"
+  if [ "$cuda" = ON ]; then "$work/$how/consumer_cuda"; fi
+}
+
 echo "-- consumer via FetchContent (CUDA $cuda)"
-cmake -S "$root/tests/consumer" -B "$work/fetch" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_CUDA=$cuda >/dev/null
-cmake --build "$work/fetch"
-"$work/fetch/consumer_host"
-if [ "$cuda" = ON ]; then "$work/fetch/consumer_cuda"; fi
+consume fetch -DSUBSPACE_SOURCE_DIR="$root"
 
 echo "-- consumer via find_package after cmake --install (CUDA $cuda)"
 cmake -S "$root" -B "$work/lib" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUBSPACE_CUDA=OFF \
   -DSUBSPACE_BUILD_TESTS=OFF -DSUBSPACE_BUILD_EXAMPLES=OFF -DSUBSPACE_BUILD_BENCH=OFF >/dev/null
 cmake --install "$work/lib" --prefix "$work/prefix" >/dev/null
-cmake -S "$root/tests/consumer" -B "$work/find" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DSUBSPACE_CONSUME=find -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_CUDA=$cuda >/dev/null
-cmake --build "$work/find"
-"$work/find/consumer_host"
-if [ "$cuda" = ON ]; then "$work/find/consumer_cuda"; fi
+consume find -DCMAKE_PREFIX_PATH="$work/prefix"
 echo "-- consumer projects: both built and ran"

@@ -4,42 +4,24 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <iterator>
 #include <type_traits>
 #include <utility>
 
 #include <subspace/kernels/elementwise.hpp>
 
+#include "support/cuda.hpp"
 #include "support/numeric.hpp"
 
 using namespace subspace;
 
 namespace {
 
-/// A non-blocking stream, so work that strays onto the legacy default stream would race and show.
-struct stream_guard {
-  cudaStream_t stream = nullptr;
-  stream_guard() { cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  ~stream_guard() { cudaStreamDestroy(stream); }
-  stream_guard(const stream_guard&) = delete;
-  stream_guard& operator=(const stream_guard&) = delete;
-};
-
-/// Index of the first element whose bits differ, or -1.
-template <class T>
-std::int64_t first_difference(view<const T, host_space> a, view<const T, host_space> b) {
-  REQUIRE(a.shape() == b.shape());
-  for (std::int64_t i = 0; i < a.numel(); ++i)
-    if (std::memcmp(a.data() + i, b.data() + i, sizeof(T)) != 0) return i;
-  return -1;
-}
-template <class T>
-std::int64_t first_difference(const host_tensor<T>& a, const host_tensor<T>& b) {
-  return first_difference(a.v(), b.v());
-}
+using testing::add_ties;
+using testing::first_difference;
+using testing::for_each_dtype;
+using testing::stream_guard;
 
 /// A device view of n elements: from the start of an allocation, or one element in (misaligned for packs).
 template <class T>
@@ -56,29 +38,7 @@ device_buffer<T> upload(const exec::cuda& ex, const host_tensor<T>& h, bool shif
   return d;
 }
 
-template <class F>
-void for_each_dtype(F&& f) {
-  f.template operator()<float>();
-  f.template operator()<double>();
-  f.template operator()<bf16>();
-  f.template operator()<fp16>();
-}
-
 const std::int64_t sizes[] = {1, 3, 7, 8, 4097, (1 << 20) + 5};
-
-/// Replaces some elements of x by exact round-to-nearest ties of the bf16 and fp16 grids (where From can hold
-/// them), so that casts meet the tie-to-even rule on random data too.
-template <class From>
-void add_ties(host_tensor<From>& x) {
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    const double v = double(x.data()[i]);
-    if (std::abs(v) < 0x1p-13 || i % 5 > 1) continue;
-    const double base = i % 5 == 0 ? double(float(bf16(float(v)))) : double(float(fp16(float(v))));
-    const int half_ulp_exp = std::ilogb(base) - (i % 5 == 0 ? 8 : 11);
-    const double tie = base + std::ldexp(1.0, half_ulp_exp);
-    if (double(From(tie)) == tie) x.data()[i] = From(tie);
-  }
-}
 
 }  // namespace
 

@@ -13,50 +13,16 @@
 
 #include <subspace/kernels/gemm.hpp>
 
+#include "support/gemm_reference.hpp"
 #include "support/numeric.hpp"
 
 using namespace subspace;
 
 namespace {
 
-template <class T>
-view<const T, host_space> cv(const host_tensor<T>& t) {
-  return t.v();
-}
-
-/// op(X)(i, j) of a rank-2 host view, in double.
-template <class T>
-double op_at(view<const T, host_space> x, op o, std::int64_t i, std::int64_t j) {
-  return o == op::none ? double(x(i, j)) : double(x(j, i));
-}
-
-/// alpha * op_a(A) * op_b(B) + beta * C0 in float64, the naive way. Rank 2 or 3 (batch in dimension 0).
-template <class TA, class TB, class TC>
-host_tensor<double> reference(op op_a, op op_b, double alpha, view<const TA, host_space> A, view<const TB, host_space> B,
-                              double beta, view<const TC, host_space> C0) {
-  host_tensor<double> out(C0.shape());
-  const bool batched = C0.rank() == 3;
-  const std::int64_t batch = batched ? C0.dim(0) : 1;
-  auto out3 = batched ? out.v() : out.v().reshape({1, out.dim(0), out.dim(1)});
-  for (std::int64_t b = 0; b < batch; ++b) {
-    const auto a = batched ? A[b] : A;
-    const auto bm = batched ? B[b] : B;
-    const auto c = batched ? C0[b] : C0;
-    const std::int64_t m = c.dim(0), n = c.dim(1), k = op_a == op::none ? a.dim(1) : a.dim(0);
-    for (std::int64_t i = 0; i < m; ++i)
-      for (std::int64_t j = 0; j < n; ++j) {
-        double s = 0;
-        for (std::int64_t p = 0; p < k; ++p) s += op_at(a, op_a, i, p) * op_at(bm, op_b, p, j);
-        out3(b, i, j) = alpha * s + (beta == 0 ? 0.0 : beta * double(c(i, j)));
-      }
-  }
-  return out;
-}
-
-shape stored(op o, std::int64_t rows, std::int64_t cols, std::int64_t batch) {
-  const std::int64_t r = o == op::none ? rows : cols, c = o == op::none ? cols : rows;
-  return batch > 0 ? shape{batch, r, c} : shape{r, c};
-}
+using testing::cv;
+using testing::for_each_transpose;
+using testing::gemm_reference;
 
 struct errors {
   double vs_reference, vs_host;
@@ -67,10 +33,8 @@ struct errors {
 template <class T, class TC>
 errors cuda_gemm_error(const exec::cuda& ex, op op_a, op op_b, std::int64_t m, std::int64_t n, std::int64_t k,
                        std::int64_t batch, float alpha, float beta, std::uint64_t seed) {
-  const auto A = testing::random_tensor<T>(stored(op_a, m, k, batch), seed);
-  const auto B = testing::random_tensor<T>(stored(op_b, k, n, batch), seed + 1);
-  const auto C0 = testing::random_tensor<TC>(batch > 0 ? shape{batch, m, n} : shape{m, n}, seed + 2);
-  const auto want = reference(op_a, op_b, alpha, cv(A), cv(B), beta, cv(C0));
+  const auto [A, B, C0] = testing::random_gemm_operands<T, T, TC>(op_a, op_b, m, n, k, batch, seed);
+  const auto want = gemm_reference(op_a, op_b, alpha, cv(A), cv(B), beta, cv(C0));
 
   host_tensor<TC> on_host(C0.shape());
   copy(exec::host{}, cv(C0), on_host.v());
@@ -83,8 +47,6 @@ errors cuda_gemm_error(const exec::cuda& ex, op op_a, op op_b, std::int64_t m, s
   const auto got = to_host(ex, dC.v());
   return {testing::rel_error(cv(got), cv(want)), testing::rel_error(cv(got), cv(on_host))};
 }
-
-constexpr op ops[] = {op::none, op::transpose};
 
 /// Relative-error bounds: fp32 in and out; bf16 in, fp32 out (the products are exact in fp32, only the fp32 sums
 /// err); a bf16 output adds one rounding of relative 2^-9 at most per element.
@@ -104,59 +66,47 @@ TEST_CASE_TEMPLATE("gemm (CUDA): every transpose combination, odd sizes and batc
   };
   const dims sizes[] = {{1, 1, 1, 0}, {37, 53, 29, 0}, {64, 128, 256, 0}, {129, 65, 300, 0}, {19, 23, 41, 3},
                         {128, 64, 96, 4}};
-  for (const auto& d : sizes)
-    for (op op_a : ops)
-      for (op op_b : ops) {
-        const auto seed = testing::fresh_seed();
-        CAPTURE(seed);
-        CAPTURE(d.m);
-        CAPTURE(d.n);
-        CAPTURE(d.k);
-        CAPTURE(d.batch);
-        CAPTURE(to_string(op_a));
-        CAPTURE(to_string(op_b));
-        const auto e = cuda_gemm_error<T, T>(ex, op_a, op_b, d.m, d.n, d.k, d.batch, 1.0f, 0.0f, seed);
-        CHECK(e.vs_reference < tolerance<T, T>());
-        CHECK(e.vs_host < 2 * tolerance<T, T>());
-        if constexpr (std::is_same_v<T, bf16>) {  // bf16 in, fp32 out
-          const auto f = cuda_gemm_error<T, float>(ex, op_a, op_b, d.m, d.n, d.k, d.batch, 1.0f, 0.0f, seed + 3);
-          CHECK(f.vs_reference < tolerance<T, float>());
-          CHECK(f.vs_host < 2 * tolerance<T, float>());
-        }
+  for (const auto& d : sizes) {
+    CAPTURE(d.m);
+    CAPTURE(d.n);
+    CAPTURE(d.k);
+    CAPTURE(d.batch);
+    for_each_transpose([&](op op_a, op op_b, std::uint64_t seed) {
+      const auto e = cuda_gemm_error<T, T>(ex, op_a, op_b, d.m, d.n, d.k, d.batch, 1.0f, 0.0f, seed);
+      CHECK(e.vs_reference < tolerance<T, T>());
+      CHECK(e.vs_host < 2 * tolerance<T, T>());
+      if constexpr (std::is_same_v<T, bf16>) {  // bf16 in, fp32 out
+        const auto f = cuda_gemm_error<T, float>(ex, op_a, op_b, d.m, d.n, d.k, d.batch, 1.0f, 0.0f, seed + 3);
+        CHECK(f.vs_reference < tolerance<T, float>());
+        CHECK(f.vs_host < 2 * tolerance<T, float>());
       }
+    });
+  }
 }
 
 TEST_CASE_TEMPLATE("gemm (CUDA): alpha, beta and a non-zero C, on a stream of our own", T, bf16, float) {
   cudaStream_t stream = nullptr;
   REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
   const exec::cuda ex{stream};
-  for (op op_a : ops)
-    for (op op_b : ops) {
-      const auto seed = testing::fresh_seed();
-      CAPTURE(seed);
-      CAPTURE(to_string(op_a));
-      CAPTURE(to_string(op_b));
-      const auto e = cuda_gemm_error<T, T>(ex, op_a, op_b, 45, 70, 33, 0, -0.75f, 0.5f, seed);
-      CHECK(e.vs_reference < tolerance<T, T>());
-      const auto f = cuda_gemm_error<T, float>(ex, op_a, op_b, 45, 70, 33, 2, 2.0f, 1.0f, seed + 3);
-      CHECK(f.vs_reference < tolerance<T, float>());
-      const auto z = cuda_gemm_error<T, T>(ex, op_a, op_b, 16, 24, 8, 0, 0.0f, -1.5f, seed + 6);  // alpha == 0
-      CHECK(z.vs_reference < tolerance<T, T>());
-    }
+  for_each_transpose([&](op op_a, op op_b, std::uint64_t seed) {
+    const auto e = cuda_gemm_error<T, T>(ex, op_a, op_b, 45, 70, 33, 0, -0.75f, 0.5f, seed);
+    CHECK(e.vs_reference < tolerance<T, T>());
+    const auto f = cuda_gemm_error<T, float>(ex, op_a, op_b, 45, 70, 33, 2, 2.0f, 1.0f, seed + 3);
+    CHECK(f.vs_reference < tolerance<T, float>());
+    const auto z = cuda_gemm_error<T, T>(ex, op_a, op_b, 16, 24, 8, 0, 0.0f, -1.5f, seed + 6);  // alpha == 0
+    CHECK(z.vs_reference < tolerance<T, T>());
+  });
   CHECK(cudaStreamDestroy(stream) == cudaSuccess);
 }
 
 TEST_CASE("gemm (CUDA): fp16 operands with fp16 and fp32 output") {
   const exec::cuda ex{};
-  for (op op_a : ops)
-    for (op op_b : ops) {
-      const auto seed = testing::fresh_seed();
-      CAPTURE(seed);
-      CHECK(cuda_gemm_error<fp16, fp16>(ex, op_a, op_b, 37, 53, 64, 0, 1.0f, 0.0f, seed).vs_reference <
-            tolerance<fp16, fp16>());
-      CHECK(cuda_gemm_error<fp16, float>(ex, op_a, op_b, 37, 53, 64, 2, 1.0f, 0.5f, seed + 3).vs_reference <
-            tolerance<fp16, float>());
-    }
+  for_each_transpose([&](op op_a, op op_b, std::uint64_t seed) {
+    CHECK(cuda_gemm_error<fp16, fp16>(ex, op_a, op_b, 37, 53, 64, 0, 1.0f, 0.0f, seed).vs_reference <
+          tolerance<fp16, fp16>());
+    CHECK(cuda_gemm_error<fp16, float>(ex, op_a, op_b, 37, 53, 64, 2, 1.0f, 0.5f, seed + 3).vs_reference <
+          tolerance<fp16, float>());
+  });
 }
 
 TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-major C", T, bf16, float) {
@@ -177,7 +127,7 @@ TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-
   SUBCASE("C row-major with a padded row stride") {
     const auto c_big = testing::random_tensor<float>({m, n + 5}, seed + 2);
     const view<const float, host_space> C0(c_big.data(), {m, n}, {n + 5, 1, 0, 0});
-    const auto want = reference(op::none, op::none, 1.0, A, B, 0.5, C0);
+    const auto want = gemm_reference(op::none, op::none, 1.0, A, B, 0.5, C0);
     auto d_c_big = to_device(ex, cv(c_big));
     const view<float, device_space> dC(d_c_big.data(), {m, n}, {n + 5, 1, 0, 0});
     gemm(ex, op::none, op::none, 1.0f, dA, dB, 0.5f, dC);
@@ -189,7 +139,7 @@ TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-
   }
   SUBCASE("C is a transposed() view (column-major storage)") {
     const auto ct = testing::random_tensor<float>({n, m}, seed + 3);
-    const auto want = reference(op::none, op::transpose, -1.0, A, cv(bt), 2.0, cv(ct).transposed());
+    const auto want = gemm_reference(op::none, op::transpose, -1.0, A, cv(bt), 2.0, cv(ct).transposed());
     auto d_ct = to_device(ex, cv(ct));
     gemm(ex, op::none, op::transpose, -1.0f, dA, d_bt.v(), 2.0f, d_ct.v().transposed());
     const auto got = to_host(ex, d_ct.v());
@@ -201,7 +151,7 @@ TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-
     const view<const T, host_space> A3(a3.data(), {batch, m, k}, {(m + 1) * k, k, 1, 0});
     const view<const T, host_space> B3(bt.data(), {batch, k, n}, {0, 1, k, 0});  // bt^T for every entry
     host_tensor<T> c3({batch, m, n});
-    const auto want = reference(op::none, op::none, 1.0, A3, B3, 0.0, cv(c3));
+    const auto want = gemm_reference(op::none, op::none, 1.0, A3, B3, 0.0, cv(c3));
     auto d_a3 = to_device(ex, cv(a3));
     device_tensor<T> d_c3({batch, m, n});
     const view<const T, device_space> dA3(d_a3.data(), {batch, m, k}, {(m + 1) * k, k, 1, 0});

@@ -7,28 +7,15 @@
 
 #include <subspace/kernels/random.hpp>
 
+#include "support/cuda.hpp"
 #include "support/numeric.hpp"
 
 using namespace subspace;
 
 namespace {
 
-struct stream_guard {
-  cudaStream_t stream = nullptr;
-  stream_guard() { cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  ~stream_guard() { cudaStreamDestroy(stream); }
-  stream_guard(const stream_guard&) = delete;
-  stream_guard& operator=(const stream_guard&) = delete;
-};
-
-/// Index of the first element whose bits differ, or -1.
-template <class T>
-std::int64_t first_difference(const host_tensor<T>& a, const host_tensor<T>& b) {
-  REQUIRE(a.shape() == b.shape());
-  for (std::int64_t i = 0; i < a.numel(); ++i)
-    if (std::memcmp(a.data() + i, b.data() + i, sizeof(T)) != 0) return i;
-  return -1;
-}
+using testing::first_difference;
+using testing::stream_guard;
 
 }  // namespace
 

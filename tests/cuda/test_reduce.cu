@@ -7,22 +7,16 @@
 #include <limits>
 #include <type_traits>
 
-#include <subspace/kernels/random.hpp>
 #include <subspace/kernels/reduce.hpp>
 
+#include "support/cuda.hpp"
 #include "support/numeric.hpp"
 
 using namespace subspace;
 
 namespace {
 
-struct stream_guard {
-  cudaStream_t stream = nullptr;
-  stream_guard() { cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  ~stream_guard() { cudaStreamDestroy(stream); }
-  stream_guard(const stream_guard&) = delete;
-  stream_guard& operator=(const stream_guard&) = delete;
-};
+using testing::stream_guard;
 
 /// Tolerance on |device - host| relative to the sum of magnitudes: the device sums in accum_t<T> in CUB's tree
 /// order, the host pairwise in double.
@@ -41,14 +35,6 @@ double sum_abs(const host_tensor<T>& x, bool squares) {
   return s;
 }
 
-/// N(mean, std^2) inputs: the same values as testing::random_tensor, made with the four-at-a-time host fill.
-template <class T>
-host_tensor<T> random_input(const shape& s, std::uint64_t seed, float mean = 0.0f, float std = 1.0f) {
-  host_tensor<T> t(s);
-  fill_normal(exec::host{}, t.v(), seed, 0, mean, std);
-  return t;
-}
-
 const std::int64_t sizes[] = {1, 2, 3, 127, 128, 1000, 4097, 65537, (1 << 20) + 5, 5000000};
 
 }  // namespace
@@ -62,7 +48,7 @@ TEST_CASE_TEMPLATE("cuda sum, squared_norm and max agree with the host from 1 to
   const exec::host hx;
   for (const std::int64_t n : sizes) {
     CAPTURE(n);
-    const auto x = random_input<T>({n}, seed + std::uint64_t(n), 0.5f, 1.0f);
+    const auto x = testing::random_tensor<T>({n}, seed + std::uint64_t(n), 0.5f, 1.0f);
     const auto dx = to_device(ex, x.v());
     const view<const T, device_space> v = dx.v();
 
@@ -82,7 +68,7 @@ TEST_CASE_TEMPLATE("cuda *_into write device scalars on the stream without a hos
   stream_guard s;
   const exec::cuda ex{s.stream};
   const exec::host hx;
-  const auto x = random_input<T>({3, 333333}, seed, -0.25f, 2.0f);
+  const auto x = testing::random_tensor<T>({3, 333333}, seed, -0.25f, 2.0f);
   const auto dx = to_device(ex, x.v());
   device_tensor<accum_t<T>> out({3});
   const auto o = out.v();
@@ -107,13 +93,13 @@ TEST_CASE_TEMPLATE("cuda max propagates NaN from any position", T, float, double
   const std::int64_t n = (1 << 20) + 5;
   for (const std::int64_t pos : {std::int64_t(0), n - 1, std::int64_t(rng::uniform_at(seed, 1, 0) * float(n - 1))}) {
     CAPTURE(pos);
-    auto x = random_input<T>({n}, seed);
+    auto x = testing::random_tensor<T>({n}, seed);
     x(pos) = T(std::nanf(""));
     const auto dx = to_device(ex, x.v());
     CHECK(std::isnan(max(ex, dx.v())));
     CHECK(std::isnan(sum(ex, dx.v())));
   }
-  auto x = random_input<T>({4097}, seed, -50.0f, 1.0f);  // all negative
+  auto x = testing::random_tensor<T>({4097}, seed, -50.0f, 1.0f);  // all negative
   x(4000) = T(-INFINITY);
   const auto dx = to_device(ex, x.v());
   CHECK(max(ex, dx.v()) == max(exec::host{}, x.v()));

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -16,6 +15,10 @@ using namespace subspace;
 
 namespace {
 
+using testing::add_ties;
+using testing::for_each_dtype;
+using testing::same_bits;
+
 /// Relative-norm tolerance for a result rounded to T once or twice.
 template <class T>
 double tolerance() {
@@ -23,11 +26,6 @@ double tolerance() {
   else if constexpr (std::is_same_v<T, float>) return 1e-6;
   else if constexpr (std::is_same_v<T, fp16>) return 1e-3;
   else return 1e-2;  // bf16
-}
-
-template <class T>
-bool same_bits(T a, T b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
 /// ||a - b|| / ||b|| for views of any constness.
@@ -71,15 +69,6 @@ To nearest_even(double x) {
   }
 }
 
-/// Calls f.template operator()<T>() for each element type.
-template <class F>
-void for_each_dtype(F&& f) {
-  f.template operator()<float>();
-  f.template operator()<double>();
-  f.template operator()<bf16>();
-  f.template operator()<fp16>();
-}
-
 template <class To, class From>
 To cast_one(From x) {
   host_tensor<From> a({1});
@@ -87,20 +76,6 @@ To cast_one(From x) {
   a(0) = x;
   cast(exec::host{}, std::as_const(a).v(), b.v());
   return b(0);
-}
-
-/// Replaces some elements of x by exact round-to-nearest ties of the bf16 and fp16 grids (where From can hold
-/// them), so that casts meet the tie-to-even rule on random data too.
-template <class From>
-void add_ties(host_tensor<From>& x) {
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    const double v = double(x.data()[i]);
-    if (std::abs(v) < 0x1p-13 || i % 5 > 1) continue;
-    const double base = i % 5 == 0 ? double(float(bf16(float(v)))) : double(float(fp16(float(v))));
-    const int half_ulp_exp = std::ilogb(base) - (i % 5 == 0 ? 8 : 11);
-    const double tie = base + std::ldexp(1.0, half_ulp_exp);
-    if (double(From(tie)) == tie) x.data()[i] = From(tie);
-  }
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// gemm on the host: every transpose, batches, strided and transposed views, every element type, against a naive
-// float64 reference written here.
+// gemm on the host: every transpose, batches, strided and transposed views, every element type, against the naive
+// float64 reference of support/gemm_reference.hpp.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -9,68 +9,28 @@
 
 #include <subspace/kernels/gemm.hpp>
 
+#include "support/gemm_reference.hpp"
 #include "support/numeric.hpp"
 
 using namespace subspace;
 
 namespace {
 
-/// A const view of a host tensor.
-template <class T>
-view<const T, host_space> cv(const host_tensor<T>& t) {
-  return t.v();
-}
-
-/// op(X)(i, j) of a rank-2 view, in double.
-template <class T>
-double op_at(view<const T, host_space> x, op o, std::int64_t i, std::int64_t j) {
-  return o == op::none ? double(x(i, j)) : double(x(j, i));
-}
-
-/// alpha * op_a(A) * op_b(B) + beta * C0 in float64, the naive way. Rank 2 or 3 (batch in dimension 0).
-template <class TA, class TB, class TC>
-host_tensor<double> reference(op op_a, op op_b, double alpha, view<const TA, host_space> A, view<const TB, host_space> B,
-                              double beta, view<const TC, host_space> C0) {
-  host_tensor<double> out(C0.shape());
-  const bool batched = C0.rank() == 3;
-  const std::int64_t batch = batched ? C0.dim(0) : 1;
-  auto out3 = batched ? out.v() : out.v().reshape({1, out.dim(0), out.dim(1)});
-  for (std::int64_t b = 0; b < batch; ++b) {
-    const auto a = batched ? A[b] : A;
-    const auto bm = batched ? B[b] : B;
-    const auto c = batched ? C0[b] : C0;
-    const std::int64_t m = c.dim(0), n = c.dim(1), k = op_a == op::none ? a.dim(1) : a.dim(0);
-    for (std::int64_t i = 0; i < m; ++i)
-      for (std::int64_t j = 0; j < n; ++j) {
-        double s = 0;
-        for (std::int64_t p = 0; p < k; ++p) s += op_at(a, op_a, i, p) * op_at(bm, op_b, p, j);
-        out3(b, i, j) = alpha * s + (beta == 0 ? 0.0 : beta * double(c(i, j)));
-      }
-  }
-  return out;
-}
-
-/// The stored shape of an operand whose op(X) is rows x cols (with a leading batch when batch > 0).
-shape stored(op o, std::int64_t rows, std::int64_t cols, std::int64_t batch) {
-  const std::int64_t r = o == op::none ? rows : cols, c = o == op::none ? cols : rows;
-  return batch > 0 ? shape{batch, r, c} : shape{r, c};
-}
+using testing::cv;
+using testing::for_each_transpose;
+using testing::gemm_reference;
 
 /// Runs one gemm on fresh random inputs (contiguous tensors) and returns its relative error vs the reference.
 template <class TA, class TB, class TC>
 double gemm_error(op op_a, op op_b, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t batch, float alpha,
                   float beta, std::uint64_t seed, exec::host ex = {}) {
-  auto A = testing::random_tensor<TA>(stored(op_a, m, k, batch), seed);
-  auto B = testing::random_tensor<TB>(stored(op_b, k, n, batch), seed + 1);
-  auto C = testing::random_tensor<TC>(batch > 0 ? shape{batch, m, n} : shape{m, n}, seed + 2);
+  auto [A, B, C] = testing::random_gemm_operands<TA, TB, TC>(op_a, op_b, m, n, k, batch, seed);
   if (beta == 0)  // beta == 0 must not read C: poison it
     for (std::int64_t i = 0; i < C.numel(); ++i) C.data()[i] = TC(std::numeric_limits<float>::quiet_NaN());
-  const auto want = reference(op_a, op_b, alpha, cv(A), cv(B), beta, cv(C));
+  const auto want = gemm_reference(op_a, op_b, alpha, cv(A), cv(B), beta, cv(C));
   gemm(ex, op_a, op_b, alpha, A.v(), B.v(), beta, C.v());
   return testing::rel_error(cv(C), cv(want));
 }
-
-constexpr op ops[] = {op::none, op::transpose};
 
 }  // namespace
 
@@ -80,43 +40,29 @@ TEST_CASE("gemm (host): every transpose combination, odd and block-boundary size
   };
   // 1, odd primes, and the edges of the fp32 blocking (mc = 128, nc = 256, kc = 256, micro tile 8 x 8).
   const dims sizes[] = {{1, 1, 1}, {37, 53, 29}, {8, 8, 8}, {7, 9, 300}, {128, 256, 256}, {129, 257, 257}, {3, 260, 513}};
-  for (const auto& d : sizes)
-    for (op op_a : ops)
-      for (op op_b : ops) {
-        const auto seed = testing::fresh_seed();
-        CAPTURE(seed);
-        CAPTURE(d.m);
-        CAPTURE(d.n);
-        CAPTURE(d.k);
-        CAPTURE(to_string(op_a));
-        CAPTURE(to_string(op_b));
-        CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, 1.0f, 0.0f, seed) < 1e-5);
-      }
+  for (const auto& d : sizes) {
+    CAPTURE(d.m);
+    CAPTURE(d.n);
+    CAPTURE(d.k);
+    for_each_transpose([&](op op_a, op op_b, std::uint64_t seed) {
+      CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, 1.0f, 0.0f, seed) < 1e-5);
+    });
+  }
 }
 
 TEST_CASE("gemm (host): alpha and beta scale the product and a non-zero C") {
-  for (op op_a : ops)
-    for (op op_b : ops) {
-      const auto seed = testing::fresh_seed();
-      CAPTURE(seed);
-      CAPTURE(to_string(op_a));
-      CAPTURE(to_string(op_b));
-      CHECK(gemm_error<float, float, float>(op_a, op_b, 45, 70, 33, 0, -0.75f, 0.5f, seed) < 1e-5);
-      CHECK(gemm_error<float, float, float>(op_a, op_b, 45, 70, 33, 0, 2.0f, 1.0f, seed + 7) < 1e-5);
-      CHECK(gemm_error<double, double, double>(op_a, op_b, 45, 70, 33, 0, 0.0f, -1.5f, seed + 9) < 1e-12);
-    }
+  for_each_transpose([](op op_a, op op_b, std::uint64_t seed) {
+    CHECK(gemm_error<float, float, float>(op_a, op_b, 45, 70, 33, 0, -0.75f, 0.5f, seed) < 1e-5);
+    CHECK(gemm_error<float, float, float>(op_a, op_b, 45, 70, 33, 0, 2.0f, 1.0f, seed + 7) < 1e-5);
+    CHECK(gemm_error<double, double, double>(op_a, op_b, 45, 70, 33, 0, 0.0f, -1.5f, seed + 9) < 1e-12);
+  });
 }
 
 TEST_CASE("gemm (host): strided batches, including a shared (stride-0) operand") {
-  for (op op_a : ops)
-    for (op op_b : ops) {
-      const auto seed = testing::fresh_seed();
-      CAPTURE(seed);
-      CAPTURE(to_string(op_a));
-      CAPTURE(to_string(op_b));
-      CHECK(gemm_error<float, float, float>(op_a, op_b, 19, 23, 41, 3, 1.0f, 0.0f, seed) < 1e-5);
-      CHECK(gemm_error<float, float, float>(op_a, op_b, 19, 23, 41, 2, 0.5f, -2.0f, seed + 5) < 1e-5);
-    }
+  for_each_transpose([](op op_a, op op_b, std::uint64_t seed) {
+    CHECK(gemm_error<float, float, float>(op_a, op_b, 19, 23, 41, 3, 1.0f, 0.0f, seed) < 1e-5);
+    CHECK(gemm_error<float, float, float>(op_a, op_b, 19, 23, 41, 2, 0.5f, -2.0f, seed + 5) < 1e-5);
+  });
 
   // Padded batch stride and row stride on A; one B shared by every batch entry (batch stride 0).
   const auto seed = testing::fresh_seed();
@@ -127,7 +73,7 @@ TEST_CASE("gemm (host): strided batches, including a shared (stride-0) operand")
   auto c = testing::random_tensor<float>({batch, m, n}, seed + 2);
   const view<const float, host_space> A(a_store.data(), {batch, m, k}, {(m + 2) * (k + 5), k + 5, 1, 0});
   const view<const float, host_space> B(b_store.data(), {batch, k, n}, {0, n, 1, 0});
-  const auto want = reference(op::none, op::none, 1.0, A, B, 0.25, cv(c));
+  const auto want = gemm_reference(op::none, op::none, 1.0, A, B, 0.25, cv(c));
   gemm(exec::host{}, op::none, op::none, 1.0f, A, B, 0.25f, c.v());
   CHECK(testing::rel_error(cv(c), cv(want)) < 1e-5);
 }
@@ -144,7 +90,7 @@ TEST_CASE("gemm (host): non-contiguous views: slices, transposed() views, and a 
 
   SUBCASE("C is a transposed() view (column-major storage)") {
     auto ct = testing::random_tensor<float>({n, m}, seed + 2);
-    const auto want = reference(op::none, op::none, 1.5, A, B, -1.0, cv(ct).transposed());
+    const auto want = gemm_reference(op::none, op::none, 1.5, A, B, -1.0, cv(ct).transposed());
     gemm(exec::host{}, op::none, op::none, 1.5f, A, B, -1.0f, ct.v().transposed());
     CHECK(testing::rel_error(cv(ct).transposed(), cv(want)) < 1e-5);
   }
@@ -153,7 +99,7 @@ TEST_CASE("gemm (host): non-contiguous views: slices, transposed() views, and a 
     host_tensor<float> before({m, n + 7});
     copy(exec::host{}, cv(c_big), before.v());
     const view<float, host_space> C(c_big.data() + 2, {m, n}, {n + 7, 1, 0, 0});
-    const auto want = reference(op::none, op::transpose, 1.0, A, cv(bt), 0.5, view<const float, host_space>(C));
+    const auto want = gemm_reference(op::none, op::transpose, 1.0, A, cv(bt), 0.5, view<const float, host_space>(C));
     gemm(exec::host{}, op::none, op::transpose, 1.0f, A, cv(bt), 0.5f, C);
     CHECK(testing::rel_error(view<const float, host_space>(C), cv(want)) < 1e-5);
     for (std::int64_t i = 0; i < m; ++i)
@@ -169,24 +115,19 @@ TEST_CASE("gemm (host): non-contiguous views: slices, transposed() views, and a 
 }
 
 TEST_CASE("gemm (host): bf16, fp16 and double operands, bf16 and fp16 output, mixed types") {
-  for (op op_a : ops)
-    for (op op_b : ops) {
-      const auto seed = testing::fresh_seed();
-      CAPTURE(seed);
-      CAPTURE(to_string(op_a));
-      CAPTURE(to_string(op_b));
-      // The inputs are exact in bf16/fp16, so with an fp32 output only fp32 accumulation is left to err.
-      CHECK(gemm_error<bf16, bf16, float>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed) < 1e-5);
-      CHECK(gemm_error<fp16, fp16, float>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.5f, seed + 3) < 1e-5);
-      CHECK(gemm_error<bf16, float, float>(op_a, op_b, 20, 30, 40, 2, 1.0f, 0.0f, seed + 6) < 1e-5);
-      // A bf16 output adds one rounding (relative 2^-9 at most) per element.
-      CHECK(gemm_error<bf16, bf16, bf16>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed + 9) < 4e-3);
-      CHECK(gemm_error<bf16, bf16, bf16>(op_a, op_b, 33, 17, 65, 3, 0.5f, 1.0f, seed + 12) < 4e-3);
-      CHECK(gemm_error<double, double, double>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed + 15) < 1e-12);
-      CHECK(gemm_error<double, double, double>(op_a, op_b, 97, 65, 300, 2, -1.0f, 0.25f, seed + 18) < 1e-12);
-      CHECK(gemm_error<float, float, double>(op_a, op_b, 21, 11, 70, 0, 1.0f, 0.0f, seed + 21) < 1e-6);
-      CHECK(gemm_error<fp16, fp16, fp16>(op_a, op_b, 29, 31, 64, 2, 1.0f, 0.5f, seed + 24) < 1e-3);  // 2^-11 rounding
-    }
+  for_each_transpose([](op op_a, op op_b, std::uint64_t seed) {
+    // The inputs are exact in bf16/fp16, so with an fp32 output only fp32 accumulation is left to err.
+    CHECK(gemm_error<bf16, bf16, float>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed) < 1e-5);
+    CHECK(gemm_error<fp16, fp16, float>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.5f, seed + 3) < 1e-5);
+    CHECK(gemm_error<bf16, float, float>(op_a, op_b, 20, 30, 40, 2, 1.0f, 0.0f, seed + 6) < 1e-5);
+    // A bf16 output adds one rounding (relative 2^-9 at most) per element.
+    CHECK(gemm_error<bf16, bf16, bf16>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed + 9) < 4e-3);
+    CHECK(gemm_error<bf16, bf16, bf16>(op_a, op_b, 33, 17, 65, 3, 0.5f, 1.0f, seed + 12) < 4e-3);
+    CHECK(gemm_error<double, double, double>(op_a, op_b, 37, 53, 129, 0, 1.0f, 0.0f, seed + 15) < 1e-12);
+    CHECK(gemm_error<double, double, double>(op_a, op_b, 97, 65, 300, 2, -1.0f, 0.25f, seed + 18) < 1e-12);
+    CHECK(gemm_error<float, float, double>(op_a, op_b, 21, 11, 70, 0, 1.0f, 0.0f, seed + 21) < 1e-6);
+    CHECK(gemm_error<fp16, fp16, fp16>(op_a, op_b, 29, 31, 64, 2, 1.0f, 0.5f, seed + 24) < 1e-3);  // 2^-11 rounding
+  });
 }
 
 TEST_CASE("gemm (host): the result does not depend on the thread count") {
@@ -198,8 +139,7 @@ TEST_CASE("gemm (host): the result does not depend on the thread count") {
   gemm(exec::host{1}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c1.v());
   gemm(exec::host{3}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c3.v());
   CHECK(testing::rel_error(c1, c3) == 0.0);
-  const auto want = reference(op::none, op::none, 1.0, cv(A), cv(B), 0.0,
-                              cv(c1));
+  const auto want = gemm_reference(op::none, op::none, 1.0, cv(A), cv(B), 0.0, cv(c1));
   CHECK(testing::rel_error(cv(c1), cv(want)) < 1e-5);
 }
 
@@ -209,8 +149,7 @@ TEST_CASE("gemm (host): empty dimensions") {
   // k == 0: C = beta * C.
   host_tensor<float> a({4, 0}), b({0, 5});
   auto c = testing::random_tensor<float>({4, 5}, seed);
-  const auto want = reference(op::none, op::none, 1.0, cv(a), cv(b), 0.5,
-                              cv(c));
+  const auto want = gemm_reference(op::none, op::none, 1.0, cv(a), cv(b), 0.5, cv(c));
   gemm(exec::host{}, op::none, op::none, 1.0f, a.v(), b.v(), 0.5f, c.v());
   CHECK(testing::rel_error(cv(c), cv(want)) == 0.0);
   // m == 0 or batch == 0: nothing to do, nothing thrown.

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <utility>
 
 #include <subspace/kernels/random.hpp>
@@ -15,10 +14,7 @@ using namespace subspace;
 
 namespace {
 
-template <class T>
-bool same_bits(T a, T b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0;
-}
+using testing::same_bits;
 
 /// Checks every element of v, in row-major order, against the reference draw at its flat index.
 template <class T>

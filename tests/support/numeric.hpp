@@ -1,8 +1,10 @@
 #pragma once
-// Shared test helpers: fresh random inputs and relative-error comparisons in double.
+// Shared test helpers: fresh random inputs (with cast ties), a loop over the element types, bitwise and relative-error
+// comparisons in double.
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -19,12 +21,46 @@ inline std::uint64_t fresh_seed() {
   return (std::uint64_t(device()) << 32) ^ std::uint64_t(device());
 }
 
-/// A host tensor of normal draws N(mean, std^2) from the Philox stream (seed, 0), converted to T.
+/// A host tensor of normal draws N(mean, std^2) from the Philox stream (seed, 0), converted to T: element i is
+/// T(rng::normal_at(seed, 0, i, mean, std)), drawn four at a time (one Philox block each).
 template <class T>
 host_tensor<T> random_tensor(const shape& s, std::uint64_t seed, float mean = 0.0f, float std = 1.0f) {
   host_tensor<T> t(s);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = T(rng::normal_at(seed, 0, std::uint64_t(i), mean, std));
+  float block[4] = {};
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (i % 4 == 0) rng::normal4(seed, 0, std::uint64_t(i / 4), mean, std, block);
+    t.data()[i] = T(block[i % 4]);
+  }
   return t;
+}
+
+/// Replaces some elements of x by exact round-to-nearest ties of the bf16 and fp16 grids (where From can hold
+/// them), so that casts meet the tie-to-even rule on random data too.
+template <class From>
+void add_ties(host_tensor<From>& x) {
+  for (std::int64_t i = 0; i < x.numel(); ++i) {
+    const double v = double(x.data()[i]);
+    if (std::abs(v) < 0x1p-13 || i % 5 > 1) continue;
+    const double base = i % 5 == 0 ? double(float(bf16(float(v)))) : double(float(fp16(float(v))));
+    const int half_ulp_exp = std::ilogb(base) - (i % 5 == 0 ? 8 : 11);
+    const double tie = base + std::ldexp(1.0, half_ulp_exp);
+    if (double(From(tie)) == tie) x.data()[i] = From(tie);
+  }
+}
+
+/// Calls f.template operator()<T>() for each element type: float, double, bf16, fp16.
+template <class F>
+void for_each_dtype(F&& f) {
+  f.template operator()<float>();
+  f.template operator()<double>();
+  f.template operator()<bf16>();
+  f.template operator()<fp16>();
+}
+
+/// True when a and b have the same bits.
+template <class T>
+bool same_bits(T a, T b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
 /// ||a - b|| / ||b|| over all elements, in double. +inf when any element of either side is not finite, so NaN
