@@ -11,7 +11,6 @@ for each configuration. Random tokens; timing after warm-up steps, with CUDA eve
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
