@@ -28,4 +28,8 @@ tail -n 3 "$out/main_job.log"
 echo "== benchmarks"
 build/cuda/bench/bench_gemm --commit "$commit" --out "$out/gemm.json" 2>&1 | tee "$out/bench_gemm.log" | tail -n 12 ||
   status=1
+build/cuda/bench/bench_attention --commit "$commit" --out "$out/attention.json" 2>&1 | tee "$out/bench_attention.log" |
+  tail -n 12 || status=1
+NCCL_NVLS_ENABLE=0 build/cuda/bench/bench_comm --commit "$commit" --out "$out/comm.json" 2>&1 | tee "$out/bench_comm.log" |
+  tail -n 16 || status=1
 exit $status

@@ -2,8 +2,10 @@
 # Installs what building and testing subspace needs, when it is missing, and puts the tools on PATH.
 # Sourced by scripts/test.sh and scripts/main.sh; safe to run again (it only installs what is missing).
 #
-#   Debian packages: libboost-dev (Boost.Hana headers), doctest-dev, ninja-build, plus any named in
-#                    SUBSPACE_EXTRA_PACKAGES (python3-venv too when CMake must be installed). As root they are installed; otherwise the exact
+#   Debian packages: libboost-dev (Boost.Hana headers), doctest-dev, ninja-build (python3-venv too when CMake
+#                    must be installed). Also wanted, not required: bible-kjv and bible-kjv-text, the
+#                    public-domain default corpus of the example trainer (a machine that cannot install them —
+#                    no registry — still builds and tests; the trainer then needs --data). As root they are installed; otherwise the exact
 #                    apt-get line is printed and the script fails.
 #   CMake >= 3.28:   Debian 12's 3.25 cannot build CUDA C++20 with nvcc 13, so a newer CMake is installed from
 #                    PyPI into .tools/ (git-ignored) when the one on PATH is older.
@@ -13,7 +15,7 @@ _subspace_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 _subspace_setup() {
   local missing=() pkg
-  local want=(libboost-dev doctest-dev ninja-build ${SUBSPACE_EXTRA_PACKAGES:-})
+  local want=(libboost-dev doctest-dev ninja-build)
   for pkg in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
@@ -39,6 +41,22 @@ _subspace_setup() {
       echo "setup: missing Debian packages. Install them with:" >&2
       echo "  sudo apt-get install -y ${missing[*]}" >&2
       return 1
+    fi
+  fi
+
+  local optional=()
+  for pkg in bible-kjv bible-kjv-text; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || optional+=("$pkg")
+  done
+  if [ "${#optional[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null &&
+      { apt-get install -y -qq --no-install-recommends "${optional[@]}" >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 &&
+          apt-get install -y -qq --no-install-recommends "${optional[@]}" >/dev/null 2>&1; }; }; then
+      echo "setup: installed the default corpus packages: ${optional[*]}"
+    else
+      echo "setup: note: could not install ${optional[*]} (the default training corpus);" \
+        "train_llama then needs --data. Install with: sudo apt-get install -y ${optional[*]}" >&2
     fi
   fi
 

@@ -11,9 +11,40 @@
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
 
+#include "kernels/attention.hpp"
 #include "kernels/elementwise.hpp"
+#include "kernels/embedding.hpp"
 #include "kernels/gemm.hpp"
+#include "kernels/linalg.hpp"
+#include "kernels/loss.hpp"
+#include "kernels/norm.hpp"
 #include "kernels/random.hpp"
 #include "kernels/reduce.hpp"
+#include "kernels/rope.hpp"
+#include "kernels/swiglu.hpp"
 
 #include "policies.hpp"  // the four concepts and their first policies
+
+#include "comm/bootstrap.hpp"
+#include "comm/local.hpp"
+#include "comm/throttled.hpp"
+#if defined(__CUDACC__)
+#include "comm/nccl.cuh"
+#endif
+
+#include "optim/galore.hpp"
+#include "optim/golore.hpp"
+#include "optim/schedule.hpp"
+
+#include "nn/config.hpp"
+#include "nn/llama.hpp"
+
+#include "data/loader.hpp"
+#include "data/text.hpp"
+#include "data/tokenizer.hpp"
+#include "data/tokens.hpp"
+
+#include "io/checkpoint.hpp"
+#include "io/hf_config.hpp"
+#include "io/metrics.hpp"
+#include "io/safetensors.hpp"

@@ -29,6 +29,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -292,6 +293,42 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         done[std::size_t(r)] = req.test() ? 1 : 0;
       });
       CHECK(std::accumulate(done.begin(), done.end(), 0) == n);
+    }
+
+    SUBCASE("operations issued together complete in any order; test() polls to completion") {
+      auto comms = F::make(n);
+      std::vector<host_tensor<float>> sums, mine, gathered, bcast;
+      for (int r = 0; r < n; ++r) {
+        sums.push_back(filled<float>({1001}, float(r + 1)));  // an odd size
+        mine.push_back(filled<float>({3}, float(r)));
+        gathered.push_back(filled<float>({n, 3}, NAN));
+        bcast.push_back(filled<float>({7}, float(r)));
+      }
+      run_ranks(comms, [&](C& c, int r) {
+        const auto ru = std::size_t(r);
+        auto q1 = c.all_reduce(sums[ru].v(), comm::reduce_op::sum);
+        auto q2 = c.all_gather(cview(mine[ru].v()), gathered[ru].v());
+        auto q3 = c.broadcast(bcast[ru].v(), n - 1);
+        auto q4 = c.barrier();
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+        bool polled = false;
+        while (!(polled = q4.test()) && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        CHECK_MESSAGE(polled, "test() never reported the barrier complete");
+        q3.wait();
+        q2.wait();
+        q1.wait();
+        CHECK((q1.test() && q2.test() && q3.test()));
+      });
+      for (int r = 0; r < n; ++r) {
+        CAPTURE(r);
+        const auto ru = std::size_t(r);
+        bool ok = true;
+        for (std::int64_t i = 0; i < 1001; ++i) ok = ok && sums[ru](i) == float(n * (n + 1) / 2);
+        for (int q = 0; q < n; ++q)
+          for (int j = 0; j < 3; ++j) ok = ok && gathered[ru](q, j) == float(q);
+        for (int i = 0; i < 7; ++i) ok = ok && bcast[ru](i) == float(n - 1);
+        CHECK(ok);
+      }
     }
 
     SUBCASE("split: ranks of one color form a group ordered by key, and reduce within it") {

@@ -269,7 +269,7 @@ struct plan_is_not_regular {
 
 }  // namespace
 
-TEST_CASE("training stacks: the defaults and user overrides pass the stack check; faulty ones do not") {
+TEST_CASE("training stacks: the defaults and user overrides pass the stack check, faulty ones do not") {
   static_assert(check_stack<default_policies>());
   static_assert(check_stack<sgd_stack>());
   static_assert(TrainingStack<sgd_stack>);

@@ -32,7 +32,10 @@
 // communicator's stream", as with NCCL: later work on that stream sees the result.
 //
 // Collectives are called by every rank of the group in the same order. Arguments a rank can check alone
-// (peer or root out of range, inconsistent element counts) raise subspace::invalid_argument.
+// (peer or root out of range, inconsistent element counts) raise subspace::invalid_argument. Failures that
+// involve peers surface from wait() (and test()) as the errors of comm/error.hpp: comm::mismatch_error (matched
+// operations disagree), comm::timeout_error (a partner never came), comm::aborted_error (the communicator or the
+// partner gave up), each naming the ranks and the operation.
 
 #include <concepts>
 #include <string_view>

@@ -1,0 +1,321 @@
+#pragma once
+// Token files and datasets made of them.
+//
+// Formats:
+//   llm.c shard   a header of 256 little-endian int32: [0] magic, [1] version, [2] token count; then the tokens.
+//                 magic 20240520 + version 1: uint16 tokens; magic 20240801 + version 7: uint32 tokens.
+//                 The file holds exactly 1024 + count * width bytes.
+//   raw uint16    nanoGPT's train.bin / val.bin: little-endian uint16 tokens, no header.
+// token_format::detect reads an llm.c header when the file starts with one of the two magics, else raw uint16.
+//
+// A token_dataset is an ordered list of segments (a file and a token range in it): several shards named by a
+// list or a glob, and train/validation splits of them. Files are memory-mapped read-only and shared between
+// the datasets that use them.
+//
+// Bad input throws invalid_argument naming the file and what was expected: a missing file, a bad magic or
+// version, a truncated (or overlong) file, a token outside the vocabulary.
+
+#include <glob.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../io/file.hpp"
+
+namespace subspace::data {
+
+inline constexpr std::int32_t llmc_magic_u16 = 20240520;  // version 1, uint16 tokens
+inline constexpr std::int32_t llmc_magic_u32 = 20240801;  // version 7, uint32 tokens
+inline constexpr std::size_t llmc_header_ints = 256;
+inline constexpr std::size_t llmc_header_bytes = llmc_header_ints * 4;
+
+enum class token_format { detect, llmc, raw_u16 };
+
+namespace detail {
+inline std::string quoted(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
+/// The shortest decimal form of x, for messages.
+inline std::string show(double x) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
+inline std::int32_t load_i32(const std::byte* p) {
+  std::uint32_t u = 0;
+  for (int i = 3; i >= 0; --i) u = (u << 8) | std::uint32_t(p[i]);
+  return std::int32_t(u);
+}
+}  // namespace detail
+
+/// One token file, validated and memory-mapped.
+class token_file {
+ public:
+  explicit token_file(std::filesystem::path path, token_format format = token_format::detect)
+      : file_(std::move(path), "token file") {
+    const std::string where = "token file " + detail::quoted(file_.path());
+    const std::byte* p = file_.map();
+    const std::uint64_t size = file_.size();
+    bool llmc = format == token_format::llmc;
+    if (format == token_format::detect && size >= 4) {
+      const std::int32_t magic = detail::load_i32(p);
+      llmc = magic == llmc_magic_u16 || magic == llmc_magic_u32;
+    }
+    if (!llmc) {
+      require(size % 2 == 0, where + ": " + std::to_string(size) +
+                                 " bytes is not a whole number of uint16 tokens (raw nanoGPT .bin expected)");
+      width_ = 2;
+      offset_ = 0;
+      count_ = size / 2;
+      return;
+    }
+    require(size >= llmc_header_bytes, where + ": " + std::to_string(size) +
+                                           " bytes is shorter than the llm.c header (1024 bytes): truncated?");
+    const std::int32_t magic = detail::load_i32(p), version = detail::load_i32(p + 4),
+                       count = detail::load_i32(p + 8);
+    if (magic == llmc_magic_u16) {
+      require(version == 1, where + ": magic 20240520 (uint16 tokens) needs version 1, the header says " +
+                                std::to_string(version));
+      width_ = 2;
+    } else if (magic == llmc_magic_u32) {
+      require(version == 7, where + ": magic 20240801 (uint32 tokens) needs version 7, the header says " +
+                                std::to_string(version));
+      width_ = 4;
+    } else {
+      require(false, where + ": bad magic " + std::to_string(magic) +
+                         " (expected 20240520 for uint16 tokens or 20240801 for uint32 tokens)");
+    }
+    version_ = version;
+    require(count >= 0, where + ": negative token count " + std::to_string(count) + " in the header");
+    count_ = std::uint64_t(count);
+    offset_ = llmc_header_bytes;
+    const std::uint64_t expected = llmc_header_bytes + count_ * width_;
+    require(size == expected, where + ": the header says " + std::to_string(count_) + " tokens of " +
+                                  std::to_string(width_) + " bytes (" + std::to_string(expected) +
+                                  " bytes with the header), the file has " + std::to_string(size) + " bytes" +
+                                  (size < expected ? " (truncated)" : ""));
+  }
+
+  const std::filesystem::path& path() const { return file_.path(); }
+  /// Number of tokens.
+  std::uint64_t size() const { return count_; }
+  /// Bytes per token: 2 (uint16) or 4 (uint32).
+  int width() const { return width_; }
+  /// The llm.c version (1 or 7), or 0 for a raw uint16 file.
+  int version() const { return version_; }
+
+  std::uint32_t operator[](std::uint64_t i) const {
+    const std::byte* p = data() + i * std::uint64_t(width_);
+    if (width_ == 2) return std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8);
+    return std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8) | (std::uint32_t(p[2]) << 16) | (std::uint32_t(p[3]) << 24);
+  }
+
+  /// Copies tokens [begin, begin + n) into out; invalid_argument naming the file and position for a token
+  /// that is not below `vocab`.
+  void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const {
+    require(begin + n <= count_, "token file " + detail::quoted(path()) + ": tokens [" + std::to_string(begin) + ", " +
+                                     std::to_string(begin + n) + ") outside its " + std::to_string(count_) + " tokens");
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint32_t t = (*this)[begin + i];
+      if (std::int64_t(t) >= vocab) bad_token(begin + i, t, vocab);
+      out[i] = std::int32_t(t);
+    }
+  }
+  /// Throws for the first token in [begin, end) that is not below `vocab`.
+  void check_vocab(std::int64_t vocab, std::uint64_t begin = 0, std::uint64_t end = ~std::uint64_t(0)) const {
+    end = std::min(end, count_);
+    for (std::uint64_t i = begin; i < end; ++i)
+      if (std::int64_t((*this)[i]) >= vocab) bad_token(i, (*this)[i], vocab);
+  }
+
+ private:
+  const std::byte* data() const { return file_map_ + offset_; }
+  [[noreturn]] void bad_token(std::uint64_t at, std::uint32_t t, std::int64_t vocab) const {
+    throw invalid_argument("token file " + detail::quoted(path()) + ": token " + std::to_string(t) + " at position " +
+                           std::to_string(at) + " is not below the vocabulary size " + std::to_string(vocab));
+  }
+
+  io::read_file file_;
+  const std::byte* file_map_ = file_.map();
+  std::uint64_t offset_ = 0, count_ = 0;
+  int width_ = 2, version_ = 0;
+};
+
+/// Writes an llm.c shard (version 1: uint16 tokens; version 7: uint32 tokens) atomically.
+inline void write_llmc_tokens(const std::filesystem::path& path, std::span<const std::int32_t> tokens,
+                              int version = 1) {
+  require(version == 1 || version == 7,
+          "write_llmc_tokens " + detail::quoted(path) + ": version " + std::to_string(version) +
+              " (expected 1 for uint16 tokens or 7 for uint32 tokens)");
+  require(tokens.size() <= std::size_t(INT32_MAX), "write_llmc_tokens " + detail::quoted(path) + ": " +
+                                                       std::to_string(tokens.size()) +
+                                                       " tokens exceed the header's int32 count");
+  const std::uint32_t limit = version == 1 ? 65535u : 0xffffffffu;
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    require(tokens[i] >= 0 && std::uint32_t(tokens[i]) <= limit,
+            "write_llmc_tokens " + detail::quoted(path) + ": token " + std::to_string(tokens[i]) + " at position " +
+                std::to_string(i) + " does not fit version " + std::to_string(version) +
+                (version == 1 ? " (uint16: 0..65535; use version 7 for larger vocabularies)" : " (uint32)"));
+  std::vector<std::int32_t> header(llmc_header_ints, 0);
+  header[0] = version == 1 ? llmc_magic_u16 : llmc_magic_u32;
+  header[1] = version;
+  header[2] = std::int32_t(tokens.size());
+  io::atomic_write(path, [&](io::file_sink& out) {
+    unsigned char h[llmc_header_bytes];
+    for (std::size_t i = 0; i < llmc_header_ints; ++i)
+      for (int b = 0; b < 4; ++b) h[4 * i + std::size_t(b)] = static_cast<unsigned char>(std::uint32_t(header[i]) >> (8 * b));
+    out.write(h, sizeof h);
+    const int width = version == 1 ? 2 : 4;
+    std::vector<unsigned char> buf;
+    buf.reserve(std::size_t(1) << 20);
+    for (const std::int32_t t : tokens) {
+      for (int b = 0; b < width; ++b) buf.push_back(static_cast<unsigned char>(std::uint32_t(t) >> (8 * b)));
+      if (buf.size() >= (std::size_t(1) << 20)) {
+        out.write(buf.data(), buf.size());
+        buf.clear();
+      }
+    }
+    out.write(buf.data(), buf.size());
+  });
+}
+
+/// Writes a raw uint16 token file (nanoGPT .bin) atomically.
+inline void write_raw_u16_tokens(const std::filesystem::path& path, std::span<const std::int32_t> tokens) {
+  std::vector<unsigned char> bytes;
+  bytes.reserve(tokens.size() * 2);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    require(tokens[i] >= 0 && tokens[i] <= 65535, "write_raw_u16_tokens " + detail::quoted(path) + ": token " +
+                                                      std::to_string(tokens[i]) + " at position " +
+                                                      std::to_string(i) + " does not fit uint16 (0..65535)");
+    bytes.push_back(static_cast<unsigned char>(tokens[i] & 0xff));
+    bytes.push_back(static_cast<unsigned char>(tokens[i] >> 8));
+  }
+  io::atomic_write(path, [&](io::file_sink& out) { out.write(bytes.data(), bytes.size()); });
+}
+
+/// The files named by `spec`: comma-separated entries, each a file, a glob pattern (*, ?, [...]) or a directory
+/// (its *.bin files). Glob and directory matches come sorted by name. invalid_argument when an entry matches
+/// nothing.
+inline std::vector<std::filesystem::path> expand_paths(std::string_view spec) {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> out;
+  std::size_t start = 0;
+  require(!spec.empty(), "token files: empty list (expected a file, a glob pattern or a directory)");
+  while (start <= spec.size()) {
+    const std::size_t comma = std::min(spec.find(',', start), spec.size());
+    const std::string entry(spec.substr(start, comma - start));
+    start = comma + 1;
+    if (entry.empty()) continue;
+    if (entry.find_first_of("*?[") != std::string::npos) {
+      ::glob_t g{};
+      const int rc = ::glob(entry.c_str(), 0, nullptr, &g);
+      std::vector<fs::path> matches;
+      if (rc == 0)
+        for (std::size_t i = 0; i < g.gl_pathc; ++i) matches.emplace_back(g.gl_pathv[i]);
+      ::globfree(&g);
+      require(!matches.empty(), "token files: no file matches the pattern '" + entry + "'");
+      std::sort(matches.begin(), matches.end());
+      out.insert(out.end(), matches.begin(), matches.end());
+    } else if (fs::is_directory(entry)) {
+      std::vector<fs::path> matches;
+      for (const auto& e : fs::directory_iterator(entry))
+        if (e.is_regular_file() && e.path().extension() == ".bin") matches.push_back(e.path());
+      require(!matches.empty(), "token files: directory '" + entry + "' holds no .bin file");
+      std::sort(matches.begin(), matches.end());
+      out.insert(out.end(), matches.begin(), matches.end());
+    } else {
+      out.emplace_back(entry);
+    }
+  }
+  require(!out.empty(), "token files: '" + std::string(spec) + "' names no file");
+  return out;
+}
+
+/// A contiguous range of tokens in one file.
+struct token_segment {
+  std::shared_ptr<const token_file> file;
+  std::uint64_t begin = 0, end = 0;
+  std::uint64_t size() const { return end - begin; }
+};
+
+/// An ordered list of token segments: the tokens of one or more files, or a part of them.
+class token_dataset {
+ public:
+  token_dataset() = default;
+  explicit token_dataset(std::vector<token_segment> segments) : segments_(std::move(segments)) {}
+  /// Every token of every file, in order.
+  explicit token_dataset(const std::vector<std::filesystem::path>& files, token_format format = token_format::detect) {
+    for (const auto& f : files) {
+      auto tf = std::make_shared<const token_file>(f, format);
+      const std::uint64_t n = tf->size();
+      segments_.push_back({std::move(tf), 0, n});
+    }
+  }
+  /// The files named by expand_paths(spec).
+  static token_dataset open(std::string_view spec, token_format format = token_format::detect) {
+    return token_dataset(expand_paths(spec), format);
+  }
+
+  const std::vector<token_segment>& segments() const { return segments_; }
+  std::uint64_t tokens() const {
+    std::uint64_t n = 0;
+    for (const auto& s : segments_) n += s.size();
+    return n;
+  }
+  bool empty() const { return tokens() == 0; }
+
+  /// Global tokens [begin, end) of the concatenation, as a dataset.
+  token_dataset slice(std::uint64_t begin, std::uint64_t end) const {
+    require(begin <= end && end <= tokens(), "token_dataset::slice: [" + std::to_string(begin) + ", " +
+                                                 std::to_string(end) + ") outside " + std::to_string(tokens()) +
+                                                 " tokens");
+    std::vector<token_segment> out;
+    std::uint64_t at = 0;
+    for (const auto& s : segments_) {
+      const std::uint64_t lo = std::max(begin, at), hi = std::min(end, at + s.size());
+      if (lo < hi) out.push_back({s.file, s.begin + (lo - at), s.begin + (hi - at)});
+      at += s.size();
+    }
+    return token_dataset(std::move(out));
+  }
+  /// {train, validation}: the last round(val_fraction * tokens) tokens are the validation part.
+  std::pair<token_dataset, token_dataset> split(double val_fraction) const {
+    require(val_fraction >= 0.0 && val_fraction < 1.0,
+            "token_dataset::split: val_fraction " + detail::show(val_fraction) + " (expected 0 <= f < 1)");
+    const std::uint64_t n = tokens();
+    const auto val = std::uint64_t(std::llround(val_fraction * double(n)));
+    return {slice(0, n - val), slice(n - val, n)};
+  }
+
+  /// Throws for the first token not below `vocab` (scans every token).
+  void check_vocab(std::int64_t vocab) const {
+    for (const auto& s : segments_) s.file->check_vocab(vocab, s.begin, s.end);
+  }
+
+  /// "'a.bin'" or "3 files ('a.bin' ... 'c.bin')", for messages.
+  std::string describe() const {
+    std::vector<std::string> names;
+    for (const auto& s : segments_) {
+      const std::string n = detail::quoted(s.file->path());
+      if (names.empty() || names.back() != n) names.push_back(n);
+    }
+    if (names.empty()) return "an empty token dataset";
+    if (names.size() == 1) return names[0];
+    return std::to_string(names.size()) + " files (" + names.front() + " ... " + names.back() + ")";
+  }
+
+ private:
+  std::vector<token_segment> segments_;
+};
+
+}  // namespace subspace::data

@@ -1,0 +1,482 @@
+#pragma once
+// Checkpoints of a model that enumerates its parameters with Hugging Face Llama names:
+//
+//   model.for_each_parameter(f)   calls f(const std::string& hf_name, view<T, S> value, view<G, S> grad,
+//                                         const optim::param_info& info) for every parameter, in a fixed order
+//
+// A checkpoint directory holds
+//   model.safetensors          every parameter value, in its own dtype (fp32 master weights stay exact);
+//                              __metadata__ {"format": "pt", "step": "<step>"} — transformers loads it as is
+//   config.json                the Hugging Face LlamaConfig (io/hf_config.hpp)
+//   trainer_state.safetensors  the optimizer state tensors, named "<hf_name>.<state name>" (adamw: exp_avg,
+//                              exp_avg_sq); __metadata__ step
+//   trainer_state.json         step, tokens, seed and RNG offset, the training data position and trainer extras
+// Every file is written atomically, trainer_state.json last; each carries the step, and loading checks that they
+// agree, so an interrupted save is reported instead of resuming from a mixture of two steps.
+//
+// Loading checks every tensor: a missing tensor, a shape mismatch (naming the tensor and both shapes), a
+// checkpoint saved for another architecture (naming the differing config.json fields). Floating-point tensors
+// convert on load (F32/BF16/F16/F64 into the parameter's dtype). load_weights also reads Hugging Face Llama
+// checkpoints (one model.safetensors, or shards listed by model.safetensors.index.json) as initial weights.
+//
+// Views may live on the device: they are copied through host memory with copy(ex, ...) (an nvcc translation
+// unit, exec::cuda), one tensor at a time. A trainer that keeps fp32 master weights beside a bf16 model saves
+// and restores the masters with with_values(model, masters).
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/tensor.hpp"
+#include "../data/loader.hpp"
+#include "../nn/config.hpp"
+#include "../optim/adamw.hpp"
+#include "../optim/concepts.hpp"
+#include "file.hpp"
+#include "hf_config.hpp"
+#include "json.hpp"
+#include "safetensors.hpp"
+
+namespace subspace::io {
+
+inline constexpr const char* model_file_name = "model.safetensors";
+inline constexpr const char* model_index_file_name = "model.safetensors.index.json";
+inline constexpr const char* config_file_name = "config.json";
+inline constexpr const char* state_tensors_file_name = "trainer_state.safetensors";
+inline constexpr const char* state_json_file_name = "trainer_state.json";
+
+/// What a trainer needs besides the weights and the optimizer state to continue exactly where it stopped.
+struct trainer_state {
+  std::int64_t step = 0;                 // optimizer steps completed
+  std::int64_t tokens = 0;               // training tokens consumed
+  std::uint64_t seed = 0;                // the run's base seed
+  std::uint64_t rng_offset = 0;          // the next unused Philox offset
+  data::loader_position train_data{};    // where the training loader continues
+  json extra = json::object();           // trainer-specific values (wall time, best val loss, ...)
+};
+
+/// Names the tensors of an optimizer state, for checkpoints: for_each(state, f) calls f(name, view) for each.
+/// Specialise it for a state type, or give the state a member for_each_tensor(f).
+template <class State>
+struct state_tensors {
+  static_assert(dependent_false<State>,
+                "io::state_tensors<State>: no checkpoint layout for this optimizer state; specialise "
+                "io::state_tensors or give the state a member for_each_tensor(f) calling f(name, view)");
+};
+template <class Space>
+struct state_tensors<optim::adamw::state<Space>> {
+  template <class F>
+  static void for_each(optim::adamw::state<Space>& s, F&& f) {
+    f("exp_avg", s.m.v());
+    f("exp_avg_sq", s.v.v());
+  }
+};
+
+/// No optimizer state (save_checkpoint / load_checkpoint without one).
+struct no_optimizer_state {};
+
+template <class State, class F>
+void for_each_state_tensor(State& s, F&& f) {
+  if constexpr (requires { s.for_each_tensor(f); }) {
+    s.for_each_tensor(f);
+  } else {
+    state_tensors<State>::for_each(s, f);
+  }
+}
+
+/// A parameter enumeration with the model's names, gradients and param_info but values[i] in place of the i-th
+/// value view: e.g. the optimizer's fp32 master weights of a bf16 model, so that a checkpoint holds (and a resume
+/// restores) the masters. `values` is a vector of tensors or of views, in for_each_parameter order.
+template <class Model, class Values>
+struct substituted_values {
+  Model& model;
+  Values& values;
+
+  template <class F>
+  void for_each_parameter(F&& f) {
+    std::size_t i = 0;
+    model.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info& info) {
+      require(i < values.size(), "with_values: " + std::to_string(values.size()) + " values, but parameter '" + name +
+                                     "' is number " + std::to_string(i + 1));
+      auto& v = values[i++];
+      if constexpr (requires { v.v(); }) f(name, v.v(), grad, info);
+      else f(name, v, grad, info);
+    });
+    require(i == values.size(), "with_values: " + std::to_string(values.size()) + " values for " +
+                                    std::to_string(i) + " parameters");
+  }
+};
+template <class Model, class Values>
+substituted_values<Model, Values> with_values(Model& model, Values& values) {
+  return {model, values};
+}
+
+/// The parameter dtype model.safetensors is written in by save_model.
+enum class weights_dtype { native, f32, bf16 };
+
+struct save_options {
+  weights_dtype dtype = weights_dtype::native;
+  hf_config_options config{};  // bos/eos ids; torch_dtype follows the saved dtype
+};
+
+struct load_options {
+  bool allow_missing = false;    // parameters absent from the file keep their current values
+  bool allow_unexpected = true;  // tensors the model does not have are ignored (else an error)
+};
+
+struct load_report {
+  std::vector<std::string> loaded, missing, unexpected;
+};
+
+namespace detail::ckpt {
+
+template <class States>
+decltype(auto) state_for(States& states, const std::string& name, std::size_t index) {
+  if constexpr (requires { states.find(name) != states.end(); }) {
+    auto it = states.find(name);
+    require(it != states.end(), "checkpoint: no optimizer state for parameter '" + name + "'");
+    return (it->second);
+  } else if constexpr (requires { states[index]; states.size(); }) {
+    require(index < states.size(), "checkpoint: " + std::to_string(states.size()) +
+                                       " optimizer states, but parameter '" + name + "' is number " +
+                                       std::to_string(index + 1) + " (one state per parameter, in order)");
+    return (states[index]);
+  } else {
+    return states(name, index);
+  }
+}
+
+/// Adds view v (any space) to the writer as dtype To; device views are copied to the host while writing.
+template <class To, class Exec, class T, class S>
+void add_view(safetensors_writer& w, const Exec& ex, const std::string& name, view<T, S> v) {
+  using U = std::remove_const_t<T>;
+  if constexpr (std::is_same_v<S, host_space>) {
+    w.add_as<To>(name, v);
+  } else {
+    const view<const U, S> cv = v;
+    w.add_bytes(name, st_dtype_of<To>(), dims_of(v.shape()), [&ex, cv](file_sink& out) {
+      host_tensor<U> h(cv.shape());
+      copy(ex, cv, h.v());
+      ex.synchronize();
+      st::write_view<To, U>(out, view<const U, host_space>(h.v()));
+    });
+  }
+}
+
+/// Reads tensor t into view v (any space), converting the dtype.
+template <class Exec, class T, class S>
+void read_view(const safetensors_file& f, const st_tensor& t, const Exec& ex, view<T, S> v) {
+  if constexpr (std::is_same_v<S, host_space>) {
+    f.read(t, v);
+  } else {
+    host_tensor<T> h(v.shape());
+    f.read(t, h.v());
+    copy(ex, view<const T, host_space>(h.v()), v);
+    ex.synchronize();
+  }
+}
+
+template <class Model, class F>
+void for_each_parameter(Model& model, F&& f) {
+  std::size_t index = 0;
+  model.for_each_parameter([&](const std::string& name, auto value, auto /*grad*/, const optim::param_info& info) {
+    require(value.shape() == info.shape, "checkpoint: parameter '" + name + "' has a view of shape " +
+                                             to_string(value.shape()) + " but param_info shape " +
+                                             to_string(info.shape));
+    f(name, value, index++);
+  });
+}
+
+inline std::string u64_string(std::uint64_t v) { return std::to_string(v); }
+inline std::uint64_t parse_u64(const json& j, const std::string& where, const char* key) {
+  const json* v = j.find(key);
+  require(v && (v->is_string() || (v->is_int() && v->as_int() >= 0)),
+          where + ": \"" + key + "\" must be a non-negative integer (as a decimal string)");
+  if (v->is_int()) return std::uint64_t(v->as_int());
+  const std::string& s = v->as_string();
+  std::size_t used = 0;
+  std::uint64_t out = 0;
+  try {
+    out = std::stoull(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  require(!s.empty() && used == s.size() && s[0] != '-',
+          where + ": \"" + key + "\" must be a decimal string, got \"" + s + "\"");
+  return out;
+}
+
+/// Files of a weights checkpoint: a .safetensors file, or a directory with model.safetensors or a sharded index.
+struct weight_files {
+  std::vector<std::unique_ptr<safetensors_file>> files;
+  std::map<std::string, std::pair<const safetensors_file*, const st_tensor*>> tensors;
+  std::string where;
+
+  explicit weight_files(const std::filesystem::path& path) {
+    namespace fs = std::filesystem;
+    where = detail::quoted(path);
+    if (!fs::is_directory(path)) {
+      add(path);
+      return;
+    }
+    const fs::path index = path / model_index_file_name;
+    if (fs::exists(index)) {
+      const std::string iw = "safetensors index " + detail::quoted(index);
+      const json j = json::parse(read_text(index, "safetensors index"), iw);
+      const json* map = j.find("weight_map");
+      require(map && map->is_object(), iw + ": missing object \"weight_map\"");
+      std::map<std::string, const safetensors_file*> opened;
+      for (const auto& [name, file] : map->as_object()) {
+        require(file.is_string(), iw + ": weight_map[\"" + name + "\"] must be a file name");
+        if (!opened.count(file.as_string())) opened[file.as_string()] = &add(path / file.as_string());
+        require(opened[file.as_string()]->find(name) != nullptr,
+                iw + ": tensor '" + name + "' is not in " + file.as_string());
+      }
+      return;
+    }
+    const fs::path single = path / model_file_name;
+    require(fs::exists(single), "checkpoint " + where + ": no " + model_file_name + " or " + model_index_file_name +
+                                    " in the directory");
+    add(single);
+  }
+
+  const safetensors_file& add(const std::filesystem::path& file) {
+    files.push_back(std::make_unique<safetensors_file>(file));
+    const safetensors_file& f = *files.back();
+    for (const auto& t : f.tensors()) {
+      require(!tensors.count(t.name), "checkpoint " + where + ": tensor '" + t.name + "' appears in two files");
+      tensors[t.name] = {&f, &t};
+    }
+    return f;
+  }
+};
+
+inline std::string list_names(const std::vector<std::string>& names, std::size_t max = 5) {
+  std::string s;
+  for (std::size_t i = 0; i < names.size() && i < max; ++i) s += (i ? ", " : "") + names[i];
+  if (names.size() > max) s += ", ... (" + std::to_string(names.size()) + " in all)";
+  return s;
+}
+
+}  // namespace detail::ckpt
+
+/// Loads every parameter of `model` from a safetensors file, or a directory holding model.safetensors or a
+/// sharded model.safetensors.index.json (Hugging Face layout), converting dtypes; see the top of this file.
+template <class Exec, class Model>
+load_report load_weights(const Exec& ex, const std::filesystem::path& path, Model& model,
+                         const load_options& o = {}) {
+  detail::ckpt::weight_files w(path);
+  load_report report;
+  std::vector<std::string> missing_detail;
+  detail::ckpt::for_each_parameter(model, [&](const std::string& name, auto value, std::size_t) {
+    const auto it = w.tensors.find(name);
+    if (it == w.tensors.end()) {
+      report.missing.push_back(name);
+      missing_detail.push_back("'" + name + "' (shape " + to_string(value.shape()) + ")");
+      return;
+    }
+    detail::ckpt::read_view(*it->second.first, *it->second.second, ex, value);
+    report.loaded.push_back(name);
+  });
+  for (const auto& [name, entry] : w.tensors) {
+    bool used = false;
+    for (const auto& l : report.loaded) used = used || l == name;
+    if (!used) report.unexpected.push_back(name);
+  }
+  if (!o.allow_missing && !report.missing.empty()) {
+    std::string hint;
+    for (const auto& m : report.missing)
+      if (m == "lm_head.weight" && w.tensors.count("model.embed_tokens.weight"))
+        hint = " (the checkpoint ties the LM head to model.embed_tokens.weight: build the model with tied "
+               "embeddings, as its config.json says)";
+    throw invalid_argument("checkpoint " + w.where + ": " + std::to_string(report.missing.size()) +
+                           " parameter(s) missing: " + detail::ckpt::list_names(missing_detail) + hint);
+  }
+  require(o.allow_unexpected || report.unexpected.empty(),
+          "checkpoint " + w.where + ": " + std::to_string(report.unexpected.size()) +
+              " tensor(s) that the model does not have: " + detail::ckpt::list_names(report.unexpected));
+  return report;
+}
+
+/// Writes dir/model.safetensors and dir/config.json (a Hugging Face LlamaForCausalLM directory).
+template <class Exec, class Model>
+void save_model(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+                const save_options& o = {}, std::int64_t step = 0) {
+  safetensors_writer w;
+  w.metadata("format", "pt");
+  w.metadata("step", std::to_string(step));
+  std::string torch_dtype;
+  detail::ckpt::for_each_parameter(model, [&](const std::string& name, auto value, std::size_t) {
+    using U = std::remove_const_t<typename decltype(value)::element_type>;
+    st_dtype saved = st_dtype_of<U>();
+    if constexpr (is_element_v<U>) {
+      if (o.dtype == weights_dtype::bf16) {
+        detail::ckpt::add_view<bf16>(w, ex, name, value);
+        saved = st_dtype::BF16;
+      } else if (o.dtype == weights_dtype::f32) {
+        detail::ckpt::add_view<float>(w, ex, name, value);
+        saved = st_dtype::F32;
+      } else {
+        detail::ckpt::add_view<U>(w, ex, name, value);
+      }
+    } else {
+      detail::ckpt::add_view<U>(w, ex, name, value);  // not floating point: kept as it is
+    }
+    const std::string td = saved == st_dtype::BF16 ? "bfloat16" : saved == st_dtype::F16 ? "float16" : "float32";
+    if (torch_dtype.empty()) torch_dtype = td;
+  });
+  require(w.size() > 0, "save_model " + detail::quoted(dir) + ": the model enumerated no parameters");
+  hf_config_options co = o.config;
+  co.torch_dtype = torch_dtype;
+  ensure_directory(dir);
+  w.write(dir / model_file_name);
+  write_hf_config(dir / config_file_name, cfg, co);
+}
+
+/// Writes a full checkpoint into `dir`: weights (native dtype), config.json, optimizer states (`states`: a
+/// vector in for_each_parameter order, a map from hf_name, or a callable (name, index) -> State&) and the
+/// trainer state; see the top of this file.
+template <class Exec, class Model, class States>
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+                     States& states, const trainer_state& ts, const hf_config_options& config = {}) {
+  save_options so;
+  so.config = config;
+  save_model(ex, dir, cfg, model, so, ts.step);
+
+  safetensors_writer w;
+  w.metadata("format", "pt");
+  w.metadata("step", std::to_string(ts.step));
+  std::size_t n_state = 0;
+  if constexpr (!std::is_same_v<std::remove_const_t<States>, no_optimizer_state>) {
+    detail::ckpt::for_each_parameter(model, [&](const std::string& name, auto, std::size_t index) {
+      auto& state = detail::ckpt::state_for(states, name, index);
+      for_each_state_tensor(state, [&](const std::string& sname, auto v) {
+        using U = std::remove_const_t<typename decltype(v)::element_type>;
+        detail::ckpt::add_view<U>(w, ex, name + "." + sname, v);
+        ++n_state;
+      });
+    });
+  }
+  w.write(dir / state_tensors_file_name);
+
+  json j = json::object({{"format", json("subspace-trainer-state")},
+                         {"version", json(1)},
+                         {"step", json(ts.step)},
+                         {"tokens", json(ts.tokens)},
+                         {"seed", json(detail::ckpt::u64_string(ts.seed))},
+                         {"rng_offset", json(detail::ckpt::u64_string(ts.rng_offset))},
+                         {"train_data", ts.train_data.to_json()},
+                         {"optimizer_tensors", json(n_state)},
+                         {"extra", ts.extra}});
+  atomic_write_text(dir / state_json_file_name, j.dump(2) + "\n");
+}
+
+template <class Exec, class Model>
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+                     const trainer_state& ts, const hf_config_options& config = {}) {
+  no_optimizer_state none;
+  save_checkpoint(ex, dir, cfg, model, none, ts, config);
+}
+
+/// Reads dir/trainer_state.json.
+inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  const fs::path p = dir / state_json_file_name;
+  require(fs::exists(p), "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
+                             " (not a checkpoint directory, or its first save was interrupted)");
+  const std::string where = detail::quoted(p);
+  const json j = json::parse(read_text(p, "trainer state"), where);
+  require(j.is_object() && j.find("format") && j.at("format").is_string() &&
+              j.at("format").as_string() == "subspace-trainer-state",
+          where + ": \"format\" must be \"subspace-trainer-state\"");
+  require(j.find("version") && j.at("version").is_int() && j.at("version").as_int() == 1,
+          where + ": unsupported \"version\" (expected 1)");
+  trainer_state ts;
+  const auto i64 = [&](const char* key) {
+    const json* v = j.find(key);
+    require(v && v->is_int() && v->as_int() >= 0, where + ": \"" + key + "\" must be a non-negative integer");
+    return v->as_int();
+  };
+  ts.step = i64("step");
+  ts.tokens = i64("tokens");
+  ts.seed = detail::ckpt::parse_u64(j, where, "seed");
+  ts.rng_offset = detail::ckpt::parse_u64(j, where, "rng_offset");
+  require(j.find("train_data") != nullptr, where + ": missing \"train_data\"");
+  try {
+    ts.train_data = data::loader_position::from_json(j.at("train_data"));
+  } catch (const invalid_argument& e) {
+    throw invalid_argument(where + ": \"train_data\": " + e.what());
+  }
+  if (const json* e = j.find("extra")) ts.extra = *e;
+  return ts;
+}
+
+/// Loads a checkpoint written by save_checkpoint into `model` and `states` (initialised for the same
+/// parameters) and returns the trainer state. Strict: the architecture, every tensor name and shape, and the
+/// step recorded in each file must match.
+template <class Exec, class Model, class States>
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg,
+                              Model& model, States& states) {
+  const std::string where = "checkpoint " + detail::quoted(dir);
+  trainer_state ts = read_trainer_state(dir);
+  const nn::llama_config saved = read_hf_config(dir / config_file_name);
+  const std::string diff = architecture_difference(saved, cfg);
+  require(diff.empty(), where + " was saved for a different model: " + diff + " (checkpoint vs this run)");
+
+  const auto check_step = [&](const safetensors_file& f) {
+    const auto s = f.metadata("step");
+    require(s && *s == std::to_string(ts.step),
+            where + ": " + f.path().filename().string() + " is from step " + (s ? *s : std::string("(unknown)")) +
+                ", " + state_json_file_name + " from step " + std::to_string(ts.step) +
+                " (a save was interrupted; use an older checkpoint)");
+  };
+  {
+    const safetensors_file mf(dir / model_file_name);
+    check_step(mf);
+  }
+  load_options lo;
+  lo.allow_missing = false;
+  lo.allow_unexpected = false;
+  load_weights(ex, dir / model_file_name, model, lo);
+
+  const safetensors_file sf(dir / state_tensors_file_name);
+  check_step(sf);
+  std::size_t used = 0;
+  if constexpr (!std::is_same_v<std::remove_const_t<States>, no_optimizer_state>) {
+    detail::ckpt::for_each_parameter(model, [&](const std::string& name, auto, std::size_t index) {
+      auto& state = detail::ckpt::state_for(states, name, index);
+      for_each_state_tensor(state, [&](const std::string& sname, auto v) {
+        const std::string tname = name + "." + sname;
+        const st_tensor* t = sf.find(tname);
+        require(t != nullptr, where + ": " + state_tensors_file_name + " has no optimizer state tensor '" + tname +
+                                  "' (expected shape " + to_string(v.shape()) +
+                                  "; saved with another optimizer?)");
+        detail::ckpt::read_view(sf, *t, ex, v);
+        ++used;
+      });
+    });
+  }
+  require(used == sf.tensors().size(), where + ": " + state_tensors_file_name + " holds " +
+                                           std::to_string(sf.tensors().size()) + " optimizer tensors, this run uses " +
+                                           std::to_string(used) + " (saved with another optimizer?)");
+  return ts;
+}
+
+template <class Exec, class Model>
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg,
+                              Model& model) {
+  no_optimizer_state none;
+  return load_checkpoint(ex, dir, cfg, model, none);
+}
+
+}  // namespace subspace::io

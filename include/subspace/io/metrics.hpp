@@ -1,0 +1,102 @@
+#pragma once
+// metrics_writer: training metrics as JSON Lines — one JSON object per line, flushed as soon as it is written, so
+// a crashed or running job leaves a readable file (scripts/plot_metrics.py draws it).
+//
+// A line holds step, loss, val_loss (only when evaluated), lr, tokens, tok_per_s, wall_s, grad_norm, then any
+// extra numeric fields in the order given. Non-finite values are written as null (JSON has no NaN).
+//
+//   io::metrics_writer m("run/metrics.jsonl");           // truncates; open_mode::append continues a resumed run
+//   m.write({.step = 10, .loss = 2.31, .lr = 3e-4, ...});
+//   m.write(record, {{"mfu", 0.41}});
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "file.hpp"
+#include "json.hpp"
+
+namespace subspace::io {
+
+struct metrics_record {
+  std::int64_t step = 0;
+  double loss = 0;
+  std::optional<double> val_loss;  // written only when set
+  double lr = 0;
+  std::int64_t tokens = 0;         // training tokens consumed so far
+  double tok_per_s = 0;
+  double wall_s = 0;               // seconds since the start of the run
+  double grad_norm = 0;            // before clipping
+};
+
+class metrics_writer {
+ public:
+  enum class open_mode { truncate, append };
+
+  explicit metrics_writer(const std::filesystem::path& path, open_mode mode = open_mode::truncate) : path_(path) {
+    ensure_directory(path.parent_path());
+    file_ = std::fopen(path.c_str(), mode == open_mode::append ? "ab" : "wb");
+    require(file_ != nullptr, "metrics_writer: cannot open " + detail::quoted(path) + " for writing: " +
+                                  detail::sys_reason(errno));
+  }
+  metrics_writer(const metrics_writer&) = delete;
+  metrics_writer& operator=(const metrics_writer&) = delete;
+  ~metrics_writer() {
+    if (file_) std::fclose(file_);
+  }
+
+  const std::filesystem::path& path() const { return path_; }
+
+  /// Writes one line: the record's fields, then `extra` (name, value) pairs; flushes.
+  void write(const metrics_record& r, const std::vector<std::pair<std::string, double>>& extra = {}) {
+    json j = json::object({{"step", json(r.step)}, {"loss", json(r.loss)}});
+    if (r.val_loss) j.set("val_loss", json(*r.val_loss));
+    j.set("lr", json(r.lr));
+    j.set("tokens", json(r.tokens));
+    j.set("tok_per_s", json(r.tok_per_s));
+    j.set("wall_s", json(r.wall_s));
+    j.set("grad_norm", json(r.grad_norm));
+    for (const auto& [k, v] : extra) {
+      require(!j.contains(k), "metrics_writer: extra field \"" + k + "\" repeats a field of the line");
+      j.set(k, json(v));
+    }
+    write(j);
+  }
+  /// Writes any JSON object as one line; flushes.
+  void write(const json& object) {
+    require(object.is_object(), "metrics_writer: a line must be a JSON object");
+    const std::string line = object.dump() + "\n";
+    const bool ok = std::fwrite(line.data(), 1, line.size(), file_) == line.size() && std::fflush(file_) == 0;
+    require(ok, "metrics_writer: writing " + detail::quoted(path_) + " failed: " + detail::sys_reason(errno));
+  }
+
+ private:
+  std::filesystem::path path_;
+  std::FILE* file_ = nullptr;
+};
+
+/// Every line of a JSON Lines file as a JSON value (blank lines skipped); errors name the file and line.
+inline std::vector<json> read_jsonl(const std::filesystem::path& path) {
+  const std::string text = read_text(path, "JSON Lines file");
+  std::vector<json> out;
+  std::size_t at = 0, line = 0;
+  while (at < text.size()) {
+    const std::size_t eol = std::min(text.find('\n', at), text.size());
+    ++line;
+    const std::string_view s(text.data() + at, eol - at);
+    at = eol + 1;
+    if (s.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    out.push_back(json::parse(s, detail::quoted(path) + " line " + std::to_string(line)));
+  }
+  return out;
+}
+
+}  // namespace subspace::io

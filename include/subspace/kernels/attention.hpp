@@ -1,0 +1,254 @@
+#pragma once
+// Grouped-query scaled-dot-product attention with a causal mask on global positions (docs/llama-kernels.md):
+//
+//   attention_forward(ex, q[B,S,Hq,hd], k[B,Skv,Hkv,hd], v[B,Skv,Hkv,hd], out[B,S,Hq,hd], lse[B,Hq,S], params)
+//   attention_backward(ex, q, k, v, out, lse, dout, dq, dk, dv, params)        dq, dk, dv overwritten
+//
+// Query head h reads KV head h / (Hq / Hkv). Query row i sits at global position q_pos0 + i, key j at kv_pos0 + j;
+// with params.causal, row i sees key j when q_pos0 + i >= kv_pos0 + j. For each row
+//
+//   s_j = scale * q_i . k_j  (visible j),   lse_i = log sum_j exp(s_j),   out_i = sum_j exp(s_j - lse_i) v_j
+//
+// and a row that sees no key gets out = 0 and lse = -inf (its gradients are 0). The backward pass recomputes
+// p_ij = exp(s_ij - lse_i) from the lse it is given and uses D_i = dout_i . out_i, so it also works on one KV block
+// when out and lse are the merged results over several blocks (context parallelism): the gradients of block b
+// are then exactly block b's share of the full attention's gradients. Two blocks' results merge as
+//
+//   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
+//
+// Host (this file): the readable reference, templated on the element type T (float, double, bf16, fp16; compute
+// in A = accum_t<T>, lse in A), any strides; (batch, head) pairs are spread over at most ex.concurrency() threads,
+// and the result does not depend on the thread count. CUDA (detail/cuda/attention.cuh): bf16 q/k/v/out/dout/dq/
+// dk/dv, fp32 lse and fp32 math, head dims 16, 32, 64 and 128, a fused flash-attention-style kernel for each pass.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/tensor.hpp"
+
+namespace subspace {
+
+/// What attention computes besides its operands: the score scale (usually 1/sqrt(hd)), whether the causal mask
+/// applies, and the global positions of query row 0 and key 0 that the mask compares.
+struct attention_params {
+  float scale;
+  bool causal = true;
+  std::int64_t q_pos0 = 0, kv_pos0 = 0;
+};
+
+namespace detail::attention {
+
+/// The sizes of one attention call, checked.
+struct dims {
+  std::int64_t batch = 0, seq = 0, seq_kv = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  std::int64_t group() const { return heads / kv_heads; }
+};
+
+/// Throws invalid_argument "<op>: <name> has shape [..], expected [..]" unless v has shape `want`.
+template <class V>
+void require_shape(const V& v, const shape& want, const char* op, const char* name) {
+  require(v.shape() == want, std::string(op) + ": " + name + " has shape " + to_string(v.shape()) + ", expected " +
+                                 to_string(want));
+}
+
+/// Checks q, k, v, lse and the parameters (the callers check their other operands with require_shape); returns the
+/// sizes.
+template <class VQ, class VK, class VV, class VL>
+dims check(const char* op, const VQ& q, const VK& k, const VV& v, const VL& lse, const attention_params& p) {
+  require(q.rank() == 4, std::string(op) + ": q must have rank 4 [B, S, Hq, hd], got shape " + to_string(q.shape()));
+  require(k.rank() == 4,
+          std::string(op) + ": k must have rank 4 [B, Skv, Hkv, hd], got shape " + to_string(k.shape()));
+  dims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  require(k.dim(0) == d.batch && k.dim(3) == d.head_dim,
+          std::string(op) + ": k has shape " + to_string(k.shape()) + " but q has shape " + to_string(q.shape()) +
+              " (batch and head dim must agree)");
+  require(d.kv_heads > 0 && d.heads % d.kv_heads == 0,
+          std::string(op) + ": the query heads (" + std::to_string(d.heads) + ", q " + to_string(q.shape()) +
+              ") must be a positive multiple of the KV heads (" + std::to_string(d.kv_heads) + ", k " +
+              to_string(k.shape()) + ")");
+  require_shape(v, k.shape(), op, "v");
+  require_shape(lse, shape{d.batch, d.heads, d.seq}, op, "lse [B, Hq, S]");
+  require(std::isfinite(p.scale), std::string(op) + ": params.scale must be finite");
+  return d;
+}
+
+/// Runs f(task) for task in [0, tasks) on at most `threads` threads (the calling thread included); rethrows the
+/// first exception. Each task is independent, so the results do not depend on the thread count.
+template <class F>
+void parallel_for(int threads, std::int64_t tasks, double flops, F&& f) {
+  const std::int64_t by_work = std::max<std::int64_t>(1, std::int64_t(flops / 4.0e6));  // >= ~4 MFLOP a thread
+  const int n = int(std::max<std::int64_t>(1, std::min({std::int64_t(threads), tasks, by_work})));
+  std::atomic<std::int64_t> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto work = [&] {
+    try {
+      for (std::int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
+    } catch (...) {
+      const std::lock_guard lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next.store(tasks);
+    }
+  };
+  {
+    std::vector<std::jthread> helpers;
+    helpers.reserve(std::size_t(n - 1));
+    for (int t = 1; t < n; ++t) helpers.emplace_back(work);
+    work();
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+/// The keys [0, visible_keys(i)) are the ones query row i may see.
+inline std::int64_t visible_keys(const dims& d, const attention_params& p, std::int64_t i) {
+  if (!p.causal) return d.seq_kv;
+  const std::int64_t last = p.q_pos0 + i - p.kv_pos0;  // the last visible key index
+  return std::clamp<std::int64_t>(last + 1, 0, d.seq_kv);
+}
+
+/// Row (b, s, h) of a [B, S, H, hd] view and the stride between its elements.
+template <class V>
+auto row(const V& x, std::int64_t b, std::int64_t s, std::int64_t h) {
+  return x.data() + b * x.stride(0) + s * x.stride(1) + h * x.stride(2);
+}
+
+template <class A, class X, class Y>
+A dot(const X* x, std::int64_t sx, const Y* y, std::int64_t sy, std::int64_t n) {
+  A s = 0;
+  for (std::int64_t e = 0; e < n; ++e) s += A(x[e * sx]) * A(y[e * sy]);
+  return s;
+}
+
+}  // namespace detail::attention
+
+/// out = softmax(scale * q k^T, masked) v and lse = the rows' log-sum-exp, on the host (see the top of the file).
+template <class Q>
+  requires is_element_v<std::remove_const_t<Q>>
+void attention_forward(const exec::host& ex, view<Q, host_space> q,
+                       view<const std::remove_const_t<Q>, host_space> k,
+                       view<const std::remove_const_t<Q>, host_space> v, view<std::remove_const_t<Q>, host_space> out,
+                       view<accum_t<std::remove_const_t<Q>>, host_space> lse, const attention_params& p) {
+  using T = std::remove_const_t<Q>;
+  using A = accum_t<T>;
+  namespace at = detail::attention;
+  const at::dims d = at::check("attention_forward", q, k, v, lse, p);
+  at::require_shape(out, q.shape(), "attention_forward", "out");
+  const std::int64_t hd = d.head_dim, sd = q.stride(3), kd = k.stride(3), vd = v.stride(3), od = out.stride(3);
+  const double flops = 4.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
+
+  at::parallel_for(ex.concurrency(), d.batch * d.heads, flops, [&](std::int64_t task) {
+    const std::int64_t b = task / d.heads, h = task % d.heads, hk = h / d.group();
+    std::vector<A> score(static_cast<std::size_t>(d.seq_kv)), acc(static_cast<std::size_t>(hd));
+    for (std::int64_t i = 0; i < d.seq; ++i) {
+      const T* qi = at::row(q, b, i, h);
+      T* oi = at::row(out, b, i, h);
+      const std::int64_t n = at::visible_keys(d, p, i);
+      if (n == 0) {  // sees no key
+        for (std::int64_t e = 0; e < hd; ++e) oi[e * od] = T(0.0f);
+        lse(b, h, i) = -std::numeric_limits<A>::infinity();
+        continue;
+      }
+      A m = -std::numeric_limits<A>::infinity();
+      for (std::int64_t j = 0; j < n; ++j) {
+        score[std::size_t(j)] = A(p.scale) * at::dot<A>(qi, sd, at::row(k, b, j, hk), kd, hd);
+        m = std::max(m, score[std::size_t(j)]);
+      }
+      A sum = 0;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (std::int64_t j = 0; j < n; ++j) {
+        const A w = std::exp(score[std::size_t(j)] - m);
+        sum += w;
+        const T* vj = at::row(v, b, j, hk);
+        for (std::int64_t e = 0; e < hd; ++e) acc[std::size_t(e)] += w * A(vj[e * vd]);
+      }
+      for (std::int64_t e = 0; e < hd; ++e) oi[e * od] = convert<T>(acc[std::size_t(e)] / sum);
+      lse(b, h, i) = m + std::log(sum);
+    }
+  });
+}
+
+/// dq, dk, dv (overwritten) of attention_forward given dout, from the out and lse passed in (see the top).
+template <class Q>
+  requires is_element_v<std::remove_const_t<Q>>
+void attention_backward(const exec::host& ex, view<Q, host_space> q,
+                        view<const std::remove_const_t<Q>, host_space> k,
+                        view<const std::remove_const_t<Q>, host_space> v,
+                        view<const std::remove_const_t<Q>, host_space> out,
+                        view<const accum_t<std::remove_const_t<Q>>, host_space> lse,
+                        view<const std::remove_const_t<Q>, host_space> dout,
+                        view<std::remove_const_t<Q>, host_space> dq, view<std::remove_const_t<Q>, host_space> dk,
+                        view<std::remove_const_t<Q>, host_space> dv, const attention_params& p) {
+  using T = std::remove_const_t<Q>;
+  using A = accum_t<T>;
+  namespace at = detail::attention;
+  const char* op = "attention_backward";
+  const at::dims d = at::check(op, q, k, v, lse, p);
+  at::require_shape(out, q.shape(), op, "out");
+  at::require_shape(dout, q.shape(), op, "dout");
+  at::require_shape(dq, q.shape(), op, "dq");
+  at::require_shape(dk, k.shape(), op, "dk");
+  at::require_shape(dv, k.shape(), op, "dv");
+  const std::int64_t hd = d.head_dim, G = d.group();
+  const double flops = 10.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
+
+  // One task per (batch, KV head): it owns dk and dv of that head and dq of the query heads that share it.
+  at::parallel_for(ex.concurrency(), d.batch * d.kv_heads, flops, [&](std::int64_t task) {
+    const std::int64_t b = task / d.kv_heads, hk = task % d.kv_heads;
+    std::vector<A> dk_acc(std::size_t(d.seq_kv * hd), A(0)), dv_acc(std::size_t(d.seq_kv * hd), A(0));
+    std::vector<A> dq_acc(static_cast<std::size_t>(hd));
+    for (std::int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      for (std::int64_t i = 0; i < d.seq; ++i) {
+        const T* qi = at::row(q, b, i, h);
+        const T* doi = at::row(dout, b, i, h);
+        T* dqi = at::row(dq, b, i, h);
+        const A l = lse(b, h, i);
+        const std::int64_t n = at::visible_keys(d, p, i);
+        std::fill(dq_acc.begin(), dq_acc.end(), A(0));
+        if (n > 0 && l != -std::numeric_limits<A>::infinity()) {
+          const A D = at::dot<A>(doi, dout.stride(3), at::row(out, b, i, h), out.stride(3), hd);
+          for (std::int64_t j = 0; j < n; ++j) {
+            const T* kj = at::row(k, b, j, hk);
+            const T* vj = at::row(v, b, j, hk);
+            const A pij = std::exp(A(p.scale) * at::dot<A>(qi, q.stride(3), kj, k.stride(3), hd) - l);
+            const A dp = at::dot<A>(doi, dout.stride(3), vj, v.stride(3), hd);
+            const A ds = pij * (dp - D);  // d loss / d s_ij
+            A* dkj = dk_acc.data() + j * hd;
+            A* dvj = dv_acc.data() + j * hd;
+            for (std::int64_t e = 0; e < hd; ++e) {
+              dq_acc[std::size_t(e)] += ds * A(kj[e * k.stride(3)]);
+              dkj[e] += ds * A(qi[e * q.stride(3)]);
+              dvj[e] += pij * A(doi[e * dout.stride(3)]);
+            }
+          }
+        }
+        for (std::int64_t e = 0; e < hd; ++e) dqi[e * dq.stride(3)] = convert<T>(A(p.scale) * dq_acc[std::size_t(e)]);
+      }
+    }
+    for (std::int64_t j = 0; j < d.seq_kv; ++j) {
+      T* dkj = at::row(dk, b, j, hk);
+      T* dvj = at::row(dv, b, j, hk);
+      for (std::int64_t e = 0; e < hd; ++e) {
+        dkj[e * dk.stride(3)] = convert<T>(A(p.scale) * dk_acc[std::size_t(j * hd + e)]);
+        dvj[e * dv.stride(3)] = convert<T>(dv_acc[std::size_t(j * hd + e)]);
+      }
+    }
+  });
+}
+
+}  // namespace subspace
+
+#if defined(__CUDACC__)
+#include "detail/cuda/attention.cuh"
+#endif

@@ -1,0 +1,115 @@
+#pragma once
+// SwiGLU (docs/llama-kernels.md), element by element over [N, f]:
+//
+//   swiglu_forward(ex, gate, up, h)                    h = silu(gate) * up,  silu(g) = g * sigmoid(g)
+//   swiglu_backward(ex, gate, up, dh, dgate, dup)      dgate = dh * up * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+//                                                      dup   = dh * silu(g)                    (both overwritten)
+//
+// Every element is computed in accum_t<T> from its own inputs and rounded to T once, so the outputs may alias
+// the inputs (h may be gate or up; dgate may be gate, dup may be up), which lets a caller overwrite the saved
+// activations with their gradients. Host: the reference, on the calling thread. CUDA (detail/cuda/swiglu.cuh):
+// a grid-stride loop with 16-byte vector access when the pointers allow.
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/config.hpp"
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/tensor.hpp"
+#include "detail/layer_checks.hpp"
+
+namespace subspace {
+
+namespace detail::swiglu {
+
+SUBSPACE_HD inline float exp_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+SUBSPACE_HD inline double exp_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <class A>
+SUBSPACE_HD inline A sigmoid(A g) {
+  return A(1) / (A(1) + exp_of(-g));
+}
+
+/// h = silu(g) * u.
+struct forward_op {
+  template <class A>
+  SUBSPACE_HD A operator()(A g, A u) const {
+    return g * sigmoid(g) * u;
+  }
+};
+
+/// (dgate, dup) of one element.
+struct backward_op {
+  template <class A>
+  SUBSPACE_HD void operator()(A g, A u, A dh, A& dg, A& du) const {
+    const A s = sigmoid(g);
+    dg = dh * u * s * (A(1) + g * (A(1) - s));
+    du = dh * g * s;
+  }
+};
+
+/// Shapes and layouts shared by both executors: every operand is [N, f] like gate, and contiguous.
+template <class Gate, class... Rows>
+void check(const char* op, const Gate& gate, const detail::layer::operand<Rows>&... rows) {
+  namespace L = detail::layer;
+  L::require_rank(gate, 2, op, "gate");
+  L::require_contiguous(gate, op, "gate");
+  L::require_all(gate.shape(), op, rows...);
+}
+
+}  // namespace detail::swiglu
+
+/// h = silu(gate) * up, element by element (h may alias gate or up).
+template <class T>
+  requires is_element_v<T>
+void swiglu_forward(const exec::host&, std::type_identity_t<view<const T, host_space>> gate,
+                    std::type_identity_t<view<const T, host_space>> up, view<T, host_space> h) {
+  using A = accum_t<T>;
+  namespace S = detail::swiglu;
+  namespace L = detail::layer;
+  S::check("swiglu_forward", gate, L::operand{up, "up"}, L::operand{h, "h"});
+  const std::int64_t n = gate.numel();
+  for (std::int64_t i = 0; i < n; ++i) h.data()[i] = convert<T>(S::forward_op{}(A(gate.data()[i]), A(up.data()[i])));
+}
+
+/// dgate and dup from dh (overwritten; dgate may alias gate and dup may alias up).
+template <class T>
+  requires is_element_v<T>
+void swiglu_backward(const exec::host&, std::type_identity_t<view<const T, host_space>> gate,
+                     std::type_identity_t<view<const T, host_space>> up,
+                     std::type_identity_t<view<const T, host_space>> dh, view<T, host_space> dgate,
+                     std::type_identity_t<view<T, host_space>> dup) {
+  using A = accum_t<T>;
+  namespace S = detail::swiglu;
+  namespace L = detail::layer;
+  S::check("swiglu_backward", gate, L::operand{up, "up"}, L::operand{dh, "dh"}, L::operand{dgate, "dgate"},
+           L::operand{dup, "dup"});
+  const std::int64_t n = gate.numel();
+  for (std::int64_t i = 0; i < n; ++i) {
+    A dg, du;
+    S::backward_op{}(A(gate.data()[i]), A(up.data()[i]), A(dh.data()[i]), dg, du);
+    dgate.data()[i] = convert<T>(dg);
+    dup.data()[i] = convert<T>(du);
+  }
+}
+
+}  // namespace subspace
+
+#if defined(__CUDACC__)
+#include "detail/cuda/swiglu.cuh"
+#endif

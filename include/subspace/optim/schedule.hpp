@@ -1,0 +1,106 @@
+#pragma once
+// Training-schedule utilities: the learning-rate schedule and global gradient-norm clipping.
+//
+// lr_schedule, for the 1-based optimizer step t (step_context::step):
+//   warmup   t <= warmup_steps:        peak_lr * t / warmup_steps              (linear from peak/warmup to peak)
+//   decay    warmup_steps < t <= total: with r = (t - warmup_steps) / (total_steps - warmup_steps) in (0, 1]
+//              cosine:   min_lr + (peak_lr - min_lr) * (1 + cos(pi r)) / 2
+//              linear:   peak_lr - (peak_lr - min_lr) * r
+//              constant: peak_lr
+//   after    t > total_steps:          min_lr (peak_lr for constant)
+// So the first step runs at peak/warmup, step warmup_steps at the peak, and step total_steps at min_lr.
+//
+// clip_grad_norm(ex, grads, max_norm): the global L2 norm over every gradient view (squared_norm per view,
+// summed in double); when max_norm > 0 and the norm exceeds it, every gradient is scaled by
+// max_norm / (norm + 1e-6) (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping. A non-finite
+// norm leaves the gradients untouched (the caller decides whether to skip the step).
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "../core/error.hpp"
+#include "../kernels/elementwise.hpp"
+#include "../kernels/reduce.hpp"
+
+namespace subspace::optim {
+
+enum class decay_kind { cosine, linear, constant };
+
+namespace detail {
+/// The shortest decimal form of x that reads back as the same float ("0.001", "3e-05"), for messages.
+inline std::string show(float x) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
+}  // namespace detail
+
+inline const char* name_of(decay_kind d) {
+  switch (d) {
+    case decay_kind::cosine: return "cosine";
+    case decay_kind::linear: return "linear";
+    case decay_kind::constant: return "constant";
+  }
+  return "?";
+}
+/// "cosine", "linear" or "constant"; invalid_argument listing them otherwise.
+inline decay_kind parse_decay(std::string_view s) {
+  if (s == "cosine") return decay_kind::cosine;
+  if (s == "linear") return decay_kind::linear;
+  if (s == "constant") return decay_kind::constant;
+  throw invalid_argument("lr schedule: unknown decay '" + std::string(s) + "' (expected cosine, linear or constant)");
+}
+
+struct lr_schedule {
+  float peak_lr = 3e-4f;
+  float min_lr = 3e-5f;
+  std::int64_t warmup_steps = 0;
+  std::int64_t total_steps = 1;
+  decay_kind decay = decay_kind::cosine;
+
+  /// Throws invalid_argument naming the field and the expected range.
+  void validate() const {
+    const auto need = [](bool ok, const std::string& what) { require(ok, "lr schedule: " + what); };
+    need(std::isfinite(peak_lr) && peak_lr > 0, "peak_lr must be a positive number, got " + detail::show(peak_lr));
+    need(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= peak_lr,
+         "min_lr must lie in [0, peak_lr = " + detail::show(peak_lr) + "], got " + detail::show(min_lr));
+    need(total_steps >= 1, "total_steps must be >= 1, got " + std::to_string(total_steps));
+    need(warmup_steps >= 0 && warmup_steps <= total_steps, "warmup_steps must lie in [0, total_steps = " +
+                                                               std::to_string(total_steps) + "], got " +
+                                                               std::to_string(warmup_steps));
+  }
+
+  /// The learning rate of 1-based optimizer step `step`.
+  float at(std::int64_t step) const {
+    validate();
+    require(step >= 1, "lr schedule: steps are 1-based, got " + std::to_string(step));
+    const double peak = peak_lr, lo = min_lr;
+    if (step <= warmup_steps) return float(peak * double(step) / double(warmup_steps));
+    if (decay == decay_kind::constant) return peak_lr;
+    if (step >= total_steps) return min_lr;
+    const double r = double(step - warmup_steps) / double(total_steps - warmup_steps);
+    if (decay == decay_kind::linear) return float(peak - (peak - lo) * r);
+    return float(lo + (peak - lo) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * r)));
+  }
+};
+
+/// The global L2 norm of `grads` (a range of views in the executor's memory space) before clipping; scales them
+/// to max_norm when it is exceeded (max_norm <= 0: no clipping). See the top of this file.
+template <class Exec, class Range>
+double clip_grad_norm(const Exec& ex, const Range& grads, double max_norm) {
+  require(!std::isnan(max_norm), "clip_grad_norm: max_norm is NaN (expected a number; <= 0 disables clipping)");
+  double total = 0;
+  for (const auto& g : grads) total += double(subspace::squared_norm(ex, g));
+  const double norm = std::sqrt(total);
+  if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) {
+    const float factor = float(max_norm / (norm + 1e-6));
+    for (const auto& g : grads) subspace::scale(ex, factor, g);
+  }
+  return norm;
+}
+
+}  // namespace subspace::optim
