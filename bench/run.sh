@@ -18,9 +18,15 @@ echo "== build (cuda preset, commit $commit)"
 
 echo "== tests"
 ctest --preset cuda -j 8 -LE gpu --output-on-failure >"$out/ctest.log" 2>&1 || status=1
-# The GPU suite directly (its per-case lines land in the log); bounded, so a hung collective cannot stall the run.
-NCCL_NVLS_ENABLE=0 timeout 900 build/cuda/tests/subspace_cuda_tests >"$out/gpu_suite.log" 2>&1 || status=1
-tail -n 4 "$out/gpu_suite.log"; grep -E "tests passed|tests failed|Skipped|Failed" "$out/ctest.log" | tail -n 12
+# The GPU suite one test file at a time, each bounded, so a hang in one cannot hide the results of the others.
+: >"$out/gpu_suite.log"
+for src in tests/cuda/test_*.cu; do
+  name="$(basename "$src")"
+  NCCL_NVLS_ENABLE=0 timeout 300 build/cuda/tests/subspace_cuda_tests -sf="*$name" >>"$out/gpu_suite.log" 2>&1
+  rc=$?
+  [ $rc -eq 0 ] || { status=1; echo "GPU suite: $name exited $rc" | tee -a "$out/gpu_suite.log"; }
+done
+grep -E "test cases:" "$out/gpu_suite.log"; grep -E "tests passed|tests failed|Skipped|Failed" "$out/ctest.log" | tail -n 12
 
 echo "== main job on CUDA"
 build/cuda/examples/primitives_demo --device cuda >"$out/main_job.log" 2>&1 || status=1
