@@ -540,8 +540,27 @@ class nccl {
     ncclComm_t sub = nullptr;
     const ncclResult_t r = ncclCommSplit(st.comm, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &sub, &config);
     detail::nccl_check(r, "ncclCommSplit", st.comm);
-    st.settle(st.comm, r, "split(" + std::to_string(color) + ", " + std::to_string(key) + ") (ncclCommSplit)");
-    if (sub == nullptr) return nccl{};
+    const std::string what = "split(" + std::to_string(color) + ", " + std::to_string(key) + ") (ncclCommSplit)";
+    st.settle(st.comm, r, what);
+    if (color < 0) return nccl{};
+    // Non-blocking mode: NCCL's init thread stores the new communicator into `sub` only when the split job
+    // finishes (an atomic store from another thread), which may be after ncclCommSplit returned and even after
+    // the parent reports ncclSuccess. Wait for it (polling the parent drives the group job) before using it.
+    {
+      const auto deadline = std::chrono::steady_clock::now() + st.timeout;
+      while (__atomic_load_n(&sub, __ATOMIC_ACQUIRE) == nullptr) {
+        if (std::chrono::steady_clock::now() > deadline) {
+          const std::string m = "comm::nccl: " + st.who() + ": " + what + " did not deliver the new communicator within " +
+                                detail::nccl_seconds(st.timeout) + "; the communicator was aborted";
+          st.abort(m);
+          throw timeout_error(m);
+        }
+        ncclResult_t a = ncclSuccess;
+        ncclCommGetAsyncError(st.comm, &a);
+        if (a != ncclSuccess && a != ncclInProgress) st.settle(st.comm, a, what);  // throws
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
     auto child = std::make_shared<detail::nccl_state>();
     child->comm = sub;
     child->device = st.device;

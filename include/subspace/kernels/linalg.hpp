@@ -19,7 +19,7 @@
 // to high relative accuracy. Both are O(rows * cols^2) per pass and meant for the matrices an optimizer
 // factorises (projectors, gradients of one layer), not for huge ones.
 // CUDA (detail/cuda/linalg.cuh, under nvcc): cuSOLVER, geqrf + orgqr in double for orthonormalize and gesvdj in
-// fp32 for svd.
+// fp64 (widened on the device, rounded once to fp32) for svd.
 
 #include <algorithm>
 #include <cmath>

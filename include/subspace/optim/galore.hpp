@@ -13,7 +13,7 @@
 //   * the side by shape: m >= n projects on the right (P r x n, moments m x r), m < n on the left (P m x r,
 //     moments r x n); see optim/projector.hpp.
 //   * every refresh_period (tau) steps of the matrix, starting at its first, P is recomputed from the SVD of that
-//     step's gradient (host: Jacobi in double; CUDA: cuSOLVER gesvdj in fp32). The moments are kept as they are
+//     step's gradient (host: Jacobi in double; CUDA: cuSOLVER gesvdj in fp64). The moments are kept as they are
 //     (galore_torch), or with reproject_moments the first moment is mapped into the new basis (M <- M P_old
 //     P_new^T on the right, (P_new^T P_old) M on the left); V is never transformed.
 //   * then Adam in the projected space with GaLore's eps placement and the matrix's own bias-correction counter

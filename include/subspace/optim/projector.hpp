@@ -146,7 +146,7 @@ void golore_projector(const Exec& ex, const projection& p, std::uint64_t seed, s
 
 /// P <- GaLore's projector from the gradient G (rows x cols): the top-r right singular vectors as rows (right
 /// side) or left singular vectors as columns (left side). Any executor (host: Jacobi in double; CUDA: gesvdj in
-/// fp32 on float or bf16 G).
+/// fp64 on float or bf16 G, rounded to fp32).
 template <class Exec, class G, class T>
 void galore_projector(const Exec& ex, const projection& p, view<G, space_of_t<Exec>> grad,
                       view<T, space_of_t<Exec>> P) {

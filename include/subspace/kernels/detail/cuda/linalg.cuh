@@ -6,11 +6,13 @@
 // into q, rounded to q's element type. In double, so Q agrees with the host's Householder Q to double rounding
 // before the final rounding to fp32.
 //
-// svd: a row-major a (m x n) is the column-major a^T (n x m), which cusolverDnSgesvdj (Jacobi, fp32, economy
-// size) factorises as a^T = U' S V'^T, so a = V' S U'^T: a's U is V' and a's V is U'. One block per requested
-// singular pair then finds the sign (the convention of kernels/linalg.hpp) and writes s, u and vt in the
-// caller's layout. The Jacobi method computes small singular vectors to high relative accuracy in fp32, which
-// an eigen-decomposition of the Gram matrix a^T a would not.
+// svd: a row-major a (m x n) is the column-major a^T (n x m); it is widened on the device to a column-major
+// double n x m matrix, which cusolverDnDgesvdj (Jacobi, fp64, economy size, tolerance = double machine accuracy,
+// up to 100 sweeps) factorises as a^T = U' S V'^T, so a = V' S U'^T: a's U is V' and a's V is U'. One block per
+// requested singular pair then finds the sign (the convention of kernels/linalg.hpp) in double and writes s, u
+// and vt in the caller's layout, rounded once to fp32. In fp32 gesvdj stops at ~1e-5 relative accuracy (singular
+// values and orthonormality), far from the host's fp64 Jacobi; in fp64 the only error left is the final rounding
+// (~1e-7). GaLore refreshes only every tau steps, so the fp64 cost is small.
 //
 // Resources: one cuSOLVER handle (and one gesvdj parameter object) per (device, stream), created on first use
 // and kept for the life of the process. Neither call synchronizes the stream: cuSOLVER's `info` outputs stay on
@@ -103,6 +105,8 @@ inline solver& solver_for(cudaStream_t stream) {
     cusolver_check(cusolverDnSetStream(s.handle, stream));
     cusolver_check(cusolverDnCreateGesvdjInfo(&s.gesvdj));
     cusolver_check(cusolverDnXgesvdjSetSortEig(s.gesvdj, 1));  // descending singular values (the default, pinned)
+    cusolver_check(cusolverDnXgesvdjSetTolerance(s.gesvdj, 0.0));  // 0: machine accuracy of the precision (fp64)
+    cusolver_check(cusolverDnXgesvdjSetMaxSweeps(s.gesvdj, 100));
     it = solvers.emplace(key, s).first;
   }
   return it->second;
@@ -174,31 +178,31 @@ inline constexpr int svd_threads = 256;
 /// Finds the sign from the shorter-side vector (vr when m >= n) and writes s[j], u(:, j), vt(j, :) where wanted.
 template <class T>
 __global__ void __launch_bounds__(svd_threads)
-    write_svd(const float* sigma, const float* vl, const float* vr, std::int64_t m, std::int64_t n, T* s,
+    write_svd(const double* sigma, const double* vl, const double* vr, std::int64_t m, std::int64_t n, T* s,
               std::int64_t s_count, std::int64_t s_stride, T* u, std::int64_t u_cols, std::int64_t u_s0,
               std::int64_t u_s1, T* vt, std::int64_t vt_rows, std::int64_t vt_s0, std::int64_t vt_s1) {
   const std::int64_t j = blockIdx.x;
   const bool tall = m >= n;
-  const float* shortv = tall ? vr + j * n : vl + j * m;
+  const double* shortv = tall ? vr + j * n : vl + j * m;
   const std::int64_t len = tall ? n : m;
   // argmax |x| over the short vector; ties go to the lower index (as the host's first-maximum scan).
-  float best = -1.0f;
+  double best = -1.0;
   std::int64_t best_i = 0;
   for (std::int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    const float a = fabsf(shortv[i]);
+    const double a = fabs(shortv[i]);
     if (a > best) {
       best = a;
       best_i = i;
     }
   }
-  __shared__ float s_best[svd_threads];
+  __shared__ double s_best[svd_threads];
   __shared__ std::int64_t s_idx[svd_threads];
   s_best[threadIdx.x] = best;
   s_idx[threadIdx.x] = best_i;
   __syncthreads();
   for (int half = blockDim.x / 2; half > 0; half /= 2) {
     if (int(threadIdx.x) < half) {
-      const float ob = s_best[threadIdx.x + half];
+      const double ob = s_best[threadIdx.x + half];
       const std::int64_t oi = s_idx[threadIdx.x + half];
       if (ob > s_best[threadIdx.x] || (ob == s_best[threadIdx.x] && oi < s_idx[threadIdx.x])) {
         s_best[threadIdx.x] = ob;
@@ -207,12 +211,12 @@ __global__ void __launch_bounds__(svd_threads)
     }
     __syncthreads();
   }
-  const float sign = shortv[s_idx[0]] < 0.0f ? -1.0f : 1.0f;
-  if (threadIdx.x == 0 && j < s_count) s[j * s_stride] = T(sigma[j]);
+  const double sign = shortv[s_idx[0]] < 0.0 ? -1.0 : 1.0;
+  if (threadIdx.x == 0 && j < s_count) s[j * s_stride] = convert<T>(sigma[j]);
   if (j < u_cols)
-    for (std::int64_t i = threadIdx.x; i < m; i += blockDim.x) u[i * u_s0 + j * u_s1] = T(sign * vl[j * m + i]);
+    for (std::int64_t i = threadIdx.x; i < m; i += blockDim.x) u[i * u_s0 + j * u_s1] = convert<T>(sign * vl[j * m + i]);
   if (j < vt_rows)
-    for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) vt[j * vt_s0 + i * vt_s1] = T(sign * vr[j * n + i]);
+    for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) vt[j * vt_s0 + i * vt_s1] = convert<T>(sign * vr[j * n + i]);
 }
 
 }  // namespace cuda_detail::linalg
@@ -234,7 +238,7 @@ void orthonormalize(const exec::cuda& ex, view<TA, device_space> a, view<TQ, dev
   la::orthonormalize_colmajor(ex, w.ptr, rows, cols, q);
 }
 
-/// Thin SVD of a (m x n, float or bf16, contiguous) on ex.stream with cuSOLVER's gesvdj in fp32; outputs and
+/// Thin SVD of a (m x n, float or bf16, contiguous) on ex.stream with cuSOLVER's gesvdj in fp64; outputs and
 /// sign convention as the host svd in kernels/linalg.hpp (s, u, vt float views, any strides, empty = skipped).
 template <class TA, class T>
   requires((std::is_same_v<std::remove_const_t<TA>, float> || std::is_same_v<std::remove_const_t<TA>, bf16>) &&
@@ -251,23 +255,21 @@ void svd(const exec::cuda& ex, view<TA, device_space> a, view<T, device_space> s
   const int mi = la::as_int(m, "svd (CUDA): rows"), ni = la::as_int(n, "svd (CUDA): cols");
   la::as_int(m * n, "svd (CUDA): elements");
 
-  // at = a^T as a column-major n x m matrix: the same bytes as row-major a, widened to fp32 (gesvdj overwrites it).
-  detail::scratch<exec::cuda, float> at(ex, {m, n});
-  if constexpr (std::is_same_v<A, float>)
-    cuda_check(cudaMemcpyAsync(at.ptr, a.data(), std::size_t(m * n) * sizeof(float), cudaMemcpyDeviceToDevice,
-                               ex.stream));
-  else
-    cast(ex, view<const A, device_space>(a), at.v());
-  detail::scratch<exec::cuda, float> sigma(ex, {k}), ur(ex, {k, n}), vl(ex, {k, m});  // ur: a's V, vl: a's U
+  // at = a^T as a column-major n x m matrix (at(i, j) = a(j, i)), widened to fp64 (gesvdj overwrites it).
+  detail::scratch<exec::cuda, double> at(ex, {m, n});
+  la::to_colmajor_double<<<cuda_detail::grid_for(m * n), cuda_detail::block_threads, 0, ex.stream>>>(
+      static_cast<const A*>(a.data()), a.stride(1), a.stride(0), n, m, at.ptr);
+  cuda_check_launch();
+  detail::scratch<exec::cuda, double> sigma(ex, {k}), ur(ex, {k, n}), vl(ex, {k, m});  // ur: a's V, vl: a's U
   detail::scratch<exec::cuda, int> info(ex, {1});
 
   la::solver& sv = la::solver_for(ex.stream);
   cusolver_check(cusolverDnSetStream(sv.handle, ex.stream));
   int lwork = 0;
-  cusolver_check(cusolverDnSgesvdj_bufferSize(sv.handle, CUSOLVER_EIG_MODE_VECTOR, 1, ni, mi, at.ptr, ni, sigma.ptr,
+  cusolver_check(cusolverDnDgesvdj_bufferSize(sv.handle, CUSOLVER_EIG_MODE_VECTOR, 1, ni, mi, at.ptr, ni, sigma.ptr,
                                               ur.ptr, ni, vl.ptr, mi, &lwork, sv.gesvdj));
-  detail::scratch<exec::cuda, float> work(ex, {std::int64_t(std::max(lwork, 1))});
-  cusolver_check(cusolverDnSgesvdj(sv.handle, CUSOLVER_EIG_MODE_VECTOR, 1, ni, mi, at.ptr, ni, sigma.ptr, ur.ptr, ni,
+  detail::scratch<exec::cuda, double> work(ex, {std::int64_t(std::max(lwork, 1))});
+  cusolver_check(cusolverDnDgesvdj(sv.handle, CUSOLVER_EIG_MODE_VECTOR, 1, ni, mi, at.ptr, ni, sigma.ptr, ur.ptr, ni,
                                    vl.ptr, mi, work.ptr, int(work.dims.numel()), info.ptr, sv.gesvdj));
   la::write_svd<<<unsigned(pairs), la::svd_threads, 0, ex.stream>>>(
       sigma.ptr, vl.ptr, ur.ptr, m, n, s.data(), s.data() ? s.dim(0) : 0, s.data() ? s.stride(0) : 0, u.data(),
