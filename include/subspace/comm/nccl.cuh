@@ -128,6 +128,10 @@ struct nccl_state {
   float* barrier_value = nullptr;
   bool aborted = false;
   std::string abort_reason;
+  // Where ncclCommSplit's non-blocking job stores the new communicator (NCCL_COMM_NULL for a negative color). The
+  // job writes it from NCCL's thread when it finishes, possibly after split() has returned (a negative color
+  // waits for nothing): so the slot lives on the heap, owned by the parent, never on split()'s stack.
+  std::vector<std::unique_ptr<ncclComm_t>> split_slots;
 
   nccl_state() = default;
   nccl_state(const nccl_state&) = delete;
@@ -537,18 +541,19 @@ class nccl {
     cuda_check(cudaSetDevice(st.device));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    ncclComm_t sub = nullptr;
-    const ncclResult_t r = ncclCommSplit(st.comm, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &sub, &config);
+    st.split_slots.push_back(std::make_unique<ncclComm_t>(nullptr));
+    ncclComm_t* const slot = st.split_slots.back().get();
+    const ncclResult_t r = ncclCommSplit(st.comm, color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, slot, &config);
     detail::nccl_check(r, "ncclCommSplit", st.comm);
     const std::string what = "split(" + std::to_string(color) + ", " + std::to_string(key) + ") (ncclCommSplit)";
     st.settle(st.comm, r, what);
     if (color < 0) return nccl{};
-    // Non-blocking mode: NCCL's init thread stores the new communicator into `sub` only when the split job
+    // Non-blocking mode: NCCL's init thread stores the new communicator into `*slot` only when the split job
     // finishes (an atomic store from another thread), which may be after ncclCommSplit returned and even after
     // the parent reports ncclSuccess. Wait for it (polling the parent drives the group job) before using it.
     {
       const auto deadline = std::chrono::steady_clock::now() + st.timeout;
-      while (__atomic_load_n(&sub, __ATOMIC_ACQUIRE) == nullptr) {
+      while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) == nullptr) {
         if (std::chrono::steady_clock::now() > deadline) {
           const std::string m = "comm::nccl: " + st.who() + ": " + what + " did not deliver the new communicator within " +
                                 detail::nccl_seconds(st.timeout) + "; the communicator was aborted";
@@ -561,6 +566,7 @@ class nccl {
         std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
     }
+    ncclComm_t const sub = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
     auto child = std::make_shared<detail::nccl_state>();
     child->comm = sub;
     child->device = st.device;
