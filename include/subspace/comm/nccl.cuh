@@ -171,9 +171,12 @@ struct nccl_state {
            (size == 1 ? " rank)" : " ranks)");
   }
 
-  /// Polls a non-blocking call's communicator until it leaves ncclInProgress; aborts after the timeout.
+  /// Polls a non-blocking call's communicator until it leaves ncclInProgress; aborts after the timeout. The
+  /// communicator's state is polled even when the call itself returned ncclSuccess: NCCL may still have marked
+  /// it in progress (a split's job, a group), and the next call on it would fail with ncclInvalidArgument.
   void settle(ncclComm_t c, ncclResult_t r, const std::string& what) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
+    if (r == ncclSuccess && c != nullptr) ncclCommGetAsyncError(c, &r);
     while (r == ncclInProgress) {
       if (std::chrono::steady_clock::now() > deadline) {
         const std::string m = "comm::nccl: " + who() + ": " + what + " did not finish within " +
@@ -354,8 +357,10 @@ class nccl {
     config.blocking = 0;
     ncclComm_t comm = nullptr;
     const ncclResult_t r = ncclCommInitRankConfig(&comm, li.world_size, id, li.rank, &config);
-    detail::nccl_check(r, "ncclCommInitRankConfig", comm);
     st->comm = comm;
+    if (r != ncclSuccess && r != ncclInProgress) st->aborted = true;  // nothing to finalize
+    if (r != ncclSuccess && r != ncclInProgress && comm != nullptr) ncclCommAbort(comm);
+    detail::nccl_check(r, "ncclCommInitRankConfig");
     st->settle(comm, r, "joining the communicator (ncclCommInitRankConfig)");
 
     if (options.stream != nullptr) {
@@ -522,7 +527,7 @@ class nccl {
       throw aborted_error(m);
     }
     for (auto& [owner, op] : g.ops)
-      if (owner.get() != &st) owner->settle(owner->comm, ncclInProgress, "a group of operations (ncclGroupEnd)");
+      if (owner.get() != &st) owner->settle(owner->comm, r, "a group of operations (ncclGroupEnd)");
     st.settle(st.comm, r, "a group of operations (ncclGroupEnd)");
     if (g.depth == 0) {
       for (auto& [owner, op] : g.ops) {
@@ -672,8 +677,20 @@ class nccl {
   template <class F>
   request issue(const std::shared_ptr<detail::nccl_pending>& op, F&& call) {
     detail::nccl_state& st = *state_;
+    // The communicator must be out of ncclInProgress before the next call on it.
+    st.settle(st.comm, ncclSuccess, "the operation before " + op->what);
     const ncclResult_t r = call();
-    detail::nccl_check(r, op->what.c_str(), st.comm);
+    if (r != ncclSuccess && r != ncclInProgress) {
+      // Leave no NCCL group open behind the exception: it would poison every later call on this thread.
+      detail::nccl_group_state& g = detail::nccl_group();
+      for (; g.depth > 0; --g.depth) (void)ncclGroupEnd();
+      g.ops.clear();
+      const char* last = ncclGetLastError(st.comm);
+      const std::string m = "comm::nccl: " + st.who() + ": " + op->what + " failed: " + ncclGetErrorString(r) +
+                            (last != nullptr && *last != '\0' ? std::string(" (") + last + ")" : std::string());
+      st.abort(m);
+      throw aborted_error(m);
+    }
     st.settle(st.comm, r, op->what);
     cuda_check(cudaEventCreateWithFlags(&op->event, cudaEventDisableTiming));
     if (detail::nccl_group().depth > 0) {
