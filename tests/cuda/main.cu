@@ -6,6 +6,8 @@
 #include <cstdio>
 
 int main(int argc, char** argv) {
+  // Line-buffered, so a log cut short by a timeout ends at the test that was really running.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   int devices = 0;
   const cudaError_t status = cudaGetDeviceCount(&devices);
   if (status != cudaSuccess || devices == 0) {
