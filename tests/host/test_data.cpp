@@ -20,27 +20,14 @@
 #include <subspace/data/tokenizer.hpp>
 #include <subspace/data/tokens.hpp>
 
+#include "support/scratch_dir.hpp"
+
 using namespace subspace;
 namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under the system's temp directory, removed with everything in it at scope exit.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("subspace-test-data-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
-            std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
-};
+using testing::scratch_dir;
 
 doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
 

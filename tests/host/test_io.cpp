@@ -26,6 +26,7 @@
 #include <subspace/optim/adamw.hpp>
 
 #include "support/numeric.hpp"
+#include "support/scratch_dir.hpp"
 
 using namespace subspace;
 using io::json;
@@ -33,29 +34,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under the system's temp directory, removed with everything in it at scope exit.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("subspace-test-io-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
-            std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
-  /// Names in the directory (to check that no temporary file is left behind).
-  std::vector<std::string> listing() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-};
+using testing::scratch_dir;
 
 /// A doctest matcher for a message containing `s`.
 doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
