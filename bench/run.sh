@@ -1,42 +1,106 @@
 #!/usr/bin/env bash
 # On a GPU machine: builds the cuda preset, runs the whole test suite (GPU suite included), the main job on
-# CUDA, and every benchmark. Logs and JSON results go to OUTDIR (default bench/results); copy the JSON you
-# keep into bench/results/ and commit it.
+# CUDA, every benchmark, and the PyTorch reference of the Llama step. Logs and JSON results go to OUTDIR (default
+# bench/results); copy the JSON you keep into bench/results/ and commit it.
 #
 #   bash bench/run.sh [OUTDIR]            # SUBSPACE_COMMIT=<sha> names the measured commit when .git is absent
+#   SUBSPACE_BENCH_ONLY="llama_step torch" bash bench/run.sh      # only some phases (default: all, in this order)
+#
+# Phases: tests (ctest without the gpu label), gpu (the GPU suite, one test file at a time), main (the main job on
+# CUDA), hf (tests/hf: our checkpoints against transformers), gemm, attention, comm, llama_step (the benchmarks),
+# torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
+# (bench/galore_60m: AdamW vs GaLore vs GoLore@20% on Llama-60M; SUBSPACE_GALORE_STEPS steps, default 1500).
+# The build covers only the targets the chosen phases need (all of them when `tests` is chosen; none for `torch`
+# alone).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)"
-SUBSPACE_PRESET=cuda source scripts/setup.sh || exit 1
 commit="${SUBSPACE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 jobs="$(nproc 2>/dev/null || echo 4)"
 status=0
 
-echo "== build (cuda preset, commit $commit)"
-{ cmake --preset cuda >/dev/null && cmake --build --preset cuda -j "$jobs"; } >"$out/build.log" 2>&1 ||
-  { tail -n 60 "$out/build.log"; exit 1; }
-
-echo "== tests"
-ctest --preset cuda -j 8 -LE gpu --output-on-failure >"$out/ctest.log" 2>&1 || status=1
-# The GPU suite one test file at a time, each bounded, so a hang in one cannot hide the results of the others.
-: >"$out/gpu_suite.log"
-for src in tests/cuda/test_*.cu; do
-  name="$(basename "$src")"
-  NCCL_NVLS_ENABLE=0 timeout 300 build/cuda/tests/subspace_cuda_tests -sf="*$name" >>"$out/gpu_suite.log" 2>&1
-  rc=$?
-  [ $rc -eq 0 ] || { status=1; echo "GPU suite: $name exited $rc" | tee -a "$out/gpu_suite.log"; }
+all_phases="tests gpu main hf gemm attention comm llama_step torch galore60m"
+read -r -a chosen <<<"${SUBSPACE_BENCH_ONLY:-$all_phases}"
+for p in "${chosen[@]}"; do
+  [[ " $all_phases " == *" $p "* ]] ||
+    { echo "SUBSPACE_BENCH_ONLY: unknown phase '$p' (phases: $all_phases)" >&2; exit 2; }
 done
-grep -E "test cases:" "$out/gpu_suite.log"; grep -E "tests passed|tests failed|Skipped|Failed" "$out/ctest.log" | tail -n 12
+want() { [[ " ${chosen[*]} " == *" $1 "* ]]; }
 
-echo "== main job on CUDA"
-build/cuda/examples/primitives_demo --device cuda >"$out/main_job.log" 2>&1 || status=1
-tail -n 3 "$out/main_job.log"
+# run_logged LOG SECONDS LINES COMMAND...: runs COMMAND bounded by SECONDS, its output teed to LOG in $out and its
+# last LINES lines shown; a failure or a timeout sets status.
+run_logged() {
+  local log="$1" limit="$2" lines="$3" rc
+  shift 3
+  timeout "$limit" "$@" 2>&1 | tee "$out/$log" | tail -n "$lines"
+  rc=$?
+  [ $rc -eq 0 ] || { status=1; echo "${log%.log} exited $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit} s")"; }
+}
 
-echo "== benchmarks"
-build/cuda/bench/bench_gemm --commit "$commit" --out "$out/gemm.json" 2>&1 | tee "$out/bench_gemm.log" | tail -n 12 ||
-  status=1
-build/cuda/bench/bench_attention --commit "$commit" --out "$out/attention.json" 2>&1 | tee "$out/bench_attention.log" |
-  tail -n 12 || status=1
-NCCL_NVLS_ENABLE=0 build/cuda/bench/bench_comm --commit "$commit" --out "$out/comm.json" 2>&1 | tee "$out/bench_comm.log" |
-  tail -n 16 || status=1
+# The build: every target when the tests run, else the executables of the chosen phases.
+targets=()
+if ! want tests; then
+  want gpu && targets+=(subspace_cuda_tests)
+  { want main || want galore60m; } && targets+=(train_llama)
+  want hf && targets+=(llama_eval)
+  for b in gemm attention comm llama_step; do want "$b" && targets+=("bench_$b"); done
+fi
+if want tests || [ "${#targets[@]}" -gt 0 ]; then
+  SUBSPACE_PRESET=cuda source scripts/setup.sh || exit 1
+  echo "== build (cuda preset, commit $commit${targets[*]:+, targets ${targets[*]}})"
+  build=(cmake --build --preset cuda -j "$jobs")
+  [ "${#targets[@]}" -gt 0 ] && build+=(--target "${targets[@]}")
+  { cmake --preset cuda >/dev/null && "${build[@]}"; } >"$out/build.log" 2>&1 ||
+    { tail -n 60 "$out/build.log"; exit 1; }
+fi
+
+if want tests; then
+  echo "== tests"
+  ctest --preset cuda -j 8 -LE gpu --output-on-failure >"$out/ctest.log" 2>&1 || status=1
+  grep -E "tests passed|tests failed|Skipped|Failed" "$out/ctest.log" | tail -n 12
+fi
+
+if want gpu; then
+  echo "== GPU suite"
+  # One test file at a time, each bounded, so a hang in one cannot hide the results of the others.
+  : >"$out/gpu_suite.log"
+  for src in tests/cuda/test_*.cu; do
+    name="$(basename "$src")"
+    NCCL_NVLS_ENABLE=0 timeout 300 build/cuda/tests/subspace_cuda_tests -sf="*$name" >>"$out/gpu_suite.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || { status=1; echo "GPU suite: $name exited $rc" | tee -a "$out/gpu_suite.log"; }
+  done
+  grep -E "test cases:" "$out/gpu_suite.log"
+fi
+
+# The default corpus needs a Debian package a GPU machine may lack: fall back to the Genesis text of the tests.
+corpus=()
+[ -e /usr/lib/bible.data ] || corpus=(--text tests/data/kjv_genesis.txt)
+
+want main && { echo "== main job on CUDA (train_llama)"; run_logged main_job.log 600 8 \
+  build/cuda/examples/train_llama --device cuda "${corpus[@]}" --metrics "$out/main_job.jsonl"; }
+want hf && { echo "== Hugging Face transformers check"; run_logged hf_check.log 600 14 \
+  bash tests/hf/run.sh build/cuda/examples/llama_eval; }
+
+want gemm && { echo "== bench_gemm"; run_logged bench_gemm.log 900 12 \
+  build/cuda/bench/bench_gemm --commit "$commit" --out "$out/gemm.json"; }
+want attention && { echo "== bench_attention"; run_logged bench_attention.log 900 12 \
+  build/cuda/bench/bench_attention --commit "$commit" --out "$out/attention.json"; }
+want comm && { echo "== bench_comm"; run_logged bench_comm.log 900 16 \
+  env NCCL_NVLS_ENABLE=0 build/cuda/bench/bench_comm --commit "$commit" --out "$out/comm.json"; }
+want llama_step && { echo "== bench_llama_step"; run_logged bench_llama_step.log 900 12 \
+  build/cuda/bench/bench_llama_step --commit "$commit" --out "$out/llama_step.json"; }
+
+if want torch; then
+  if python3 -c 'import torch' 2>/dev/null; then
+    echo "== PyTorch reference of the Llama step (eager and torch.compile)"
+    run_logged llama_step_torch.log 1800 8 \
+      python3 bench/llama_step/torch_reference.py --commit "$commit" --out "$out/llama_step_torch.json"
+  else
+    echo "== PyTorch reference: skipped (python3 cannot import torch)"
+  fi
+fi
+want galore60m && { echo "== Llama-60M: AdamW vs GaLore vs GoLore@20%"; run_logged galore_60m.log 1200 6 \
+  bash bench/galore_60m/run.sh build/cuda/examples/train_llama "$out/galore_60m.json" "$commit" \
+  "${SUBSPACE_GALORE_STEPS:-1500}"; }
 exit $status

@@ -37,6 +37,7 @@
 #include "optim/schedule.hpp"
 
 #include "nn/config.hpp"
+#include "nn/generate.hpp"
 #include "nn/llama.hpp"
 
 #include "data/loader.hpp"
@@ -48,3 +49,5 @@
 #include "io/hf_config.hpp"
 #include "io/metrics.hpp"
 #include "io/safetensors.hpp"
+
+#include "train/trainer.hpp"

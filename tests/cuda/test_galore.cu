@@ -311,11 +311,11 @@ void compare_steps(const O& opt, const optim::param_info& info, std::uint64_t se
     if (st_h.projected()) {
       REQUIRE(st_d.projected());
       CHECK(st_d.steps == st_h.steps);
-      CHECK(st_d.source == st_h.source);
+      CHECK(st_d.source() == st_h.source());
       const auto p = to_host(dev, st_d.p.v());
       const double p_err = max_abs_diff(p, st_h.p, &at);
       CAPTURE(head(p, st_h.p, at));
-      CHECK(p_err <= (st_h.source == optim::projector_source::random ? 1e-5 : 1e-4));
+      CHECK(p_err <= (st_h.source() == optim::projector_source::random ? 1e-5 : 1e-4));
       const auto m = to_host(dev, st_d.m.v()), v = to_host(dev, st_d.v.v());
       CHECK(testing::rel_error(m, st_h.m) <= 1e-3);
       CHECK(testing::rel_error(v, st_h.v) <= 1e-3);

@@ -562,7 +562,7 @@ TEST_CASE("GoLore@x%: the source switches at the first refresh with s >= (1 - x/
   CHECK(at20.uses_random_projector(8000));
   drive(at35, info, seed, 100, [&](int t, const auto& st, const auto&) {
     CAPTURE(t);
-    CHECK(st.source == (t - 1 >= 70 ? optim::projector_source::random : optim::projector_source::svd));
+    CHECK(st.source() == (t - 1 >= 70 ? optim::projector_source::random : optim::projector_source::svd));
   });
 
   // x = 0 is GaLore with reprojected moments, bit for bit; x = 100 is pure GoLore whatever total_steps says.
@@ -579,7 +579,7 @@ TEST_CASE("GoLore@x%: the source switches at the first refresh with s >= (1 - x/
       .rank = 3, .refresh_period = 10, .random_percent = 100, .total_steps = 25, .seed = 4};
   CHECK(same_bits(final_weights(pure), final_weights(pure_planned)));
   drive(pure, info, seed, 25,
-        [&](int, const auto& st, const auto&) { CHECK(st.source == optim::projector_source::random); });
+        [&](int, const auto& st, const auto&) { CHECK(st.source() == optim::projector_source::random); });
 }
 
 TEST_CASE("moments at a refresh: GaLore keeps M, GaLore(reproject) and GoLore map M into the new basis, V never") {

@@ -40,7 +40,6 @@
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
 #include "../nn/config.hpp"
-#include "../optim/adamw.hpp"
 #include "../optim/concepts.hpp"
 #include "file.hpp"
 #include "hf_config.hpp"
@@ -66,22 +65,14 @@ struct trainer_state {
 };
 
 /// Names the tensors of an optimizer state, for checkpoints: for_each(state, f) calls f(name, view) for each.
-/// Specialise it for a state type, or give the state a member for_each_tensor(f).
+/// A state with a member for_each_tensor(f) (adamw's, galore/golore's) needs nothing more; specialise this for a
+/// state type you cannot change. Views may be in the state's memory space or host int64 scalars (counters).
 template <class State>
 struct state_tensors {
   static_assert(dependent_false<State>,
                 "io::state_tensors<State>: no checkpoint layout for this optimizer state; specialise "
                 "io::state_tensors or give the state a member for_each_tensor(f) calling f(name, view)");
 };
-template <class Space>
-struct state_tensors<optim::adamw::state<Space>> {
-  template <class F>
-  static void for_each(optim::adamw::state<Space>& s, F&& f) {
-    f("exp_avg", s.m.v());
-    f("exp_avg_sq", s.v.v());
-  }
-};
-
 /// No optimizer state (save_checkpoint / load_checkpoint without one).
 struct no_optimizer_state {};
 

@@ -96,6 +96,13 @@ struct adamw {
   template <class Space>
   struct state {
     tensor<float, Space> m, v;
+
+    /// The tensors a checkpoint holds (Hugging Face / PyTorch names).
+    template <class F>
+    void for_each_tensor(F&& f) {
+      f("exp_avg", m.v());
+      f("exp_avg_sq", v.v());
+    }
   };
 
   /// Zeroed moments for a parameter of info.shape, ordered on ex.

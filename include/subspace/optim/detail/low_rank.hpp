@@ -109,10 +109,28 @@ struct low_rank_state {
   tensor<float, Space> p;           // the projector, geometry.projector_shape(), fp32
   std::int64_t steps = 0;           // s: optimizer steps taken on this matrix (refresh when s % period == 0)
   std::uint32_t param_id = 0;       // GoLore's Philox counter word (param_id_of(info.name))
-  projector_source source = projector_source::none;  // of the current projector
-  std::int64_t refreshes = 0;                        // projectors computed so far
+  std::int64_t source_code = 0;     // projector_source of the current projector (an integer: checkpoints hold it)
+  std::int64_t refreshes = 0;       // projectors computed so far
 
   bool projected() const { return !inner.has_value(); }
+  projector_source source() const { return projector_source(source_code); }
+
+  /// Calls f(name, view) for every tensor a checkpoint must hold to continue exactly: Inner's tensors for a
+  /// parameter that is not projected, else the moments, the projector and the counters (host int64 [1] views;
+  /// param_id and the geometry follow from the parameter's name and shape).
+  template <class F>
+  void for_each_tensor(F&& f) {
+    if (inner) {
+      inner->for_each_tensor(f);
+      return;
+    }
+    f("exp_avg", m.v());
+    f("exp_avg_sq", v.v());
+    f("projector", p.v());
+    f("steps", view<std::int64_t, host_space>(&steps, shape{1}));
+    f("refreshes", view<std::int64_t, host_space>(&refreshes, shape{1}));
+    f("projector_source", view<std::int64_t, host_space>(&source_code, shape{1}));
+  }
 };
 
 // --- the element updates -----------------------------------------------------------------------------------------
@@ -350,7 +368,7 @@ void step(const Inner& inner, const low_rank_settings& s, const Exec& ex, view<f
       reproject_first_moment(ex, p, view<const float, S>(st.p.v()), view<const float, S>(fresh.v()), st.m.v());
       st.p = std::move(fresh);
     }
-    st.source = d.random ? projector_source::random : projector_source::svd;
+    st.source_code = std::int64_t(d.random ? projector_source::random : projector_source::svd);
     ++st.refreshes;
   }
   ++st.steps;

@@ -31,6 +31,7 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
 #include "../../attention.hpp"
 
@@ -667,24 +668,6 @@ __global__ void __launch_bounds__(backward_shape<HD>::warps * 32, backward_shape
 
 // ---- Host side ------------------------------------------------------------------------------------------------
 
-/// Device scratch space, allocated and released in stream order.
-class stream_scratch {
- public:
-  stream_scratch(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes) cuda_check(cudaMallocAsync(&ptr_, bytes, stream));
-  }
-  ~stream_scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);  // a destructor must not throw
-  }
-  stream_scratch(const stream_scratch&) = delete;
-  stream_scratch& operator=(const stream_scratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 /// Throws unless the CUDA kernels can address `x` ([.., hd] rows): unit stride in the head dim, the other strides
 /// and the data pointer multiples of 8 elements (16-byte rows).
 template <class V>
@@ -859,7 +842,7 @@ void attention_backward(const exec::cuda& ex, view<Q, device_space> q,
   }
 
   const std::int64_t rows = d.batch * d.heads * d.seq;
-  ca::stream_scratch scratch(std::size_t(rows) * std::size_t(d.head_dim + 1) * sizeof(float), ex.stream);
+  cuda_detail::stream_scratch scratch(std::size_t(rows) * std::size_t(d.head_dim + 1) * sizeof(float), ex.stream);
   ca::backward_params bp{};
   bp.q = ca::raw(q.data());
   bp.k = ca::raw(k.data());

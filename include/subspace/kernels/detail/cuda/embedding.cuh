@@ -66,7 +66,7 @@ __global__ void backward_kernel(const std::int32_t* tokens, const T* dout, float
 template <class Launch>
 void with_token_check(const exec::cuda& ex, const std::int32_t* tokens, std::int64_t vocab, const char* op,
                       Launch launch) {
-  layer::stream_scratch flag(sizeof(unsigned long long), ex.stream);
+  cuda_detail::stream_scratch flag(sizeof(unsigned long long), ex.stream);
   cuda_check(cudaMemsetAsync(flag.as<void>(), 0xff, sizeof(unsigned long long), ex.stream));
   launch(flag.as<unsigned long long>());
   unsigned long long first = no_error;

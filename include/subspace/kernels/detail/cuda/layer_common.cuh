@@ -10,6 +10,7 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
 #include "../../../core/dtype.hpp"
 #include "elementwise.cuh"
@@ -42,27 +43,6 @@ __device__ inline float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
-
-/// Device scratch space allocated and released in stream order (cudaMallocAsync / cudaFreeAsync).
-class stream_scratch {
- public:
-  stream_scratch(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
-    cuda_check(cudaMallocAsync(&ptr_, bytes, stream));
-  }
-  ~stream_scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);  // a destructor must not throw
-  }
-  stream_scratch(const stream_scratch&) = delete;
-  stream_scratch& operator=(const stream_scratch&) = delete;
-  template <class U>
-  U* as() const {
-    return static_cast<U*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
 
 /// Blocks of `warps` warps for a warp-per-row loop over `rows` rows, capped like grid_for.
 inline unsigned grid_for_rows(std::int64_t rows, int warps, std::int64_t cap_per_sm = 8) {

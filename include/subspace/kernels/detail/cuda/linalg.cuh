@@ -60,24 +60,16 @@ inline void cusolver_check(cusolverStatus_t status,
 
 namespace detail {
 
-/// Stream-ordered scratch memory on exec::cuda: allocated with cudaMallocAsync on ex.stream and returned with
-/// cudaFreeAsync on the same stream when it goes out of scope, so work already queued on the stream may still
-/// use it.
+/// Stream-ordered scratch memory on exec::cuda (cuda_detail::stream_scratch): work already queued on ex.stream may
+/// still use it after it goes out of scope.
 template <class T>
 struct scratch<exec::cuda, T> {
-  T* ptr = nullptr;
+  cuda_detail::stream_scratch memory;
   shape dims;
-  cudaStream_t stream = nullptr;
+  T* ptr;
 
-  scratch(const exec::cuda& ex, const shape& s) : dims(s), stream(ex.stream) {
-    if (s.numel() > 0)
-      cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&ptr), std::size_t(s.numel()) * sizeof(T), stream));
-  }
-  ~scratch() {
-    if (ptr) cudaFreeAsync(ptr, stream);  // a destructor must not throw
-  }
-  scratch(const scratch&) = delete;
-  scratch& operator=(const scratch&) = delete;
+  scratch(const exec::cuda& ex, const shape& s)
+      : memory(std::size_t(s.numel()) * sizeof(T), ex.stream), dims(s), ptr(memory.as<T>()) {}
   view<T, device_space> v() { return view<T, device_space>(ptr, dims); }
 };
 

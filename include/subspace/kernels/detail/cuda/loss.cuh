@@ -19,6 +19,7 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
 #include "../../loss.hpp"
 #include "gemm.cuh"
@@ -146,24 +147,6 @@ __global__ void __launch_bounds__(row_threads) softmax_cross_entropy_kernel(floa
   }
 }
 
-/// Device scratch space, allocated and released in stream order.
-class stream_scratch {
- public:
-  stream_scratch(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes) cuda_check(cudaMallocAsync(&ptr_, bytes, stream));
-  }
-  ~stream_scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);  // a destructor must not throw
-  }
-  stream_scratch(const stream_scratch&) = delete;
-  stream_scratch& operator=(const stream_scratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 }  // namespace cuda_detail::loss
 
 /// lm_head_cross_entropy on ex.stream (see loss.hpp): T = bf16 (or float) h, weight and dh; fp32 losses and dweight
@@ -183,7 +166,7 @@ void lm_head_cross_entropy(const exec::cuda& ex, view<H, device_space> h,
   const bool want_dh = dh.data() != nullptr, want_dw = dweight.data() != nullptr, grads = want_dh || want_dw;
   const std::int64_t R = detail::loss::chunk_rows(d, sizeof(float), options);
   require(R <= 0x7fffffff, "lm_head_cross_entropy (CUDA): chunk of more than 2^31 - 1 rows");
-  cl::stream_scratch scratch(std::size_t(R) * std::size_t(d.vocab) * sizeof(float), ex.stream);
+  cuda_detail::stream_scratch scratch(std::size_t(R) * std::size_t(d.vocab) * sizeof(float), ex.stream);
   float* logits = static_cast<float*>(scratch.get());
   const bool vec = d.vocab % 4 == 0;  // the scratch is 256-byte aligned, so rows are 16-byte aligned
 

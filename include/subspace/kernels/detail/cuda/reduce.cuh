@@ -22,6 +22,7 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../reduce.hpp"
 
 namespace subspace {
@@ -54,24 +55,6 @@ struct nan_max {
   }
 };
 
-/// Device scratch space, allocated and released in stream order.
-class stream_buffer {
- public:
-  stream_buffer(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes) cuda_check(cudaMallocAsync(&ptr_, bytes, stream));
-  }
-  ~stream_buffer() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);  // a destructor must not throw
-  }
-  stream_buffer(const stream_buffer&) = delete;
-  stream_buffer& operator=(const stream_buffer&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 /// out[0] = reduce(transform(x[i])) over the contiguous view x, on ex.stream, asynchronously.
 template <class X, class A, class Transform, class Reduce>
 void transform_reduce_into(const exec::cuda& ex, view<X, device_space> x, view<A, device_space> out,
@@ -86,7 +69,8 @@ void transform_reduce_into(const exec::cuda& ex, view<X, device_space> x, view<A
   std::size_t bytes = 0;
   cuda_check(cub::DeviceReduce::TransformReduce(nullptr, bytes, in, out.data(), n, reduce, transform, init,
                                                 ex.stream));
-  stream_buffer scratch(bytes > 0 ? bytes : 1, ex.stream);  // never null: a null pointer means "query the size"
+  // Never null: CUB reads a null pointer as "query the size".
+  cuda_detail::stream_scratch scratch(bytes > 0 ? bytes : 1, ex.stream);
   cuda_check(cub::DeviceReduce::TransformReduce(scratch.get(), bytes, in, out.data(), n, reduce, transform, init,
                                                 ex.stream));
 }
@@ -94,7 +78,7 @@ void transform_reduce_into(const exec::cuda& ex, view<X, device_space> x, view<A
 /// Runs an *_into reduction into a stream-ordered device scalar and returns it (synchronizes ex.stream).
 template <class A, class Into>
 A value_of(const exec::cuda& ex, Into into) {
-  stream_buffer result(sizeof(A), ex.stream);
+  cuda_detail::stream_scratch result(sizeof(A), ex.stream);
   into(view<A, device_space>(static_cast<A*>(result.get()), shape{1}));
   A host = 0;
   cuda_check(cudaMemcpyAsync(&host, result.get(), sizeof(A), cudaMemcpyDeviceToHost, ex.stream));

@@ -1,0 +1,479 @@
+// train_llama: trains a Llama 3 model on one device — the host (fp32, the readable reference) or a CUDA GPU (bf16
+// weights and activations, fp32 masters and optimizer state) — with train::trainer.
+//
+// Data: by default the King James Bible (public domain; Debian bible-kjv-text, installed by scripts/setup.sh),
+// byte-tokenized into llm.c shards once and cached; --text names another plain-text file, --data token shards
+// (llm.c v1/v7 or nanoGPT .bin; a file, glob or directory). Every step prints a progress line; every
+// --eval-every steps the validation loss; --metrics writes one JSON line per step; --checkpoint-dir saves
+// Hugging Face-loadable checkpoints (plus optimizer state for --resume); at the end it prints text samples.
+//
+// This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host and --device cuda).
+#include <subspace/subspace.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <tuple>
+#include <vector>
+
+#include "common/cli.hpp"
+
+namespace {
+
+using namespace subspace;
+namespace fs = std::filesystem;
+
+struct options {
+  // model
+  std::string preset = "tiny";
+  std::int64_t d_model = 0, layers = 0, heads = 0, kv_heads = 0, ffn = 0, vocab = 0;
+  bool tied = false;
+  // data
+  std::string text, data, val_data;
+  double val_fraction = 0.1;
+  bool shuffle = true;
+  // batch and schedule
+  std::int64_t seq = 0, batch = 8, accumulation = 1, steps = 300, stop_at = 0, warmup = 30;
+  float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
+  std::string decay = "cosine";
+  // optimizer
+  std::string optimizer = "adamw";
+  std::int64_t rank = 128, refresh = 200;
+  float galore_scale = 0.25f;
+  double golore_percent = 20.0;
+  // evaluation, checkpoints, output
+  std::int64_t eval_every = 50, eval_batches = 20, checkpoint_every = 0, keep_checkpoints = 2, log_every = 1;
+  std::string checkpoint_dir, resume, init_from, metrics, summary;
+  std::int64_t samples = 2, sample_tokens = 240;
+  std::string prompt = "And God said";
+  float temperature = 0.8f;
+  // execution
+  std::string device = "auto";
+  int threads = 0;
+  std::uint64_t seed = 1;
+  double peak_tflops = 0;
+};
+
+std::string human(double x) {
+  char buf[32];
+  if (x >= 1e9) std::snprintf(buf, sizeof buf, "%.2fG", x / 1e9);
+  else if (x >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", x / 1e6);
+  else if (x >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", x / 1e3);
+  else std::snprintf(buf, sizeof buf, "%.0f", x);
+  return buf;
+}
+
+std::string duration(double s) {
+  char buf[32];
+  const long t = long(std::max(0.0, s) + 0.5);
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, t / 60 % 60);
+  else std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  return buf;
+}
+
+/// The model configuration: the preset with any size flags applied.
+nn::llama_config model_config(const options& o) {
+  nn::llama_config cfg = nn::presets::by_name(o.preset);
+  if (o.d_model) cfg.d_model = o.d_model;
+  if (o.layers) cfg.n_layers = o.layers;
+  if (o.heads) cfg.n_heads = o.heads;
+  if (o.kv_heads) cfg.n_kv_heads = o.kv_heads;
+  if (o.ffn) cfg.ffn_hidden = o.ffn;
+  if (o.vocab) cfg.vocab = o.vocab;
+  if (o.tied) cfg.tied_embeddings = true;
+  if (o.seq > cfg.max_seq) cfg.max_seq = o.seq;
+  cfg.validate();
+  return cfg;
+}
+
+/// Where the training and validation tokens come from.
+struct data_source {
+  std::string train, val;  // token-file specs; val empty: split off the end of train
+  bool bytes = false;      // byte-level tokens (samples decode as text)
+  std::string described;
+};
+
+/// A plain-text file as byte-level shards, converted once into the data cache (keyed by path, size and time).
+data_source text_shards(const fs::path& text, double val_fraction) {
+  const fs::path abs = fs::absolute(text);
+  std::error_code ec;
+  const auto size = fs::file_size(abs, ec);
+  require(!ec, "--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
+  const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
+  const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
+                                                   std::to_string(stamp) + "|" + std::to_string(val_fraction));
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016zx", key);
+  const fs::path dir = data::default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
+  const fs::path done = dir / "done";
+  if (!fs::exists(done)) {
+    std::printf("converting %s (%s bytes) to byte-level shards in %s\n", abs.c_str(), human(double(size)).c_str(),
+                dir.c_str());
+    data::text_to_shards_options to;
+    to.prefix = "text";
+    to.val_fraction = val_fraction;
+    data::text_to_shards({abs}, dir, to);
+    io::atomic_write_text(done, abs.string() + "\n");
+  }
+  return {(dir / "text_train_*.bin").string(), val_fraction > 0 ? (dir / "text_val_*.bin").string() : "", true,
+          abs.string() + " (byte-level)"};
+}
+
+data_source choose_data(const options& o) {
+  if (!o.data.empty()) return {o.data, o.val_data, false, o.data};
+  return text_shards(o.text.empty() ? data::default_corpus_path() : fs::path(o.text), o.val_fraction);
+}
+
+/// The bf16 dense peak of the GPU in TFLOP/s for MFU (0: unknown).
+double peak_tflops_of(const std::string& device) {
+  if (device.find("H100") != std::string::npos && device.find("PCIe") != std::string::npos) return 756.0;
+  if (device.find("H100") != std::string::npos || device.find("H200") != std::string::npos ||
+      device.find("H800") != std::string::npos || device.find("GH200") != std::string::npos)
+    return 989.4;
+  if (device.find("A100") != std::string::npos) return 312.0;
+  return 0.0;
+}
+
+/// Checkpoint directories under `root` ("step_NNNNNNN"), oldest first.
+std::vector<fs::path> checkpoints_in(const fs::path& root) {
+  std::vector<fs::path> out;
+  if (!fs::is_directory(root)) return out;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0 &&
+        fs::exists(e.path() / io::state_json_file_name))
+      out.push_back(e.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+/// --resume names a checkpoint, or a --checkpoint-dir whose latest checkpoint is taken.
+fs::path resolve_resume(const fs::path& p) {
+  if (fs::exists(p / io::state_json_file_name)) return p;
+  const auto all = checkpoints_in(p);
+  require(!all.empty(), "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
+                            ") nor a directory of step_* checkpoints");
+  return all.back();
+}
+
+template <class Optimizer, class Exec>
+int train(const Exec& ex, const options& o, const Optimizer& optimizer, const std::string& device_name) {
+  using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
+  const nn::llama_config cfg = model_config(o);
+  const std::int64_t seq = o.seq ? o.seq : std::min<std::int64_t>(cfg.max_seq, 256);
+  const data_source src = choose_data(o);
+  require(!src.bytes || cfg.vocab >= 256, "--vocab " + std::to_string(cfg.vocab) +
+                                              ": byte-level text needs a vocabulary of at least 256");
+
+  data::token_dataset train_tokens = data::token_dataset::open(src.train), val_tokens;
+  if (!src.val.empty()) val_tokens = data::token_dataset::open(src.val);
+  else std::tie(train_tokens, val_tokens) = train_tokens.split(o.val_fraction);
+  data::loader_options lo{o.batch, seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
+  data::batch_loader train_data(train_tokens, lo);
+  std::optional<data::batch_loader> val_data;
+  if (!val_tokens.empty()) {
+    lo.shuffle = false;
+    lo.name = "val";
+    val_data.emplace(val_tokens, lo);
+  }
+
+  train::trainer_options to;
+  to.accumulation = o.accumulation;
+  to.clip = o.clip;
+  to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
+                 optim::parse_decay(o.decay)};
+  train::trainer t(nn::llama<Exec, T>(cfg, ex), optimizer, to);
+
+  if (!o.resume.empty()) {
+    const fs::path from = resolve_resume(o.resume);
+    const io::trainer_state ts = t.resume(from, train_data);
+    std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
+    if (const io::json* planned = ts.extra.find("steps"); planned && planned->is_int() && planned->as_int() != o.steps)
+      std::printf("note: the learning-rate schedule now ends at step %lld (the checkpoint's run planned %lld)\n",
+                  (long long)o.steps, (long long)planned->as_int());
+  } else if (!o.init_from.empty()) {
+    t.load_weights(o.init_from);
+    std::printf("initial weights from %s\n", o.init_from.c_str());
+  } else {
+    t.init(o.seed);
+  }
+  const std::int64_t first = t.steps_done() + 1;
+  const std::int64_t last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  require(first <= last, "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
+                             ": the checkpoint is already at step " + std::to_string(first - 1));
+
+  const double flop_per_token = cfg.flops_per_token(seq);
+  const double peak = (o.peak_tflops > 0 ? o.peak_tflops : peak_tflops_of(device_name)) * 1e12;
+  const bool on_gpu = !std::is_same_v<Exec, exec::host>;
+  std::printf("model '%s': %s parameters (d %lld, %lld layers, %lld/%lld heads, FFN %lld, vocab %lld)\n",
+              cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
+              (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
+              (long long)cfg.vocab);
+  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(), human(double(train_tokens.tokens())).c_str(),
+              human(double(val_tokens.tokens())).c_str());
+  std::printf("device %s | %s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
+              device_name.c_str(), o.optimizer.c_str(), (long long)o.batch, (long long)seq, (long long)o.accumulation,
+              (long long)(o.batch * seq * o.accumulation), (long long)o.steps);
+  std::printf("optimizer state %s bytes%s\n", human(double(t.optimizer_state_bytes())).c_str(),
+              t.master_bytes() ? (", fp32 masters " + human(double(t.master_bytes())) + " bytes").c_str() : "");
+  std::fflush(stdout);
+
+  std::optional<io::metrics_writer> metrics;
+  if (!o.metrics.empty())
+    metrics.emplace(o.metrics, o.resume.empty() ? io::metrics_writer::open_mode::truncate
+                                                : io::metrics_writer::open_mode::append);
+
+  const auto save = [&](std::int64_t step) {
+    const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
+    t.save(dir, train_data.position(), o.seed,
+           io::json::object({{"device", io::json(device_name)}, {"steps", io::json(o.steps)}}));
+    auto all = checkpoints_in(o.checkpoint_dir);
+    while (o.keep_checkpoints > 0 && std::int64_t(all.size()) > o.keep_checkpoints) {
+      fs::remove_all(all.front());
+      all.erase(all.begin());
+    }
+    std::printf("saved checkpoint %s\n", dir.c_str());
+  };
+
+  const auto start = std::chrono::steady_clock::now();
+  const auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  double last_val = NAN, train_time = 0;
+  std::int64_t timed_tokens = 0;
+  for (std::int64_t step = first; step <= last; ++step) {
+    const double t0 = seconds();
+    const train::step_result r = t.step(train_data);
+    const double dt = seconds() - t0;
+    if (!std::isfinite(r.loss) || r.skipped) {
+      std::fprintf(stderr, "train_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr or "
+                           "--clip); the last checkpoint is kept\n", (long long)step, r.loss, r.grad_norm);
+      return 1;
+    }
+    if (step > first || last == first) {  // the first step includes one-time set-up
+      train_time += dt;
+      timed_tokens += r.tokens;
+    }
+    const double tok_s = timed_tokens > 0 ? double(timed_tokens) / train_time : double(r.tokens) / dt;
+    std::optional<double> val;
+    if (val_data && (step % o.eval_every == 0 || step == last)) val = last_val = t.evaluate(*val_data, o.eval_batches);
+
+    if (step % o.log_every == 0 || step == first || step == last || val) {
+      const double eta = double(last - step) * double(r.tokens) / tok_s;
+      std::string line = "step " + std::to_string(step) + "/" + std::to_string(o.steps);
+      char buf[160];
+      std::snprintf(buf, sizeof buf, " | loss %.4f | lr %.2e | norm %.3f | %s tok/s", r.loss, double(r.lr),
+                    r.grad_norm, human(tok_s).c_str());
+      line += buf;
+      if (on_gpu && peak > 0) {
+        std::snprintf(buf, sizeof buf, " | MFU %.1f%%", 100.0 * flop_per_token * tok_s / peak);
+        line += buf;
+      }
+      if (val) {
+        std::snprintf(buf, sizeof buf, " | val %.4f", *val);
+        line += buf;
+      }
+      line += " | ETA " + duration(eta);
+      std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
+    }
+    if (metrics) {
+      io::metrics_record m{step, r.loss, val, double(r.lr), t.tokens_done(), tok_s, seconds(), r.grad_norm};
+      std::vector<std::pair<std::string, double>> extra{{"step_ms", 1e3 * dt}};
+      if (on_gpu && peak > 0) extra.emplace_back("mfu", flop_per_token * tok_s / peak);
+      metrics->write(m, extra);
+    }
+    if (!o.checkpoint_dir.empty() && o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < last)
+      save(step);
+  }
+  if (!o.checkpoint_dir.empty()) save(t.steps_done());
+  std::printf("done: %lld steps, %s tokens, %s; final val loss %.4f\n", (long long)t.steps_done(),
+              human(double(t.tokens_done())).c_str(), duration(seconds()).c_str(), last_val);
+  if (!o.summary.empty()) {
+    const double tok_s = train_time > 0 ? double(timed_tokens) / train_time : 0.0;
+    io::json j = io::json::object({{"device", io::json(device_name)},
+                                   {"model", io::json(cfg.name)},
+                                   {"parameters", io::json(cfg.parameters())},
+                                   {"optimizer", io::json(o.optimizer)},
+                                   {"steps", io::json(t.steps_done())},
+                                   {"tokens", io::json(t.tokens_done())},
+                                   {"batch", io::json(o.batch)},
+                                   {"seq", io::json(seq)},
+                                   {"accumulation", io::json(o.accumulation)},
+                                   {"lr", io::json(double(o.lr))},
+                                   {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
+                                   {"optimizer_state_bytes", io::json(std::int64_t(t.optimizer_state_bytes()))},
+                                   {"master_bytes", io::json(std::int64_t(t.master_bytes()))},
+                                   {"tok_per_s", io::json(tok_s)},
+                                   {"step_ms", io::json(tok_s > 0 ? 1e3 * double(o.batch * seq * o.accumulation) / tok_s : 0.0)},
+                                   {"wall_s", io::json(seconds())}});
+    if (o.optimizer != "adamw")
+      j.set("subspace", io::json::object({{"rank", io::json(o.rank)},
+                                          {"refresh", io::json(o.refresh)},
+                                          {"scale", io::json(double(o.galore_scale))},
+                                          {"golore_percent", io::json(o.optimizer == "golore" ? o.golore_percent : 0.0)}}));
+    io::atomic_write_text(o.summary, j.dump(2) + "\n");
+  }
+
+  // Samples, from the same prompt with different seeds.
+  if (o.samples > 0 && o.sample_tokens > 0) {
+    const data::byte_tokenizer bytes;
+    const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
+    require(!src.bytes || !prompt.empty(), "--prompt must not be empty");
+    for (std::int64_t i = 0; i < o.samples; ++i) {
+      nn::sampling s;
+      s.temperature = o.temperature;
+      s.seed = o.seed + std::uint64_t(i);
+      const std::vector<std::int32_t> out = nn::generate(t.model(), prompt, o.sample_tokens, s);
+      if (src.bytes) {
+        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+      } else {
+        std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
+        for (const auto id : out) std::printf("%d ", id);
+        std::printf("\n");
+      }
+    }
+  }
+  return 0;
+}
+
+template <class Exec>
+int train_with(const Exec& ex, const options& o, const std::string& device_name) {
+  if (o.optimizer == "adamw") {
+    optim::adamw a;
+    a.weight_decay = o.weight_decay;
+    return train(ex, o, a, device_name);
+  }
+  optim::adamw inner;
+  inner.weight_decay = o.weight_decay;
+  if (o.optimizer == "galore") {
+    optim::galore<> g;
+    g.inner = inner;
+    g.rank = o.rank;
+    g.refresh_period = o.refresh;
+    g.scale = o.galore_scale;
+    return train(ex, o, g, device_name);
+  }
+  optim::golore<> g;
+  g.inner = inner;
+  g.rank = o.rank;
+  g.refresh_period = o.refresh;
+  g.scale = o.galore_scale;
+  g.random_percent = o.golore_percent;
+  g.total_steps = o.steps;
+  g.seed = o.seed;
+  return train(ex, o, g, device_name);
+}
+
+void check(const options& o) {
+  const auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw examples::cli_error(what);
+  };
+  need(o.steps >= 1, "--steps must be >= 1, got " + std::to_string(o.steps));
+  need(o.stop_at >= 0, "--stop-at must be >= 0 (0: run to --steps)");
+  need(o.batch >= 1 && o.accumulation >= 1, "--batch and --accumulation must be >= 1");
+  need(o.seq >= 0, "--seq must be >= 1 (or 0 for the preset's context, at most 256)");
+  need(o.warmup >= 0, "--warmup must be >= 0, got " + std::to_string(o.warmup));
+  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number");
+  need(o.min_lr < 0 || o.min_lr <= o.lr, "--min-lr must not exceed --lr");
+  need(o.eval_every >= 1 && o.eval_batches >= 1 && o.log_every >= 1,
+       "--eval-every, --eval-batches and --log-every must be >= 1");
+  need(o.checkpoint_every >= 0 && o.keep_checkpoints >= 0, "--checkpoint-every and --keep-checkpoints must be >= 0");
+  need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
+  need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
+  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  need(o.rank >= 1 && o.refresh >= 1, "--rank and --refresh must be >= 1");
+  need(o.golore_percent >= 0 && o.golore_percent <= 100, "--golore-percent must lie in [0, 100]");
+  need(o.resume.empty() || o.init_from.empty(), "--resume and --init-from exclude each other");
+  need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
+  need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
+  need(o.threads >= 0, "--threads must be >= 0");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  examples::cli cli("train_llama",
+                    "Trains a Llama 3 model on one device (host fp32, or CUDA bf16 with fp32 masters), printing a "
+                    "progress line\nper step, the validation loss every --eval-every steps and text samples at the "
+                    "end. With no\ndata flags it trains on the King James Bible (Debian bible-kjv-text), "
+                    "byte-tokenized.");
+  const std::string presets = "micro, tiny, 60m, 124m, 1b, 2b";
+  cli.flag("preset", o.preset, "model preset (" + presets + "); the size flags below override it",
+           nn::presets::names())
+      .flag("d-model", o.d_model, "hidden size (0: the preset's)")
+      .flag("layers", o.layers, "transformer layers (0: the preset's)")
+      .flag("heads", o.heads, "attention heads (0: the preset's)")
+      .flag("kv-heads", o.kv_heads, "key/value heads, dividing --heads (0: the preset's)")
+      .flag("ffn", o.ffn, "SwiGLU hidden size (0: the preset's)")
+      .flag("vocab", o.vocab, "vocabulary size, > every token id (0: the preset's; byte-level text needs >= 256)")
+      .flag("tied", o.tied, "tie the LM head to the token embedding")
+      .flag("text", o.text, "plain-text file to train on, byte-tokenized (default: the King James Bible)")
+      .flag("data", o.data, "token files instead of text: llm.c shards or nanoGPT .bin (file, glob or directory)")
+      .flag("val-data", o.val_data, "validation token files for --data (default: the last --val-fraction of --data)")
+      .flag("val-fraction", o.val_fraction, "fraction of the tokens held out for validation")
+      .flag("shuffle", o.shuffle, "visit training windows in a seeded random order per epoch (else in order)")
+      .flag("seq", o.seq, "tokens per sequence (0: the preset's context, at most 256)")
+      .flag("batch", o.batch, "sequences per micro-batch")
+      .flag("accumulation", o.accumulation, "micro-batches per optimizer step (gradient accumulation)")
+      .flag("steps", o.steps, "optimizer steps to train to (a resumed run continues to this step)")
+      .flag("stop-at", o.stop_at, "end this run after this step (saving a checkpoint) while the schedule still "
+            "plans --steps; resume later (0: run to --steps)")
+      .flag("lr", o.lr, "peak learning rate")
+      .flag("min-lr", o.min_lr, "final learning rate of the decay (negative: --lr / 10)")
+      .flag("warmup", o.warmup, "linear warm-up steps")
+      .flag("decay", o.decay, "learning-rate decay after warm-up", {"cosine", "linear", "constant"})
+      .flag("weight-decay", o.weight_decay, "AdamW weight decay, on the projection matrices and an untied LM head")
+      .flag("clip", o.clip, "global gradient-norm clip (<= 0: off)")
+      .flag("optimizer", o.optimizer, "adamw, or AdamW in a low-rank gradient subspace: GaLore (SVD) or GoLore@x%",
+            {"adamw", "galore", "golore"})
+      .flag("rank", o.rank, "GaLore/GoLore projection rank r")
+      .flag("refresh", o.refresh, "GaLore/GoLore projector refresh period (steps)")
+      .flag("galore-scale", o.galore_scale, "GaLore/GoLore update scale alpha")
+      .flag("golore-percent", o.golore_percent, "GoLore@x%: the last x% of steps use random projectors")
+      .flag("eval-every", o.eval_every, "validation loss every N steps (and at the end)")
+      .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
+      .flag("checkpoint-dir", o.checkpoint_dir, "save checkpoints to DIR/step_NNNNNNNNN (and at the end)")
+      .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
+      .flag("keep-checkpoints", o.keep_checkpoints, "keep the newest N checkpoints (0: all)")
+      .flag("resume", o.resume, "continue exactly from a checkpoint (or the newest one in a --checkpoint-dir)")
+      .flag("init-from", o.init_from, "initial weights from a checkpoint or Hugging Face Llama directory")
+      .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
+      .flag("metrics", o.metrics, "write one JSON line per step to this file (appended to on --resume)")
+      .flag("summary", o.summary, "write a JSON summary of the run here at the end (val loss, memory, speed)")
+      .flag("samples", o.samples, "text samples to print at the end")
+      .flag("sample-tokens", o.sample_tokens, "tokens per sample")
+      .flag("prompt", o.prompt, "prompt of the samples")
+      .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
+      .flag("device", o.device, "where to train: auto picks cuda when a GPU is present", {"auto", "host", "cuda"})
+      .flag("threads", o.threads, "host worker threads (0: all cores)")
+      .flag("seed", o.seed, "seed of the initial weights, the data order, GoLore and the samples")
+      .flag("peak-tflops", o.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the device name)");
+  try {
+    if (!cli.parse(argc, argv)) return 0;
+    check(o);
+#if defined(__CUDACC__)
+    int devices = 0;
+    const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+    if (o.device == "cuda" && !have_gpu) throw examples::cli_error("--device cuda: no CUDA device is present");
+    if (o.device == "cuda" || (o.device == "auto" && have_gpu)) {
+      cudaDeviceProp prop{};
+      cuda_check(cudaGetDeviceProperties(&prop, 0));
+      return train_with(exec::cuda{}, o, prop.name);
+    }
+#else
+    if (o.device == "cuda")
+      throw examples::cli_error("--device cuda: this build has no CUDA path (configure with the cuda preset)");
+#endif
+    return train_with(exec::host{o.threads}, o, "host");
+  } catch (const examples::cli_error& e) {
+    std::fprintf(stderr, "train_llama: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_llama: error: %s\n", e.what());
+    return 1;
+  }
+}
