@@ -9,7 +9,7 @@
 # Phases: tests (ctest without the gpu label), gpu (the GPU suite, one test file at a time), main (the main job on
 # CUDA), hf (tests/hf: our checkpoints against transformers), gemm, attention, comm, llama_step (the benchmarks),
 # torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
-# (bench/galore_60m: AdamW vs GaLore vs GoLore@20% on Llama-60M; SUBSPACE_GALORE_STEPS steps, default 1500).
+# (bench/galore_60m: AdamW vs GaLore vs GoLore@20% on Llama-60M; SUBSPACE_GALORE_STEPS steps, default 1000).
 # The build covers only the targets the chosen phases need (all of them when `tests` is chosen; none for `torch`
 # alone).
 set -uo pipefail
@@ -102,5 +102,5 @@ if want torch; then
 fi
 want galore60m && { echo "== Llama-60M: AdamW vs GaLore vs GoLore@20%"; run_logged galore_60m.log 1200 6 \
   bash bench/galore_60m/run.sh build/cuda/examples/train_llama "$out/galore_60m.json" "$commit" \
-  "${SUBSPACE_GALORE_STEPS:-1500}"; }
+  "${SUBSPACE_GALORE_STEPS:-1000}"; }
 exit $status
