@@ -418,3 +418,49 @@ TEST_CASE("llama: bad batches are rejected with clear messages") {
   msg = message([&] { m.evaluate(data.tok(), other.tgt()); });
   CHECK(msg.find("targets have shape [2, 3]") != std::string::npos);
 }
+
+TEST_CASE("llama: backward's ready hook reports parameter ranges in reverse storage order, each already final") {
+  for (const bool tied : {false, true}) {
+    CAPTURE(tied);
+    auto cfg = nn::presets::micro();
+    cfg.tied_embeddings = tied;
+    nn::llama<exec::host, double> model(cfg);
+    model.init(testing::fresh_seed());
+    const batch data(2, 8, cfg.vocab, testing::fresh_seed());
+    model.zero_grad();
+    model.forward(data.tok(), data.tgt());
+
+    const std::size_t count = model.parameter_specs().size();
+    const auto flat = model.flat_grads();
+    REQUIRE(flat.numel() == model.parameter_offset(count));
+    std::vector<std::size_t> calls;
+    std::vector<std::vector<double>> seen;  // the gradients of each reported range, at the time of the call
+    std::size_t end = count;
+    model.backward([&](std::size_t first) {
+      REQUIRE(first < end);
+      calls.push_back(first);
+      const std::int64_t a = model.parameter_offset(first), b = model.parameter_offset(end);
+      seen.emplace_back(flat.data() + a, flat.data() + b);
+      end = first;
+    });
+    const std::size_t L = std::size_t(cfg.n_layers);
+    std::vector<std::size_t> expected{1 + 9 * L};
+    for (std::size_t l = L; l-- > 0;) expected.push_back(1 + 9 * l);
+    expected.push_back(0);
+    CHECK(calls == expected);
+    end = count;
+    for (std::size_t c = 0; c < calls.size(); ++c) {
+      const std::int64_t a = model.parameter_offset(calls[c]), b = model.parameter_offset(end);
+      CHECK(std::vector<double>(flat.data() + a, flat.data() + b) == seen[c]);
+      end = calls[c];
+    }
+    // Padding between tensors is zero in values and gradients.
+    const auto values = model.flat_values();
+    for (std::size_t i = 0; i < count; ++i)
+      for (std::int64_t j = model.parameter_offset(i) + model.parameter_specs()[i].shape.numel();
+           j < model.parameter_offset(i + 1); ++j) {
+        REQUIRE(values.data()[j] == 0.0);
+        REQUIRE(flat.data()[j] == 0.0);
+      }
+  }
+}

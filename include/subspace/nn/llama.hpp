@@ -306,17 +306,18 @@ class llama {
       : cfg_(cfg), ex_(ex), specs_(llama_parameter_specs(cfg)) {
     // Parameters: one allocation of T, one of G, each tensor padded to 256 bytes.
     constexpr std::int64_t pad = 128;  // elements: 256 bytes of bf16, more for wider types
-    std::vector<std::int64_t> offsets;
     std::int64_t total = 0;
     for (const auto& s : specs_) {
-      offsets.push_back(total);
+      offsets_.push_back(total);
       total += (s.shape.numel() + pad - 1) / pad * pad;
     }
+    offsets_.push_back(total);
     values_ = tensor<T, space>(shape{total});
     grads_ = tensor<grad_type, space>(shape{total});
+    fill(ex_, values_.v(), T(0.0f));  // the padding stays zero: flat ranges of values are safe to communicate
     for (std::size_t i = 0; i < specs_.size(); ++i)
-      params_.push_back(param{view<T, space>(values_.data() + offsets[i], specs_[i].shape),
-                              view<grad_type, space>(grads_.data() + offsets[i], specs_[i].shape)});
+      params_.push_back(param{view<T, space>(values_.data() + offsets_[i], specs_[i].shape),
+                              view<grad_type, space>(grads_.data() + offsets_[i], specs_[i].shape)});
     zero_grad();
 
     std::size_t next = 0;
@@ -358,6 +359,13 @@ class llama {
     for (const auto& s : specs_) n += s.shape.numel();
     return n;
   }
+  /// Every parameter value / gradient as one flat view (HF order, each tensor padded to 256 bytes; the padding is
+  /// zero): distributed trainers communicate contiguous ranges of them.
+  view<T, space> flat_values() { return values_.v(); }
+  view<grad_type, space> flat_grads() { return grads_.v(); }
+  /// Where parameter i starts in the flat views; parameter_offset(parameter count) is their length.
+  std::int64_t parameter_offset(std::size_t i) const { return offsets_.at(i); }
+
   /// Bytes of the activation allocation for the current (batch, sequence); 0 before the first call.
   std::size_t activation_bytes() const { return std::size_t(arena_.numel()); }
 
@@ -408,14 +416,31 @@ class llama {
 
   /// Accumulates into every gradient the gradient of loss_scale · loss of the last forward().
   void backward() {
+    backward([](std::size_t) {});
+  }
+
+  /// backward(), calling ready(first) each time the gradients of parameters [first, previous first) are complete
+  /// (parameter indices in for_each_parameter order; the first call's range ends at the parameter count). The
+  /// order is the reverse of the storage order: the final norm and LM head, then layer L-1 … 0, then the
+  /// embedding (with a tied head, the embedding completes only there). On CUDA "complete" means ordered on the
+  /// executor's stream. Distributed trainers start communicating a bucket from the hook.
+  template <class Ready>
+  void backward(Ready&& ready) {
     require(backward_ready_, "llama::backward: call forward() first (evaluate() and logits() save no gradient "
                              "state, and backward runs once per forward)");
     backward_ready_ = false;
     const auto L = std::size_t(cfg_.n_layers);
+    constexpr std::size_t per_layer = 9;  // q, k, v, o, gate, up, down, two norms
+    const std::size_t first_block = 1, after_blocks = first_block + per_layer * L;
     rmsnorm_backward(ex_, detail::ro(x_[L]), detail::ro(norm_.value), detail::ro(rstdf_), detail::ro(dlnf_), dres_,
                      norm_.grad);
-    for (std::size_t l = L; l-- > 0;) blocks_[l].backward(ex_, ctx_, acts_[l], detail::ro(x_[l]), dres_, scratch_);
+    ready(after_blocks);  // model.norm, and an untied lm_head (its gradient came from forward)
+    for (std::size_t l = L; l-- > 0;) {
+      blocks_[l].backward(ex_, ctx_, acts_[l], detail::ro(x_[l]), dres_, scratch_);
+      ready(first_block + per_layer * l);
+    }
     embedding_backward(ex_, view<const std::int32_t, space>(tokens_), dres_, embed_.grad);
+    ready(0);
   }
 
   /// The logits at the last position of every sequence: out [B, V] (float or T, the executor's space) for
@@ -550,6 +575,7 @@ class llama {
   std::vector<parameter_spec> specs_;
   tensor<T, space> values_;
   tensor<grad_type, space> grads_;
+  std::vector<std::int64_t> offsets_;  // parameter i starts at offsets_[i] in values_ and grads_; back(): total
   std::vector<param> params_;
   param embed_, norm_, head_;
   std::vector<block_type> blocks_;
