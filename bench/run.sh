@@ -7,8 +7,9 @@
 #   SUBSPACE_BENCH_ONLY="llama_step torch" bash bench/run.sh      # only some phases (default: all, in this order)
 #
 # Phases: tests (ctest without the gpu label), gpu (the GPU suite, one test file at a time), main (the main job on
-# CUDA), hf (tests/hf: our checkpoints against transformers), gemm, attention, comm, llama_step (the benchmarks),
-# torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
+# CUDA), hf (tests/hf: our checkpoints against transformers), gemm, attention, comm, llama_step, gossip (the
+# benchmarks; gossip: data-parallel all-reduce against each gossip topology, 8 ranks on the GPU, throttled 1 and
+# 25 Gbit/s), torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
 # (bench/galore_60m: AdamW vs GaLore vs GoLore@20% on Llama-60M; SUBSPACE_GALORE_STEPS steps, default 1000).
 # The build covers only the targets the chosen phases need (all of them when `tests` is chosen; none for `torch`
 # alone).
@@ -19,7 +20,7 @@ commit="${SUBSPACE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo u
 jobs="$(nproc 2>/dev/null || echo 4)"
 status=0
 
-all_phases="tests gpu main hf gemm attention comm llama_step torch galore60m"
+all_phases="tests gpu main hf gemm attention comm llama_step gossip torch galore60m"
 read -r -a chosen <<<"${SUBSPACE_BENCH_ONLY:-$all_phases}"
 for p in "${chosen[@]}"; do
   [[ " $all_phases " == *" $p "* ]] ||
@@ -43,7 +44,7 @@ if ! want tests; then
   want gpu && targets+=(subspace_cuda_tests)
   { want main || want galore60m; } && targets+=(train_llama)
   want hf && targets+=(llama_eval)
-  for b in gemm attention comm llama_step; do want "$b" && targets+=("bench_$b"); done
+  for b in gemm attention comm llama_step gossip; do want "$b" && targets+=("bench_$b"); done
 fi
 if want tests || [ "${#targets[@]}" -gt 0 ]; then
   SUBSPACE_PRESET=cuda source scripts/setup.sh || exit 1
@@ -90,6 +91,8 @@ want comm && { echo "== bench_comm"; run_logged bench_comm.log 900 16 \
   env NCCL_NVLS_ENABLE=0 build/cuda/bench/bench_comm --commit "$commit" --out "$out/comm.json"; }
 want llama_step && { echo "== bench_llama_step"; run_logged bench_llama_step.log 900 12 \
   build/cuda/bench/bench_llama_step --commit "$commit" --out "$out/llama_step.json"; }
+want gossip && { echo "== bench_gossip"; run_logged bench_gossip.log 900 20 \
+  build/cuda/bench/bench_gossip --commit "$commit" --out "$out/gossip.json"; }
 
 if want torch; then
   if python3 -c 'import torch' 2>/dev/null; then

@@ -17,26 +17,24 @@
 #include <filesystem>
 #include <optional>
 #include <string>
-#include <system_error>
-#include <tuple>
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/format.hpp"
+#include "common/llama_data.hpp"
 
 namespace {
 
 using namespace subspace;
 namespace fs = std::filesystem;
 
-struct options {
-  // model
-  std::string preset = "tiny";
-  std::int64_t d_model = 0, layers = 0, heads = 0, kv_heads = 0, ffn = 0, vocab = 0;
-  bool tied = false;
-  // data
-  std::string text, data, val_data;
-  double val_fraction = 0.1;
-  bool shuffle = true;
+using examples::data_source;
+using examples::duration;
+using examples::human;
+
+// The model (--preset and the size flags) and data (--text, --data, ...) flags are shared with gossip_llama:
+// common/llama_data.hpp.
+struct options : examples::model_flags, examples::data_flags {
   // batch and schedule
   std::int64_t seq = 0, batch = 8, accumulation = 1, steps = 300, stop_at = 0, warmup = 30;
   float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
@@ -58,86 +56,6 @@ struct options {
   std::uint64_t seed = 1;
   double peak_tflops = 0;
 };
-
-std::string human(double x) {
-  char buf[32];
-  if (x >= 1e9) std::snprintf(buf, sizeof buf, "%.2fG", x / 1e9);
-  else if (x >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", x / 1e6);
-  else if (x >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", x / 1e3);
-  else std::snprintf(buf, sizeof buf, "%.0f", x);
-  return buf;
-}
-
-std::string duration(double s) {
-  char buf[32];
-  const long t = long(std::max(0.0, s) + 0.5);
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, t / 60 % 60);
-  else std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
-  return buf;
-}
-
-/// The model configuration: the preset with any size flags applied.
-nn::llama_config model_config(const options& o) {
-  nn::llama_config cfg = nn::presets::by_name(o.preset);
-  if (o.d_model) cfg.d_model = o.d_model;
-  if (o.layers) cfg.n_layers = o.layers;
-  if (o.heads) cfg.n_heads = o.heads;
-  if (o.kv_heads) cfg.n_kv_heads = o.kv_heads;
-  if (o.ffn) cfg.ffn_hidden = o.ffn;
-  if (o.vocab) cfg.vocab = o.vocab;
-  if (o.tied) cfg.tied_embeddings = true;
-  if (o.seq > cfg.max_seq) cfg.max_seq = o.seq;
-  cfg.validate();
-  return cfg;
-}
-
-/// Where the training and validation tokens come from.
-struct data_source {
-  std::string train, val;  // token-file specs; val empty: split off the end of train
-  bool bytes = false;      // byte-level tokens (samples decode as text)
-  std::string described;
-};
-
-/// A plain-text file as byte-level shards, converted once into the data cache (keyed by path, size and time).
-data_source text_shards(const fs::path& text, double val_fraction) {
-  const fs::path abs = fs::absolute(text);
-  std::error_code ec;
-  const auto size = fs::file_size(abs, ec);
-  require(!ec, "--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
-  const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
-  const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
-                                                   std::to_string(stamp) + "|" + std::to_string(val_fraction));
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016zx", key);
-  const fs::path dir = data::default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
-  const fs::path done = dir / "done";
-  if (!fs::exists(done)) {
-    std::printf("converting %s (%s bytes) to byte-level shards in %s\n", abs.c_str(), human(double(size)).c_str(),
-                dir.c_str());
-    data::text_to_shards_options to;
-    to.prefix = "text";
-    to.val_fraction = val_fraction;
-    data::text_to_shards({abs}, dir, to);
-    io::atomic_write_text(done, abs.string() + "\n");
-  }
-  return {(dir / "text_train_*.bin").string(), val_fraction > 0 ? (dir / "text_val_*.bin").string() : "", true,
-          abs.string() + " (byte-level)"};
-}
-
-data_source choose_data(const options& o) {
-  if (!o.data.empty()) return {o.data, o.val_data, false, o.data};
-  return text_shards(o.text.empty() ? data::default_corpus_path() : fs::path(o.text), o.val_fraction);
-}
-
-/// The bf16 dense peak of the GPU in TFLOP/s for MFU (0: unknown).
-double peak_tflops_of(const std::string& device) {
-  if (device.find("H100") != std::string::npos && device.find("PCIe") != std::string::npos) return 756.0;
-  if (device.find("H100") != std::string::npos || device.find("H200") != std::string::npos ||
-      device.find("H800") != std::string::npos || device.find("GH200") != std::string::npos)
-    return 989.4;
-  if (device.find("A100") != std::string::npos) return 312.0;
-  return 0.0;
-}
 
 /// Checkpoint directories under `root` ("step_NNNNNNN"), oldest first.
 std::vector<fs::path> checkpoints_in(const fs::path& root) {
@@ -163,15 +81,13 @@ fs::path resolve_resume(const fs::path& p) {
 template <class Optimizer, class Exec>
 int train(const Exec& ex, const options& o, const Optimizer& optimizer, const std::string& device_name) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
-  const nn::llama_config cfg = model_config(o);
+  const nn::llama_config cfg = examples::model_config(o, o.seq);
   const std::int64_t seq = o.seq ? o.seq : std::min<std::int64_t>(cfg.max_seq, 256);
-  const data_source src = choose_data(o);
+  const data_source src = examples::choose_data(o);
   require(!src.bytes || cfg.vocab >= 256, "--vocab " + std::to_string(cfg.vocab) +
                                               ": byte-level text needs a vocabulary of at least 256");
 
-  data::token_dataset train_tokens = data::token_dataset::open(src.train), val_tokens;
-  if (!src.val.empty()) val_tokens = data::token_dataset::open(src.val);
-  else std::tie(train_tokens, val_tokens) = train_tokens.split(o.val_fraction);
+  auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
   data::loader_options lo{o.batch, seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
   data::batch_loader train_data(train_tokens, lo);
   std::optional<data::batch_loader> val_data;
@@ -207,7 +123,7 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
                              ": the checkpoint is already at step " + std::to_string(first - 1));
 
   const double flop_per_token = cfg.flops_per_token(seq);
-  const double peak = (o.peak_tflops > 0 ? o.peak_tflops : peak_tflops_of(device_name)) * 1e12;
+  const double peak = (o.peak_tflops > 0 ? o.peak_tflops : examples::peak_tflops_of(device_name)) * 1e12;
   const bool on_gpu = !std::is_same_v<Exec, exec::host>;
   std::printf("model '%s': %s parameters (d %lld, %lld layers, %lld/%lld heads, FFN %lld, vocab %lld)\n",
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
@@ -401,22 +317,9 @@ int main(int argc, char** argv) {
                     "progress line\nper step, the validation loss every --eval-every steps and text samples at the "
                     "end. With no\ndata flags it trains on the King James Bible (Debian bible-kjv-text), "
                     "byte-tokenized.");
-  const std::string presets = "micro, tiny, 60m, 124m, 1b, 2b";
-  cli.flag("preset", o.preset, "model preset (" + presets + "); the size flags below override it",
-           nn::presets::names())
-      .flag("d-model", o.d_model, "hidden size (0: the preset's)")
-      .flag("layers", o.layers, "transformer layers (0: the preset's)")
-      .flag("heads", o.heads, "attention heads (0: the preset's)")
-      .flag("kv-heads", o.kv_heads, "key/value heads, dividing --heads (0: the preset's)")
-      .flag("ffn", o.ffn, "SwiGLU hidden size (0: the preset's)")
-      .flag("vocab", o.vocab, "vocabulary size, > every token id (0: the preset's; byte-level text needs >= 256)")
-      .flag("tied", o.tied, "tie the LM head to the token embedding")
-      .flag("text", o.text, "plain-text file to train on, byte-tokenized (default: the King James Bible)")
-      .flag("data", o.data, "token files instead of text: llm.c shards or nanoGPT .bin (file, glob or directory)")
-      .flag("val-data", o.val_data, "validation token files for --data (default: the last --val-fraction of --data)")
-      .flag("val-fraction", o.val_fraction, "fraction of the tokens held out for validation")
-      .flag("shuffle", o.shuffle, "visit training windows in a seeded random order per epoch (else in order)")
-      .flag("seq", o.seq, "tokens per sequence (0: the preset's context, at most 256)")
+  examples::declare_model_flags(cli, o);
+  examples::declare_data_flags(cli, o);
+  cli.flag("seq", o.seq, "tokens per sequence (0: the preset's context, at most 256)")
       .flag("batch", o.batch, "sequences per micro-batch")
       .flag("accumulation", o.accumulation, "micro-batches per optimizer step (gradient accumulation)")
       .flag("steps", o.steps, "optimizer steps to train to (a resumed run continues to this step)")

@@ -1,15 +1,19 @@
 #pragma once
 // decent: gossip (decentralised) data parallelism — topologies as Scheduler policies, decentralised Adam and
-// AccumAdam as Optimizer policies, and the gossip trainer (spec: shared/specs/decent-dp.md; guide: docs/decent.md).
+// AccumAdam as Optimizer policies, the gossip trainer and the all-reduce baseline trainer (spec:
+// shared/specs/decent-dp.md; guide: docs/decent.md).
 //
 // decent builds on the subspace core and never the other way round; this umbrella brings that core, and each
 // decent component joins it as it lands.
 #include <subspace/subspace.hpp>
 
-#include "plan.hpp"        // gossip_plan, mix_op, group_schedule, mixing_matrix
-#include "topology.hpp"    // complete, ring, one_peer_exp, alternating_exp_ring, make_topology
-#include "decent_adam.hpp" // decent_adam, decent_adamw
-#include "accum_adam.hpp"  // accum_adam, accum_adamw
+#include "plan.hpp"                   // gossip_plan, mix_op, group_schedule, mixing_matrix
+#include "topology.hpp"               // complete, ring, one_peer_exp, alternating_exp_ring, make_topology
+#include "decent_adam.hpp"            // decent_adam, decent_adamw
+#include "accum_adam.hpp"             // accum_adam, accum_adamw
+#include "bucket.hpp"                 // trainer_options, bucket_plan, check_same_plan
+#include "data_parallel_trainer.hpp"  // data_parallel_trainer: the all-reduce baseline
+#include "gossip_trainer.hpp"         // gossip_trainer: the bucketed, overlapped gossip loop
 
 /// Gossip data parallelism built on subspace's policies.
 namespace decent {}

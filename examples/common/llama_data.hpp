@@ -1,0 +1,130 @@
+#pragma once
+// What the Llama training examples (train_llama, gossip_llama) share about the model and the data:
+//
+//   * model_flags: --preset and the size flags, declared once (declare_model_flags) and turned into an
+//     nn::llama_config by model_config;
+//   * data_flags: --text / --data / --val-data / --val-fraction / --shuffle (declare_data_flags), and choose_data:
+//     token shards as given by --data, or a plain-text file (--text, default the King James Bible) converted once
+//     into byte-level llm.c shards in the data cache (keyed by the file's path, size, time and the split), then
+//     open_tokens: the {train, validation} token datasets.
+//
+// The flags keep their names, help texts and defaults in both programs.
+
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <system_error>
+#include <tuple>
+#include <utility>
+
+#include <subspace/subspace.hpp>
+
+#include "cli.hpp"
+#include "format.hpp"
+
+namespace examples {
+
+/// --preset and the size flags.
+struct model_flags {
+  std::string preset = "tiny";
+  std::int64_t d_model = 0, layers = 0, heads = 0, kv_heads = 0, ffn = 0, vocab = 0;
+  bool tied = false;
+};
+
+/// Where the tokens come from.
+struct data_flags {
+  std::string text, data, val_data;
+  double val_fraction = 0.1;
+  bool shuffle = true;
+};
+
+inline void declare_model_flags(cli& c, model_flags& m) {
+  const std::string presets = "micro, tiny, 60m, 124m, 1b, 2b";
+  c.flag("preset", m.preset, "model preset (" + presets + "); the size flags below override it",
+         subspace::nn::presets::names())
+      .flag("d-model", m.d_model, "hidden size (0: the preset's)")
+      .flag("layers", m.layers, "transformer layers (0: the preset's)")
+      .flag("heads", m.heads, "attention heads (0: the preset's)")
+      .flag("kv-heads", m.kv_heads, "key/value heads, dividing --heads (0: the preset's)")
+      .flag("ffn", m.ffn, "SwiGLU hidden size (0: the preset's)")
+      .flag("vocab", m.vocab, "vocabulary size, > every token id (0: the preset's; byte-level text needs >= 256)")
+      .flag("tied", m.tied, "tie the LM head to the token embedding");
+}
+
+inline void declare_data_flags(cli& c, data_flags& d) {
+  c.flag("text", d.text, "plain-text file to train on, byte-tokenized (default: the King James Bible)")
+      .flag("data", d.data, "token files instead of text: llm.c shards or nanoGPT .bin (file, glob or directory)")
+      .flag("val-data", d.val_data, "validation token files for --data (default: the last --val-fraction of --data)")
+      .flag("val-fraction", d.val_fraction, "fraction of the tokens held out for validation")
+      .flag("shuffle", d.shuffle, "visit training windows in a seeded random order per epoch (else in order)");
+}
+
+/// The model configuration: the preset with any size flags applied; `seq` (0: none) raises max_seq when longer.
+inline subspace::nn::llama_config model_config(const model_flags& m, std::int64_t seq) {
+  subspace::nn::llama_config cfg = subspace::nn::presets::by_name(m.preset);
+  if (m.d_model) cfg.d_model = m.d_model;
+  if (m.layers) cfg.n_layers = m.layers;
+  if (m.heads) cfg.n_heads = m.heads;
+  if (m.kv_heads) cfg.n_kv_heads = m.kv_heads;
+  if (m.ffn) cfg.ffn_hidden = m.ffn;
+  if (m.vocab) cfg.vocab = m.vocab;
+  if (m.tied) cfg.tied_embeddings = true;
+  if (seq > cfg.max_seq) cfg.max_seq = seq;
+  cfg.validate();
+  return cfg;
+}
+
+/// Where the training and validation tokens come from.
+struct data_source {
+  std::string train, val;  // token-file specs; val empty: split off the end of train
+  bool bytes = false;      // byte-level tokens (samples decode as text)
+  std::string described;
+};
+
+/// A plain-text file as byte-level shards, converted once into the data cache (keyed by path, size and time).
+inline data_source text_shards(const std::filesystem::path& text, double val_fraction) {
+  namespace fs = std::filesystem;
+  using subspace::require;
+  const fs::path abs = fs::absolute(text);
+  std::error_code ec;
+  const auto size = fs::file_size(abs, ec);
+  require(!ec, "--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
+  const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
+  const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
+                                                   std::to_string(stamp) + "|" + std::to_string(val_fraction));
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016zx", key);
+  const fs::path dir = subspace::data::default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
+  const fs::path done = dir / "done";
+  if (!fs::exists(done)) {
+    std::printf("converting %s (%s bytes) to byte-level shards in %s\n", abs.c_str(), human(double(size)).c_str(),
+                dir.c_str());
+    subspace::data::text_to_shards_options to;
+    to.prefix = "text";
+    to.val_fraction = val_fraction;
+    subspace::data::text_to_shards({abs}, dir, to);
+    subspace::io::atomic_write_text(done, abs.string() + "\n");
+  }
+  return {(dir / "text_train_*.bin").string(), val_fraction > 0 ? (dir / "text_val_*.bin").string() : "", true,
+          abs.string() + " (byte-level)"};
+}
+
+/// --data as given, or --text (default: the King James Bible) as cached byte-level shards.
+inline data_source choose_data(const data_flags& d) {
+  if (!d.data.empty()) return {d.data, d.val_data, false, d.data};
+  return text_shards(d.text.empty() ? subspace::data::default_corpus_path() : std::filesystem::path(d.text),
+                     d.val_fraction);
+}
+
+/// {train, validation} tokens of a source: its validation files, or the last val_fraction of its training files.
+inline std::pair<subspace::data::token_dataset, subspace::data::token_dataset> open_tokens(const data_source& src,
+                                                                                          double val_fraction) {
+  subspace::data::token_dataset train = subspace::data::token_dataset::open(src.train), val;
+  if (!src.val.empty()) val = subspace::data::token_dataset::open(src.val);
+  else std::tie(train, val) = train.split(val_fraction);
+  return {std::move(train), std::move(val)};
+}
+
+}  // namespace examples
