@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 
@@ -758,7 +759,7 @@ int main(int argc, char** argv) {
       .flag("threads", o.threads, "host worker threads per rank (0: the cores divided among the ranks)")
       .flag("seed", o.seed, "seed of the initial weights (rank 0's, broadcast), the data orders (+ rank) and the "
             "samples");
-  try {
+  return examples::guarded_main("gossip_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
     if (o.launcher == "nccl") {
@@ -773,22 +774,15 @@ int main(int argc, char** argv) {
     }
     const int ranks = o.ranks ? o.ranks : 4;
     setup s = decide(o, ranks, o.local_ranks ? o.local_ranks : 1);
+    const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
-    int devices = 0;
-    const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-    if (o.device == "cuda" && !have_gpu) throw examples::cli_error("--device cuda: no CUDA device is present");
-    if (o.device == "cuda" || (o.device == "auto" && have_gpu)) {
-      cudaDeviceProp prop{};
-      cuda_check(cudaGetDeviceProperties(&prop, 0));
+    if (d.cuda) {
       load_model_and_data(o, s);
-      s.device_name = prop.name;
+      s.device_name = d.name;
       s.where = "threads of one process sharing the GPU, comm::local";
       print_header(o, s);
       return run_local<exec::cuda>(o, s);
     }
-#else
-    if (o.device == "cuda")
-      throw examples::cli_error("--device cuda: this build has no CUDA path (configure with the cuda preset)");
 #endif
     load_model_and_data(o, s);
     const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -798,11 +792,5 @@ int main(int argc, char** argv) {
               (s.threads_per_rank == 1 ? "" : "s") + " each";
     print_header(o, s);
     return run_local<exec::host>(o, s);
-  } catch (const examples::cli_error& e) {
-    std::fprintf(stderr, "gossip_llama: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "gossip_llama: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 
 namespace {
 
@@ -321,28 +322,13 @@ int main(int argc, char** argv) {
       .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
       .flag("top-k", o.top_k, "sample from the k most likely tokens (0: all)")
       .flag("seed", o.seed, "sampling seed (Philox; the same seed gives the same sample)");
-  try {
+  return examples::guarded_main("llama_eval", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check_options(o);
+    const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
-    int devices = 0;
-    const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-    if (o.device == "cuda" && !have_gpu) throw examples::cli_error("--device cuda: no CUDA device is present");
-    if (o.device == "cuda" || (o.device == "auto" && have_gpu)) {
-      cudaDeviceProp prop{};
-      cuda_check(cudaGetDeviceProperties(&prop, 0));
-      return run(exec::cuda{}, o, prop.name);
-    }
-#else
-    if (o.device == "cuda")
-      throw examples::cli_error("--device cuda: this build has no CUDA path (configure with the cuda preset)");
+    if (d.cuda) return run(exec::cuda{}, o, d.name.c_str());
 #endif
-    return run(exec::host{o.threads}, o, "host");
-  } catch (const examples::cli_error& e) {
-    std::fprintf(stderr, "llama_eval: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "llama_eval: error: %s\n", e.what());
-    return 1;
-  }
+    return run(exec::host{o.threads}, o, d.name.c_str());
+  });
 }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 
 namespace {
 
@@ -122,29 +123,14 @@ int main(int argc, char** argv) {
       .flag("seed", o.seed, "RNG seed for data and teacher")
       .flag("threads", o.threads, "host worker threads (0: all cores)")
       .flag("log-every", o.log_every, "print a progress line every N steps");
-  try {
+  return examples::guarded_main("primitives_demo", [&] {
     if (!cli.parse(argc, argv)) return 0;
     if (o.steps < 1 || o.rows < 1 || o.in < 1 || o.out < 1 || o.log_every < 1 || !(o.lr > 0))
       throw examples::cli_error("--steps, --rows, --in, --out and --log-every must be >= 1 and --lr > 0");
+    const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
-    int devices = 0;
-    const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-    if (o.device == "cuda" && !have_gpu) throw examples::cli_error("--device cuda: no CUDA device is present");
-    if (o.device == "cuda" || (o.device == "auto" && have_gpu)) {
-      cudaDeviceProp prop{};
-      cuda_check(cudaGetDeviceProperties(&prop, 0));
-      return run(exec::cuda{}, o, prop.name);
-    }
-#else
-    if (o.device == "cuda")
-      throw examples::cli_error("--device cuda: this build has no CUDA path (configure with the cuda preset)");
+    if (d.cuda) return run(exec::cuda{}, o, d.name.c_str());
 #endif
-    return run(exec::host{o.threads}, o, "host");
-  } catch (const examples::cli_error& e) {
-    std::fprintf(stderr, "primitives_demo: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "primitives_demo: error: %s\n", e.what());
-    return 1;
-  }
+    return run(exec::host{o.threads}, o, d.name.c_str());
+  });
 }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 
@@ -355,28 +356,13 @@ int main(int argc, char** argv) {
       .flag("threads", o.threads, "host worker threads (0: all cores)")
       .flag("seed", o.seed, "seed of the initial weights, the data order, GoLore and the samples")
       .flag("peak-tflops", o.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the device name)");
-  try {
+  return examples::guarded_main("train_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
+    const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
-    int devices = 0;
-    const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-    if (o.device == "cuda" && !have_gpu) throw examples::cli_error("--device cuda: no CUDA device is present");
-    if (o.device == "cuda" || (o.device == "auto" && have_gpu)) {
-      cudaDeviceProp prop{};
-      cuda_check(cudaGetDeviceProperties(&prop, 0));
-      return train_with(exec::cuda{}, o, prop.name);
-    }
-#else
-    if (o.device == "cuda")
-      throw examples::cli_error("--device cuda: this build has no CUDA path (configure with the cuda preset)");
+    if (d.cuda) return train_with(exec::cuda{}, o, d.name);
 #endif
-    return train_with(exec::host{o.threads}, o, "host");
-  } catch (const examples::cli_error& e) {
-    std::fprintf(stderr, "train_llama: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_llama: error: %s\n", e.what());
-    return 1;
-  }
+    return train_with(exec::host{o.threads}, o, d.name);
+  });
 }
