@@ -65,7 +65,7 @@ class data_parallel_trainer {
   using model_type = Model;
   using communicator_type = typename Stack::communicator;
   using optimizer_type = typename Stack::optimizer;
-  using replica_type = detail::replica<Model, optimizer_type>;
+  using replica_type = subspace::train::replica<Model, optimizer_type>;
   using executor_type = typename replica_type::executor_type;
   using space = typename replica_type::space;
   using grad_type = typename replica_type::grad_type;

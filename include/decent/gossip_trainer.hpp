@@ -111,7 +111,7 @@ class gossip_trainer {
   using communicator_type = typename Stack::communicator;
   using scheduler_type = typename Stack::scheduler;
   using optimizer_type = typename Stack::optimizer;
-  using replica_type = detail::replica<Model, optimizer_type>;
+  using replica_type = subspace::train::replica<Model, optimizer_type>;
   using executor_type = typename replica_type::executor_type;
   using space = typename replica_type::space;
   using state_type = typename replica_type::state_type;
@@ -312,7 +312,7 @@ class gossip_trainer {
     squared_norm += norm * norm;
     if (std::isfinite(norm)) {
       for (std::size_t i = b.first; i < b.last; ++i) {
-        if (mix) replica_.step_from_mixed(i, mixed(i), ctx);
+        if (mix) detail::step_from_mixed(replica_, i, mixed(i), ctx);
         else replica_.step(i, ctx);
       }
     } else {

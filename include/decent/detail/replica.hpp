@@ -1,13 +1,7 @@
 #pragma once
-// decent::detail::replica<Model, Optimizer>: one rank's copy of the training state, shared by
-// data_parallel_trainer and gossip_trainer — the model, its fp32 master weights, the optimizer and one optimizer
-// state per parameter — and the pieces of train::trainer's step that both reuse (master weights beside a bf16
-// model, the per-parameter update with the bf16 working copy, the batch buffers, evaluation on one loader).
-//
-// Masters. A bf16 model (CUDA) gets fp32 masters beside it in one flat allocation laid out like the model's flat
-// storage (padding zero), so a bucket of masters is one contiguous range, like the bucket of gradients; the
-// optimizer writes the bf16 working copy into the model in the same pass. An fp32 model (the host reference) is
-// its own master. An fp64 model (gradient checks) has no masters and cannot step.
+// What data_parallel_trainer and gossip_trainer share beyond train::replica (subspace/train/replica.hpp, one
+// rank's model, masters, optimizer and states): the fused mix-and-step, the request type of an all-reduce, and
+// the mean of a number over the ranks.
 
 #include <algorithm>
 #include <cstddef>
@@ -26,6 +20,7 @@
 #include <subspace/kernels/elementwise.hpp>
 #include <subspace/nn/llama.hpp>
 #include <subspace/optim/concepts.hpp>
+#include <subspace/train/replica.hpp>
 
 namespace decent::detail {
 
@@ -54,163 +49,24 @@ double mean_over_ranks(C& comm, double x) {
   return buf;
 }
 
+/// One optimizer step of parameter i of replica `r` from the mixed point `mixed` (shaped like the parameter):
+/// fused for optimizers with step_from_mixed (decent_adam, accum_adam), else the mixed point is copied into the
+/// master first.
 template <class Model, class Optimizer>
-class replica {
- public:
-  using executor_type = typename Model::executor_type;
-  using space = subspace::space_of_t<executor_type>;
-  using value_type = typename Model::value_type;
-  using grad_type = typename Model::grad_type;
-  using state_type = subspace::optim::state_t<Optimizer, executor_type>;
-  /// bf16 weights get fp32 masters beside them; fp32 weights are their own masters; fp64 weights have none.
-  static constexpr bool separate_masters = std::is_same_v<value_type, subspace::bf16>;
-  static constexpr bool has_masters = separate_masters || std::is_same_v<value_type, float>;
-
-  replica(Model model, Optimizer optimizer) : model_(std::move(model)), optimizer_(std::move(optimizer)) {
-    const executor_type& ex = model_.executor();
-    model_.for_each_parameter([&](const std::string&, auto, auto, const subspace::optim::param_info& info) {
-      infos_.push_back(info);
-      states_.push_back(optimizer_.init(ex, info));
-    });
-    if constexpr (separate_masters) {
-      own_ = subspace::tensor<float, space>(subspace::shape{offset(infos_.size())});
-      subspace::fill(ex, own_.v(), 0.0f);  // the padding stays zero, like the model's
-    }
+void step_from_mixed(subspace::train::replica<Model, Optimizer>& r, std::size_t i,
+                     subspace::view<const float, typename subspace::train::replica<Model, Optimizer>::space> mixed,
+                     const subspace::optim::step_context& ctx) {
+  using replica_type = subspace::train::replica<Model, Optimizer>;
+  using space = typename replica_type::space;
+  using grad_type = typename replica_type::grad_type;
+  const auto& ex = r.executor();
+  if constexpr (steps_from_mixed<Optimizer, typename replica_type::executor_type, grad_type>) {
+    r.optimizer().step_from_mixed(ex, mixed, r.master(i), subspace::view<const grad_type, space>(r.grad(i)),
+                                  r.states()[i], r.info(i), ctx, r.working(i));
+  } else {
+    subspace::copy(ex, mixed, r.master(i));
+    r.step(i, ctx);
   }
-
-  Model& model() { return model_; }
-  const Model& model() const { return model_; }
-  const Optimizer& optimizer() const { return optimizer_; }
-  std::vector<state_type>& states() { return states_; }
-  const std::vector<state_type>& states() const { return states_; }
-  const executor_type& executor() const { return model_.executor(); }
-  std::size_t parameters() const { return infos_.size(); }
-  const subspace::optim::param_info& info(std::size_t i) const { return infos_[i]; }
-  std::int64_t offset(std::size_t i) const { return std::int64_t(model_.parameter_offset(i)); }
-
-  std::size_t optimizer_state_bytes() const {
-    std::size_t total = 0;
-    for (const auto& s : states_) total += optimizer_.state_bytes(s);
-    return total;
-  }
-
-  /// The fp32 masters as one flat view laid out like the model's flat storage.
-  subspace::view<float, space> masters() {
-    static_assert(has_masters, "decent trainers: the model's weights must be fp32 or bf16 to have master weights");
-    if constexpr (separate_masters) return own_.v();
-    else return model_.flat_values();
-  }
-  subspace::view<float, space> master(std::size_t i) { return at(masters(), i); }
-  subspace::view<grad_type, space> grad(std::size_t i) { return at(model_.flat_grads(), i); }
-  /// Where the optimizer writes the bf16 working copy of parameter i (none when the model is its own master).
-  subspace::view<subspace::bf16, space> working(std::size_t i) {
-    if constexpr (separate_masters) return at(model_.flat_values(), i);
-    else return {};
-  }
-  /// The gradients of parameters [first, last), for clipping.
-  std::vector<subspace::view<grad_type, space>> grads(std::size_t first, std::size_t last) {
-    std::vector<subspace::view<grad_type, space>> out;
-    for (std::size_t i = first; i < last; ++i) out.push_back(grad(i));
-    return out;
-  }
-
-  /// nn::llama::init(seed); the masters get the same draws before their rounding to the model's type.
-  void init(std::uint64_t seed) {
-    model_.init(seed);
-    if constexpr (separate_masters) {
-      const auto& specs = model_.parameter_specs();
-      for (std::size_t i = 0; i < infos_.size(); ++i)
-        subspace::nn::fill_initial(model_.executor(), master(i), specs[i], seed);
-    }
-  }
-
-  /// Every rank takes rank 0's weights (masters, or the values of a model without masters): spec §4 setup 1.
-  template <class C>
-  void broadcast_from_rank0(C& comm) {
-    if constexpr (has_masters) comm.broadcast(masters(), 0).wait();
-    else comm.broadcast(model_.flat_values(), 0).wait();
-    sync_model();
-  }
-
-  /// The model's working copy from the masters (after the masters changed outside the optimizer).
-  void sync_model() {
-    if constexpr (separate_masters)
-      subspace::cast(model_.executor(), subspace::view<const float, space>(own_.v()), model_.flat_values());
-  }
-  /// Elements [begin, end) of the working copy from the masters.
-  void sync_model(std::int64_t begin, std::int64_t end) {
-    if constexpr (separate_masters)
-      subspace::cast(model_.executor(), subspace::view<const float, space>(own_.v().slice(begin, end)),
-                     model_.flat_values().slice(begin, end));
-  }
-
-  /// One optimizer step of parameter i from its master (the train::trainer update).
-  void step(std::size_t i, const subspace::optim::step_context& ctx) {
-    optimizer_.step(model_.executor(), master(i), subspace::view<const grad_type, space>(grad(i)), states_[i],
-                    infos_[i], ctx, working(i));
-  }
-  /// One optimizer step of parameter i from the mixed point `mixed` (shaped like the parameter): fused for
-  /// optimizers with step_from_mixed, else the mixed point is copied into the master first.
-  void step_from_mixed(std::size_t i, subspace::view<const float, space> mixed,
-                       const subspace::optim::step_context& ctx) {
-    const executor_type& ex = model_.executor();
-    if constexpr (steps_from_mixed<Optimizer, executor_type, grad_type>) {
-      optimizer_.step_from_mixed(ex, mixed, master(i), subspace::view<const grad_type, space>(grad(i)), states_[i],
-                                 infos_[i], ctx, working(i));
-    } else {
-      subspace::copy(ex, mixed, master(i));
-      step(i, ctx);
-    }
-  }
-
-  /// The next batch of `loader` into the trainer's buffers (sized on first use or when the loader's shape changes).
-  void next_batch(subspace::data::batch_loader& loader) {
-    size_buffers(loader);
-    loader.next(tokens_.v(), targets_.v());
-  }
-  subspace::view<const std::int32_t, subspace::host_space> tokens() const { return tokens_.v(); }
-  subspace::view<const std::int32_t, subspace::host_space> targets() const { return targets_.v(); }
-  /// Tokens of one batch of `loader`.
-  static std::int64_t batch_tokens(const subspace::data::batch_loader& loader) {
-    return loader.options().batch * loader.options().seq;
-  }
-
-  /// train::trainer::evaluate on this rank alone: the mean loss over the first `batches` batches of `loader`
-  /// (at most one epoch); the loader is left at its start.
-  double evaluate_local(subspace::data::batch_loader& loader, std::int64_t batches, const std::string& who) {
-    subspace::require(batches >= 1, who + "::evaluate: batches must be >= 1, got " + std::to_string(batches));
-    const auto per_epoch = std::int64_t(loader.batches_per_epoch());
-    const std::int64_t n = std::min(batches, per_epoch);
-    loader.reset();
-    double total = 0;
-    for (std::int64_t b = 0; b < n; ++b) {
-      next_batch(loader);
-      total += model_.evaluate(tokens(), targets());
-    }
-    loader.reset();
-    return total / double(n);
-  }
-
- private:
-  /// Parameter i's elements of a flat view laid out like the model's storage.
-  template <class T>
-  subspace::view<T, space> at(subspace::view<T, space> flat, std::size_t i) const {
-    return subspace::view<T, space>(flat.data() + offset(i), infos_[i].shape);
-  }
-
-  void size_buffers(const subspace::data::batch_loader& loader) {
-    const subspace::shape s{loader.options().batch, loader.options().seq};
-    if (tokens_.shape() == s) return;
-    tokens_ = subspace::host_tensor<std::int32_t>(s);
-    targets_ = subspace::host_tensor<std::int32_t>(s);
-  }
-
-  Model model_;
-  Optimizer optimizer_;
-  std::vector<subspace::optim::param_info> infos_;
-  std::vector<state_type> states_;
-  subspace::tensor<float, space> own_;  // the fp32 masters of a bf16 model (flat); empty otherwise
-  subspace::host_tensor<std::int32_t> tokens_, targets_;
-};
+}
 
 }  // namespace decent::detail

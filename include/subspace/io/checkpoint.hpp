@@ -88,6 +88,17 @@ void for_each_state_tensor(State& s, F&& f) {
 /// A parameter enumeration with the model's names, gradients and param_info but values[i] in place of the i-th
 /// value view: e.g. the optimizer's fp32 master weights of a bf16 model, so that a checkpoint holds (and a resume
 /// restores) the masters. `values` is a vector of tensors or of views, in for_each_parameter order.
+/// A tensor's view, or the view itself (overloads, not `if constexpr (requires ...)`, which nvcc mis-handles in
+/// generic lambdas).
+template <class T, class S>
+view<T, S> as_view(tensor<T, S>& t) {
+  return t.v();
+}
+template <class T, class S>
+view<T, S> as_view(view<T, S> v) {
+  return v;
+}
+
 template <class Model, class Values>
 struct substituted_values {
   Model& model;
@@ -99,9 +110,7 @@ struct substituted_values {
     model.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info& info) {
       require(i < values.size(), "with_values: " + std::to_string(values.size()) + " values, but parameter '" + name +
                                      "' is number " + std::to_string(i + 1));
-      auto& v = values[i++];
-      if constexpr (requires { v.v(); }) f(name, v.v(), grad, info);
-      else f(name, v, grad, info);
+      f(name, as_view(values[i++]), grad, info);
     });
     require(i == values.size(), "with_values: " + std::to_string(values.size()) + " values for " +
                                     std::to_string(i) + " parameters");

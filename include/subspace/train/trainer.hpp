@@ -15,10 +15,11 @@
 // learning rate. A non-finite gradient norm skips the update (the weights stay as they were) and the result says
 // so — the caller decides whether to stop.
 //
-// Master weights: a model whose weights are fp32 (the host reference) is its own master copy. A model with 16-bit
-// weights (CUDA's bf16) gets fp32 masters beside it; the optimizer updates the masters and writes the bf16
-// working copy into the model in the same pass. Checkpoints hold the masters (io::with_values), so a bf16 run
-// resumes from fp32 weights, and load_weights reads any checkpoint or Hugging Face file into the masters.
+// Master weights (train::replica, replica.hpp): a model whose weights are fp32 (the host reference) is its own
+// master copy. A model with bf16 weights (CUDA) gets fp32 masters beside it; the optimizer updates the masters and
+// writes the bf16 working copy into the model in the same pass. Checkpoints hold the masters (io::with_values),
+// so a bf16 run resumes from fp32 weights, and load_weights reads any checkpoint or Hugging Face file into the
+// masters.
 //
 // Exact resume: the step count, tokens, the optimizer states (moments, projectors, counters), the masters and the
 // training loader's position are saved; the learning rate follows from the step. On the host the continued run is
@@ -43,6 +44,7 @@
 #include "../nn/llama.hpp"
 #include "../optim/concepts.hpp"
 #include "../optim/schedule.hpp"
+#include "replica.hpp"
 
 namespace subspace::train {
 
@@ -92,86 +94,69 @@ class trainer {
 
  public:
   using model_type = Model;
+  using replica_type = replica<Model, Optimizer>;
   using executor_type = typename Model::executor_type;
   using space = space_of_t<executor_type>;
   using value_type = typename Model::value_type;
   using state_type = optim::state_t<Optimizer, executor_type>;
   /// Whether the model's weights are fp32 and serve as the master copy (else fp32 masters live beside them).
-  static constexpr bool model_is_master = std::is_same_v<value_type, float>;
+  static constexpr bool model_is_master = !replica_type::separate_masters;
 
   trainer(Model model, Optimizer optimizer, trainer_options options)
-      : model_(std::move(model)), optimizer_(std::move(optimizer)), o_(std::move(options)) {
+      : r_(std::move(model), std::move(optimizer)), o_(std::move(options)) {
     o_.validate();
-    static_assert(model_is_master || std::is_same_v<value_type, bf16>,
+    static_assert(replica_type::has_masters,
                   "train::trainer: the model's weights must be fp32 (their own masters) or bf16 (with fp32 masters)");
-    const executor_type& ex = model_.executor();
-    model_.for_each_parameter([&](const std::string&, auto value, auto, const optim::param_info& info) {
-      infos_.push_back(info);
-      if constexpr (!model_is_master) masters_.emplace_back(value.shape());
-      states_.push_back(optimizer_.init(ex, info));
-    });
   }
 
-  Model& model() { return model_; }
-  const Optimizer& optimizer() const { return optimizer_; }
+  Model& model() { return r_.model(); }
+  const Optimizer& optimizer() const { return r_.optimizer(); }
   const trainer_options& options() const { return o_; }
   std::int64_t steps_done() const { return step_; }
   std::int64_t tokens_done() const { return tokens_; }
   /// The optimizer states, one per parameter in for_each_parameter order.
-  std::vector<state_type>& states() { return states_; }
-  const std::vector<state_type>& states() const { return states_; }
+  std::vector<state_type>& states() { return r_.states(); }
+  const std::vector<state_type>& states() const { return r_.states(); }
 
   /// Bytes of every optimizer state (masters not included).
-  std::size_t optimizer_state_bytes() const {
-    std::size_t total = 0;
-    for (const auto& s : states_) total += optimizer_.state_bytes(s);
-    return total;
-  }
+  std::size_t optimizer_state_bytes() const { return r_.optimizer_state_bytes(); }
   /// Bytes of the fp32 master weights kept beside a 16-bit model (0 when the model is its own master).
-  std::size_t master_bytes() const {
-    std::size_t total = 0;
-    for (const auto& m : masters_) total += m.bytes();
-    return total;
+  std::size_t master_bytes() {
+    if constexpr (model_is_master) return 0;
+    else return std::size_t(r_.masters().numel()) * sizeof(float);
   }
 
   /// Initialises the weights from the Philox streams of `seed` (nn::llama::init); the masters get the same
   /// values before their rounding to the model's type.
-  void init(std::uint64_t seed) {
-    model_.init(seed);
-    if constexpr (!model_is_master) {
-      const auto& specs = model_.parameter_specs();
-      for (std::size_t i = 0; i < masters_.size(); ++i)
-        nn::fill_initial(model_.executor(), masters_[i].v(), specs[i], seed);
-    }
-  }
+  void init(std::uint64_t seed) { r_.init(seed); }
 
   /// Loads initial weights (a checkpoint's or Hugging Face's model.safetensors, or its directory) into the
   /// masters and the model; see io::load_weights.
   void load_weights(const std::filesystem::path& path, const io::load_options& lo = {}) {
-    with_parameters([&](auto& params) { io::load_weights(model_.executor(), path, params, lo); });
-    sync_model();
+    with_parameters([&](auto& params) { io::load_weights(r_.executor(), path, params, lo); });
+    r_.sync_model();
   }
 
   /// One optimizer step on `accumulation` batches from `loader` (see the top of this file).
   step_result step(data::batch_loader& loader) {
-    const executor_type& ex = model_.executor();
-    batch_buffers(loader);
-    model_.zero_grad();
+    Model& m = r_.model();
+    m.zero_grad();
     const float scale = float(1.0 / double(o_.accumulation));
     double loss = 0;
     for (std::int64_t micro = 0; micro < o_.accumulation; ++micro) {
-      loader.next(tokens_buf_.v(), targets_buf_.v());
-      loss += model_.forward(tokens_buf_.v(), targets_buf_.v(), scale);
-      model_.backward();
+      r_.next_batch(loader);
+      loss += m.forward(r_.tokens(), r_.targets(), scale);
+      m.backward();
     }
     step_result r;
     r.step = step_ + 1;
     r.loss = loss / double(o_.accumulation);
-    r.tokens = tokens_buf_.numel() * o_.accumulation;
+    r.tokens = replica_type::batch_tokens(loader) * o_.accumulation;
     r.lr = o_.schedule.at(r.step);
-    r.grad_norm = optim::clip_grad_norm(ex, gradients(), o_.clip);
+    r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
     r.skipped = !std::isfinite(r.grad_norm);
-    if (!r.skipped) update(optim::step_context{r.lr, r.step});
+    if (!r.skipped)
+      for (std::size_t i = 0; i < r_.parameters(); ++i) r_.step(i, optim::step_context{r.lr, r.step});
     step_ = r.step;
     tokens_ += r.tokens;
     return r;
@@ -180,18 +165,7 @@ class trainer {
   /// The mean loss over `batches` batches of `loader` from its start (at most the batches one epoch holds): the
   /// same batches every call, so evaluations are comparable. The loader is left at its start.
   double evaluate(data::batch_loader& loader, std::int64_t batches) {
-    require(batches >= 1, "trainer::evaluate: batches must be >= 1, got " + std::to_string(batches));
-    const auto per_epoch = std::int64_t(loader.position().windows / std::uint64_t(loader.options().batch));
-    const std::int64_t n = std::min(batches, per_epoch);
-    batch_buffers(loader);
-    loader.reset();
-    double total = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      loader.next(tokens_buf_.v(), targets_buf_.v());
-      total += model_.evaluate(tokens_buf_.v(), targets_buf_.v());
-    }
-    loader.reset();
-    return total / double(n);
+    return r_.evaluate_local(loader, batches, "trainer");
   }
 
   /// Writes a checkpoint of everything exact resume needs (io/checkpoint.hpp) into `dir`; `extra` is kept in
@@ -205,7 +179,7 @@ class trainer {
     ts.train_data = train_position;
     ts.extra = std::move(extra);
     with_parameters([&](auto& params) {
-      io::save_checkpoint(model_.executor(), dir, model_.config(), params, states_, ts, config);
+      io::save_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states(), ts, config);
     });
   }
 
@@ -213,9 +187,10 @@ class trainer {
   /// run stopped, and returns the saved trainer state (its extra values, seed, ...).
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     io::trainer_state ts;
-    with_parameters(
-        [&](auto& params) { ts = io::load_checkpoint(model_.executor(), dir, model_.config(), params, states_); });
-    sync_model();
+    with_parameters([&](auto& params) {
+      ts = io::load_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states());
+    });
+    r_.sync_model();
     loader.seek(ts.train_data);
     step_ = ts.step;
     tokens_ = ts.tokens;
@@ -227,56 +202,17 @@ class trainer {
   template <class F>
   void with_parameters(F&& f) {
     if constexpr (model_is_master) {
-      f(model_);
+      f(r_.model());
     } else {
-      auto params = io::with_values(model_, masters_);
+      std::vector<view<float, space>> masters;
+      for (std::size_t i = 0; i < r_.parameters(); ++i) masters.push_back(r_.master(i));
+      auto params = io::with_values(r_.model(), masters);
       f(params);
     }
   }
 
-  /// The model's working copy from the masters (after a load).
-  void sync_model() {
-    if constexpr (!model_is_master) {
-      std::size_t i = 0;
-      model_.for_each_parameter([&](const std::string&, auto value, auto, const optim::param_info&) {
-        cast(model_.executor(), view<const float, space>(masters_[i++].v()), value);
-      });
-    }
-  }
-
-  std::vector<view<typename Model::grad_type, space>> gradients() {
-    std::vector<view<typename Model::grad_type, space>> out;
-    model_.for_each_parameter([&](const std::string&, auto, auto grad, const optim::param_info&) {
-      out.push_back(grad);
-    });
-    return out;
-  }
-
-  void update(const optim::step_context& ctx) {
-    const executor_type& ex = model_.executor();
-    std::size_t i = 0;
-    model_.for_each_parameter([&](const std::string&, auto value, auto grad, const optim::param_info& info) {
-      const view<const typename Model::grad_type, space> g = grad;
-      if constexpr (model_is_master) optimizer_.step(ex, value, g, states_[i], info, ctx);
-      else optimizer_.step(ex, masters_[i].v(), g, states_[i], info, ctx, value);
-      ++i;
-    });
-  }
-
-  void batch_buffers(const data::batch_loader& loader) {
-    const shape s{loader.options().batch, loader.options().seq};
-    if (tokens_buf_.shape() == s) return;
-    tokens_buf_ = host_tensor<std::int32_t>(s);
-    targets_buf_ = host_tensor<std::int32_t>(s);
-  }
-
-  Model model_;
-  Optimizer optimizer_;
+  replica_type r_;
   trainer_options o_;
-  std::vector<optim::param_info> infos_;
-  std::vector<tensor<float, space>> masters_;  // empty when the model is its own master
-  std::vector<state_type> states_;
-  host_tensor<std::int32_t> tokens_buf_, targets_buf_;
   std::int64_t step_ = 0, tokens_ = 0;
 };
 

@@ -1,0 +1,177 @@
+#pragma once
+// train::replica<Model, Optimizer>: one copy of the training state — the model, its fp32 master weights, the
+// optimizer and one optimizer state per parameter — and the per-parameter pieces of a training step. The
+// single-device trainer (train/trainer.hpp) holds one; the data-parallel and gossip trainers (include/decent/)
+// hold one per rank.
+//
+// Masters. A bf16 model (CUDA) gets fp32 masters beside it in one flat allocation laid out like the model's flat
+// storage (padding zero), so a range of parameters is one contiguous range of masters, like the range of
+// gradients a distributed trainer communicates; the optimizer writes the bf16 working copy into the model in the
+// same pass. An fp32 model (the host reference) is its own master. An fp64 model (gradient checks) has no
+// masters and cannot step.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/tensor.hpp"
+#include "../data/loader.hpp"
+#include "../kernels/elementwise.hpp"
+#include "../nn/llama.hpp"
+#include "../optim/concepts.hpp"
+
+namespace subspace::train {
+
+template <class Model, class Optimizer>
+class replica {
+ public:
+  using executor_type = typename Model::executor_type;
+  using space = space_of_t<executor_type>;
+  using value_type = typename Model::value_type;
+  using grad_type = typename Model::grad_type;
+  using state_type = optim::state_t<Optimizer, executor_type>;
+  /// bf16 weights get fp32 masters beside them; fp32 weights are their own masters; fp64 weights have none.
+  static constexpr bool separate_masters = std::is_same_v<value_type, bf16>;
+  static constexpr bool has_masters = separate_masters || std::is_same_v<value_type, float>;
+
+  replica(Model model, Optimizer optimizer) : model_(std::move(model)), optimizer_(std::move(optimizer)) {
+    const executor_type& ex = model_.executor();
+    model_.for_each_parameter([&](const std::string&, auto, auto, const optim::param_info& info) {
+      infos_.push_back(info);
+      states_.push_back(optimizer_.init(ex, info));
+    });
+    if constexpr (separate_masters) {
+      own_ = tensor<float, space>(shape{offset(infos_.size())});
+      fill(ex, own_.v(), 0.0f);  // the padding stays zero, like the model's
+    }
+  }
+
+  Model& model() { return model_; }
+  const Model& model() const { return model_; }
+  const Optimizer& optimizer() const { return optimizer_; }
+  std::vector<state_type>& states() { return states_; }
+  const std::vector<state_type>& states() const { return states_; }
+  const executor_type& executor() const { return model_.executor(); }
+  std::size_t parameters() const { return infos_.size(); }
+  const optim::param_info& info(std::size_t i) const { return infos_[i]; }
+  std::int64_t offset(std::size_t i) const { return std::int64_t(model_.parameter_offset(i)); }
+
+  std::size_t optimizer_state_bytes() const {
+    std::size_t total = 0;
+    for (const auto& s : states_) total += optimizer_.state_bytes(s);
+    return total;
+  }
+
+  /// The fp32 masters as one flat view laid out like the model's flat storage.
+  view<float, space> masters() {
+    static_assert(has_masters, "train::replica: the model's weights must be fp32 or bf16 to have master weights");
+    if constexpr (separate_masters) return own_.v();
+    else return model_.flat_values();
+  }
+  view<float, space> master(std::size_t i) { return at(masters(), i); }
+  view<grad_type, space> grad(std::size_t i) { return at(model_.flat_grads(), i); }
+  /// Where the optimizer writes the bf16 working copy of parameter i (none when the model is its own master).
+  view<bf16, space> working(std::size_t i) {
+    if constexpr (separate_masters) return at(model_.flat_values(), i);
+    else return {};
+  }
+  /// The gradients of parameters [first, last), for clipping.
+  std::vector<view<grad_type, space>> grads(std::size_t first, std::size_t last) {
+    std::vector<view<grad_type, space>> out;
+    for (std::size_t i = first; i < last; ++i) out.push_back(grad(i));
+    return out;
+  }
+
+  /// nn::llama::init(seed); the masters get the same draws before their rounding to the model's type.
+  void init(std::uint64_t seed) {
+    model_.init(seed);
+    if constexpr (separate_masters) {
+      const auto& specs = model_.parameter_specs();
+      for (std::size_t i = 0; i < infos_.size(); ++i)
+        nn::fill_initial(model_.executor(), master(i), specs[i], seed);
+    }
+  }
+
+  /// Every rank takes rank 0's weights (masters, or the values of a model without masters): spec §4 setup 1.
+  template <class C>
+  void broadcast_from_rank0(C& comm) {
+    if constexpr (has_masters) comm.broadcast(masters(), 0).wait();
+    else comm.broadcast(model_.flat_values(), 0).wait();
+    sync_model();
+  }
+
+  /// The model's working copy from the masters (after the masters changed outside the optimizer).
+  void sync_model() {
+    if constexpr (separate_masters)
+      cast(model_.executor(), view<const float, space>(own_.v()), model_.flat_values());
+  }
+  /// Elements [begin, end) of the working copy from the masters.
+  void sync_model(std::int64_t begin, std::int64_t end) {
+    if constexpr (separate_masters)
+      cast(model_.executor(), view<const float, space>(own_.v().slice(begin, end)),
+                     model_.flat_values().slice(begin, end));
+  }
+
+  /// One optimizer step of parameter i from its master and gradient.
+  void step(std::size_t i, const optim::step_context& ctx) {
+    optimizer_.step(model_.executor(), master(i), view<const grad_type, space>(grad(i)), states_[i],
+                    infos_[i], ctx, working(i));
+  }
+  /// The next batch of `loader` into the trainer's buffers (sized on first use or when the loader's shape changes).
+  void next_batch(data::batch_loader& loader) {
+    size_buffers(loader);
+    loader.next(tokens_.v(), targets_.v());
+  }
+  view<const std::int32_t, host_space> tokens() const { return tokens_.v(); }
+  view<const std::int32_t, host_space> targets() const { return targets_.v(); }
+  /// Tokens of one batch of `loader`.
+  static std::int64_t batch_tokens(const data::batch_loader& loader) {
+    return loader.options().batch * loader.options().seq;
+  }
+
+  /// The mean loss over the first `batches` batches of `loader`
+  /// (at most one epoch): the same batches every call. The loader is left at its start.
+  double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who) {
+    require(batches >= 1, who + "::evaluate: batches must be >= 1, got " + std::to_string(batches));
+    const auto per_epoch = std::int64_t(loader.batches_per_epoch());
+    const std::int64_t n = std::min(batches, per_epoch);
+    loader.reset();
+    double total = 0;
+    for (std::int64_t b = 0; b < n; ++b) {
+      next_batch(loader);
+      total += model_.evaluate(tokens(), targets());
+    }
+    loader.reset();
+    return total / double(n);
+  }
+
+ private:
+  /// Parameter i's elements of a flat view laid out like the model's storage.
+  template <class T>
+  view<T, space> at(view<T, space> flat, std::size_t i) const {
+    return view<T, space>(flat.data() + offset(i), infos_[i].shape);
+  }
+
+  void size_buffers(const data::batch_loader& loader) {
+    const shape s{loader.options().batch, loader.options().seq};
+    if (tokens_.shape() == s) return;
+    tokens_ = host_tensor<std::int32_t>(s);
+    targets_ = host_tensor<std::int32_t>(s);
+  }
+
+  Model model_;
+  Optimizer optimizer_;
+  std::vector<optim::param_info> infos_;
+  std::vector<state_type> states_;
+  tensor<float, space> own_;  // the fp32 masters of a bf16 model (flat); empty otherwise
+  host_tensor<std::int32_t> tokens_, targets_;
+};
+
+}  // namespace subspace::train
