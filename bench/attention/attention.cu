@@ -15,23 +15,17 @@
 // is reported, with the relative difference between the two implementations' out, dq, dk and dv.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <ctime>
-#include <exception>
-#include <fstream>
-#include <sstream>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include <subspace/core/rng.hpp>
 #include <subspace/kernels/attention.hpp>
 #include <subspace/kernels/gemm.hpp>
+
+#include "common/bench.hpp"
 
 using namespace subspace;
 
@@ -55,9 +49,7 @@ struct config {
   std::vector<problem> problems;
 };
 
-struct timing {
-  double ours_ms = 0, ref_ms = 0;
-};
+using timing = bench::pair_timing;
 
 struct result {
   problem p;
@@ -68,55 +60,19 @@ struct result {
 
 std::vector<problem> parse_problems(const std::string& list) {
   std::vector<problem> out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ';')) {
-    if (item.empty()) continue;
+  for (const std::string& item : bench::split_list("configs", list, ';')) {
     long long b = 0, s = 0, hq = 0, hkv = 0, hd = 0;
     char tail = 0;
     if (std::sscanf(item.c_str(), "%lld,%lld,%lld,%lld,%lld%c", &b, &s, &hq, &hkv, &hd, &tail) != 5 || b <= 0 ||
         s <= 0 || hq <= 0 || hkv <= 0 || hq % hkv != 0 || (hd != 16 && hd != 32 && hd != 64 && hd != 128))
-      throw std::invalid_argument("--configs: cannot read '" + item +
-                                  "' (expected B,S,Hq,Hkv,hd with Hq a multiple of Hkv and hd in 16/32/64/128)");
+      throw bench::cli_error("--configs: cannot read '" + item +
+                             "' (expected B,S,Hq,Hkv,hd with Hq a multiple of Hkv and hd in 16/32/64/128)");
     out.push_back({b, s, hq, hkv, hd});
   }
-  if (out.empty()) throw std::invalid_argument("--configs: empty list");
   return out;
 }
 
-void usage() {
-  std::printf(
-      "bench_attention: fused attention (ours) vs naive cuBLASLt + softmax attention, forward and backward\n"
-      "  --configs LIST  ';'-separated B,S,Hq,Hkv,hd (default: 8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;\n"
-      "                  4,2048,32,8,128: the Llama 1B, 124M and 2B shapes and a long hd-128 one)\n"
-      "  --reps N        timed calls per pass and implementation (default 20)\n"
-      "  --warmup N      untimed calls first (default 5)\n"
-      "  --no-causal     full (unmasked) attention instead of causal\n"
-      "  --no-reference  time ours only (the naive reference holds two B Hq S^2 bf16 matrices)\n"
-      "  --out FILE      write results as JSON (FILE.tmp, then renamed)\n"
-      "  --commit SHA    commit recorded in the JSON\n"
-      "  --help          this text\n");
-}
-
-int to_int(const std::string& flag, const char* v) {
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0' || x <= 0 || x > 1000000) throw std::invalid_argument(flag + ": positive integer expected");
-  return int(x);
-}
-
 // ---- Device helpers --------------------------------------------------------------------------------------------
-
-__global__ void fill_normal(bf16* x, std::int64_t n, std::uint64_t seed, std::uint64_t offset) {
-  const std::int64_t blocks = (n + 3) / 4;
-  for (std::int64_t b = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < blocks;
-       b += std::int64_t(gridDim.x) * blockDim.x) {
-    float v[4];
-    rng::normal4(seed, offset, std::uint64_t(b), 0.0f, 1.0f, v);
-    for (int i = 0; i < 4; ++i)
-      if (4 * b + i < n) x[4 * b + i] = bf16(v[i]);
-  }
-}
 
 /// dst[b, h, s, :] = src[b, s, h / rep, :] (head-major, KV heads repeated `rep` times).
 __global__ void to_heads(const bf16* src, bf16* dst, std::int64_t B, std::int64_t S, std::int64_t H_src,
@@ -173,71 +129,11 @@ __global__ void ds_rows(const bf16* p, bf16* dp, const bf16* dout, const bf16* o
     dp[row * S + j] = bf16(float(p[row * S + j]) * (float(dp[row * S + j]) - d));
 }
 
-/// sums[0] += sum (a - b)^2, sums[1] += sum b^2, in double.
-__global__ void diff_norms(const bf16* a, const bf16* b, std::int64_t n, double* sums) {
-  double num = 0, den = 0;
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    const double x = double(float(a[i])), y = double(float(b[i]));
-    num += (x - y) * (x - y);
-    den += y * y;
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    num += __shfl_down_sync(0xffffffffu, num, off);
-    den += __shfl_down_sync(0xffffffffu, den, off);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&sums[0], num);
-    atomicAdd(&sums[1], den);
-  }
-}
-
-double rel_diff(const bf16* a, const bf16* b, std::int64_t n, cudaStream_t stream) {
-  double* sums = nullptr;
-  cuda_check(cudaMalloc(&sums, 2 * sizeof(double)));
-  cuda_check(cudaMemsetAsync(sums, 0, 2 * sizeof(double), stream));
-  diff_norms<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream>>>(a, b, n, sums);
-  cuda_check_launch();
-  double host[2] = {0, 0};
-  cuda_check(cudaMemcpyAsync(host, sums, sizeof host, cudaMemcpyDeviceToHost, stream));
-  cuda_check(cudaStreamSynchronize(stream));
-  cuda_check(cudaFree(sums));
-  return host[1] > 0 ? std::sqrt(host[0] / host[1]) : 0.0;
-}
-
-double median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t h = v.size() / 2;
-  return v.size() % 2 ? v[h] : 0.5 * (double(v[h - 1]) + double(v[h]));
-}
-
-/// Times `ours` and `ref` (when given) alternately, `reps` times each after `warmup` untimed calls.
+/// Times `ours` and `ref` alternately (see bench::time_alternating); without the reference, ours alone.
 template <class A, class B>
 timing time_pair(const config& cfg, cudaStream_t stream, A&& ours, B&& ref, bool with_ref) {
-  for (int i = 0; i < cfg.warmup; ++i) {
-    ours();
-    if (with_ref) ref();
-  }
-  std::vector<cudaEvent_t> events(4 * std::size_t(cfg.reps));
-  for (auto& e : events) cuda_check(cudaEventCreate(&e));
-  for (int r = 0; r < cfg.reps; ++r) {
-    cudaEvent_t* e = &events[4 * std::size_t(r)];
-    cuda_check(cudaEventRecord(e[0], stream));
-    ours();
-    cuda_check(cudaEventRecord(e[1], stream));
-    cuda_check(cudaEventRecord(e[2], stream));
-    if (with_ref) ref();
-    cuda_check(cudaEventRecord(e[3], stream));
-  }
-  cuda_check(cudaStreamSynchronize(stream));
-  std::vector<float> t_ours(std::size_t(cfg.reps)), t_ref(std::size_t(cfg.reps));
-  for (int r = 0; r < cfg.reps; ++r) {
-    const cudaEvent_t* e = &events[4 * std::size_t(r)];
-    cuda_check(cudaEventElapsedTime(&t_ours[std::size_t(r)], e[0], e[1]));
-    cuda_check(cudaEventElapsedTime(&t_ref[std::size_t(r)], e[2], e[3]));
-  }
-  for (auto& e : events) cuda_check(cudaEventDestroy(e));
-  return {median(t_ours), with_ref ? median(t_ref) : 0.0};
+  if (with_ref) return bench::time_alternating(stream, cfg.warmup, cfg.reps, ours, ref);
+  return {bench::time_alternating(stream, cfg.warmup, cfg.reps, ours, [] {}).ours_ms, 0.0};
 }
 
 result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::uint64_t seed) {
@@ -248,11 +144,8 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
   device_tensor<bf16> out({B, S, Hq, hd}), dq({B, S, Hq, hd}), dk({B, S, Hkv, hd}), dv({B, S, Hkv, hd});
   device_tensor<float> lse({B, Hq, S});
   std::uint64_t offset = 0;
-  for (device_tensor<bf16>* t : {&q, &k, &v, &dout}) {
-    fill_normal<<<cuda_detail::grid_for((t->numel() + 3) / 4), cuda_detail::block_threads, 0, stream>>>(
-        t->data(), t->numel(), seed, offset++);
-    cuda_check_launch();
-  }
+  for (device_tensor<bf16>* t : {&q, &k, &v, &dout})
+    bench::fill_normal(t->data(), t->numel(), seed, offset++, stream);
   const view<const bf16, device_space> cq = q.v(), ck = k.v(), cv = v.v(), cdout = dout.v(), cout_ = out.v();
   const view<const float, device_space> clse = lse.v();
   const auto ours_fwd = [&] { attention_forward(ex, cq, ck, cv, out.v(), lse.v(), params); };
@@ -311,120 +204,81 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
   res.bwd = time_pair(cfg, stream, ours_bwd, ref_bwd, true);  // both use their own latest forward results
   back(outh, ref_out, Hq);
   back(dqh, ref_dq, Hq);
-  res.diff_out = rel_diff(out.data(), ref_out.data(), out.numel(), stream);
-  res.diff_dq = rel_diff(dq.data(), ref_dq.data(), dq.numel(), stream);
-  res.diff_dk = rel_diff(dk.data(), ref_dk.data(), dk.numel(), stream);
-  res.diff_dv = rel_diff(dv.data(), ref_dv.data(), dv.numel(), stream);
+  res.diff_out = bench::rel_diff(out.data(), ref_out.data(), out.numel(), stream);
+  res.diff_dq = bench::rel_diff(dq.data(), ref_dq.data(), dq.numel(), stream);
+  res.diff_dk = bench::rel_diff(dk.data(), ref_dk.data(), dk.numel(), stream);
+  res.diff_dv = bench::rel_diff(dv.data(), ref_dv.data(), dv.numel(), stream);
   return res;
-}
-
-std::string json_escape(const std::string& s) {
-  std::string o;
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      o += buf;
-    } else {
-      o += c;
-    }
-  }
-  return o;
-}
-
-std::string iso_date_utc() {
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
 }
 
 double tflops(double flop, double ms) { return ms > 0 ? flop / (ms * 1e-3) / 1e12 : 0.0; }
 
 void write_json(const config& cfg, const std::string& device, const std::vector<result>& results) {
-  std::ostringstream j;
-  j.precision(6);
-  j << "{\n  \"benchmark\": \"attention\",\n  \"device\": \"" << json_escape(device) << "\",\n  \"date\": \""
-    << iso_date_utc() << "\",\n  \"commit\": \"" << json_escape(cfg.commit) << "\",\n  \"config\": {\"reps\": "
-    << cfg.reps << ", \"warmup\": " << cfg.warmup << ", \"causal\": " << (cfg.causal ? "true" : "false")
-    << ", \"dtype\": \"bf16\", \"statistics\": \"fp32\", \"scale\": \"1/sqrt(hd)\", \"flop\": \"forward 4 B Hq S^2 "
-       "hd (x 0.5 causal), backward 2.5 x forward, for both\", \"reference\": \""
-    << (cfg.reference ? "naive: batched cuBLASLt QK^T, softmax kernel, PV; backward 4 GEMMs + dS kernel + group sum"
-                      : "none")
-    << "\", \"timing\": \"median of per-call CUDA event times, ours and reference alternating\", \"configs\": [";
-  for (std::size_t i = 0; i < cfg.problems.size(); ++i) j << (i ? ", " : "") << '"' << cfg.problems[i].label() << '"';
-  j << "]},\n  \"results\": [";
-  for (std::size_t i = 0; i < results.size(); ++i) {
-    const result& r = results[i];
-    const auto pass = [&](const char* name, const timing& t, double flop) {
-      j << "\"" << name << "\": {\"ours_ms\": " << t.ours_ms << ", \"ours_tflops\": " << tflops(flop, t.ours_ms);
-      if (cfg.reference)
-        j << ", \"reference_ms\": " << t.ref_ms << ", \"reference_tflops\": " << tflops(flop, t.ref_ms)
-          << ", \"speedup\": " << t.ref_ms / t.ours_ms;
-      j << "}";
+  io::json configs = io::json::array(), rows = io::json::array();
+  for (const problem& p : cfg.problems) configs.push_back(p.label());
+  for (const result& r : results) {
+    const auto pass = [&](const timing& t, double flop) {
+      io::json j = io::json::object({{"ours_ms", t.ours_ms}, {"ours_tflops", tflops(flop, t.ours_ms)}});
+      if (cfg.reference) {
+        j.set("reference_ms", t.ref_ms);
+        j.set("reference_tflops", tflops(flop, t.ref_ms));
+        j.set("speedup", t.ref_ms / t.ours_ms);
+      }
+      return j;
     };
-    j << (i ? "," : "") << "\n    {\"batch\": " << r.p.batch << ", \"seq\": " << r.p.seq << ", \"heads\": " << r.p.heads
-      << ", \"kv_heads\": " << r.p.kv_heads << ", \"head_dim\": " << r.p.head_dim << ", ";
-    pass("forward", r.fwd, r.fwd_flop);
-    j << ", ";
-    pass("backward", r.bwd, r.bwd_flop);
+    io::json row = io::json::object({{"batch", r.p.batch},
+                                     {"seq", r.p.seq},
+                                     {"heads", r.p.heads},
+                                     {"kv_heads", r.p.kv_heads},
+                                     {"head_dim", r.p.head_dim},
+                                     {"forward", pass(r.fwd, r.fwd_flop)},
+                                     {"backward", pass(r.bwd, r.bwd_flop)}});
     if (cfg.reference)
-      j << ", \"rel_diff\": {\"out\": " << r.diff_out << ", \"dq\": " << r.diff_dq << ", \"dk\": " << r.diff_dk
-        << ", \"dv\": " << r.diff_dv << "}";
-    j << "}";
+      row.set("rel_diff", io::json::object(
+                              {{"out", r.diff_out}, {"dq", r.diff_dq}, {"dk", r.diff_dk}, {"dv", r.diff_dv}}));
+    rows.push_back(row);
   }
-  j << "\n  ]\n}\n";
-  const std::string tmp = cfg.out + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << j.str();
-    f.close();
-    if (!f) throw std::runtime_error("cannot write " + tmp);
-  }
-  if (std::rename(tmp.c_str(), cfg.out.c_str()) != 0) throw std::runtime_error("cannot rename " + tmp + " to " + cfg.out);
+  io::json doc = bench::document("attention", device, cfg.commit);
+  doc.set("config",
+          io::json::object(
+              {{"reps", cfg.reps},
+               {"warmup", cfg.warmup},
+               {"causal", cfg.causal},
+               {"dtype", "bf16"},
+               {"statistics", "fp32"},
+               {"scale", "1/sqrt(hd)"},
+               {"flop", "forward 4 B Hq S^2 hd (x 0.5 causal), backward 2.5 x forward, for both"},
+               {"reference", cfg.reference ? "naive: batched cuBLASLt QK^T, softmax kernel, PV; backward 4 GEMMs + "
+                                             "dS kernel + group sum"
+                                           : "none"},
+               {"timing", "median of per-call CUDA event times, ours and reference alternating"},
+               {"configs", configs}}));
+  doc.set("results", rows);
+  bench::write_document(cfg.out, doc);
 }
 
 int run(int argc, char** argv) {
   config cfg;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> const char* {
-      if (i + 1 >= argc) throw std::invalid_argument(a + ": missing value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else if (a == "--reps") {
-      cfg.reps = to_int(a, value());
-    } else if (a == "--warmup") {
-      cfg.warmup = to_int(a, value());
-    } else if (a == "--configs") {
-      cfg.problems = parse_problems(value());
-    } else if (a == "--no-causal") {
-      cfg.causal = false;
-    } else if (a == "--no-reference") {
-      cfg.reference = false;
-    } else if (a == "--out") {
-      cfg.out = value();
-    } else if (a == "--commit") {
-      cfg.commit = value();
-    } else {
-      usage();
-      throw std::invalid_argument("unknown argument " + a);
-    }
-  }
-  if (cfg.problems.empty()) cfg.problems = parse_problems("8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128");
+  std::string configs = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128";
+  bool no_causal = false, no_reference = false;
+  bench::cli cli("bench_attention",
+                 "fused attention (ours) vs naive cuBLASLt + softmax attention, forward and backward");
+  cli.flag("configs", configs,
+           "';'-separated B,S,Hq,Hkv,hd; the default: the Llama 1B, 124M and 2B shapes and a long hd-128 one")
+      .flag("reps", cfg.reps, "timed calls per pass and implementation")
+      .flag("warmup", cfg.warmup, "untimed calls first")
+      .flag("no-causal", no_causal, "full (unmasked) attention instead of causal (a switch: no value needed)")
+      .flag("no-reference", no_reference,
+            "time ours only (the naive reference holds two B Hq S^2 bf16 matrices; a switch: no value needed)");
+  bench::output_flags(cli, cfg.out, cfg.commit);
+  if (!bench::parse(cli, argc, argv, {"no-causal", "no-reference"})) return 0;
+  bench::check_range("reps", cfg.reps, 1);
+  bench::check_range("warmup", cfg.warmup, 1);
+  cfg.causal = !no_causal;
+  cfg.reference = !no_reference;
+  cfg.problems = parse_problems(configs);
 
-  int device = 0;
-  cuda_check(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  cuda_check(cudaGetDeviceProperties(&prop, device));
+  const cudaDeviceProp prop = bench::device_properties();
   std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %d reps after %d warm-up calls%s\n", prop.name, prop.major,
               prop.minor, cfg.causal ? "causal" : "full", cfg.reps, cfg.warmup,
               cfg.reference ? "" : ", no reference");
@@ -450,20 +304,12 @@ int run(int argc, char** argv) {
     results.push_back(r);
   }
   cuda_check(cudaStreamDestroy(stream));
-  if (!cfg.out.empty()) {
-    write_json(cfg, prop.name, results);
-    std::printf("wrote %s\n", cfg.out.c_str());
-  }
+  if (!cfg.out.empty()) write_json(cfg, prop.name, results);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_attention: %s\n", e.what());
-    return 1;
-  }
+  return bench::guarded_main("bench_attention", [&] { return run(argc, argv); });
 }

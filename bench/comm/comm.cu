@@ -19,19 +19,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <ctime>
-#include <exception>
-#include <fstream>
-#include <functional>
-#include <sstream>
-#include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <subspace/comm/local.hpp>
 #include <subspace/comm/nccl.cuh>
 #include <subspace/subspace.hpp>
+
+#include "common/bench.hpp"
 
 using namespace subspace;
 
@@ -62,34 +57,9 @@ struct latency_row {
   double median_us, p10_us, p90_us;
 };
 
-void usage() {
-  std::printf(
-      "bench_comm: comm::local device-to-device bandwidth against the device copy, and comm::nccl world-1 latency\n"
-      "  --sizes LIST        message sizes, e.g. 4KiB,1MiB,256MiB (default 64KiB,1MiB,16MiB,64MiB,256MiB)\n"
-      "  --ranks N           comm::local ranks for the all_reduce (default 4; the transfers use ranks 0 -> 1)\n"
-      "  --reps N            timed transfers per size (default 50)\n"
-      "  --warmup N          untimed transfers first (default 5)\n"
-      "  --latency-reps N    NCCL calls per latency figure (default 200)\n"
-      "  --no-nccl           skip the NCCL latencies\n"
-      "  --out FILE          write results as JSON (FILE.tmp, then renamed)\n"
-      "  --commit SHA        commit recorded in the JSON\n"
-      "  --help              this text\n");
-}
-
-int to_int(const std::string& flag, const char* v, int lo) {
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0' || x < lo || x > 1000000)
-    throw std::invalid_argument(flag + ": integer >= " + std::to_string(lo) + " expected");
-  return int(x);
-}
-
 std::vector<std::int64_t> parse_sizes(const std::string& list) {
   std::vector<std::int64_t> out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
+  for (const std::string& item : bench::split_list("sizes", list)) {
     char* end = nullptr;
     const double v = std::strtod(item.c_str(), &end);
     const std::string unit(end);
@@ -99,11 +69,10 @@ std::vector<std::int64_t> parse_sizes(const std::string& list) {
     else if (unit == "MiB" || unit == "M") scale = 1024.0 * 1024.0;
     else if (unit == "GiB" || unit == "G") scale = 1024.0 * 1024.0 * 1024.0;
     if (end == item.c_str() || scale == 0 || !(v > 0))
-      throw std::invalid_argument("--sizes: cannot read '" + item + "' (expected e.g. 4096, 64KiB, 1MiB, 1GiB)");
+      throw bench::cli_error("--sizes: cannot read '" + item + "' (expected e.g. 4096, 64KiB, 1MiB, 1GiB)");
     const auto bytes = std::int64_t(v * scale);
     out.push_back(std::max<std::int64_t>(4, bytes / 4 * 4));  // whole floats
   }
-  if (out.empty()) throw std::invalid_argument("--sizes: empty list");
   return out;
 }
 
@@ -114,10 +83,6 @@ std::string human(std::int64_t bytes) {
   else if (bytes >= 1024) std::snprintf(buf, sizeof buf, "%.0fKiB", double(bytes) / 1024.0);
   else std::snprintf(buf, sizeof buf, "%lldB", static_cast<long long>(bytes));
   return buf;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 double quantile(std::vector<double> v, double q) {
@@ -135,24 +100,7 @@ double copy_seconds(float* dst, const float* src, std::int64_t bytes, int count,
   for (int i = 0; i < count; ++i)
     cuda_check(cudaMemcpyAsync(dst, src, std::size_t(bytes), cudaMemcpyDeviceToDevice, s));
   cuda_check(cudaStreamSynchronize(s));
-  return seconds_since(t0) / count;
-}
-
-/// Runs body(rank) on a thread per rank.
-void on_ranks(int n, const std::function<void(int)>& body) {
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  return bench::seconds_since(t0) / count;
 }
 
 /// comm::local sends of `bytes` from rank 0 to rank 1, `count` back to back: seconds per transfer.
@@ -160,7 +108,7 @@ double p2p_seconds(std::vector<comm::local>& comms, float* src, float* dst, std:
   std::barrier sync(2);
   double seconds = 0;
   const std::int64_t n = bytes / 4;
-  on_ranks(2, [&](int r) {
+  bench::on_ranks(2, [&](int r) {
     comm::local& c = comms[std::size_t(r)];
     cudaStream_t s = comm::stream_of(c);
     cuda_check(cudaStreamSynchronize(s));
@@ -174,7 +122,7 @@ double p2p_seconds(std::vector<comm::local>& comms, float* src, float* dst, std:
     for (auto& x : q) x.wait();
     cuda_check(cudaStreamSynchronize(s));
     sync.arrive_and_wait();
-    if (r == 1) seconds = seconds_since(t0) / count;
+    if (r == 1) seconds = bench::seconds_since(t0) / count;
   });
   return seconds;
 }
@@ -184,7 +132,7 @@ double all_reduce_seconds(std::vector<comm::local>& comms, std::vector<float*>& 
   const int n = int(comms.size());
   std::barrier sync(n);
   double seconds = 0;
-  on_ranks(n, [&](int r) {
+  bench::on_ranks(n, [&](int r) {
     comm::local& c = comms[std::size_t(r)];
     cudaStream_t s = comm::stream_of(c);
     cuda_check(cudaStreamSynchronize(s));
@@ -196,7 +144,7 @@ double all_reduce_seconds(std::vector<comm::local>& comms, std::vector<float*>& 
     for (auto& x : q) x.wait();
     cuda_check(cudaStreamSynchronize(s));
     sync.arrive_and_wait();
-    if (r == 0) seconds = seconds_since(t0) / count;
+    if (r == 0) seconds = bench::seconds_since(t0) / count;
   });
   return seconds;
 }
@@ -208,115 +156,72 @@ latency_row latency(const std::string& op, std::int64_t bytes, int reps, F&& cal
   for (int i = 0; i < reps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     call();
-    us.push_back(seconds_since(t0) * 1e6);
+    us.push_back(bench::seconds_since(t0) * 1e6);
   }
   return latency_row{op, bytes, quantile(us, 0.5), quantile(us, 0.1), quantile(us, 0.9)};
 }
 
-std::string json_escape(const std::string& s) {
-  std::string o;
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      o += buf;
-    } else {
-      o += c;
-    }
-  }
-  return o;
-}
-
-std::string iso_date_utc() {
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 void write_json(const config& cfg, const std::string& device, const std::vector<bandwidth_row>& bw,
                 const std::vector<all_reduce_row>& ar, const std::vector<latency_row>& lat) {
-  std::ostringstream j;
-  j.precision(6);
-  j << "{\n  \"benchmark\": \"comm\",\n  \"device\": \"" << json_escape(device) << "\",\n  \"date\": \""
-    << iso_date_utc() << "\",\n  \"commit\": \"" << json_escape(cfg.commit) << "\",\n  \"config\": {\"ranks\": "
-    << cfg.ranks << ", \"reps\": " << cfg.reps << ", \"warmup\": " << cfg.warmup << ", \"latency_reps\": "
-    << cfg.latency_reps << ", \"nccl\": " << (cfg.nccl ? "true" : "false")
-    << ", \"timing\": \"host clock over a batch of back-to-back operations until the streams are idle; "
-       "latency: median of single issue+wait calls\", \"sizes\": [";
-  for (std::size_t i = 0; i < cfg.sizes.size(); ++i) j << (i ? ", " : "") << cfg.sizes[i];
-  j << "]},\n  \"results\": {\n    \"local_p2p\": [";
-  for (std::size_t i = 0; i < bw.size(); ++i)
-    j << (i ? "," : "") << "\n      {\"bytes\": " << bw[i].bytes << ", \"local_gbps\": " << bw[i].p2p_gbps
-      << ", \"device_copy_gbps\": " << bw[i].copy_gbps << ", \"ratio\": " << bw[i].p2p_gbps / bw[i].copy_gbps << "}";
-  j << "\n    ],\n    \"local_all_reduce\": [";
-  for (std::size_t i = 0; i < ar.size(); ++i)
-    j << (i ? "," : "") << "\n      {\"bytes\": " << ar[i].bytes << ", \"ranks\": " << cfg.ranks
-      << ", \"algbw_gbps\": " << ar[i].algbw_gbps << ", \"busbw_gbps\": " << ar[i].busbw_gbps
-      << ", \"memory_gbps\": " << ar[i].memory_gbps << ", \"device_copy_memory_gbps\": " << ar[i].copy_memory_gbps
-      << ", \"ratio\": " << ar[i].memory_gbps / ar[i].copy_memory_gbps << "}";
-  j << "\n    ],\n    \"nccl_world1_latency\": [";
-  for (std::size_t i = 0; i < lat.size(); ++i)
-    j << (i ? "," : "") << "\n      {\"op\": \"" << lat[i].op << "\", \"bytes\": " << lat[i].bytes
-      << ", \"median_us\": " << lat[i].median_us << ", \"p10_us\": " << lat[i].p10_us << ", \"p90_us\": "
-      << lat[i].p90_us << "}";
-  j << "\n    ]\n  }\n}\n";
-  const std::string tmp = cfg.out + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << j.str();
-    f.close();
-    if (!f) throw std::runtime_error("cannot write " + tmp);
-  }
-  if (std::rename(tmp.c_str(), cfg.out.c_str()) != 0)
-    throw std::runtime_error("cannot rename " + tmp + " to " + cfg.out);
+  io::json sizes = io::json::array(), p2p = io::json::array(), all_reduce = io::json::array(),
+           nccl_rows = io::json::array();
+  for (const std::int64_t s : cfg.sizes) sizes.push_back(s);
+  for (const bandwidth_row& b : bw)
+    p2p.push_back(io::json::object({{"bytes", b.bytes},
+                                    {"local_gbps", b.p2p_gbps},
+                                    {"device_copy_gbps", b.copy_gbps},
+                                    {"ratio", b.p2p_gbps / b.copy_gbps}}));
+  for (const all_reduce_row& a : ar)
+    all_reduce.push_back(io::json::object({{"bytes", a.bytes},
+                                           {"ranks", cfg.ranks},
+                                           {"algbw_gbps", a.algbw_gbps},
+                                           {"busbw_gbps", a.busbw_gbps},
+                                           {"memory_gbps", a.memory_gbps},
+                                           {"device_copy_memory_gbps", a.copy_memory_gbps},
+                                           {"ratio", a.memory_gbps / a.copy_memory_gbps}}));
+  for (const latency_row& l : lat)
+    nccl_rows.push_back(io::json::object({{"op", l.op},
+                                          {"bytes", l.bytes},
+                                          {"median_us", l.median_us},
+                                          {"p10_us", l.p10_us},
+                                          {"p90_us", l.p90_us}}));
+  io::json doc = bench::document("comm", device, cfg.commit);
+  doc.set("config", io::json::object({{"ranks", cfg.ranks},
+                                      {"reps", cfg.reps},
+                                      {"warmup", cfg.warmup},
+                                      {"latency_reps", cfg.latency_reps},
+                                      {"nccl", cfg.nccl},
+                                      {"timing", "host clock over a batch of back-to-back operations until the "
+                                                 "streams are idle; latency: median of single issue+wait calls"},
+                                      {"sizes", sizes}}));
+  doc.set("results", io::json::object(
+                         {{"local_p2p", p2p}, {"local_all_reduce", all_reduce}, {"nccl_world1_latency", nccl_rows}}));
+  bench::write_document(cfg.out, doc);
 }
 
 int run(int argc, char** argv) {
   config cfg;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> const char* {
-      if (i + 1 >= argc) throw std::invalid_argument(a + ": missing value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else if (a == "--sizes") {
-      cfg.sizes = parse_sizes(value());
-    } else if (a == "--ranks") {
-      cfg.ranks = to_int(a, value(), 2);
-      if (cfg.ranks > 64) throw std::invalid_argument("--ranks: at most 64");
-    } else if (a == "--reps") {
-      cfg.reps = to_int(a, value(), 1);
-    } else if (a == "--warmup") {
-      cfg.warmup = to_int(a, value(), 0);
-    } else if (a == "--latency-reps") {
-      cfg.latency_reps = to_int(a, value(), 1);
-    } else if (a == "--no-nccl") {
-      cfg.nccl = false;
-    } else if (a == "--out") {
-      cfg.out = value();
-    } else if (a == "--commit") {
-      cfg.commit = value();
-    } else {
-      usage();
-      throw std::invalid_argument("unknown argument " + a);
-    }
-  }
-  if (cfg.sizes.empty()) cfg.sizes = parse_sizes("64KiB,1MiB,16MiB,64MiB,256MiB");
+  std::string sizes = "64KiB,1MiB,16MiB,64MiB,256MiB";
+  bool no_nccl = false;
+  bench::cli cli("bench_comm",
+                 "comm::local device-to-device bandwidth against the device copy, and comm::nccl world-1 latency");
+  cli.flag("sizes", sizes, "message sizes, comma-separated, e.g. 4KiB,1MiB,256MiB")
+      .flag("ranks", cfg.ranks, "comm::local ranks for the all_reduce (2 to 64; the transfers use ranks 0 -> 1)")
+      .flag("reps", cfg.reps, "timed transfers per size")
+      .flag("warmup", cfg.warmup, "untimed transfers first")
+      .flag("latency-reps", cfg.latency_reps, "NCCL calls per latency figure")
+      .flag("no-nccl", no_nccl, "skip the NCCL latencies (a switch: no value needed)");
+  bench::output_flags(cli, cfg.out, cfg.commit);
+  if (!bench::parse(cli, argc, argv, {"no-nccl"})) return 0;
+  bench::check_range("ranks", cfg.ranks, 2, 64);
+  bench::check_range("reps", cfg.reps, 1);
+  bench::check_range("warmup", cfg.warmup, 0);
+  bench::check_range("latency-reps", cfg.latency_reps, 1);
+  cfg.nccl = !no_nccl;
+  cfg.sizes = parse_sizes(sizes);
   const std::int64_t largest = *std::max_element(cfg.sizes.begin(), cfg.sizes.end());
 
-  int device = 0;
-  cuda_check(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  cuda_check(cudaGetDeviceProperties(&prop, device));
+  const cudaDeviceProp prop = bench::device_properties();
   std::printf("bench_comm on %s (sm_%d%d): %d reps after %d warm-up, sizes", prop.name, prop.major, prop.minor,
               cfg.reps, cfg.warmup);
   for (auto s : cfg.sizes) std::printf(" %s", human(s).c_str());
@@ -401,20 +306,12 @@ int run(int argc, char** argv) {
   }
 
   cuda_check(cudaStreamDestroy(copy_stream));
-  if (!cfg.out.empty()) {
-    write_json(cfg, prop.name, bw, ar, lat);
-    std::printf("wrote %s\n", cfg.out.c_str());
-  }
+  if (!cfg.out.empty()) write_json(cfg, prop.name, bw, ar, lat);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_comm: %s\n", e.what());
-    return 1;
-  }
+  return bench::guarded_main("bench_comm", [&] { return run(argc, argv); });
 }

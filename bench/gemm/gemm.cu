@@ -12,23 +12,18 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <ctime>
-#include <exception>
-#include <fstream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#include <subspace/core/rng.hpp>
 #include <subspace/kernels/gemm.hpp>
+
+#include "common/bench.hpp"
 
 using namespace subspace;
 
@@ -79,7 +74,7 @@ std::vector<problem> parse_sizes(const std::string& list) {
     if (std::sscanf(dims.c_str(), "%lld%c%lld%c%lld%c", &m, &x1, &n, &x2, &k, &tail) != 5 || x1 != 'x' ||
         x2 != 'x' || m <= 0 || n <= 0 || k <= 0 || ops.size() != 2 || (ops[0] != 'n' && ops[0] != 't') ||
         (ops[1] != 'n' && ops[1] != 't'))
-      throw std::invalid_argument("--sizes: cannot read '" + item + "' (expected MxNxK or MxNxK:nt)");
+      throw bench::cli_error("--sizes: cannot read '" + item + "' (expected MxNxK or MxNxK:nt)");
     p.m = m;
     p.n = n;
     p.k = k;
@@ -87,61 +82,8 @@ std::vector<problem> parse_sizes(const std::string& list) {
     p.op_b = ops[1] == 't' ? op::transpose : op::none;
     out.push_back(p);
   }
-  if (out.empty()) throw std::invalid_argument("--sizes: empty list");
+  if (out.empty()) throw bench::cli_error("--sizes: empty list");
   return out;
-}
-
-void usage() {
-  std::printf(
-      "bench_gemm: subspace::gemm on CUDA vs a direct cuBLASLt call (same data, same run)\n"
-      "  --reps N        timed calls per size and implementation (default 100)\n"
-      "  --warmup N      untimed calls first (default 20)\n"
-      "  --sizes LIST    comma-separated MxNxK[:XY], X/Y in {n,t} = op_a/op_b (default: 8192^3 nn, 4096^3 nn,\n"
-      "                  Llama-like 8192x2048x8192 nn and nt, 8192x8192x2048 nn, 2048x8192x8192 tn)\n"
-      "  --dtype T       bf16 (default: bf16 in/out, fp32 accumulate) or fp32 (pure fp32, no TF32)\n"
-      "  --out FILE      write results as JSON (FILE.tmp, then renamed)\n"
-      "  --commit SHA    commit recorded in the JSON\n"
-      "  --help          this text\n");
-}
-
-int to_int(const std::string& flag, const char* v) {
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0' || x <= 0 || x > 1000000) throw std::invalid_argument(flag + ": positive integer expected");
-  return int(x);
-}
-
-/// Fills x with N(0, 1) draws from the Philox stream (seed, offset), four per thread step.
-template <class T>
-__global__ void fill_normal(T* x, std::int64_t n, std::uint64_t seed, std::uint64_t offset) {
-  const std::int64_t blocks = (n + 3) / 4;
-  for (std::int64_t b = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < blocks;
-       b += std::int64_t(gridDim.x) * blockDim.x) {
-    float v[4];
-    rng::normal4(seed, offset, std::uint64_t(b), 0.0f, 1.0f, v);
-    for (int i = 0; i < 4; ++i)
-      if (4 * b + i < n) x[4 * b + i] = T(v[i]);
-  }
-}
-
-/// sums[0] += sum (a - b)^2, sums[1] += sum b^2, in double.
-template <class T>
-__global__ void diff_norms(const T* a, const T* b, std::int64_t n, double* sums) {
-  double num = 0, den = 0;
-  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    const double x = double(float(a[i])), y = double(float(b[i]));
-    num += (x - y) * (x - y);
-    den += y * y;
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    num += __shfl_down_sync(0xffffffffu, num, off);
-    den += __shfl_down_sync(0xffffffffu, den, off);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&sums[0], num);
-    atomicAdd(&sums[1], den);
-  }
 }
 
 template <class T>
@@ -210,12 +152,6 @@ class direct_cublaslt {
   cublasLtMatmulAlgo_t algo_{};
 };
 
-double median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t h = v.size() / 2;
-  return v.size() % 2 ? v[h] : 0.5 * (double(v[h - 1]) + double(v[h]));
-}
-
 template <class T>
 result run_one(const config& cfg, const problem& p, cudaStream_t stream, cublasLtHandle_t handle, void* workspace,
                std::size_t workspace_bytes, std::uint64_t seed) {
@@ -224,156 +160,75 @@ result run_one(const config& cfg, const problem& p, cudaStream_t stream, cublasL
   const shape b_shape = p.op_b == op::none ? shape{p.k, p.n} : shape{p.n, p.k};
   device_tensor<T> A(a_shape), B(b_shape), c_ours({p.m, p.n}), c_ref({p.m, p.n});
   std::uint64_t offset = 0;
-  for (device_tensor<T>* t : {&A, &B, &c_ours, &c_ref}) {
-    fill_normal<<<cuda_detail::grid_for((t->numel() + 3) / 4), cuda_detail::block_threads, 0, stream>>>(
-        t->data(), t->numel(), seed, offset++);
-    cuda_check_launch();
-  }
+  for (device_tensor<T>* t : {&A, &B, &c_ours, &c_ref})
+    bench::fill_normal(t->data(), t->numel(), seed, offset++, stream);
   const direct_cublaslt<T> reference(handle, workspace, workspace_bytes, p);
   const auto ours = [&] { gemm(ex, p.op_a, p.op_b, 1.0f, A.v(), B.v(), 0.0f, c_ours.v()); };
   const auto ref = [&] { reference.run(A.data(), B.data(), c_ref.data(), stream); };
 
-  for (int i = 0; i < cfg.warmup; ++i) {
-    ours();
-    ref();
-  }
-  std::vector<cudaEvent_t> events(4 * std::size_t(cfg.reps));
-  for (auto& e : events) cuda_check(cudaEventCreate(&e));
-  for (int r = 0; r < cfg.reps; ++r) {  // alternate, so that clock and thermal drift hit both alike
-    cudaEvent_t* e = &events[4 * std::size_t(r)];
-    cuda_check(cudaEventRecord(e[0], stream));
-    ours();
-    cuda_check(cudaEventRecord(e[1], stream));
-    cuda_check(cudaEventRecord(e[2], stream));
-    ref();
-    cuda_check(cudaEventRecord(e[3], stream));
-  }
-  cuda_check(cudaStreamSynchronize(stream));
-  std::vector<float> t_ours(std::size_t(cfg.reps)), t_ref(std::size_t(cfg.reps));
-  for (int r = 0; r < cfg.reps; ++r) {
-    const cudaEvent_t* e = &events[4 * std::size_t(r)];
-    cuda_check(cudaEventElapsedTime(&t_ours[std::size_t(r)], e[0], e[1]));
-    cuda_check(cudaEventElapsedTime(&t_ref[std::size_t(r)], e[2], e[3]));
-  }
-  for (auto& e : events) cuda_check(cudaEventDestroy(e));
-
-  // Both computed the same product: their relative difference (0 when they chose the same kernel).
-  double* sums = nullptr;
-  cuda_check(cudaMalloc(&sums, 2 * sizeof(double)));
-  cuda_check(cudaMemsetAsync(sums, 0, 2 * sizeof(double), stream));
-  diff_norms<<<cuda_detail::grid_for(c_ours.numel()), cuda_detail::block_threads, 0, stream>>>(
-      c_ours.data(), c_ref.data(), c_ours.numel(), sums);
-  cuda_check_launch();
-  double host_sums[2] = {0, 0};
-  cuda_check(cudaMemcpyAsync(host_sums, sums, sizeof host_sums, cudaMemcpyDeviceToHost, stream));
-  cuda_check(cudaStreamSynchronize(stream));
-  cuda_check(cudaFree(sums));
-
+  const bench::pair_timing t = bench::time_alternating(stream, cfg.warmup, cfg.reps, ours, ref);
   result res;
   res.p = p;
   res.dtype = cfg.dtype;
-  res.ours_ms = median(t_ours);
-  res.ref_ms = median(t_ref);
+  res.ours_ms = t.ours_ms;
+  res.ref_ms = t.ref_ms;
   const double flop = 2.0 * double(p.m) * double(p.n) * double(p.k);
   res.ours_tflops = flop / (res.ours_ms * 1e-3) / 1e12;
   res.ref_tflops = flop / (res.ref_ms * 1e-3) / 1e12;
-  res.rel_diff = host_sums[1] > 0 ? std::sqrt(host_sums[0] / host_sums[1]) : 0.0;
+  // Both computed the same product: their relative difference (0 when they chose the same kernel).
+  res.rel_diff = bench::rel_diff(c_ours.data(), c_ref.data(), c_ours.numel(), stream);
   return res;
 }
 
-std::string json_escape(const std::string& s) {
-  std::string o;
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      o += buf;
-    } else {
-      o += c;
-    }
-  }
-  return o;
-}
-
-std::string iso_date_utc() {
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 void write_json(const config& cfg, const std::string& device, const std::vector<result>& results) {
-  std::ostringstream j;
-  j.precision(6);
-  j << "{\n  \"benchmark\": \"gemm\",\n  \"device\": \"" << json_escape(device) << "\",\n  \"date\": \""
-    << iso_date_utc() << "\",\n  \"commit\": \"" << json_escape(cfg.commit) << "\",\n  \"config\": {\"reps\": "
-    << cfg.reps << ", \"warmup\": " << cfg.warmup << ", \"dtype\": \"" << cfg.dtype
-    << "\", \"accumulate\": \"fp32\", \"alpha\": 1, \"beta\": 0, \"workspace_mib\": 32, \"timing\": "
-       "\"median of per-call CUDA event times, ours and reference alternating\", \"sizes\": [";
-  for (std::size_t i = 0; i < cfg.sizes.size(); ++i) j << (i ? ", " : "") << '"' << label(cfg.sizes[i]) << '"';
-  j << "]},\n  \"results\": [";
-  for (std::size_t i = 0; i < results.size(); ++i) {
-    const result& r = results[i];
-    j << (i ? "," : "") << "\n    {\"m\": " << r.p.m << ", \"n\": " << r.p.n << ", \"k\": " << r.p.k
-      << ", \"dtype\": \"" << r.dtype << "\", \"op_a\": \"" << to_string(r.p.op_a) << "\", \"op_b\": \""
-      << to_string(r.p.op_b) << "\", \"ours_tflops\": " << r.ours_tflops << ", \"cublaslt_tflops\": "
-      << r.ref_tflops << ", \"ratio\": " << r.ours_tflops / r.ref_tflops << ", \"ours_ms\": " << r.ours_ms
-      << ", \"cublaslt_ms\": " << r.ref_ms << ", \"rel_diff\": " << r.rel_diff << "}";
-  }
-  j << "\n  ]\n}\n";
-  const std::string tmp = cfg.out + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << j.str();
-    f.close();
-    if (!f) throw std::runtime_error("cannot write " + tmp);
-  }
-  if (std::rename(tmp.c_str(), cfg.out.c_str()) != 0) throw std::runtime_error("cannot rename " + tmp + " to " + cfg.out);
+  io::json sizes = io::json::array(), rows = io::json::array();
+  for (const problem& p : cfg.sizes) sizes.push_back(label(p));
+  for (const result& r : results)
+    rows.push_back(io::json::object({{"m", r.p.m},
+                                     {"n", r.p.n},
+                                     {"k", r.p.k},
+                                     {"dtype", r.dtype},
+                                     {"op_a", to_string(r.p.op_a)},
+                                     {"op_b", to_string(r.p.op_b)},
+                                     {"ours_tflops", r.ours_tflops},
+                                     {"cublaslt_tflops", r.ref_tflops},
+                                     {"ratio", r.ours_tflops / r.ref_tflops},
+                                     {"ours_ms", r.ours_ms},
+                                     {"cublaslt_ms", r.ref_ms},
+                                     {"rel_diff", r.rel_diff}}));
+  io::json doc = bench::document("gemm", device, cfg.commit);
+  doc.set("config", io::json::object({{"reps", cfg.reps},
+                                      {"warmup", cfg.warmup},
+                                      {"dtype", cfg.dtype},
+                                      {"accumulate", "fp32"},
+                                      {"alpha", 1},
+                                      {"beta", 0},
+                                      {"workspace_mib", 32},
+                                      {"timing", "median of per-call CUDA event times, ours and reference alternating"},
+                                      {"sizes", sizes}}));
+  doc.set("results", rows);
+  bench::write_document(cfg.out, doc);
 }
 
 int run(int argc, char** argv) {
   config cfg;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> const char* {
-      if (i + 1 >= argc) throw std::invalid_argument(a + ": missing value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else if (a == "--reps") {
-      cfg.reps = to_int(a, value());
-    } else if (a == "--warmup") {
-      cfg.warmup = to_int(a, value());
-    } else if (a == "--sizes") {
-      cfg.sizes = parse_sizes(value());
-    } else if (a == "--dtype") {
-      cfg.dtype = value();
-      if (cfg.dtype != "bf16" && cfg.dtype != "fp32") throw std::invalid_argument("--dtype: bf16 or fp32");
-    } else if (a == "--out") {
-      cfg.out = value();
-    } else if (a == "--commit") {
-      cfg.commit = value();
-    } else {
-      usage();
-      throw std::invalid_argument("unknown argument " + a);
-    }
-  }
-  if (cfg.sizes.empty())
-    cfg.sizes = parse_sizes(
-        "8192x8192x8192:nn,4096x4096x4096:nn,8192x2048x8192:nn,8192x2048x8192:nt,8192x8192x2048:nn,"
-        "2048x8192x8192:tn");
+  std::string sizes =
+      "8192x8192x8192:nn,4096x4096x4096:nn,8192x2048x8192:nn,8192x2048x8192:nt,8192x8192x2048:nn,2048x8192x8192:tn";
+  bench::cli cli("bench_gemm", "subspace::gemm on CUDA vs a direct cuBLASLt call (same data, same run)");
+  cli.flag("reps", cfg.reps, "timed calls per size and implementation")
+      .flag("warmup", cfg.warmup, "untimed calls first")
+      .flag("sizes", sizes,
+            "comma-separated MxNxK[:XY], X/Y in {n,t} = op_a/op_b; the default: 8192^3 and 4096^3 nn, and "
+            "Llama-like shapes")
+      .flag("dtype", cfg.dtype, "bf16 (bf16 in/out, fp32 accumulate) or fp32 (pure fp32, no TF32)",
+            {"bf16", "fp32"});
+  bench::output_flags(cli, cfg.out, cfg.commit);
+  if (!bench::parse(cli, argc, argv)) return 0;
+  bench::check_range("reps", cfg.reps, 1);
+  bench::check_range("warmup", cfg.warmup, 1);
+  cfg.sizes = parse_sizes(sizes);
 
-  int device = 0;
-  cuda_check(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  cuda_check(cudaGetDeviceProperties(&prop, device));
+  const cudaDeviceProp prop = bench::device_properties();
   std::printf("bench_gemm on %s (sm_%d%d), %s, %d reps after %d warm-up calls\n", prop.name, prop.major, prop.minor,
               cfg.dtype == "bf16" ? "bf16 in/out, fp32 accumulate" : "fp32 (no TF32)", cfg.reps, cfg.warmup);
 
@@ -408,20 +263,12 @@ int run(int argc, char** argv) {
   for (const result& r : results)
     std::printf("%-22s %-5s %12.1f %16.1f %8.3f\n", label(r.p).c_str(), r.dtype.c_str(), r.ours_tflops,
                 r.ref_tflops, r.ours_tflops / r.ref_tflops);
-  if (!cfg.out.empty()) {
-    write_json(cfg, prop.name, results);
-    std::printf("wrote %s\n", cfg.out.c_str());
-  }
+  if (!cfg.out.empty()) write_json(cfg, prop.name, results);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_gemm: %s\n", e.what());
-    return 1;
-  }
+  return bench::guarded_main("bench_gemm", [&] { return run(argc, argv); });
 }

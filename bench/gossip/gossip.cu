@@ -46,20 +46,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <ctime>
-#include <exception>
-#include <functional>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <decent/bucket.hpp>
 #include <decent/decent.hpp>
 #include <subspace/subspace.hpp>
+
+#include "common/bench.hpp"
 
 using namespace subspace;
 
@@ -70,8 +66,7 @@ struct options {
   int ranks = 8;
   int local_ranks = 1;
   std::string intra_link = "100gbit";
-  std::vector<std::string> bandwidths{"1gbit", "25gbit"};
-  std::vector<std::string> topologies{"complete", "ring", "one_peer_exp", "alternating_exp_ring"};
+  std::vector<std::string> bandwidths, topologies;  // from the comma-separated flags
   double bucket_mb = 25.0;
   int steps = 12;
   int warmup = 2;
@@ -93,58 +88,6 @@ struct scenario {
   double ratio_wall = 1, ratio_comm = 1, ratio_bytes = 1;  // against allreduce at the same bandwidth
 };
 
-void usage() {
-  std::printf(
-      "bench_gossip: per-step time and bytes of data-parallel all-reduce against gossip (each decent topology),\n"
-      "ranks as threads on one GPU through comm::local under comm::throttled (account mode), buckets of a Llama\n"
-      "config cut by decent::bucket_plan; no model compute (see bench/gossip/README.md)\n"
-      "  --config NAME       Llama preset whose parameters are bucketed (default 124m)\n"
-      "  --ranks N           ranks (default 8)\n"
-      "  --local-ranks L     ranks per node for alternating_exp_ring; L > 1 also makes links inside a node\n"
-      "                      --intra-link (default 1: every rank its own node, every link the same)\n"
-      "  --intra-link LINK   link inside a node when --local-ranks > 1 (default 100gbit)\n"
-      "  --bandwidths LIST   modelled links, comma-separated: 80mbit, 300mbit, 1gbit, 25gbit, 100gbit or\n"
-      "                      <number><kbit|mbit|gbit>[@<latency><s|ms|us>] (default 1gbit,25gbit)\n"
-      "  --topologies LIST   gossip topologies (default complete,ring,one_peer_exp,alternating_exp_ring);\n"
-      "                      allreduce always runs first, as the reference of the ratios\n"
-      "  --bucket-mb X       bucket size in MB of fp32 (default 25)\n"
-      "  --steps N           timed steps per scenario (default 12, a multiple of every period with 8 ranks)\n"
-      "  --warmup N          untimed steps first (default 2)\n"
-      "  --device D          cuda (the GPU), host (the CPU: the fallback, and a quick check with a small --config)\n"
-      "                      or auto: cuda when a GPU is present (default auto)\n"
-      "  --threads N         host worker threads per rank with --device host (default 1)\n"
-      "  --out FILE          write results as JSON (FILE.tmp, then renamed)\n"
-      "  --commit SHA        commit recorded in the JSON\n"
-      "  --help              this text\n");
-}
-
-int to_int(const std::string& flag, const char* v, int lo) {
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (end == v || *end != '\0' || x < lo || x > 100000)
-    throw std::invalid_argument(flag + ": integer >= " + std::to_string(lo) + " expected, got '" + v + "'");
-  return int(x);
-}
-
-std::vector<std::string> split_list(const std::string& flag, const std::string& list) {
-  std::vector<std::string> out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  if (out.empty()) throw std::invalid_argument(flag + ": empty list");
-  return out;
-}
-
-std::string iso_date_utc() {
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 std::string human_bytes(double b) {
   char buf[32];
   if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.3f GB", b / 1e9);
@@ -153,13 +96,22 @@ std::string human_bytes(double b) {
   return buf;
 }
 
+/// cli_error unless `text` reads as a comm::link.
+void check_link(const char* flag, const std::string& text) {
+  try {
+    comm::link::parse(text);
+  } catch (const std::exception& e) {
+    throw bench::cli_error(std::string("--") + flag + ": " + e.what());
+  }
+}
+
 decent::group_schedule make_topology(const std::string& name, int n, int local) {
   if (name == "complete") return decent::complete(n);
   if (name == "ring") return decent::ring(n);
   if (name == "one_peer_exp") return decent::one_peer_exp(n);
   if (name == "alternating_exp_ring") return decent::alternating_exp_ring(n, local);
-  throw std::invalid_argument("--topologies: unknown topology '" + name +
-                              "' (expected complete, ring, one_peer_exp, alternating_exp_ring)");
+  throw bench::cli_error("--topologies: unknown topology '" + name +
+                         "' (expected complete, ring, one_peer_exp, alternating_exp_ring)");
 }
 
 /// The parameters of `cfg` as nn::llama lays them out in its flat storage (each tensor padded to 128 elements).
@@ -186,23 +138,6 @@ decent::bucket_plan plan_of(const layout& l, std::int64_t bucket_bytes) {
   std::vector<decent::bucket_plan::tensor_entry> t;
   for (std::size_t i = 0; i < l.specs.size(); ++i) t.push_back({l.specs[i].name, l.specs[i].shape, l.offsets[i]});
   return decent::bucket_plan(std::move(t), l.total(), bucket_bytes);
-}
-
-/// Runs body(rank) on a thread per rank; rethrows the first failure.
-void on_ranks(int n, const std::function<void(int)>& body) {
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
 }
 
 using wire = comm::throttled<comm::local>;
@@ -294,7 +229,7 @@ measurement run_ranks(const options& o, const comm::network& net, Setup&& setup)
   {
     std::vector<comm::local> world = comm::local::world(o.ranks, lo);
     std::barrier sync(o.ranks);
-    on_ranks(o.ranks, [&](int r) {
+    bench::on_ranks(o.ranks, [&](int r) {
       const Exec& ex = execs[std::size_t(r)];
       wire c(world[std::size_t(r)], net);
       auto rank = setup(r, ex, c);
@@ -309,7 +244,7 @@ measurement run_ranks(const options& o, const comm::network& net, Setup&& setup)
       for (int t = o.warmup; t < o.warmup + o.steps; ++t) rank.step(t);
       synchronize(ex);
       sync.arrive_and_wait();
-      if (r == 0) m.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r == 0) m.wall_s = bench::seconds_since(t0);
       m.bytes[std::size_t(r)] = c.metrics().bytes_sent() - bytes0;
       m.seconds[std::size_t(r)] = c.metrics().seconds - seconds0;
       rank.drain();
@@ -495,114 +430,88 @@ void write_json(const options& o, const std::string& device, const nn::llama_con
   const optim::adamw ad{};
   char beta2[32];
   std::snprintf(beta2, sizeof beta2, "%g", double(ad.beta2));
-  const io::json doc = io::json::object(
-      {{"benchmark", io::json("gossip")},
-       {"device", io::json(device)},
-       {"date", io::json(iso_date_utc())},
-       {"commit", io::json(o.commit)},
-       {"config",
-        io::json::object(
-            {{"model", io::json(cfg.name)},
-             {"parameters", io::json(cfg.parameters())},
-             {"flat_elements", io::json(l.total())},
-             {"ranks", io::json(o.ranks)},
-             {"local_ranks", io::json(o.local_ranks)},
-             {"intra_link", io::json(o.local_ranks > 1 ? o.intra_link : std::string("none"))},
-             {"bandwidths", bws},
-             {"throttle", io::json("account")},
-             {"topologies", topos},
-             {"bucket_bytes", io::json(plan.bucket_bytes())},
-             {"bucket_elements", buckets},
-             {"steps", io::json(o.steps)},
-             {"warmup", io::json(o.warmup)},
-             {"executor", io::json(device == "host" ? "exec::host, " + std::to_string(o.threads) +
-                                                          " worker thread(s) per rank"
-                                                    : std::string("exec::cuda, one stream per rank"))},
-             {"allreduce", io::json("all_reduce(avg) of each bucket's fp32 gradients in ready order, wait, "
-                                    "global-norm clip, optim::adamw per tensor (beta2 " + std::string(beta2) + ")")},
-             {"gossip", io::json("per bucket: wait last step's exchange, per-bucket clip, decent::accum_adamw (K " +
-                                 std::to_string(aa.accum_iter) + ") step_from_mixed per tensor, comm block = x / |R|, "
-                                 "all_reduce(sum) on the next round's group communicator")},
-             {"lr", io::json(lr)},
-             {"clip", io::json(clip)},
-             {"timing", io::json(std::string("host clock, barrier of all ranks to barrier after every rank's stream "
-                                             "is idle, over the timed steps; all ranks share ") +
-                                 (device == "host" ? "the host's cores" : "one GPU"))},
-             {"not_measured", io::json("model compute; data_parallel_trainer's all-reduce of the step loss (one "
-                                       "double)")}})},
-       {"results", out}});
-  io::atomic_write_text(o.out, doc.dump(2) + "\n");
+  io::json doc = bench::document("gossip", device, o.commit);
+  doc.set("config",
+          io::json::object(
+              {{"model", io::json(cfg.name)},
+               {"parameters", io::json(cfg.parameters())},
+               {"flat_elements", io::json(l.total())},
+               {"ranks", io::json(o.ranks)},
+               {"local_ranks", io::json(o.local_ranks)},
+               {"intra_link", io::json(o.local_ranks > 1 ? o.intra_link : std::string("none"))},
+               {"bandwidths", bws},
+               {"throttle", io::json("account")},
+               {"topologies", topos},
+               {"bucket_bytes", io::json(plan.bucket_bytes())},
+               {"bucket_elements", buckets},
+               {"steps", io::json(o.steps)},
+               {"warmup", io::json(o.warmup)},
+               {"executor", io::json(device == "host" ? "exec::host, " + std::to_string(o.threads) +
+                                                            " worker thread(s) per rank"
+                                                      : std::string("exec::cuda, one stream per rank"))},
+               {"allreduce", io::json("all_reduce(avg) of each bucket's fp32 gradients in ready order, wait, "
+                                      "global-norm clip, optim::adamw per tensor (beta2 " + std::string(beta2) + ")")},
+               {"gossip", io::json("per bucket: wait last step's exchange, per-bucket clip, decent::accum_adamw (K " +
+                                   std::to_string(aa.accum_iter) +
+                                   ") step_from_mixed per tensor, comm block = x / |R|, "
+                                   "all_reduce(sum) on the next round's group communicator")},
+               {"lr", io::json(lr)},
+               {"clip", io::json(clip)},
+               {"timing", io::json(std::string("host clock, barrier of all ranks to barrier after every rank's stream "
+                                               "is idle, over the timed steps; all ranks share ") +
+                                   (device == "host" ? "the host's cores" : "one GPU"))},
+               {"not_measured", io::json("model compute; data_parallel_trainer's all-reduce of the step loss (one "
+                                         "double)")}}));
+  doc.set("results", out);
+  bench::write_document(o.out, doc);
 }
 
 int run(int argc, char** argv) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> const char* {
-      if (i + 1 >= argc) throw std::invalid_argument(a + ": missing value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else if (a == "--config") {
-      o.config = value();
-    } else if (a == "--ranks") {
-      o.ranks = to_int(a, value(), 2);
-      if (o.ranks > 64) throw std::invalid_argument("--ranks: at most 64 (comm::local device collectives)");
-    } else if (a == "--local-ranks") {
-      o.local_ranks = to_int(a, value(), 1);
-    } else if (a == "--intra-link") {
-      o.intra_link = value();
-      comm::link::parse(o.intra_link);
-    } else if (a == "--bandwidths") {
-      o.bandwidths = split_list(a, value());
-      for (const auto& b : o.bandwidths) comm::link::parse(b);
-    } else if (a == "--topologies") {
-      o.topologies = split_list(a, value());
-    } else if (a == "--bucket-mb") {
-      char* end = nullptr;
-      const char* v = value();
-      o.bucket_mb = std::strtod(v, &end);
-      if (end == v || *end != '\0' || !(o.bucket_mb > 0) || !std::isfinite(o.bucket_mb))
-        throw std::invalid_argument("--bucket-mb: a positive number expected, got '" + std::string(v) + "'");
-    } else if (a == "--steps") {
-      o.steps = to_int(a, value(), 1);
-    } else if (a == "--warmup") {
-      o.warmup = to_int(a, value(), 0);
-    } else if (a == "--device") {
-      o.device = value();
-      if (o.device != "auto" && o.device != "cuda" && o.device != "host")
-        throw std::invalid_argument("--device: got '" + o.device + "', expected auto, cuda or host");
-    } else if (a == "--threads") {
-      o.threads = to_int(a, value(), 1);
-    } else if (a == "--out") {
-      o.out = value();
-    } else if (a == "--commit") {
-      o.commit = value();
-    } else {
-      usage();
-      throw std::invalid_argument("unknown argument " + a);
-    }
-  }
+  std::string bandwidths = "1gbit,25gbit", topologies = "complete,ring,one_peer_exp,alternating_exp_ring";
+  bench::cli cli("bench_gossip",
+                 "per-step time and bytes of data-parallel all-reduce against gossip (each decent topology),\n"
+                 "ranks as threads on one GPU through comm::local under comm::throttled (account mode), buckets of a "
+                 "Llama\nconfig cut by decent::bucket_plan; no model compute (see bench/gossip/README.md)");
+  cli.flag("config", o.config, "Llama preset whose parameters are bucketed")
+      .flag("ranks", o.ranks, "ranks (2 to 64)")
+      .flag("local-ranks", o.local_ranks,
+            "ranks per node for alternating_exp_ring; L > 1 also makes links inside a node --intra-link (1: every "
+            "rank its own node, every link the same)")
+      .flag("intra-link", o.intra_link, "link inside a node when --local-ranks > 1")
+      .flag("bandwidths", bandwidths,
+            "modelled links, comma-separated: 80mbit, 300mbit, 1gbit, 25gbit, 100gbit or "
+            "<number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
+      .flag("topologies", topologies,
+            "gossip topologies, comma-separated; allreduce always runs first, as the reference of the ratios")
+      .flag("bucket-mb", o.bucket_mb, "bucket size in MB of fp32")
+      .flag("steps", o.steps, "timed steps per scenario (the default is a multiple of every period with 8 ranks)")
+      .flag("warmup", o.warmup, "untimed steps first")
+      .flag("device", o.device,
+            "cuda (the GPU), host (the CPU: the fallback, and a quick check with a small --config) or auto: cuda "
+            "when a GPU is present",
+            {"auto", "cuda", "host"})
+      .flag("threads", o.threads, "host worker threads per rank with --device host");
+  bench::output_flags(cli, o.out, o.commit);
+  if (!bench::parse(cli, argc, argv)) return 0;
+  bench::check_range("ranks", o.ranks, 2, 64);
+  bench::check_range("local-ranks", o.local_ranks, 1, 100000);
+  bench::check_range("steps", o.steps, 1, 100000);
+  bench::check_range("warmup", o.warmup, 0, 100000);
+  bench::check_range("threads", o.threads, 1, 100000);
+  bench::check_positive("bucket-mb", o.bucket_mb);
+  o.bandwidths = bench::split_list("bandwidths", bandwidths);
+  o.topologies = bench::split_list("topologies", topologies);
+  for (const std::string& link : o.bandwidths) check_link("bandwidths", link);
+  check_link("intra-link", o.intra_link);
   for (const auto& t : o.topologies) make_topology(t, o.ranks, o.local_ranks);  // size errors before any work
 
   const nn::llama_config cfg = nn::presets::by_name(o.config);
   const layout l = layout_of(cfg);
   const decent::bucket_plan plan = plan_of(l, std::int64_t(std::llround(o.bucket_mb * 1e6)));
-
-  int devices = 0;
-  const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-  if (o.device == "cuda" && !have_gpu) throw std::invalid_argument("--device cuda: no CUDA device is present");
-  const bool on_gpu = o.device == "cuda" || (o.device == "auto" && have_gpu);
-  std::string device_name = "host";
-  if (on_gpu) {
-    int device = 0;
-    cuda_check(cudaGetDevice(&device));
-    cudaDeviceProp prop{};
-    cuda_check(cudaGetDeviceProperties(&prop, device));
-    device_name = prop.name;
-  }
+  const examples::device_choice device = examples::choose_device(o.device);
+  const bool on_gpu = device.cuda;
+  const std::string& device_name = device.name;
   std::printf("bench_gossip on %s: Llama %s (%lld parameters, %lld flat fp32 elements = %s), %zu buckets of up to "
               "%s, %d ranks (threads, comm::local on %s)%s, %d timed steps after %d warm-up\n",
               device_name.c_str(), cfg.name.c_str(), (long long)cfg.parameters(), (long long)l.total(),
@@ -641,10 +550,7 @@ int run(int argc, char** argv) {
   }
   bool exact = true;
   for (const auto& s : results) exact = exact && s.bytes_exact;
-  if (!o.out.empty()) {
-    write_json(o, device_name, cfg, l, plan, results);
-    std::printf("wrote %s\n", o.out.c_str());
-  }
+  if (!o.out.empty()) write_json(o, device_name, cfg, l, plan, results);
   if (!exact) {
     std::fprintf(stderr, "bench_gossip: the bytes sent differ from the plan's bytes_sent in some scenario (exact: NO)\n");
     return 1;
@@ -655,10 +561,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_gossip: %s\n", e.what());
-    return 1;
-  }
+  return bench::guarded_main("bench_gossip", [&] { return run(argc, argv); });
 }

@@ -28,12 +28,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <ctime>
 #include <exception>
 #include <filesystem>
 #include <new>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -42,14 +39,14 @@
 #include <subspace/core/rng.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/data/tokens.hpp>
-#include <subspace/io/file.hpp>
-#include <subspace/io/json.hpp>
 #include <subspace/kernels/gemm.hpp>
 #include <subspace/nn/config.hpp>
 #include <subspace/nn/llama.hpp>
 #include <subspace/optim/adamw.hpp>
 #include <subspace/optim/schedule.hpp>
 #include <subspace/train/trainer.hpp>
+
+#include "common/bench.hpp"
 
 using namespace subspace;
 namespace fs = std::filesystem;
@@ -107,58 +104,15 @@ struct result {
   memory_report mem;
 };
 
-void usage() {
-  std::printf(
-      "bench_llama_step: one training step of nn::llama<exec::cuda, bf16> through train::trainer with AdamW\n"
-      "(forward, backward, clipping, update of the fp32 masters and the bf16 copy) on random tokens\n"
-      "  --configs LIST     comma-separated, from 124m (batch 16, T 1024), 1b (8, 2048), 2b (8, 1024);\n"
-      "                     default all three\n"
-      "  --steps N          timed steps per config (default 10)\n"
-      "  --warmup N         untimed steps first (default 3; 0 allowed)\n"
-      "  --peak-tflops X    the device's peak bf16 dense TFLOP/s for MFU (default 989.4, H100 SXM)\n"
-      "  --out FILE         write results as JSON (temporary file, then renamed)\n"
-      "  --commit SHA       commit recorded in the JSON\n"
-      "  --help             this text\n");
-}
-
-int to_int(const std::string& flag, const char* v, int lowest) {
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (end == v || *end != '\0' || x < lowest || x > 100000)
-    throw std::invalid_argument(flag + ": integer >= " + std::to_string(lowest) + " expected, got '" + v + "'");
-  return int(x);
-}
-
-double to_positive(const std::string& flag, const char* v) {
-  char* end = nullptr;
-  const double x = std::strtod(v, &end);
-  if (end == v || *end != '\0' || !std::isfinite(x) || x <= 0)
-    throw std::invalid_argument(flag + ": positive number expected, got '" + v + "'");
-  return x;
-}
-
 std::vector<bench_config> parse_configs(const std::string& list) {
   std::vector<bench_config> out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
+  for (const std::string& item : bench::split_list("configs", list)) {
     const auto& all = known_configs();
     const auto it = std::find_if(all.begin(), all.end(), [&](const bench_config& c) { return c.name == item; });
-    if (it == all.end()) throw std::invalid_argument("--configs: unknown config '" + item + "' (known: 124m, 1b, 2b)");
+    if (it == all.end()) throw bench::cli_error("--configs: unknown config '" + item + "' (known: 124m, 1b, 2b)");
     out.push_back(*it);
   }
-  if (out.empty()) throw std::invalid_argument("--configs: empty list");
   return out;
-}
-
-std::string iso_date_utc() {
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
 }
 
 double gib(std::size_t bytes) { return double(bytes) / double(std::size_t(1) << 30); }
@@ -264,12 +218,6 @@ class event_list {
   std::vector<cudaEvent_t> events_;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t h = v.size() / 2;
-  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
 // ---- One config -------------------------------------------------------------------------------------------------
 
 result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
@@ -328,12 +276,12 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
     check(last);
   }
   cuda_check(cudaEventSynchronize(events[std::size_t(o.steps)]));
-  const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  const double wall_s = bench::seconds_since(wall0);
 
   std::vector<double> step_ms;
   for (std::size_t i = 0; i < std::size_t(o.steps); ++i) step_ms.push_back(events.ms(i, i + 1));
   r.step_ms = events.ms(0, std::size_t(o.steps)) / double(o.steps);
-  r.step_ms_median = median(step_ms);
+  r.step_ms_median = bench::median(step_ms);
   r.step_ms_min = *std::min_element(step_ms.begin(), step_ms.end());
   r.step_ms_max = *std::max_element(step_ms.begin(), step_ms.end());
   r.wall_step_ms = 1e3 * wall_s / double(o.steps);
@@ -387,124 +335,100 @@ void print_result(std::size_t i, std::size_t n, const result& r) {
 }
 
 io::json result_json(const result& r) {
-  io::json j = io::json::object({{"config", io::json(r.c.name)},
-                                 {"mode", io::json("subspace")},
-                                 {"batch", io::json(r.c.batch)},
-                                 {"seq", io::json(r.c.seq)}});
+  io::json j = io::json::object({{"config", r.c.name}, {"mode", "subspace"}, {"batch", r.c.batch}, {"seq", r.c.seq}});
   if (!r.error.empty()) {
-    j.set("error", io::json(r.error));
-    j.set("out_of_memory", io::json(r.out_of_memory));
+    j.set("error", r.error);
+    j.set("out_of_memory", r.out_of_memory);
   }
   if (!r.measured) return j;
   const memory_report& m = r.mem;
-  j.set("tokens_per_step", io::json(r.c.batch * r.c.seq));
-  j.set("parameters", io::json(r.parameters));
-  j.set("non_embedding_parameters", io::json(r.non_embedding_parameters));
-  j.set("flop_per_token", io::json(r.flop_per_token));
-  j.set("step_ms", io::json(r.step_ms));
-  j.set("step_ms_median", io::json(r.step_ms_median));
-  j.set("step_ms_min", io::json(r.step_ms_min));
-  j.set("step_ms_max", io::json(r.step_ms_max));
-  j.set("wall_step_ms", io::json(r.wall_step_ms));
-  j.set("tok_per_s", io::json(r.tok_per_s));
-  j.set("model_tflops", io::json(r.model_tflops));
-  j.set("mfu", io::json(r.mfu));
-  j.set("peak_mem_gib", io::json(gib(m.peak())));
-  j.set("memory_bytes", io::json::object({{"peak", io::json(m.peak())},
-                                          {"resident", io::json(m.resident)},
-                                          {"pool_reserved_high", io::json(m.pool_reserved_high)},
-                                          {"pool_used_high", io::json(m.pool_used_high)},
-                                          {"weights", io::json(m.weights)},
-                                          {"grads", io::json(m.grads)},
-                                          {"masters", io::json(m.masters)},
-                                          {"optimizer_state", io::json(m.optimizer_state)},
-                                          {"activations", io::json(m.activations)}}));
-  j.set("first_loss", io::json(r.first_loss));
-  j.set("final_loss", io::json(r.final_loss));
-  j.set("ln_vocab", io::json(r.ln_vocab));
-  j.set("final_grad_norm", io::json(r.final_grad_norm));
+  j.set("tokens_per_step", r.c.batch * r.c.seq);
+  j.set("parameters", r.parameters);
+  j.set("non_embedding_parameters", r.non_embedding_parameters);
+  j.set("flop_per_token", r.flop_per_token);
+  j.set("step_ms", r.step_ms);
+  j.set("step_ms_median", r.step_ms_median);
+  j.set("step_ms_min", r.step_ms_min);
+  j.set("step_ms_max", r.step_ms_max);
+  j.set("wall_step_ms", r.wall_step_ms);
+  j.set("tok_per_s", r.tok_per_s);
+  j.set("model_tflops", r.model_tflops);
+  j.set("mfu", r.mfu);
+  j.set("peak_mem_gib", gib(m.peak()));
+  j.set("memory_bytes", io::json::object({{"peak", m.peak()},
+                                          {"resident", m.resident},
+                                          {"pool_reserved_high", m.pool_reserved_high},
+                                          {"pool_used_high", m.pool_used_high},
+                                          {"weights", m.weights},
+                                          {"grads", m.grads},
+                                          {"masters", m.masters},
+                                          {"optimizer_state", m.optimizer_state},
+                                          {"activations", m.activations}}));
+  j.set("first_loss", r.first_loss);
+  j.set("final_loss", r.final_loss);
+  j.set("ln_vocab", r.ln_vocab);
+  j.set("final_grad_norm", r.final_grad_norm);
   return j;
 }
 
 void write_json(const options& o, const std::string& device, const std::vector<result>& results) {
   const optim::adamw adamw{};
   io::json names = io::json::array();
-  for (const auto& c : o.configs) names.push_back(io::json(c.name));
+  for (const auto& c : o.configs) names.push_back(c.name);
   io::json out = io::json::array();
   for (const auto& r : results) out.push_back(result_json(r));
-  const io::json doc = io::json::object(
-      {{"benchmark", io::json("llama_step")},
-       {"device", io::json(device)},
-       {"date", io::json(iso_date_utc())},
-       {"commit", io::json(o.commit)},
-       {"config",
-        io::json::object(
-            {{"steps", io::json(o.steps)},
-             {"warmup", io::json(o.warmup)},
-             {"peak_tflops", io::json(o.peak_tflops)},
-             {"model", io::json("nn::llama<exec::cuda, bf16> through train::trainer: bf16 weights and activations, "
-                                "fp32 gradients, fp32 masters and AdamW state")},
-             {"optimizer", io::json::object({{"name", io::json("adamw")},
-                                             {"beta1", io::json(adamw.beta1)},
-                                             {"beta2", io::json(adamw.beta2)},
-                                             {"eps", io::json(adamw.eps)},
-                                             {"weight_decay", io::json(adamw.weight_decay)},
-                                             {"lr", io::json(learning_rate)},
-                                             {"schedule", io::json("constant")},
-                                             {"clip", io::json(clip_norm)},
-                                             {"accumulation", io::json(1)}})},
-             {"data", io::json("uniform random token ids below vocab, a temporary llm.c shard read by "
-                               "data::batch_loader (sequential, no wrap-around)")},
-             {"flop_per_token", io::json("6 N_non_embedding (LM head included) + 12 L d T")},
-             {"timing", io::json("CUDA events on the executor's stream around each timed step after the warm-up; "
-                                 "step_ms is the mean (tok_per_s uses it)")},
-             {"peak_memory", io::json("device memory in use after the timed steps minus before the model "
-                                      "(cudaMemGetInfo, stream-ordered pool trimmed) + the pool's reserved-memory "
-                                      "high-water mark (per-step scratch)")},
-             {"configs", names}})},
-       {"results", out}});
-  io::atomic_write_text(o.out, doc.dump(2) + "\n");
+  io::json doc = bench::document("llama_step", device, o.commit);
+  doc.set("config",
+          io::json::object(
+              {{"steps", o.steps},
+               {"warmup", o.warmup},
+               {"peak_tflops", o.peak_tflops},
+               {"model", "nn::llama<exec::cuda, bf16> through train::trainer: bf16 weights and activations, fp32 "
+                         "gradients, fp32 masters and AdamW state"},
+               {"optimizer", io::json::object({{"name", "adamw"},
+                                               {"beta1", adamw.beta1},
+                                               {"beta2", adamw.beta2},
+                                               {"eps", adamw.eps},
+                                               {"weight_decay", adamw.weight_decay},
+                                               {"lr", learning_rate},
+                                               {"schedule", "constant"},
+                                               {"clip", clip_norm},
+                                               {"accumulation", 1}})},
+               {"data", "uniform random token ids below vocab, a temporary llm.c shard read by data::batch_loader "
+                        "(sequential, no wrap-around)"},
+               {"flop_per_token", "6 N_non_embedding (LM head included) + 12 L d T"},
+               {"timing", "CUDA events on the executor's stream around each timed step after the warm-up; step_ms "
+                          "is the mean (tok_per_s uses it)"},
+               {"peak_memory", "device memory in use after the timed steps minus before the model (cudaMemGetInfo, "
+                               "stream-ordered pool trimmed) + the pool's reserved-memory high-water mark (per-step "
+                               "scratch)"},
+               {"configs", names}}));
+  doc.set("results", out);
+  bench::write_document(o.out, doc);
 }
 
 int run(int argc, char** argv) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> const char* {
-      if (i + 1 >= argc) throw std::invalid_argument(a + ": missing value");
-      return argv[++i];
-    };
-    if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else if (a == "--configs") {
-      o.configs = parse_configs(value());
-    } else if (a == "--steps") {
-      o.steps = to_int(a, value(), 1);
-    } else if (a == "--warmup") {
-      o.warmup = to_int(a, value(), 0);
-    } else if (a == "--peak-tflops") {
-      o.peak_tflops = to_positive(a, value());
-    } else if (a == "--out") {
-      o.out = value();
-    } else if (a == "--commit") {
-      o.commit = value();
-    } else {
-      usage();
-      throw std::invalid_argument("unknown argument " + a);
-    }
-  }
+  std::string configs = "124m,1b,2b";
+  bench::cli cli("bench_llama_step",
+                 "one training step of nn::llama<exec::cuda, bf16> through train::trainer with AdamW\n(forward, "
+                 "backward, clipping, update of the fp32 masters and the bf16 copy) on random tokens");
+  cli.flag("configs", configs, "comma-separated, from 124m (batch 16, T 1024), 1b (8, 2048), 2b (8, 1024)")
+      .flag("steps", o.steps, "timed steps per config")
+      .flag("warmup", o.warmup, "untimed steps first (0 allowed)")
+      .flag("peak-tflops", o.peak_tflops, "the device's peak bf16 dense TFLOP/s for MFU (H100 SXM by default)");
+  bench::output_flags(cli, o.out, o.commit);
+  if (!bench::parse(cli, argc, argv)) return 0;
+  bench::check_range("steps", o.steps, 1, 100000);
+  bench::check_range("warmup", o.warmup, 0, 100000);
+  bench::check_positive("peak-tflops", o.peak_tflops);
+  o.configs = parse_configs(configs);
 
   int devices = 0;
-  if (const cudaError_t e = cudaGetDeviceCount(&devices); e != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "bench_llama_step: no CUDA device (%s)\n",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-    return 1;
-  }
-  int device = 0;
-  cuda_check(cudaGetDevice(&device));
-  cudaDeviceProp prop{};
-  cuda_check(cudaGetDeviceProperties(&prop, device));
+  if (const cudaError_t e = cudaGetDeviceCount(&devices); e != cudaSuccess || devices == 0)
+    throw std::runtime_error(std::string("no CUDA device (") +
+                             (e != cudaSuccess ? cudaGetErrorString(e) : "none found") + ")");
+  const cudaDeviceProp prop = bench::device_properties();
   std::printf("bench_llama_step on %s (sm_%d%d): %d timed steps after %d warm-up steps, AdamW lr %g, clip %g, "
               "MFU against %.1f TFLOP/s\n",
               prop.name, prop.major, prop.minor, o.steps, o.warmup, double(learning_rate), clip_norm, o.peak_tflops);
@@ -542,20 +466,12 @@ int run(int argc, char** argv) {
       std::printf("%-6s %-11s %s\n", r.c.name.c_str(), shape.c_str(),
                   r.out_of_memory ? "out of memory" : "failed (see above)");
   }
-  if (!o.out.empty()) {
-    write_json(o, prop.name, results);
-    std::printf("wrote %s\n", o.out.c_str());
-  }
+  if (!o.out.empty()) write_json(o, prop.name, results);
   return failed ? 1 : 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_llama_step: %s\n", e.what());
-    return 1;
-  }
+  return bench::guarded_main("bench_llama_step", [&] { return run(argc, argv); });
 }
