@@ -267,11 +267,11 @@ int run(int argc, char** argv) {
            "';'-separated B,S,Hq,Hkv,hd; the default: the Llama 1B, 124M and 2B shapes and a long hd-128 one")
       .flag("reps", cfg.reps, "timed calls per pass and implementation")
       .flag("warmup", cfg.warmup, "untimed calls first")
-      .flag("no-causal", no_causal, "full (unmasked) attention instead of causal (a switch: no value needed)")
-      .flag("no-reference", no_reference,
-            "time ours only (the naive reference holds two B Hq S^2 bf16 matrices; a switch: no value needed)");
+      .toggle("no-causal", no_causal, "full (unmasked) attention instead of causal")
+      .toggle("no-reference", no_reference,
+            "time ours only (the naive reference holds two B Hq S^2 bf16 matrices)");
   bench::output_flags(cli, cfg.out, cfg.commit);
-  if (!bench::parse(cli, argc, argv, {"no-causal", "no-reference"})) return 0;
+  if (!cli.parse(argc, argv)) return 0;
   bench::check_range("reps", cfg.reps, 1);
   bench::check_range("warmup", cfg.warmup, 1);
   cfg.causal = !no_causal;

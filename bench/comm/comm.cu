@@ -210,9 +210,9 @@ int run(int argc, char** argv) {
       .flag("reps", cfg.reps, "timed transfers per size")
       .flag("warmup", cfg.warmup, "untimed transfers first")
       .flag("latency-reps", cfg.latency_reps, "NCCL calls per latency figure")
-      .flag("no-nccl", no_nccl, "skip the NCCL latencies (a switch: no value needed)");
+      .toggle("no-nccl", no_nccl, "skip the NCCL latencies");
   bench::output_flags(cli, cfg.out, cfg.commit);
-  if (!bench::parse(cli, argc, argv, {"no-nccl"})) return 0;
+  if (!cli.parse(argc, argv)) return 0;
   bench::check_range("ranks", cfg.ranks, 2, 64);
   bench::check_range("reps", cfg.reps, 1);
   bench::check_range("warmup", cfg.warmup, 0);

@@ -1,13 +1,13 @@
 #pragma once
-// What the CUDA benchmarks share: flags through examples::cli (with valueless on/off switches), the exit codes of
+// What the CUDA benchmarks share: flags through examples::cli (switches with cli.toggle), the exit codes of
 // examples::guarded_main, the JSON document's header and its atomic write, threads per rank, and the timing and
 // comparison helpers that several of them use.
 //
 //   int run(int argc, char** argv) {
 //     bench::cli cli("bench_x", "what it measures");
-//     cli.flag("reps", o.reps, "timed calls").flag("no-reference", no_ref, "ours only (a switch)");
+//     cli.flag("reps", o.reps, "timed calls").toggle("no-reference", no_ref, "ours only");
 //     bench::output_flags(cli, o.out, o.commit);
-//     if (!bench::parse(cli, argc, argv, {"no-reference"})) return 0;  // --help
+//     if (!cli.parse(argc, argv)) return 0;  // --help
 //     bench::check_range("reps", o.reps, 1);
 //     ...
 //     io::json doc = bench::document("x", bench::device_properties().name, o.commit);
@@ -29,7 +29,6 @@
 #include <ctime>
 #include <exception>
 #include <functional>
-#include <initializer_list>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -52,17 +51,6 @@ using examples::guarded_main;
 
 // ---- Flags ------------------------------------------------------------------------------------------------------
 
-/// cli.parse(argc, argv), where each `--name` of `switches` (an on/off flag that takes no value, such as
-/// --no-nccl, declared to cli as a bool) reads as `--name=true`. False after --help.
-inline bool parse(cli& c, int argc, char** argv, std::initializer_list<const char*> switches = {}) {
-  std::vector<std::string> words(argv, argv + argc);
-  for (auto& w : words)
-    for (const char* s : switches)
-      if (w == std::string("--") + s) w += "=true";
-  std::vector<char*> ptrs;
-  for (auto& w : words) ptrs.push_back(w.data());
-  return c.parse(argc, ptrs.data());
-}
 
 /// Declares the flags every benchmark has: --out FILE (the JSON results) and --commit SHA.
 inline cli& output_flags(cli& c, std::string& out, std::string& commit) {

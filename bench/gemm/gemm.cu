@@ -223,7 +223,7 @@ int run(int argc, char** argv) {
       .flag("dtype", cfg.dtype, "bf16 (bf16 in/out, fp32 accumulate) or fp32 (pure fp32, no TF32)",
             {"bf16", "fp32"});
   bench::output_flags(cli, cfg.out, cfg.commit);
-  if (!bench::parse(cli, argc, argv)) return 0;
+  if (!cli.parse(argc, argv)) return 0;
   bench::check_range("reps", cfg.reps, 1);
   bench::check_range("warmup", cfg.warmup, 1);
   cfg.sizes = parse_sizes(sizes);

@@ -493,7 +493,7 @@ int run(int argc, char** argv) {
             {"auto", "cuda", "host"})
       .flag("threads", o.threads, "host worker threads per rank with --device host");
   bench::output_flags(cli, o.out, o.commit);
-  if (!bench::parse(cli, argc, argv)) return 0;
+  if (!cli.parse(argc, argv)) return 0;
   bench::check_range("ranks", o.ranks, 2, 64);
   bench::check_range("local-ranks", o.local_ranks, 1, 100000);
   bench::check_range("steps", o.steps, 1, 100000);

@@ -418,7 +418,7 @@ int run(int argc, char** argv) {
       .flag("warmup", o.warmup, "untimed steps first (0 allowed)")
       .flag("peak-tflops", o.peak_tflops, "the device's peak bf16 dense TFLOP/s for MFU (H100 SXM by default)");
   bench::output_flags(cli, o.out, o.commit);
-  if (!bench::parse(cli, argc, argv)) return 0;
+  if (!cli.parse(argc, argv)) return 0;
   bench::check_range("steps", o.steps, 1, 100000);
   bench::check_range("warmup", o.warmup, 0, 100000);
   bench::check_positive("peak-tflops", o.peak_tflops);

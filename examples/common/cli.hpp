@@ -29,7 +29,13 @@ class cli {
   cli& flag(const std::string& name, T& target, const std::string& help, std::vector<std::string> choices = {}) {
     flags_.push_back({name, help, show(target), std::move(choices), [&target, name](std::string_view v) {
                         target = parse<T>(name, v);
-                      }});
+                      }, false});
+    return *this;
+  }
+
+  /// Declares a switch --name that takes no value and sets `target` to true (e.g. --no-reference).
+  cli& toggle(const std::string& name, bool& target, const std::string& help) {
+    flags_.push_back({name, help, "off", {}, [&target](std::string_view) { target = true; }, true});
     return *this;
   }
 
@@ -44,15 +50,22 @@ class cli {
       if (arg.substr(0, 2) != "--") throw cli_error("unexpected argument '" + std::string(arg) + "' (see --help)");
       std::string name(arg.substr(2));
       std::string value;
-      if (const auto eq = name.find('='); eq != std::string::npos) {
+      const auto eq = name.find('=');
+      if (eq != std::string::npos) {
         value = name.substr(eq + 1);
         name = name.substr(0, eq);
-      } else {
-        if (i + 1 >= argc) throw cli_error("--" + name + " needs a value (see --help)");
-        value = argv[++i];
       }
       flag_info* f = find(name);
       if (!f) throw cli_error("unknown flag --" + name + " (see --help)");
+      if (f->toggle) {
+        if (eq != std::string::npos) throw cli_error("--" + name + " is a switch and takes no value");
+        f->set({});
+        continue;
+      }
+      if (eq == std::string::npos) {
+        if (i + 1 >= argc) throw cli_error("--" + name + " needs a value (see --help)");
+        value = argv[++i];
+      }
       if (!f->choices.empty() && std::find(f->choices.begin(), f->choices.end(), value) == f->choices.end()) {
         std::string list;
         for (const auto& c : f->choices) list += (list.empty() ? "" : "|") + c;
@@ -69,8 +82,11 @@ class cli {
       std::string choices;
       for (const auto& c : f.choices) choices += (choices.empty() ? " {" : "|") + c;
       if (!choices.empty()) choices += "}";
-      std::printf("  --%-18s %s%s (default: %s)\n", f.name.c_str(), f.help.c_str(), choices.c_str(),
-                  f.default_value.empty() ? "none" : f.default_value.c_str());
+      if (f.toggle)
+        std::printf("  --%-18s %s (a switch, no value)\n", f.name.c_str(), f.help.c_str());
+      else
+        std::printf("  --%-18s %s%s (default: %s)\n", f.name.c_str(), f.help.c_str(), choices.c_str(),
+                    f.default_value.empty() ? "none" : f.default_value.c_str());
     }
     std::printf("  --%-18s print this help and exit\n", "help");
   }
@@ -80,6 +96,7 @@ class cli {
     std::string name, help, default_value;
     std::vector<std::string> choices;
     std::function<void(std::string_view)> set;
+    bool toggle = false;  // takes no value
   };
 
   flag_info* find(const std::string& name) {
@@ -92,7 +109,11 @@ class cli {
   static std::string show(const T& v) {
     if constexpr (std::is_same_v<T, std::string>) return v;
     else if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
-    else return std::to_string(v);
+    else if constexpr (std::is_floating_point_v<T>) {
+      char buf[32];  // the shortest form that reads back as v: 989.4, 3e-05
+      const auto r = std::to_chars(buf, buf + sizeof buf, v);
+      return std::string(buf, r.ptr);
+    } else return std::to_string(v);
   }
 
   template <class T>

@@ -54,9 +54,9 @@ inline void declare_model_flags(cli& c, model_flags& m) {
 }
 
 inline void declare_data_flags(cli& c, data_flags& d) {
-  c.flag("text", d.text, "plain-text file to train on, byte-tokenized (default: the King James Bible)")
+  c.flag("text", d.text, "plain-text file to train on, byte-tokenized (none: the King James Bible)")
       .flag("data", d.data, "token files instead of text: llm.c shards or nanoGPT .bin (file, glob or directory)")
-      .flag("val-data", d.val_data, "validation token files for --data (default: the last --val-fraction of --data)")
+      .flag("val-data", d.val_data, "validation token files for --data (none: the last --val-fraction of --data)")
       .flag("val-fraction", d.val_fraction, "fraction of the tokens held out for validation")
       .flag("shuffle", d.shuffle, "visit training windows in a seeded random order per epoch (else in order)");
 }
