@@ -14,20 +14,21 @@
 // Prints the final f and f - f* of full-rank AdamW, GaLore, GoLore, GoLore@50% and GaLore with batch 100, and
 // exits 1 unless the spec's outcome holds (AdamW and the GoLores converge, GaLore stalls at 0.25 <= gap <= 3,
 // batch-100 GaLore's gap is at least ten times smaller).
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <numbers>
 #include <string>
 #include <subspace/optim/adamw.hpp>
 #include <subspace/optim/galore.hpp>
 #include <subspace/optim/golore.hpp>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
+#include "common/golore_problem.hpp"
 
 namespace {
 
 using namespace subspace;
+namespace golore = examples::golore;
 
 struct options {
   int steps = 3000;
@@ -39,63 +40,10 @@ struct options {
   std::uint64_t seed = 1;
 };
 
-constexpr std::int64_t dim = 10, active = 6;
-
-/// The problem: B and the noise signs, both from the Philox stream of `seed`.
-struct problem {
-  host_tensor<float> b{{dim, dim}};
-  std::uint64_t seed;
-  float sigma;
-
-  problem(std::uint64_t s, float sg) : seed(s), sigma(sg) {
-    for (std::int64_t i = 0; i < dim; ++i)
-      for (std::int64_t j = 0; j < dim; ++j)
-        b(i, j) = i < active && j < active ? rng::normal_at(seed, 0, std::uint64_t(i * dim + j)) : 0.0f;
-  }
-  double value(const host_tensor<float>& x) const {
-    double f = 0;
-    for (std::int64_t i = 0; i < dim; ++i)
-      for (std::int64_t j = 0; j < dim; ++j) {
-        const double xij = x(i, j);
-        f += (i < active ? 0.5 * xij * xij : 0.0) + double(b(i, j)) * xij;
-      }
-    return f;
-  }
-  double optimum() const {
-    double s = 0;
-    for (std::int64_t i = 0; i < active; ++i)
-      for (std::int64_t j = 0; j < active; ++j) s += double(b(i, j)) * double(b(i, j));
-    return -0.5 * s;
-  }
-  /// The stochastic gradient of step t (1-based) averaged over `batch` samples of the noise sign.
-  void gradient(const host_tensor<float>& x, std::int64_t t, int batch, host_tensor<float>& g) const {
-    double mean_sign = 0;
-    for (int k = 0; k < batch; ++k)
-      mean_sign += rng::uniform_at(seed, 1, std::uint64_t(t) * 1024 + std::uint64_t(k)) < 0.5f ? -1.0 : 1.0;
-    mean_sign /= batch;
-    for (std::int64_t i = 0; i < dim; ++i)
-      for (std::int64_t j = 0; j < dim; ++j) {
-        float v = (i < active ? x(i, j) : 0.0f) + b(i, j);
-        if (i >= active && i == j) v += float(sigma * mean_sign);
-        g(i, j) = v;
-      }
-  }
-};
-
-/// Runs `steps` steps of optimizer `opt` from X = 0 with a cosine learning rate from lr to 0; returns f(X).
+/// f(X) of `opt` on the problem with the run's steps and learning rate.
 template <class O>
-double run(const O& opt, const problem& pb, const options& o, int batch) {
-  const exec::host ex{};
-  const optim::param_info info{"x", {dim, dim}, false};
-  host_tensor<float> x({dim, dim}), g({dim, dim});
-  fill(ex, x.v(), 0.0f);
-  auto st = opt.init(ex, info);
-  for (std::int64_t t = 1; t <= o.steps; ++t) {
-    pb.gradient(x, t, batch, g);
-    const double lr = 0.5 * double(o.lr) * (1.0 + std::cos(std::numbers::pi * double(t - 1) / double(o.steps)));
-    opt.step(ex, x.v(), view<const float, host_space>(g.v()), st, info, optim::step_context{float(lr), t});
-  }
-  return pb.value(x);
+double run(const O& opt, const golore::problem& pb, const options& o, int batch) {
+  return golore::final_value(opt, pb, o.steps, o.lr, batch);
 }
 
 }  // namespace
@@ -112,15 +60,9 @@ int main(int argc, char** argv) {
       .flag("sigma", o.sigma, "noise level")
       .flag("batch", o.batch, "noise samples averaged per step (the extra GaLore run uses 100)")
       .flag("seed", o.seed, "seed of B and of the noise signs (GoLore's projectors use seed + 1)");
-  try {
+  return examples::guarded_main("golore_counterexample", [&] {
     if (!cli.parse(argc, argv)) return 0;
-  } catch (const examples::cli_error& e) {
-    std::fprintf(stderr, "golore_counterexample: %s\n", e.what());
-    return 2;
-  }
-
-  try {
-    const problem pb(o.seed, o.sigma);
+    const golore::problem pb(o.seed, o.sigma);
     const double fstar = pb.optimum();
     const optim::adamw adam = optim::subspace_rule<optim::adamw>::reference();
     const optim::galore<> galore{
@@ -158,8 +100,5 @@ int main(int argc, char** argv) {
         "batch-100 GaLore gap at least 10x smaller than batch-1 GaLore's\n",
         ok ? "reproduced" : "NOT reproduced");
     return ok ? 0 : 1;
-  } catch (const subspace::error& e) {
-    std::fprintf(stderr, "golore_counterexample: %s\n", e.what());
-    return 2;
-  }
+  });
 }
