@@ -25,6 +25,7 @@
 #include <subspace/subspace.hpp>
 
 #include "support/cuda.hpp"
+#include "support/gpu_llama.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -42,19 +43,7 @@ struct stack_of : default_policies {
   using optimizer = Optimizer;
 };
 
-/// Head dim 32 (a size the CUDA attention supports), two layers, grouped queries, the byte vocabulary.
-nn::llama_config config() {
-  nn::llama_config cfg;
-  cfg.name = "decent-gpu-check";
-  cfg.vocab = 256;
-  cfg.d_model = 64;
-  cfg.n_layers = 2;
-  cfg.n_heads = 2;
-  cfg.n_kv_heads = 1;
-  cfg.ffn_hidden = 160;
-  cfg.max_seq = 64;
-  return cfg;
-}
+nn::llama_config config() { return testing::gpu_check_config("decent-gpu-check"); }
 
 /// Streams owned by the test, one per rank.
 struct rank_streams {
@@ -93,16 +82,8 @@ void run_ranks(int n, Body body) {
   }
 }
 
-/// A token file of text-like bytes (a repeating pattern with Philox noise), so the loss has something to learn.
 data::token_dataset token_data(const testing::scratch_dir& dir, std::uint64_t seed) {
-  std::vector<std::int32_t> tokens(60'000);
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    const auto r = rng::bits4(seed, 11, std::uint64_t(i));
-    tokens[i] = r.v[0] % 5 == 0 ? std::int32_t(r.v[1] % 256u) : std::int32_t(97 + (i * 7 + i / 13) % 26);
-  }
-  const auto path = dir.path / "tokens_train_000000.bin";
-  data::write_llmc_tokens(path, tokens);
-  return data::token_dataset::open(path.string());
+  return testing::text_like_tokens(dir.path / "tokens_train_000000.bin", seed, 60'000);
 }
 
 data::batch_loader loader(const data::token_dataset& all, int r, int n, std::uint64_t seed) {

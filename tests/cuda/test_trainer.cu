@@ -11,6 +11,7 @@
 #include <subspace/subspace.hpp>
 
 #include "support/cuda.hpp"
+#include "support/gpu_llama.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -18,34 +19,16 @@ using namespace subspace;
 
 namespace {
 
-/// Head dim 32 (a size the CUDA attention supports), two layers, grouped queries, the byte vocabulary.
-nn::llama_config config() {
-  nn::llama_config cfg;
-  cfg.name = "trainer-gpu-check";
-  cfg.vocab = 256;
-  cfg.d_model = 64;
-  cfg.n_layers = 2;
-  cfg.n_heads = 2;
-  cfg.n_kv_heads = 1;
-  cfg.ffn_hidden = 160;
-  cfg.max_seq = 64;
-  return cfg;
-}
+nn::llama_config config() { return testing::gpu_check_config("trainer-gpu-check"); }
 
 /// Text-like bytes (a repeating pattern with Philox noise) in a shard, read in order (the same batches everywhere).
 data::batch_loader loader(const testing::scratch_dir& dir, std::uint64_t seed) {
-  std::vector<std::int32_t> tokens(40'000);
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    const auto r = rng::bits4(seed, 11, std::uint64_t(i));
-    tokens[i] = r.v[0] % 5 == 0 ? std::int32_t(r.v[1] % 256u) : std::int32_t(97 + (i * 7 + i / 13) % 26);
-  }
-  const auto path = dir.path / "tokens_train_000000.bin";
-  if (!std::filesystem::exists(path)) data::write_llmc_tokens(path, tokens);
+  const data::token_dataset tokens = testing::text_like_tokens(dir.path / "tokens_train_000000.bin", seed, 40'000);
   data::loader_options o;
   o.batch = 4;
   o.seq = 32;
   o.vocab = 256;
-  return data::batch_loader(data::token_dataset::open(path.string()), o);
+  return data::batch_loader(tokens, o);
 }
 
 train::trainer_options options() {
