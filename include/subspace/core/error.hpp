@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace subspace {
 
@@ -29,10 +30,21 @@ inline std::string where(const std::source_location& loc) {
 }
 }  // namespace detail
 
-/// Throws invalid_argument("<file>:<line>: <message>") unless `condition` holds.
+/// Throws invalid_argument("<file>:<line>: <message>") unless `condition` holds. A literal or an existing string
+/// costs nothing when the check passes; a message that has to be assembled is passed as a callable returning it
+/// (`require(n > 0, [&] { return "n must be positive, got " + std::to_string(n); })`), so it is built only when
+/// the check fails.
 inline void require(bool condition, std::string_view message,
                     const std::source_location& loc = std::source_location::current()) {
-  if (!condition) throw invalid_argument(detail::where(loc) + ": " + std::string(message));
+  if (!condition) [[unlikely]]
+    throw invalid_argument(detail::where(loc) + ": " + std::string(message));
+}
+template <class MakeMessage>
+  requires std::is_invocable_r_v<std::string, MakeMessage&>
+inline void require(bool condition, MakeMessage&& make_message,
+                    const std::source_location& loc = std::source_location::current()) {
+  if (!condition) [[unlikely]]
+    throw invalid_argument(detail::where(loc) + ": " + std::string(make_message()));
 }
 
 }  // namespace subspace
