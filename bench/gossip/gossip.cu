@@ -171,7 +171,7 @@ struct rank_state {
       fill(ex, comm.v(), 0.0f);
     }
     for (const auto& s : lay.specs) {
-      infos.push_back(optim::param_info{s.name, s.shape, s.decay});
+      infos.push_back(optim::param_info{s.name, s.shape, s.decay, {}});
       states.push_back(opt.init(ex, infos.back()));
     }
   }

@@ -59,18 +59,16 @@ struct trainer_options : subspace::train::trainer_options {
 namespace detail {
 /// A ready hook that ignores its argument: what the model concept below calls backward with.
 struct ignore_ready {
-  void operator()(std::size_t) const {}
+  void operator()(std::size_t, std::size_t) const {}
 };
 }  // namespace detail
 
 /// What the bucketed trainers need from a model: train::TrainableModel plus the flat storage and the ready hook
 /// of nn::llama.
 template <class M>
-concept BucketedModel = subspace::train::TrainableModel<M> && requires(M& m, const M& cm, std::size_t i) {
-  m.flat_values();
-  m.flat_grads();
-  { cm.parameter_offset(i) } -> std::convertible_to<std::int64_t>;
-  { cm.parameter_specs().size() } -> std::convertible_to<std::size_t>;
+concept BucketedModel = subspace::train::TrainableModel<M> && requires(M& m, const M& cm) {
+  m.parameters().flat_values();
+  m.parameters().flat_grads();
   m.backward(detail::ignore_ready{});
   cm.executor();
 };
@@ -151,11 +149,11 @@ class bucket_plan {
     static_assert(BucketedModel<Model>,
                   "decent::bucket_plan::of: the model needs flat_values(), flat_grads(), parameter_offset(i), "
                   "parameter_specs() and backward(ready) (see nn/llama.hpp)");
-    const auto& specs = model.parameter_specs();
+    const auto& store = model.parameters();
     std::vector<tensor_entry> tensors;
-    for (std::size_t i = 0; i < specs.size(); ++i)
-      tensors.push_back({specs[i].name, specs[i].shape, std::int64_t(model.parameter_offset(i))});
-    return bucket_plan(std::move(tensors), std::int64_t(model.parameter_offset(specs.size())), bucket_bytes);
+    for (std::size_t i = 0; i < store.size(); ++i)
+      tensors.push_back({store.info(i).name, store.info(i).shape, store.offset(i)});
+    return bucket_plan(std::move(tensors), store.total(), bucket_bytes);
   }
 
   /// The buckets in ready order: buckets()[0] completes first in backward.

@@ -153,7 +153,7 @@ class data_parallel_trainer {
         continue;
       }
       std::size_t next = 0;  // the first bucket not launched yet
-      m.backward([&](std::size_t first) {
+      m.backward([&](std::size_t first, std::size_t) {
         for (; next < plan_.size() && plan_[next].first >= first; ++next) launch(plan_[next]);
       });
       subspace::require(next == plan_.size(), std::string(who) + ": backward completed only " +

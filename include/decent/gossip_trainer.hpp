@@ -200,7 +200,7 @@ class gossip_trainer {
         continue;
       }
       std::size_t next = 0;  // the first bucket not stepped yet
-      m.backward([&](std::size_t first) {
+      m.backward([&](std::size_t first, std::size_t) {
         for (; next < plan_.size() && plan_[next].first >= first; ++next)
           step_bucket(next, ctx, squared_norm, r.skipped);
       });

@@ -162,7 +162,7 @@ std::vector<float> minus(const std::vector<float>& a, const std::vector<float>& 
 void compare(const std::vector<rank_result>& device, const std::vector<rank_result>& host, std::uint64_t seed) {
   host_model initial(config(), exec::host{1});
   initial.init(seed);
-  const std::vector<float> x0 = host_copy(initial.flat_values());
+  const std::vector<float> x0 = host_copy(initial.parameters().flat_values());
   for (std::size_t r = 0; r < host.size(); ++r) {
     CAPTURE(r);
     for (std::size_t k = 0; k < host[r].losses.size(); ++k) {

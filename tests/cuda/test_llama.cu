@@ -56,11 +56,11 @@ struct batch {
 /// N(0, 1), norm gains N(1, 0.2^2)), rounded to bf16.
 void same_random_weights(const exec::cuda& ex, device_model& dm, host_model& hm, std::uint64_t seed) {
   std::map<std::string, view<bf16, device_space>> device_values;
-  dm.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  dm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     device_values.emplace(name, value);
   });
   std::uint64_t offset = 100;
-  hm.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info& info) {
+  hm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info& info) {
     float mean = 0.0f, std = 1.0f;
     if (info.shape.rank == 1) mean = 1.0f, std = 0.2f;
     else if (name != "model.embed_tokens.weight") std = float(1.0 / std::sqrt(double(info.shape[1])));
@@ -75,7 +75,7 @@ void same_random_weights(const exec::cuda& ex, device_model& dm, host_model& hm,
 template <class Model>
 std::map<std::string, host_tensor<double>> host_gradients(Model& m) {
   std::map<std::string, host_tensor<double>> out;
-  m.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info&) {
+  m.parameters().for_each([&](const std::string& name, auto, auto grad, const parameter_info&) {
     host_tensor<double> g(grad.shape());
     copy(exec::host{}, view<const double, host_space>(grad), g.v());
     out.emplace(name, std::move(g));
@@ -85,7 +85,7 @@ std::map<std::string, host_tensor<double>> host_gradients(Model& m) {
 
 std::map<std::string, host_tensor<double>> device_gradients(const exec::cuda& ex, device_model& m) {
   std::map<std::string, host_tensor<double>> out;
-  m.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info&) {
+  m.parameters().for_each([&](const std::string& name, auto, auto grad, const parameter_info&) {
     const auto g = to_host(ex, view<const float, device_space>(grad));
     host_tensor<double> d(g.shape());
     cast(exec::host{}, g.v(), d.v());
@@ -107,10 +107,10 @@ TEST_CASE("llama (CUDA): init draws the host's values, rounded to bf16") {
   dm.init(seed);
   hm.init(seed);
   std::map<std::string, host_tensor<bf16>> from_device;
-  dm.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  dm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     from_device.emplace(name, to_host(ex, view<const bf16, device_space>(value)));
   });
-  hm.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  hm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     CAPTURE(name);
     host_tensor<bf16> want(value.shape());
     cast(exec::host{}, view<const float, host_space>(value), want.v());

@@ -73,7 +73,7 @@ TEST_CASE("train::trainer: CUDA (bf16, fp32 masters) follows the host reference 
   device.save(ckpt.path / "final", device_data.position(), seed);
   const auto final_file = io::safetensors_file(ckpt.path / "final" / io::model_file_name);
   double num = 0, den = 0;
-  host.model().for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  host.model().parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     const host_tensor<float> a = initial.read<float>(name), b = final_file.read<float>(name);
     REQUIRE(a.numel() == value.numel());
     for (std::int64_t k = 0; k < value.numel(); ++k) {

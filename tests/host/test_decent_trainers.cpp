@@ -197,7 +197,7 @@ void step_from(const Optimizer& opt, view<const float, host_space> mixed, view<f
 
 /// g_i(x): the gradient of rank i's next `accumulation` batches (loss scale 1/accumulation) at the flat x.
 flat gradient_at(host_llama& model, const flat& x, data::batch_loader& data, std::int64_t accumulation) {
-  std::copy(x.begin(), x.end(), model.flat_values().data());
+  std::copy(x.begin(), x.end(), model.parameters().flat_values().data());
   model.zero_grad();
   const data::loader_options& lo = data.options();
   host_tensor<std::int32_t> tokens({lo.batch, lo.seq}), targets({lo.batch, lo.seq});
@@ -206,7 +206,7 @@ flat gradient_at(host_llama& model, const flat& x, data::batch_loader& data, std
     model.forward(tokens.v(), targets.v(), float(1.0 / double(accumulation)));
     model.backward();
   }
-  return to_vector(model.flat_grads());
+  return to_vector(model.parameters().flat_grads());
 }
 
 /// x_i^{t+1} = Σ_j W^t_ij x_j^t − γ d_i(g_i(x_i^t)) for every rank in turn, from identical x^0 (init(seed)),
@@ -218,9 +218,9 @@ std::vector<flat> simulate(const decent::group_schedule& s, std::uint64_t seed, 
   const int n = s.world_size();
   host_llama model(tiny(), exec::host{1});
   model.init(seed);
-  std::vector<flat> x(std::size_t(n), to_vector(model.flat_values()));
+  std::vector<flat> x(std::size_t(n), to_vector(model.parameters().flat_values()));
   std::vector<optim::param_info> infos;
-  model.for_each_parameter(
+  model.parameters().for_each(
       [&](const std::string&, auto, auto, const optim::param_info& info) { infos.push_back(info); });
   std::vector<std::vector<optim::state_t<Optimizer, exec::host>>> states(static_cast<std::size_t>(n));
   for (auto& st : states)
@@ -241,7 +241,7 @@ std::vector<flat> simulate(const decent::group_schedule& s, std::uint64_t seed, 
     const optim::step_context ctx{o.schedule.at(t + 1), t + 1};
     for (int i = 0; i < n; ++i)
       for (std::size_t p = 0; p < infos.size(); ++p) {
-        const std::int64_t at = model.parameter_offset(p);
+        const std::int64_t at = model.parameters().offset(p);
         const auto& shape = infos[p].shape;
         step_from(opt, view<const float, host_space>(mixed[std::size_t(i)].data() + at, shape),
                   view<float, host_space>(x[std::size_t(i)].data() + at, shape),
@@ -295,7 +295,7 @@ std::string topology_label(const decent::group_schedule& s) {
 
 TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, aligned, within the size bound") {
   host_llama model(tiny(), exec::host{1});
-  const std::int64_t total = model.parameter_offset(model.parameter_specs().size());
+  const std::int64_t total = model.parameters().offset(model.parameters().infos().size());
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   std::vector<std::int64_t> sizes{1, 64, 1000, 4096, 20000, 60000, std::int64_t(seed % 50000) + 1, 25'000'000};
@@ -312,8 +312,8 @@ TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, al
       CAPTURE(k);
       const decent::bucket& b = plan[k];
       CHECK(b.first < b.last);
-      CHECK(b.begin == model.parameter_offset(b.first));
-      CHECK(b.end == model.parameter_offset(b.last));
+      CHECK(b.begin == model.parameters().offset(b.first));
+      CHECK(b.end == model.parameters().offset(b.last));
       CHECK(b.begin % decent::bucket_plan::alignment == 0);
       CHECK((b.bytes() <= std::uint64_t(bytes) || b.tensors() == 1));
       if (k + 1 < plan.size()) {
@@ -321,14 +321,14 @@ TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, al
         CHECK(plan[k + 1].last == b.first);
         // Greedy: the next tensor in ready order did not fit.
         const std::size_t next = b.first - 1;
-        CHECK(b.bytes() + 4 * std::uint64_t(model.parameter_offset(next + 1) - model.parameter_offset(next)) >
+        CHECK(b.bytes() + 4 * std::uint64_t(model.parameters().offset(next + 1) - model.parameters().offset(next)) >
               std::uint64_t(bytes));
       }
       for (std::size_t i = b.first; i < b.last; ++i) CHECK(plan.bucket_of(i) == k);
     }
   }
   CHECK(decent::bucket_plan::of(model, 25'000'000).size() == 1);  // the default holds the tiny model whole
-  CHECK(decent::bucket_plan::of(model, 1).size() == model.parameter_specs().size());  // one tensor each
+  CHECK(decent::bucket_plan::of(model, 1).size() == model.parameters().infos().size());  // one tensor each
 }
 
 TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its first parameter ready") {
@@ -356,7 +356,7 @@ TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its f
       std::size_t next = 0;
       model.backward([&](std::size_t first) {
         for (; next < plan.size() && plan[next].first >= first; ++next) {
-          const auto g = model.flat_grads().slice(plan[next].begin, plan[next].end);
+          const auto g = model.parameters().flat_grads().slice(plan[next].begin, plan[next].end);
           at_ready[next] = to_vector(g);
           order.push_back(int(next));
         }
@@ -366,7 +366,7 @@ TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its f
         CAPTURE(k);
         CHECK(order[k] == int(k));
         // The gradients seen at the ready point are the final ones.
-        const flat final_grads = to_vector(model.flat_grads().slice(plan[k].begin, plan[k].end));
+        const flat final_grads = to_vector(model.parameters().flat_grads().slice(plan[k].begin, plan[k].end));
         CHECK(at_ready[k] == final_grads);
       }
     }
@@ -459,12 +459,12 @@ TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the para
   // The hand-written reference: every rank's x; each step the plain mean, then the local DAdam step.
   host_llama model(tiny(), exec::host{1});
   model.init(seed);
-  std::vector<flat> x(std::size_t(n), to_vector(model.flat_values()));
+  std::vector<flat> x(std::size_t(n), to_vector(model.parameters().flat_values()));
   const flat x0 = x[0];
   std::vector<data::batch_loader> data;
   for (int r = 0; r < n; ++r) data.push_back(make_data(r));
   std::vector<optim::param_info> infos;
-  model.for_each_parameter([&](const std::string&, auto, auto, const optim::param_info& i) { infos.push_back(i); });
+  model.parameters().for_each([&](const std::string&, auto, auto, const optim::param_info& i) { infos.push_back(i); });
   std::vector<std::vector<decent::decent_adam::state<host_space>>> states(static_cast<std::size_t>(n));
   for (auto& st : states)
     for (const auto& info : infos) st.push_back(opt.init(exec::host{}, info));
@@ -479,7 +479,7 @@ TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the para
     }
     for (int r = 0; r < n; ++r)
       for (std::size_t p = 0; p < infos.size(); ++p) {
-        const std::int64_t at = model.parameter_offset(p);
+        const std::int64_t at = model.parameters().offset(p);
         opt.step_from_mixed(exec::host{}, view<const float, host_space>(mean.data() + at, infos[p].shape),
                             view<float, host_space>(x[std::size_t(r)].data() + at, infos[p].shape),
                             view<const float, host_space>(g[std::size_t(r)].data() + at, infos[p].shape),
@@ -628,7 +628,7 @@ TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer
     auto all = loader(stacked(shards, batch, seq, steps * accumulation), n * batch, seq, false);
     std::vector<train::step_result> want;
     for (std::int64_t k = 0; k < steps; ++k) want.push_back(single.step(all));
-    const flat want_x = to_vector(single.model().flat_values());
+    const flat want_x = to_vector(single.model().parameters().flat_values());
 
     auto comms = local_world(n);
     std::vector<flat> got(static_cast<std::size_t>(n));
@@ -693,7 +693,7 @@ TEST_CASE("decent::data_parallel_trainer: the all-reduced gradient equals the si
       want_loss += single.forward(tokens.v(), targets.v(), 0.5f) / double(accumulation);
       single.backward();
     }
-    const std::vector<double> want = to_vector(single.flat_grads());
+    const std::vector<double> want = to_vector(single.parameters().flat_grads());
 
     auto comms = local_world(n);
     std::vector<std::vector<double>> got(static_cast<std::size_t>(n));
@@ -705,7 +705,7 @@ TEST_CASE("decent::data_parallel_trainer: the all-reduced gradient equals the si
       t.init(seed);
       auto data = loader(shards[std::size_t(r)], batch, seq, false);
       loss[std::size_t(r)] = t.compute_gradients(data);
-      got[std::size_t(r)] = to_vector(t.model().flat_grads());
+      got[std::size_t(r)] = to_vector(t.model().parameters().flat_grads());
     });
     const decent::bucket_plan plan = decent::bucket_plan::of(dmodel(tiny(), exec::host{1}), o.bucket_bytes);
     for (int r = 0; r < n; ++r) {
@@ -745,7 +745,7 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
   single.init(seed);
   auto all = loader(stacked(shards, batch, seq, steps * o.accumulation), n * batch, seq, false);
   for (std::int64_t k = 0; k < steps; ++k) single.step(all);
-  const flat want = to_vector(single.model().flat_values());
+  const flat want = to_vector(single.model().parameters().flat_values());
 
   auto comms = local_world(n);
   std::vector<flat> got(static_cast<std::size_t>(n));
@@ -842,7 +842,7 @@ TEST_CASE("decent trainers: init gives every rank rank 0's weights, whatever see
   CAPTURE(seed);
   host_llama reference(tiny(), exec::host{1});
   reference.init(seed);
-  const flat want = to_vector(reference.flat_values());
+  const flat want = to_vector(reference.parameters().flat_values());
   const decent::trainer_options o = options(5000, 1, 1.0, 1e-3f);
   std::vector<flat> gossip(static_cast<std::size_t>(n)), baseline(static_cast<std::size_t>(n));
   auto comms = local_world(n);

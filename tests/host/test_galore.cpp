@@ -672,7 +672,7 @@ TEST_CASE("bad configurations raise invalid_argument saying what to change") {
                        doctest::Contains("random_percent"), invalid_argument);
   // State of another parameter, and step counts that are not 1-based.
   const optim::galore<> opt{.rank = 4};
-  auto st = opt.init(ex, optim::param_info{"model.layers.0.self_attn.k_proj.weight", {16, 32}, true});
+  auto st = opt.init(ex, optim::param_info{"model.layers.0.self_attn.k_proj.weight", {16, 32}, true, {}});
   auto w = testing::random_tensor<float>(info.shape, 1), g = testing::random_tensor<float>(info.shape, 2);
   CHECK_THROWS_WITH_AS(opt.step(ex, w.v(), g.v(), st, info, optim::step_context{1e-3f, 1}), doctest::Contains("q_proj"),
                        invalid_argument);

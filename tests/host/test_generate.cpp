@@ -26,7 +26,7 @@ using host_model = nn::llama<exec::host, float>;
 /// matrices N(0, 1/in), the embedding N(0, 1), norm gains N(1, 0.2^2).
 void randomize(host_model& m, std::uint64_t seed) {
   std::uint64_t offset = 0;
-  m.for_each_parameter([&](const std::string&, auto value, auto, const optim::param_info& info) {
+  m.parameters().for_each([&](const std::string&, auto value, auto, const parameter_info& info) {
     float mean = 0.0f, std = 1.0f;
     if (info.shape.rank == 1) mean = 1.0f, std = 0.2f;
     else if (info.name != "model.embed_tokens.weight") std = float(1.0 / std::sqrt(double(info.shape[1])));
@@ -199,7 +199,7 @@ TEST_CASE("generate: errors name the problem") {
   CHECK_THROWS_WITH_AS(nn::sample_token(nan_logit, {}, 0), doctest::Contains("logit of token 1"), invalid_argument);
 
   // A diverged model (NaN weights) is reported, not sampled from.
-  m.for_each_parameter([](const std::string& name, auto value, auto, const optim::param_info&) {
+  m.parameters().for_each([](const std::string& name, auto value, auto, const parameter_info&) {
     if (name == "lm_head.weight") fill(exec::host{}, value, std::numeric_limits<float>::quiet_NaN());
   });
   CHECK_THROWS_WITH_AS(nn::generate(m, prompt, 2), doctest::Contains("has the model diverged"), invalid_argument);

@@ -614,7 +614,7 @@ using adam_state = optim::adamw::state<host_space>;
 
 std::vector<adam_state> init_states(const optim::adamw& opt, fake_model& m) {
   std::vector<adam_state> states;
-  m.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  m.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     states.push_back(opt.init(exec::host{}, optim::param_info_for(name, value.shape())));
   });
   return states;
@@ -624,7 +624,7 @@ void adam_steps(const optim::adamw& opt, fake_model& m, std::vector<adam_state>&
                 int count) {
   for (int s = 0; s < count; ++s) {
     std::size_t i = 0;
-    m.for_each_parameter([&](const std::string&, auto value, auto grad, const optim::param_info& info) {
+    m.parameters().for_each([&](const std::string&, auto value, auto grad, const parameter_info& info) {
       opt.step(exec::host{}, value, view<const float, host_space>(grad), states[i++], info,
                optim::step_context{1e-2f, first + s});
     });

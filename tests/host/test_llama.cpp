@@ -44,7 +44,7 @@ struct batch {
 template <class Model>
 void randomize(Model& m, std::uint64_t seed) {
   std::uint64_t offset = 100;
-  m.for_each_parameter([&](const std::string&, auto value, auto, const optim::param_info& info) {
+  m.parameters().for_each([&](const std::string&, auto value, auto, const parameter_info& info) {
     float mean = 0.0f, std = 1.0f;
     if (info.shape.rank == 1) mean = 1.0f, std = 0.2f;
     else if (info.name != "model.embed_tokens.weight") std = float(1.0 / std::sqrt(double(info.shape[1])));
@@ -56,7 +56,7 @@ void randomize(Model& m, std::uint64_t seed) {
 template <class Model>
 std::map<std::string, host_tensor<double>> gradients(Model& m) {
   std::map<std::string, host_tensor<double>> out;
-  m.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info&) {
+  m.parameters().for_each([&](const std::string& name, auto, auto grad, const parameter_info&) {
     host_tensor<double> g(grad.shape());
     cast(exec::host{}, view<const typename decltype(grad)::value_type, host_space>(grad), g.v());
     out.emplace(name, std::move(g));
@@ -71,7 +71,7 @@ TEST_CASE("llama: parameters carry Hugging Face names, shapes and decay flags, i
   host_model<float> m(cfg);
   std::vector<std::string> names;
   std::map<std::string, std::pair<shape, bool>> seen;
-  m.for_each_parameter([&](const std::string& name, auto value, auto grad, const optim::param_info& info) {
+  m.parameters().for_each([&](const std::string& name, auto value, auto grad, const parameter_info& info) {
     names.push_back(name);
     CHECK(info.name == name);
     CHECK(value.shape() == info.shape);
@@ -110,7 +110,7 @@ TEST_CASE("llama: parameters carry Hugging Face names, shapes and decay flags, i
   expect("lm_head.weight", {32, 16}, true);
 
   std::int64_t total = 0;
-  m.for_each_parameter([&](const std::string&, auto v, auto, const optim::param_info&) { total += v.numel(); });
+  m.parameters().for_each([&](const std::string&, auto v, auto, const parameter_info&) { total += v.numel(); });
   CHECK(total == cfg.parameters());
   CHECK(m.parameter_count() == cfg.parameters());
 
@@ -118,7 +118,7 @@ TEST_CASE("llama: parameters carry Hugging Face names, shapes and decay flags, i
   tied_cfg.tied_embeddings = true;
   host_model<float> tied(tied_cfg);
   std::vector<std::string> tied_names;
-  tied.for_each_parameter([&](const std::string& n, auto, auto, const optim::param_info&) { tied_names.push_back(n); });
+  tied.parameters().for_each([&](const std::string& n, auto, auto, const parameter_info&) { tied_names.push_back(n); });
   want.pop_back();
   CHECK(tied_names == want);
   CHECK(tied.parameter_count() == tied_cfg.parameters());
@@ -134,14 +134,14 @@ TEST_CASE("llama: init draws N(0, 0.02^2) (output projections / sqrt(2L)), norms
   mf.init(seed);
   md.init(seed);
   std::map<std::string, host_tensor<double>> from_float;
-  mf.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  mf.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     host_tensor<double> t(value.shape());
     cast(exec::host{}, view<const float, host_space>(value), t.v());
     from_float.emplace(name, std::move(t));
   });
-  const auto& specs = md.parameter_specs();
+  const auto& specs = md.parameters().infos();
   std::size_t i = 0;
-  md.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info& info) {
+  md.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info& info) {
     CAPTURE(name);
     const auto& spec = specs[i++];
     CHECK(spec.name == name);
@@ -154,7 +154,7 @@ TEST_CASE("llama: init draws N(0, 0.02^2) (output projections / sqrt(2L)), norms
     }
     const bool output = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
     const double want = output ? 0.02 / std::sqrt(6.0) : 0.02;
-    CHECK(spec.init_std == doctest::Approx(want));
+    CHECK(spec.init.std == doctest::Approx(want));
     const double rms = std::sqrt(double(squared_norm(exec::host{}, view<const double, host_space>(value))) /
                                  double(value.numel()));
     CHECK(rms == doctest::Approx(want).epsilon(0.35));  // >= 128 draws per tensor
@@ -168,7 +168,7 @@ TEST_CASE("llama: init draws N(0, 0.02^2) (output projections / sqrt(2L)), norms
   host_model<double> other(cfg);
   other.init(seed + 1);
   double diff = 0;
-  other.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info& info) {
+  other.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info& info) {
     const view<const double, host_space> got(value), first(from_float.at(name).v());
     if (info.shape.rank == 2) diff += testing::rel_error(got, first);
   });
@@ -216,7 +216,7 @@ TEST_CASE("llama: whole-model gradient check in double on presets::micro() (ever
     // Central differences of loss_scale * evaluate() on sampled elements of every tensor.
     const double h = 1e-5;
     std::uint64_t draw = 0;
-    m.for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+    m.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
       CAPTURE(name);
       const auto& g = grads.at(name);
       const std::int64_t samples = std::min<std::int64_t>(value.numel(), 10);
@@ -338,16 +338,25 @@ struct counting_projection : nn::dense_projection {
   }
 };
 
-/// An attention policy that doubles its scale: the model must follow whatever the policy computes.
+/// An attention policy that counts its calls and otherwise is dense_attention.
 struct counting_attention : nn::dense_attention {
   int calls = 0;
   template <class Exec, class T>
-  void forward(const Exec& ex, std::type_identity_t<view<const T, nn::space_t<Exec>>> q,
-               std::type_identity_t<view<const T, nn::space_t<Exec>>> k,
-               std::type_identity_t<view<const T, nn::space_t<Exec>>> v, view<T, nn::space_t<Exec>> out,
-               std::type_identity_t<view<accum_t<T>, nn::space_t<Exec>>> lse) {
+  void forward(const Exec& ex, const nn::attention_forward_args<T, nn::space_t<Exec>>& a) {
     ++calls;
-    nn::dense_attention::forward<Exec, T>(ex, q, k, v, out, lse);
+    nn::dense_attention::forward<Exec, T>(ex, a);
+  }
+};
+
+/// The factory of the counting policies.
+struct counting_blocks : nn::dense_blocks {
+  template <class Store>
+  counting_attention attention(const nn::block_site<Store>&) const {
+    return {};
+  }
+  template <class Store>
+  counting_projection projection(const nn::block_site<Store>&, nn::projection_site) const {
+    return {};
   }
 };
 
@@ -360,11 +369,11 @@ static_assert(nn::AttentionPolicy<nn::dense_attention, exec::host, float>);
 static_assert(!nn::ProjectionPolicy<not_a_projection, exec::host, float, float>);
 static_assert(!nn::AttentionPolicy<not_a_projection, exec::host, float>);
 
-TEST_CASE("llama: the attention and output projections are replaceable policies of every block") {
+TEST_CASE("llama: the attention and output projections are replaceable policies made by the block factory") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   const auto cfg = nn::presets::micro();
-  nn::llama<exec::host, double, counting_attention, counting_projection> custom(cfg);
+  nn::llama<exec::host, double, counting_blocks> custom(cfg);
   host_model<double> dense(cfg);
   randomize(custom, seed);
   randomize(dense, seed);
@@ -430,35 +439,32 @@ TEST_CASE("llama: backward's ready hook reports parameter ranges in reverse stor
     model.zero_grad();
     model.forward(data.tok(), data.tgt());
 
-    const std::size_t count = model.parameter_specs().size();
-    const auto flat = model.flat_grads();
-    REQUIRE(flat.numel() == model.parameter_offset(count));
-    std::vector<std::size_t> calls;
+    const std::size_t count = model.parameters().size();
+    const auto flat = model.parameters().flat_grads();
+    REQUIRE(flat.numel() == model.parameters().offset(count));
+    std::vector<std::pair<std::size_t, std::size_t>> calls;
     std::vector<std::vector<double>> seen;  // the gradients of each reported range, at the time of the call
-    std::size_t end = count;
-    model.backward([&](std::size_t first) {
-      REQUIRE(first < end);
-      calls.push_back(first);
-      const std::int64_t a = model.parameter_offset(first), b = model.parameter_offset(end);
+    model.backward([&](std::size_t first, std::size_t last) {
+      REQUIRE(first < last);
+      calls.emplace_back(first, last);
+      const std::int64_t a = model.parameters().offset(first), b = model.parameters().offset(last);
       seen.emplace_back(flat.data() + a, flat.data() + b);
-      end = first;
     });
+    // The final norm (and untied head), each layer from the last, the embedding: together every tensor once.
     const std::size_t L = std::size_t(cfg.n_layers);
-    std::vector<std::size_t> expected{1 + 9 * L};
-    for (std::size_t l = L; l-- > 0;) expected.push_back(1 + 9 * l);
-    expected.push_back(0);
+    std::vector<std::pair<std::size_t, std::size_t>> expected{{1 + 9 * L, count}};
+    for (std::size_t l = L; l-- > 0;) expected.emplace_back(1 + 9 * l, 1 + 9 * (l + 1));
+    expected.emplace_back(0, 1);
     CHECK(calls == expected);
-    end = count;
     for (std::size_t c = 0; c < calls.size(); ++c) {
-      const std::int64_t a = model.parameter_offset(calls[c]), b = model.parameter_offset(end);
+      const std::int64_t a = model.parameters().offset(calls[c].first), b = model.parameters().offset(calls[c].second);
       CHECK(std::vector<double>(flat.data() + a, flat.data() + b) == seen[c]);
-      end = calls[c];
     }
     // Padding between tensors is zero in values and gradients.
-    const auto values = model.flat_values();
+    const auto values = model.parameters().flat_values();
     for (std::size_t i = 0; i < count; ++i)
-      for (std::int64_t j = model.parameter_offset(i) + model.parameter_specs()[i].shape.numel();
-           j < model.parameter_offset(i + 1); ++j) {
+      for (std::int64_t j = model.parameters().offset(i) + model.parameters().infos()[i].shape.numel();
+           j < model.parameters().offset(i + 1); ++j) {
         REQUIRE(values.data()[j] == 0.0);
         REQUIRE(flat.data()[j] == 0.0);
       }

@@ -51,7 +51,7 @@ struct adamw_fixture {
   static optim::adamw make() { return {}; }
   static std::vector<optim::param_info> params() {
     return {optim::param_info_for("w", {7, 5}), optim::param_info_for("gain", {11}),
-            optim::param_info{"no_decay_matrix", {3, 4}, false}};
+            optim::param_info{"no_decay_matrix", {3, 4}, false, {}}};
   }
 };
 
@@ -218,7 +218,7 @@ namespace {
 struct sgd {  // a minimal conforming optimizer: plain SGD, no state
   struct state {};
   template <class Exec>
-  state init(const Exec&, const optim::param_info&) const {
+  state init(const Exec&, const parameter_info&) const {
     return {};
   }
   template <class G, class S>
@@ -234,7 +234,7 @@ struct sgd {  // a minimal conforming optimizer: plain SGD, no state
 
 struct no_state_bytes {  // an optimizer missing state_bytes
   struct state {};
-  state init(const exec::host&, const optim::param_info&) const { return {}; }
+  state init(const exec::host&, const parameter_info&) const { return {}; }
   template <class G>
   void step(const exec::host&, view<float, host_space>, view<const G, host_space>, state&, const optim::param_info&,
             const optim::step_context&, view<bf16, host_space> = {}) const {}
@@ -242,7 +242,7 @@ struct no_state_bytes {  // an optimizer missing state_bytes
 
 struct fp32_only {  // an optimizer that rejects bf16 gradients
   struct state {};
-  state init(const exec::host&, const optim::param_info&) const { return {}; }
+  state init(const exec::host&, const parameter_info&) const { return {}; }
   void step(const exec::host&, view<float, host_space>, view<const float, host_space>, state&,
             const optim::param_info&, const optim::step_context&, view<bf16, host_space> = {}) const {}
   std::size_t state_bytes(const state&) const { return 0; }

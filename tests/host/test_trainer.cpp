@@ -67,7 +67,7 @@ std::map<std::string, std::vector<std::byte>> snapshot(Trainer& t) {
     out[name] = std::move(bytes);
   };
   std::size_t i = 0;
-  t.model().for_each_parameter([&](const std::string& name, auto value, auto, const optim::param_info&) {
+  t.model().parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
     keep(name, value);
     io::for_each_state_tensor(t.states()[i++], [&](const std::string& s, auto v) { keep(name + "." + s, v); });
   });

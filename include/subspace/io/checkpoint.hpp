@@ -37,6 +37,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parameter.hpp"
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
 #include "../nn/config.hpp"
@@ -85,9 +86,6 @@ void for_each_state_tensor(State& s, F&& f) {
   }
 }
 
-/// A parameter enumeration with the model's names, gradients and param_info but values[i] in place of the i-th
-/// value view: e.g. the optimizer's fp32 master weights of a bf16 model, so that a checkpoint holds (and a resume
-/// restores) the masters. `values` is a vector of tensors or of views, in for_each_parameter order.
 /// A tensor's view, or the view itself (overloads, not `if constexpr (requires ...)`, which nvcc mis-handles in
 /// generic lambdas).
 template <class T, class S>
@@ -99,26 +97,35 @@ view<T, S> as_view(view<T, S> v) {
   return v;
 }
 
-template <class Model, class Values>
+/// The tensors of a parameter store (or a model's, through model.parameters()) with values[i] in place of the
+/// i-th value: e.g. the optimizer's fp32 master weights of a bf16 model, so that a checkpoint holds (and a resume
+/// restores) the masters. `values` is a vector of tensors or of views, in store order.
+template <class Store, class Values>
 struct substituted_values {
-  Model& model;
+  Store& store;
   Values& values;
 
-  template <class F>
-  void for_each_parameter(F&& f) {
-    std::size_t i = 0;
-    model.for_each_parameter([&](const std::string& name, auto, auto grad, const optim::param_info& info) {
-      require(i < values.size(), "with_values: " + std::to_string(values.size()) + " values, but parameter '" + name +
-                                     "' is number " + std::to_string(i + 1));
-      f(name, as_view(values[i++]), grad, info);
+  std::size_t size() const { return store.size(); }
+  const parameter_info& info(std::size_t i) const { return store.info(i); }
+  auto value(std::size_t i) {
+    require(i < values.size(), [&] {
+      return "with_values: " + std::to_string(values.size()) + " values, but parameter '" + store.info(i).name +
+             "' is number " + std::to_string(i + 1);
     });
-    require(i == values.size(), "with_values: " + std::to_string(values.size()) + " values for " +
-                                    std::to_string(i) + " parameters");
+    return as_view(values[i]);
   }
 };
 template <class Model, class Values>
-substituted_values<Model, Values> with_values(Model& model, Values& values) {
-  return {model, values};
+auto with_values(Model& model, Values& values) {
+  auto& store = [&]() -> auto& {
+    if constexpr (requires { model.parameters(); }) return model.parameters();
+    else return model;
+  }();
+  require(values.size() == store.size(), [&] {
+    return "with_values: " + std::to_string(values.size()) + " values for " + std::to_string(store.size()) +
+           " parameters";
+  });
+  return substituted_values<std::remove_reference_t<decltype(store)>, Values>{store, values};
 }
 
 /// The parameter dtype model.safetensors is written in by save_model.
@@ -186,15 +193,23 @@ void read_view(const safetensors_file& f, const st_tensor& t, const Exec& ex, vi
   }
 }
 
-template <class Model, class F>
-void for_each_parameter(Model& model, F&& f) {
-  std::size_t index = 0;
-  model.for_each_parameter([&](const std::string& name, auto value, auto /*grad*/, const optim::param_info& info) {
-    require(value.shape() == info.shape, "checkpoint: parameter '" + name + "' has a view of shape " +
-                                             to_string(value.shape()) + " but param_info shape " +
-                                             to_string(info.shape));
-    f(name, value, index++);
-  });
+/// Calls f(name, value view, index) for every tensor of `params`: a parameter store, a model (its parameters()),
+/// or with_values(...).
+template <class Params, class F>
+void for_each_parameter(Params& params, F&& f) {
+  if constexpr (requires { params.parameters(); }) {
+    for_each_parameter(params.parameters(), f);
+  } else {
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const parameter_info& info = params.info(i);
+      const auto value = params.value(i);
+      require(value.shape() == info.shape, [&] {
+        return "checkpoint: parameter '" + info.name + "' has a view of shape " + to_string(value.shape()) +
+               " but its description says " + to_string(info.shape);
+      });
+      f(info.name, value, i);
+    }
+  }
 }
 
 inline std::string u64_string(std::uint64_t v) { return std::to_string(v); }

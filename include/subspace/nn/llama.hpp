@@ -11,24 +11,29 @@
 // weights and activations — the working copy the optimizer writes — with fp32 weight gradients). The model calls
 // only the layer kernels of docs/llama-kernels.md, gemm and the element-wise kernels, so the same code runs on both.
 //
-// Storage: every parameter value lives in one allocation of T, every gradient in one allocation of G (so
-// zero_grad is one fill and an optimizer may treat them as flat), each parameter padded to 256 bytes. Every
-// activation, saved statistic and backward scratch buffer lives in one byte allocation, carved into typed views
-// (a first pass measures, a second carves); it is sized for the (batch, sequence) of the call and reallocated
-// only when that changes.
+// Stages. A model may be one pipeline stage: layers [first_layer, last_layer) of the configuration, with the
+// embedding when first_layer = 0 and the final norm, LM head and loss when last_layer = n_layers. A stage takes
+// the residual stream [B·S, d] in (unless it is the first) and gives it out (unless it is the last); its backward
+// takes dL/d(out) and gives dL/d(in). Chaining the stages of a configuration computes exactly the whole model.
+// Parameter names, initial values and weight-decay flags are the whole model's, so stage checkpoints compose.
 //
-// Parameters carry Hugging Face Llama names and layouts (W stored [out, in]; RoPE pairs (i, i + hd/2), so HF
-// q/k weights load unpermuted), in HF's order: model.embed_tokens.weight; per layer model.layers.N.self_attn.
-// {q,k,v,o}_proj.weight, mlp.{gate,up,down}_proj.weight, input_layernorm.weight, post_attention_layernorm.weight;
-// model.norm.weight; lm_head.weight (absent when the head is tied to the embedding). Weight decay applies to the
-// 2-D projection matrices and an untied lm_head only (not the norms, not the embedding).
+// Activation slots. forward(slot, ...) saves its activations in the slot's own arena and backward(slot, ...)
+// reads them, so several micro-batches may be in flight on one stage (a 1F1B pipeline keeps up to P alive). An
+// arena is sized for the (batch, sequence) of its first call and reallocated only when that changes. Backward
+// scratch is shared by the slots.
 //
-// Initialisation (init(seed)): parameter i of that order is drawn from the Philox stream (seed, i) by fill_normal,
+// Parameters live in an nn::parameter_store (nn/parameters.hpp), the model's own or one shared with the other
+// stages of a rank; they carry Hugging Face Llama names and layouts (W stored [out, in]; RoPE pairs (i, i + hd/2),
+// so HF q/k weights load unpermuted), in HF's order: model.embed_tokens.weight; per layer model.layers.N.
+// self_attn.{q,k,v,o}_proj.weight, mlp.{gate,up,down}_proj.weight, input_layernorm.weight,
+// post_attention_layernorm.weight; model.norm.weight; lm_head.weight (absent when the head is tied to the
+// embedding). Weight decay applies to the 2-D projection matrices and an untied lm_head only.
+//
+// Initialisation (init(seed)): parameter i of the whole model's order is drawn from the Philox stream (seed, i),
 // N(0, 0.02²), the output projections o_proj and down_proj N(0, (0.02 / sqrt(2 L))²), norm gains 1; the draws
-// are the same on the host and the device, rounded to each model's T. fill_initial gives the same values in any
-// other element type (an optimizer's fp32 master weights).
+// are the same on the host and the device, rounded to each model's T.
 //
-// A training step:
+// A training step of a whole model:
 //   model.zero_grad();
 //   double loss = model.forward(tokens, targets, loss_scale);   // host [B, S] int32 views
 //   model.backward();                                            // gradients of loss_scale · loss, accumulated
@@ -36,11 +41,14 @@
 // and its gradients in one pass, so the B·S × V logits never exist at once); evaluate() computes the loss alone
 // and leaves the gradients untouched. Targets of -1 are ignored: the loss is the mean over the others.
 //
-// The attention and the two output projections of every block are policies (nn/block_policies.hpp).
+// The attention, the two output projections, the residual adds and the embedding are policies made per layer by
+// the Blocks factory (nn/block_policies.hpp).
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -49,21 +57,19 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parameter.hpp"
 #include "../core/tensor.hpp"
-#include "../kernels/attention.hpp"
 #include "../kernels/detail/layer_checks.hpp"
 #include "../kernels/elementwise.hpp"
-#include "../kernels/embedding.hpp"
 #include "../kernels/gemm.hpp"
 #include "../kernels/loss.hpp"
 #include "../kernels/norm.hpp"
-#include "../kernels/random.hpp"
 #include "../kernels/reduce.hpp"
 #include "../kernels/rope.hpp"
 #include "../kernels/swiglu.hpp"
-#include "../optim/concepts.hpp"
 #include "block_policies.hpp"
 #include "config.hpp"
+#include "parameters.hpp"
 
 namespace subspace::nn {
 
@@ -71,43 +77,16 @@ namespace subspace::nn {
 template <class Exec, class T>
 using grad_t = std::conditional_t<std::is_same_v<space_of_t<Exec>, device_space>, float, T>;
 
-/// A parameter tensor: its value and its gradient (views into the model's two allocations).
-template <class T, class G, class Space>
-struct parameter {
-  view<T, Space> value;
-  view<G, Space> grad;
-};
-
-/// What the model knows about one parameter tensor besides its storage.
-struct parameter_spec {
-  std::string name;           // the Hugging Face name
-  subspace::shape shape{};    // HF layout (W [out, in])
-  bool decay = false;         // weight decay: the 2-D projection matrices only
-  float init_std = 0.0f;      // N(0, init_std²) from the Philox stream (seed, rng_offset); 0: ones (norm gains)
-  std::uint64_t rng_offset = 0;
-};
-
-/// Fills x with the initial values of parameter `spec` for `seed`, in x's element type and the executor's space:
-/// the values llama::init writes, before their rounding to the model's T.
-template <class Exec, class U>
-void fill_initial(const Exec& ex, view<U, space_of_t<Exec>> x, const parameter_spec& spec, std::uint64_t seed) {
-  require(x.shape() == spec.shape, "fill_initial: " + spec.name + " has shape " + to_string(spec.shape) +
-                                       ", the view has shape " + to_string(x.shape()));
-  if (spec.init_std == 0.0f)
-    fill(ex, x, U(1.0f));
-  else
-    fill_normal(ex, x, seed, spec.rng_offset, 0.0f, spec.init_std);
-}
-
-/// The parameters of `cfg` in Hugging Face's order, with their shapes, decay flags and initialisation.
-inline std::vector<parameter_spec> llama_parameter_specs(const llama_config& cfg) {
+/// The parameters of the whole model `cfg` in Hugging Face's order, with their shapes, decay flags and
+/// initialisation (stream i for parameter i).
+inline std::vector<parameter_info> llama_parameter_infos(const llama_config& cfg) {
   cfg.validate();
   const std::int64_t d = cfg.d_model, kv = cfg.kv_dim(), f = cfg.ffn_hidden;
   const float std_in = 0.02f, std_out = float(0.02 / std::sqrt(2.0 * double(cfg.n_layers)));
-  std::vector<parameter_spec> specs;
+  std::vector<parameter_info> infos;
   const auto add = [&](std::string name, subspace::shape s, bool decay, float init_std) {
-    const auto index = std::uint64_t(specs.size());
-    specs.push_back(parameter_spec{std::move(name), s, decay, init_std, index});
+    const auto stream = std::uint64_t(infos.size());
+    infos.push_back(parameter_info{std::move(name), s, decay, parameter_init{init_std, 1.0f, stream}});
   };
   add("model.embed_tokens.weight", {cfg.vocab, d}, false, std_in);
   for (std::int64_t l = 0; l < cfg.n_layers; ++l) {
@@ -124,8 +103,30 @@ inline std::vector<parameter_spec> llama_parameter_specs(const llama_config& cfg
   }
   add("model.norm.weight", {d}, false, 0.0f);
   if (!cfg.tied_embeddings) add("lm_head.weight", {cfg.vocab, d}, true, std_in);
-  return specs;
+  return infos;
 }
+
+/// Which part of a configuration a model instance computes, and how many micro-batches it may hold.
+struct llama_stage {
+  std::int64_t first_layer = 0;
+  std::int64_t last_layer = -1;  // -1: the configuration's n_layers
+
+  /// The stages that cut `cfg`'s layers at `cuts` (ascending, inside (0, n_layers)).
+  static std::vector<llama_stage> split(const llama_config& cfg, const std::vector<std::int64_t>& cuts) {
+    std::vector<llama_stage> out;
+    std::int64_t first = 0;
+    for (const std::int64_t c : cuts) {
+      require(c > first && c < cfg.n_layers, [&] {
+        return "llama_stage::split: cut " + std::to_string(c) + " must lie in (" + std::to_string(first) + ", " +
+               std::to_string(cfg.n_layers) + ") (ascending, inside the model)";
+      });
+      out.push_back({first, c});
+      first = c;
+    }
+    out.push_back({first, cfg.n_layers});
+    return out;
+  }
+};
 
 namespace detail {
 
@@ -157,17 +158,43 @@ view<const U, Space> ro(view<U, Space> v) {
   return v;
 }
 
+/// Calls p.bind(store) / p.after_step(ex, store) when the policy has them.
+template <class P, class Store>
+void bind_policy(P& p, Store& store) {
+  if constexpr (requires { p.bind(store); }) p.bind(store);
+}
+template <class P, class Exec, class Store>
+void after_step_policy(P& p, const Exec& ex, Store& store) {
+  if constexpr (requires { p.after_step(ex, store); }) p.after_step(ex, store);
+}
+
 }  // namespace detail
 
-/// One pre-norm Llama layer: its parameters (views into the model's storage), its policies, and its forward and
-/// backward passes over activations the model owns.
-template <class Exec, class T, class Attention = dense_attention, class Projection = dense_projection>
+/// One pre-norm Llama layer: its parameters (indices into the store, and views bound from them), its policies,
+/// and its forward and backward passes over activations the model owns.
+template <class Exec, class T, class Blocks = dense_blocks>
 class llama_block {
  public:
   using space = space_of_t<Exec>;
   using grad_type = grad_t<Exec, T>;
   using stat_type = accum_t<T>;
   using param = parameter<T, grad_type, space>;
+  using store_type = parameter_store<T, grad_type, space>;
+  using site_type = block_site<store_type>;
+  using attention_type = decltype(std::declval<const Blocks&>().attention(std::declval<const site_type&>()));
+  using projection_type = decltype(std::declval<const Blocks&>().projection(std::declval<const site_type&>(),
+                                                                             projection_site::attention_output));
+  using residual_type = decltype(std::declval<const Blocks&>().residual(std::declval<const site_type&>()));
+
+  static_assert(AttentionPolicy<attention_type, Exec, T>,
+                "llama: the attention policy must provide forward(ex, attention_forward_args) and backward(ex, "
+                "attention_backward_args) (see nn/block_policies.hpp)");
+  static_assert(ProjectionPolicy<projection_type, Exec, T, grad_type>,
+                "llama: the projection policy must provide forward(ex, x, w, y) and backward(ex, x, w, dy, dx, dw) "
+                "(see nn/block_policies.hpp)");
+  static_assert(ResidualPolicy<residual_type, Exec, T>,
+                "llama: the residual policy must provide forward(ex, site, x, y) and backward(ex, site, dy) (see "
+                "nn/block_policies.hpp)");
 
   /// The sizes a block needs from the configuration.
   struct dims {
@@ -196,20 +223,66 @@ class llama_block {
     view<T, space> dgate, dup, dhact; // [N, f]
   };
 
-  /// The batch geometry and RoPE table of one call.
+  /// The batch geometry, positions, RoPE table and token ids of one call.
   struct context {
-    std::int64_t batch = 0, seq = 0, pos0 = 0;
-    view<const float, space> inv_freq;  // [hd / 2]
+    std::int64_t batch = 0, seq = 0;
+    std::span<const position_chunk> positions;
+    view<const float, space> inv_freq;        // [hd / 2]
+    view<const std::int32_t, space> tokens;  // [N]
   };
 
+  /// Layer `layer` of `cfg`: declares its nine tensors in `store` (their infos come from the whole model's list,
+  /// `infos`, starting at `first_info`) and makes its policies.
+  llama_block(const llama_config& cfg, std::int64_t layer, const std::vector<parameter_info>& infos,
+              std::size_t first_info, store_type& store, const Blocks& blocks)
+      : layer_(layer),
+        size{cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.ffn_hidden, cfg.norm_eps},
+        first_(declare(infos, first_info, store)),
+        attention(blocks.attention(site_type{layer, cfg, store})),
+        o_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::attention_output)),
+        down_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::mlp_output)),
+        residual(blocks.residual(site_type{layer, cfg, store})) {}
+
+  /// Views of the block's tensors from `store` (after it allocated) and the policies' bind.
+  void bind(store_type& store) {
+    param* const slots[per_layer] = {&q_proj,  &k_proj,   &v_proj,          &o_proj,
+                                     &gate_proj, &up_proj, &down_proj, &input_layernorm,
+                                     &post_attention_layernorm};
+    for (std::size_t i = 0; i < per_layer; ++i) *slots[i] = store[first_ + i];
+    detail::bind_policy(attention, store);
+    detail::bind_policy(o_projection, store);
+    detail::bind_policy(down_projection, store);
+    detail::bind_policy(residual, store);
+  }
+  void after_step(const Exec& ex, store_type& store) {
+    detail::after_step_policy(attention, ex, store);
+    detail::after_step_policy(o_projection, ex, store);
+    detail::after_step_policy(down_projection, ex, store);
+    detail::after_step_policy(residual, ex, store);
+  }
+
+  static constexpr std::size_t per_layer = 9;  // q, k, v, o, gate, up, down, two norms
+  /// The block's tensors are store indices [first_parameter(), first_parameter() + per_layer).
+  std::size_t first_parameter() const { return first_; }
+  std::int64_t layer() const { return layer_; }
+
+ private:
+  std::int64_t layer_;
+
+ public:
+  dims size{};
+
+ private:
+  std::size_t first_;
+
+ public:
   // Parameters, in Hugging Face's order.
   param q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm;
 
-  // Policies: the attention, and the two projections that write into the residual stream.
-  Attention attention{};
-  Projection o_projection{}, down_projection{};
-
-  dims size{};
+  // Policies.
+  attention_type attention;
+  projection_type o_projection, down_projection;  // the two projections that write into the residual stream
+  residual_type residual;
 
   /// y = x + attention branch + MLP branch, saving what backward needs in `a`.
   void forward(const Exec& ex, const context& c, const activations& a, view<const T, space> x,
@@ -220,18 +293,16 @@ class llama_block {
     linear(ex, a.ln1, q_proj, a.q);
     linear(ex, a.ln1, k_proj, a.k);
     linear(ex, a.ln1, v_proj, a.v);
-    rope_apply(ex, a.q, c.inv_freq, c.pos0, false);
-    rope_apply(ex, a.k, c.inv_freq, c.pos0, false);
-    attention.forward(ex, ro(a.q), ro(a.k), ro(a.v), a.att, a.lse);
+    attention.forward(ex, attention_forward_args<T, space>{a.q, a.k, ro(a.v), a.att, a.lse, c.positions, c.inv_freq});
     o_projection.forward(ex, ro(rows(a.att, n)), ro(o_proj.value), a.mid);
-    axpy(ex, 1.0f, x, a.mid);  // mid = x + o_proj(att)
+    residual.forward(ex, site(c, sublayer::attention), x, a.mid);  // mid = x + o_proj(att)
 
     rmsnorm_forward(ex, ro(a.mid), ro(post_attention_layernorm.value), size.eps, a.ln2, a.rstd2);
     linear(ex, a.ln2, gate_proj, a.gate);
     linear(ex, a.ln2, up_proj, a.up);
     swiglu_forward(ex, ro(a.gate), ro(a.up), a.hact);
     down_projection.forward(ex, ro(a.hact), ro(down_proj.value), y);
-    axpy(ex, 1.0f, ro(a.mid), y);  // y = mid + down_proj(hact)
+    residual.forward(ex, site(c, sublayer::mlp), ro(a.mid), y);  // y = mid + down_proj(hact)
   }
 
   /// On entry dres = dL/dy; on return dres = dL/dx. Weight gradients accumulate.
@@ -240,6 +311,7 @@ class llama_block {
     using detail::ro;
     const std::int64_t n = c.batch * c.seq;
     // MLP branch: y = mid + down(silu(gate(n2)) * up(n2)).
+    residual.backward(ex, site(c, sublayer::mlp), dres);
     down_projection.backward(ex, ro(a.hact), ro(down_proj.value), ro(dres), s.dhact, down_proj.grad);
     swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
     linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f);
@@ -249,11 +321,11 @@ class llama_block {
     axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dmid
 
     // Attention branch: mid = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1))).
+    residual.backward(ex, site(c, sublayer::attention), dres);
     const view<T, space> datt_rows = rows(s.datt, n);
     o_projection.backward(ex, ro(rows(a.att, n)), ro(o_proj.value), ro(dres), datt_rows, o_proj.grad);
-    attention.backward(ex, ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse), ro(s.datt), s.dq, s.dk, s.dv);
-    rope_apply(ex, s.dq, c.inv_freq, c.pos0, true);
-    rope_apply(ex, s.dk, c.inv_freq, c.pos0, true);
+    attention.backward(ex, attention_backward_args<T, space>{ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse),
+                                                             ro(s.datt), s.dq, s.dk, s.dv, c.positions, c.inv_freq});
     linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f);
     linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f);
     linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f);
@@ -262,6 +334,14 @@ class llama_block {
   }
 
  private:
+  static std::size_t declare(const std::vector<parameter_info>& infos, std::size_t first, store_type& store) {
+    const std::size_t index = store.size();
+    for (std::size_t i = 0; i < per_layer; ++i) store.add(infos[first + i]);
+    return index;
+  }
+
+  residual_site<space> site(const context& c, sublayer which) const { return {layer_, which, c.tokens}; }
+
   /// A [B, S, H, hd] buffer as its [N, H·hd] rows (or an [N, k] buffer as itself).
   static view<T, space> rows(view<T, space> v, std::int64_t n) { return v.reshape(shape{n, v.numel() / n}); }
 
@@ -281,8 +361,9 @@ class llama_block {
   }
 };
 
-/// The Llama model on executor Exec with weights and activations T (see the top of this file).
-template <class Exec, class T, class Attention = dense_attention, class Projection = dense_projection>
+/// The Llama model, or one stage of it, on executor Exec with weights and activations T (see the top of this
+/// file).
+template <class Exec, class T, class Blocks = dense_blocks>
 class llama {
  public:
   using executor_type = Exec;
@@ -290,59 +371,62 @@ class llama {
   using value_type = T;
   using grad_type = grad_t<Exec, T>;
   using stat_type = accum_t<T>;
-  using block_type = llama_block<Exec, T, Attention, Projection>;
+  using config_type = llama_config;
+  using block_type = llama_block<Exec, T, Blocks>;
   using param = parameter<T, grad_type, space>;
+  using store_type = parameter_store<T, grad_type, space>;
+  using site_type = block_site<store_type>;
+  using embedding_type = decltype(std::declval<const Blocks&>().embedding(std::declval<const site_type&>()));
+  static_assert(EmbeddingPolicy<embedding_type, Exec, T, grad_type>,
+                "llama: the embedding policy must provide forward(ex, tokens, weight, x) and backward(ex, tokens, "
+                "dx, dweight) (see nn/block_policies.hpp)");
 
-  static_assert(AttentionPolicy<Attention, Exec, T>,
-                "llama: the Attention policy must be default constructible and provide forward(ex, q, k, v, out, "
-                "lse) and backward(ex, q, k, v, out, lse, dout, dq, dk, dv) (see nn/block_policies.hpp)");
-  static_assert(ProjectionPolicy<Projection, Exec, T, grad_type>,
-                "llama: the Projection policy must be default constructible and provide forward(ex, x, w, y) and "
-                "backward(ex, x, w, dy, dx, dw) (see nn/block_policies.hpp)");
+  /// The whole model of `cfg` (validated) on `ex`, with its own parameter store. The weights are zero until
+  /// init() or a load; the gradients start at zero.
+  explicit llama(const llama_config& cfg, Exec ex = {}, Blocks blocks = {})
+      : llama(cfg, ex, llama_stage{}, nullptr, std::move(blocks)) {}
 
-  /// A model of `cfg` (validated) on `ex`. The weights are uninitialised until init() or a load; the gradients
-  /// start at zero.
-  explicit llama(const llama_config& cfg, Exec ex = {})
-      : cfg_(cfg), ex_(ex), specs_(llama_parameter_specs(cfg)) {
-    // Parameters: one allocation of T, one of G, each tensor padded to 256 bytes.
-    constexpr std::int64_t pad = 128;  // elements: 256 bytes of bf16, more for wider types
-    std::int64_t total = 0;
-    for (const auto& s : specs_) {
-      offsets_.push_back(total);
-      total += (s.shape.numel() + pad - 1) / pad * pad;
+  /// Stage `stage` of `cfg`, declaring its tensors in `store` (a new store when null: share one between the
+  /// stages a rank holds, built in order).
+  llama(const llama_config& cfg, Exec ex, llama_stage stage, std::shared_ptr<store_type> store = nullptr,
+        Blocks blocks = {})
+      : cfg_(cfg), ex_(ex), blocks_factory_(std::move(blocks)) {
+    const std::vector<parameter_info> infos = llama_parameter_infos(cfg_);
+    if (stage.last_layer < 0) stage.last_layer = cfg_.n_layers;
+    require(0 <= stage.first_layer && stage.first_layer < stage.last_layer && stage.last_layer <= cfg_.n_layers, [&] {
+      return "llama: stage layers [" + std::to_string(stage.first_layer) + ", " + std::to_string(stage.last_layer) +
+             ") must be a non-empty range inside [0, " + std::to_string(cfg_.n_layers) + ")";
+    });
+    stage_ = stage;
+    require(!cfg_.tied_embeddings || (has_embedding() && has_head()), [&] {
+      return "llama: '" + cfg_.name + "' ties the LM head to the embedding, so both must be on one stage (layers [" +
+             std::to_string(stage.first_layer) + ", " + std::to_string(stage.last_layer) + ") of " +
+             std::to_string(cfg_.n_layers) + ")";
+    });
+    store_ = store ? std::move(store) : std::make_shared<store_type>();
+    store_type& st = *store_;
+    first_param_ = st.size();
+    constexpr std::size_t per_layer = block_type::per_layer;
+    if (has_embedding()) {
+      embed_index_ = st.add(infos[0]);
+      embedding_ = std::make_unique<embedding_type>(blocks_factory_.embedding(site_type{-1, cfg_, st}));
     }
-    offsets_.push_back(total);
-    values_ = tensor<T, space>(shape{total});
-    grads_ = tensor<grad_type, space>(shape{total});
-    fill(ex_, values_.v(), T(0.0f));  // the padding stays zero: flat ranges of values are safe to communicate
-    for (std::size_t i = 0; i < specs_.size(); ++i)
-      params_.push_back(param{view<T, space>(values_.data() + offsets_[i], specs_[i].shape),
-                              view<grad_type, space>(grads_.data() + offsets_[i], specs_[i].shape)});
-    zero_grad();
-
-    std::size_t next = 0;
-    embed_ = params_[next++];
-    blocks_.resize(std::size_t(cfg_.n_layers));
-    for (auto& b : blocks_) {
-      b.q_proj = params_[next++];
-      b.k_proj = params_[next++];
-      b.v_proj = params_[next++];
-      b.o_proj = params_[next++];
-      b.gate_proj = params_[next++];
-      b.up_proj = params_[next++];
-      b.down_proj = params_[next++];
-      b.input_layernorm = params_[next++];
-      b.post_attention_layernorm = params_[next++];
-      b.size = {cfg_.d_model, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(), cfg_.ffn_hidden, cfg_.norm_eps};
+    blocks_.reserve(std::size_t(stage_.last_layer - stage_.first_layer));
+    for (std::int64_t l = stage_.first_layer; l < stage_.last_layer; ++l)
+      blocks_.emplace_back(cfg_, l, infos, 1 + per_layer * std::size_t(l), st, blocks_factory_);
+    if (has_head()) {
+      const std::size_t after_blocks = 1 + per_layer * std::size_t(cfg_.n_layers);
+      norm_index_ = st.add(infos[after_blocks]);
+      head_index_ = cfg_.tied_embeddings ? embed_index_ : st.add(infos[after_blocks + 1]);
     }
-    norm_ = params_[next++];
-    head_ = cfg_.tied_embeddings ? embed_ : params_[next++];
+    last_param_ = st.size();
 
     // The RoPE inverse frequencies, in the executor's memory.
     const std::vector<float> f = rope_inv_freq(cfg_.rope, cfg_.head_dim());
     inv_freq_ = tensor<float, space>(shape{std::int64_t(f.size())});
     copy(ex_, view<const float, host_space>(f.data(), shape{std::int64_t(f.size())}), inv_freq_.v());
     ex_.synchronize();  // f is a local
+    bind();
   }
 
   llama(const llama&) = delete;
@@ -352,148 +436,289 @@ class llama {
 
   const llama_config& config() const { return cfg_; }
   const Exec& executor() const { return ex_; }
-  const std::vector<parameter_spec>& parameter_specs() const { return specs_; }
-  /// Elements in all parameter tensors.
+  const llama_stage& stage() const { return stage_; }
+  bool has_embedding() const { return stage_.first_layer == 0; }
+  bool has_head() const { return stage_.last_layer == cfg_.n_layers; }
+
+  /// The parameter store (shared with the other stages built on it).
+  store_type& parameters() { return *store_; }
+  const store_type& parameters() const { return *store_; }
+  const std::shared_ptr<store_type>& shared_parameters() const { return store_; }
+  /// This model's tensors are store indices [first_parameter(), last_parameter()).
+  std::size_t first_parameter() const { return first_param_; }
+  std::size_t last_parameter() const { return last_param_; }
+  /// Elements in this model's parameter tensors.
   std::int64_t parameter_count() const {
     std::int64_t n = 0;
-    for (const auto& s : specs_) n += s.shape.numel();
+    for (std::size_t i = first_param_; i < last_param_; ++i) n += store_->info(i).shape.numel();
     return n;
   }
-  /// Every parameter value / gradient as one flat view (HF order, each tensor padded to 256 bytes; the padding is
-  /// zero): distributed trainers communicate contiguous ranges of them.
-  view<T, space> flat_values() { return values_.v(); }
-  view<grad_type, space> flat_grads() { return grads_.v(); }
-  /// Where parameter i starts in the flat views; parameter_offset(parameter count) is their length.
-  std::int64_t parameter_offset(std::size_t i) const { return offsets_.at(i); }
 
-  /// Bytes of the activation allocation for the current (batch, sequence); 0 before the first call.
-  std::size_t activation_bytes() const { return std::size_t(arena_.numel()); }
+  /// Bytes of the activation allocations of every slot (0 before the first call), and of the backward scratch.
+  std::size_t activation_bytes() const {
+    std::size_t n = std::size_t(scratch_arena_.numel());
+    for (const auto& s : slots_) n += std::size_t(s.arena.numel());
+    return n;
+  }
 
-  /// Layer l, with its parameters and policies.
-  block_type& block(std::int64_t l) { return blocks_.at(std::size_t(l)); }
-  const block_type& block(std::int64_t l) const { return blocks_.at(std::size_t(l)); }
+  /// Layer l of the configuration (a layer of this stage), with its parameters and policies.
+  block_type& block(std::int64_t l) { return blocks_.at(local_layer(l)); }
+  const block_type& block(std::int64_t l) const { return blocks_.at(local_layer(l)); }
 
-  /// Calls f(hf_name, value, grad, info) for every parameter in Hugging Face's order; info.decay is true for the
-  /// 2-D projection matrices only.
-  template <class F>
-  void for_each_parameter(F&& f) {
-    for (std::size_t i = 0; i < specs_.size(); ++i) {
-      const optim::param_info info{specs_[i].name, specs_[i].shape, specs_[i].decay};
-      f(specs_[i].name, params_[i].value, params_[i].grad, info);
+  /// Initialises this model's tensors from the Philox streams of `seed` (see the top of the file).
+  void init(std::uint64_t seed) {
+    bind();
+    store_->init(ex_, seed, first_param_, last_param_);
+  }
+
+  /// The global positions of the rows of every sequence, as consecutive chunks (nn/block_policies.hpp): empty for
+  /// one chunk at position 0. A context-parallel trainer gives each rank its chunks (with an attention policy
+  /// that sees the other ranks' chunks). The rows must add up to the sequence length of each call, and every
+  /// position must stay below max_seq.
+  void set_positions(std::vector<position_chunk> chunks) {
+    for (const position_chunk& c : chunks)
+      require(c.rows > 0 && c.pos0 >= 0 && c.pos0 + c.rows <= cfg_.max_seq, [&] {
+        return "llama::set_positions: chunk {rows " + std::to_string(c.rows) + ", pos0 " + std::to_string(c.pos0) +
+               "} must have rows > 0 and lie in [0, max_seq " + std::to_string(cfg_.max_seq) + ")";
+      });
+    positions_ = std::move(chunks);
+  }
+  /// One chunk starting at global position pos0 (a later piece of every sequence).
+  void set_position_offset(std::int64_t pos0) {
+    require(pos0 >= 0, [&] {
+      return "llama::set_position_offset: the offset must be non-negative, got " + std::to_string(pos0);
+    });
+    pos0_ = pos0;
+    positions_.clear();
+  }
+  std::int64_t position_offset() const { return positions_.empty() ? pos0_ : positions_.front().pos0; }
+
+  /// Sets every gradient of the store to zero.
+  void zero_grad() { store_->zero_grad(ex_); }
+
+  /// Calls the policies' after_step hooks (after every optimizer step).
+  void after_step() {
+    for (auto& b : blocks_) b.after_step(ex_, *store_);
+    if (embedding_) detail::after_step_policy(*embedding_, ex_, *store_);
+  }
+
+  /// What one stage call reads and writes: tokens and targets [B, S] (host int32; targets are read by the last
+  /// stage only), the residual stream coming in [B·S, d] (not for the first stage) and going out (not for the
+  /// last).
+  struct stage_io {
+    view<const std::int32_t, host_space> tokens, targets;
+    view<const T, space> in;
+    view<T, space> out;
+  };
+
+  /// The training forward pass of micro-batch slot `slot`: saves the activations there; the last stage returns
+  /// the mean loss over the targets ≠ -1 and already accumulates the LM head's weight gradient of
+  /// loss_scale · loss (other stages return 0). Call backward(slot, ...) next.
+  double forward(std::size_t slot, const stage_io& io, float loss_scale) { return run(slot, io, true, loss_scale); }
+  /// The forward pass without gradient state (the loss alone, on the last stage).
+  double evaluate(std::size_t slot, const stage_io& io) { return run(slot, io, false, 0.0f); }
+
+  /// Accumulates into the gradients those of loss_scale · loss for the forward of `slot`: grad_out = dL/d(out)
+  /// (not for the last stage), grad_in ← dL/d(in) (not for the first). Calls ready(first, last) each time the
+  /// gradients of store tensors [first, last) are complete — the final norm and LM head, then layer by layer
+  /// down, then the embedding (with a tied head it completes only there); on CUDA "complete" means ordered on
+  /// the executor's stream. Distributed trainers start communicating a bucket from the hook.
+  template <class Ready>
+  void backward(std::size_t slot, view<const T, space> grad_out, view<T, space> grad_in, Ready&& ready) {
+    slot_state& st = slot_at(slot, "backward");
+    require(st.backward_ready, "llama::backward: call forward() on this slot first (evaluate() and logits() save "
+                               "no gradient state, and backward runs once per forward)");
+    st.backward_ready = false;
+    bind();
+    const std::int64_t n = st.batch * st.seq, d = cfg_.d_model;
+    prepare_scratch(st.batch, st.seq);
+    const typename block_type::context c = context_of(st);
+    const std::size_t L = blocks_.size();
+    if (has_head()) {
+      rmsnorm_backward(ex_, detail::ro(st.x[L]), detail::ro(norm_.value), detail::ro(st.rstdf), detail::ro(st.dlnf),
+                       dres_, norm_.grad);
+      if (cfg_.tied_embeddings) ready(norm_index_, norm_index_ + 1);
+      else ready(norm_index_, head_index_ + 1);  // the head's gradient came from forward
+    } else {
+      check_boundary(grad_out, n, d, "backward", "grad_out");
+      copy(ex_, grad_out, dres_);
+    }
+    for (std::size_t l = L; l-- > 0;) {
+      blocks_[l].backward(ex_, c, st.acts[l], detail::ro(st.x[l]), dres_, scratch_);
+      ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
+    }
+    if (has_embedding()) {
+      embedding_->backward(ex_, view<const std::int32_t, space>(st.tokens), detail::ro(dres_), embed_.grad);
+      ready(embed_index_, embed_index_ + 1);
+    } else {
+      check_boundary(grad_in, n, d, "backward", "grad_in");
+      copy(ex_, detail::ro(dres_), grad_in);
     }
   }
 
-  /// Initialises every parameter from the Philox streams of `seed` (see the top of the file).
-  void init(std::uint64_t seed) {
-    for (std::size_t i = 0; i < specs_.size(); ++i) fill_initial(ex_, params_[i].value, specs_[i], seed);
-  }
+  // The whole model, one micro-batch at a time (slot 0).
 
-  /// The global position of the first token of every sequence (RoPE's angles start there): 0 unless a
-  /// context-parallel trainer runs this model on a later chunk of its sequences (with an attention policy that
-  /// sees the other chunks). pos0 + S must stay within max_seq.
-  void set_position_offset(std::int64_t pos0) {
-    require(pos0 >= 0, "llama::set_position_offset: the offset must be non-negative, got " + std::to_string(pos0));
-    pos0_ = pos0;
-    ctx_.pos0 = pos0;
-  }
-  std::int64_t position_offset() const { return pos0_; }
-
-  /// Sets every gradient to zero.
-  void zero_grad() { fill(ex_, grads_.v(), grad_type(0.0f)); }
-
-  /// The training forward pass on tokens and targets (host int32 views [B, S]; targets of -1 are ignored):
-  /// returns the mean loss over the other targets, saves the activations, and already accumulates the LM head's
-  /// weight gradient of loss_scale · loss (see the top of the file). Call backward() next.
+  /// The training forward pass on tokens and targets (host int32 views [B, S]; targets of -1 are ignored).
   double forward(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets,
                  float loss_scale = 1.0f) {
-    return run(tokens, targets, true, loss_scale);
+    require_whole("forward");
+    return forward(0, stage_io{tokens, targets, {}, {}}, loss_scale);
   }
-
   /// The loss alone (no gradient work; the gradients are left as they are).
   double evaluate(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets) {
-    return run(tokens, targets, false, 0.0f);
+    require_whole("evaluate");
+    return evaluate(0, stage_io{tokens, targets, {}, {}});
   }
-
   /// Accumulates into every gradient the gradient of loss_scale · loss of the last forward().
   void backward() {
-    backward([](std::size_t) {});
+    backward([](std::size_t, std::size_t) {});
   }
-
-  /// backward(), calling ready(first) each time the gradients of parameters [first, previous first) are complete
-  /// (parameter indices in for_each_parameter order; the first call's range ends at the parameter count). The
-  /// order is the reverse of the storage order: the final norm and LM head, then layer L-1 … 0, then the
-  /// embedding (with a tied head, the embedding completes only there). On CUDA "complete" means ordered on the
-  /// executor's stream. Distributed trainers start communicating a bucket from the hook.
   template <class Ready>
   void backward(Ready&& ready) {
-    require(backward_ready_, "llama::backward: call forward() first (evaluate() and logits() save no gradient "
-                             "state, and backward runs once per forward)");
-    backward_ready_ = false;
-    const auto L = std::size_t(cfg_.n_layers);
-    constexpr std::size_t per_layer = 9;  // q, k, v, o, gate, up, down, two norms
-    const std::size_t first_block = 1, after_blocks = first_block + per_layer * L;
-    rmsnorm_backward(ex_, detail::ro(x_[L]), detail::ro(norm_.value), detail::ro(rstdf_), detail::ro(dlnf_), dres_,
-                     norm_.grad);
-    ready(after_blocks);  // model.norm, and an untied lm_head (its gradient came from forward)
-    for (std::size_t l = L; l-- > 0;) {
-      blocks_[l].backward(ex_, ctx_, acts_[l], detail::ro(x_[l]), dres_, scratch_);
-      ready(first_block + per_layer * l);
-    }
-    embedding_backward(ex_, view<const std::int32_t, space>(tokens_), dres_, embed_.grad);
-    ready(0);
+    require_whole("backward");
+    backward(0, view<const T, space>{}, view<T, space>{}, ready);
   }
 
   /// The logits at the last position of every sequence: out [B, V] (float or T, the executor's space) for
-  /// tokens [B, S] (host int32). Overwrites the saved activations.
+  /// tokens [B, S] (host int32). Overwrites slot 0's activations.
   template <class U>
   void logits(view<const std::int32_t, host_space> tokens, view<U, space> out) {
-    backward_ready_ = false;
+    require_whole("logits");
+    slot_state& st = slot_at(0, "logits");
+    st.backward_ready = false;
     const auto [b, s] = check_batch(tokens, "logits");
     subspace::detail::layer::require_shape(out, shape{b, cfg_.vocab}, "llama::logits", "out");
-    prepare(b, s);
-    run_layers(tokens);
+    bind();
+    prepare(st, b, s);
+    run_layers(st, stage_io{tokens, {}, {}, {}});
     const std::int64_t d = cfg_.d_model;
-    const view<const T, space> last(lnf_.data() + (s - 1) * d, shape{b, d}, {s * d, 1, 0, 0});
+    const view<const T, space> last(st.lnf.data() + (s - 1) * d, shape{b, d}, {s * d, 1, 0, 0});
     gemm(ex_, op::none, op::transpose, 1.0f, last, detail::ro(head_.value), 0.0f, out);
   }
 
  private:
-  std::pair<std::int64_t, std::int64_t> check_batch(view<const std::int32_t, host_space> tokens,
-                                                    const char* op) const {
-    require(tokens.rank() == 2 && tokens.dim(0) > 0 && tokens.dim(1) > 0,
-            std::string("llama::") + op + ": tokens must be a non-empty [B, S] view, got shape " +
-                to_string(tokens.shape()));
-    require(pos0_ + tokens.dim(1) <= cfg_.max_seq,
-            std::string("llama::") + op + ": sequence length " + std::to_string(tokens.dim(1)) +
-                (pos0_ > 0 ? " at position offset " + std::to_string(pos0_) : std::string()) + " exceeds max_seq " +
-                std::to_string(cfg_.max_seq) + " of '" + cfg_.name + "'");
-    subspace::detail::layer::require_contiguous(tokens, "llama", "tokens");
-    return {tokens.dim(0), tokens.dim(1)};
+  using loss_type = accum_t<T>;
+
+  /// The activations of one micro-batch slot (views into its arena), sized for (batch, seq).
+  struct slot_state {
+    tensor<std::byte, space> arena;
+    std::int64_t batch = 0, seq = 0, counted = 0;
+    view<std::int32_t, space> tokens, targets;
+    std::vector<view<T, space>> x;  // the residual stream entering each local layer; x.back() leaves the last
+    std::vector<typename block_type::activations> acts;
+    view<T, space> lnf;             // [N, d] final norm (the LM head's input), last stage
+    view<stat_type, space> rstdf;   // [N]
+    view<loss_type, space> losses;  // [N] per-token cross-entropy (0 for ignored targets)
+    view<T, space> dlnf;            // [N, d] dL/dlnf from the loss
+    bool backward_ready = false;
+  };
+
+  std::size_t local_layer(std::int64_t l) const {
+    require(stage_.first_layer <= l && l < stage_.last_layer, [&] {
+      return "llama::block: layer " + std::to_string(l) + " is not on this stage (layers [" +
+             std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) + "))";
+    });
+    return std::size_t(l - stage_.first_layer);
   }
 
-  /// Sizes the activation allocation for (b, s) and carves it.
-  void prepare(std::int64_t b, std::int64_t s) {
-    if (b == batch_ && s == seq_) return;
+  void require_whole(const char* op) const {
+    require(has_embedding() && has_head(), [&] {
+      return std::string("llama::") + op + "(tokens, ...): this model is a stage (layers [" +
+             std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) +
+             ")); call the slot form with the residual stream";
+    });
+  }
+
+  /// Allocates the store when tensors were declared since, and re-reads every view when it moved.
+  void bind() {
+    store_->allocate(ex_);
+    if (bound_generation_ == store_->generation()) return;
+    bound_generation_ = store_->generation();
+    if (has_embedding()) {
+      embed_ = (*store_)[embed_index_];
+      detail::bind_policy(*embedding_, *store_);
+    }
+    for (auto& b : blocks_) b.bind(*store_);
+    if (has_head()) {
+      norm_ = (*store_)[norm_index_];
+      head_ = (*store_)[head_index_];
+    }
+  }
+
+  slot_state& slot_at(std::size_t slot, const char* op) {
+    if (slot >= slots_.size()) {
+      require(slot < 4096, [&] {
+        return std::string("llama::") + op + ": activation slot " + std::to_string(slot) + " is unreasonably large";
+      });
+      slots_.resize(slot + 1);
+    }
+    return slots_[slot];
+  }
+
+  std::pair<std::int64_t, std::int64_t> check_batch(view<const std::int32_t, host_space> tokens,
+                                                    const char* op) const {
+    require(tokens.rank() == 2 && tokens.dim(0) > 0 && tokens.dim(1) > 0, [&] {
+      return std::string("llama::") + op + ": tokens must be a non-empty [B, S] view, got shape " +
+             to_string(tokens.shape());
+    });
+    const std::int64_t s = tokens.dim(1);
+    if (positions_.empty()) {
+      require(pos0_ + s <= cfg_.max_seq, [&] {
+        return std::string("llama::") + op + ": sequence length " + std::to_string(s) +
+               (pos0_ > 0 ? " at position offset " + std::to_string(pos0_) : std::string()) + " exceeds max_seq " +
+               std::to_string(cfg_.max_seq) + " of '" + cfg_.name + "'";
+      });
+    } else {
+      std::int64_t rows = 0;
+      for (const position_chunk& c : positions_) rows += c.rows;
+      require(rows == s, [&] {
+        return std::string("llama::") + op + ": the position chunks cover " + std::to_string(rows) +
+               " rows, the sequence has " + std::to_string(s);
+      });
+    }
+    subspace::detail::layer::require_contiguous(tokens, "llama", "tokens");
+    return {tokens.dim(0), s};
+  }
+
+  void check_boundary(view<const T, space> v, std::int64_t n, std::int64_t d, const char* op,
+                      const char* name) const {
+    require(v.shape() == shape{n, d}, [&] {
+      return std::string("llama::") + op + ": " + name + " has shape " + to_string(v.shape()) + ", expected [" +
+             std::to_string(n) + ", " + std::to_string(d) + "] (this stage starts at layer " +
+             std::to_string(stage_.first_layer) + " and ends at " + std::to_string(stage_.last_layer) + ")";
+    });
+  }
+
+  typename block_type::context context_of(const slot_state& st) {
+    if (positions_.empty()) default_positions_ = {position_chunk{st.seq, pos0_}};
+    const std::span<const position_chunk> p =
+        positions_.empty() ? std::span<const position_chunk>(default_positions_) : std::span<const position_chunk>(positions_);
+    return {st.batch, st.seq, p, inv_freq_.v(), view<const std::int32_t, space>(st.tokens)};
+  }
+
+  /// Sizes a slot's activation allocation for (b, s) and carves it.
+  void prepare(slot_state& st, std::int64_t b, std::int64_t s) {
+    if (b == st.batch && s == st.seq) return;
     detail::arena<space> measure;
-    layout(measure, b, s);
-    arena_ = tensor<std::byte, space>(shape{std::int64_t(measure.bytes())});
-    detail::arena<space> carve(arena_.data());
-    layout(carve, b, s);
-    batch_ = b;
-    seq_ = s;
-    ctx_ = typename block_type::context{b, s, pos0_, inv_freq_.v()};
+    layout(st, measure, b, s);
+    st.arena = tensor<std::byte, space>(shape{std::int64_t(measure.bytes())});
+    detail::arena<space> carve(st.arena.data());
+    layout(st, carve, b, s);
+    st.batch = b;
+    st.seq = s;
   }
 
   template <class Arena>
-  void layout(Arena& a, std::int64_t b, std::int64_t s) {
+  void layout(slot_state& st, Arena& a, std::int64_t b, std::int64_t s) {
     const std::int64_t n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads, hkv = cfg_.n_kv_heads,
-                       hd = cfg_.head_dim(), L = cfg_.n_layers;
-    tokens_ = a.template take<std::int32_t>({n});
-    targets_ = a.template take<std::int32_t>({n});
-    x_.assign(std::size_t(L + 1), {});
-    for (auto& x : x_) x = a.template take<T>({n, d});
-    acts_.assign(std::size_t(L), {});
-    for (auto& act : acts_) {
+                       hd = cfg_.head_dim();
+    const std::size_t L = blocks_.size();
+    st.tokens = a.template take<std::int32_t>({n});
+    st.targets = a.template take<std::int32_t>({n});
+    st.x.assign(L + 1, {});
+    for (auto& x : st.x) x = a.template take<T>({n, d});
+    st.acts.assign(L, {});
+    for (auto& act : st.acts) {
       act.ln1 = a.template take<T>({n, d});
       act.rstd1 = a.template take<stat_type>({n});
       act.q = a.template take<T>({b, s, hq, hd});
@@ -508,92 +733,122 @@ class llama {
       act.up = a.template take<T>({n, f});
       act.hact = a.template take<T>({n, f});
     }
-    lnf_ = a.template take<T>({n, d});
-    rstdf_ = a.template take<stat_type>({n});
-    losses_ = a.template take<loss_type>({n});
-    dlnf_ = a.template take<T>({n, d});
-    dres_ = a.template take<T>({n, d});
-    scratch_.dx = a.template take<T>({n, d});
-    scratch_.dln = a.template take<T>({n, d});
-    scratch_.dq = a.template take<T>({b, s, hq, hd});
-    scratch_.datt = a.template take<T>({b, s, hq, hd});
-    scratch_.dk = a.template take<T>({b, s, hkv, hd});
-    scratch_.dv = a.template take<T>({b, s, hkv, hd});
-    scratch_.dgate = a.template take<T>({n, f});
-    scratch_.dup = a.template take<T>({n, f});
-    scratch_.dhact = a.template take<T>({n, f});
-  }
-
-  /// Embedding, every layer and the final norm, for tokens already checked against the current geometry.
-  void run_layers(view<const std::int32_t, host_space> tokens) {
-    copy(ex_, tokens.flat(), tokens_);
-    embedding_forward(ex_, view<const std::int32_t, space>(tokens_), detail::ro(embed_.value), x_[0]);
-    for (std::size_t l = 0; l < blocks_.size(); ++l)
-      blocks_[l].forward(ex_, ctx_, acts_[l], detail::ro(x_[l]), x_[l + 1]);
-    rmsnorm_forward(ex_, detail::ro(x_.back()), detail::ro(norm_.value), cfg_.norm_eps, lnf_, rstdf_);
-  }
-
-  double run(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets,
-             bool gradients, float loss_scale) {
-    backward_ready_ = false;
-    const char* op = gradients ? "forward" : "evaluate";
-    const auto [b, s] = check_batch(tokens, op);
-    require(targets.shape() == tokens.shape(), std::string("llama::") + op + ": targets have shape " +
-                                                   to_string(targets.shape()) + ", tokens " +
-                                                   to_string(tokens.shape()));
-    subspace::detail::layer::require_contiguous(targets, "llama", "targets");
-    std::int64_t counted = 0;
-    for (std::int64_t i = 0; i < targets.numel(); ++i) {
-      const std::int32_t t = targets.data()[i];
-      if (t != -1 && (t < 0 || t >= cfg_.vocab))
-        throw invalid_argument("llama::" + std::string(op) + ": target " + std::to_string(t) + " at position " +
-                               std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(cfg_.vocab) +
-                               ") and is not -1 (ignored)");
-      counted += t != -1;
+    if (has_head()) {
+      st.lnf = a.template take<T>({n, d});
+      st.rstdf = a.template take<stat_type>({n});
+      st.losses = a.template take<loss_type>({n});
+      st.dlnf = a.template take<T>({n, d});
     }
-    prepare(b, s);
-    copy(ex_, targets.flat(), targets_);
-    run_layers(tokens);
+  }
 
+  /// Sizes the backward scratch shared by the slots for (b, s).
+  void prepare_scratch(std::int64_t b, std::int64_t s) {
+    if (b == scratch_batch_ && s == scratch_seq_) return;
+    const auto carve_all = [&](auto& a) {
+      const std::int64_t n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads,
+                         hkv = cfg_.n_kv_heads, hd = cfg_.head_dim();
+      dres_ = a.template take<T>({n, d});
+      scratch_.dx = a.template take<T>({n, d});
+      scratch_.dln = a.template take<T>({n, d});
+      scratch_.dq = a.template take<T>({b, s, hq, hd});
+      scratch_.datt = a.template take<T>({b, s, hq, hd});
+      scratch_.dk = a.template take<T>({b, s, hkv, hd});
+      scratch_.dv = a.template take<T>({b, s, hkv, hd});
+      scratch_.dgate = a.template take<T>({n, f});
+      scratch_.dup = a.template take<T>({n, f});
+      scratch_.dhact = a.template take<T>({n, f});
+    };
+    detail::arena<space> measure;
+    carve_all(measure);
+    scratch_arena_ = tensor<std::byte, space>(shape{std::int64_t(measure.bytes())});
+    detail::arena<space> carve(scratch_arena_.data());
+    carve_all(carve);
+    scratch_batch_ = b;
+    scratch_seq_ = s;
+  }
+
+  /// The embedding (first stage) or the incoming stream, every layer, and the final norm (last stage).
+  void run_layers(slot_state& st, const stage_io& io) {
+    const std::int64_t n = st.batch * st.seq;
+    copy(ex_, io.tokens.flat(), st.tokens);
+    if (has_embedding()) {
+      embedding_->forward(ex_, view<const std::int32_t, space>(st.tokens), detail::ro(embed_.value), st.x[0]);
+    } else {
+      check_boundary(io.in, n, cfg_.d_model, "forward", "in");
+      copy(ex_, io.in, st.x[0]);
+    }
+    const typename block_type::context c = context_of(st);
+    for (std::size_t l = 0; l < blocks_.size(); ++l)
+      blocks_[l].forward(ex_, c, st.acts[l], detail::ro(st.x[l]), st.x[l + 1]);
+    if (has_head()) {
+      rmsnorm_forward(ex_, detail::ro(st.x.back()), detail::ro(norm_.value), cfg_.norm_eps, st.lnf, st.rstdf);
+    } else {
+      check_boundary(io.out, n, cfg_.d_model, "forward", "out");
+      copy(ex_, detail::ro(st.x.back()), io.out);
+    }
+  }
+
+  double run(std::size_t slot, const stage_io& io, bool gradients, float loss_scale) {
+    const char* op = gradients ? "forward" : "evaluate";
+    slot_state& st = slot_at(slot, op);
+    st.backward_ready = false;
+    const auto [b, s] = check_batch(io.tokens, op);
+    std::int64_t counted = 0;
+    if (has_head()) {
+      require(io.targets.shape() == io.tokens.shape(), [&] {
+        return std::string("llama::") + op + ": targets have shape " + to_string(io.targets.shape()) + ", tokens " +
+               to_string(io.tokens.shape());
+      });
+      subspace::detail::layer::require_contiguous(io.targets, "llama", "targets");
+      for (std::int64_t i = 0; i < io.targets.numel(); ++i) {
+        const std::int32_t t = io.targets.data()[i];
+        if (t != -1 && (t < 0 || t >= cfg_.vocab)) [[unlikely]]
+          throw invalid_argument("llama::" + std::string(op) + ": target " + std::to_string(t) + " at position " +
+                                 std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(cfg_.vocab) +
+                                 ") and is not -1 (ignored)");
+        counted += t != -1;
+      }
+    }
+    bind();
+    prepare(st, b, s);
+    run_layers(st, io);
+    st.backward_ready = gradients;
+    if (!has_head()) return 0.0;
+
+    copy(ex_, io.targets.flat(), st.targets);
     const float grad_scale = counted > 0 ? float(double(loss_scale) / double(counted)) : 0.0f;
-    const view<const T, space> h = detail::ro(lnf_);
-    const view<const std::int32_t, space> tg(targets_);
+    const view<const T, space> h = detail::ro(st.lnf);
+    const view<const std::int32_t, space> tg(st.targets);
     if (gradients)
-      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, losses_, dlnf_, head_.grad, grad_scale);
+      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, st.losses, st.dlnf, head_.grad, grad_scale);
     else
-      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, losses_, view<T, space>{}, view<grad_type, space>{},
-                            grad_scale);
-    const double total = double(sum(ex_, detail::ro(losses_)));
-    backward_ready_ = gradients;
+      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, st.losses, view<T, space>{},
+                            view<grad_type, space>{}, grad_scale);
+    const double total = double(sum(ex_, detail::ro(st.losses)));
     return counted > 0 ? total / double(counted) : 0.0;
   }
 
-  using loss_type = accum_t<T>;
-
   llama_config cfg_;
   Exec ex_;
-  std::vector<parameter_spec> specs_;
-  tensor<T, space> values_;
-  tensor<grad_type, space> grads_;
-  std::vector<std::int64_t> offsets_;  // parameter i starts at offsets_[i] in values_ and grads_; back(): total
-  std::vector<param> params_;
+  Blocks blocks_factory_;
+  llama_stage stage_{};
+  std::shared_ptr<store_type> store_;
+  std::size_t first_param_ = 0, last_param_ = 0;
+  std::size_t embed_index_ = 0, norm_index_ = 0, head_index_ = 0;
+  std::uint64_t bound_generation_ = 0;
   param embed_, norm_, head_;
+  std::unique_ptr<embedding_type> embedding_;  // first stage only
   std::vector<block_type> blocks_;
   tensor<float, space> inv_freq_;
+  std::vector<position_chunk> positions_;  // empty: one chunk at pos0_
+  std::vector<position_chunk> default_positions_;
+  std::int64_t pos0_ = 0;
 
-  // Activations (views into arena_), sized for (batch_, seq_).
-  tensor<std::byte, space> arena_;
-  std::int64_t batch_ = 0, seq_ = 0, pos0_ = 0;
-  typename block_type::context ctx_{};
-  view<std::int32_t, space> tokens_, targets_;
-  std::vector<view<T, space>> x_;  // the residual stream entering layer l; x_[L] leaves the last layer
-  std::vector<typename block_type::activations> acts_;
-  view<T, space> lnf_;             // [N, d] final norm (the LM head's input)
-  view<stat_type, space> rstdf_;   // [N]
-  view<loss_type, space> losses_;  // [N] per-token cross-entropy (0 for ignored targets)
-  view<T, space> dlnf_, dres_;     // [N, d] dL/dlnf from the loss; dL/d(residual stream) in backward
+  std::vector<slot_state> slots_;
+  tensor<std::byte, space> scratch_arena_;
+  std::int64_t scratch_batch_ = 0, scratch_seq_ = 0;
+  view<T, space> dres_;  // [N, d] dL/d(residual stream) in backward
   typename block_type::scratch scratch_{};
-  bool backward_ready_ = false;
 };
 
 }  // namespace subspace::nn

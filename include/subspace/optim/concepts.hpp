@@ -31,22 +31,20 @@
 
 #include "../core/dtype.hpp"
 #include "../core/executor.hpp"
+#include "../core/parameter.hpp"
 #include "../core/tensor.hpp"
 
 namespace subspace {
 namespace optim {
 
-/// What an optimizer knows about a parameter tensor when it creates and updates its state.
-struct param_info {
-  std::string name;         // e.g. "layers.3.attn.wq", for messages and checkpoints
-  subspace::shape shape{};  // the parameter's extents
-  bool decay = false;       // whether weight decay applies (see param_info_for)
-};
+/// What an optimizer knows about a parameter tensor: its name, shape and whether weight decay applies
+/// (core/parameter.hpp; the initialisation fields are the model's business).
+using param_info = parameter_info;
 
 /// The library's weight-decay rule: parameters with two or more dimensions (weight matrices, embeddings)
 /// decay; vectors (norm gains, biases) do not.
 inline param_info param_info_for(std::string name, const shape& s) {
-  return param_info{std::move(name), s, s.rank >= 2};
+  return param_info{std::move(name), s, s.rank >= 2, {}};
 }
 
 /// What changes from one optimizer step to the next.

@@ -44,12 +44,11 @@ class replica {
 
   replica(Model model, Optimizer optimizer) : model_(std::move(model)), optimizer_(std::move(optimizer)) {
     const executor_type& ex = model_.executor();
-    model_.for_each_parameter([&](const std::string&, auto, auto, const optim::param_info& info) {
-      infos_.push_back(info);
-      states_.push_back(optimizer_.init(ex, info));
-    });
+    auto& store = model_.parameters();
+    store.allocate(ex);
+    for (std::size_t i = 0; i < store.size(); ++i) states_.push_back(optimizer_.init(ex, store.info(i)));
     if constexpr (separate_masters) {
-      own_ = tensor<float, space>(shape{offset(infos_.size())});
+      own_ = tensor<float, space>(shape{store.total()});
       fill(ex, own_.v(), 0.0f);  // the padding stays zero, like the model's
     }
   }
@@ -60,9 +59,9 @@ class replica {
   std::vector<state_type>& states() { return states_; }
   const std::vector<state_type>& states() const { return states_; }
   const executor_type& executor() const { return model_.executor(); }
-  std::size_t parameters() const { return infos_.size(); }
-  const optim::param_info& info(std::size_t i) const { return infos_[i]; }
-  std::int64_t offset(std::size_t i) const { return std::int64_t(model_.parameter_offset(i)); }
+  std::size_t parameters() const { return states_.size(); }
+  const optim::param_info& info(std::size_t i) const { return model_.parameters().info(i); }
+  std::int64_t offset(std::size_t i) const { return model_.parameters().offset(i); }
 
   std::size_t optimizer_state_bytes() const {
     std::size_t total = 0;
@@ -74,29 +73,28 @@ class replica {
   view<float, space> masters() {
     static_assert(has_masters, "train::replica: the model's weights must be fp32 or bf16 to have master weights");
     if constexpr (separate_masters) return own_.v();
-    else return model_.flat_values();
+    else return model_.parameters().flat_values();
   }
   view<float, space> master(std::size_t i) { return at(masters(), i); }
-  view<grad_type, space> grad(std::size_t i) { return at(model_.flat_grads(), i); }
+  view<grad_type, space> grad(std::size_t i) { return at(model_.parameters().flat_grads(), i); }
   /// Where the optimizer writes the bf16 working copy of parameter i (none when the model is its own master).
   view<bf16, space> working(std::size_t i) {
-    if constexpr (separate_masters) return at(model_.flat_values(), i);
+    if constexpr (separate_masters) return at(model_.parameters().flat_values(), i);
     else return {};
   }
   /// The gradients of parameters [first, last) as one range of the flat storage, for clipping: the padding
   /// between tensors is zero, so its norm and scaling are the tensors', in one reduction (one synchronisation on
   /// CUDA) instead of one per tensor.
   std::array<view<grad_type, space>, 1> grads(std::size_t first, std::size_t last) {
-    return {model_.flat_grads().slice(offset(first), offset(last))};
+    return {model_.parameters().flat_grads().slice(offset(first), offset(last))};
   }
 
   /// nn::llama::init(seed); the masters get the same draws before their rounding to the model's type.
   void init(std::uint64_t seed) {
     model_.init(seed);
     if constexpr (separate_masters) {
-      const auto& specs = model_.parameter_specs();
-      for (std::size_t i = 0; i < infos_.size(); ++i)
-        nn::fill_initial(model_.executor(), master(i), specs[i], seed);
+      for (std::size_t i = 0; i < parameters(); ++i)
+        nn::fill_initial(model_.executor(), master(i), info(i), seed);
     }
   }
 
@@ -104,20 +102,20 @@ class replica {
   template <class C>
   void broadcast_from_rank0(C& comm) {
     if constexpr (has_masters) comm.broadcast(masters(), 0).wait();
-    else comm.broadcast(model_.flat_values(), 0).wait();
+    else comm.broadcast(model_.parameters().flat_values(), 0).wait();
     sync_model();
   }
 
   /// The model's working copy from the masters (after the masters changed outside the optimizer).
   void sync_model() {
     if constexpr (separate_masters)
-      cast(model_.executor(), view<const float, space>(own_.v()), model_.flat_values());
+      cast(model_.executor(), view<const float, space>(own_.v()), model_.parameters().flat_values());
   }
   /// Elements [begin, end) of the working copy from the masters.
   void sync_model(std::int64_t begin, std::int64_t end) {
     if constexpr (separate_masters)
       cast(model_.executor(), view<const float, space>(own_.v().slice(begin, end)),
-                     model_.flat_values().slice(begin, end));
+                     model_.parameters().flat_values().slice(begin, end));
   }
 
   /// One optimizer step of parameter i from its master and gradient.
@@ -157,7 +155,7 @@ class replica {
   /// Parameter i's elements of a flat view laid out like the model's storage.
   template <class T>
   view<T, space> at(view<T, space> flat, std::size_t i) const {
-    return view<T, space>(flat.data() + offset(i), infos_[i].shape);
+    return view<T, space>(flat.data() + offset(i), info(i).shape);
   }
 
   void size_buffers(const data::batch_loader& loader) {
@@ -169,7 +167,6 @@ class replica {
 
   Model model_;
   Optimizer optimizer_;
-  std::vector<optim::param_info> infos_;
   std::vector<state_type> states_;
   tensor<float, space> own_;  // the fp32 masters of a bf16 model (flat); empty otherwise
   host_tensor<std::int32_t> tokens_, targets_;
