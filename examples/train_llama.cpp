@@ -99,11 +99,13 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   }
 
   train::trainer_options to;
-  to.accumulation = o.accumulation;
   to.clip = o.clip;
   to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
                  optim::parse_decay(o.decay)};
-  train::trainer t(nn::llama<Exec, T>(cfg, ex), optimizer, to);
+  train::trainer t(nn::llama<Exec, T>(cfg, ex),
+                   subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)},
+                                   .optimizer = optimizer},
+                   to);
 
   if (!o.resume.empty()) {
     const fs::path from = resolve_resume(o.resume);

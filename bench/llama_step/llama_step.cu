@@ -54,7 +54,7 @@ namespace fs = std::filesystem;
 namespace {
 
 using model_t = nn::llama<exec::cuda, bf16>;
-using trainer_t = train::trainer<model_t, optim::adamw>;
+using trainer_t = train::trainer<model_t, subspace::stack<>>;
 
 /// A benchmark configuration: a model preset and the batch geometry of issue 4.
 struct bench_config {
@@ -245,10 +245,9 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
 
   const exec::cuda ex{};  // the legacy default stream, as examples/train_llama
   train::trainer_options to;
-  to.accumulation = 1;
   to.clip = clip_norm;
   to.schedule = optim::lr_schedule{learning_rate, learning_rate, 0, total_steps, optim::decay_kind::constant};
-  trainer_t t(model_t(cfg, ex), optim::adamw{}, to);
+  trainer_t t(model_t(cfg, ex), subspace::stack<>{}, to);
   t.init(seed);
 
   const auto check = [&](const train::step_result& s) {

@@ -38,6 +38,7 @@
 #include <subspace/comm/concepts.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/core/tensor.hpp>
+#include <subspace/nn/concepts.hpp>
 #include <subspace/train/trainer.hpp>
 
 namespace decent {
@@ -46,11 +47,15 @@ namespace decent {
 /// bucket size. `clip` is the global gradient-norm clip of data_parallel_trainer and the per-bucket clip of
 /// gossip_trainer (spec §4 step 3).
 struct trainer_options : subspace::train::trainer_options {
+  std::int64_t accumulation = 1;           // micro-batches per optimizer step
   std::int64_t bucket_bytes = 25'000'000;  // about this many bytes of fp32 per bucket (spec §6: 25 MB)
 
   /// Throws invalid_argument naming the field and the expected value.
   void validate() const {
     subspace::train::trainer_options::validate();
+    subspace::require(accumulation >= 1, [&] {
+      return "decent trainer: accumulation must be >= 1, got " + std::to_string(accumulation);
+    });
     subspace::require(bucket_bytes >= 1,
                       "decent trainer: bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes));
   }
@@ -63,15 +68,9 @@ struct ignore_ready {
 };
 }  // namespace detail
 
-/// What the bucketed trainers need from a model: train::TrainableModel plus the flat storage and the ready hook
-/// of nn::llama.
+/// What the bucketed trainers need from a model: an nn::Model that runs whole (one stage) with backward(ready).
 template <class M>
-concept BucketedModel = subspace::train::TrainableModel<M> && requires(M& m, const M& cm) {
-  m.parameters().flat_values();
-  m.parameters().flat_grads();
-  m.backward(detail::ignore_ready{});
-  cm.executor();
-};
+concept BucketedModel = subspace::nn::Model<M> && requires(M& m) { m.backward(detail::ignore_ready{}); };
 
 /// One bucket: parameters [first, last) in storage order, flat elements [begin, end).
 struct bucket {

@@ -176,7 +176,7 @@ class data_parallel_trainer {
 
   /// Starts the mean over the ranks of one bucket's gradients, in place.
   void launch(const bucket& b) {
-    pending_.push_back(comm_.all_reduce(replica_.model().flat_grads().slice(b.begin, b.end),
+    pending_.push_back(comm_.all_reduce(replica_.store().flat_grads().slice(b.begin, b.end),
                                         subspace::comm::reduce_op::avg));
   }
 

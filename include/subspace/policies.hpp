@@ -27,6 +27,7 @@
 // as a boolean, for overloading.
 
 #include <type_traits>
+#include <utility>
 
 #include "comm/concepts.hpp"
 #include "comm/self.hpp"
@@ -40,7 +41,26 @@
 
 namespace subspace {
 
-/// The single-device defaults: one rank, no compression, gradient accumulation, AdamW.
+/// A training stack as a value: each policy written once, its type deduced (C++20 aggregate deduction), the
+/// omitted ones defaulted — the way every trainer takes its policies:
+///
+///   train::trainer t(model, subspace::stack{.scheduler = schedule::gradient_accumulation{4},
+///                                           .optimizer = optim::golore<>{}}, options);
+template <class Communicator = comm::self, class Compressor = compress::identity,
+          class Scheduler = schedule::gradient_accumulation, class Optimizer = optim::adamw>
+struct stack {
+  using communicator_type = Communicator;
+  using compressor_type = Compressor;
+  using scheduler_type = Scheduler;
+  using optimizer_type = Optimizer;
+
+  Communicator communicator{};
+  Compressor compressor{};
+  Scheduler scheduler{};
+  Optimizer optimizer{};
+};
+
+/// The single-device defaults as types: one rank, no compression, gradient accumulation, AdamW.
 struct default_policies {
   using communicator = comm::self;
   using compressor = compress::identity;
@@ -48,8 +68,31 @@ struct default_policies {
   using optimizer = optim::adamw;
 };
 
-/// True when Stack names the four policies and each satisfies its concept.
+namespace detail {
+/// A value stack (subspace::stack or any aggregate with the four members) seen as a type stack.
 template <class Stack>
+struct policy_types {
+  using type = Stack;
+};
+template <class Stack>
+  requires requires(Stack& s) {
+    s.communicator;
+    s.compressor;
+    s.scheduler;
+    s.optimizer;
+  }
+struct policy_types<Stack> {
+  struct type {
+    using communicator = std::remove_cvref_t<decltype(std::declval<Stack&>().communicator)>;
+    using compressor = std::remove_cvref_t<decltype(std::declval<Stack&>().compressor)>;
+    using scheduler = std::remove_cvref_t<decltype(std::declval<Stack&>().scheduler)>;
+    using optimizer = std::remove_cvref_t<decltype(std::declval<Stack&>().optimizer)>;
+  };
+};
+}  // namespace detail
+
+/// True when Stack names the four policies and each satisfies its concept.
+template <class S, class Stack = typename detail::policy_types<S>::type>
 concept TrainingStack = requires {
   typename Stack::communicator;
   typename Stack::compressor;
@@ -108,8 +151,9 @@ consteval bool check_stack_optimizer() {
 }  // namespace detail
 
 /// static_assert(check_stack<Stack>()): true for a valid stack; otherwise one readable error per faulty policy.
-template <class Stack>
+template <class S>
 consteval bool check_stack() {
+  using Stack = typename detail::policy_types<S>::type;
   if constexpr (!std::is_class_v<Stack>) {
     static_assert(dependent_false<Stack>,
                   "training stack: expected a struct naming communicator, compressor, scheduler and optimizer "
@@ -127,5 +171,7 @@ consteval bool check_stack() {
 
 static_assert(TrainingStack<default_policies>);
 static_assert(check_stack<default_policies>());
+static_assert(TrainingStack<stack<>>);
+static_assert(check_stack<stack<>>());
 
 }  // namespace subspace

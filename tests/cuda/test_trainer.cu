@@ -31,9 +31,11 @@ data::batch_loader loader(const testing::scratch_dir& dir, std::uint64_t seed) {
   return data::batch_loader(tokens, o);
 }
 
+/// Two micro-batches per step, AdamW.
+subspace::stack<> stack() { return subspace::stack{.scheduler = schedule::gradient_accumulation{2}}; }
+
 train::trainer_options options() {
   train::trainer_options o;
-  o.accumulation = 2;
   o.clip = 1.0;
   o.schedule = {2e-3f, 2e-4f, 2, 6, optim::decay_kind::cosine};
   return o;
@@ -45,8 +47,8 @@ TEST_CASE("train::trainer: CUDA (bf16, fp32 masters) follows the host reference 
   testing::scratch_dir dir;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  train::trainer host(nn::llama<exec::host, float>(config(), exec::host{}), optim::adamw{}, options());
-  train::trainer device(nn::llama<exec::cuda, bf16>(config(), exec::cuda{}), optim::adamw{}, options());
+  train::trainer host(nn::llama<exec::host, float>(config(), exec::host{}), stack(), options());
+  train::trainer device(nn::llama<exec::cuda, bf16>(config(), exec::cuda{}), stack(), options());
   host.init(seed);
   device.init(seed);
   CHECK(device.master_bytes() > 0);
@@ -89,7 +91,7 @@ TEST_CASE("train::trainer: CUDA (bf16, fp32 masters) follows the host reference 
   CHECK(std::sqrt(num / den) < 0.25);
 
   // The device checkpoint resumes on the host: the same step count, and its next loss close to the device's.
-  train::trainer resumed(nn::llama<exec::host, float>(config(), exec::host{}), optim::adamw{}, options());
+  train::trainer resumed(nn::llama<exec::host, float>(config(), exec::host{}), stack(), options());
   auto resumed_data = loader(dir, seed);
   CHECK(resumed.resume(ckpt.path / "final", resumed_data).step == 6);
   CHECK(resumed_data.position() == device_data.position());

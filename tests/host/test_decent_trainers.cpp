@@ -354,7 +354,7 @@ TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its f
       std::vector<flat> at_ready(plan.size());
       std::vector<int> order;
       std::size_t next = 0;
-      model.backward([&](std::size_t first) {
+      model.backward([&](std::size_t first, std::size_t) {
         for (; next < plan.size() && plan[next].first >= first; ++next) {
           const auto g = model.parameters().flat_grads().slice(plan[next].begin, plan[next].end);
           at_ready[next] = to_vector(g);
@@ -623,7 +623,8 @@ TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer
     std::vector<data::token_dataset> shards;
     for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
 
-    train::trainer single(host_llama(tiny(), exec::host{1}), optim::adamw{}, o);
+    train::trainer single(host_llama(tiny(), exec::host{1}),
+                          subspace::stack{.scheduler = schedule::gradient_accumulation{int(accumulation)}}, o);
     single.init(seed);
     auto all = loader(stacked(shards, batch, seq, steps * accumulation), n * batch, seq, false);
     std::vector<train::step_result> want;
@@ -741,7 +742,10 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
   std::vector<data::token_dataset> shards;
   for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
 
-  train::trainer single(host_llama(tiny(), exec::host{1}), opt, o);
+  train::trainer single(host_llama(tiny(), exec::host{1}),
+                        subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)},
+                                        .optimizer = opt},
+                        o);
   single.init(seed);
   auto all = loader(stacked(shards, batch, seq, steps * o.accumulation), n * batch, seq, false);
   for (std::int64_t k = 0; k < steps; ++k) single.step(all);

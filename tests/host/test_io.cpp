@@ -583,9 +583,11 @@ namespace {
 struct fake_model {
   std::vector<std::string> names;
   std::vector<host_tensor<float>> values, grads;
+  std::vector<parameter_info> infos;
 
   explicit fake_model(const nn::llama_config& c, std::uint64_t seed, bool extra_param = false) {
     const auto add = [&](std::string name, const shape& s) {
+      infos.push_back(optim::param_info_for(name, s));
       names.push_back(std::move(name));
       values.push_back(testing::random_tensor<float>(s, seed + names.size()));
       grads.push_back(testing::random_tensor<float>(s, seed + 1000 + names.size()));
@@ -603,10 +605,14 @@ struct fake_model {
     if (extra_param) add("model.extra.weight", {3});
   }
 
+  // What checkpoints read of a parameter store.
+  std::size_t size() const { return names.size(); }
+  const parameter_info& info(std::size_t i) const { return infos[i]; }
+  view<float, host_space> value(std::size_t i) { return values[i].v(); }
+
   template <class F>
   void for_each_parameter(F&& f) {
-    for (std::size_t i = 0; i < names.size(); ++i)
-      f(names[i], values[i].v(), grads[i].v(), optim::param_info_for(names[i], values[i].shape()));
+    for (std::size_t i = 0; i < names.size(); ++i) f(names[i], values[i].v(), grads[i].v(), infos[i]);
   }
 };
 
@@ -614,7 +620,7 @@ using adam_state = optim::adamw::state<host_space>;
 
 std::vector<adam_state> init_states(const optim::adamw& opt, fake_model& m) {
   std::vector<adam_state> states;
-  m.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
+  m.for_each_parameter([&](const std::string& name, auto value, auto, const parameter_info&) {
     states.push_back(opt.init(exec::host{}, optim::param_info_for(name, value.shape())));
   });
   return states;
@@ -624,7 +630,7 @@ void adam_steps(const optim::adamw& opt, fake_model& m, std::vector<adam_state>&
                 int count) {
   for (int s = 0; s < count; ++s) {
     std::size_t i = 0;
-    m.parameters().for_each([&](const std::string&, auto value, auto grad, const parameter_info& info) {
+    m.for_each_parameter([&](const std::string&, auto value, auto grad, const parameter_info& info) {
       opt.step(exec::host{}, value, view<const float, host_space>(grad), states[i++], info,
                optim::step_context{1e-2f, first + s});
     });

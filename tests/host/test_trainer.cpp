@@ -13,6 +13,7 @@
 #include <subspace/data/loader.hpp>
 #include <subspace/data/text.hpp>
 #include <subspace/optim/galore.hpp>
+#include <subspace/nn/llama.hpp>
 #include <subspace/optim/golore.hpp>
 #include <subspace/train/trainer.hpp>
 
@@ -98,7 +99,7 @@ TEST_CASE("trainer: on real text (Genesis, byte-level) the validation loss falls
   train::trainer_options o;
   o.clip = 1.0;
   o.schedule = {3e-3f, 3e-4f, 20, steps, optim::decay_kind::cosine};
-  train::trainer t(host_llama(small_config(64, 2, seq), exec::host{}), optim::adamw{}, o);
+  train::trainer t(host_llama(small_config(64, 2, seq), exec::host{}), subspace::stack{}, o);
   t.init(testing::fresh_seed());
   auto train_data = loader_for(dir.path, "train", batch, seq, true, testing::fresh_seed());
   auto val_data = loader_for(dir.path, "val", batch, seq, false);
@@ -139,13 +140,13 @@ TEST_CASE_TEMPLATE("trainer: a resumed run is bit-identical to an uninterrupted 
     opt.total_steps = steps;
     opt.seed = seed;
   }
+  const auto stack = subspace::stack{.scheduler = schedule::gradient_accumulation{2}, .optimizer = opt};
   train::trainer_options o;
-  o.accumulation = 2;
   o.clip = 0.5;  // clipping active
   o.schedule = {1e-3f, 1e-4f, 2, steps, optim::decay_kind::cosine};
 
   const auto fresh = [&] {
-    train::trainer t(host_llama(cfg, exec::host{2}), opt, o);
+    train::trainer t(host_llama(cfg, exec::host{2}), stack, o);
     t.init(seed);
     return t;
   };
@@ -163,7 +164,7 @@ TEST_CASE_TEMPLATE("trainer: a resumed run is bit-identical to an uninterrupted 
     for (std::int64_t s = 0; s < stop; ++s) first.step(data);
     first.save(dir.path / "ckpt", data.position(), seed);
   }
-  train::trainer resumed(host_llama(cfg, exec::host{2}), opt, o);
+  train::trainer resumed(host_llama(cfg, exec::host{2}), stack, o);
   resumed.init(seed + 1);  // different weights: the checkpoint must replace all of them
   auto data = loader_for(dir.path / "data", "train", batch, seq, true, seed);
   const io::trainer_state ts = resumed.resume(dir.path / "ckpt", data);
@@ -203,8 +204,8 @@ TEST_CASE("trainer: accumulating two micro-batches of 4 equals one batch of 8") 
 
   // SGD-like comparison: read the gradients the one step used through AdamW's first moment, m = (1 - beta1) g.
   const auto first_moments = [&](std::int64_t batch, std::int64_t accumulation) {
-    o.accumulation = accumulation;
-    train::trainer t(host_llama(cfg, exec::host{}), optim::adamw{}, o);
+    train::trainer t(host_llama(cfg, exec::host{}),
+                     subspace::stack{.scheduler = schedule::gradient_accumulation{int(accumulation)}}, o);
     t.init(seed);
     auto data = loader_for(dir.path, "train", batch, seq, false);
     const double loss = t.step(data).loss;
@@ -230,7 +231,7 @@ TEST_CASE("trainer: resuming with another optimizer or model fails with a clear 
   train::trainer_options o;
   o.schedule = {1e-3f, 1e-4f, 0, 10, optim::decay_kind::cosine};
   {
-    train::trainer t(host_llama(cfg, exec::host{}), optim::adamw{}, o);
+    train::trainer t(host_llama(cfg, exec::host{}), subspace::stack{}, o);
     t.init(1);
     auto data = loader_for(dir.path / "data", "train", 4, seq, true);
     t.step(data);
@@ -239,27 +240,25 @@ TEST_CASE("trainer: resuming with another optimizer or model fails with a clear 
   auto data = loader_for(dir.path / "data", "train", 4, seq, true);
   optim::galore<> galore;
   galore.rank = 8;
-  train::trainer g(host_llama(cfg, exec::host{}), galore, o);
+  train::trainer g(host_llama(cfg, exec::host{}), subspace::stack{.optimizer = galore}, o);
   CHECK_THROWS_WITH_AS(g.resume(dir.path / "ckpt", data), doctest::Contains("q_proj.weight.exp_avg' in"), invalid_argument);
 
   auto other = cfg;
   other.d_model = 64;
-  train::trainer wider(host_llama(other, exec::host{}), optim::adamw{}, o);
+  train::trainer wider(host_llama(other, exec::host{}), subspace::stack{}, o);
   CHECK_THROWS_WITH_AS(wider.resume(dir.path / "ckpt", data), doctest::Contains("hidden_size"), invalid_argument);
 
   auto unshuffled = loader_for(dir.path / "data", "train", 4, seq, false);
-  train::trainer same(host_llama(cfg, exec::host{}), optim::adamw{}, o);
+  train::trainer same(host_llama(cfg, exec::host{}), subspace::stack{}, o);
   CHECK_THROWS_WITH_AS(same.resume(dir.path / "ckpt", unshuffled), doctest::Contains("shuffled"), invalid_argument);
 }
 
 TEST_CASE("trainer: bad options are rejected naming the field") {
   train::trainer_options o;
-  o.accumulation = 0;
-  CHECK_THROWS_WITH_AS(train::trainer(host_llama(nn::presets::micro(), exec::host{}), optim::adamw{}, o),
-                       doctest::Contains("accumulation must be >= 1"), invalid_argument);
-  o.accumulation = 1;
+  CHECK_THROWS_WITH_AS(schedule::gradient_accumulation{0}, doctest::Contains("needs at least 1 micro-batch per step"),
+                       invalid_argument);
   o.schedule.warmup_steps = 5;
   o.schedule.total_steps = 2;
-  CHECK_THROWS_WITH_AS(train::trainer(host_llama(nn::presets::micro(), exec::host{}), optim::adamw{}, o),
+  CHECK_THROWS_WITH_AS(train::trainer(host_llama(nn::presets::micro(), exec::host{}), subspace::stack{}, o),
                        doctest::Contains("warmup_steps"), invalid_argument);
 }

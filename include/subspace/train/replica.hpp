@@ -25,7 +25,7 @@
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
 #include "../kernels/elementwise.hpp"
-#include "../nn/llama.hpp"
+#include "../nn/parameters.hpp"
 #include "../optim/concepts.hpp"
 
 namespace subspace::train {
@@ -42,9 +42,17 @@ class replica {
   static constexpr bool separate_masters = std::is_same_v<value_type, bf16>;
   static constexpr bool has_masters = separate_masters || std::is_same_v<value_type, float>;
 
-  replica(Model model, Optimizer optimizer) : model_(std::move(model)), optimizer_(std::move(optimizer)) {
-    const executor_type& ex = model_.executor();
-    auto& store = model_.parameters();
+  replica(Model model, Optimizer optimizer) : replica(one(std::move(model)), std::move(optimizer)) {}
+
+  /// The stages one rank holds, in order, sharing one parameter store (a whole model is one stage).
+  replica(std::vector<Model> stages, Optimizer optimizer)
+      : stages_(std::move(stages)), optimizer_(std::move(optimizer)) {
+    require(!stages_.empty(), "train::replica: no model stages");
+    for (const Model& m : stages_)
+      require(&m.parameters() == &stages_[0].parameters(),
+              "train::replica: the stages must share one parameter store (build them on one shared_ptr)");
+    const executor_type& ex = executor();
+    auto& store = stages_[0].parameters();
     store.allocate(ex);
     for (std::size_t i = 0; i < store.size(); ++i) states_.push_back(optimizer_.init(ex, store.info(i)));
     if constexpr (separate_masters) {
@@ -53,15 +61,20 @@ class replica {
     }
   }
 
-  Model& model() { return model_; }
-  const Model& model() const { return model_; }
+  /// The first (for a whole model, the only) stage.
+  Model& model() { return stages_.front(); }
+  const Model& model() const { return stages_.front(); }
+  std::vector<Model>& stages() { return stages_; }
+  /// The store every stage's tensors live in.
+  auto& store() { return stages_.front().parameters(); }
+  const auto& store() const { return stages_.front().parameters(); }
   const Optimizer& optimizer() const { return optimizer_; }
   std::vector<state_type>& states() { return states_; }
   const std::vector<state_type>& states() const { return states_; }
-  const executor_type& executor() const { return model_.executor(); }
+  const executor_type& executor() const { return stages_.front().executor(); }
   std::size_t parameters() const { return states_.size(); }
-  const optim::param_info& info(std::size_t i) const { return model_.parameters().info(i); }
-  std::int64_t offset(std::size_t i) const { return model_.parameters().offset(i); }
+  const optim::param_info& info(std::size_t i) const { return store().info(i); }
+  std::int64_t offset(std::size_t i) const { return store().offset(i); }
 
   std::size_t optimizer_state_bytes() const {
     std::size_t total = 0;
@@ -73,28 +86,28 @@ class replica {
   view<float, space> masters() {
     static_assert(has_masters, "train::replica: the model's weights must be fp32 or bf16 to have master weights");
     if constexpr (separate_masters) return own_.v();
-    else return model_.parameters().flat_values();
+    else return store().flat_values();
   }
   view<float, space> master(std::size_t i) { return at(masters(), i); }
-  view<grad_type, space> grad(std::size_t i) { return at(model_.parameters().flat_grads(), i); }
+  view<grad_type, space> grad(std::size_t i) { return at(store().flat_grads(), i); }
   /// Where the optimizer writes the bf16 working copy of parameter i (none when the model is its own master).
   view<bf16, space> working(std::size_t i) {
-    if constexpr (separate_masters) return at(model_.parameters().flat_values(), i);
+    if constexpr (separate_masters) return at(store().flat_values(), i);
     else return {};
   }
   /// The gradients of parameters [first, last) as one range of the flat storage, for clipping: the padding
   /// between tensors is zero, so its norm and scaling are the tensors', in one reduction (one synchronisation on
   /// CUDA) instead of one per tensor.
   std::array<view<grad_type, space>, 1> grads(std::size_t first, std::size_t last) {
-    return {model_.parameters().flat_grads().slice(offset(first), offset(last))};
+    return {store().flat_grads().slice(offset(first), offset(last))};
   }
 
   /// nn::llama::init(seed); the masters get the same draws before their rounding to the model's type.
   void init(std::uint64_t seed) {
-    model_.init(seed);
+    for (Model& m : stages_) m.init(seed);
     if constexpr (separate_masters) {
       for (std::size_t i = 0; i < parameters(); ++i)
-        nn::fill_initial(model_.executor(), master(i), info(i), seed);
+        nn::fill_initial(executor(), master(i), info(i), seed);
     }
   }
 
@@ -102,26 +115,26 @@ class replica {
   template <class C>
   void broadcast_from_rank0(C& comm) {
     if constexpr (has_masters) comm.broadcast(masters(), 0).wait();
-    else comm.broadcast(model_.parameters().flat_values(), 0).wait();
+    else comm.broadcast(store().flat_values(), 0).wait();
     sync_model();
   }
 
   /// The model's working copy from the masters (after the masters changed outside the optimizer).
   void sync_model() {
     if constexpr (separate_masters)
-      cast(model_.executor(), view<const float, space>(own_.v()), model_.parameters().flat_values());
+      cast(executor(), view<const float, space>(own_.v()), store().flat_values());
   }
   /// Elements [begin, end) of the working copy from the masters.
   void sync_model(std::int64_t begin, std::int64_t end) {
     if constexpr (separate_masters)
-      cast(model_.executor(), view<const float, space>(own_.v().slice(begin, end)),
-                     model_.parameters().flat_values().slice(begin, end));
+      cast(executor(), view<const float, space>(own_.v().slice(begin, end)),
+                     store().flat_values().slice(begin, end));
   }
 
   /// One optimizer step of parameter i from its master and gradient.
   void step(std::size_t i, const optim::step_context& ctx) {
-    optimizer_.step(model_.executor(), master(i), view<const grad_type, space>(grad(i)), states_[i],
-                    infos_[i], ctx, working(i));
+    optimizer_.step(executor(), master(i), view<const grad_type, space>(grad(i)), states_[i],
+                    info(i), ctx, working(i));
   }
   /// The next batch of `loader` into the trainer's buffers (sized on first use or when the loader's shape changes).
   void next_batch(data::batch_loader& loader) {
@@ -145,7 +158,7 @@ class replica {
     double total = 0;
     for (std::int64_t b = 0; b < n; ++b) {
       next_batch(loader);
-      total += model_.evaluate(tokens(), targets());
+      total += model().evaluate(tokens(), targets());
     }
     loader.reset();
     return total / double(n);
@@ -165,7 +178,13 @@ class replica {
     targets_ = host_tensor<std::int32_t>(s);
   }
 
-  Model model_;
+  static std::vector<Model> one(Model m) {
+    std::vector<Model> v;
+    v.push_back(std::move(m));
+    return v;
+  }
+
+  std::vector<Model> stages_;
   Optimizer optimizer_;
   std::vector<state_type> states_;
   tensor<float, space> own_;  // the fp32 masters of a bf16 model (flat); empty otherwise

@@ -1,19 +1,23 @@
 #pragma once
-// train::trainer<Model, Optimizer>: single-device training of a model with the llama interface — gradient
-// accumulation, global gradient-norm clipping, the learning-rate schedule, fp32 master weights, one optimizer
-// state per parameter, evaluation, and checkpoints that resume exactly.
+// train::trainer<Model, Stack>: single-device training — gradient accumulation, global gradient-norm clipping,
+// the learning-rate schedule, fp32 master weights, one optimizer state per parameter, evaluation, and
+// checkpoints that resume exactly.
 //
-//   train::trainer t(nn::llama<exec::host, float>(cfg, exec::host{}), optim::adamw{}, options);
+//   train::trainer t(nn::llama<exec::host, float>(cfg, exec::host{}),
+//                    subspace::stack{.scheduler = schedule::gradient_accumulation{4}, .optimizer = optim::adamw{}},
+//                    options);
 //   t.init(seed);                                  // or t.load_weights(hf_dir) / t.resume(checkpoint_dir, loader)
-//   auto r = t.step(train_loader);                 // accumulation micro-batches, clip, one optimizer step
+//   auto r = t.step(train_loader);                 // the scheduler's micro-batches, clip, one optimizer step
 //   double val = t.evaluate(val_loader, 20);
-//   t.save(dir, loader.position());
+//   t.save(dir, loader.position(), seed);
 //
-// One step: zero the gradients; for each of `accumulation` micro-batches, forward with loss_scale 1/accumulation
-// and backward (so the gradients are those of the mean loss over the step's tokens); the global L2 norm of every
-// gradient, clipped to `clip` when it exceeds it; then the optimizer updates every parameter at the schedule's
-// learning rate. A non-finite gradient norm skips the update (the weights stay as they were) and the result says
-// so — the caller decides whether to stop.
+// The stack's policies: the scheduler's plan (schedule::gradient_accumulation{M}: M micro-batches, then the
+// step) runs on the plan engine (train/engine.hpp), which scales each micro-batch's loss by 1/M so the gradients
+// are those of the mean loss; the optimizer updates every parameter; the compressor sits at the boundaries of a
+// model given as several local stages (compress::identity for a plain model); the communicator is comm::self (one
+// rank). The step: zero the gradients, run the plan, take the global L2 norm of every gradient, clipped to `clip`
+// when it exceeds it, then the optimizer at the schedule's learning rate, then the model's after_step hooks. A
+// non-finite gradient norm skips the update (the weights stay as they were) and the result says so.
 //
 // Master weights (train::replica, replica.hpp): a model whose weights are fp32 (the host reference) is its own
 // master copy. A model with bf16 weights (CUDA) gets fp32 masters beside it; the optimizer updates the masters and
@@ -41,21 +45,23 @@
 #include "../data/loader.hpp"
 #include "../io/checkpoint.hpp"
 #include "../kernels/elementwise.hpp"
-#include "../nn/llama.hpp"
+#include "../comm/self.hpp"
+#include "../nn/concepts.hpp"
+#include "../policies.hpp"
+#include "../schedule/gradient_accumulation.hpp"
 #include "../optim/concepts.hpp"
 #include "../optim/schedule.hpp"
+#include "engine.hpp"
 #include "replica.hpp"
 
 namespace subspace::train {
 
 struct trainer_options {
-  std::int64_t accumulation = 1;  // micro-batches per optimizer step
   double clip = 1.0;              // global gradient-norm clip; <= 0 disables it
   optim::lr_schedule schedule{};  // the learning rate of every step
 
   /// Throws invalid_argument naming the field and the expected value.
   void validate() const {
-    require(accumulation >= 1, "trainer: accumulation must be >= 1, got " + std::to_string(accumulation));
     require(!std::isnan(clip), "trainer: clip is NaN (expected a number; <= 0 disables clipping)");
     schedule.validate();
   }
@@ -71,50 +77,55 @@ struct step_result {
   bool skipped = false;      // the gradient norm was not finite: no update
 };
 
-/// What the trainer needs from a model: the llama interface (nn/llama.hpp).
-template <class M>
-concept TrainableModel = requires(M& m, view<const std::int32_t, host_space> tokens) {
-  typename M::executor_type;
-  typename M::value_type;
-  { m.config() } -> std::convertible_to<const nn::llama_config&>;
-  { m.forward(tokens, tokens, 1.0f) } -> std::convertible_to<double>;
-  { m.evaluate(tokens, tokens) } -> std::convertible_to<double>;
-  m.backward();
-  m.zero_grad();
-  m.init(std::uint64_t{});
-};
-
-template <class Model, class Optimizer>
+template <class Model, class Stack>
 class trainer {
-  static_assert(TrainableModel<Model>,
-                "train::trainer<Model, Optimizer>: Model must provide the llama interface — executor_type, "
-                "value_type, config(), forward(tokens, targets, loss_scale), evaluate(tokens, targets), backward(), "
-                "zero_grad(), init(seed), for_each_parameter(f) (see nn/llama.hpp)");
-  static_assert(check_optimizer<Optimizer>());
+  static_assert(check_stack<Stack>());
+  static_assert(nn::check_model<Model>());
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::communicator)>, comm::self>,
+                "train::trainer: the communicator of a single-device stack is comm::self (distributed trainers "
+                "take the others)");
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::scheduler)>, schedule::gradient_accumulation>,
+                "train::trainer: the scheduler of a single-device stack is schedule::gradient_accumulation{M}");
 
  public:
   using model_type = Model;
-  using replica_type = replica<Model, Optimizer>;
+  using stack_type = Stack;
+  using optimizer_type = std::remove_cvref_t<decltype(Stack::optimizer)>;
+  using compressor_type = std::remove_cvref_t<decltype(Stack::compressor)>;
+  using replica_type = replica<Model, optimizer_type>;
   using executor_type = typename Model::executor_type;
   using space = space_of_t<executor_type>;
   using value_type = typename Model::value_type;
-  using state_type = optim::state_t<Optimizer, executor_type>;
+  using state_type = optim::state_t<optimizer_type, executor_type>;
   /// Whether the model's weights are fp32 and serve as the master copy (else fp32 masters live beside them).
   static constexpr bool model_is_master = !replica_type::separate_masters;
 
-  trainer(Model model, Optimizer optimizer, trainer_options options)
-      : r_(std::move(model), std::move(optimizer)), o_(std::move(options)) {
+  trainer(Model model, Stack stack, trainer_options options)
+      : trainer(one(std::move(model)), std::move(stack), std::move(options)) {}
+  /// A model given as the stages of one rank, in order, sharing one parameter store; the stack's compressor
+  /// runs at each boundary between them.
+  trainer(std::vector<Model> stages, Stack stack, trainer_options options)
+      : stack_(std::move(stack)), r_(std::move(stages), stack_.optimizer), o_(std::move(options)),
+        engine_(r_.stages(), stack_.compressor) {
     o_.validate();
+    require(stack_.scheduler.world_size() == 1, [&] {
+      return "train::trainer: the scheduler is written for " + std::to_string(stack_.scheduler.world_size()) +
+             " ranks; a single-device trainer has one";
+    });
     static_assert(replica_type::has_masters,
                   "train::trainer: the model's weights must be fp32 (their own masters) or bf16 (with fp32 masters)");
   }
 
   Model& model() { return r_.model(); }
-  const Optimizer& optimizer() const { return r_.optimizer(); }
+  std::vector<Model>& stages() { return r_.stages(); }
+  const optimizer_type& optimizer() const { return r_.optimizer(); }
+  const Stack& stack() const { return stack_; }
   const trainer_options& options() const { return o_; }
+  /// Micro-batches per optimizer step (the scheduler's).
+  std::int64_t accumulation() const { return stack_.scheduler.microbatches(); }
   std::int64_t steps_done() const { return step_; }
   std::int64_t tokens_done() const { return tokens_; }
-  /// The optimizer states, one per parameter in for_each_parameter order.
+  /// The optimizer states, one per parameter in store order.
   std::vector<state_type>& states() { return r_.states(); }
   const std::vector<state_type>& states() const { return r_.states(); }
 
@@ -126,8 +137,8 @@ class trainer {
     else return std::size_t(r_.masters().numel()) * sizeof(float);
   }
 
-  /// Initialises the weights from the Philox streams of `seed` (nn::llama::init); the masters get the same
-  /// values before their rounding to the model's type.
+  /// Initialises the weights from the Philox streams of `seed`; the masters get the same values before their
+  /// rounding to the model's type.
   void init(std::uint64_t seed) { r_.init(seed); }
 
   /// Loads initial weights (a checkpoint's or Hugging Face's model.safetensors, or its directory) into the
@@ -137,26 +148,22 @@ class trainer {
     r_.sync_model();
   }
 
-  /// One optimizer step on `accumulation` batches from `loader` (see the top of this file).
+  /// One optimizer step on the scheduler's micro-batches from `loader` (see the top of this file).
   step_result step(data::batch_loader& loader) {
-    Model& m = r_.model();
-    m.zero_grad();
-    const float scale = float(1.0 / double(o_.accumulation));
-    double loss = 0;
-    for (std::int64_t micro = 0; micro < o_.accumulation; ++micro) {
-      r_.next_batch(loader);
-      loss += m.forward(r_.tokens(), r_.targets(), scale);
-      m.backward();
-    }
     step_result r;
     r.step = step_ + 1;
-    r.loss = loss / double(o_.accumulation);
-    r.tokens = replica_type::batch_tokens(loader) * o_.accumulation;
     r.lr = o_.schedule.at(r.step);
-    r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
-    r.skipped = !std::isfinite(r.grad_norm);
-    if (!r.skipped)
-      for (std::size_t i = 0; i < r_.parameters(); ++i) r_.step(i, optim::step_context{r.lr, r.step});
+    r.tokens = replica_type::batch_tokens(loader) * accumulation();
+    r_.store().zero_grad(r_.executor());
+    r.loss = engine_.run(stack_.scheduler.plan(step_, 0), loader_source{loader}, [](std::size_t, std::size_t) {},
+                         [&] {
+                           r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
+                           r.skipped = !std::isfinite(r.grad_norm);
+                           if (r.skipped) return;
+                           for (std::size_t i = 0; i < r_.parameters(); ++i)
+                             r_.step(i, optim::step_context{r.lr, r.step});
+                           for (Model& m : r_.stages()) m.after_step();
+                         });
     step_ = r.step;
     tokens_ += r.tokens;
     return r;
@@ -198,21 +205,29 @@ class trainer {
   }
 
  private:
+  static std::vector<Model> one(Model m) {
+    std::vector<Model> v;
+    v.push_back(std::move(m));
+    return v;
+  }
+
   /// Calls f(params) with the parameters as checkpoints see them: the masters in place of 16-bit model values.
   template <class F>
   void with_parameters(F&& f) {
     if constexpr (model_is_master) {
-      f(r_.model());
+      f(r_.store());
     } else {
       std::vector<view<float, space>> masters;
       for (std::size_t i = 0; i < r_.parameters(); ++i) masters.push_back(r_.master(i));
-      auto params = io::with_values(r_.model(), masters);
+      auto params = io::with_values(r_.store(), masters);
       f(params);
     }
   }
 
+  Stack stack_;
   replica_type r_;
   trainer_options o_;
+  plan_engine<Model, compressor_type> engine_;
   std::int64_t step_ = 0, tokens_ = 0;
 };
 

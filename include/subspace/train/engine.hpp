@@ -1,0 +1,185 @@
+#pragma once
+// train::plan_engine: runs a Scheduler's compute plan (schedule::action values) on the model stages one rank
+// holds. Every trainer's micro-batch loop is this one.
+//
+//   forward(m)        the forward of micro-batch m through the rank's local stages, in order; the stage after a
+//                     boundary receives what the stack's Compressor encoded and decoded (local boundaries: the
+//                     payload is handed over in memory). Micro-batch m takes a free activation slot of every
+//                     stage and keeps it until its backward.
+//   backward(m)       the backward of micro-batch m through the local stages in reverse, with the compressor's
+//                     backward at each boundary; the last backward of the step calls the trainer's ready hook
+//                     (the model's ready ranges, store indices), where data-parallel trainers launch buckets.
+//   optimizer_step    the trainer's step hook (clipping, the optimizer, gossip mixing: the trainer's business).
+// Sends and receives between ranks belong to the pipeline trainer, which adds a transport; a plan that asks for
+// one here is rejected with the action named.
+//
+// The loss of a micro-batch is scaled by 1/M, M the plan's forward count, so the accumulated gradients are those
+// of the mean loss over the step's micro-batches; run() returns that mean.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/tensor.hpp"
+#include "../data/loader.hpp"
+#include "../schedule/concepts.hpp"
+
+namespace subspace::train {
+
+/// Where the plan's micro-batches come from: next(tokens, targets) fills host [B, S] buffers.
+struct loader_source {
+  data::batch_loader& loader;
+  void next(view<std::int32_t, host_space> tokens, view<std::int32_t, host_space> targets) {
+    loader.next(tokens, targets);
+  }
+  shape batch_shape() const { return shape{loader.options().batch, loader.options().seq}; }
+};
+
+template <class Model, class Compressor>
+class plan_engine {
+ public:
+  using executor_type = typename Model::executor_type;
+  using value_type = typename Model::value_type;
+  using space = space_of_t<executor_type>;
+
+  /// The local stages, in pipeline order (a whole model is one stage), and the compressor of their boundaries.
+  plan_engine(std::vector<Model>& stages, Compressor& compressor) : stages_(stages), compressor_(compressor) {
+    require(!stages_.empty(), "train::plan_engine: no model stages");
+  }
+
+  /// Runs `plan` with micro-batches from `source`; calls ready(first, last) during the step's last backward and
+  /// step() at optimizer_step. Returns the mean loss over the plan's micro-batches.
+  template <class Source, class Ready, class Step>
+  double run(const std::vector<schedule::action>& plan, Source&& source, Ready&& ready, Step&& step) {
+    std::int64_t forwards = 0;
+    std::size_t last_backward = plan.size();
+    for (std::size_t i = 0; i < plan.size(); ++i) {
+      forwards += plan[i].kind == schedule::action_kind::forward;
+      if (plan[i].kind == schedule::action_kind::backward) last_backward = i;
+    }
+    require(forwards > 0, "train::plan_engine: the plan has no forward action");
+    const float scale = float(1.0 / double(forwards));
+    double loss = 0;
+    for (std::size_t i = 0; i < plan.size(); ++i) {
+      const schedule::action& a = plan[i];
+      switch (a.kind) {
+        case schedule::action_kind::forward: loss += forward(a.microbatch, source, scale); break;
+        case schedule::action_kind::backward:
+          if (i == last_backward) backward(a.microbatch, ready);
+          else backward(a.microbatch, [](std::size_t, std::size_t) {});
+          break;
+        case schedule::action_kind::optimizer_step: step(); break;
+        default:
+          require(false, [&] {
+            return "train::plan_engine: '" + schedule::to_string(a) +
+                   "' moves data between ranks; only the pipeline trainer runs such plans";
+          });
+      }
+    }
+    return loss / double(forwards);
+  }
+
+ private:
+  /// One micro-batch in flight: its slot, its host batch, and its boundary buffers.
+  struct flight {
+    int microbatch = -1;
+    std::size_t slot = 0;
+    host_tensor<std::int32_t> tokens, targets;
+    // Per boundary k (after stage k): stage k's output, its encoding, the decoded input of stage k + 1, and in
+    // backward dL/d(input of stage k + 1), dL/d(payload), dL/d(output of stage k).
+    std::vector<tensor<value_type, space>> out, payload, in, grad_in, grad_payload, grad_out;
+  };
+
+  template <class Source>
+  double forward(int microbatch, Source& source, float scale) {
+    require(find(microbatch) == nullptr, [&] {
+      return "train::plan_engine: forward(" + std::to_string(microbatch) + ") while it is still in flight";
+    });
+    flight& f = take_slot(microbatch);
+    const shape bs = source.batch_shape();
+    if (f.tokens.shape() != bs) {
+      f.tokens = host_tensor<std::int32_t>(bs);
+      f.targets = host_tensor<std::int32_t>(bs);
+    }
+    source.next(f.tokens.v(), f.targets.v());
+    const std::int64_t n = bs.numel(), d = stages_[0].config().d_model;
+    const auto& ex = stages_[0].executor();
+    double loss = 0;
+    for (std::size_t k = 0; k < stages_.size(); ++k) {
+      const bool last = k + 1 == stages_.size();
+      if (!last) size_boundary(f, k, shape{n, d});
+      typename Model::stage_io io{f.tokens.v(), f.targets.v(), {}, {}};
+      if (k > 0) io.in = f.in[k - 1].v();
+      if (!last) io.out = f.out[k].v();
+      loss += stages_[k].forward(f.slot, io, scale);
+      if (!last) {
+        compressor_.encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
+        compressor_.decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
+      }
+    }
+    return loss;
+  }
+
+  template <class Ready>
+  void backward(int microbatch, Ready&& ready) {
+    flight* f = find(microbatch);
+    require(f != nullptr, [&] {
+      return "train::plan_engine: backward(" + std::to_string(microbatch) + ") before its forward";
+    });
+    const auto& ex = stages_[0].executor();
+    using cview = view<const value_type, space>;
+    for (std::size_t k = stages_.size(); k-- > 0;) {
+      const bool last = k + 1 == stages_.size();
+      cview grad_out{};
+      if (!last) {
+        compressor_.decode_backward(ex, cview(f->payload[k].v()), cview(f->grad_in[k].v()), f->grad_payload[k].v());
+        compressor_.encode_backward(ex, cview(f->out[k].v()), cview(f->grad_payload[k].v()), f->grad_out[k].v());
+        grad_out = f->grad_out[k].v();
+      }
+      view<value_type, space> grad_in{};
+      if (k > 0) grad_in = f->grad_in[k - 1].v();
+      stages_[k].backward(f->slot, grad_out, grad_in, ready);
+    }
+    f->microbatch = -1;  // the slot is free
+  }
+
+  flight* find(int microbatch) {
+    for (flight& f : flights_)
+      if (f.microbatch == microbatch) return &f;
+    return nullptr;
+  }
+
+  flight& take_slot(int microbatch) {
+    for (flight& f : flights_)
+      if (f.microbatch < 0) {
+        f.microbatch = microbatch;
+        return f;
+      }
+    flights_.push_back(flight{});
+    flights_.back().microbatch = microbatch;
+    flights_.back().slot = flights_.size() - 1;
+    return flights_.back();
+  }
+
+  void size_boundary(flight& f, std::size_t k, const shape& x) {
+    if (f.out.size() <= k)
+      for (auto* v : {&f.out, &f.payload, &f.in, &f.grad_in, &f.grad_payload, &f.grad_out}) v->resize(k + 1);
+    if (f.out[k].shape() == x && f.out[k].data() != nullptr) return;
+    const shape p = compressor_.payload_shape(x);
+    f.out[k] = tensor<value_type, space>(x);
+    f.payload[k] = tensor<value_type, space>(p);
+    f.in[k] = tensor<value_type, space>(x);
+    f.grad_in[k] = tensor<value_type, space>(x);
+    f.grad_payload[k] = tensor<value_type, space>(p);
+    f.grad_out[k] = tensor<value_type, space>(x);
+  }
+
+  std::vector<Model>& stages_;
+  Compressor& compressor_;
+  std::vector<flight> flights_;
+};
+
+}  // namespace subspace::train
