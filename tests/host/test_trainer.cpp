@@ -3,7 +3,9 @@
 // fail clearly.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -261,4 +263,40 @@ TEST_CASE("trainer: bad options are rejected naming the field") {
   o.schedule.total_steps = 2;
   CHECK_THROWS_WITH_AS(train::trainer(host_llama(nn::presets::micro(), exec::host{}), subspace::stack{}, o),
                        doctest::Contains("warmup_steps"), invalid_argument);
+}
+
+TEST_CASE("trainer: a model given as three local stages (one store, identity boundaries) trains like the whole") {
+  testing::scratch_dir dir;
+  genesis_shards(dir.path);
+  const std::int64_t seq = 32, batch = 4, steps = 4;
+  const auto cfg = small_config(32, 3, seq);
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  train::trainer_options o;
+  o.clip = 0.5;
+  o.schedule = {2e-3f, 2e-4f, 1, steps, optim::decay_kind::cosine};
+  const auto stack = subspace::stack{.scheduler = schedule::gradient_accumulation{2}};
+
+  train::trainer whole(host_llama(cfg, exec::host{1}), stack, o);
+  whole.init(seed);
+  auto store = std::make_shared<host_llama::store_type>();
+  std::vector<host_llama> stages;
+  for (const auto& s : nn::llama_stage::split(cfg, {1, 2})) stages.emplace_back(cfg, exec::host{1}, s, store);
+  train::trainer staged(std::move(stages), stack, o);
+  staged.init(seed);
+  REQUIRE(staged.stages().size() == 3);
+
+  auto a = loader_for(dir.path, "train", batch, seq, true, seed);
+  auto b = loader_for(dir.path, "train", batch, seq, true, seed);
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const train::step_result x = whole.step(a), y = staged.step(b);
+    CAPTURE(s);
+    CHECK(x.loss == y.loss);
+    CHECK(x.grad_norm == y.grad_norm);
+  }
+  const auto va = whole.model().parameters().flat_values(), vb = staged.model().parameters().flat_values();
+  REQUIRE(va.numel() == vb.numel());
+  CHECK(std::equal(va.data(), va.data() + va.numel(), vb.data()));
+  auto val_a = loader_for(dir.path, "val", batch, seq, false), val_b = loader_for(dir.path, "val", batch, seq, false);
+  CHECK(whole.evaluate(val_a, 3) == staged.evaluate(val_b, 3));
 }

@@ -82,6 +82,30 @@ class plan_engine {
     return loss / double(forwards);
   }
 
+  /// The loss of tokens/targets [B, S] through every local stage, without gradient state (between steps).
+  double evaluate(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets) {
+    require(find_busy() == nullptr, "train::plan_engine::evaluate: micro-batches are in flight");
+    if (stages_.size() == 1) return stages_[0].evaluate(tokens, targets);
+    flight& f = take_slot(-2);
+    const std::int64_t n = tokens.numel(), d = stages_[0].config().d_model;
+    const auto& ex = stages_[0].executor();
+    double loss = 0;
+    for (std::size_t k = 0; k < stages_.size(); ++k) {
+      const bool last = k + 1 == stages_.size();
+      if (!last) size_boundary(f, k, shape{n, d});
+      typename Model::stage_io io{tokens, targets, {}, {}};
+      if (k > 0) io.in = f.in[k - 1].v();
+      if (!last) io.out = f.out[k].v();
+      loss += stages_[k].evaluate(f.slot, io);
+      if (!last) {
+        compressor_.encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
+        compressor_.decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
+      }
+    }
+    f.microbatch = -1;
+    return loss;
+  }
+
  private:
   /// One micro-batch in flight: its slot, its host batch, and its boundary buffers.
   struct flight {
@@ -144,6 +168,12 @@ class plan_engine {
       stages_[k].backward(f->slot, grad_out, grad_in, ready);
     }
     f->microbatch = -1;  // the slot is free
+  }
+
+  flight* find_busy() {
+    for (flight& f : flights_)
+      if (f.microbatch >= 0) return &f;
+    return nullptr;
   }
 
   flight* find(int microbatch) {

@@ -151,6 +151,14 @@ class replica {
   /// The mean loss over the first `batches` batches of `loader`
   /// (at most one epoch): the same batches every call. The loader is left at its start.
   double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who) {
+    return evaluate_local(loader, batches, who, [&](auto tokens, auto targets) {
+      return model().evaluate(tokens, targets);
+    });
+  }
+  /// The same, with the loss of one batch computed by evaluate(tokens, targets) (a chain of stages).
+  template <class Evaluate>
+  double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who,
+                        Evaluate&& evaluate) {
     require(batches >= 1, who + "::evaluate: batches must be >= 1, got " + std::to_string(batches));
     const auto per_epoch = std::int64_t(loader.batches_per_epoch());
     const std::int64_t n = std::min(batches, per_epoch);
@@ -158,7 +166,7 @@ class replica {
     double total = 0;
     for (std::int64_t b = 0; b < n; ++b) {
       next_batch(loader);
-      total += model().evaluate(tokens(), targets());
+      total += evaluate(tokens(), targets());
     }
     loader.reset();
     return total / double(n);

@@ -172,7 +172,8 @@ class trainer {
   /// The mean loss over `batches` batches of `loader` from its start (at most the batches one epoch holds): the
   /// same batches every call, so evaluations are comparable. The loader is left at its start.
   double evaluate(data::batch_loader& loader, std::int64_t batches) {
-    return r_.evaluate_local(loader, batches, "trainer");
+    return r_.evaluate_local(loader, batches, "trainer",
+                             [&](auto tokens, auto targets) { return engine_.evaluate(tokens, targets); });
   }
 
   /// Writes a checkpoint of everything exact resume needs (io/checkpoint.hpp) into `dir`; `extra` is kept in
