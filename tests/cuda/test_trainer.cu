@@ -32,7 +32,7 @@ data::batch_loader loader(const testing::scratch_dir& dir, std::uint64_t seed) {
 }
 
 /// Two micro-batches per step, AdamW.
-subspace::stack<> stack() { return subspace::stack{.scheduler = schedule::gradient_accumulation{2}}; }
+subspace::stack<> two_microbatches() { return subspace::stack{.scheduler = schedule::gradient_accumulation{2}}; }
 
 train::trainer_options options() {
   train::trainer_options o;
@@ -47,8 +47,8 @@ TEST_CASE("train::trainer: CUDA (bf16, fp32 masters) follows the host reference 
   testing::scratch_dir dir;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  train::trainer host(nn::llama<exec::host, float>(config(), exec::host{}), stack(), options());
-  train::trainer device(nn::llama<exec::cuda, bf16>(config(), exec::cuda{}), stack(), options());
+  train::trainer host(nn::llama<exec::host, float>(config(), exec::host{}), two_microbatches(), options());
+  train::trainer device(nn::llama<exec::cuda, bf16>(config(), exec::cuda{}), two_microbatches(), options());
   host.init(seed);
   device.init(seed);
   CHECK(device.master_bytes() > 0);
@@ -91,7 +91,7 @@ TEST_CASE("train::trainer: CUDA (bf16, fp32 masters) follows the host reference 
   CHECK(std::sqrt(num / den) < 0.25);
 
   // The device checkpoint resumes on the host: the same step count, and its next loss close to the device's.
-  train::trainer resumed(nn::llama<exec::host, float>(config(), exec::host{}), stack(), options());
+  train::trainer resumed(nn::llama<exec::host, float>(config(), exec::host{}), two_microbatches(), options());
   auto resumed_data = loader(dir, seed);
   CHECK(resumed.resume(ckpt.path / "final", resumed_data).step == 6);
   CHECK(resumed_data.position() == device_data.position());

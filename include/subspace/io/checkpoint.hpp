@@ -1,8 +1,7 @@
 #pragma once
-// Checkpoints of a model that enumerates its parameters with Hugging Face Llama names:
-//
-//   model.for_each_parameter(f)   calls f(const std::string& hf_name, view<T, S> value, view<G, S> grad,
-//                                         const optim::param_info& info) for every parameter, in a fixed order
+// Checkpoints of the tensors of an nn::parameter_store (a model's parameters(), or anything with size(),
+// info(i) and value(i), such as with_values(...)), named as the store names them (Hugging Face Llama names for
+// nn::llama):
 //
 // A checkpoint directory holds
 //   model.safetensors          every parameter value, in its own dtype (fp32 master weights stay exact);
