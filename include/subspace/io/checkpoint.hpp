@@ -120,10 +120,6 @@ auto with_values(Model& model, Values& values) {
     if constexpr (requires { model.parameters(); }) return model.parameters();
     else return model;
   }();
-  require(values.size() == store.size(), [&] {
-    return "with_values: " + std::to_string(values.size()) + " values for " + std::to_string(store.size()) +
-           " parameters";
-  });
   return substituted_values<std::remove_reference_t<decltype(store)>, Values>{store, values};
 }
 
