@@ -25,6 +25,9 @@
 //
 // This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host, one GPU, and NCCL).
 #include <subspace/subspace.hpp>
+#if defined(__CUDACC__)
+#include <subspace/comm/nccl.cuh>
+#endif
 
 #include <decent/data_parallel_trainer.hpp>
 #include <decent/decent.hpp>

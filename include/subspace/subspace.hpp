@@ -1,6 +1,7 @@
 #pragma once
 // subspace: everything in one include. In translation units compiled by nvcc the CUDA implementations come
-// along; elsewhere the host build alone.
+// along (and comm::nccl where <nccl.h> is on the include path: link subspace::nccl); elsewhere the host build
+// alone.
 
 #include "core/config.hpp"
 #include "core/dtype.hpp"
@@ -28,7 +29,7 @@
 #include "comm/bootstrap.hpp"
 #include "comm/local.hpp"
 #include "comm/throttled.hpp"
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) && __has_include(<nccl.h>)
 #include "comm/nccl.cuh"
 #endif
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds and runs tests/consumer twice: through FetchContent (SOURCE_DIR = this checkout) and through
-# find_package after `cmake --install`. With a CUDA preset the consumer also enables CUDA.
+# Builds and runs tests/consumer: through FetchContent (SOURCE_DIR = this checkout) and through find_package after
+# `cmake --install`, linking subspace::subspace; then a C++-only consumer of subspace::core configured with
+# /usr/bin/cmake when there is one (Debian 12: CMake 3.25). With a CUDA preset the first two also enable CUDA,
+# and two consumers of the split targets are configured (not built): subspace::cuda alone must not search for
+# NCCL, subspace::nccl must link it. `cmake` on PATH must be >= 3.28 (scripts/setup.sh).
 #   bash tests/consumer/check.sh <preset>
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -9,24 +12,51 @@ work="$root/build/consumer-$preset"
 rm -rf "$work"
 cuda=OFF
 [ "$preset" != "cpu" ] && command -v nvcc >/dev/null && cuda=ON
+system_cmake=cmake
+[ -x /usr/bin/cmake ] && system_cmake=/usr/bin/cmake
 
-# consume HOW [CMAKE_ARGS...]: configures the consumer with SUBSPACE_CONSUME=HOW, builds it and runs its programs.
-consume() {
-  local how="$1"
-  shift
-  cmake -S "$root/tests/consumer" -B "$work/$how" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DSUBSPACE_CONSUME="$how" -DCONSUMER_CUDA=$cuda "$@" >/dev/null
-  cmake --build "$work/$how"
-  "$work/$how/consumer_host"
-  if [ "$cuda" = ON ]; then "$work/$how/consumer_cuda"; fi
+# configure DIR CMAKE [ARGS...]: configures the consumer project into $work/DIR with the given cmake.
+configure() {
+  local dir="$1" cmake_bin="$2"
+  shift 2
+  "$cmake_bin" -S "$root/tests/consumer" -B "$work/$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
 }
 
-echo "-- consumer via FetchContent (CUDA $cuda)"
-consume fetch -DSUBSPACE_SOURCE_DIR="$root"
+# consume DIR CMAKE [ARGS...]: configures, builds and runs the consumer's programs.
+consume() {
+  local dir="$1" cmake_bin="$2"
+  configure "$@"
+  "$cmake_bin" --build "$work/$dir"
+  "$work/$dir/consumer_host"
+  if [ -x "$work/$dir/consumer_cuda" ]; then "$work/$dir/consumer_cuda"; fi
+}
 
-echo "-- consumer via find_package after cmake --install (CUDA $cuda)"
+echo "-- consumer via FetchContent, subspace::subspace (CUDA $cuda)"
+consume fetch cmake -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_CUDA=$cuda
+
+echo "-- consumer via find_package after cmake --install, subspace::subspace (CUDA $cuda)"
 cmake -S "$root" -B "$work/lib" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUBSPACE_CUDA=OFF \
   -DSUBSPACE_BUILD_TESTS=OFF -DSUBSPACE_BUILD_EXAMPLES=OFF -DSUBSPACE_BUILD_BENCH=OFF >/dev/null
 cmake --install "$work/lib" --prefix "$work/prefix" >/dev/null
-consume find -DCMAKE_PREFIX_PATH="$work/prefix"
-echo "-- consumer projects: both built and ran"
+consume find cmake -DSUBSPACE_CONSUME=find -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_CUDA=$cuda
+
+echo "-- C++-only consumer of subspace::core, $("$system_cmake" --version | head -n1): find_package, then FetchContent"
+consume core-find "$system_cmake" -DSUBSPACE_CONSUME=find -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_TARGETS=split
+consume core-fetch "$system_cmake" -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_TARGETS=split
+
+if [ "$cuda" = ON ]; then
+  echo "-- subspace::cuda without NCCL (FetchContent), subspace::nccl (find_package): configured"
+  configure cuda-fetch cmake -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_TARGETS=split \
+    -DCONSUMER_CUDA=ON
+  if grep -q "^NCCL_" "$work/cuda-fetch/CMakeCache.txt"; then
+    echo "consumer: NCCL was searched for although no target links subspace::nccl" >&2
+    exit 1
+  fi
+  configure cuda-find cmake -DSUBSPACE_CONSUME=find -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_TARGETS=split \
+    -DCONSUMER_CUDA=ON -DCONSUMER_NCCL=ON
+  if ! grep -A6 "^build consumer_nccl:" "$work/cuda-find/build.ninja" | grep -q "libnccl"; then
+    echo "consumer: consumer_nccl does not link NCCL" >&2
+    exit 1
+  fi
+fi
+echo "-- consumer projects: all built and ran"

@@ -159,7 +159,7 @@ TEST_CASE("svd (CUDA, gesvdj fp64): singular values, subspaces and signs match t
   }
 }
 
-TEST_CASE("svd (CUDA): bf16 input is widened exactly; outputs may be skipped") {
+TEST_CASE("svd (CUDA): bf16 input is widened exactly, outputs may be skipped") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   testing::stream_guard sg;
@@ -202,7 +202,7 @@ TEST_CASE("orthonormalize (CUDA, geqrf + orgqr fp64): Q equals the host's Househ
 
 // === projectors ==================================================================================================
 
-TEST_CASE("golore (CUDA): Gaussian bits equal the host's; projectors equal to rounding and orthonormal in fp32") {
+TEST_CASE("golore (CUDA): Gaussian bits equal the host's, projectors equal to rounding and orthonormal in fp32") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   testing::stream_guard sg;

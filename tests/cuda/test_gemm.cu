@@ -109,7 +109,7 @@ TEST_CASE("gemm (CUDA): fp16 operands with fp16 and fp32 output") {
   });
 }
 
-TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-major C", T, bf16, float) {
+TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views, a column-major C", T, bf16, float) {
   const exec::cuda ex{};
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -162,7 +162,7 @@ TEST_CASE_TEMPLATE("gemm (CUDA): strided, sliced and transposed views; a column-
   }
 }
 
-TEST_CASE("gemm (CUDA): the same call twice (cached algorithm) gives identical results; k == 0 scales C") {
+TEST_CASE("gemm (CUDA): the same call twice (cached algorithm) gives identical results, k == 0 scales C") {
   const exec::cuda ex{};
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);

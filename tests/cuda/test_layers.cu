@@ -72,7 +72,7 @@ void for_each_type(F&& f) {
 
 }  // namespace
 
-TEST_CASE("embedding (CUDA): forward is exact, backward accumulates like the host; bad tokens throw") {
+TEST_CASE("embedding (CUDA): forward is exact, backward accumulates like the host, bad tokens throw") {
   testing::stream_guard sg;
   const exec::cuda ex{sg.stream};
   for_each_type([&]<class T>() {

@@ -106,7 +106,7 @@ TEST_CASE("lm_head_cross_entropy (CUDA): losses and gradients match the host, fo
   check_case<float>(ex, {64, 32, 3001, {}}, testing::fresh_seed());
 }
 
-TEST_CASE("lm_head_cross_entropy (CUDA): losses only; an out-of-range target gives a NaN loss and no gradient") {
+TEST_CASE("lm_head_cross_entropy (CUDA): losses only, an out-of-range target gives a NaN loss and no gradient") {
   testing::stream_guard s;
   const exec::cuda ex{s.stream};
   const auto seed = testing::fresh_seed();

@@ -136,7 +136,7 @@ TEST_CASE("llama stages: 2, 3 and 4 chained stages equal the whole model (loss a
   }
 }
 
-TEST_CASE("llama stages: a stage initialises exactly the whole model's tensors; its ready ranges cover its own") {
+TEST_CASE("llama stages: a stage initialises exactly the whole model's tensors, its ready ranges cover its own") {
   auto cfg = nn::presets::micro();
   cfg.n_layers = 3;
   nn::llama<exec::host, float> whole(cfg);
