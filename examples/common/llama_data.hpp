@@ -90,7 +90,7 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
   const fs::path abs = fs::absolute(text);
   std::error_code ec;
   const auto size = fs::file_size(abs, ec);
-  require(!ec, "--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
+  require(!ec, [&] { return "--text " + text.string() + ": cannot read the file (" + ec.message() + ")"; });
   const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
   const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
                                                    std::to_string(stamp) + "|" + std::to_string(val_fraction));

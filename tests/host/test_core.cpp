@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include <subspace/subspace.hpp>
@@ -68,6 +69,30 @@ TEST_CASE("copy: contiguous and strided host copies, and shape mismatches are er
     for (int j = 0; j < 7; ++j) REQUIRE(at(j, i) == a(i, j));
   host_tensor<float> wrong({5, 6});
   CHECK_THROWS_WITH_AS(copy(exec::host{}, a.v(), wrong.v()), doctest::Contains("[5, 7] vs [5, 6]"), invalid_argument);
+}
+
+TEST_CASE("require: a message callable is built only when the check fails, after the file and line") {
+  int built = 0;
+  const auto message = [&] {
+    ++built;
+    return "n must be positive, got " + std::to_string(-3);
+  };
+  require(true, message);
+  require(1 + 1 == 2, [&] { return "never built: " + std::to_string(++built); });
+  CHECK(built == 0);
+
+  std::string what;
+  int line = 0;
+  try {
+    line = __LINE__ + 1;
+    require(false, message);
+  } catch (const invalid_argument& e) {
+    what = e.what();
+  }
+  CHECK(built == 1);
+  CAPTURE(what);
+  CHECK(what.find("test_core.cpp:" + std::to_string(line) + ": n must be positive, got -3") != std::string::npos);
+  CHECK_THROWS_WITH_AS(require(false, "a literal message"), doctest::Contains(": a literal message"), invalid_argument);
 }
 
 TEST_CASE("Philox4x32-10 matches Random123's known-answer vectors") {

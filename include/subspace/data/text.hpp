@@ -48,13 +48,15 @@ inline shards_written text_to_shards(const std::vector<std::filesystem::path>& i
                                      const std::filesystem::path& out_dir, const text_to_shards_options& o = {}) {
   namespace fs = std::filesystem;
   require(!inputs.empty(), "text_to_shards: no input files");
-  require(o.shard_tokens >= 1, "text_to_shards: shard_tokens must be >= 1, got " + std::to_string(o.shard_tokens));
+  require(o.shard_tokens >= 1,
+          [&] { return "text_to_shards: shard_tokens must be >= 1, got " + std::to_string(o.shard_tokens); });
   require(o.val_fraction >= 0.0 && o.val_fraction < 1.0,
-          "text_to_shards: val_fraction " + detail::show(o.val_fraction) + " (expected 0 <= f < 1)");
-  require(o.version == 1 || o.version == 7,
-          "text_to_shards: version " + std::to_string(o.version) + " (expected 1 for uint16 or 7 for uint32 tokens)");
+          [&] { return "text_to_shards: val_fraction " + detail::show(o.val_fraction) + " (expected 0 <= f < 1)"; });
+  require(o.version == 1 || o.version == 7, [&] {
+    return "text_to_shards: version " + std::to_string(o.version) + " (expected 1 for uint16 or 7 for uint32 tokens)";
+  });
   require(!o.prefix.empty() && o.prefix.find('/') == std::string::npos,
-          "text_to_shards: prefix '" + o.prefix + "' must be a non-empty file-name prefix");
+          [&] { return "text_to_shards: prefix '" + o.prefix + "' must be a non-empty file-name prefix"; });
 
   std::vector<io::read_file> files;
   std::uint64_t total = 0;
@@ -65,8 +67,10 @@ inline shards_written text_to_shards(const std::vector<std::filesystem::path>& i
   require(total > 0, "text_to_shards: the input files hold no text");
   const auto val_tokens = std::uint64_t(std::llround(o.val_fraction * double(total)));
   const std::uint64_t train_end = total - val_tokens;
-  require(train_end > 0, "text_to_shards: val_fraction " + detail::show(o.val_fraction) +
-                             " leaves no training tokens out of " + std::to_string(total));
+  require(train_end > 0, [&] {
+    return "text_to_shards: val_fraction " + detail::show(o.val_fraction) + " leaves no training tokens out of " +
+           std::to_string(total);
+  });
 
   shards_written out;
   out.train_tokens = train_end;
@@ -156,16 +160,17 @@ inline std::filesystem::path default_corpus_path(const std::filesystem::path& ca
 
   const std::string install = std::string("sudo apt-get install -y ") + default_corpus_packages;
   const fs::path program = detail::find_program("bible");
-  require(!program.empty() && fs::exists(default_corpus_data),
-          std::string("default corpus: the King James Bible text comes from the Debian packages ") +
-              default_corpus_packages + ", which are not installed (missing " +
-              (program.empty() ? std::string("the `bible` program") : std::string(default_corpus_data)) +
-              "). Install them with: " + install + " (or name your own text file)");
+  require(!program.empty() && fs::exists(default_corpus_data), [&] {
+    return std::string("default corpus: the King James Bible text comes from the Debian packages ") +
+           default_corpus_packages + ", which are not installed (missing " +
+           (program.empty() ? std::string("the `bible` program") : std::string(default_corpus_data)) +
+           "). Install them with: " + install + " (or name your own text file)";
+  });
 
   // `bible -f` prints one verse per line, "Ge1:1 In the beginning ...": keep the text after the reference.
   const std::string command = "'" + program.string() + "' -f Gen1:1-Rev22:21 2>/dev/null";
   FILE* pipe = ::popen(command.c_str(), "r");
-  require(pipe != nullptr, "default corpus: cannot run " + command);
+  require(pipe != nullptr, [&] { return "default corpus: cannot run " + command; });
   std::string raw;
   char buf[1 << 16];
   for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, pipe)) > 0;) raw.append(buf, n);
@@ -183,10 +188,11 @@ inline std::filesystem::path default_corpus_path(const std::filesystem::path& ca
     out += '\n';
     ++verses;
   }
-  require(status == 0 && verses == default_corpus_verses,
-          "default corpus: `" + command + "` exited with status " + std::to_string(status) + " and printed " +
-              std::to_string(verses) + " verses (expected " + std::to_string(default_corpus_verses) +
-              "); reinstall with: sudo apt-get install --reinstall -y " + default_corpus_packages);
+  require(status == 0 && verses == default_corpus_verses, [&] {
+    return "default corpus: `" + command + "` exited with status " + std::to_string(status) + " and printed " +
+           std::to_string(verses) + " verses (expected " + std::to_string(default_corpus_verses) +
+           "); reinstall with: sudo apt-get install --reinstall -y " + default_corpus_packages;
+  });
   io::atomic_write_text(text, out);
   return text;
 }

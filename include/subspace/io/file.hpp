@@ -38,8 +38,9 @@ inline void ensure_directory(const std::filesystem::path& dir) {
   if (dir.empty()) return;
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  require(!ec && std::filesystem::is_directory(dir),
-          "cannot create directory " + detail::quoted(dir) + ": " + (ec ? ec.message() : "not a directory"));
+  require(!ec && std::filesystem::is_directory(dir), [&] {
+    return "cannot create directory " + detail::quoted(dir) + ": " + (ec ? ec.message() : "not a directory");
+  });
 }
 
 /// The writable end of an atomic_write: raw bytes, appended in order.
@@ -54,8 +55,10 @@ class file_sink {
     while (bytes > 0) {
       const ::ssize_t n = ::write(fd_, p, bytes);
       if (n < 0 && errno == EINTR) continue;
-      require(n > 0, "writing " + detail::quoted(target_) + " failed after " + std::to_string(written_) +
-                         " bytes: " + detail::sys_reason(n < 0 ? errno : EIO));
+      require(n > 0, [&, err = n < 0 ? errno : EIO] {
+        return "writing " + detail::quoted(target_) + " failed after " + std::to_string(written_) +
+               " bytes: " + detail::sys_reason(err);
+      });
       p += n;
       bytes -= std::size_t(n);
       written_ += std::uint64_t(n);
@@ -77,25 +80,31 @@ class file_sink {
 template <class Fill>
 void atomic_write(const std::filesystem::path& path, Fill&& fill) {
   namespace fs = std::filesystem;
-  require(!path.filename().empty(), "atomic_write: " + detail::quoted(path) + " names no file");
+  require(!path.filename().empty(), [&] { return "atomic_write: " + detail::quoted(path) + " names no file"; });
   const fs::path dir = path.parent_path();
   ensure_directory(dir);
   static std::atomic<std::uint64_t> counter{0};
   const fs::path tmp = fs::path(path.string() + ".tmp." + std::to_string(::getpid()) + "." +
                                 std::to_string(counter.fetch_add(1)));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  require(fd >= 0, "cannot create " + detail::quoted(tmp) + " (to write " + detail::quoted(path) +
-                       "): " + detail::sys_reason(errno));
+  require(fd >= 0, [&, err = errno] {
+    return "cannot create " + detail::quoted(tmp) + " (to write " + detail::quoted(path) +
+           "): " + detail::sys_reason(err);
+  });
   bool closed = false;
   try {
     file_sink sink(fd, path);
     fill(sink);
-    require(::fsync(fd) == 0, "fsync of " + detail::quoted(tmp) + " failed: " + detail::sys_reason(errno));
+    require(::fsync(fd) == 0,
+            [&, err = errno] { return "fsync of " + detail::quoted(tmp) + " failed: " + detail::sys_reason(err); });
     closed = true;
-    require(::close(fd) == 0, "closing " + detail::quoted(tmp) + " failed: " + detail::sys_reason(errno));
+    require(::close(fd) == 0,
+            [&, err = errno] { return "closing " + detail::quoted(tmp) + " failed: " + detail::sys_reason(err); });
     std::error_code ec;
     fs::rename(tmp, path, ec);
-    require(!ec, "cannot rename " + detail::quoted(tmp) + " to " + detail::quoted(path) + ": " + ec.message());
+    require(!ec, [&] {
+      return "cannot rename " + detail::quoted(tmp) + " to " + detail::quoted(path) + ": " + ec.message();
+    });
   } catch (...) {
     if (!closed) ::close(fd);
     std::error_code ignored;
@@ -123,14 +132,17 @@ class read_file {
   explicit read_file(std::filesystem::path path, std::string_view what = "file") : path_(std::move(path)) {
     struct ::stat st {};
     fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    require(fd_ >= 0, "cannot open " + detail::quoted(path_) + " (" + std::string(what) +
-                          "): " + detail::sys_reason(errno));
+    require(fd_ >= 0, [&, err = errno] {
+      return "cannot open " + detail::quoted(path_) + " (" + std::string(what) + "): " + detail::sys_reason(err);
+    });
     if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
       const int err = errno;
       ::close(fd_);
       fd_ = -1;
-      require(false, "cannot read " + detail::quoted(path_) + " (" + std::string(what) + "): " +
-                         (S_ISDIR(st.st_mode) ? std::string("it is a directory") : detail::sys_reason(err)));
+      require(false, [&] {
+        return "cannot read " + detail::quoted(path_) + " (" + std::string(what) +
+               "): " + (S_ISDIR(st.st_mode) ? std::string("it is a directory") : detail::sys_reason(err));
+      });
     }
     size_ = std::uint64_t(st.st_size);
   }
@@ -157,10 +169,14 @@ class read_file {
     while (bytes > 0) {
       const ::ssize_t n = ::pread(fd_, p, bytes, ::off_t(at));
       if (n < 0 && errno == EINTR) continue;
-      require(n >= 0, "reading " + detail::quoted(path_) + " at byte " + std::to_string(at) +
-                          " failed: " + detail::sys_reason(errno));
-      require(n > 0, "reading " + detail::quoted(path_) + ": unexpected end of file at byte " + std::to_string(at) +
-                         " (the file has " + std::to_string(size_) + " bytes)");
+      require(n >= 0, [&, err = errno] {
+        return "reading " + detail::quoted(path_) + " at byte " + std::to_string(at) +
+               " failed: " + detail::sys_reason(err);
+      });
+      require(n > 0, [&] {
+        return "reading " + detail::quoted(path_) + ": unexpected end of file at byte " + std::to_string(at) +
+               " (the file has " + std::to_string(size_) + " bytes)";
+      });
       p += n;
       at += std::uint64_t(n);
       bytes -= std::size_t(n);
@@ -176,7 +192,8 @@ class read_file {
   const std::byte* map() {
     if (map_ || size_ == 0) return map_;
     void* p = ::mmap(nullptr, std::size_t(size_), PROT_READ, MAP_PRIVATE, fd_, 0);
-    require(p != MAP_FAILED, "cannot memory-map " + detail::quoted(path_) + ": " + detail::sys_reason(errno));
+    require(p != MAP_FAILED,
+            [&, err = errno] { return "cannot memory-map " + detail::quoted(path_) + ": " + detail::sys_reason(err); });
     map_ = static_cast<const std::byte*>(p);
     return map_;
   }

@@ -137,12 +137,14 @@ class json {
   /// The member called `key`; invalid_argument naming the key when absent.
   const json& at(std::string_view key) const {
     const json* j = find(key);
-    require(j != nullptr, "json: missing key \"" + std::string(key) + "\" (expected in " + kind_name() + ")");
+    require(j != nullptr,
+            [&] { return "json: missing key \"" + std::string(key) + "\" (expected in " + kind_name() + ")"; });
     return *j;
   }
   const json& at(std::size_t i) const {
     const auto& a = as_array();
-    require(i < a.size(), "json: index " + std::to_string(i) + " outside an array of " + std::to_string(a.size()));
+    require(i < a.size(),
+            [&] { return "json: index " + std::to_string(i) + " outside an array of " + std::to_string(a.size()); });
     return a[i];
   }
   /// Sets member `key` (replacing an existing one, keeping its position); this must be an object (null becomes
@@ -263,7 +265,7 @@ class json {
   static std::int64_t to_int64(I i) {
     if constexpr (std::is_unsigned_v<I> && sizeof(I) >= sizeof(std::int64_t)) {
       require(i <= I(std::numeric_limits<std::int64_t>::max()),
-              "json: unsigned value " + std::to_string(i) + " does not fit a JSON integer (int64)");
+              [&] { return "json: unsigned value " + std::to_string(i) + " does not fit a JSON integer (int64)"; });
     }
     return std::int64_t(i);
   }
@@ -278,7 +280,7 @@ class json {
   }
 
   void expect(bool ok, const char* what) const {
-    require(ok, std::string("json: expected ") + what + ", got " + kind_name());
+    require(ok, [&] { return std::string("json: expected ") + what + ", got " + kind_name(); });
   }
 
   void write(std::string& out, int indent, int level) const {

@@ -59,28 +59,33 @@ struct dims {
 /// Throws invalid_argument "<op>: <name> has shape [..], expected [..]" unless v has shape `want`.
 template <class V>
 void require_shape(const V& v, const shape& want, const char* op, const char* name) {
-  require(v.shape() == want, std::string(op) + ": " + name + " has shape " + to_string(v.shape()) + ", expected " +
-                                 to_string(want));
+  require(v.shape() == want, [&] {
+    return std::string(op) + ": " + name + " has shape " + to_string(v.shape()) + ", expected " + to_string(want);
+  });
 }
 
 /// Checks q, k, v, lse and the parameters (the callers check their other operands with require_shape); returns the
 /// sizes.
 template <class VQ, class VK, class VV, class VL>
 dims check(const char* op, const VQ& q, const VK& k, const VV& v, const VL& lse, const attention_params& p) {
-  require(q.rank() == 4, std::string(op) + ": q must have rank 4 [B, S, Hq, hd], got shape " + to_string(q.shape()));
-  require(k.rank() == 4,
-          std::string(op) + ": k must have rank 4 [B, Skv, Hkv, hd], got shape " + to_string(k.shape()));
+  require(q.rank() == 4,
+          [&] { return std::string(op) + ": q must have rank 4 [B, S, Hq, hd], got shape " + to_string(q.shape()); });
+  require(k.rank() == 4, [&] {
+    return std::string(op) + ": k must have rank 4 [B, Skv, Hkv, hd], got shape " + to_string(k.shape());
+  });
   dims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), k.dim(2), q.dim(3)};
-  require(k.dim(0) == d.batch && k.dim(3) == d.head_dim,
-          std::string(op) + ": k has shape " + to_string(k.shape()) + " but q has shape " + to_string(q.shape()) +
-              " (batch and head dim must agree)");
-  require(d.kv_heads > 0 && d.heads % d.kv_heads == 0,
-          std::string(op) + ": the query heads (" + std::to_string(d.heads) + ", q " + to_string(q.shape()) +
-              ") must be a positive multiple of the KV heads (" + std::to_string(d.kv_heads) + ", k " +
-              to_string(k.shape()) + ")");
+  require(k.dim(0) == d.batch && k.dim(3) == d.head_dim, [&] {
+    return std::string(op) + ": k has shape " + to_string(k.shape()) + " but q has shape " + to_string(q.shape()) +
+           " (batch and head dim must agree)";
+  });
+  require(d.kv_heads > 0 && d.heads % d.kv_heads == 0, [&] {
+    return std::string(op) + ": the query heads (" + std::to_string(d.heads) + ", q " + to_string(q.shape()) +
+           ") must be a positive multiple of the KV heads (" + std::to_string(d.kv_heads) + ", k " +
+           to_string(k.shape()) + ")";
+  });
   require_shape(v, k.shape(), op, "v");
   require_shape(lse, shape{d.batch, d.heads, d.seq}, op, "lse [B, Hq, S]");
-  require(std::isfinite(p.scale), std::string(op) + ": params.scale must be finite");
+  require(std::isfinite(p.scale), [&] { return std::string(op) + ": params.scale must be finite"; });
   return d;
 }
 

@@ -79,30 +79,36 @@ inline std::string gemm_op_shape(std::int64_t rows, std::int64_t cols) {
 template <class VA, class VB, class VC>
 gemm_problem gemm_check(op op_a, op op_b, const VA& A, const VB& B, const VC& C) {
   const auto rank_ok = [](int r) { return r == 2 || r == 3; };
-  require(rank_ok(A.rank()) && rank_ok(B.rank()) && rank_ok(C.rank()) && A.rank() == B.rank() &&
-              B.rank() == C.rank(),
-          "gemm: A, B and C must all be rank 2, or all rank 3 (a strided batch in dimension 0); got A " +
-              to_string(A.shape()) + ", B " + to_string(B.shape()) + ", C " + to_string(C.shape()));
+  require(rank_ok(A.rank()) && rank_ok(B.rank()) && rank_ok(C.rank()) && A.rank() == B.rank() && B.rank() == C.rank(),
+          [&] {
+            return "gemm: A, B and C must all be rank 2, or all rank 3 (a strided batch in dimension 0); got A " +
+                   to_string(A.shape()) + ", B " + to_string(B.shape()) + ", C " + to_string(C.shape());
+          });
   gemm_problem p;
   if (A.rank() == 3) {
-    require(A.dim(0) == B.dim(0) && B.dim(0) == C.dim(0),
-            "gemm: batch counts (dimension 0) differ: A " + to_string(A.shape()) + ", B " + to_string(B.shape()) +
-                ", C " + to_string(C.shape()));
+    require(A.dim(0) == B.dim(0) && B.dim(0) == C.dim(0), [&] {
+      return "gemm: batch counts (dimension 0) differ: A " + to_string(A.shape()) + ", B " + to_string(B.shape()) +
+             ", C " + to_string(C.shape());
+    });
     p.batch = A.dim(0);
   }
   std::int64_t ar, ac, br, bc, cr, cc;
   p.a = gemm_op_strides(A, op_a, ar, ac);
   p.b = gemm_op_strides(B, op_b, br, bc);
   p.c = gemm_op_strides(C, op::none, cr, cc);
-  require(ac == br, std::string("gemm: inner dimensions differ: op_a(A) has shape ") + gemm_op_shape(ar, ac) +
-                        " (A " + to_string(A.shape()) + ", op_a = " + to_string(op_a) + ") but op_b(B) has shape " +
-                        gemm_op_shape(br, bc) + " (B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) + ")");
-  require(cr == ar && cc == bc, "gemm: C has shape " + to_string(C.shape()) + " but op_a(A) * op_b(B) has shape " +
-                                    gemm_op_shape(ar, bc) + " (A " + to_string(A.shape()) + ", op_a = " +
-                                    to_string(op_a) + "; B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) +
-                                    ")");
-  require(p.batch <= 1 || p.c.batch != 0 || cr * cc == 0,
-          "gemm: C " + to_string(C.shape()) + " has batch stride 0: the batch entries would overwrite each other");
+  require(ac == br, [&] {
+    return std::string("gemm: inner dimensions differ: op_a(A) has shape ") + gemm_op_shape(ar, ac) + " (A " +
+           to_string(A.shape()) + ", op_a = " + to_string(op_a) + ") but op_b(B) has shape " + gemm_op_shape(br, bc) +
+           " (B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) + ")";
+  });
+  require(cr == ar && cc == bc, [&] {
+    return "gemm: C has shape " + to_string(C.shape()) + " but op_a(A) * op_b(B) has shape " + gemm_op_shape(ar, bc) +
+           " (A " + to_string(A.shape()) + ", op_a = " + to_string(op_a) + "; B " + to_string(B.shape()) +
+           ", op_b = " + to_string(op_b) + ")";
+  });
+  require(p.batch <= 1 || p.c.batch != 0 || cr * cc == 0, [&] {
+    return "gemm: C " + to_string(C.shape()) + " has batch stride 0: the batch entries would overwrite each other";
+  });
   p.m = ar;
   p.n = bc;
   p.k = ac;
