@@ -37,8 +37,8 @@
 #include <subspace/core/cuda/error.cuh>
 #include <subspace/core/cuda/launch.cuh>
 #include <subspace/core/rng.hpp>
-#include <subspace/io/file.hpp>
-#include <subspace/io/json.hpp>
+#include <subspace/util/file.hpp>
+#include <subspace/util/json.hpp>
 
 #include "common/cli.hpp"
 #include "common/device.hpp"

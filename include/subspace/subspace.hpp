@@ -11,6 +11,9 @@
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
 
+#include "util/file.hpp"
+#include "util/json.hpp"
+
 #include "kernels/attention.hpp"
 #include "kernels/elementwise.hpp"
 #include "kernels/embedding.hpp"

@@ -22,7 +22,7 @@
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "../core/tensor.hpp"
-#include "../io/json.hpp"
+#include "../util/json.hpp"
 #include "tokens.hpp"
 
 namespace subspace::data {

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
-#include "../io/file.hpp"
+#include "../util/file.hpp"
 #include "tokenizer.hpp"
 #include "tokens.hpp"
 

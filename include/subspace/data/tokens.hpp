@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
-#include "../io/file.hpp"
+#include "../util/file.hpp"
 
 namespace subspace::data {
 

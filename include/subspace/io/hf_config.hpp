@@ -21,8 +21,8 @@
 
 #include "../core/error.hpp"
 #include "../nn/config.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 

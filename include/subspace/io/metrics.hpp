@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "../core/error.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 

@@ -10,7 +10,7 @@
 // The writer emits compact JSON: "__metadata__" first (when there is any), then the tensors in the order they
 // were added, stably sorted by element size (largest first) so that every tensor starts at a multiple of its
 // own element size (the buffer itself starts 8-aligned). Data are streamed to the file at write() time from
-// the views given to add(); the file is written atomically (io/file.hpp).
+// the views given to add(); the file is written atomically (util/file.hpp).
 //
 // The reader validates what the reference implementation validates (header start and length, known dtypes,
 // offsets that match the shape and tile the buffer) and converts on load: floating-point tensors (F64, F32,
@@ -35,8 +35,8 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 
