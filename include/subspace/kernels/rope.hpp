@@ -27,8 +27,8 @@
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
-#include "../nn/config.hpp"
 #include "detail/layer_checks.hpp"
+#include "rope_config.hpp"
 
 namespace subspace {
 
@@ -36,7 +36,7 @@ namespace subspace {
 /// cfg.llama31_scaling: wavelengths longer than original_max_position / low_freq_factor are divided by
 /// `factor`, those shorter than original_max_position / high_freq_factor are kept, and those in between are
 /// interpolated (Hugging Face's _compute_llama3_parameters).
-inline std::vector<float> rope_inv_freq(const nn::rope_config& cfg, std::int64_t head_dim) {
+inline std::vector<float> rope_inv_freq(const rope_config& cfg, std::int64_t head_dim) {
   require(head_dim > 0 && head_dim % 2 == 0,
           [&] { return "rope_inv_freq: head_dim must be positive and even, got " + std::to_string(head_dim); });
   require(cfg.theta > 0, "rope_inv_freq: theta must be positive");
