@@ -7,7 +7,7 @@
 //   auto tp = world.split(world.rank() / 4, world.rank());
 //
 // Bootstrap. Rank 0 draws NCCL's unique id and hands it to every rank through the TCP rendezvous of
-// comm/bootstrap.hpp at MASTER_ADDR:MASTER_PORT (a world of one needs none); then every rank joins the
+// comm/detail/rendezvous.hpp at MASTER_ADDR:MASTER_PORT (a world of one needs none); then every rank joins the
 // communicator on its GPU (by default LOCAL_RANK modulo the visible devices). The communicator is non-blocking
 // (ncclConfig_t::blocking = 0), so initialisation, split and every wait() can give up: after
 // nccl_options::timeout, or on an asynchronous NCCL error (ncclCommGetAsyncError), the communicator is aborted
@@ -58,6 +58,7 @@
 #include "bootstrap.hpp"
 #include "concepts.hpp"
 #include "detail/local_world.hpp"
+#include "detail/rendezvous.hpp"
 #include "error.hpp"
 
 namespace subspace::comm {
@@ -351,7 +352,7 @@ class nccl {
     if (li.rank == 0) detail::nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId");
     std::vector<std::byte> payload(sizeof id);
     std::memcpy(payload.data(), &id, sizeof id);
-    const std::vector<std::byte> got = rendezvous(li, payload, options.timeout);
+    const std::vector<std::byte> got = detail::rendezvous(li, payload, options.timeout);
     require(got.size() == sizeof id, [&] {
       return "comm::nccl: the rendezvous delivered " + std::to_string(got.size()) +
              " bytes instead of an NCCL unique id";
