@@ -8,6 +8,7 @@
 #include "core/exact.hpp"
 #include "core/executor.hpp"
 #include "core/memory.hpp"
+#include "core/parallel.hpp"
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
 
