@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <subspace/comm/bootstrap.hpp>
+#include <subspace/core/parallel.hpp>
 #include <subspace/comm/detail/rendezvous.hpp>  // the rendezvous is comm::nccl's detail; tested here on the host
 
 #include "support/numeric.hpp"
@@ -41,20 +42,17 @@ std::vector<std::byte> random_bytes(std::uint64_t seed, std::size_t n) {
   return b;
 }
 
-/// Runs f(rank) on a thread per rank; returns the exception each rank threw (null: none).
+/// Runs f(rank) on a thread per rank (run_concurrently); returns the exception each rank threw (null: none).
 template <class F>
 std::vector<std::exception_ptr> on_threads(int n, F f) {
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        f(r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_concurrently(n, [&](int r) {
+    try {
+      f(r);
+    } catch (...) {
+      errors[std::size_t(r)] = std::current_exception();
+    }
+  });
   return errors;
 }
 

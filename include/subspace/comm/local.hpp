@@ -2,8 +2,12 @@
 // comm::local: N ranks as threads of one process, sharing one world. The communicator of the CPU tests and of
 // multi-rank runs on a single GPU.
 //
-//   auto ranks = comm::local::world(4);                 // four handles; give ranks[r] to the thread of rank r
-//   std::thread t([&] { auto& c = ranks[1]; c.all_reduce(grad.v(), comm::reduce_op::avg).wait(); });
+//   comm::local::run_ranks(4, [&](comm::local& c) {     // a world of four ranks, each on its own thread
+//     c.all_reduce(grads[c.rank()].v(), comm::reduce_op::avg).wait();
+//   });
+//
+// or, with the handles in hand (to wrap them, e.g. in comm::throttled): auto ranks = comm::local::world(4), then
+// comm::local::run_ranks(ranks, body).
 //
 // Matching. Sends and recvs match per ordered pair of ranks, in order (the k-th send from a to b meets the
 // k-th recv at b from a); collectives match by their position in each rank's sequence of collective calls.
@@ -40,6 +44,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
 #include "detail/local_world.hpp"
@@ -125,6 +130,21 @@ class local {
     ranks.reserve(std::size_t(n));
     for (int r = 0; r < n; ++r) ranks.push_back(local(w, r));
     return ranks;
+  }
+
+  /// Runs body(c) with the handle c of every rank of a new world of n ranks, each rank on its own thread (rank 0 on
+  /// the calling thread, core/parallel.hpp's run_concurrently). Returns when every rank has returned or thrown;
+  /// then rethrows the first exception a rank threw.
+  template <class Body>
+  static void run_ranks(int n, Body&& body, local_options options = {}) {
+    std::vector<local> ranks = world(n, std::move(options));
+    run_ranks(ranks, body);
+  }
+  /// The same on handles made beforehand (a world's ranks, or communicators built on them, such as
+  /// comm::throttled): body(ranks[r]) on a thread per element.
+  template <class Comm, class Body>
+  static void run_ranks(std::vector<Comm>& ranks, Body&& body) {
+    run_concurrently(int(ranks.size()), [&](int r) { body(ranks[std::size_t(r)]); });
   }
 
   /// A handle on no world: what split() returns to a rank that passed a negative color. size() == 0.
