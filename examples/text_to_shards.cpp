@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/default_corpus.hpp"
 
 namespace {
 
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
     if (!cli.parse(argc, argv)) return 0;
     std::vector<std::filesystem::path> inputs;
     if (input.empty()) {
-      inputs.push_back(subspace::data::default_corpus_path());
+      inputs.push_back(examples::default_corpus_path());
       if (prefix.empty()) prefix = "kjv";
     } else {
       for (const auto& p : subspace::data::expand_paths(input)) inputs.push_back(p);

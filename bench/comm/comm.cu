@@ -108,8 +108,8 @@ double p2p_seconds(std::vector<comm::local>& comms, float* src, float* dst, std:
   std::barrier sync(2);
   double seconds = 0;
   const std::int64_t n = bytes / 4;
-  bench::on_ranks(2, [&](int r) {
-    comm::local& c = comms[std::size_t(r)];
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     cudaStream_t s = comm::stream_of(c);
     cuda_check(cudaStreamSynchronize(s));
     sync.arrive_and_wait();
@@ -132,8 +132,8 @@ double all_reduce_seconds(std::vector<comm::local>& comms, std::vector<float*>& 
   const int n = int(comms.size());
   std::barrier sync(n);
   double seconds = 0;
-  bench::on_ranks(n, [&](int r) {
-    comm::local& c = comms[std::size_t(r)];
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     cudaStream_t s = comm::stream_of(c);
     cuda_check(cudaStreamSynchronize(s));
     sync.arrive_and_wait();

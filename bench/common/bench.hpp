@@ -27,18 +27,17 @@
 #include <cstdint>
 #include <cstdio>
 #include <ctime>
-#include <exception>
 #include <functional>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <subspace/core/cuda/error.cuh>
 #include <subspace/core/cuda/launch.cuh>
+#include <subspace/core/parallel.hpp>
 #include <subspace/core/rng.hpp>
-#include <subspace/io/file.hpp>
-#include <subspace/io/json.hpp>
+#include <subspace/util/file.hpp>
+#include <subspace/util/json.hpp>
 
 #include "common/cli.hpp"
 #include "common/device.hpp"
@@ -120,22 +119,9 @@ inline void write_document(const std::string& path, const io::json& doc) {
 
 // ---- Ranks and time ---------------------------------------------------------------------------------------------
 
-/// Runs body(rank) on a thread per rank; rethrows the first rank's failure.
-inline void on_ranks(int n, const std::function<void(int)>& body) {
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
+/// Runs body(rank) on a thread per rank; rethrows the first failure. Only bench/gossip still calls it: new code
+/// runs its ranks with comm::local::run_ranks.
+inline void on_ranks(int n, const std::function<void(int)>& body) { run_concurrently(n, body); }
 
 inline double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -22,6 +22,7 @@
 #include <subspace/subspace.hpp>
 
 #include "cli.hpp"
+#include "default_corpus.hpp"
 #include "format.hpp"
 
 namespace examples {
@@ -90,13 +91,13 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
   const fs::path abs = fs::absolute(text);
   std::error_code ec;
   const auto size = fs::file_size(abs, ec);
-  require(!ec, "--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
+  require(!ec, [&] { return "--text " + text.string() + ": cannot read the file (" + ec.message() + ")"; });
   const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
   const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
                                                    std::to_string(stamp) + "|" + std::to_string(val_fraction));
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016zx", key);
-  const fs::path dir = subspace::data::default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
+  const fs::path dir = default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
   const fs::path done = dir / "done";
   if (!fs::exists(done)) {
     std::printf("converting %s (%s bytes) to byte-level shards in %s\n", abs.c_str(), human(double(size)).c_str(),
@@ -114,7 +115,7 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
 /// --data as given, or --text (default: the King James Bible) as cached byte-level shards.
 inline data_source choose_data(const data_flags& d) {
   if (!d.data.empty()) return {d.data, d.val_data, false, d.data};
-  return text_shards(d.text.empty() ? subspace::data::default_corpus_path() : std::filesystem::path(d.text),
+  return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text),
                      d.val_fraction);
 }
 

@@ -9,8 +9,12 @@
 #include "core/exact.hpp"
 #include "core/executor.hpp"
 #include "core/memory.hpp"
+#include "core/parallel.hpp"
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
+
+#include "util/file.hpp"
+#include "util/json.hpp"
 
 #include "kernels/attention.hpp"
 #include "kernels/elementwise.hpp"

@@ -20,7 +20,6 @@
 
 using namespace subspace;
 using namespace std::chrono_literals;
-using testing::conformance::run_ranks;
 
 namespace {
 
@@ -94,7 +93,8 @@ outputs<T> run_all(std::uint64_t seed, std::int64_t m) {
   for (auto* v : {&out.sum, &out.avg, &out.mx, &out.gathered, &out.scattered, &out.bcast, &out.received})
     v->resize(ranks);
   const int root = 1;
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     const auto ru = std::size_t(r);
     [[maybe_unused]] const exec::cuda ex{static_cast<cudaStream_t>(c.stream())};
     auto x = rank_values<T>(seed, r, {m});
@@ -191,7 +191,8 @@ TEST_CASE("comm::local on device memory: data moves in stream order — a slow p
   auto comms = comm::local::world(2, streams.options());
   const std::int64_t n = 1 << 20;
   host_tensor<float> result;
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     cudaStream_t s = static_cast<cudaStream_t>(c.stream());
     device_tensor<float> buf({n});
     cuda_check(cudaMemsetAsync(buf.data(), 0, buf.bytes(), s));
@@ -218,7 +219,8 @@ TEST_CASE("comm::local on device memory: data moves in stream order — a slow p
 TEST_CASE("comm::local on device memory: compute overlaps an all_reduce, the world's own streams, split groups") {
   auto comms = comm::local::world(ranks);  // no streams given: the world creates one per rank
   std::vector<host_tensor<float>> reduced(ranks), sub_reduced(ranks), computed(ranks);
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     const auto ru = std::size_t(r);
     cudaStream_t s = comm::stream_of(c);
     CHECK(s != nullptr);
@@ -253,7 +255,8 @@ TEST_CASE("comm::local: a device send meeting a host recv is a mismatch on both 
   o.timeout = 2s;
   auto comms = comm::local::world(2, o);
   std::vector<std::string> m(2);
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     device_tensor<float> d({4});
     host_tensor<float> h({4});
     try {

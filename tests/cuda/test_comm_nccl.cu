@@ -70,7 +70,7 @@ bool same_bits(const host_tensor<T>& a, const host_tensor<T>& b) {
 }
 
 int free_port() {
-  comm::rendezvous_server probe("127.0.0.1", 0);
+  comm::detail::rendezvous_server probe("127.0.0.1", 0);
   return probe.port();
 }
 

@@ -183,7 +183,7 @@ TEST_CASE("rope (CUDA): forward and inverse rotations against the host in double
       const auto seed = testing::fresh_seed();
       CAPTURE(seed);
       CAPTURE(sz.hd);
-      nn::rope_config cfg;
+      rope_config cfg;
       cfg.llama31_scaling = sz.pos0 == 7000;
       const auto f = rope_inv_freq(cfg, sz.hd);
       host_tensor<float> inv({sz.hd / 2});

@@ -12,7 +12,8 @@
 //   Communicator  using communicator = C;
 //                 static std::vector<int> world_sizes();               world sizes to test
 //                 static std::vector<C> make(int n);                   the n ranks of one world, [r].rank() == r
-//                 Each rank runs on its own thread (operations may block until their peers arrive).
+//                 Each rank runs on its own thread (operations may block until their peers arrive), through
+//                 comm::local::run_ranks.
 //   Compressor    using compressor = C;
 //                 static C make(std::uint64_t seed);
 //                 static std::vector<shape> shapes();                  input extents the compressor accepts
@@ -33,7 +34,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <map>
 #include <numeric>
 #include <ranges>
@@ -46,6 +46,7 @@
 #include <vector>
 
 #include <subspace/comm/concepts.hpp>
+#include <subspace/comm/local.hpp>  // comm::local::run_ranks
 #include <subspace/compress/concepts.hpp>
 #include <subspace/core/dtype.hpp>
 #include <subspace/core/error.hpp>
@@ -90,30 +91,6 @@ host_tensor<T> filled(const shape& s, T value) {
   host_tensor<T> t(s);
   std::fill(t.data(), t.data() + t.numel(), value);
   return t;
-}
-
-/// Runs body(comm, rank) for every rank, each on its own thread (inline for one rank), and rethrows the first
-/// exception any rank threw.
-template <class Comm, class Body>
-void run_ranks(std::vector<Comm>& comms, Body body) {
-  const int n = int(comms.size());
-  if (n == 1) {
-    body(comms[0], 0);
-    return;
-  }
-  std::vector<std::exception_ptr> errors(comms.size());
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(comms[std::size_t(r)], r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
 }
 
 /// Rank r's test data for one collective: normal draws from a per-rank stream.
@@ -162,7 +139,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
       auto comms = F::make(n);
       REQUIRE(int(comms.size()) == n);
       std::vector<int> ranks(nz, -1), sizes(nz, -1);
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         ranks[std::size_t(r)] = c.rank();
         sizes[std::size_t(r)] = c.size();
       });
@@ -183,7 +161,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         host_tensor<double> expected(s);
         for (std::int64_t i = 0; i < s.numel(); ++i)
           expected.data()[i] = reduced(op, n, [&](int r) { return double(bufs[std::size_t(r)].data()[i]); });
-        run_ranks(comms, [&](C& c, int r) {
+        comm::local::run_ranks(comms, [&](C& c) {
+          const int r = c.rank();
           auto req = c.all_reduce(bufs[std::size_t(r)].v(), op);
           req.wait();
           CHECK_MESSAGE(req.test(), "a request is complete after wait()");
@@ -204,7 +183,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         in.push_back(rank_data(seed, r, s));
         out.push_back(filled<float>({n, 13}, NAN));
       }
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         c.all_gather(cview(in[std::size_t(r)].v()), out[std::size_t(r)].v()).wait();
       });
       for (int r = 0; r < n; ++r)
@@ -224,7 +204,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
           in.push_back(rank_data(seed, r, {n, 11}));
           out.push_back(filled<float>({11}, NAN));
         }
-        run_ranks(comms, [&](C& c, int r) {
+        comm::local::run_ranks(comms, [&](C& c) {
+          const int r = c.rank();
           c.reduce_scatter(cview(in[std::size_t(r)].v()), out[std::size_t(r)].v(), op).wait();
         });
         for (int r = 0; r < n; ++r) {
@@ -244,7 +225,7 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         std::vector<host_tensor<float>> bufs;
         for (int r = 0; r < n; ++r) bufs.push_back(rank_data(seed + std::uint64_t(root), r, {4, 5}));
         const auto expected = rank_data(seed + std::uint64_t(root), root, {4, 5});
-        run_ranks(comms, [&](C& c, int r) { c.broadcast(bufs[std::size_t(r)].v(), root).wait(); });
+        comm::local::run_ranks(comms, [&](C& c) { c.broadcast(bufs[std::size_t(c.rank())].v(), root).wait(); });
         for (int r = 0; r < n; ++r) {
           CAPTURE(r);
           CHECK(same_bits<float>(bufs[std::size_t(r)].v(), expected.v()));
@@ -261,7 +242,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         got_first.push_back(filled<float>({6}, NAN));
         got_second.push_back(filled<float>({3, 3}, NAN));
       }
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         const auto ru = std::size_t(r);
         const int next = (r + 1) % n, prev = (r + n - 1) % n;
         c.group_start();
@@ -287,7 +269,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
     SUBCASE("barrier completes on every rank") {
       auto comms = F::make(n);
       std::vector<int> done(nz, 0);
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         auto req = c.barrier();
         req.wait();
         done[std::size_t(r)] = req.test() ? 1 : 0;
@@ -304,7 +287,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
         gathered.push_back(filled<float>({n, 3}, NAN));
         bcast.push_back(filled<float>({7}, float(r)));
       }
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         const auto ru = std::size_t(r);
         auto q1 = c.all_reduce(sums[ru].v(), comm::reduce_op::sum);
         auto q2 = c.all_gather(cview(mine[ru].v()), gathered[ru].v());
@@ -335,7 +319,8 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
       auto comms = F::make(n);
       std::vector<int> sub_rank(nz, -1), sub_size(nz, -1);
       std::vector<float> sums(nz, NAN);
-      run_ranks(comms, [&](C& c, int r) {
+      comm::local::run_ranks(comms, [&](C& c) {
+        const int r = c.rank();
         const int color = r % 2;
         C sub = c.split(color, n - r);  // reversed keys: the highest old rank comes first
         sub_rank[std::size_t(r)] = sub.rank();
@@ -363,7 +348,7 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
 
     SUBCASE("arguments a rank can check alone raise invalid_argument") {
       auto comms = F::make(n);
-      run_ranks(comms, [&](C& c, int) {
+      comm::local::run_ranks(comms, [&](C& c) {
         host_tensor<float> x = filled<float>({4}, 1.0f);
         host_tensor<float> wrong = filled<float>({n * 4 + 1}, 0.0f);
         CHECK_THROWS_AS(c.broadcast(x.v(), n), invalid_argument);

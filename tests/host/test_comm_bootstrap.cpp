@@ -19,6 +19,8 @@
 #include <vector>
 
 #include <subspace/comm/bootstrap.hpp>
+#include <subspace/core/parallel.hpp>
+#include <subspace/comm/detail/rendezvous.hpp>  // the rendezvous is comm::nccl's detail; tested here on the host
 
 #include "support/numeric.hpp"
 
@@ -40,20 +42,17 @@ std::vector<std::byte> random_bytes(std::uint64_t seed, std::size_t n) {
   return b;
 }
 
-/// Runs f(rank) on a thread per rank; returns the exception each rank threw (null: none).
+/// Runs f(rank) on a thread per rank (run_concurrently); returns the exception each rank threw (null: none).
 template <class F>
 std::vector<std::exception_ptr> on_threads(int n, F f) {
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        f(r);
-      } catch (...) {
-        errors[std::size_t(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_concurrently(n, [&](int r) {
+    try {
+      f(r);
+    } catch (...) {
+      errors[std::size_t(r)] = std::current_exception();
+    }
+  });
   return errors;
 }
 
@@ -149,7 +148,7 @@ TEST_CASE("comm::rendezvous: every rank gets rank 0's bytes, on 1, 2, 4 and 8 ra
   CAPTURE(seed);
   for (const int n : {1, 2, 4, 8}) {
     CAPTURE(n);
-    comm::rendezvous_server server("127.0.0.1", 0);
+    comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     CHECK(port > 0);
     const auto payload = random_bytes(seed, 128);
@@ -160,7 +159,7 @@ TEST_CASE("comm::rendezvous: every rank gets rank 0's bytes, on 1, 2, 4 and 8 ra
         server.serve(n, payload, 5s);
         got[0] = payload;
       } else {
-        got[std::size_t(r)] = comm::rendezvous_fetch("127.0.0.1", port, r, n, 5s);
+        got[std::size_t(r)] = comm::detail::rendezvous_fetch("127.0.0.1", port, r, n, 5s);
       }
     });
     for (int r = 0; r < n; ++r) {
@@ -174,7 +173,7 @@ TEST_CASE("comm::rendezvous: every rank gets rank 0's bytes, on 1, 2, 4 and 8 ra
 TEST_CASE("comm::rendezvous: launch_info drives both sides, and clients retry until rank 0 listens") {
   int port = 0;
   {
-    comm::rendezvous_server probe("127.0.0.1", 0);  // a port that was free a moment ago
+    comm::detail::rendezvous_server probe("127.0.0.1", 0);  // a port that was free a moment ago
     port = probe.port();
   }
   const int n = 3;
@@ -189,32 +188,32 @@ TEST_CASE("comm::rendezvous: launch_info drives both sides, and clients retry un
     li.master_addr = "127.0.0.1";
     li.master_port = li.rendezvous_port = port;
     if (r == 0) std::this_thread::sleep_for(100ms);  // the clients are refused, and retry
-    got[std::size_t(r)] = comm::rendezvous(li, r == 0 ? payload : std::vector<std::byte>{}, 5s);
+    got[std::size_t(r)] = comm::detail::rendezvous(li, r == 0 ? payload : std::vector<std::byte>{}, 5s);
   });
   for (int r = 0; r < n; ++r) {
     CHECK(message_of<std::exception>(errors[std::size_t(r)]) == "no exception");
     CHECK(got[std::size_t(r)] == payload);
   }
   // A world of one needs no network: a port somebody else holds does not matter.
-  comm::rendezvous_server busy("127.0.0.1", 0);
+  comm::detail::rendezvous_server busy("127.0.0.1", 0);
   comm::launch_info alone;
   alone.master_port = alone.rendezvous_port = busy.port();
-  CHECK(comm::rendezvous(alone, payload, 100ms) == payload);
-  CHECK(comm::rendezvous_listen_address("127.0.0.1") == "127.0.0.1");
-  CHECK(comm::rendezvous_listen_address("localhost") == "localhost");
-  CHECK(comm::rendezvous_listen_address("node0") == "0.0.0.0");
-  CHECK(comm::rendezvous_listen_address("10.1.2.3") == "0.0.0.0");
+  CHECK(comm::detail::rendezvous(alone, payload, 100ms) == payload);
+  CHECK(comm::detail::rendezvous_listen_address("127.0.0.1") == "127.0.0.1");
+  CHECK(comm::detail::rendezvous_listen_address("localhost") == "localhost");
+  CHECK(comm::detail::rendezvous_listen_address("node0") == "0.0.0.0");
+  CHECK(comm::detail::rendezvous_listen_address("10.1.2.3") == "0.0.0.0");
 }
 
 TEST_CASE("comm::rendezvous: a missing rank times out on rank 0 and on the ranks that came, naming it") {
-  comm::rendezvous_server server("127.0.0.1", 0);
+  comm::detail::rendezvous_server server("127.0.0.1", 0);
   const int port = server.port();
   const auto t0 = std::chrono::steady_clock::now();
   const auto errors = on_threads(2, [&](int r) {
     if (r == 0)
       server.serve(3, random_bytes(1, 8), 300ms);
     else
-      (void)comm::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+      (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
   });
   CHECK(since(t0) < 3.0);
   const std::string root = message_of<comm::timeout_error>(errors[0]);
@@ -226,13 +225,13 @@ TEST_CASE("comm::rendezvous: a missing rank times out on rank 0 and on the ranks
 TEST_CASE("comm::rendezvous: nobody listening times out naming the address") {
   int port = 0;
   {
-    comm::rendezvous_server probe("127.0.0.1", 0);
+    comm::detail::rendezvous_server probe("127.0.0.1", 0);
     port = probe.port();
   }
   const auto t0 = std::chrono::steady_clock::now();
   std::string m;
   try {
-    (void)comm::rendezvous_fetch("127.0.0.1", port, 2, 4, 200ms);
+    (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 2, 4, 200ms);
   } catch (const comm::timeout_error& e) {
     m = e.what();
   }
@@ -243,31 +242,31 @@ TEST_CASE("comm::rendezvous: nobody listening times out naming the address") {
 
 TEST_CASE("comm::rendezvous: another world size, a rank claimed twice, and strangers") {
   SUBCASE("world size") {
-    comm::rendezvous_server server("127.0.0.1", 0);
+    comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     const auto errors = on_threads(2, [&](int r) {
       if (r == 0)
         server.serve(2, random_bytes(1, 8), 5s);
       else
-        (void)comm::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+        (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
     });
     const std::string m = message_of<comm::mismatch_error>(errors[0]);
     CHECK(m.find("rank 1 was launched with a world of 3 ranks, but rank 0 with 2") != std::string::npos);
     CHECK(message_of<comm::mismatch_error>(errors[1]) == m);
   }
   SUBCASE("a rank claimed twice") {
-    comm::rendezvous_server server("127.0.0.1", 0);
+    comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     const auto errors = on_threads(3, [&](int r) {
       if (r == 0)
         server.serve(3, random_bytes(1, 8), 5s);
       else
-        (void)comm::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+        (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
     });
     CHECK(message_of<comm::mismatch_error>(errors[0]).find("two processes claim rank 1") != std::string::npos);
   }
   SUBCASE("a connection that does not speak the protocol is ignored") {
-    comm::rendezvous_server server("127.0.0.1", 0);
+    comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     const auto payload = random_bytes(7, 32);
     std::vector<std::byte> got;
@@ -276,7 +275,7 @@ TEST_CASE("comm::rendezvous: another world size, a rank claimed twice, and stran
         server.serve(2, payload, 5s);
       } else if (r == 1) {
         std::this_thread::sleep_for(50ms);
-        got = comm::rendezvous_fetch("127.0.0.1", port, 1, 2, 5s);
+        got = comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 2, 5s);
       } else {
         const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
         sockaddr_in a{};

@@ -1,7 +1,7 @@
 // comm::local on host memory: the Communicator conformance suite over 1, 2, 3, 4 and 8 ranks; every operation
 // against values computed directly here (odd sizes, several element types, strided views); matching in any
 // posting order; split groups; an operation in flight while its rank computes; and the error paths (timeouts,
-// mismatched sizes, types, kinds and roots, abandoned operations), each within the world's timeout.
+// mismatched sizes, types, kinds and roots, abandoned operations), each within the world's timeout; run_ranks.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -22,7 +22,6 @@
 using namespace subspace;
 using namespace std::chrono_literals;
 using testing::conformance::filled;
-using testing::conformance::run_ranks;
 
 namespace {
 
@@ -128,7 +127,8 @@ TEST_CASE_TEMPLATE("comm::local: every collective on 1, 2, 3, 4 and 8 ranks and 
         bcast[ru] = rank_values<T>(seed + 1, r, {m});
       }
       const int root = (n - 1) / 2;
-      run_ranks(comms, [&](comm::local& c, int r) {
+      comm::local::run_ranks(comms, [&](comm::local& c) {
+        const int r = c.rank();
         const auto ru = std::size_t(r);
         // Everything issued first, then waited on in reverse: posting never blocks.
         std::vector<comm::local::request> reqs;
@@ -159,6 +159,35 @@ TEST_CASE_TEMPLATE("comm::local: every collective on 1, 2, 3, 4 and 8 ranks and 
   }
 }
 
+TEST_CASE("comm::local::run_ranks: n ranks of a new world on n threads; the first failure reaches the caller") {
+  std::vector<float> sums(4, 0.0f);
+  comm::local::run_ranks(4, [&](comm::local& c) {
+    host_tensor<float> x = filled<float>({3}, float(c.rank() + 1));
+    c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+    sums[std::size_t(c.rank())] = x(2);
+  });
+  for (const float s : sums) CHECK(s == 10.0f);
+
+  // Rank 1 fails at once; the others wait for it in an all_reduce until the world's timeout (an option of
+  // run_ranks), return, and only then does rank 1's exception, the first, reach the caller.
+  std::atomic<int> returned{0};
+  struct count_return {
+    std::atomic<int>& n;
+    ~count_return() { ++n; }
+  };
+  CHECK_THROWS_WITH_AS(comm::local::run_ranks(
+                           3,
+                           [&](comm::local& c) {
+                             const count_return on_return{returned};
+                             if (c.rank() == 1) throw invalid_argument("rank 1 gives up");
+                             host_tensor<float> x = filled<float>({2}, 1.0f);
+                             c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+                           },
+                           with_timeout(300ms)),
+                       "rank 1 gives up", invalid_argument);
+  CHECK(returned == 3);
+}
+
 TEST_CASE("comm::local: strided views, in-place gathers and reshaped messages move the right elements") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -170,7 +199,8 @@ TEST_CASE("comm::local: strided views, in-place gathers and reshaped messages mo
     gathered.push_back(filled<float>({n, 5}, NAN));
     got.push_back(filled<float>({7 * 5}, NAN));
   }
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     const auto ru = std::size_t(r);
     auto t = mats[ru].v().transposed();  // [7, 5], strided
     c.all_reduce(t, comm::reduce_op::sum).wait();
@@ -214,7 +244,8 @@ TEST_CASE("comm::local: every pair exchanges several messages, posted and waited
     const auto len = [](int a, int k) { return std::int64_t(2 * k + 1 + a); };
     const auto val = [&](int a, int b, int k, std::int64_t i) { return float(value(seed, a * 64 + b * 8 + k, i)); };
     std::vector<std::vector<host_tensor<float>>> out(static_cast<std::size_t>(n)), in(static_cast<std::size_t>(n));
-    run_ranks(comms, [&](comm::local& c, int r) {
+    comm::local::run_ranks(comms, [&](comm::local& c) {
+      const int r = c.rank();
       std::mt19937 gen(unsigned(seed) + unsigned(r));
       auto& o = out[std::size_t(r)];
       auto& i_ = in[std::size_t(r)];
@@ -284,7 +315,8 @@ TEST_CASE("comm::local: split forms groups by color ordered by key, which work a
     std::vector<int> sub_rank(nz), sub_size(nz), pair_rank(nz);
     std::vector<std::vector<float>> members(static_cast<std::size_t>(n));
     std::vector<float> parent_sum(static_cast<std::size_t>(n)), left_out(static_cast<std::size_t>(n));
-    run_ranks(comms, [&](comm::local& c, int r) {
+    comm::local::run_ranks(comms, [&](comm::local& c) {
+      const int r = c.rank();
       const auto ru = std::size_t(r);
       comm::local sub = c.split(r % 3, -r);  // keys reversed
       sub_rank[ru] = sub.rank();
@@ -342,7 +374,8 @@ TEST_CASE("comm::local: an operation stays in flight while its rank computes, an
   double compute = 0;
   long polls = 0;
   bool completed_before_peers = true, recv_done_early = true;
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     if (r == 0) {
       auto all = c.all_reduce(bufs[0].v(), comm::reduce_op::sum);
       auto msg = c.recv(got.v(), 3);
@@ -393,7 +426,8 @@ TEST_CASE("comm::local: a recv with no send, or a send with no recv, times out n
   host_tensor<float> x = filled<float>({5}, 1.0f);
   std::string recv_message, send_message;
   double recv_seconds = 0;
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     if (r == 1) {
       auto q = c.recv(x.v(), 0);
       recv_seconds = timed([&] {
@@ -426,7 +460,8 @@ TEST_CASE("comm::local: an abandoned operation fails its late partner instead of
   auto comms = make_world(2, short_timeout);
   std::string late;
   std::atomic<bool> gave_up{false};
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     host_tensor<float> x = filled<float>({3}, float(r));
     if (r == 1) {
       CHECK_THROWS_AS(c.recv(x.v(), 0).wait(), comm::timeout_error);
@@ -447,7 +482,8 @@ TEST_CASE("comm::local: an abandoned operation fails its late partner instead of
 TEST_CASE("comm::local: mismatched point-to-point messages fail on both ranks with a size or type error") {
   auto comms = make_world(2, short_timeout);
   std::vector<std::string> messages(2), type_messages(2);
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     host_tensor<float> five = filled<float>({5}, 1.0f), four = filled<float>({4}, 0.0f);
     host_tensor<double> d = filled<double>({5}, 0.0);
     auto q = r == 0 ? c.send(five.v(), 1) : c.recv(four.v(), 0);
@@ -476,7 +512,8 @@ TEST_CASE("comm::local: collectives that differ across ranks fail on every rank 
   SUBCASE("element counts") {
     auto comms = make_world(n, short_timeout);
     std::vector<std::string> m(n);
-    run_ranks(comms, [&](comm::local& c, int r) {
+    comm::local::run_ranks(comms, [&](comm::local& c) {
+      const int r = c.rank();
       host_tensor<float> x = filled<float>({r == 2 ? 36 : 37}, 1.0f);
       try {
         c.all_reduce(x.v(), comm::reduce_op::sum).wait();
@@ -493,7 +530,8 @@ TEST_CASE("comm::local: collectives that differ across ranks fail on every rank 
   SUBCASE("kinds, reductions and roots") {
     auto comms = make_world(n, short_timeout);
     std::vector<std::string> kind(n), rop(n), root(n);
-    run_ranks(comms, [&](comm::local& c, int r) {
+    comm::local::run_ranks(comms, [&](comm::local& c) {
+      const int r = c.rank();
       host_tensor<float> x = filled<float>({4}, 1.0f);
       try {
         if (r == 1)
@@ -528,7 +566,8 @@ TEST_CASE("comm::local: a rank missing from a collective or a split makes the ot
   auto comms = make_world(n, short_timeout);
   std::vector<std::string> m(n), s(n);
   std::vector<double> seconds(n, 0);
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     if (r == 2) return;  // never calls anything
     host_tensor<float> x = filled<float>({4}, 1.0f);
     seconds[std::size_t(r)] = timed([&] {
@@ -556,7 +595,8 @@ TEST_CASE("comm::local: a rank missing from a collective or a split makes the ot
 
 TEST_CASE("comm::local: waiting inside the group that issued an operation, or bad arguments, are errors") {
   auto comms = make_world(2, short_timeout);
-  run_ranks(comms, [&](comm::local& c, int r) {
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
     host_tensor<float> x = filled<float>({2}, 1.0f), y = filled<float>({2}, 0.0f);
     const int other = 1 - r;
     c.group_start();

@@ -18,7 +18,6 @@
 using namespace subspace;
 using namespace std::chrono_literals;
 using testing::conformance::filled;
-using testing::conformance::run_ranks;
 using comm::op_kind;
 
 namespace {
@@ -98,7 +97,8 @@ TEST_CASE("comm::throttled: exact bytes per peer and per kind, and modelled time
       auto comms = throttled_world(n, net);
       const int root = n / 2;
       std::vector<comm::traffic> t(static_cast<std::size_t>(n));
-      run_ranks(comms, [&](tlocal& c, int r) {
+      comm::local::run_ranks(comms, [&](tlocal& c) {
+        const int r = c.rank();
         host_tensor<float> x = filled<float>({m}, 1.0f), g = filled<float>({n, m}, 0.0f);
         host_tensor<float> big = filled<float>({n * m}, 1.0f);
         host_tensor<double> d = filled<double>({m}, 1.0);
@@ -207,7 +207,8 @@ TEST_CASE("comm::throttled: uneven links — the slowest message sets each step,
     net.set(0, 1, slow);
     auto comms = throttled_world(3, net);
     std::vector<double> seconds(3);
-    run_ranks(comms, [&](tlocal& c, int r) {
+    comm::local::run_ranks(comms, [&](tlocal& c) {
+      const int r = c.rank();
       host_tensor<float> x = filled<float>({6}, 1.0f);
       c.all_reduce(x.v(), comm::reduce_op::sum).wait();
       seconds[std::size_t(r)] = c.metrics().seconds;
@@ -225,7 +226,8 @@ TEST_CASE("comm::throttled: uneven links — the slowest message sets each step,
         net.set(1, 2, slow);
       auto comms = throttled_world(3, net);
       std::vector<double> seconds(3);
-      run_ranks(comms, [&](tlocal& c, int r) {
+      comm::local::run_ranks(comms, [&](tlocal& c) {
+        const int r = c.rank();
         host_tensor<std::uint8_t> x({3000});
         c.broadcast(x.v(), 0).wait();
         seconds[std::size_t(r)] = c.metrics().seconds;
@@ -244,7 +246,8 @@ TEST_CASE("comm::throttled: split keeps naming links and peers by the ranks of t
   auto comms = throttled_world(4, net);
   std::vector<comm::traffic> t(4);
   std::vector<int> network_rank(4);
-  run_ranks(comms, [&](tlocal& c, int r) {
+  comm::local::run_ranks(comms, [&](tlocal& c) {
+    const int r = c.rank();
     tlocal sub = c.split(r % 2, -r);  // {2, 0} and {3, 1}
     network_rank[std::size_t(r)] = sub.network_rank();
     host_tensor<float> x = filled<float>({1000}, 1.0f);
@@ -270,7 +273,8 @@ TEST_CASE("comm::throttled: account mode never sleeps, enforce mode completes at
     auto comms = throttled_world(2, comm::network{l, mode});
     std::vector<double> first(2), second(2), clock(2);
     bool early_test = true;
-    run_ranks(comms, [&](tlocal& c, int r) {
+    comm::local::run_ranks(comms, [&](tlocal& c) {
+      const int r = c.rank();
       host_tensor<std::uint8_t> a({10'000}), b({10'000});
       const auto t0 = std::chrono::steady_clock::now();
       const auto since = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
@@ -305,7 +309,8 @@ TEST_CASE("comm::throttled: a group's operations overlap in the clock, metrics r
   auto comms = throttled_world(2, comm::network{l});
   std::vector<double> grouped(2), serial(2);
   std::string summary;
-  run_ranks(comms, [&](tlocal& c, int r) {
+  comm::local::run_ranks(comms, [&](tlocal& c) {
+    const int r = c.rank();
     host_tensor<float> x = filled<float>({100}, 1.0f), y = filled<float>({100}, 0.0f);
     const int other = 1 - r;
     c.group_start();

@@ -1,8 +1,15 @@
-// Core vocabulary: element types, views and tensors, copies, Philox and its draws.
+// Core vocabulary: element types, views and tensors, copies, checks, host threads, Philox and its draws.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <atomic>
+#include <barrier>
 #include <cmath>
+#include <mutex>
 #include <numeric>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <subspace/subspace.hpp>
@@ -68,6 +75,83 @@ TEST_CASE("copy: contiguous and strided host copies, and shape mismatches are er
     for (int j = 0; j < 7; ++j) REQUIRE(at(j, i) == a(i, j));
   host_tensor<float> wrong({5, 6});
   CHECK_THROWS_WITH_AS(copy(exec::host{}, a.v(), wrong.v()), doctest::Contains("[5, 7] vs [5, 6]"), invalid_argument);
+}
+
+TEST_CASE("require: a message callable is built only when the check fails, after the file and line") {
+  int built = 0;
+  const auto message = [&] {
+    ++built;
+    return "n must be positive, got " + std::to_string(-3);
+  };
+  require(true, message);
+  require(1 + 1 == 2, [&] { return "never built: " + std::to_string(++built); });
+  CHECK(built == 0);
+
+  std::string what;
+  int line = 0;
+  try {
+    line = __LINE__ + 1;
+    require(false, message);
+  } catch (const invalid_argument& e) {
+    what = e.what();
+  }
+  CHECK(built == 1);
+  CAPTURE(what);
+  CHECK(what.find("test_core.cpp:" + std::to_string(line) + ": n must be positive, got -3") != std::string::npos);
+  CHECK_THROWS_WITH_AS(require(false, "a literal message"), doctest::Contains(": a literal message"), invalid_argument);
+}
+
+TEST_CASE("parallel_for: a fixed partition into at most concurrency() chunks, exceptions reach the caller") {
+  using range = std::pair<std::int64_t, std::int64_t>;
+  const auto chunks = [](int threads, std::int64_t n) {
+    std::mutex m;
+    std::vector<range> seen;
+    parallel_for(exec::host{threads}, n, [&](std::int64_t begin, std::int64_t end) {
+      const std::lock_guard lock(m);
+      seen.emplace_back(begin, end);
+    });
+    std::sort(seen.begin(), seen.end());
+    return seen;
+  };
+  CHECK(chunks(4, 10) == std::vector<range>{{0, 3}, {3, 6}, {6, 8}, {8, 10}});
+  CHECK(chunks(8, 3) == std::vector<range>{{0, 1}, {1, 2}, {2, 3}});
+  CHECK(chunks(1, 5) == std::vector<range>{{0, 5}});
+  CHECK(chunks(3, 0).empty());
+
+  std::atomic<int> ran{0};
+  CHECK_THROWS_WITH_AS(parallel_for(exec::host{4}, 8,
+                                    [&](std::int64_t begin, std::int64_t) {
+                                      ++ran;
+                                      require(begin != 4, "chunk [4, 6) fails");
+                                    }),
+                       doctest::Contains("chunk [4, 6) fails"), invalid_argument);
+  CHECK(ran == 4);  // every chunk ran to its end before the exception reached the caller
+
+  CHECK(for_flops(exec::host{8}, 1.0e6).concurrency() == 1);
+  CHECK(for_flops(exec::host{8}, 1.3e7).concurrency() == 3);
+  CHECK(for_flops(exec::host{8}, 1.0e12).concurrency() == 8);
+}
+
+TEST_CASE("run_concurrently: every part on its own thread at once, the first failure reaches the caller") {
+  const int n = 5;
+  std::barrier all(n);  // completes only when all parts run at the same time
+  std::vector<std::thread::id> ids(n);
+  run_concurrently(n, [&](int i) {
+    ids[std::size_t(i)] = std::this_thread::get_id();
+    all.arrive_and_wait();
+  });
+  CHECK(ids[0] == std::this_thread::get_id());
+  std::sort(ids.begin(), ids.end());
+  CHECK(std::unique(ids.begin(), ids.end()) == ids.end());
+
+  std::atomic<int> finished{0};
+  CHECK_THROWS_WITH_AS(run_concurrently(3,
+                                        [&](int i) {
+                                          if (i == 2) throw invalid_argument("part 2 fails");
+                                          ++finished;
+                                        }),
+                       "part 2 fails", invalid_argument);
+  CHECK(finished == 2);
 }
 
 TEST_CASE("Philox4x32-10 matches Random123's known-answer vectors") {

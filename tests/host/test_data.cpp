@@ -1,5 +1,6 @@
 // data/: llm.c shards and nanoGPT .bin files, datasets of several shards, the batch loader (sequential, shuffled,
-// exact resume), the byte tokenizer, the text-to-shards converter and the default corpus.
+// exact resume), the byte tokenizer, the text-to-shards converter, and the examples' default corpus
+// (examples/common/default_corpus.hpp).
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include <subspace/data/tokenizer.hpp>
 #include <subspace/data/tokens.hpp>
 
+#include "../../examples/common/default_corpus.hpp"
 #include "support/scratch_dir.hpp"
 
 using namespace subspace;
@@ -432,13 +434,13 @@ TEST_CASE("text_to_shards: text files become byte shards with a validation tail,
 TEST_CASE("default corpus: extracted from the Debian packages, or an error that names the install command") {
   scratch_dir dir;
   try {
-    const auto path = data::default_corpus_path(dir.path);
+    const auto path = examples::default_corpus_path(dir.path);
     CHECK(path == dir / "kjv.txt");
     const std::string text = slurp(path);
     CHECK(text.rfind("In the beginning God created the heaven and the earth.\n", 0) == 0);
     CHECK(std::count(text.begin(), text.end(), '\n') == 31102);
     CHECK(text.size() > 4'000'000);
-    CHECK(data::default_corpus_path(dir.path) == path);  // the second call reuses the file
+    CHECK(examples::default_corpus_path(dir.path) == path);  // the second call reuses the file
   } catch (const invalid_argument& e) {
     const std::string what = e.what();
     CAPTURE(what);

@@ -445,7 +445,8 @@ TEST_CASE("decent topologies: a mixing round done as the plan says gives W(t) x 
         expected.push_back(std::move(e));
       }
       std::vector<std::uint64_t> sent(static_cast<std::size_t>(n), 0);
-      testing::conformance::run_ranks(comms, [&](tlocal& c, int r) {
+      comm::local::run_ranks(comms, [&](tlocal& c) {
+        const int r = c.rank();
         const decent::gossip_plan p = s.plan(t, r);
         host_tensor<float>& xr = x[std::size_t(r)];
         const std::uint64_t before = c.metrics().bytes_sent();

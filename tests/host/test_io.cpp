@@ -17,13 +17,13 @@
 #include <vector>
 
 #include <subspace/io/checkpoint.hpp>
-#include <subspace/io/file.hpp>
 #include <subspace/io/hf_config.hpp>
-#include <subspace/io/json.hpp>
 #include <subspace/io/metrics.hpp>
 #include <subspace/io/safetensors.hpp>
 #include <subspace/nn/config.hpp>
 #include <subspace/optim/adamw.hpp>
+#include <subspace/util/file.hpp>
+#include <subspace/util/json.hpp>
 
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"

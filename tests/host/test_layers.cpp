@@ -200,7 +200,7 @@ TEST_CASE("rmsnorm (host): float and bf16 follow the double reference, shapes ar
 
 // ---------------------------------------------------------------------------------------------------------------
 TEST_CASE("rope_inv_freq: theta^(-2i/hd), Llama 3.1 scaling keeps high, divides low, interpolates the middle") {
-  nn::rope_config cfg;
+  rope_config cfg;
   cfg.theta = 500000.0f;
   const std::int64_t hd = 128;
   const auto plain = rope_inv_freq(cfg, hd);
@@ -235,7 +235,7 @@ TEST_CASE("rope (host): rotation by (pos0 + s) * inv_freq, inverse undoes it, ba
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   const std::int64_t b = 2, s = 5, h = 3, hd = 8;
-  nn::rope_config cfg;
+  rope_config cfg;
   cfg.theta = 10000.0f;
   const auto f = rope_inv_freq(cfg, hd);
   const host_tensor<float> inv = [&] {

@@ -67,7 +67,8 @@ bool same_bits(T a, T b) {
 /// never passes a tolerance; 0 only when both are identical.
 template <class A, class B>
 double rel_error(view<const A, host_space> a, view<const B, host_space> b) {
-  require(a.shape() == b.shape(), "rel_error: shapes differ: " + to_string(a.shape()) + " vs " + to_string(b.shape()));
+  require(a.shape() == b.shape(),
+          [&] { return "rel_error: shapes differ: " + to_string(a.shape()) + " vs " + to_string(b.shape()); });
   double num = 0, den = 0;
   bool finite = true;
   for_each_offset(a.shape(), a.strides(), b.strides(), [&](std::int64_t ia, std::int64_t ib) {

@@ -2,8 +2,12 @@
 // comm::local: N ranks as threads of one process, sharing one world. The communicator of the CPU tests and of
 // multi-rank runs on a single GPU.
 //
-//   auto ranks = comm::local::world(4);                 // four handles; give ranks[r] to the thread of rank r
-//   std::thread t([&] { auto& c = ranks[1]; c.all_reduce(grad.v(), comm::reduce_op::avg).wait(); });
+//   comm::local::run_ranks(4, [&](comm::local& c) {     // a world of four ranks, each on its own thread
+//     c.all_reduce(grads[c.rank()].v(), comm::reduce_op::avg).wait();
+//   });
+//
+// or, with the handles in hand (to wrap them, e.g. in comm::throttled): auto ranks = comm::local::world(4), then
+// comm::local::run_ranks(ranks, body).
 //
 // Matching. Sends and recvs match per ordered pair of ranks, in order (the k-th send from a to b meets the
 // k-th recv at b from a); collectives match by their position in each rank's sequence of collective calls.
@@ -40,6 +44,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
 #include "detail/local_world.hpp"
@@ -114,16 +119,32 @@ class local {
 
   /// The n ranks of a new world: element r is rank r's handle.
   static std::vector<local> world(int n, local_options options = {}) {
-    require(n >= 1, "comm::local::world: at least one rank, got " + std::to_string(n));
-    require(options.streams.empty() || options.streams.size() == std::size_t(n),
-            "comm::local::world: " + std::to_string(options.streams.size()) + " streams given for " +
-                std::to_string(n) + " ranks (give one per rank, or none)");
+    require(n >= 1, [&] { return "comm::local::world: at least one rank, got " + std::to_string(n); });
+    require(options.streams.empty() || options.streams.size() == std::size_t(n), [&] {
+      return "comm::local::world: " + std::to_string(options.streams.size()) + " streams given for " +
+             std::to_string(n) + " ranks (give one per rank, or none)";
+    });
     require(options.timeout.count() > 0, "comm::local::world: the timeout must be positive");
     auto w = std::make_shared<detail::local_world>(n, "world", std::move(options));
     std::vector<local> ranks;
     ranks.reserve(std::size_t(n));
     for (int r = 0; r < n; ++r) ranks.push_back(local(w, r));
     return ranks;
+  }
+
+  /// Runs body(c) with the handle c of every rank of a new world of n ranks, each rank on its own thread (rank 0 on
+  /// the calling thread, core/parallel.hpp's run_concurrently). Returns when every rank has returned or thrown;
+  /// then rethrows the first exception a rank threw.
+  template <class Body>
+  static void run_ranks(int n, Body&& body, local_options options = {}) {
+    std::vector<local> ranks = world(n, std::move(options));
+    run_ranks(ranks, body);
+  }
+  /// The same on handles made beforehand (a world's ranks, or communicators built on them, such as
+  /// comm::throttled): body(ranks[r]) on a thread per element.
+  template <class Comm, class Body>
+  static void run_ranks(std::vector<Comm>& ranks, Body&& body) {
+    run_concurrently(int(ranks.size()), [&](int r) { body(ranks[std::size_t(r)]); });
   }
 
   /// A handle on no world: what split() returns to a rank that passed a negative color. size() == 0.
@@ -194,9 +215,10 @@ class local {
   template <class T, class S>
   request all_gather(view<const T, S> in, view<std::remove_const_t<T>, S> out) {
     check_member("all_gather");
-    require(out.numel() == std::int64_t(size()) * in.numel(),
-            "comm::local::all_gather: out needs size() * in.numel() = " + std::to_string(size()) + " * " +
-                std::to_string(in.numel()) + " elements, got shape " + to_string(out.shape()));
+    require(out.numel() == std::int64_t(size()) * in.numel(), [&] {
+      return "comm::local::all_gather: out needs size() * in.numel() = " + std::to_string(size()) + " * " +
+             std::to_string(in.numel()) + " elements, got shape " + to_string(out.shape());
+    });
     check_space(in, "all_gather", true);
     check_space(out, "all_gather", true);
     auto o = new_op(detail::local_kind::all_gather, -1, in.numel(), detail::element_name<T>());
@@ -217,9 +239,10 @@ class local {
     static_assert(detail::local_reducible_v<std::remove_const_t<T>>,
                   "comm::local::reduce_scatter: the element type cannot be reduced");
     check_member("reduce_scatter");
-    require(in.numel() == std::int64_t(size()) * out.numel(),
-            "comm::local::reduce_scatter: in needs size() * out.numel() = " + std::to_string(size()) + " * " +
-                std::to_string(out.numel()) + " elements, got shape " + to_string(in.shape()));
+    require(in.numel() == std::int64_t(size()) * out.numel(), [&] {
+      return "comm::local::reduce_scatter: in needs size() * out.numel() = " + std::to_string(size()) + " * " +
+             std::to_string(out.numel()) + " elements, got shape " + to_string(in.shape());
+    });
     check_space(in, "reduce_scatter", true);
     check_space(out, "reduce_scatter", true);
     auto o = new_op(detail::local_kind::reduce_scatter, -1, out.numel(), detail::element_name<T>());
@@ -268,8 +291,8 @@ class local {
   void group_end() {
     check_member("group_end");
     auto& rs = world_->ranks[std::size_t(rank_)];
-    require(rs.group_depth.load() > 0, "comm::local::group_end: no group_start to close on rank " +
-                                           std::to_string(rank_));
+    require(rs.group_depth.load() > 0,
+            [&] { return "comm::local::group_end: no group_start to close on rank " + std::to_string(rank_); });
     rs.group_depth.fetch_sub(1);
   }
 
@@ -292,21 +315,26 @@ class local {
   local(std::shared_ptr<detail::local_world> w, int r) : world_(std::move(w)), rank_(r) {}
 
   void check_member(const char* what) const {
-    require(world_ != nullptr, std::string("comm::local::") + what +
-                                   ": this handle belongs to no world (split() with a negative color)");
+    require(world_ != nullptr, [&] {
+      return std::string("comm::local::") + what + ": this handle belongs to no world (split() with a negative color)";
+    });
   }
   void check_rank(int r, const char* what, const char* role) const {
-    require(0 <= r && r < world_->n, std::string("comm::local::") + what + ": " + role + " " + std::to_string(r) +
-                                         " outside [0, " + std::to_string(world_->n) + ") on rank " +
-                                         std::to_string(rank_));
+    require(0 <= r && r < world_->n, [&] {
+      return std::string("comm::local::") + what + ": " + role + " " + std::to_string(r) + " outside [0, " +
+             std::to_string(world_->n) + ") on rank " + std::to_string(rank_);
+    });
   }
   template <class T, class S>
   void check_space(view<T, S> v, const char* what, bool collective = false) const {
     if constexpr (std::is_same_v<S, device_space>) {
-      require(v.is_contiguous(), std::string("comm::local::") + what +
-                                     ": device-space views must be contiguous, got shape " + to_string(v.shape()));
-      require(!collective || world_->n <= 64,
-              std::string("comm::local::") + what + ": collectives on device memory take at most 64 ranks");
+      require(v.is_contiguous(), [&] {
+        return std::string("comm::local::") + what + ": device-space views must be contiguous, got shape " +
+               to_string(v.shape());
+      });
+      require(!collective || world_->n <= 64, [&] {
+        return std::string("comm::local::") + what + ": collectives on device memory take at most 64 ranks";
+      });
     }
   }
 

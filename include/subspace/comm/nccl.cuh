@@ -7,7 +7,7 @@
 //   auto tp = world.split(world.rank() / 4, world.rank());
 //
 // Bootstrap. Rank 0 draws NCCL's unique id and hands it to every rank through the TCP rendezvous of
-// comm/bootstrap.hpp at MASTER_ADDR:MASTER_PORT (a world of one needs none); then every rank joins the
+// comm/detail/rendezvous.hpp at MASTER_ADDR:MASTER_PORT (a world of one needs none); then every rank joins the
 // communicator on its GPU (by default LOCAL_RANK modulo the visible devices). The communicator is non-blocking
 // (ncclConfig_t::blocking = 0), so initialisation, split and every wait() can give up: after
 // nccl_options::timeout, or on an asynchronous NCCL error (ncclCommGetAsyncError), the communicator is aborted
@@ -58,6 +58,7 @@
 #include "bootstrap.hpp"
 #include "concepts.hpp"
 #include "detail/local_world.hpp"
+#include "detail/rendezvous.hpp"
 #include "error.hpp"
 
 namespace subspace::comm {
@@ -196,8 +197,10 @@ struct nccl_state {
   }
 
   void check_usable(const char* what) const {
-    require(comm != nullptr, std::string("comm::nccl::") + what +
-                                 ": this handle belongs to no communicator (split() with a negative color)");
+    require(comm != nullptr, [&] {
+      return std::string("comm::nccl::") + what +
+             ": this handle belongs to no communicator (split() with a negative color)";
+    });
     if (aborted)
       throw aborted_error(std::string("comm::nccl::") + what + " on " + who() +
                           ": the communicator was aborted earlier: " + abort_reason);
@@ -340,17 +343,20 @@ class nccl {
     st->timeout = options.timeout;
     st->name = "nccl world";
     st->device = options.device >= 0 ? options.device : li.local_rank % devices;
-    require(st->device < devices, "comm::nccl: device " + std::to_string(st->device) + " of " +
-                                      std::to_string(devices) + " visible");
+    require(st->device < devices, [&] {
+      return "comm::nccl: device " + std::to_string(st->device) + " of " + std::to_string(devices) + " visible";
+    });
     cuda_check(cudaSetDevice(st->device));
 
     ncclUniqueId id{};
     if (li.rank == 0) detail::nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId");
     std::vector<std::byte> payload(sizeof id);
     std::memcpy(payload.data(), &id, sizeof id);
-    const std::vector<std::byte> got = rendezvous(li, payload, options.timeout);
-    require(got.size() == sizeof id, "comm::nccl: the rendezvous delivered " + std::to_string(got.size()) +
-                                         " bytes instead of an NCCL unique id");
+    const std::vector<std::byte> got = detail::rendezvous(li, payload, options.timeout);
+    require(got.size() == sizeof id, [&] {
+      return "comm::nccl: the rendezvous delivered " + std::to_string(got.size()) +
+             " bytes instead of an NCCL unique id";
+    });
     std::memcpy(&id, got.data(), sizeof id);
 
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -447,9 +453,10 @@ class nccl {
   template <class T, class S>
   request all_gather(view<const T, S> in, view<std::remove_const_t<T>, S> out) {
     using U = std::remove_const_t<T>;
-    require(out.numel() == std::int64_t(size()) * in.numel(),
-            "comm::nccl::all_gather: out needs size() * in.numel() = " + std::to_string(size()) + " * " +
-                std::to_string(in.numel()) + " elements, got shape " + to_string(out.shape()));
+    require(out.numel() == std::int64_t(size()) * in.numel(), [&] {
+      return "comm::nccl::all_gather: out needs size() * in.numel() = " + std::to_string(size()) + " * " +
+             std::to_string(in.numel()) + " elements, got shape " + to_string(out.shape());
+    });
     auto o = start("all_gather of " + count_text(in) + " per rank");
     const U* pi = input(*o, in);
     U* po = output(*o, out, false);
@@ -466,9 +473,10 @@ class nccl {
   template <class T, class S>
   request reduce_scatter(view<const T, S> in, view<std::remove_const_t<T>, S> out, reduce_op op) {
     using U = std::remove_const_t<T>;
-    require(in.numel() == std::int64_t(size()) * out.numel(),
-            "comm::nccl::reduce_scatter: in needs size() * out.numel() = " + std::to_string(size()) + " * " +
-                std::to_string(out.numel()) + " elements, got shape " + to_string(in.shape()));
+    require(in.numel() == std::int64_t(size()) * out.numel(), [&] {
+      return "comm::nccl::reduce_scatter: in needs size() * out.numel() = " + std::to_string(size()) + " * " +
+             std::to_string(out.numel()) + " elements, got shape " + to_string(in.shape());
+    });
     auto o = start("reduce_scatter(" + std::string(to_string(op)) + ") to " + count_text(out) + " per rank");
     const U* pi = input(*o, in);
     U* po = output(*o, out, false);
@@ -602,9 +610,10 @@ class nccl {
 
   void check_rank(int r, const char* what, const char* role) const {
     state();
-    require(0 <= r && r < state_->size, std::string("comm::nccl::") + what + ": " + role + " " + std::to_string(r) +
-                                            " outside [0, " + std::to_string(state_->size) + ") on rank " +
-                                            std::to_string(state_->rank));
+    require(0 <= r && r < state_->size, [&] {
+      return std::string("comm::nccl::") + what + ": " + role + " " + std::to_string(r) + " outside [0, " +
+             std::to_string(state_->size) + ") on rank " + std::to_string(state_->rank);
+    });
   }
 
   template <class T, class S>
@@ -624,7 +633,7 @@ class nccl {
   template <class T, class S>
   static void check_contiguous(const detail::nccl_pending& op, view<T, S> v) {
     require(v.is_contiguous(),
-            "comm::nccl: " + op.what + ": views must be contiguous, got shape " + to_string(v.shape()));
+            [&] { return "comm::nccl: " + op.what + ": views must be contiguous, got shape " + to_string(v.shape()); });
   }
 
   /// Device memory of `bytes` freed in stream order when the operation is gone.

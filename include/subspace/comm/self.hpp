@@ -185,9 +185,10 @@ class self {
   /// out (contiguous, as many elements as in) receives a copy of in.
   template <class T, class S>
   request all_gather(view<const T, S> in, view<std::remove_const_t<T>, S> out) {
-    require(out.numel() == in.numel(),
-            "comm::self::all_gather: out needs size() * in.numel() = " + std::to_string(in.numel()) +
-                " elements, got shape " + to_string(out.shape()));
+    require(out.numel() == in.numel(), [&] {
+      return "comm::self::all_gather: out needs size() * in.numel() = " + std::to_string(in.numel()) +
+             " elements, got shape " + to_string(out.shape());
+    });
     detail::self_copy(stream_, in, out);
     return {};
   }
@@ -200,9 +201,10 @@ class self {
   /// out (as many elements as in) receives a copy of in.
   template <class T, class S>
   request reduce_scatter(view<const T, S> in, view<std::remove_const_t<T>, S> out, reduce_op) {
-    require(in.numel() == out.numel(),
-            "comm::self::reduce_scatter: in needs size() * out.numel() = " + std::to_string(out.numel()) +
-                " elements, got shape " + to_string(in.shape()));
+    require(in.numel() == out.numel(), [&] {
+      return "comm::self::reduce_scatter: in needs size() * out.numel() = " + std::to_string(out.numel()) +
+             " elements, got shape " + to_string(in.shape());
+    });
     detail::self_copy(stream_, in, out);
     return {};
   }
@@ -216,7 +218,8 @@ class self {
   template <class T, class S>
     requires(!std::is_const_v<T>)
   request broadcast(view<T, S>, int root) {
-    require(root == 0, "comm::self::broadcast: root " + std::to_string(root) + " outside a world of 1 rank");
+    require(root == 0,
+            [&] { return "comm::self::broadcast: root " + std::to_string(root) + " outside a world of 1 rank"; });
     return {};
   }
 
@@ -231,7 +234,7 @@ class self {
 
   /// A new world of one rank (with its own queue) for any color >= 0.
   self split(int color, int /*key*/) const {
-    require(color >= 0, "comm::self::split: color must be >= 0, got " + std::to_string(color));
+    require(color >= 0, [&] { return "comm::self::split: color must be >= 0, got " + std::to_string(color); });
     return self(stream_);
   }
 
@@ -240,14 +243,16 @@ class self {
 
  private:
   static void check_peer(int peer, const char* op) {
-    require(peer == 0, std::string("comm::self::") + op + ": peer " + std::to_string(peer) +
-                           " outside a world of 1 rank");
+    require(peer == 0, [&] {
+      return std::string("comm::self::") + op + ": peer " + std::to_string(peer) + " outside a world of 1 rank";
+    });
   }
   static void check_match(const detail::self_pending& p, const std::type_info& element, std::int64_t numel) {
     require(*p.element == element, "comm::self: a send and its matching recv have different element types");
-    require(p.extents.numel() == numel, "comm::self: a send and its matching recv have different element counts (" +
-                                            std::to_string(p.extents.numel()) + " vs " + std::to_string(numel) +
-                                            ")");
+    require(p.extents.numel() == numel, [&] {
+      return "comm::self: a send and its matching recv have different element counts (" +
+             std::to_string(p.extents.numel()) + " vs " + std::to_string(numel) + ")";
+    });
   }
 
   std::shared_ptr<detail::self_queues> queues_ = std::make_shared<detail::self_queues>();

@@ -348,8 +348,10 @@ class throttled {
     state_->net = std::move(net);
     require(state_->net.default_link.bits_per_second > 0, "comm::throttled: link bandwidth must be positive");
     for (const auto& [pair, l] : state_->net.overrides)
-      require(l.bits_per_second > 0, "comm::throttled: the link " + std::to_string(pair.first) + " -> " +
-                                         std::to_string(pair.second) + " has no bandwidth");
+      require(l.bits_per_second > 0, [&link = pair] {
+        return "comm::throttled: the link " + std::to_string(link.first) + " -> " + std::to_string(link.second) +
+               " has no bandwidth";
+      });
     for (int r = 0; r < inner_.size(); ++r) members_.push_back(r);
   }
 

@@ -2,7 +2,8 @@
 // Executors say where an operation runs; they are values passed to every operation (as in MatX and Thrust).
 // Memory spaces say where data lives; they are types carried by every view and tensor (as in Kokkos).
 //
-// exec::host runs on the calling thread (kernels that parallelise use at most `threads` std::threads).
+// exec::host runs on the calling thread (kernels that parallelise use at most `threads` threads, through
+// parallel_for in core/parallel.hpp).
 // exec::cuda{stream} runs on a CUDA stream; it is declared in core/cuda/executor.cuh, which the umbrella
 // headers include only in translation units compiled by nvcc.
 

@@ -114,9 +114,10 @@ class view {
 
   /// Rows [begin, end) along dimension 0.
   view slice(std::int64_t begin, std::int64_t end) const {
-    require(shape_.rank >= 1 && 0 <= begin && begin <= end && end <= dim(0),
-            "view::slice: range [" + std::to_string(begin) + ", " + std::to_string(end) +
-                ") outside dimension 0 of shape " + to_string(shape_));
+    require(shape_.rank >= 1 && 0 <= begin && begin <= end && end <= dim(0), [&] {
+      return "view::slice: range [" + std::to_string(begin) + ", " + std::to_string(end) +
+             ") outside dimension 0 of shape " + to_string(shape_);
+    });
     subspace::shape s = shape_;
     s.dims[0] = end - begin;
     return view(data_ + begin * strides_[0], s, strides_);
@@ -124,7 +125,7 @@ class view {
   /// Element i of dimension 0, as a view of rank - 1.
   view operator[](std::int64_t i) const {
     require(shape_.rank >= 1 && 0 <= i && i < dim(0),
-            "view[]: index " + std::to_string(i) + " outside shape " + to_string(shape_));
+            [&] { return "view[]: index " + std::to_string(i) + " outside shape " + to_string(shape_); });
     subspace::shape s;
     s.rank = shape_.rank - 1;
     std::array<std::int64_t, max_rank> st{};
@@ -136,15 +137,17 @@ class view {
   }
   /// The same elements under another shape with as many elements; the view must be contiguous.
   view reshape(const subspace::shape& s) const {
-    require(is_contiguous(), "view::reshape: view of shape " + to_string(shape_) + " is not contiguous");
-    require(s.numel() == numel(), "view::reshape: cannot view " + to_string(shape_) + " as " + to_string(s));
+    require(is_contiguous(),
+            [&] { return "view::reshape: view of shape " + to_string(shape_) + " is not contiguous"; });
+    require(s.numel() == numel(),
+            [&] { return "view::reshape: cannot view " + to_string(shape_) + " as " + to_string(s); });
     return view(data_, s);
   }
   /// The elements as one dimension; the view must be contiguous.
   view flat() const { return reshape(subspace::shape{numel()}); }
   /// The transpose of a rank-2 view (no copy: the strides swap).
   view transposed() const {
-    require(shape_.rank == 2, "view::transposed: rank-2 view expected, got shape " + to_string(shape_));
+    require(shape_.rank == 2, [&] { return "view::transposed: rank-2 view expected, got shape " + to_string(shape_); });
     subspace::shape s{dim(1), dim(0)};
     return view(data_, s, {stride(1), stride(0), 0, 0});
   }
@@ -215,7 +218,7 @@ namespace detail {
 template <class A, class B>
 void require_same_shape(const A& a, const B& b, const char* op) {
   require(a.shape() == b.shape(),
-          std::string(op) + ": shapes differ: " + to_string(a.shape()) + " vs " + to_string(b.shape()));
+          [&] { return std::string(op) + ": shapes differ: " + to_string(a.shape()) + " vs " + to_string(b.shape()); });
 }
 }  // namespace detail
 

@@ -22,7 +22,7 @@
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "../core/tensor.hpp"
-#include "../io/json.hpp"
+#include "../util/json.hpp"
 #include "tokens.hpp"
 
 namespace subspace::data {
@@ -59,11 +59,12 @@ struct loader_position {
   }
   static loader_position from_json(const io::json& j) {
     loader_position p;
-    require(j.is_object(), "loader_position: expected a JSON object, got " + std::string(j.kind_name()));
+    require(j.is_object(),
+            [&] { return "loader_position: expected a JSON object, got " + std::string(j.kind_name()); });
     const auto u64 = [&](const char* key) {
       const io::json& v = j.at(key);
       require(v.is_int() && v.as_int() >= 0,
-              std::string("loader_position: \"") + key + "\" must be a non-negative integer");
+              [&] { return std::string("loader_position: \"") + key + "\" must be a non-negative integer"; });
       return std::uint64_t(v.as_int());
     };
     p.epoch = u64("epoch");
@@ -77,7 +78,8 @@ struct loader_position {
     } catch (const std::exception&) {
       used = 0;
     }
-    require(!s.empty() && used == s.size(), "loader_position: \"seed\" must be a decimal string, got \"" + s + "\"");
+    require(!s.empty() && used == s.size(),
+            [&] { return "loader_position: \"seed\" must be a decimal string, got \"" + s + "\""; });
     return p;
   }
 };
@@ -91,22 +93,24 @@ class batch_loader {
  public:
   batch_loader(token_dataset data, loader_options options) : data_(std::move(data)), o_(std::move(options)) {
     const std::string who = "batch_loader (" + o_.name + "): ";
-    require(o_.batch >= 1, who + "batch must be >= 1, got " + std::to_string(o_.batch));
-    require(o_.seq >= 1, who + "seq must be >= 1, got " + std::to_string(o_.seq));
-    require(o_.vocab >= 1, who + "vocab must be >= 1, got " + std::to_string(o_.vocab));
+    require(o_.batch >= 1, [&] { return who + "batch must be >= 1, got " + std::to_string(o_.batch); });
+    require(o_.seq >= 1, [&] { return who + "seq must be >= 1, got " + std::to_string(o_.seq); });
+    require(o_.vocab >= 1, [&] { return who + "vocab must be >= 1, got " + std::to_string(o_.vocab); });
     const std::uint64_t seq = std::uint64_t(o_.seq);
     for (const auto& s : data_.segments()) {
       const std::uint64_t n = s.size() >= seq + 1 ? (s.size() - 1) / seq : 0;
       starts_.push_back(windows_);
       windows_ += n;
     }
-    require(windows_ >= std::uint64_t(o_.batch),
-            who + data_.describe() + ": " + std::to_string(data_.tokens()) + " tokens make " +
-                std::to_string(windows_) + " windows of seq + 1 = " + std::to_string(seq + 1) +
-                " tokens, one batch needs " + std::to_string(o_.batch) + " (at least " +
-                std::to_string(std::uint64_t(o_.batch) * seq + 1) + " tokens in one file)");
-    require(windows_ < (std::uint64_t(1) << 32),
-            who + std::to_string(windows_) + " windows per epoch is more than this loader indexes (2^32)");
+    require(windows_ >= std::uint64_t(o_.batch), [&] {
+      return who + data_.describe() + ": " + std::to_string(data_.tokens()) + " tokens make " +
+             std::to_string(windows_) + " windows of seq + 1 = " + std::to_string(seq + 1) +
+             " tokens, one batch needs " + std::to_string(o_.batch) + " (at least " +
+             std::to_string(std::uint64_t(o_.batch) * seq + 1) + " tokens in one file)";
+    });
+    require(windows_ < (std::uint64_t(1) << 32), [&] {
+      return who + std::to_string(windows_) + " windows per epoch is more than this loader indexes (2^32)";
+    });
     if (o_.check_all_tokens) data_.check_vocab(o_.vocab);
     start_epoch(0);
   }
@@ -121,11 +125,12 @@ class batch_loader {
   /// Fills tokens and targets ([batch, seq] int32 host views) with the next batch and advances.
   void next(view<std::int32_t, host_space> tokens, view<std::int32_t, host_space> targets) {
     const shape want{o_.batch, o_.seq};
-    require(tokens.shape() == want && targets.shape() == want,
-            "batch_loader (" + o_.name + ")::next: tokens and targets must be " + to_string(want) + ", got " +
-                to_string(tokens.shape()) + " and " + to_string(targets.shape()));
+    require(tokens.shape() == want && targets.shape() == want, [&] {
+      return "batch_loader (" + o_.name + ")::next: tokens and targets must be " + to_string(want) + ", got " +
+             to_string(tokens.shape()) + " and " + to_string(targets.shape());
+    });
     require(tokens.is_contiguous() && targets.is_contiguous(),
-            "batch_loader (" + o_.name + ")::next: tokens and targets must be contiguous");
+            [&] { return "batch_loader (" + o_.name + ")::next: tokens and targets must be contiguous"; });
     if (pos_.cursor + std::uint64_t(o_.batch) > windows_) start_epoch(pos_.epoch + 1);
     const std::size_t seq = std::size_t(o_.seq);
     row_.resize(seq + 1);
@@ -159,17 +164,21 @@ class batch_loader {
   /// Continues from `p` (from position() of a loader on the same data and options).
   void seek(const loader_position& p) {
     const std::string who = "batch_loader (" + o_.name + ")::seek: ";
-    require(p.windows == windows_, who + "the saved position is for " + std::to_string(p.windows) +
-                                       " windows per epoch, this data gives " + std::to_string(windows_) +
-                                       " (different data, sequence length or split?)");
-    require(p.shuffle == o_.shuffle, who + std::string("the saved position is for a ") +
-                                         (p.shuffle ? "shuffled" : "sequential") + " loader, this one is " +
-                                         (o_.shuffle ? "shuffled" : "sequential"));
-    require(!o_.shuffle || p.seed == o_.seed, who + "the saved position is for shuffle seed " +
-                                                  std::to_string(p.seed) + ", this loader has " +
-                                                  std::to_string(o_.seed));
-    require(p.cursor <= windows_, who + "cursor " + std::to_string(p.cursor) + " beyond " +
-                                      std::to_string(windows_) + " windows");
+    require(p.windows == windows_, [&] {
+      return who + "the saved position is for " + std::to_string(p.windows) + " windows per epoch, this data gives " +
+             std::to_string(windows_) + " (different data, sequence length or split?)";
+    });
+    require(p.shuffle == o_.shuffle, [&] {
+      return who + std::string("the saved position is for a ") + (p.shuffle ? "shuffled" : "sequential") +
+             " loader, this one is " + (o_.shuffle ? "shuffled" : "sequential");
+    });
+    require(!o_.shuffle || p.seed == o_.seed, [&] {
+      return who + "the saved position is for shuffle seed " + std::to_string(p.seed) + ", this loader has " +
+             std::to_string(o_.seed);
+    });
+    require(p.cursor <= windows_, [&] {
+      return who + "cursor " + std::to_string(p.cursor) + " beyond " + std::to_string(windows_) + " windows";
+    });
     start_epoch(p.epoch);
     pos_.cursor = p.cursor;
   }

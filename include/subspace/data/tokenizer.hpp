@@ -24,9 +24,10 @@ struct byte_tokenizer {
   std::string decode(std::span<const std::int32_t> tokens) const {
     std::string out(tokens.size(), '\0');
     for (std::size_t i = 0; i < tokens.size(); ++i) {
-      require(tokens[i] >= 0 && tokens[i] < 256, "byte_tokenizer::decode: token " + std::to_string(tokens[i]) +
-                                                     " at position " + std::to_string(i) +
-                                                     " is not a byte (expected 0..255)");
+      require(tokens[i] >= 0 && tokens[i] < 256, [&] {
+        return "byte_tokenizer::decode: token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+               " is not a byte (expected 0..255)";
+      });
       out[i] = char(static_cast<unsigned char>(tokens[i]));
     }
     return out;

@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
-#include "../io/file.hpp"
+#include "../util/file.hpp"
 
 namespace subspace::data {
 
@@ -72,38 +72,46 @@ class token_file {
       llmc = magic == llmc_magic_u16 || magic == llmc_magic_u32;
     }
     if (!llmc) {
-      require(size % 2 == 0, where + ": " + std::to_string(size) +
-                                 " bytes is not a whole number of uint16 tokens (raw nanoGPT .bin expected)");
+      require(size % 2 == 0, [&] {
+        return where + ": " + std::to_string(size) +
+               " bytes is not a whole number of uint16 tokens (raw nanoGPT .bin expected)";
+      });
       width_ = 2;
       offset_ = 0;
       count_ = size / 2;
       return;
     }
-    require(size >= llmc_header_bytes, where + ": " + std::to_string(size) +
-                                           " bytes is shorter than the llm.c header (1024 bytes): truncated?");
+    require(size >= llmc_header_bytes, [&] {
+      return where + ": " + std::to_string(size) + " bytes is shorter than the llm.c header (1024 bytes): truncated?";
+    });
     const std::int32_t magic = detail::load_i32(p), version = detail::load_i32(p + 4),
                        count = detail::load_i32(p + 8);
     if (magic == llmc_magic_u16) {
-      require(version == 1, where + ": magic 20240520 (uint16 tokens) needs version 1, the header says " +
-                                std::to_string(version));
+      require(version == 1, [&] {
+        return where + ": magic 20240520 (uint16 tokens) needs version 1, the header says " + std::to_string(version);
+      });
       width_ = 2;
     } else if (magic == llmc_magic_u32) {
-      require(version == 7, where + ": magic 20240801 (uint32 tokens) needs version 7, the header says " +
-                                std::to_string(version));
+      require(version == 7, [&] {
+        return where + ": magic 20240801 (uint32 tokens) needs version 7, the header says " + std::to_string(version);
+      });
       width_ = 4;
     } else {
-      require(false, where + ": bad magic " + std::to_string(magic) +
-                         " (expected 20240520 for uint16 tokens or 20240801 for uint32 tokens)");
+      require(false, [&] {
+        return where + ": bad magic " + std::to_string(magic) +
+               " (expected 20240520 for uint16 tokens or 20240801 for uint32 tokens)";
+      });
     }
     version_ = version;
-    require(count >= 0, where + ": negative token count " + std::to_string(count) + " in the header");
+    require(count >= 0, [&] { return where + ": negative token count " + std::to_string(count) + " in the header"; });
     count_ = std::uint64_t(count);
     offset_ = llmc_header_bytes;
     const std::uint64_t expected = llmc_header_bytes + count_ * width_;
-    require(size == expected, where + ": the header says " + std::to_string(count_) + " tokens of " +
-                                  std::to_string(width_) + " bytes (" + std::to_string(expected) +
-                                  " bytes with the header), the file has " + std::to_string(size) + " bytes" +
-                                  (size < expected ? " (truncated)" : ""));
+    require(size == expected, [&] {
+      return where + ": the header says " + std::to_string(count_) + " tokens of " + std::to_string(width_) +
+             " bytes (" + std::to_string(expected) + " bytes with the header), the file has " + std::to_string(size) +
+             " bytes" + (size < expected ? " (truncated)" : "");
+    });
   }
 
   const std::filesystem::path& path() const { return file_.path(); }
@@ -123,8 +131,10 @@ class token_file {
   /// Copies tokens [begin, begin + n) into out; invalid_argument naming the file and position for a token
   /// that is not below `vocab`.
   void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const {
-    require(begin + n <= count_, "token file " + detail::quoted(path()) + ": tokens [" + std::to_string(begin) + ", " +
-                                     std::to_string(begin + n) + ") outside its " + std::to_string(count_) + " tokens");
+    require(begin + n <= count_, [&] {
+      return "token file " + detail::quoted(path()) + ": tokens [" + std::to_string(begin) + ", " +
+             std::to_string(begin + n) + ") outside its " + std::to_string(count_) + " tokens";
+    });
     for (std::size_t i = 0; i < n; ++i) {
       const std::uint32_t t = (*this)[begin + i];
       if (std::int64_t(t) >= vocab) bad_token(begin + i, t, vocab);
@@ -154,18 +164,21 @@ class token_file {
 /// Writes an llm.c shard (version 1: uint16 tokens; version 7: uint32 tokens) atomically.
 inline void write_llmc_tokens(const std::filesystem::path& path, std::span<const std::int32_t> tokens,
                               int version = 1) {
-  require(version == 1 || version == 7,
-          "write_llmc_tokens " + detail::quoted(path) + ": version " + std::to_string(version) +
-              " (expected 1 for uint16 tokens or 7 for uint32 tokens)");
-  require(tokens.size() <= std::size_t(INT32_MAX), "write_llmc_tokens " + detail::quoted(path) + ": " +
-                                                       std::to_string(tokens.size()) +
-                                                       " tokens exceed the header's int32 count");
+  require(version == 1 || version == 7, [&] {
+    return "write_llmc_tokens " + detail::quoted(path) + ": version " + std::to_string(version) +
+           " (expected 1 for uint16 tokens or 7 for uint32 tokens)";
+  });
+  require(tokens.size() <= std::size_t(INT32_MAX), [&] {
+    return "write_llmc_tokens " + detail::quoted(path) + ": " + std::to_string(tokens.size()) +
+           " tokens exceed the header's int32 count";
+  });
   const std::uint32_t limit = version == 1 ? 65535u : 0xffffffffu;
   for (std::size_t i = 0; i < tokens.size(); ++i)
-    require(tokens[i] >= 0 && std::uint32_t(tokens[i]) <= limit,
-            "write_llmc_tokens " + detail::quoted(path) + ": token " + std::to_string(tokens[i]) + " at position " +
-                std::to_string(i) + " does not fit version " + std::to_string(version) +
-                (version == 1 ? " (uint16: 0..65535; use version 7 for larger vocabularies)" : " (uint32)"));
+    require(tokens[i] >= 0 && std::uint32_t(tokens[i]) <= limit, [&] {
+      return "write_llmc_tokens " + detail::quoted(path) + ": token " + std::to_string(tokens[i]) + " at position " +
+             std::to_string(i) + " does not fit version " + std::to_string(version) +
+             (version == 1 ? " (uint16: 0..65535; use version 7 for larger vocabularies)" : " (uint32)");
+    });
   std::vector<std::int32_t> header(llmc_header_ints, 0);
   header[0] = version == 1 ? llmc_magic_u16 : llmc_magic_u32;
   header[1] = version;
@@ -194,9 +207,10 @@ inline void write_raw_u16_tokens(const std::filesystem::path& path, std::span<co
   std::vector<unsigned char> bytes;
   bytes.reserve(tokens.size() * 2);
   for (std::size_t i = 0; i < tokens.size(); ++i) {
-    require(tokens[i] >= 0 && tokens[i] <= 65535, "write_raw_u16_tokens " + detail::quoted(path) + ": token " +
-                                                      std::to_string(tokens[i]) + " at position " +
-                                                      std::to_string(i) + " does not fit uint16 (0..65535)");
+    require(tokens[i] >= 0 && tokens[i] <= 65535, [&] {
+      return "write_raw_u16_tokens " + detail::quoted(path) + ": token " + std::to_string(tokens[i]) + " at position " +
+             std::to_string(i) + " does not fit uint16 (0..65535)";
+    });
     bytes.push_back(static_cast<unsigned char>(tokens[i] & 0xff));
     bytes.push_back(static_cast<unsigned char>(tokens[i] >> 8));
   }
@@ -223,21 +237,21 @@ inline std::vector<std::filesystem::path> expand_paths(std::string_view spec) {
       if (rc == 0)
         for (std::size_t i = 0; i < g.gl_pathc; ++i) matches.emplace_back(g.gl_pathv[i]);
       ::globfree(&g);
-      require(!matches.empty(), "token files: no file matches the pattern '" + entry + "'");
+      require(!matches.empty(), [&] { return "token files: no file matches the pattern '" + entry + "'"; });
       std::sort(matches.begin(), matches.end());
       out.insert(out.end(), matches.begin(), matches.end());
     } else if (fs::is_directory(entry)) {
       std::vector<fs::path> matches;
       for (const auto& e : fs::directory_iterator(entry))
         if (e.is_regular_file() && e.path().extension() == ".bin") matches.push_back(e.path());
-      require(!matches.empty(), "token files: directory '" + entry + "' holds no .bin file");
+      require(!matches.empty(), [&] { return "token files: directory '" + entry + "' holds no .bin file"; });
       std::sort(matches.begin(), matches.end());
       out.insert(out.end(), matches.begin(), matches.end());
     } else {
       out.emplace_back(entry);
     }
   }
-  require(!out.empty(), "token files: '" + std::string(spec) + "' names no file");
+  require(!out.empty(), [&] { return "token files: '" + std::string(spec) + "' names no file"; });
   return out;
 }
 
@@ -276,9 +290,10 @@ class token_dataset {
 
   /// Global tokens [begin, end) of the concatenation, as a dataset.
   token_dataset slice(std::uint64_t begin, std::uint64_t end) const {
-    require(begin <= end && end <= tokens(), "token_dataset::slice: [" + std::to_string(begin) + ", " +
-                                                 std::to_string(end) + ") outside " + std::to_string(tokens()) +
-                                                 " tokens");
+    require(begin <= end && end <= tokens(), [&] {
+      return "token_dataset::slice: [" + std::to_string(begin) + ", " + std::to_string(end) + ") outside " +
+             std::to_string(tokens()) + " tokens";
+    });
     std::vector<token_segment> out;
     std::uint64_t at = 0;
     for (const auto& s : segments_) {
@@ -290,8 +305,9 @@ class token_dataset {
   }
   /// {train, validation}: the last round(val_fraction * tokens) tokens are the validation part.
   std::pair<token_dataset, token_dataset> split(double val_fraction) const {
-    require(val_fraction >= 0.0 && val_fraction < 1.0,
-            "token_dataset::split: val_fraction " + detail::show(val_fraction) + " (expected 0 <= f < 1)");
+    require(val_fraction >= 0.0 && val_fraction < 1.0, [&] {
+      return "token_dataset::split: val_fraction " + detail::show(val_fraction) + " (expected 0 <= f < 1)";
+    });
     const std::uint64_t n = tokens();
     const auto val = std::uint64_t(std::llround(val_fraction * double(n)));
     return {slice(0, n - val), slice(n - val, n)};

@@ -21,8 +21,8 @@
 
 #include "../core/error.hpp"
 #include "../nn/config.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 
@@ -36,7 +36,7 @@ struct hf_config_options {
 inline json to_hf_config(const nn::llama_config& cfg, const hf_config_options& o = {}) {
   cfg.validate();
   require(o.torch_dtype == "float32" || o.torch_dtype == "bfloat16" || o.torch_dtype == "float16",
-          "to_hf_config: torch_dtype '" + o.torch_dtype + "' (expected float32, bfloat16 or float16)");
+          [&] { return "to_hf_config: torch_dtype '" + o.torch_dtype + "' (expected float32, bfloat16 or float16)"; });
   json rope_scaling = nullptr;
   if (cfg.rope.llama31_scaling) {
     rope_scaling = json::object({{"rope_type", json("llama3")},
@@ -78,32 +78,34 @@ inline json to_hf_config(const nn::llama_config& cfg, const hf_config_options& o
 /// Reads a LlamaForCausalLM config.json document; `source` names it in errors.
 inline nn::llama_config llama_config_from_hf(const json& j, std::string_view source = "config.json") {
   const std::string where(source);
-  require(j.is_object(), where + ": expected a JSON object");
+  require(j.is_object(), [&] { return where + ": expected a JSON object"; });
   const auto field = [&](const char* key) { return where + ": \"" + key + "\""; };
   const auto integer = [&](const char* key, std::optional<std::int64_t> fallback) -> std::int64_t {
     const json* v = j.find(key);
     if (!v || v->is_null()) {
-      require(fallback.has_value(), field(key) + " is missing (expected a positive integer)");
+      require(fallback.has_value(), [&] { return field(key) + " is missing (expected a positive integer)"; });
       return *fallback;
     }
-    require(v->is_number(), field(key) + " must be a positive integer, got " + v->kind_name());
+    require(v->is_number(), [&] { return field(key) + " must be a positive integer, got " + v->kind_name(); });
     const double d = v->as_double();
-    require(d >= 1 && d == double(std::int64_t(d)), field(key) + " must be a positive integer, got " + v->dump());
+    require(d >= 1 && d == double(std::int64_t(d)),
+            [&] { return field(key) + " must be a positive integer, got " + v->dump(); });
     return v->as_int();
   };
   const auto number = [&](const json& parent, const char* key, std::optional<double> fallback) -> float {
     const json* v = parent.find(key);
     if (!v || v->is_null()) {
-      require(fallback.has_value(), field(key) + " is missing (expected a positive number)");
+      require(fallback.has_value(), [&] { return field(key) + " is missing (expected a positive number)"; });
       return float(*fallback);
     }
-    require(v->is_number() && v->as_double() > 0, field(key) + " must be a positive number, got " + v->dump());
+    require(v->is_number() && v->as_double() > 0,
+            [&] { return field(key) + " must be a positive number, got " + v->dump(); });
     return float(v->as_double());
   };
   const auto boolean = [&](const char* key, bool fallback) {
     const json* v = j.find(key);
     if (!v || v->is_null()) return fallback;
-    require(v->is_bool(), field(key) + " must be true or false, got " + v->dump());
+    require(v->is_bool(), [&] { return field(key) + " must be true or false, got " + v->dump(); });
     return v->as_bool();
   };
 
@@ -111,18 +113,22 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
     bool llama = false;
     if (arch->is_array())
       for (const auto& a : arch->as_array()) llama = llama || (a.is_string() && a.as_string() == "LlamaForCausalLM");
-    require(llama, field("architectures") + " is " + arch->dump() + " (expected [\"LlamaForCausalLM\"])");
+    require(llama,
+            [&] { return field("architectures") + " is " + arch->dump() + " (expected [\"LlamaForCausalLM\"])"; });
   } else {
     const json* type = j.find("model_type");
-    require(type && type->is_string() && type->as_string() == "llama",
-            where + ": neither \"architectures\" nor \"model_type\" names a Llama model (expected "
-                    "\"architectures\": [\"LlamaForCausalLM\"])");
+    require(type && type->is_string() && type->as_string() == "llama", [&] {
+      return where +
+             ": neither \"architectures\" nor \"model_type\" names a Llama model (expected "
+             "\"architectures\": [\"LlamaForCausalLM\"])";
+    });
   }
   if (const json* act = j.find("hidden_act"); act && !act->is_null())
     require(act->is_string() && act->as_string() == "silu",
-            field("hidden_act") + " is " + act->dump() + " (expected \"silu\")");
-  require(!boolean("attention_bias", false), field("attention_bias") + " is true (expected false: no biases)");
-  require(!boolean("mlp_bias", false), field("mlp_bias") + " is true (expected false: no biases)");
+            [&] { return field("hidden_act") + " is " + act->dump() + " (expected \"silu\")"; });
+  require(!boolean("attention_bias", false),
+          [&] { return field("attention_bias") + " is true (expected false: no biases)"; });
+  require(!boolean("mlp_bias", false), [&] { return field("mlp_bias") + " is true (expected false: no biases)"; });
 
   nn::llama_config cfg;
   if (const json* n = j.find("subspace_name"); n && n->is_string()) cfg.name = n->as_string();
@@ -138,15 +144,18 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
   // transformers 5 writes rope_parameters {rope_type, rope_theta, ...} in place of rope_theta and rope_scaling.
   const json* rope_parameters = j.find("rope_parameters");
   if (rope_parameters && rope_parameters->is_null()) rope_parameters = nullptr;
-  require(!rope_parameters || rope_parameters->is_object(), field("rope_parameters") + " must be an object or null");
+  require(!rope_parameters || rope_parameters->is_object(),
+          [&] { return field("rope_parameters") + " must be an object or null"; });
   if (rope_parameters && !j.find("rope_theta")) cfg.rope.theta = number(*rope_parameters, "rope_theta", 10000.0);
   else cfg.rope.theta = number(j, "rope_theta", 10000.0);
   cfg.tied_embeddings = boolean("tie_word_embeddings", false);
   if (const json* hd = j.find("head_dim"); hd && !hd->is_null()) {
     const std::int64_t head_dim = integer("head_dim", std::nullopt);
-    require(cfg.n_heads > 0 && cfg.d_model % cfg.n_heads == 0 && head_dim == cfg.d_model / cfg.n_heads,
-            field("head_dim") + " is " + std::to_string(head_dim) + " (expected hidden_size / num_attention_heads = " +
-                std::to_string(cfg.d_model) + " / " + std::to_string(cfg.n_heads) + ")");
+    require(cfg.n_heads > 0 && cfg.d_model % cfg.n_heads == 0 && head_dim == cfg.d_model / cfg.n_heads, [&] {
+      return field("head_dim") + " is " + std::to_string(head_dim) +
+             " (expected hidden_size / num_attention_heads = " + std::to_string(cfg.d_model) + " / " +
+             std::to_string(cfg.n_heads) + ")";
+    });
   }
   const json* rs = j.find("rope_scaling");
   const char* rs_key = "rope_scaling";
@@ -156,14 +165,15 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
   }
   bool scaled = false;
   if (rs && !rs->is_null()) {
-    require(rs->is_object(), field(rs_key) + " must be an object or null");
+    require(rs->is_object(), [&] { return field(rs_key) + " must be an object or null"; });
     const json* type = rs->find("rope_type");
     if (!type) type = rs->find("type");
     const std::string t = type && type->is_string() ? type->as_string() : std::string("(none)");
     const bool from_parameters = rs == rope_parameters;
-    require(t == "llama3" || (from_parameters && t == "default"),
-            field(rs_key) + " has rope_type \"" + t + "\" (supported: \"llama3\"" +
-                (from_parameters ? ", \"default\")" : ", or null)"));
+    require(t == "llama3" || (from_parameters && t == "default"), [&] {
+      return field(rs_key) + " has rope_type \"" + t + "\" (supported: \"llama3\"" +
+             (from_parameters ? ", \"default\")" : ", or null)");
+    });
     scaled = t == "llama3";
   }
   if (scaled) {
@@ -173,7 +183,7 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
     cfg.rope.high_freq_factor = number(*rs, "high_freq_factor", std::nullopt);
     const json* omp = rs->find("original_max_position_embeddings");
     require(omp && omp->is_int() && omp->as_int() > 0,
-            field(rs_key) + ".original_max_position_embeddings must be a positive integer");
+            [&] { return field(rs_key) + ".original_max_position_embeddings must be a positive integer"; });
     cfg.rope.original_max_position = omp->as_int();
   }
   try {

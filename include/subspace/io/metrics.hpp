@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "../core/error.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 
@@ -44,8 +44,9 @@ class metrics_writer {
   explicit metrics_writer(const std::filesystem::path& path, open_mode mode = open_mode::truncate) : path_(path) {
     ensure_directory(path.parent_path());
     file_ = std::fopen(path.c_str(), mode == open_mode::append ? "ab" : "wb");
-    require(file_ != nullptr, "metrics_writer: cannot open " + detail::quoted(path) + " for writing: " +
-                                  detail::sys_reason(errno));
+    require(file_ != nullptr, [&, err = errno] {
+      return "metrics_writer: cannot open " + detail::quoted(path) + " for writing: " + detail::sys_reason(err);
+    });
   }
   metrics_writer(const metrics_writer&) = delete;
   metrics_writer& operator=(const metrics_writer&) = delete;
@@ -65,7 +66,8 @@ class metrics_writer {
     j.set("wall_s", json(r.wall_s));
     j.set("grad_norm", json(r.grad_norm));
     for (const auto& [k, v] : extra) {
-      require(!j.contains(k), "metrics_writer: extra field \"" + k + "\" repeats a field of the line");
+      require(!j.contains(k),
+              [&key = k] { return "metrics_writer: extra field \"" + key + "\" repeats a field of the line"; });
       j.set(k, json(v));
     }
     write(j);
@@ -75,7 +77,9 @@ class metrics_writer {
     require(object.is_object(), "metrics_writer: a line must be a JSON object");
     const std::string line = object.dump() + "\n";
     const bool ok = std::fwrite(line.data(), 1, line.size(), file_) == line.size() && std::fflush(file_) == 0;
-    require(ok, "metrics_writer: writing " + detail::quoted(path_) + " failed: " + detail::sys_reason(errno));
+    require(ok, [&, err = errno] {
+      return "metrics_writer: writing " + detail::quoted(path_) + " failed: " + detail::sys_reason(err);
+    });
   }
 
  private:

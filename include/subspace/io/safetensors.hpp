@@ -10,7 +10,7 @@
 // The writer emits compact JSON: "__metadata__" first (when there is any), then the tensors in the order they
 // were added, stably sorted by element size (largest first) so that every tensor starts at a multiple of its
 // own element size (the buffer itself starts 8-aligned). Data are streamed to the file at write() time from
-// the views given to add(); the file is written atomically (io/file.hpp).
+// the views given to add(); the file is written atomically (util/file.hpp).
 //
 // The reader validates what the reference implementation validates (header start and length, known dtypes,
 // offsets that match the shape and tile the buffer) and converts on load: floating-point tensors (F64, F32,
@@ -35,8 +35,8 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
-#include "file.hpp"
-#include "json.hpp"
+#include "../util/file.hpp"
+#include "../util/json.hpp"
 
 namespace subspace::io {
 
@@ -125,8 +125,9 @@ struct st_tensor {
   std::uint64_t bytes() const { return end - begin; }
   /// The shape as a subspace::shape (rank <= 4, else invalid_argument).
   subspace::shape to_shape() const {
-    require(shape.size() <= std::size_t(max_rank),
-            "tensor '" + name + "' has rank " + std::to_string(shape.size()) + " (at most 4 supported)");
+    require(shape.size() <= std::size_t(max_rank), [&] {
+      return "tensor '" + name + "' has rank " + std::to_string(shape.size()) + " (at most 4 supported)";
+    });
     subspace::shape s;
     s.rank = int(shape.size());
     for (std::size_t i = 0; i < shape.size(); ++i) s.dims[i] = shape[i];
@@ -153,8 +154,10 @@ void convert_elements(const std::byte* raw, st_dtype src, std::size_t n, To* out
         if constexpr (std::is_same_v<From, bool> || std::is_same_v<To, bool>) {
           out[i] = To(v);
         } else {
-          require(std::in_range<To>(v), who + ": value " + std::to_string(v) + " at element " + std::to_string(i) +
-                                            " does not fit " + name_of(st_dtype_of<To>()));
+          require(std::in_range<To>(v), [&] {
+            return who + ": value " + std::to_string(v) + " at element " + std::to_string(i) + " does not fit " +
+                   name_of(st_dtype_of<To>());
+          });
           out[i] = To(v);
         }
       }
@@ -169,7 +172,9 @@ void convert_elements(const std::byte* raw, st_dtype src, std::size_t n, To* out
       case st_dtype::F16: return load(fp16{});
       default: break;
     }
-    require(false, who + ": dtype " + name_of(src) + " cannot load as floating point (expected F32, BF16, F16 or F64)");
+    require(false, [&] {
+      return who + ": dtype " + name_of(src) + " cannot load as floating point (expected F32, BF16, F16 or F64)";
+    });
   } else {
     switch (src) {
       case st_dtype::BOOL: return load(bool{});
@@ -183,7 +188,8 @@ void convert_elements(const std::byte* raw, st_dtype src, std::size_t n, To* out
       case st_dtype::U64: return load(std::uint64_t{});
       default: break;
     }
-    require(false, who + ": dtype " + name_of(src) + " cannot load as an integer (expected an integer dtype)");
+    require(false,
+            [&] { return who + ": dtype " + name_of(src) + " cannot load as an integer (expected an integer dtype)"; });
   }
 }
 
@@ -237,10 +243,11 @@ class safetensors_writer {
   void add_bytes(std::string name, st_dtype dtype, std::vector<std::int64_t> shape,
                  std::function<void(file_sink&)> produce) {
     require(!name.empty() && name != "__metadata__",
-            "safetensors_writer: tensor name '" + name + "' is reserved or empty");
-    for (const auto d : shape) require(d >= 0, "safetensors_writer: tensor '" + name + "' has a negative extent");
+            [&] { return "safetensors_writer: tensor name '" + name + "' is reserved or empty"; });
+    for (const auto d : shape)
+      require(d >= 0, [&] { return "safetensors_writer: tensor '" + name + "' has a negative extent"; });
     for (const auto& e : entries_)
-      require(e.info.name != name, "safetensors_writer: tensor '" + name + "' added twice");
+      require(e.info.name != name, [&] { return "safetensors_writer: tensor '" + name + "' added twice"; });
     st_tensor info{std::move(name), dtype, std::move(shape), 0, 0};
     entries_.push_back({std::move(info), std::move(produce)});
   }
@@ -291,10 +298,11 @@ class safetensors_writer {
       for (std::size_t k = 0; k < idx.size(); ++k) {
         const auto& t = tensors[k];
         entries_[idx[k]].produce(out);
-        require(out.written() - base == t.end,
-                "safetensors_writer: tensor '" + t.name + "' (" + name_of(t.dtype) + " " + to_string(t.shape) +
-                    ") should have written " + std::to_string(t.bytes()) + " bytes, wrote " +
-                    std::to_string(out.written() - base - t.begin));
+        require(out.written() - base == t.end, [&] {
+          return "safetensors_writer: tensor '" + t.name + "' (" + name_of(t.dtype) + " " + to_string(t.shape) +
+                 ") should have written " + std::to_string(t.bytes()) + " bytes, wrote " +
+                 std::to_string(out.written() - base - t.begin);
+        });
       }
     });
   }
@@ -322,29 +330,36 @@ class safetensors_file {
  public:
   explicit safetensors_file(std::filesystem::path path) : file_(std::move(path), "safetensors file") {
     const std::string where = "safetensors file " + detail::quoted(file_.path());
-    require(file_.size() >= 8, where + ": " + std::to_string(file_.size()) +
-                                   " bytes is too short (expected an 8-byte header length first)");
+    require(file_.size() >= 8, [&] {
+      return where + ": " + std::to_string(file_.size()) +
+             " bytes is too short (expected an 8-byte header length first)";
+    });
     unsigned char len[8];
     file_.read(0, len, 8);
     std::uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
-    require(n <= detail::st::max_header_bytes,
-            where + ": header length " + std::to_string(n) + " exceeds the format's limit of 100000000 bytes");
-    require(n <= file_.size() - 8, where + ": header length " + std::to_string(n) + " exceeds the file (" +
-                                       std::to_string(file_.size()) + " bytes): truncated or not safetensors");
+    require(n <= detail::st::max_header_bytes, [&] {
+      return where + ": header length " + std::to_string(n) + " exceeds the format's limit of 100000000 bytes";
+    });
+    require(n <= file_.size() - 8, [&] {
+      return where + ": header length " + std::to_string(n) + " exceeds the file (" + std::to_string(file_.size()) +
+             " bytes): truncated or not safetensors";
+    });
     std::string text(std::size_t(n), '\0');
     file_.read(8, text.data(), text.size());
-    require(!text.empty() && text[0] == '{', where + ": the header must start with '{'");
+    require(!text.empty() && text[0] == '{', [&] { return where + ": the header must start with '{'"; });
     data_start_ = 8 + n;
     const std::uint64_t buffer = file_.size() - data_start_;
 
     const json h = json::parse(text, where + " header");
-    require(h.is_object(), where + ": the header must be a JSON object");
+    require(h.is_object(), [&] { return where + ": the header must be a JSON object"; });
     for (const auto& [name, entry] : h.as_object()) {
       if (name == "__metadata__") {
-        require(entry.is_object(), where + ": __metadata__ must be an object of strings");
+        require(entry.is_object(), [&] { return where + ": __metadata__ must be an object of strings"; });
         for (const auto& [k, v] : entry.as_object()) {
-          require(v.is_string(), where + ": __metadata__[\"" + k + "\"] must be a string, got " + v.kind_name());
+          require(v.is_string(), [&, &key = k, &value = v] {
+            return where + ": __metadata__[\"" + key + "\"] must be a string, got " + value.kind_name();
+          });
           metadata_.emplace_back(k, v.as_string());
         }
         continue;
@@ -359,13 +374,17 @@ class safetensors_file {
     });
     std::uint64_t at = 0;
     for (const st_tensor* t : by_offset) {
-      require(t->begin == at, where + ": tensor '" + t->name + "' starts at byte " + std::to_string(t->begin) +
-                                  " of the data buffer, expected " + std::to_string(at) +
-                                  " (tensors must tile the buffer without holes or overlaps)");
+      require(t->begin == at, [&] {
+        return where + ": tensor '" + t->name + "' starts at byte " + std::to_string(t->begin) +
+               " of the data buffer, expected " + std::to_string(at) +
+               " (tensors must tile the buffer without holes or overlaps)";
+      });
       at = t->end;
     }
-    require(at == buffer, where + ": the tensors cover " + std::to_string(at) + " bytes, the data buffer has " +
-                              std::to_string(buffer) + " (truncated file or bad offsets)");
+    require(at == buffer, [&] {
+      return where + ": the tensors cover " + std::to_string(at) + " bytes, the data buffer has " +
+             std::to_string(buffer) + " (truncated file or bad offsets)";
+    });
   }
 
   const std::filesystem::path& path() const { return file_.path(); }
@@ -384,8 +403,10 @@ class safetensors_file {
   }
   const st_tensor& at(std::string_view name) const {
     const st_tensor* t = find(name);
-    require(t != nullptr, "safetensors file " + detail::quoted(path()) + " has no tensor '" + std::string(name) +
-                              "' (it has " + std::to_string(tensors_.size()) + " tensors)");
+    require(t != nullptr, [&] {
+      return "safetensors file " + detail::quoted(path()) + " has no tensor '" + std::string(name) + "' (it has " +
+             std::to_string(tensors_.size()) + " tensors)";
+    });
     return *t;
   }
 
@@ -401,8 +422,10 @@ class safetensors_file {
   void read(const st_tensor& t, view<T, host_space> dst) const {
     static_assert(!std::is_const_v<T>, "safetensors_file::read: the destination view must be writable");
     const std::string who = "tensor '" + t.name + "' in " + detail::quoted(path());
-    require(t.shape == dims_of(dst.shape()), who + ": shape mismatch: the file has " + to_string(t.shape) +
-                                                 ", expected " + subspace::to_string(dst.shape()));
+    require(t.shape == dims_of(dst.shape()), [&] {
+      return who + ": shape mismatch: the file has " + to_string(t.shape) + ", expected " +
+             subspace::to_string(dst.shape());
+    });
     if (!dst.is_contiguous()) {
       host_tensor<T> tmp(dst.shape());
       read(t, tmp.v());
@@ -434,34 +457,38 @@ class safetensors_file {
  private:
   static st_tensor parse_entry(const std::string& where, const std::string& name, const json& e) {
     const std::string who = where + ": tensor '" + name + "'";
-    require(e.is_object(), who + ": expected an object with dtype, shape and data_offsets");
+    require(e.is_object(), [&] { return who + ": expected an object with dtype, shape and data_offsets"; });
     const json* dt = e.find("dtype");
     const json* sh = e.find("shape");
     const json* off = e.find("data_offsets");
-    require(dt && dt->is_string(), who + ": missing string field \"dtype\"");
-    require(sh && sh->is_array(), who + ": missing array field \"shape\"");
-    require(off && off->is_array() && off->size() == 2, who + ": \"data_offsets\" must be an array [begin, end]");
+    require(dt && dt->is_string(), [&] { return who + ": missing string field \"dtype\""; });
+    require(sh && sh->is_array(), [&] { return who + ": missing array field \"shape\""; });
+    require(off && off->is_array() && off->size() == 2,
+            [&] { return who + ": \"data_offsets\" must be an array [begin, end]"; });
     const auto dtype = st_dtype_from_name(dt->as_string());
-    require(dtype.has_value(), who + ": unknown dtype \"" + dt->as_string() +
-                                   "\" (expected one of BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, "
-                                   "U64, F8_E4M3, F8_E5M2)");
+    require(dtype.has_value(), [&] {
+      return who + ": unknown dtype \"" + dt->as_string() +
+             "\" (expected one of BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, "
+             "U64, F8_E4M3, F8_E5M2)";
+    });
     st_tensor t;
     t.name = name;
     t.dtype = *dtype;
     for (const auto& d : sh->as_array()) {
-      require(d.is_int() && d.as_int() >= 0, who + ": shape entries must be non-negative integers");
+      require(d.is_int() && d.as_int() >= 0, [&] { return who + ": shape entries must be non-negative integers"; });
       t.shape.push_back(d.as_int());
     }
     const json& b = off->at(0);
     const json& en = off->at(1);
     require(b.is_int() && en.is_int() && b.as_int() >= 0 && b.as_int() <= en.as_int(),
-            who + ": data_offsets must be integers with 0 <= begin <= end");
+            [&] { return who + ": data_offsets must be integers with 0 <= begin <= end"; });
     t.begin = std::uint64_t(b.as_int());
     t.end = std::uint64_t(en.as_int());
     const std::uint64_t expected = std::uint64_t(t.numel()) * element_size(t.dtype);
-    require(t.bytes() == expected, who + ": data_offsets span " + std::to_string(t.bytes()) + " bytes, expected " +
-                                       std::to_string(expected) + " for " + name_of(t.dtype) + " " +
-                                       to_string(t.shape));
+    require(t.bytes() == expected, [&] {
+      return who + ": data_offsets span " + std::to_string(t.bytes()) + " bytes, expected " + std::to_string(expected) +
+             " for " + name_of(t.dtype) + " " + to_string(t.shape);
+    });
     return t;
   }
 

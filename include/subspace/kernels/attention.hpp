@@ -17,25 +17,22 @@
 //   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
 //
 // Host (this file): the readable reference, templated on the element type T (float, double, bf16, fp16; compute
-// in A = accum_t<T>, lse in A), any strides; (batch, head) pairs are spread over at most ex.concurrency() threads,
-// and the result does not depend on the thread count. CUDA (detail/cuda/attention.cuh): bf16 q/k/v/out/dout/dq/
+// in A = accum_t<T>, lse in A), any strides; (batch, head) pairs are spread over at most ex.concurrency() threads
+// (core/parallel.hpp), and the result does not depend on the thread count. CUDA (detail/cuda/attention.cuh): bf16 q/k/v/out/dout/dq/
 // dk/dv, fp32 lse and fp32 math, head dims 16, 32, 64 and 128, a fused flash-attention-style kernel for each pass.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <exception>
 #include <limits>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 
 namespace subspace {
@@ -59,56 +56,43 @@ struct dims {
 /// Throws invalid_argument "<op>: <name> has shape [..], expected [..]" unless v has shape `want`.
 template <class V>
 void require_shape(const V& v, const shape& want, const char* op, const char* name) {
-  require(v.shape() == want, std::string(op) + ": " + name + " has shape " + to_string(v.shape()) + ", expected " +
-                                 to_string(want));
+  require(v.shape() == want, [&] {
+    return std::string(op) + ": " + name + " has shape " + to_string(v.shape()) + ", expected " + to_string(want);
+  });
 }
 
 /// Checks q, k, v, lse and the parameters (the callers check their other operands with require_shape); returns the
 /// sizes.
 template <class VQ, class VK, class VV, class VL>
 dims check(const char* op, const VQ& q, const VK& k, const VV& v, const VL& lse, const attention_params& p) {
-  require(q.rank() == 4, std::string(op) + ": q must have rank 4 [B, S, Hq, hd], got shape " + to_string(q.shape()));
-  require(k.rank() == 4,
-          std::string(op) + ": k must have rank 4 [B, Skv, Hkv, hd], got shape " + to_string(k.shape()));
+  require(q.rank() == 4,
+          [&] { return std::string(op) + ": q must have rank 4 [B, S, Hq, hd], got shape " + to_string(q.shape()); });
+  require(k.rank() == 4, [&] {
+    return std::string(op) + ": k must have rank 4 [B, Skv, Hkv, hd], got shape " + to_string(k.shape());
+  });
   dims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), k.dim(2), q.dim(3)};
-  require(k.dim(0) == d.batch && k.dim(3) == d.head_dim,
-          std::string(op) + ": k has shape " + to_string(k.shape()) + " but q has shape " + to_string(q.shape()) +
-              " (batch and head dim must agree)");
-  require(d.kv_heads > 0 && d.heads % d.kv_heads == 0,
-          std::string(op) + ": the query heads (" + std::to_string(d.heads) + ", q " + to_string(q.shape()) +
-              ") must be a positive multiple of the KV heads (" + std::to_string(d.kv_heads) + ", k " +
-              to_string(k.shape()) + ")");
+  require(k.dim(0) == d.batch && k.dim(3) == d.head_dim, [&] {
+    return std::string(op) + ": k has shape " + to_string(k.shape()) + " but q has shape " + to_string(q.shape()) +
+           " (batch and head dim must agree)";
+  });
+  require(d.kv_heads > 0 && d.heads % d.kv_heads == 0, [&] {
+    return std::string(op) + ": the query heads (" + std::to_string(d.heads) + ", q " + to_string(q.shape()) +
+           ") must be a positive multiple of the KV heads (" + std::to_string(d.kv_heads) + ", k " +
+           to_string(k.shape()) + ")";
+  });
   require_shape(v, k.shape(), op, "v");
   require_shape(lse, shape{d.batch, d.heads, d.seq}, op, "lse [B, Hq, S]");
-  require(std::isfinite(p.scale), std::string(op) + ": params.scale must be finite");
+  require(std::isfinite(p.scale), [&] { return std::string(op) + ": params.scale must be finite"; });
   return d;
 }
 
-/// Runs f(task) for task in [0, tasks) on at most `threads` threads (the calling thread included); rethrows the
-/// first exception. Each task is independent, so the results do not depend on the thread count.
+/// Runs f(task) for every task in [0, tasks) on the threads of `ex` worth starting for `flops` of work. Each task is
+/// independent, so the results do not depend on the thread count.
 template <class F>
-void parallel_for(int threads, std::int64_t tasks, double flops, F&& f) {
-  const std::int64_t by_work = std::max<std::int64_t>(1, std::int64_t(flops / 4.0e6));  // >= ~4 MFLOP a thread
-  const int n = int(std::max<std::int64_t>(1, std::min({std::int64_t(threads), tasks, by_work})));
-  std::atomic<std::int64_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto work = [&] {
-    try {
-      for (std::int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
-    } catch (...) {
-      const std::lock_guard lock(failure_mutex);
-      if (!failure) failure = std::current_exception();
-      next.store(tasks);
-    }
-  };
-  {
-    std::vector<std::jthread> helpers;
-    helpers.reserve(std::size_t(n - 1));
-    for (int t = 1; t < n; ++t) helpers.emplace_back(work);
-    work();
-  }
-  if (failure) std::rethrow_exception(failure);
+void for_each_task(const exec::host& ex, std::int64_t tasks, double flops, F&& f) {
+  parallel_for(for_flops(ex, flops), tasks, [&](std::int64_t first, std::int64_t last) {
+    for (std::int64_t t = first; t < last; ++t) f(t);
+  });
 }
 
 /// The keys [0, visible_keys(i)) are the ones query row i may see.
@@ -148,7 +132,7 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q,
   const std::int64_t hd = d.head_dim, sd = q.stride(3), kd = k.stride(3), vd = v.stride(3), od = out.stride(3);
   const double flops = 4.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
 
-  at::parallel_for(ex.concurrency(), d.batch * d.heads, flops, [&](std::int64_t task) {
+  at::for_each_task(ex, d.batch * d.heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.heads, h = task % d.heads, hk = h / d.group();
     std::vector<A> score(static_cast<std::size_t>(d.seq_kv)), acc(static_cast<std::size_t>(hd));
     for (std::int64_t i = 0; i < d.seq; ++i) {
@@ -204,7 +188,7 @@ void attention_backward(const exec::host& ex, view<Q, host_space> q,
   const double flops = 10.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
 
   // One task per (batch, KV head): it owns dk and dv of that head and dq of the query heads that share it.
-  at::parallel_for(ex.concurrency(), d.batch * d.kv_heads, flops, [&](std::int64_t task) {
+  at::for_each_task(ex, d.batch * d.kv_heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.kv_heads, hk = task % d.kv_heads;
     std::vector<A> dk_acc(std::size_t(d.seq_kv * hd), A(0)), dv_acc(std::size_t(d.seq_kv * hd), A(0));
     std::vector<A> dq_acc(static_cast<std::size_t>(hd));

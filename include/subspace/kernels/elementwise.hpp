@@ -59,10 +59,13 @@ struct fill_op {
 template <class V>
 void require_contiguous(const V& v, const char* op,
                         const std::source_location& loc = std::source_location::current()) {
-  require(v.is_contiguous(),
-          std::string(op) + ": the CUDA path needs a contiguous view; got a strided view of shape " +
-              to_string(v.shape()),
-          loc);
+  require(
+      v.is_contiguous(),
+      [&] {
+        return std::string(op) + ": the CUDA path needs a contiguous view; got a strided view of shape " +
+               to_string(v.shape());
+      },
+      loc);
 }
 
 }  // namespace detail::elementwise

@@ -12,25 +12,22 @@
 // The host implementation below is both the readable reference and fast enough for CPU training demos: it packs
 // blocks of op_a(A) and op_b(B) into contiguous panels (every transpose, stride and element type is handled
 // there, converting to the accumulator type), runs a register-blocked micro-kernel written so that the compiler
-// vectorises it at plain -O2 (no intrinsics), and spreads blocks of C over at most ex.concurrency() threads.
-// Every block of C is computed the same way whichever thread runs it, so results do not depend on the thread count.
+// vectorises it at plain -O2 (no intrinsics), and spreads blocks of C over at most ex.concurrency() threads
+// (core/parallel.hpp). Every block of C is computed the same way whichever thread runs it, so results do not depend
+// on the thread count.
 // The CUDA implementation (cuBLASLt) lives in detail/cuda/gemm.cuh and comes along under nvcc.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 
 namespace subspace {
@@ -79,30 +76,36 @@ inline std::string gemm_op_shape(std::int64_t rows, std::int64_t cols) {
 template <class VA, class VB, class VC>
 gemm_problem gemm_check(op op_a, op op_b, const VA& A, const VB& B, const VC& C) {
   const auto rank_ok = [](int r) { return r == 2 || r == 3; };
-  require(rank_ok(A.rank()) && rank_ok(B.rank()) && rank_ok(C.rank()) && A.rank() == B.rank() &&
-              B.rank() == C.rank(),
-          "gemm: A, B and C must all be rank 2, or all rank 3 (a strided batch in dimension 0); got A " +
-              to_string(A.shape()) + ", B " + to_string(B.shape()) + ", C " + to_string(C.shape()));
+  require(rank_ok(A.rank()) && rank_ok(B.rank()) && rank_ok(C.rank()) && A.rank() == B.rank() && B.rank() == C.rank(),
+          [&] {
+            return "gemm: A, B and C must all be rank 2, or all rank 3 (a strided batch in dimension 0); got A " +
+                   to_string(A.shape()) + ", B " + to_string(B.shape()) + ", C " + to_string(C.shape());
+          });
   gemm_problem p;
   if (A.rank() == 3) {
-    require(A.dim(0) == B.dim(0) && B.dim(0) == C.dim(0),
-            "gemm: batch counts (dimension 0) differ: A " + to_string(A.shape()) + ", B " + to_string(B.shape()) +
-                ", C " + to_string(C.shape()));
+    require(A.dim(0) == B.dim(0) && B.dim(0) == C.dim(0), [&] {
+      return "gemm: batch counts (dimension 0) differ: A " + to_string(A.shape()) + ", B " + to_string(B.shape()) +
+             ", C " + to_string(C.shape());
+    });
     p.batch = A.dim(0);
   }
   std::int64_t ar, ac, br, bc, cr, cc;
   p.a = gemm_op_strides(A, op_a, ar, ac);
   p.b = gemm_op_strides(B, op_b, br, bc);
   p.c = gemm_op_strides(C, op::none, cr, cc);
-  require(ac == br, std::string("gemm: inner dimensions differ: op_a(A) has shape ") + gemm_op_shape(ar, ac) +
-                        " (A " + to_string(A.shape()) + ", op_a = " + to_string(op_a) + ") but op_b(B) has shape " +
-                        gemm_op_shape(br, bc) + " (B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) + ")");
-  require(cr == ar && cc == bc, "gemm: C has shape " + to_string(C.shape()) + " but op_a(A) * op_b(B) has shape " +
-                                    gemm_op_shape(ar, bc) + " (A " + to_string(A.shape()) + ", op_a = " +
-                                    to_string(op_a) + "; B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) +
-                                    ")");
-  require(p.batch <= 1 || p.c.batch != 0 || cr * cc == 0,
-          "gemm: C " + to_string(C.shape()) + " has batch stride 0: the batch entries would overwrite each other");
+  require(ac == br, [&] {
+    return std::string("gemm: inner dimensions differ: op_a(A) has shape ") + gemm_op_shape(ar, ac) + " (A " +
+           to_string(A.shape()) + ", op_a = " + to_string(op_a) + ") but op_b(B) has shape " + gemm_op_shape(br, bc) +
+           " (B " + to_string(B.shape()) + ", op_b = " + to_string(op_b) + ")";
+  });
+  require(cr == ar && cc == bc, [&] {
+    return "gemm: C has shape " + to_string(C.shape()) + " but op_a(A) * op_b(B) has shape " + gemm_op_shape(ar, bc) +
+           " (A " + to_string(A.shape()) + ", op_a = " + to_string(op_a) + "; B " + to_string(B.shape()) +
+           ", op_b = " + to_string(op_b) + ")";
+  });
+  require(p.batch <= 1 || p.c.batch != 0 || cr * cc == 0, [&] {
+    return "gemm: C " + to_string(C.shape()) + " has batch stride 0: the batch entries would overwrite each other";
+  });
   p.m = ar;
   p.n = bc;
   p.k = ac;
@@ -213,40 +216,21 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
   }
 }
 
-/// Runs the problem's blocks of C on at most `threads` threads (the calling thread included).
+/// Runs the problem's blocks of C on the threads of `ex` worth starting for its size (parallel_for: each thread
+/// takes a contiguous range of blocks, with its own workspace).
 template <class Acc, class TA, class TB, class TC>
-void run(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, int threads) {
+void run(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, const exec::host& ex) {
   using blk = blocking<Acc>;
   const std::int64_t mblocks = (pr.m + blk::mc - 1) / blk::mc, nblocks = (pr.n + blk::nc - 1) / blk::nc;
   const std::int64_t tasks = pr.batch * mblocks * nblocks;
-  // A thread costs tens of microseconds to start: give each one at least ~4 MFLOP of work.
   const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
-  const std::int64_t by_work = std::max<std::int64_t>(1, std::int64_t(flops / 4.0e6));
-  const int n_threads = int(std::max<std::int64_t>(1, std::min({std::int64_t(threads), tasks, by_work})));
-
-  std::vector<workspace<Acc>> ws(static_cast<std::size_t>(n_threads));  // allocated here, so a bad_alloc reaches the caller
-  std::atomic<std::int64_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto work = [&](workspace<Acc>& w) {
-    try {
-      for (std::int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-        const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
-        block(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
-      }
-    } catch (...) {
-      const std::lock_guard lock(failure_mutex);
-      if (!failure) failure = std::current_exception();
-      next.store(tasks);  // the others stop at their next task
+  parallel_for(for_flops(ex, flops), tasks, [&](std::int64_t first, std::int64_t last) {
+    workspace<Acc> w;
+    for (std::int64_t t = first; t < last; ++t) {
+      const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
+      block(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
     }
-  };
-  {
-    std::vector<std::jthread> helpers;  // joined when the scope ends, also if starting one throws
-    helpers.reserve(std::size_t(n_threads - 1));
-    for (int t = 1; t < n_threads; ++t) helpers.emplace_back(work, std::ref(ws[std::size_t(t)]));
-    work(ws[0]);
-  }
-  if (failure) std::rethrow_exception(failure);
+  });
 }
 
 }  // namespace detail::gemm_host
@@ -266,7 +250,7 @@ void gemm(const exec::host& ex, op op_a, op op_b, float alpha, view<TA, host_spa
   const detail::gemm_problem pr = detail::gemm_check(op_a, op_b, A, B, C);
   if (pr.batch == 0 || pr.m == 0 || pr.n == 0) return;
   detail::gemm_host::run<acc_t>(pr, static_cast<const a_t*>(A.data()), static_cast<const b_t*>(B.data()), C.data(),
-                                acc_t(alpha), acc_t(beta), ex.concurrency());
+                                acc_t(alpha), acc_t(beta), ex);
 }
 
 }  // namespace subspace

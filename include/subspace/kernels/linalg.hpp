@@ -58,25 +58,29 @@ struct scratch<exec::host, T> {
 /// Shape checks shared by the host and CUDA orthonormalize.
 template <class VA, class VQ>
 void orthonormalize_check(const VA& a, const VQ& q) {
-  require(a.rank() == 2 && a.dim(0) >= a.dim(1),
-          "orthonormalize: a must be rank 2 with at least as many rows as columns, got shape " + to_string(a.shape()));
+  require(a.rank() == 2 && a.dim(0) >= a.dim(1), [&] {
+    return "orthonormalize: a must be rank 2 with at least as many rows as columns, got shape " + to_string(a.shape());
+  });
   require_same_shape(a, q, "orthonormalize");
 }
 
 /// Shape checks shared by the host and CUDA svd: s (k'), u (m x k'), vt (k' x n), k' <= min(m, n), each optional.
 template <class VA, class VS, class VU, class VV>
 void svd_check(const VA& a, const VS& s, const VU& u, const VV& vt) {
-  require(a.rank() == 2, "svd: a must be rank 2, got shape " + to_string(a.shape()));
+  require(a.rank() == 2, [&] { return "svd: a must be rank 2, got shape " + to_string(a.shape()); });
   const std::int64_t m = a.dim(0), n = a.dim(1), k = std::min(m, n);
-  require(s.data() == nullptr || (s.rank() == 1 && s.dim(0) <= k),
-          "svd: s must be a vector of at most min(m, n) = " + std::to_string(k) + " elements, got shape " +
-              to_string(s.shape()));
-  require(u.data() == nullptr || (u.rank() == 2 && u.dim(0) == m && u.dim(1) <= k),
-          "svd: u must be [" + std::to_string(m) + ", k'] with k' <= " + std::to_string(k) + ", got shape " +
-              to_string(u.shape()));
-  require(vt.data() == nullptr || (vt.rank() == 2 && vt.dim(1) == n && vt.dim(0) <= k),
-          "svd: vt must be [k', " + std::to_string(n) + "] with k' <= " + std::to_string(k) + ", got shape " +
-              to_string(vt.shape()));
+  require(s.data() == nullptr || (s.rank() == 1 && s.dim(0) <= k), [&] {
+    return "svd: s must be a vector of at most min(m, n) = " + std::to_string(k) + " elements, got shape " +
+           to_string(s.shape());
+  });
+  require(u.data() == nullptr || (u.rank() == 2 && u.dim(0) == m && u.dim(1) <= k), [&] {
+    return "svd: u must be [" + std::to_string(m) + ", k'] with k' <= " + std::to_string(k) + ", got shape " +
+           to_string(u.shape());
+  });
+  require(vt.data() == nullptr || (vt.rank() == 2 && vt.dim(1) == n && vt.dim(0) <= k), [&] {
+    return "svd: vt must be [k', " + std::to_string(n) + "] with k' <= " + std::to_string(k) + ", got shape " +
+           to_string(vt.shape());
+  });
 }
 
 namespace linalg_host {

@@ -53,24 +53,35 @@ struct dims {
 template <class VH, class VW, class VT, class VL, class VDH, class VDW>
 dims check(const char* op, const VH& h, const VW& weight, const VT& targets, const VL& losses, const VDH& dh,
            const VDW& dweight) {
-  const std::string o(op);
-  require(h.rank() == 2, o + ": h must have rank 2 [N, d], got shape " + to_string(h.shape()));
-  require(weight.rank() == 2 && weight.dim(1) == h.dim(1),
-          o + ": weight has shape " + to_string(weight.shape()) + " but h has shape " + to_string(h.shape()) +
-              " (weight must be [V, d] with h's d)");
+  require(h.rank() == 2,
+          [&] { return std::string(op) + ": h must have rank 2 [N, d], got shape " + to_string(h.shape()); });
+  require(weight.rank() == 2 && weight.dim(1) == h.dim(1), [&] {
+    return std::string(op) + ": weight has shape " + to_string(weight.shape()) + " but h has shape " +
+           to_string(h.shape()) + " (weight must be [V, d] with h's d)";
+  });
   const dims d{h.dim(0), h.dim(1), weight.dim(0)};
-  require(d.vocab > 0, o + ": weight has shape " + to_string(weight.shape()) + ": the vocabulary is empty");
-  require(targets.shape() == shape{d.rows},
-          o + ": targets has shape " + to_string(targets.shape()) + ", expected " + to_string(shape{d.rows}));
-  require(losses.shape() == shape{d.rows},
-          o + ": losses has shape " + to_string(losses.shape()) + ", expected " + to_string(shape{d.rows}));
-  require(targets.is_contiguous() && losses.is_contiguous(), o + ": targets and losses must be contiguous");
+  require(d.vocab > 0, [&] {
+    return std::string(op) + ": weight has shape " + to_string(weight.shape()) + ": the vocabulary is empty";
+  });
+  require(targets.shape() == shape{d.rows}, [&] {
+    return std::string(op) + ": targets has shape " + to_string(targets.shape()) + ", expected " +
+           to_string(shape{d.rows});
+  });
+  require(losses.shape() == shape{d.rows}, [&] {
+    return std::string(op) + ": losses has shape " + to_string(losses.shape()) + ", expected " +
+           to_string(shape{d.rows});
+  });
+  require(targets.is_contiguous() && losses.is_contiguous(),
+          [&] { return std::string(op) + ": targets and losses must be contiguous"; });
   if (dh.data() != nullptr)
-    require(dh.shape() == h.shape(),
-            o + ": dh has shape " + to_string(dh.shape()) + ", expected " + to_string(h.shape()));
+    require(dh.shape() == h.shape(), [&] {
+      return std::string(op) + ": dh has shape " + to_string(dh.shape()) + ", expected " + to_string(h.shape());
+    });
   if (dweight.data() != nullptr)
-    require(dweight.shape() == weight.shape(),
-            o + ": dweight has shape " + to_string(dweight.shape()) + ", expected " + to_string(weight.shape()));
+    require(dweight.shape() == weight.shape(), [&] {
+      return std::string(op) + ": dweight has shape " + to_string(dweight.shape()) + ", expected " +
+             to_string(weight.shape());
+    });
   return d;
 }
 
@@ -103,8 +114,10 @@ void lm_head_cross_entropy(const exec::host& ex, view<H, host_space> h,
   const detail::loss::dims d = detail::loss::check(name, h, weight, targets, losses, dh, dweight);
   for (std::int64_t i = 0; i < d.rows; ++i) {
     const std::int32_t t = targets.data()[i];
-    require(t >= -1 && t < d.vocab, std::string(name) + ": targets[" + std::to_string(i) + "] = " + std::to_string(t) +
-                                        " is outside [0, " + std::to_string(d.vocab) + ") and is not -1 (ignored)");
+    require(t >= -1 && t < d.vocab, [&] {
+      return std::string(name) + ": targets[" + std::to_string(i) + "] = " + std::to_string(t) + " is outside [0, " +
+             std::to_string(d.vocab) + ") and is not -1 (ignored)";
+    });
   }
   if (d.rows == 0) return;
   const bool want_dh = dh.data() != nullptr, want_dw = dweight.data() != nullptr, grads = want_dh || want_dw;

@@ -106,7 +106,7 @@ template <class X>
   requires is_element_v<std::remove_const_t<X>>
 accum_t<std::remove_const_t<X>> max(const exec::host&, view<X, host_space> x) {
   using A = accum_t<std::remove_const_t<X>>;
-  require(!x.empty(), "max: empty view (shape " + to_string(x.shape()) + ") has no largest element");
+  require(!x.empty(), [&] { return "max: empty view (shape " + to_string(x.shape()) + ") has no largest element"; });
   A m = -std::numeric_limits<A>::infinity();
   bool nan = false;
   detail::reduce::for_each_element(x, [&](std::remove_const_t<X> v) {

@@ -27,8 +27,8 @@
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
-#include "../nn/config.hpp"
 #include "detail/layer_checks.hpp"
+#include "rope_config.hpp"
 
 namespace subspace {
 
@@ -36,9 +36,9 @@ namespace subspace {
 /// cfg.llama31_scaling: wavelengths longer than original_max_position / low_freq_factor are divided by
 /// `factor`, those shorter than original_max_position / high_freq_factor are kept, and those in between are
 /// interpolated (Hugging Face's _compute_llama3_parameters).
-inline std::vector<float> rope_inv_freq(const nn::rope_config& cfg, std::int64_t head_dim) {
+inline std::vector<float> rope_inv_freq(const rope_config& cfg, std::int64_t head_dim) {
   require(head_dim > 0 && head_dim % 2 == 0,
-          "rope_inv_freq: head_dim must be positive and even, got " + std::to_string(head_dim));
+          [&] { return "rope_inv_freq: head_dim must be positive and even, got " + std::to_string(head_dim); });
   require(cfg.theta > 0, "rope_inv_freq: theta must be positive");
   const std::int64_t half = head_dim / 2;
   std::vector<float> out(static_cast<std::size_t>(half));
@@ -72,10 +72,11 @@ void check(const X& x, const F& inv_freq, std::int64_t pos0) {
   namespace L = detail::layer;
   L::require_rank(x, 4, "rope_apply", "x");
   L::require_contiguous(x, "rope_apply", "x");
-  require(x.dim(3) % 2 == 0, "rope_apply: head dimension of x " + to_string(x.shape()) + " must be even");
+  require(x.dim(3) % 2 == 0,
+          [&] { return "rope_apply: head dimension of x " + to_string(x.shape()) + " must be even"; });
   L::require_shape(inv_freq, shape{x.dim(3) / 2}, "rope_apply", "inv_freq");
   L::require_contiguous(inv_freq, "rope_apply", "inv_freq");
-  require(pos0 >= 0, "rope_apply: pos0 must be non-negative, got " + std::to_string(pos0));
+  require(pos0 >= 0, [&] { return "rope_apply: pos0 must be non-negative, got " + std::to_string(pos0); });
 }
 
 /// Rotates the pair (a, b) by the angle whose cosine and sine are (c, s): a' = a c - b s, b' = b c + a s.

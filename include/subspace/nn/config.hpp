@@ -6,19 +6,12 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../kernels/rope_config.hpp"
 
 namespace subspace::nn {
 
-/// Rotary position embedding. Pairs are (i, i + head_dim/2) — Hugging Face's layout, so HF q/k weights load
-/// unpermuted. Optional Llama 3.1 frequency scaling.
-struct rope_config {
-  float theta = 500000.0f;
-  bool llama31_scaling = false;
-  float factor = 8.0f;
-  float low_freq_factor = 1.0f;
-  float high_freq_factor = 4.0f;
-  std::int64_t original_max_position = 8192;
-};
+/// Rotary position embedding: defined with the kernel that reads it (kernels/rope_config.hpp).
+using rope_config = subspace::rope_config;
 
 struct llama_config {
   std::string name = "custom";

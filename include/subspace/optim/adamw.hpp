@@ -155,22 +155,26 @@ struct adamw {
   template <class GradIn, class S>
   void check(view<float, S> master, view<GradIn, S> grad, const state<S>& st, const param_info& info,
              const step_context& ctx, view<bf16, S> working) const {
-    const std::string who = "optim::adamw::step(" + info.name + "): ";
+    const auto who = [&] { return "optim::adamw::step(" + info.name + "): "; };
     require(0.0f <= beta1 && beta1 < 1.0f && 0.0f <= beta2 && beta2 < 1.0f,
-            who + "beta1 and beta2 must lie in [0, 1)");
-    require(eps > 0.0f, who + "eps must be positive");
-    require(ctx.step >= 1, who + "step_context::step is 1-based, got " + std::to_string(ctx.step));
-    require(master.shape() == info.shape,
-            who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(info.shape));
-    require(grad.shape() == info.shape,
-            who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(info.shape));
-    require(st.m.shape() == info.shape && st.v.shape() == info.shape,
-            who + "state has shape " + to_string(st.m.shape()) + ", the parameter " + to_string(info.shape) +
-                " (init it with this parameter's info)");
-    require(working.data() == nullptr || working.shape() == info.shape,
-            who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(info.shape));
+            [&] { return who() + "beta1 and beta2 must lie in [0, 1)"; });
+    require(eps > 0.0f, [&] { return who() + "eps must be positive"; });
+    require(ctx.step >= 1, [&] { return who() + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
+    require(master.shape() == info.shape, [&] {
+      return who() + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(info.shape);
+    });
+    require(grad.shape() == info.shape, [&] {
+      return who() + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(info.shape);
+    });
+    require(st.m.shape() == info.shape && st.v.shape() == info.shape, [&] {
+      return who() + "state has shape " + to_string(st.m.shape()) + ", the parameter " + to_string(info.shape) +
+             " (init it with this parameter's info)";
+    });
+    require(working.data() == nullptr || working.shape() == info.shape, [&] {
+      return who() + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(info.shape);
+    });
     require(master.is_contiguous() && grad.is_contiguous() && working.is_contiguous(),
-            who + "master, grad and working must be contiguous");
+            [&] { return who() + "master, grad and working must be contiguous"; });
   }
 };
 

@@ -104,14 +104,16 @@ struct golore {
  private:
   void check_schedule() const {
     detail::check_settings(settings());
-    require(0.0 <= random_percent && random_percent <= 100.0,
-            "optim::golore: random_percent (x of GoLore@x%) must lie in [0, 100], got " +
-                std::to_string(random_percent));
+    require(0.0 <= random_percent && random_percent <= 100.0, [&] {
+      return "optim::golore: random_percent (x of GoLore@x%) must lie in [0, 100], got " +
+             std::to_string(random_percent);
+    });
     require(total_steps >= 0, "optim::golore: total_steps must not be negative");
-    require(random_percent <= 0.0 || random_percent >= 100.0 || total_steps > 0,
-            "optim::golore: GoLore@" + std::to_string(random_percent) +
-                "% switches to random projectors at (1 - x/100) * total_steps: set total_steps to the planned number "
-                "of optimizer steps (or random_percent = 100 for pure GoLore)");
+    require(random_percent <= 0.0 || random_percent >= 100.0 || total_steps > 0, [&] {
+      return "optim::golore: GoLore@" + std::to_string(random_percent) +
+             "% switches to random projectors at (1 - x/100) * total_steps: set total_steps to the planned number "
+             "of optimizer steps (or random_percent = 100 for pure GoLore)";
+    });
   }
 };
 

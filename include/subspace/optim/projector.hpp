@@ -65,12 +65,14 @@ struct projection {
 /// The projection of an m x n matrix at rank r: the side by shape (spec §2). Throws invalid_argument unless
 /// 1 <= r <= min(m, n).
 inline projection make_projection(std::int64_t rows, std::int64_t cols, std::int64_t rank) {
-  require(rows >= 1 && cols >= 1,
-          "projection: the matrix must be non-empty, got " + std::to_string(rows) + " x " + std::to_string(cols));
-  require(rank >= 1 && rank <= std::min(rows, cols),
-          "projection: rank r = " + std::to_string(rank) +
-              " must satisfy 1 <= r <= min(m, n) = " + std::to_string(std::min(rows, cols)) + " for a " +
-              std::to_string(rows) + " x " + std::to_string(cols) + " matrix");
+  require(rows >= 1 && cols >= 1, [&] {
+    return "projection: the matrix must be non-empty, got " + std::to_string(rows) + " x " + std::to_string(cols);
+  });
+  require(rank >= 1 && rank <= std::min(rows, cols), [&] {
+    return "projection: rank r = " + std::to_string(rank) +
+           " must satisfy 1 <= r <= min(m, n) = " + std::to_string(std::min(rows, cols)) + " for a " +
+           std::to_string(rows) + " x " + std::to_string(cols) + " matrix";
+  });
   return projection{rows, cols, rank, rows >= cols ? projection_side::right : projection_side::left};
 }
 
@@ -100,19 +102,22 @@ SUBSPACE_HD inline void golore_normal4(std::uint64_t seed, std::uint32_t param_i
 
 /// Omega's limits: idx / 4 and refresh_id must fit their 32-bit counter words.
 inline void golore_check(const projection& p, std::uint64_t refresh_id) {
-  require(std::uint64_t(p.short_dim() * p.rank) <= (std::uint64_t(1) << 34),
-          "golore_projector: Omega has " + std::to_string(p.short_dim() * p.rank) +
-              " elements, more than the 2^34 the Philox counter addresses");
-  require(refresh_id <= 0xffffffffull,
-          "golore_projector: refresh_id " + std::to_string(refresh_id) + " exceeds the 32-bit counter word");
+  require(std::uint64_t(p.short_dim() * p.rank) <= (std::uint64_t(1) << 34), [&] {
+    return "golore_projector: Omega has " + std::to_string(p.short_dim() * p.rank) +
+           " elements, more than the 2^34 the Philox counter addresses";
+  });
+  require(refresh_id <= 0xffffffffull, [&] {
+    return "golore_projector: refresh_id " + std::to_string(refresh_id) + " exceeds the 32-bit counter word";
+  });
 }
 
 template <class V>
 void require_projector_shape(const projection& p, const V& P, const char* who) {
-  require(P.shape() == p.projector_shape(), std::string(who) + ": P has shape " + to_string(P.shape()) + ", the " +
-                                                to_string(p.side) + " projector of a " + std::to_string(p.rows) +
-                                                " x " + std::to_string(p.cols) + " matrix at rank " +
-                                                std::to_string(p.rank) + " is " + to_string(p.projector_shape()));
+  require(P.shape() == p.projector_shape(), [&] {
+    return std::string(who) + ": P has shape " + to_string(P.shape()) + ", the " + to_string(p.side) +
+           " projector of a " + std::to_string(p.rows) + " x " + std::to_string(p.cols) + " matrix at rank " +
+           std::to_string(p.rank) + " is " + to_string(p.projector_shape());
+  });
 }
 
 }  // namespace detail
@@ -122,8 +127,9 @@ template <class T>
 void golore_gaussian(const exec::host&, const projection& p, std::uint64_t seed, std::uint32_t param_id,
                      std::uint64_t refresh_id, view<T, host_space> omega) {
   detail::golore_check(p, refresh_id);
-  require(omega.shape() == p.omega_shape(),
-          "golore_gaussian: Omega has shape " + to_string(omega.shape()) + ", expected " + to_string(p.omega_shape()));
+  require(omega.shape() == p.omega_shape(), [&] {
+    return "golore_gaussian: Omega has shape " + to_string(omega.shape()) + ", expected " + to_string(p.omega_shape());
+  });
   const std::int64_t total = p.short_dim() * p.rank;
   float draws[4] = {};
   for (std::int64_t idx = 0; idx < total; ++idx) {
@@ -151,9 +157,10 @@ template <class Exec, class G, class T>
 void galore_projector(const Exec& ex, const projection& p, view<G, space_of_t<Exec>> grad,
                       view<T, space_of_t<Exec>> P) {
   using S = space_of_t<Exec>;
-  require(grad.rank() == 2 && grad.dim(0) == p.rows && grad.dim(1) == p.cols,
-          "galore_projector: the gradient has shape " + to_string(grad.shape()) + ", the projection is " +
-              std::to_string(p.rows) + " x " + std::to_string(p.cols));
+  require(grad.rank() == 2 && grad.dim(0) == p.rows && grad.dim(1) == p.cols, [&] {
+    return "galore_projector: the gradient has shape " + to_string(grad.shape()) + ", the projection is " +
+           std::to_string(p.rows) + " x " + std::to_string(p.cols);
+  });
   detail::require_projector_shape(p, P, "galore_projector");
   if (p.side == projection_side::right)
     svd(ex, grad, view<T, S>{}, view<T, S>{}, P);
@@ -167,7 +174,7 @@ void project(const Exec& ex, const projection& p, view<G, space_of_t<Exec>> grad
              view<TR, space_of_t<Exec>> R) {
   detail::require_projector_shape(p, P, "project");
   require(R.shape() == p.moment_shape(),
-          "project: R has shape " + to_string(R.shape()) + ", expected " + to_string(p.moment_shape()));
+          [&] { return "project: R has shape " + to_string(R.shape()) + ", expected " + to_string(p.moment_shape()); });
   if (p.side == projection_side::right)
     gemm(ex, op::none, op::transpose, 1.0f, grad, P, 0.0f, R);
   else
@@ -179,11 +186,13 @@ template <class Exec, class TN, class TP, class TW>
 void back_project_add(const Exec& ex, const projection& p, view<TN, space_of_t<Exec>> N, view<TP, space_of_t<Exec>> P,
                       view<TW, space_of_t<Exec>> W) {
   detail::require_projector_shape(p, P, "back_project_add");
-  require(N.shape() == p.moment_shape(),
-          "back_project_add: N has shape " + to_string(N.shape()) + ", expected " + to_string(p.moment_shape()));
-  require(W.rank() == 2 && W.dim(0) == p.rows && W.dim(1) == p.cols,
-          "back_project_add: W has shape " + to_string(W.shape()) + ", the projection is " + std::to_string(p.rows) +
-              " x " + std::to_string(p.cols));
+  require(N.shape() == p.moment_shape(), [&] {
+    return "back_project_add: N has shape " + to_string(N.shape()) + ", expected " + to_string(p.moment_shape());
+  });
+  require(W.rank() == 2 && W.dim(0) == p.rows && W.dim(1) == p.cols, [&] {
+    return "back_project_add: W has shape " + to_string(W.shape()) + ", the projection is " + std::to_string(p.rows) +
+           " x " + std::to_string(p.cols);
+  });
   if (p.side == projection_side::right)
     gemm(ex, op::none, op::none, 1.0f, N, P, 1.0f, W);
   else
@@ -198,8 +207,9 @@ void reproject_first_moment(const Exec& ex, const projection& p, view<TP, space_
   using T = std::remove_const_t<TM>;
   detail::require_projector_shape(p, p_old, "reproject_first_moment");
   detail::require_projector_shape(p, p_new, "reproject_first_moment");
-  require(M.shape() == p.moment_shape(),
-          "reproject_first_moment: M has shape " + to_string(M.shape()) + ", expected " + to_string(p.moment_shape()));
+  require(M.shape() == p.moment_shape(), [&] {
+    return "reproject_first_moment: M has shape " + to_string(M.shape()) + ", expected " + to_string(p.moment_shape());
+  });
   subspace::detail::scratch<Exec, T> change(ex, {p.rank, p.rank}), out(ex, p.moment_shape());
   if (p.side == projection_side::right) {
     gemm(ex, op::none, op::transpose, 1.0f, p_old, p_new, 0.0f, change.v());

@@ -64,20 +64,24 @@ struct lr_schedule {
 
   /// Throws invalid_argument naming the field and the expected range.
   void validate() const {
-    const auto need = [](bool ok, const std::string& what) { require(ok, "lr schedule: " + what); };
-    need(std::isfinite(peak_lr) && peak_lr > 0, "peak_lr must be a positive number, got " + detail::show(peak_lr));
-    need(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= peak_lr,
-         "min_lr must lie in [0, peak_lr = " + detail::show(peak_lr) + "], got " + detail::show(min_lr));
-    need(total_steps >= 1, "total_steps must be >= 1, got " + std::to_string(total_steps));
-    need(warmup_steps >= 0 && warmup_steps <= total_steps, "warmup_steps must lie in [0, total_steps = " +
-                                                               std::to_string(total_steps) + "], got " +
-                                                               std::to_string(warmup_steps));
+    // `what` builds the message only when the check fails (validate() runs on every at()).
+    const auto need = [](bool ok, const auto& what) { require(ok, [&] { return "lr schedule: " + what(); }); };
+    need(std::isfinite(peak_lr) && peak_lr > 0,
+         [&] { return "peak_lr must be a positive number, got " + detail::show(peak_lr); });
+    need(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= peak_lr, [&] {
+      return "min_lr must lie in [0, peak_lr = " + detail::show(peak_lr) + "], got " + detail::show(min_lr);
+    });
+    need(total_steps >= 1, [&] { return "total_steps must be >= 1, got " + std::to_string(total_steps); });
+    need(warmup_steps >= 0 && warmup_steps <= total_steps, [&] {
+      return "warmup_steps must lie in [0, total_steps = " + std::to_string(total_steps) + "], got " +
+             std::to_string(warmup_steps);
+    });
   }
 
   /// The learning rate of 1-based optimizer step `step`.
   float at(std::int64_t step) const {
     validate();
-    require(step >= 1, "lr schedule: steps are 1-based, got " + std::to_string(step));
+    require(step >= 1, [&] { return "lr schedule: steps are 1-based, got " + std::to_string(step); });
     const double peak = peak_lr, lo = min_lr;
     if (step <= warmup_steps) return float(peak * double(step) / double(warmup_steps));
     if (decay == decay_kind::constant) return peak_lr;

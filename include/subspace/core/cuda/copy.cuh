@@ -20,8 +20,9 @@ void copy(const exec::cuda& ex, view<S, SpaceA> src, view<T, SpaceB> dst) {
     cuda_check(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDefault, ex.stream));
     return;
   }
-  require(src.rank() == 2 && src.stride(1) == 1 && dst.stride(1) == 1,
-          "copy: on CUDA, views must be contiguous or rank-2 row-strided; got shape " + to_string(src.shape()));
+  require(src.rank() == 2 && src.stride(1) == 1 && dst.stride(1) == 1, [&] {
+    return "copy: on CUDA, views must be contiguous or rank-2 row-strided; got shape " + to_string(src.shape());
+  });
   cuda_check(cudaMemcpy2DAsync(dst.data(), std::size_t(dst.stride(0)) * sizeof(T), src.data(),
                                std::size_t(src.stride(0)) * sizeof(T), std::size_t(src.dim(1)) * sizeof(T),
                                std::size_t(src.dim(0)), cudaMemcpyDefault, ex.stream));

@@ -15,27 +15,32 @@ namespace subspace::detail::layer {
 template <class V>
 void require_shape(const V& v, const shape& want, const char* op, const char* operand,
                    const std::source_location& loc = std::source_location::current()) {
-  require(v.shape() == want,
-          std::string(op) + ": " + operand + " has shape " + to_string(v.shape()) + ", expected " + to_string(want),
-          loc);
+  const auto message = [&] {
+    return std::string(op) + ": " + operand + " has shape " + to_string(v.shape()) + ", expected " + to_string(want);
+  };
+  require(v.shape() == want, message, loc);
 }
 
 /// Throws unless `v` has rank `r`.
 template <class V>
 void require_rank(const V& v, int r, const char* op, const char* operand,
                   const std::source_location& loc = std::source_location::current()) {
-  require(v.rank() == r, std::string(op) + ": " + operand + " must have rank " + std::to_string(r) + ", got shape " +
-                             to_string(v.shape()),
-          loc);
+  const auto message = [&] {
+    return std::string(op) + ": " + operand + " must have rank " + std::to_string(r) + ", got shape " +
+           to_string(v.shape());
+  };
+  require(v.rank() == r, message, loc);
 }
 
 /// Throws unless `v` is dense and row-major (the layer kernels address flat rows).
 template <class V>
 void require_contiguous(const V& v, const char* op, const char* operand,
                         const std::source_location& loc = std::source_location::current()) {
-  require(v.is_contiguous(),
-          std::string(op) + ": " + operand + " must be contiguous; got a strided view of shape " + to_string(v.shape()),
-          loc);
+  const auto message = [&] {
+    return std::string(op) + ": " + operand + " must be contiguous; got a strided view of shape " +
+           to_string(v.shape());
+  };
+  require(v.is_contiguous(), message, loc);
 }
 
 /// A view with its name in messages.

@@ -226,10 +226,11 @@ void subspace_adam_step(const Exec& ex, const projection& p, view<T, S> W, view<
                         view<bf16, S> working = {}) {
   static_assert(std::is_same_v<S, space_of_t<Exec>>, "subspace_adam_step: views must live in the executor's space");
   using impl = detail::low_rank_impl<Exec>;
-  require(s >= 1, "subspace_adam_step: the step count s is 1-based, got " + std::to_string(s));
-  require(M.shape() == p.moment_shape() && V.shape() == p.moment_shape(),
-          "subspace_adam_step: moments have shapes " + to_string(M.shape()) + " and " + to_string(V.shape()) +
-              ", expected " + to_string(p.moment_shape()));
+  require(s >= 1, [&] { return "subspace_adam_step: the step count s is 1-based, got " + std::to_string(s); });
+  require(M.shape() == p.moment_shape() && V.shape() == p.moment_shape(), [&] {
+    return "subspace_adam_step: moments have shapes " + to_string(M.shape()) + " and " + to_string(V.shape()) +
+           ", expected " + to_string(p.moment_shape());
+  });
   require(W.is_contiguous() && M.is_contiguous() && V.is_contiguous() && P.is_contiguous() && grad.is_contiguous() &&
               working.is_contiguous(),
           "subspace_adam_step: W, grad, M, V, P and working must be contiguous");
@@ -260,12 +261,15 @@ struct low_rank_settings {
 };
 
 inline void check_settings(const low_rank_settings& s) {
-  const std::string who = s.who;
-  require(s.rank >= 1, who + ": rank must be at least 1, got " + std::to_string(s.rank));
-  require(s.refresh_period >= 1,
-          who + ": refresh_period (tau) must be at least 1 step, got " + std::to_string(s.refresh_period));
-  require(std::isfinite(s.scale) && s.scale > 0.0f, who + ": scale (alpha) must be positive and finite");
-  require(s.target != nullptr, who + ": target must name a predicate (e.g. optim::attention_or_mlp_matrix)");
+  const auto who = [&] { return std::string(s.who); };
+  require(s.rank >= 1, [&] { return who() + ": rank must be at least 1, got " + std::to_string(s.rank); });
+  require(s.refresh_period >= 1, [&] {
+    return who() + ": refresh_period (tau) must be at least 1 step, got " + std::to_string(s.refresh_period);
+  });
+  require(std::isfinite(s.scale) && s.scale > 0.0f,
+          [&] { return who() + ": scale (alpha) must be positive and finite"; });
+  require(s.target != nullptr,
+          [&] { return who() + ": target must name a predicate (e.g. optim::attention_or_mlp_matrix)"; });
 }
 
 /// True when the parameter is projected: a target of the rule with rank < min(m, n). A target with
@@ -274,11 +278,12 @@ inline bool is_projected(const low_rank_settings& s, const param_info& info) {
   if (info.shape.rank != 2 || !s.target(info)) return false;
   const std::int64_t short_side = std::min(info.shape[0], info.shape[1]);
   if (s.rank < short_side) return true;
-  require(!s.require_projection,
-          std::string(s.who) + ": parameter '" + info.name + "' of shape " + to_string(info.shape) +
-              " is a projection target but rank r = " + std::to_string(s.rank) +
-              (s.rank > short_side ? " exceeds" : " equals") + " min(m, n) = " + std::to_string(short_side) +
-              " (require_projection is set; lower the rank or unset it to fall back to the inner optimizer)");
+  require(!s.require_projection, [&] {
+    return std::string(s.who) + ": parameter '" + info.name + "' of shape " + to_string(info.shape) +
+           " is a projection target but rank r = " + std::to_string(s.rank) +
+           (s.rank > short_side ? " exceeds" : " equals") + " min(m, n) = " + std::to_string(short_side) +
+           " (require_projection is set; lower the rank or unset it to fall back to the inner optimizer)";
+  });
   return false;
 }
 
@@ -333,25 +338,29 @@ void step(const Inner& inner, const low_rank_settings& s, const Exec& ex, view<f
     return;
   }
   check_settings(s);
-  const std::string who = std::string(s.who) + "::step(" + info.name + "): ";
+  const auto who = [&] { return std::string(s.who) + "::step(" + info.name + "): "; };
   const projection& p = st.geometry;
-  require(ctx.step >= 1, who + "step_context::step is 1-based, got " + std::to_string(ctx.step));
-  require(master.shape() == info.shape,
-          who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(info.shape));
-  require(grad.shape() == info.shape,
-          who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(info.shape));
-  require(p.rows == info.shape[0] && p.cols == info.shape[1] && p.rank == s.rank,
-          who + "state was made for a " + std::to_string(p.rows) + " x " + std::to_string(p.cols) + " matrix at rank " +
-              std::to_string(p.rank) + "; the parameter is " + to_string(info.shape) + " at rank " +
-              std::to_string(s.rank) + " (init it with this parameter's info and this optimizer)");
-  require(working.data() == nullptr || working.shape() == info.shape,
-          who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(info.shape));
+  require(ctx.step >= 1, [&] { return who() + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
+  require(master.shape() == info.shape, [&] {
+    return who() + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(info.shape);
+  });
+  require(grad.shape() == info.shape, [&] {
+    return who() + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(info.shape);
+  });
+  require(p.rows == info.shape[0] && p.cols == info.shape[1] && p.rank == s.rank, [&] {
+    return who() + "state was made for a " + std::to_string(p.rows) + " x " + std::to_string(p.cols) +
+           " matrix at rank " + std::to_string(p.rank) + "; the parameter is " + to_string(info.shape) + " at rank " +
+           std::to_string(s.rank) + " (init it with this parameter's info and this optimizer)";
+  });
+  require(working.data() == nullptr || working.shape() == info.shape, [&] {
+    return who() + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(info.shape);
+  });
   require(master.is_contiguous() && grad.is_contiguous() && working.is_contiguous(),
-          who + "master, grad and working must be contiguous");
+          [&] { return who() + "master, grad and working must be contiguous"; });
   const subspace_adam h = subspace_rule<Inner>::hyper(inner);
   require(0.0f <= h.beta1 && h.beta1 < 1.0f && 0.0f <= h.beta2 && h.beta2 < 1.0f,
-          who + "beta1 and beta2 must lie in [0, 1)");
-  require(h.eps > 0.0f, who + "eps must be positive");
+          [&] { return who() + "beta1 and beta2 must lie in [0, 1)"; });
+  require(h.eps > 0.0f, [&] { return who() + "eps must be positive"; });
 
   const view<const G, S> g(grad);
   if (st.steps % s.refresh_period == 0) {

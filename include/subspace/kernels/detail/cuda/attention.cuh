@@ -684,12 +684,13 @@ void require_rows(const V& x, const char* op, const char* name) {
 }
 
 inline void require_launchable(const detail::attention::dims& d, const char* op) {
-  require(d.head_dim == 16 || d.head_dim == 32 || d.head_dim == 64 || d.head_dim == 128,
-          std::string(op) + " (CUDA): head dim " + std::to_string(d.head_dim) +
-              " is not supported (16, 32, 64 or 128)");
-  require(d.seq < (std::int64_t(1) << 30) && d.seq_kv < (std::int64_t(1) << 30) && d.batch <= 65535 &&
-              d.heads <= 65535,
-          std::string(op) + " (CUDA): sizes beyond the kernels' grid (S, Skv < 2^30, B and Hq <= 65535)");
+  require(d.head_dim == 16 || d.head_dim == 32 || d.head_dim == 64 || d.head_dim == 128, [&] {
+    return std::string(op) + " (CUDA): head dim " + std::to_string(d.head_dim) +
+           " is not supported (16, 32, 64 or 128)";
+  });
+  require(
+      d.seq < (std::int64_t(1) << 30) && d.seq_kv < (std::int64_t(1) << 30) && d.batch <= 65535 && d.heads <= 65535,
+      [&] { return std::string(op) + " (CUDA): sizes beyond the kernels' grid (S, Skv < 2^30, B and Hq <= 65535)"; });
 }
 
 template <class F>

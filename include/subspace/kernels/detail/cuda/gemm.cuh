@@ -304,7 +304,8 @@ void gemm(const exec::cuda& ex, op op_a, op op_b, float alpha, view<TA, device_s
 
   const detail::gemm_problem pr = detail::gemm_check(op_a, op_b, A, B, C);
   if (pr.batch == 0 || pr.m == 0 || pr.n == 0) return;
-  require(pr.batch <= INT_MAX, "gemm (CUDA): batch count " + std::to_string(pr.batch) + " above cuBLASLt's limit");
+  require(pr.batch <= INT_MAX,
+          [&] { return "gemm (CUDA): batch count " + std::to_string(pr.batch) + " above cuBLASLt's limit"; });
   if (pr.k == 0 || alpha == 0.0f) {
     const std::int64_t items = pr.batch * pr.m * pr.n;
     lt::scale_c<<<cuda_detail::grid_for(items), cuda_detail::block_threads, 0, ex.stream>>>(

@@ -105,7 +105,8 @@ inline solver& solver_for(cudaStream_t stream) {
 }
 
 inline int as_int(std::int64_t x, const char* what) {
-  require(x <= INT_MAX, std::string(what) + " = " + std::to_string(x) + " exceeds cuSOLVER's 32-bit limit");
+  require(x <= INT_MAX,
+          [&] { return std::string(what) + " = " + std::to_string(x) + " exceeds cuSOLVER's 32-bit limit"; });
   return int(x);
 }
 

@@ -142,8 +142,10 @@ void rmsnorm_backward(const exec::cuda& ex, std::type_identity_t<view<const T, d
     int device = 0, limit = 0;
     cuda_check(cudaGetDevice(&device));
     cuda_check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    require(smem <= std::size_t(limit), "rmsnorm_backward (CUDA): rows of " + std::to_string(d) +
-                                            " elements need more shared memory than a block has");
+    require(smem <= std::size_t(limit), [&] {
+      return "rmsnorm_backward (CUDA): rows of " + std::to_string(d) +
+             " elements need more shared memory than a block has";
+    });
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
   // Few blocks: each adds its d partial sums to dweight once.

@@ -62,8 +62,9 @@ void transform_reduce_into(const exec::cuda& ex, view<X, device_space> x, view<A
   using T = std::remove_const_t<X>;
   static_assert(std::is_same_v<A, accum_t<T>>);
   detail::elementwise::require_contiguous(x, op);
-  require(out.numel() == 1, std::string(op) + ": the result view must have exactly one element; got shape " +
-                                to_string(out.shape()));
+  require(out.numel() == 1, [&] {
+    return std::string(op) + ": the result view must have exactly one element; got shape " + to_string(out.shape());
+  });
   const T* in = x.data();
   const std::int64_t n = x.numel();
   std::size_t bytes = 0;
@@ -114,7 +115,7 @@ template <class X>
 void max_into(const exec::cuda& ex, view<X, device_space> x, view<accum_t<std::remove_const_t<X>>, device_space> out) {
   using T = std::remove_const_t<X>;
   using A = accum_t<T>;
-  require(!x.empty(), "max: empty view (shape " + to_string(x.shape()) + ") has no largest element");
+  require(!x.empty(), [&] { return "max: empty view (shape " + to_string(x.shape()) + ") has no largest element"; });
   cuda_detail::reduce::transform_reduce_into(ex, x, out, cuda_detail::reduce::widen<T>{},
                                              cuda_detail::reduce::nan_max{}, -std::numeric_limits<A>::infinity(),
                                              "max");

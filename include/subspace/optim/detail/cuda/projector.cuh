@@ -40,8 +40,9 @@ template <class T>
 void golore_gaussian(const exec::cuda& ex, const projection& p, std::uint64_t seed, std::uint32_t param_id,
                      std::uint64_t refresh_id, view<T, device_space> omega) {
   detail::golore_check(p, refresh_id);
-  require(omega.shape() == p.omega_shape(),
-          "golore_gaussian: Omega has shape " + to_string(omega.shape()) + ", expected " + to_string(p.omega_shape()));
+  require(omega.shape() == p.omega_shape(), [&] {
+    return "golore_gaussian: Omega has shape " + to_string(omega.shape()) + ", expected " + to_string(p.omega_shape());
+  });
   const std::int64_t total = p.short_dim() * p.rank;
   if (total == 0) return;
   detail::golore_gaussian_kernel<<<cuda_detail::grid_for((total + 3) / 4), cuda_detail::block_threads, 0, ex.stream>>>(
