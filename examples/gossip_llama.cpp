@@ -1,5 +1,5 @@
 // gossip_llama: trains a Llama 3 model on N ranks with gossip data parallelism (Decent-DP: decent::gossip_trainer
-// over a topology) or with the all-reduce baseline (decent::data_parallel_trainer), and reports what crosses the
+// over a topology) or with the all-reduce baseline (dist::data_parallel_trainer), and reports what crosses the
 // (modelled) network. Spec: shared/specs/decent-dp.md; guide: docs/decent.md.
 //
 // Ranks:
@@ -29,7 +29,7 @@
 #include <subspace/comm/nccl.cuh>
 #endif
 
-#include <decent/data_parallel_trainer.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/decent.hpp>
 #include <decent/gossip_trainer.hpp>
 
@@ -233,8 +233,8 @@ void load_model_and_data(const options& o, setup& s) {
   s.cfg = examples::model_config(o, o.seq);
   s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
   s.src = examples::choose_data(o);
-  require(!s.src.bytes || s.cfg.vocab >= 256, "--vocab " + std::to_string(s.cfg.vocab) +
-                                                  ": byte-level text needs a vocabulary of at least 256");
+  require(!s.src.bytes || s.cfg.vocab >= 256, [&] { return "--vocab " + std::to_string(s.cfg.vocab) +
+                                                  ": byte-level text needs a vocabulary of at least 256"; });
   std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
 }
 
@@ -331,19 +331,6 @@ int with_optimizer(const options& o, const setup& s, F&& f) {
 
 // ---- one rank ------------------------------------------------------------------------------------------------
 
-template <class Comm, class Opt>
-struct allreduce_stack : subspace::default_policies {
-  using communicator = comm::throttled<Comm>;
-  using optimizer = Opt;
-};
-
-template <class Comm, class Opt>
-struct gossip_stack : subspace::default_policies {
-  using communicator = comm::throttled<Comm>;
-  using scheduler = decent::group_schedule;
-  using optimizer = Opt;
-};
-
 /// Rank r's training loader: slice r of N of the training tokens, shuffled with seed + r.
 data::batch_loader rank_loader(const options& o, const setup& s, int rank) {
   const std::uint64_t total = s.train.tokens(), n = std::uint64_t(s.ranks), r = std::uint64_t(rank);
@@ -376,7 +363,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   const bool evaluating = val_data.has_value();  // the same on every rank
   const std::int64_t rank_tokens = o.batch * s.seq * o.accumulation;  // per rank and step
 
-  decent::trainer_options to;
+  decent::gossip_options to;
   to.accumulation = o.accumulation;
   to.clip = o.clip;
   to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
@@ -385,11 +372,16 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   comm::throttled<Comm> wire(std::move(world), s.net);
   auto t = [&] {
     if constexpr (Gossip)
-      return decent::gossip_trainer<model_t, gossip_stack<Comm, Opt>>(model_t(s.cfg, ex), std::move(wire),
-                                                                      *s.schedule, opt, to);
+      return decent::gossip_trainer(
+          model_t(s.cfg, ex), subspace::stack{.communicator = std::move(wire), .scheduler = *s.schedule, .optimizer = opt},
+          to);
     else
-      return decent::data_parallel_trainer<model_t, allreduce_stack<Comm, Opt>>(model_t(s.cfg, ex), std::move(wire),
-                                                                                opt, to);
+      return dist::data_parallel_trainer(
+          model_t(s.cfg, ex),
+          subspace::stack{.communicator = std::move(wire),
+                          .scheduler = schedule::gradient_accumulation{int(o.accumulation), n},
+                          .optimizer = opt},
+          dist::trainer_options(to));
   }();
   t.init(o.seed);
   if (lead) {

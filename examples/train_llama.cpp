@@ -74,8 +74,8 @@ std::vector<fs::path> checkpoints_in(const fs::path& root) {
 fs::path resolve_resume(const fs::path& p) {
   if (fs::exists(p / io::state_json_file_name)) return p;
   const auto all = checkpoints_in(p);
-  require(!all.empty(), "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
-                            ") nor a directory of step_* checkpoints");
+  require(!all.empty(), [&] { return "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
+                            ") nor a directory of step_* checkpoints"; });
   return all.back();
 }
 
@@ -85,8 +85,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   const nn::llama_config cfg = examples::model_config(o, o.seq);
   const std::int64_t seq = o.seq ? o.seq : std::min<std::int64_t>(cfg.max_seq, 256);
   const data_source src = examples::choose_data(o);
-  require(!src.bytes || cfg.vocab >= 256, "--vocab " + std::to_string(cfg.vocab) +
-                                              ": byte-level text needs a vocabulary of at least 256");
+  require(!src.bytes || cfg.vocab >= 256, [&] { return "--vocab " + std::to_string(cfg.vocab) +
+                                              ": byte-level text needs a vocabulary of at least 256"; });
 
   auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
   data::loader_options lo{o.batch, seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
@@ -122,8 +122,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   }
   const std::int64_t first = t.steps_done() + 1;
   const std::int64_t last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
-  require(first <= last, "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
-                             ": the checkpoint is already at step " + std::to_string(first - 1));
+  require(first <= last, [&] { return "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
+                             ": the checkpoint is already at step " + std::to_string(first - 1); });
 
   const double flop_per_token = cfg.flops_per_token(seq);
   const double peak = (o.peak_tflops > 0 ? o.peak_tflops : examples::peak_tflops_of(device_name)) * 1e12;

@@ -5,10 +5,10 @@
 //
 // No model compute: each rank holds the config's parameters in one flat fp32 allocation laid out as nn::llama lays
 // out its storage (every tensor padded to 128 elements), fp32 gradients filled once with random values, fp32
-// masters with their bf16 working copy, and the optimizer states; decent::bucket_plan cuts them into buckets in
+// masters with their bf16 working copy, and the optimizer states; dist::bucket_plan cuts them into buckets in
 // gradient-ready order, exactly as the trainers do. A step runs, per bucket in that order, what the trainers run
 // from the backward's ready hook, with the same kernels and the same communicator calls:
-//   * allreduce (decent::data_parallel_trainer): all_reduce(avg) of every bucket's gradients, launched in ready
+//   * allreduce (dist::data_parallel_trainer): all_reduce(avg) of every bucket's gradients, launched in ready
 //     order; wait for all; global-norm clipping; optim::adamw per tensor (bf16 working copy written).
 //   * gossip (decent::gossip_trainer): per bucket, wait for the bucket's exchange of the previous step; per-bucket
 //     norm clipping (a host read per bucket, as the trainer does); decent::accum_adamw::step_from_mixed per
@@ -51,7 +51,7 @@
 #include <string>
 #include <vector>
 
-#include <decent/bucket.hpp>
+#include <subspace/dist/bucket.hpp>
 #include <decent/decent.hpp>
 #include <subspace/subspace.hpp>
 
@@ -134,10 +134,10 @@ layout layout_of(const nn::llama_config& cfg) {
   return l;
 }
 
-decent::bucket_plan plan_of(const layout& l, std::int64_t bucket_bytes) {
-  std::vector<decent::bucket_plan::tensor_entry> t;
+dist::bucket_plan plan_of(const layout& l, std::int64_t bucket_bytes) {
+  std::vector<dist::bucket_plan::tensor_entry> t;
   for (std::size_t i = 0; i < l.specs.size(); ++i) t.push_back({l.specs[i].name, l.specs[i].shape, l.offsets[i]});
-  return decent::bucket_plan(std::move(t), l.total(), bucket_bytes);
+  return dist::bucket_plan(std::move(t), l.total(), bucket_bytes);
 }
 
 using wire = comm::throttled<comm::local>;
@@ -257,17 +257,17 @@ measurement run_ranks(const options& o, const comm::network& net, Setup&& setup)
   return m;
 }
 
-/// The data-parallel step of decent::data_parallel_trainer without the model.
+/// The data-parallel step of dist::data_parallel_trainer without the model.
 template <class Exec>
 struct allreduce_rank {
   using cview = typename rank_state<Exec, optim::adamw>::cview;
   rank_state<Exec, optim::adamw> st;
   wire& c;
-  const decent::bucket_plan& plan;
+  const dist::bucket_plan& plan;
   std::vector<wire::request> pending;
 
   void step(int t) {
-    for (const decent::bucket& b : plan)  // launched in ready order, as from the backward's hook
+    for (const dist::bucket& b : plan)  // launched in ready order, as from the backward's hook
       pending.push_back(c.all_reduce(st.grad.v().slice(b.begin, b.end), comm::reduce_op::avg));
     for (auto& q : pending) q.wait();
     pending.clear();
@@ -288,13 +288,13 @@ struct gossip_rank {
   using cview = typename state::cview;
   state st;
   wire& c;
-  const decent::bucket_plan& plan;
+  const dist::bucket_plan& plan;
   const decent::group_schedule& topo;
   std::vector<wire> groups;  // by phase
   std::vector<std::optional<wire::request>> in_flight;
   std::vector<bool> holds_mix;
 
-  gossip_rank(state s, wire& w, const decent::bucket_plan& p, const decent::group_schedule& g)
+  gossip_rank(state s, wire& w, const dist::bucket_plan& p, const decent::group_schedule& g)
       : st(std::move(s)), c(w), plan(p), topo(g), in_flight(p.size()), holds_mix(p.size(), false) {
     for (int q = 0; q < topo.period(); ++q) groups.push_back(c.split(topo.plan(q, c.rank()).group_id, c.rank()));
   }
@@ -303,7 +303,7 @@ struct gossip_rank {
     const decent::gossip_plan next = topo.plan(t + 1, c.rank());
     const optim::step_context ctx{lr, t + 1};
     for (std::size_t k = 0; k < plan.size(); ++k) {
-      const decent::bucket& b = plan[k];
+      const dist::bucket& b = plan[k];
       if (in_flight[k]) {  // 1. the mixing launched in the previous step
         in_flight[k]->wait();
         in_flight[k].reset();
@@ -336,19 +336,19 @@ struct gossip_rank {
 };
 
 /// Bytes the plan says rank r sends over timed steps [warmup, warmup + steps).
-std::uint64_t planned_bytes(const options& o, const decent::bucket_plan& plan, const decent::group_schedule& topo,
+std::uint64_t planned_bytes(const options& o, const dist::bucket_plan& plan, const decent::group_schedule& topo,
                             int r, bool allreduce) {
   std::uint64_t total = 0;
   for (int t = o.warmup; t < o.warmup + o.steps; ++t) {
     const decent::gossip_plan p = topo.plan(allreduce ? 0 : t + 1, r);
-    for (const decent::bucket& b : plan) total += p.bytes_sent(b.bytes());
+    for (const dist::bucket& b : plan) total += p.bytes_sent(b.bytes());
   }
   return total;
 }
 
 template <class Exec>
 scenario measure(const options& o, const std::string& name, const std::string& bandwidth, const comm::network& net,
-                 const layout& l, const decent::bucket_plan& plan) {
+                 const layout& l, const dist::bucket_plan& plan) {
   scenario s;
   s.name = name;
   s.bandwidth = bandwidth;
@@ -415,7 +415,7 @@ io::json scenario_json(const scenario& s) {
 }
 
 void write_json(const options& o, const std::string& device, const nn::llama_config& cfg, const layout& l,
-                const decent::bucket_plan& plan, const std::vector<scenario>& results) {
+                const dist::bucket_plan& plan, const std::vector<scenario>& results) {
   io::json bws = io::json::array(), topos = io::json::array(), buckets = io::json::array(), out = io::json::array();
   for (const auto& b : o.bandwidths) {
     const comm::link k = comm::link::parse(b);
@@ -472,7 +472,7 @@ int run(int argc, char** argv) {
   bench::cli cli("bench_gossip",
                  "per-step time and bytes of data-parallel all-reduce against gossip (each decent topology),\n"
                  "ranks as threads on one GPU through comm::local under comm::throttled (account mode), buckets of a "
-                 "Llama\nconfig cut by decent::bucket_plan; no model compute (see bench/gossip/README.md)");
+                 "Llama\nconfig cut by dist::bucket_plan; no model compute (see bench/gossip/README.md)");
   cli.flag("config", o.config, "Llama preset whose parameters are bucketed")
       .flag("ranks", o.ranks, "ranks (2 to 64)")
       .flag("local-ranks", o.local_ranks,
@@ -508,7 +508,7 @@ int run(int argc, char** argv) {
 
   const nn::llama_config cfg = nn::presets::by_name(o.config);
   const layout l = layout_of(cfg);
-  const decent::bucket_plan plan = plan_of(l, std::int64_t(std::llround(o.bucket_mb * 1e6)));
+  const dist::bucket_plan plan = plan_of(l, std::int64_t(std::llround(o.bucket_mb * 1e6)));
   const examples::device_choice device = examples::choose_device(o.device);
   const bool on_gpu = device.cuda;
   const std::string& device_name = device.name;

@@ -237,8 +237,8 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
   data::batch_loader loader(data::token_dataset(std::vector<fs::path>{shard.path()}),
                             data::loader_options{c.batch, c.seq, cfg.vocab, false, seed, true, "bench"});
   require(loader.batches_per_epoch() >= std::uint64_t(total_steps),
-          "bench_llama_step: the random shard holds " + std::to_string(loader.batches_per_epoch()) +
-              " batches, the run needs " + std::to_string(total_steps));
+          [&] { return "bench_llama_step: the random shard holds " + std::to_string(loader.batches_per_epoch()) +
+              " batches, the run needs " + std::to_string(total_steps); });
 
   const std::size_t before = device_bytes_in_use(pool);
   reset_pool_high_water(pool);

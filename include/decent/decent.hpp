@@ -11,9 +11,7 @@
 #include "topology.hpp"               // complete, ring, one_peer_exp, alternating_exp_ring, make_topology
 #include "decent_adam.hpp"            // decent_adam, decent_adamw
 #include "accum_adam.hpp"             // accum_adam, accum_adamw
-#include "bucket.hpp"                 // trainer_options, bucket_plan, check_same_plan
-#include "data_parallel_trainer.hpp"  // data_parallel_trainer: the all-reduce baseline
-#include "gossip_trainer.hpp"         // gossip_trainer: the bucketed, overlapped gossip loop
+#include "gossip_trainer.hpp"         // gossip_trainer and gossip_options: the bucketed, overlapped gossip loop
 
 /// Gossip data parallelism built on subspace's policies.
 namespace decent {}

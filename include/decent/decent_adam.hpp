@@ -95,7 +95,7 @@ struct basic_decent_adam {
     const std::string who = std::string(name) + "::step(" + info.name + "): ";
     detail::check_hyper(who, beta1, beta2, eps, weight_decay, ctx);
     detail::check_views(who, info, mixed, master, grad, st.m.shape(), working);
-    subspace::require(st.v.shape() == st.m.shape(), who + "state moments differ in shape");
+    subspace::require(st.v.shape() == st.m.shape(), [&] { return who + "state moments differ in shape"; });
     using G = std::remove_const_t<GradIn>;
     detail::adam_impl<Exec>::template dadam<G>(ex, mixed, master, subspace::view<const G, S>(grad), st.m.v(),
                                                st.v.v(), working, coefficients(info, ctx));

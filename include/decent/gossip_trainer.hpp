@@ -1,11 +1,12 @@
 #pragma once
-// decent::gossip_trainer<Model, Stack>: Decent-DP's bucketed, overlapped gossip loop (spec:
-// shared/specs/decent-dp.md §4), with a decent topology as Stack::scheduler and any Optimizer as
-// Stack::optimizer.
+// decent::gossip_trainer<Model, Stack>: Decent-DP's bucketed, overlapped gossip loop (docs/decent.md), with a
+// decent topology as the stack's scheduler and any Optimizer, on the plan engine (subspace/train/engine.hpp).
 //
-//   decent::gossip_trainer<nn::llama<exec::host, float>, my_stack> t(std::move(model), comm,
-//                                                                      decent::alternating_exp_ring(n, 8),
-//                                                                      decent::accum_adamw{}, o);
+//   decent::gossip_trainer t(nn::llama<exec::host, float>(cfg),
+//                            subspace::stack{.communicator = world[r],
+//                                            .scheduler = decent::alternating_exp_ring(n, 8),
+//                                            .optimizer = decent::accum_adamw{}},
+//                            options);       // decent::gossip_options: accumulation, clip, schedule, bucket size
 //   t.init(seed);                          // identical weights on every rank (rank 0's are broadcast)
 //   for (...) t.step(loader);              // this rank's loader holds this rank's shard
 //   double val = t.evaluate(val_loader, 20);   // the loss of the global average x̄, averaged over the ranks
@@ -13,7 +14,7 @@
 //
 // State per rank: fp32 master parameters x (the model itself when its weights are fp32, else a flat fp32 copy
 // beside the bf16 model) and a communication buffer of the same layout; both are cut into the buckets of
-// decent/bucket.hpp, so each bucket is one contiguous block of each. One communicator per phase of the topology
+// subspace/dist/bucket.hpp, so each bucket is one contiguous block of each. One communicator per phase of the topology
 // is made at construction (world.split(color = plan(q, rank).group_id, key = rank)); a plan's group_rank is the
 // rank in it.
 //
@@ -32,9 +33,9 @@
 //     x_i^{t+1} = Σ_j W^t_ij x_j^t − γ_t · d_i(g_i(x_i^t))        (W^t: plan(t, ·) of the topology)
 // which the tests check against a sequential simulator of exactly this formula.
 //
-// The first step and decision 5 of the spec. All ranks start from the same x^0 (init broadcasts rank 0's
+// The first step. All ranks start from the same x^0 (init broadcasts rank 0's
 // weights), so W^0 x^0 = x^0: step 0 has nothing to mix and steps straight from x^0. Its exchange, launched from
-// the hook like every other, already uses the group of round 1 (the spec's "step 2") for both the scaling and the
+// the hook like every other, already uses the group of round 1 (Decent-DP's "step 2") for both the scaling and the
 // mixing in step 1. A bucket whose group in the next round is the rank alone (mix_op::none) sends nothing and is
 // not mixed. The exchange is waited asynchronously, at the bucket's next ready point; the authors' code waits
 // for the first one synchronously, which gives the same values.
@@ -50,7 +51,7 @@
 // grad_norm this rank's gradient norm before the per-bucket clipping, tokens every rank's tokens of the step;
 // skipped when some bucket's gradient norm was not finite (that bucket is mixed but takes no local step).
 //
-// What crosses the wire per step and rank (spec §5): Σ_b plan(t+1, rank).bytes_sent(4 · numel_b) — for pairs,
+// What crosses the wire per step and rank: Σ_b plan(t+1, rank).bytes_sent(4 · numel_b) — for pairs,
 // the bucket once (4p bytes in all); nothing else. Moments are never sent.
 //
 // Device memory: the communicator's operations must be ordered on the model executor's stream
@@ -68,16 +69,18 @@
 #include <vector>
 
 #include <subspace/comm/concepts.hpp>
-#include <subspace/compress/identity.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/kernels/elementwise.hpp>
 #include <subspace/kernels/reduce.hpp>
 #include <subspace/optim/schedule.hpp>
+#include <subspace/dist/bucket.hpp>
+#include <subspace/nn/concepts.hpp>
 #include <subspace/policies.hpp>
+#include <subspace/schedule/gradient_accumulation.hpp>
+#include <subspace/train/engine.hpp>
 #include <subspace/train/trainer.hpp>
 
-#include "bucket.hpp"
 #include "detail/replica.hpp"
 #include "plan.hpp"
 
@@ -91,58 +94,90 @@ concept GossipTopology = subspace::Scheduler<S> && std::is_same_v<typename S::pl
                            { s.period() } -> std::convertible_to<int>;
                          };
 
+/// The gossip trainer's options: the data-parallel ones (clip per bucket, schedule, bucket size) and the
+/// micro-batches per local step.
+struct gossip_options : subspace::dist::trainer_options {
+  std::int64_t accumulation = 1;
+
+  /// Throws invalid_argument naming the field and the expected value.
+  void validate() const {
+    subspace::dist::trainer_options::validate();
+    subspace::require(accumulation >= 1, [&] {
+      return "gossip_options: accumulation must be >= 1, got " + std::to_string(accumulation);
+    });
+  }
+};
+
 template <class Model, class Stack>
 class gossip_trainer {
   static_assert(subspace::check_stack<Stack>());
-  static_assert(BucketedModel<Model>,
-                "decent::gossip_trainer<Model, Stack>: Model needs the llama interface with flat storage — "
-                "forward, evaluate, backward(ready), zero_grad, init, for_each_parameter, flat_values(), "
-                "flat_grads(), parameter_offset(i), parameter_specs() (see nn/llama.hpp)");
-  static_assert(GossipTopology<typename Stack::scheduler>,
-                "decent::gossip_trainer: Stack::scheduler must be a gossip topology — plan(t, rank) returning "
+  static_assert(subspace::nn::check_model<Model>());
+  static_assert(GossipTopology<std::remove_cvref_t<decltype(Stack::scheduler)>>,
+                "decent::gossip_trainer: the stack's scheduler must be a gossip topology — plan(t, rank) returning "
                 "decent::gossip_plan, and period() (decent::complete, ring, one_peer_exp, alternating_exp_ring, "
                 "or a decent::group_schedule)");
-  static_assert(std::is_same_v<typename Stack::compressor, subspace::compress::identity>,
-                "decent::gossip_trainer: Stack::compressor must be compress::identity (the gossip payload is the "
-                "fp32 master parameters, spec decision 6)");
 
  public:
   using model_type = Model;
-  using communicator_type = typename Stack::communicator;
-  using scheduler_type = typename Stack::scheduler;
-  using optimizer_type = typename Stack::optimizer;
+  using stack_type = Stack;
+  using communicator_type = std::remove_cvref_t<decltype(Stack::communicator)>;
+  using scheduler_type = std::remove_cvref_t<decltype(Stack::scheduler)>;
+  using optimizer_type = std::remove_cvref_t<decltype(Stack::optimizer)>;
+  using compressor_type = std::remove_cvref_t<decltype(Stack::compressor)>;
   using replica_type = subspace::train::replica<Model, optimizer_type>;
   using executor_type = typename replica_type::executor_type;
   using space = typename replica_type::space;
   using state_type = typename replica_type::state_type;
-  using request_type = detail::all_reduce_request_t<communicator_type, float, space>;
+  using request_type = subspace::dist::detail::all_reduce_request_t<communicator_type, float, space>;
 
   static_assert(replica_type::has_masters,
                 "decent::gossip_trainer: the model's weights must be fp32 (their own masters) or bf16 (with fp32 "
                 "masters)");
 
-  /// Collective over `comm`: checks that every rank cut the same bucket plan (an error names the first
-  /// differing tensor), then makes one communicator per phase of `topology` (one split each).
-  gossip_trainer(Model model, communicator_type comm, scheduler_type topology, optimizer_type opt,
-                 trainer_options o)
-      : replica_(std::move(model), std::move(opt)),
-        comm_(std::move(comm)),
-        topology_(std::move(topology)),
-        o_(std::move(o)) {
+  /// Collective over the stack's communicator: checks that every rank cut the same bucket plan (an error names
+  /// the first differing tensor), then makes one communicator per phase of the topology (one split each).
+  gossip_trainer(Model model, Stack stack, gossip_options o)
+      : gossip_trainer(one(std::move(model)), std::move(stack), std::move(o)) {}
+  /// A model given as the stages of one rank, in order, sharing one parameter store.
+  gossip_trainer(std::vector<Model> stages, Stack stack, gossip_options o)
+      : stack_(std::move(stack)),
+        replica_(std::move(stages), stack_.optimizer),
+        o_(std::move(o)),
+        engine_(replica_.stages(), stack_.compressor) {
     o_.validate();
-    subspace::require(topology_.world_size() == comm_.size(),
-                      std::string(who) + ": the topology is written for " + std::to_string(topology_.world_size()) +
-                          " ranks, the communicator has " + std::to_string(comm_.size()));
-    plan_ = bucket_plan::of(replica_.model(), o_.bucket_bytes);
-    check_same_plan(comm_, plan_, who);
+    accumulation_ = subspace::schedule::gradient_accumulation{int(o_.accumulation)};
+    subspace::require(topology().world_size() == comm().size(), [&] {
+      return std::string(who) + ": the topology is written for " + std::to_string(topology().world_size()) +
+             " ranks, the communicator has " + std::to_string(comm().size());
+    });
+    plan_ = subspace::dist::bucket_plan::of(replica_.store(), o_.bucket_bytes);
+    subspace::dist::check_same_plan(comm(), plan_, who);
     comm_buf_ = subspace::tensor<float, space>(subspace::shape{plan_.total()});
     subspace::fill(replica_.executor(), comm_buf_.v(), 0.0f);
-    for (int q = 0; q < topology_.period(); ++q)
-      groups_.push_back(comm_.split(topology_.plan(q, comm_.rank()).group_id, comm_.rank()));
+    for (int q = 0; q < topology().period(); ++q)
+      groups_.push_back(comm().split(topology().plan(q, comm().rank()).group_id, comm().rank()));
     in_flight_.resize(plan_.size());
     holds_mix_.assign(plan_.size(), false);
   }
-  gossip_trainer(gossip_trainer&&) = default;
+  gossip_trainer(gossip_trainer&& other) noexcept
+      : stack_(std::move(other.stack_)),
+        replica_(std::move(other.replica_)),
+        o_(std::move(other.o_)),
+        engine_(std::move(other.engine_)),
+        accumulation_(other.accumulation_),
+        plan_(std::move(other.plan_)),
+        groups_(std::move(other.groups_)),
+        comm_buf_(std::move(other.comm_buf_)),
+        in_flight_(std::move(other.in_flight_)),
+        holds_mix_(std::move(other.holds_mix_)),
+        next_(other.next_),
+        backup_(std::move(other.backup_)),
+        scratch_(std::move(other.scratch_)),
+        averaged_(other.averaged_),
+        step_(other.step_),
+        tokens_(other.tokens_) {
+    engine_.bind(replica_.stages(), stack_.compressor);  // the engine points at this trainer's members
+  }
   gossip_trainer& operator=(gossip_trainer&&) = delete;
   /// Waits for the exchanges still in flight: peers write into this trainer's buffers until they complete.
   ~gossip_trainer() {
@@ -153,12 +188,13 @@ class gossip_trainer {
   }
 
   Model& model() { return replica_.model(); }
-  communicator_type& communicator() { return comm_; }
-  const scheduler_type& topology() const { return topology_; }
+  std::vector<Model>& stages() { return replica_.stages(); }
+  communicator_type& communicator() { return stack_.communicator; }
+  const scheduler_type& topology() const { return stack_.scheduler; }
   const optimizer_type& optimizer() const { return replica_.optimizer(); }
-  const trainer_options& options() const { return o_; }
+  const gossip_options& options() const { return o_; }
   /// The bucket plan, in gradient-ready order.
-  const bucket_plan& buckets() const { return plan_; }
+  const subspace::dist::bucket_plan& buckets() const { return plan_; }
   /// Local steps taken; the next step mixes with plan(steps_done(), ·).
   std::int64_t steps_done() const { return step_; }
   /// Tokens of every rank so far.
@@ -176,41 +212,36 @@ class gossip_trainer {
     require_local("init");
     wait_pending();
     replica_.init(seed);
-    replica_.broadcast_from_rank0(comm_);
+    replica_.broadcast_from_rank0(comm());
     std::fill(holds_mix_.begin(), holds_mix_.end(), false);  // identical replicas: nothing to mix
   }
 
   /// One local step with the overlapped gossip (see the top of this file).
   subspace::train::step_result step(subspace::data::batch_loader& loader) {
     require_local("step");
-    Model& m = replica_.model();
     subspace::train::step_result r;
     r.step = step_ + 1;
     r.lr = o_.schedule.at(r.step);
     const subspace::optim::step_context ctx{r.lr, r.step};
-    next_ = topology_.plan(step_ + 1, comm_.rank());
-    m.zero_grad();
-    const float scale = float(1.0 / double(o_.accumulation));
-    double loss = 0, squared_norm = 0;
-    for (std::int64_t micro = 0; micro < o_.accumulation; ++micro) {
-      replica_.next_batch(loader);
-      loss += m.forward(replica_.tokens(), replica_.targets(), scale);
-      if (micro + 1 < o_.accumulation) {
-        m.backward();  // accumulation micro-steps: no step, no communication
-        continue;
-      }
-      std::size_t next = 0;  // the first bucket not stepped yet
-      m.backward([&](std::size_t first, std::size_t) {
-        for (; next < plan_.size() && plan_[next].first >= first; ++next)
-          step_bucket(next, ctx, squared_norm, r.skipped);
-      });
-      subspace::require(next == plan_.size(), std::string(who) + ": backward completed only " +
-                                                  std::to_string(next) + " of " + std::to_string(plan_.size()) +
-                                                  " buckets (the model's ready hook must reach parameter 0)");
-    }
-    r.loss = loss / double(o_.accumulation);
+    next_ = topology().plan(step_ + 1, comm().rank());
+    replica_.store().zero_grad(replica_.executor());
+    double squared_norm = 0;
+    subspace::dist::bucket_cursor cursor(plan_);
+    const double loss = engine_.run(
+        accumulation_.plan(step_, 0), subspace::train::loader_source{loader},
+        [&](std::size_t first, std::size_t last) {
+          cursor.ready(first, last, [&](std::size_t k) { step_bucket(k, ctx, squared_norm, r.skipped); });
+        },
+        [&] {
+          subspace::require(cursor.done(), [&] {
+            return std::string(who) + ": backward completed only " + std::to_string(cursor.launched()) + " of " +
+                   std::to_string(plan_.size()) + " buckets (every tensor must be reported ready)";
+          });
+          for (Model& m : replica_.stages()) m.after_step();
+        });
+    r.loss = loss;
     r.grad_norm = std::sqrt(squared_norm);
-    r.tokens = replica_type::batch_tokens(loader) * o_.accumulation * comm_.size();
+    r.tokens = replica_type::batch_tokens(loader) * o_.accumulation * comm().size();
     step_ = r.step;
     tokens_ += r.tokens;
     return r;
@@ -220,32 +251,33 @@ class gossip_trainer {
   /// loader, read from its start and left there), averaged over the ranks. Collective; x is restored afterwards
   /// (unless it already was the average).
   double evaluate(subspace::data::batch_loader& loader, std::int64_t batches) {
-    subspace::require(batches >= 1, std::string(who) + "::evaluate: batches must be >= 1, got " +
-                                        std::to_string(batches));
+    subspace::require(batches >= 1, [&] { return std::string(who) + "::evaluate: batches must be >= 1, got " +
+                                        std::to_string(batches); });
     const bool restore = !averaged_;
     if (restore) global_average();
-    const double local = replica_.evaluate_local(loader, batches, who);
+    const double local = replica_.evaluate_local(
+        loader, batches, who, [&](auto tokens, auto targets) { return engine_.evaluate(tokens, targets); });
     if (restore) revert_global_average();
-    return detail::mean_over_ranks(comm_, local);
+    return subspace::dist::detail::mean_over_ranks(comm(), local);
   }
 
   /// Replaces x_i by x̄ = mean over the ranks, keeping x_i for revert_global_average(); pending exchanges are
   /// waited for first and their results kept for the next step. Collective.
   void global_average() {
-    subspace::require(!averaged_, std::string(who) + "::global_average: the weights already are the average "
-                                                     "(call revert_global_average() first)");
+    subspace::require(!averaged_, [&] { return std::string(who) + "::global_average: the weights already are the average "
+                                                     "(call revert_global_average() first)"; });
     wait_pending();
     const executor_type& ex = replica_.executor();
     if (backup_.numel() != plan_.total()) backup_ = subspace::tensor<float, space>(subspace::shape{plan_.total()});
     subspace::copy(ex, subspace::view<const float, space>(replica_.masters()), backup_.v());
-    comm_.all_reduce(replica_.masters(), subspace::comm::reduce_op::avg).wait();
+    comm().all_reduce(replica_.masters(), subspace::comm::reduce_op::avg).wait();
     replica_.sync_model();
     averaged_ = true;
   }
 
   /// Restores the x_i that global_average() replaced.
   void revert_global_average() {
-    subspace::require(averaged_, std::string(who) + "::revert_global_average: no global_average() to revert");
+    subspace::require(averaged_, [&] { return std::string(who) + "::revert_global_average: no global_average() to revert"; });
     subspace::copy(replica_.executor(), subspace::view<const float, space>(backup_.v()), replica_.masters());
     replica_.sync_model();
     averaged_ = false;
@@ -259,11 +291,11 @@ class gossip_trainer {
     const subspace::view<const float, space> x = replica_.masters();
     const subspace::view<const float, space> s = scratch_.v();
     subspace::copy(ex, x, scratch_.v());
-    comm_.all_reduce(scratch_.v(), subspace::comm::reduce_op::avg).wait();
+    comm().all_reduce(scratch_.v(), subspace::comm::reduce_op::avg).wait();
     const double mean_norm = std::sqrt(double(subspace::squared_norm(ex, s)));
     subspace::axpy(ex, -1.0f, x, scratch_.v());  // x̄ − x_i
     const double distance = std::sqrt(double(subspace::squared_norm(ex, s)));
-    return detail::mean_over_ranks(comm_, distance) / mean_norm;
+    return subspace::dist::detail::mean_over_ranks(comm(), distance) / mean_norm;
   }
 
   /// Waits for the pending exchanges and leaves every rank with the global average x̄ (kept, not revertible).
@@ -273,7 +305,7 @@ class gossip_trainer {
     if (averaged_) {
       averaged_ = false;  // keep the average
     } else {
-      comm_.all_reduce(replica_.masters(), subspace::comm::reduce_op::avg).wait();
+      comm().all_reduce(replica_.masters(), subspace::comm::reduce_op::avg).wait();
       replica_.sync_model();
     }
     std::fill(holds_mix_.begin(), holds_mix_.end(), false);
@@ -283,9 +315,9 @@ class gossip_trainer {
   static constexpr const char* who = "decent::gossip_trainer";
 
   void require_local(const char* what) const {
-    subspace::require(!averaged_, std::string(who) + "::" + what +
+    subspace::require(!averaged_, [&] { return std::string(who) + "::" + what +
                                       ": the weights are the global average of global_average(); call "
-                                      "revert_global_average() first (or finish() to keep the average)");
+                                      "revert_global_average() first (or finish() to keep the average)"; });
   }
 
   /// Waits for every exchange in flight; their results stay in the communication buffer for the next step.
@@ -299,7 +331,7 @@ class gossip_trainer {
 
   /// Steps 1-4 of the loop for bucket k, from the model's ready hook.
   void step_bucket(std::size_t k, const subspace::optim::step_context& ctx, double& squared_norm, bool& skipped) {
-    const bucket& b = plan_[k];
+    const subspace::dist::bucket& b = plan_[k];
     const executor_type& ex = replica_.executor();
     // 1. The mixing launched in the previous step.
     if (in_flight_[k]) {
@@ -337,11 +369,19 @@ class gossip_trainer {
     return subspace::view<const float, space>(comm_buf_.data() + replica_.offset(i), replica_.info(i).shape);
   }
 
+  static std::vector<Model> one(Model m) {
+    std::vector<Model> v;
+    v.push_back(std::move(m));
+    return v;
+  }
+  communicator_type& comm() { return stack_.communicator; }
+
+  Stack stack_;
   replica_type replica_;
-  communicator_type comm_;
-  scheduler_type topology_;
-  trainer_options o_;
-  bucket_plan plan_;
+  gossip_options o_;
+  subspace::train::plan_engine<Model, compressor_type> engine_;
+  subspace::schedule::gradient_accumulation accumulation_;  // the compute plan of a local step
+  subspace::dist::bucket_plan plan_;
   std::vector<communicator_type> groups_;               // by phase: the group communicator of plan(q, rank)
   subspace::tensor<float, space> comm_buf_;             // the buckets' communication blocks (flat)
   std::vector<std::optional<request_type>> in_flight_;  // by bucket: the exchange launched last step

@@ -109,7 +109,7 @@ class complete : public group_schedule {
 
  private:
   static std::vector<partition> phases(int n) {
-    subspace::require(n >= 1, "decent::complete: world_size must be >= 1, got " + std::to_string(n));
+    subspace::require(n >= 1, [&] { return "decent::complete: world_size must be >= 1, got " + std::to_string(n); });
     return detail::complete_phases(n);
   }
 };
@@ -123,8 +123,8 @@ class ring : public group_schedule {
  private:
   static std::vector<partition> phases(int n) {
     subspace::require(n >= 2 && n % 2 == 0,
-                      "decent::ring: world_size must be even (>= 2): every rank needs a partner in both pairings "
-                      "(2i, 2i+1) and (2i+1, 2i+2 mod n); got world_size = " + std::to_string(n));
+                      [&] { return "decent::ring: world_size must be even (>= 2): every rank needs a partner in both pairings "
+                      "(2i, 2i+1) and (2i+1, 2i+2 mod n); got world_size = " + std::to_string(n); });
     return detail::ring_phases(n);
   }
 };
@@ -137,8 +137,8 @@ class one_peer_exp : public group_schedule {
  private:
   static std::vector<partition> phases(int n) {
     subspace::require(detail::is_power_of_two(n),
-                      "decent::one_peer_exp: world_size must be a power of two (1, 2, 4, 8, ...): rank j pairs "
-                      "with j XOR 2^q; got world_size = " + std::to_string(n));
+                      [&] { return "decent::one_peer_exp: world_size must be a power of two (1, 2, 4, 8, ...): rank j pairs "
+                      "with j XOR 2^q; got world_size = " + std::to_string(n); });
     return detail::one_peer_exp_phases(n);
   }
 };
@@ -162,17 +162,17 @@ class alternating_exp_ring : public group_schedule {
  private:
   static std::vector<partition> phases(int n, int local) {
     const std::string who = "decent::alternating_exp_ring: ";
-    subspace::require(n >= 1, who + "world_size must be >= 1, got " + std::to_string(n));
-    subspace::require(local >= 1, who + "local_world_size (ranks per node) must be >= 1, got " +
-                                      std::to_string(local));
-    subspace::require(n % local == 0, who + "world_size must be a whole number of nodes of local_world_size "
+    subspace::require(n >= 1, [&] { return who + "world_size must be >= 1, got " + std::to_string(n); });
+    subspace::require(local >= 1, [&] { return who + "local_world_size (ranks per node) must be >= 1, got " +
+                                      std::to_string(local); });
+    subspace::require(n % local == 0, [&] { return who + "world_size must be a whole number of nodes of local_world_size "
                                             "ranks; got world_size = " + std::to_string(n) +
-                                            ", local_world_size = " + std::to_string(local));
+                                            ", local_world_size = " + std::to_string(local); });
     subspace::require(detail::is_power_of_two(n / local),
-                      who + "the node count (world_size / local_world_size) must be a power of two (1, 2, 4, 8, "
+                      [&] { return who + "the node count (world_size / local_world_size) must be a power of two (1, 2, 4, 8, "
                             "...): node a pairs with node a XOR 2^q; got " + std::to_string(n / local) +
                           " nodes (world_size = " + std::to_string(n) +
-                          ", local_world_size = " + std::to_string(local) + ")");
+                          ", local_world_size = " + std::to_string(local) + ")"; });
     return detail::alternating_exp_ring_phases(n / local, local);
   }
 

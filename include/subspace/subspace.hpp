@@ -56,3 +56,6 @@
 #include "io/safetensors.hpp"
 
 #include "train/trainer.hpp"
+
+#include "dist/bucket.hpp"
+#include "dist/data_parallel_trainer.hpp"

@@ -1,4 +1,4 @@
-// decent::gossip_trainer and decent::data_parallel_trainer on one GPU: 2 to 4 comm::local ranks as threads, each
+// decent::gossip_trainer and dist::data_parallel_trainer on one GPU: 2 to 4 comm::local ranks as threads, each
 // with its own stream (the model's executor stream is the rank's communication stream), device memory,
 // llama<exec::cuda, bf16> with fp32 masters — against the same trainers on the host (llama<exec::host, float>,
 // comm::local on host memory) for a few steps on the same data: losses, master weights and their updates within
@@ -15,9 +15,9 @@
 #include <vector>
 
 #include <decent/accum_adam.hpp>
-#include <decent/data_parallel_trainer.hpp>
 #include <decent/decent_adam.hpp>
 #include <decent/gossip_trainer.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/topology.hpp>
 #include <subspace/comm/local.hpp>
 #include <subspace/data/loader.hpp>
@@ -36,12 +36,6 @@ namespace {
 using device_model = nn::llama<exec::cuda, bf16>;
 using host_model = nn::llama<exec::host, float>;
 
-template <class Comm, class Scheduler, class Optimizer>
-struct stack_of : default_policies {
-  using communicator = Comm;
-  using scheduler = Scheduler;
-  using optimizer = Optimizer;
-};
 
 nn::llama_config config() { return testing::gpu_check_config("decent-gpu-check"); }
 
@@ -97,8 +91,8 @@ data::batch_loader loader(const data::token_dataset& all, int r, int n, std::uin
   return data::batch_loader(all.slice(t * ur / un, t * (ur + 1) / un), o);
 }
 
-decent::trainer_options options(std::int64_t bucket_bytes) {
-  decent::trainer_options o;
+decent::gossip_options options(std::int64_t bucket_bytes) {
+  decent::gossip_options o;
   o.bucket_bytes = bucket_bytes;
   o.accumulation = 2;
   o.clip = 1.0;
@@ -188,14 +182,12 @@ TEST_CASE("decent::gossip_trainer (CUDA): 3 and 4 ranks on one GPU match the hos
   const std::int64_t steps = 4;
   const std::int64_t bucket_bytes = 60'000;  // several buckets
   const auto check = [&](auto topology, auto optimizer) {
-    using topology_t = decltype(topology);
-    using optimizer_t = decltype(optimizer);
     const int n = topology.world_size();
     CAPTURE(n);
     const auto make = [&](auto model, comm::local& c) {
-      using stack = stack_of<comm::local, topology_t, optimizer_t>;
-      return decent::gossip_trainer<decltype(model), stack>(std::move(model), c, topology, optimizer,
-                                                            options(bucket_bytes));
+      return decent::gossip_trainer(std::move(model),
+                                    subspace::stack{.communicator = c, .scheduler = topology, .optimizer = optimizer},
+                                    options(bucket_bytes));
     };
     const auto device = run<true>(n, steps, data, seed, make);
     const auto host = run<false>(n, steps, data, seed, make);
@@ -208,7 +200,7 @@ TEST_CASE("decent::gossip_trainer (CUDA): 3 and 4 ranks on one GPU match the hos
   check(decent::complete(3), accum);
 }
 
-TEST_CASE("decent::data_parallel_trainer (CUDA): 2 and 3 ranks on one GPU match the host trainer in bf16 tolerance") {
+TEST_CASE("dist::data_parallel_trainer (CUDA): 2 and 3 ranks on one GPU match the host trainer in bf16 tolerance") {
   testing::scratch_dir dir;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -216,9 +208,12 @@ TEST_CASE("decent::data_parallel_trainer (CUDA): 2 and 3 ranks on one GPU match 
   for (const int n : {2, 3}) {
     CAPTURE(n);
     const auto make = [&](auto model, comm::local& c) {
-      using stack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
-      return decent::data_parallel_trainer<decltype(model), stack>(std::move(model), c, optim::adamw{},
-                                                                   options(60'000));
+      const decent::gossip_options o = options(60'000);
+      return dist::data_parallel_trainer(
+          std::move(model),
+          subspace::stack{.communicator = c,
+                          .scheduler = schedule::gradient_accumulation{int(o.accumulation), c.size()}},
+          dist::trainer_options(o));
     };
     const auto device = run<true>(n, 4, data, seed, make);
     const auto host = run<false>(n, 4, data, seed, make);

@@ -1,4 +1,4 @@
-// decent::bucket_plan, decent::data_parallel_trainer and decent::gossip_trainer on host ranks (threads over
+// dist::bucket_plan, dist::data_parallel_trainer and decent::gossip_trainer on host ranks (threads over
 // comm::local, host float or double Llama models of a tiny configuration):
 //   * the bucket plan: tiling, alignment, the size bound, the backward's ready order, mismatches between ranks;
 //   * `complete` with DAdam equals averaging the parameters every step, then each rank's DAdam step from its own
@@ -20,8 +20,8 @@
 #include <thread>
 #include <vector>
 
-#include <decent/bucket.hpp>
-#include <decent/data_parallel_trainer.hpp>
+#include <subspace/dist/bucket.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/decent_adam.hpp>
 #include <decent/accum_adam.hpp>
 #include <decent/gossip_trainer.hpp>
@@ -43,12 +43,19 @@ using namespace subspace;
 using host_llama = nn::llama<exec::host, float>;
 using flat = std::vector<float>;
 
-template <class Comm, class Scheduler, class Optimizer>
-struct stack_of : default_policies {
-  using communicator = Comm;
-  using scheduler = Scheduler;
-  using optimizer = Optimizer;
-};
+/// A data-parallel rank's stack: its communicator, `accumulation` micro-batches per step on every rank, `opt`.
+template <class Comm, class Optimizer>
+auto dp_stack(Comm c, std::int64_t accumulation, Optimizer opt) {
+  const int n = c.size();
+  return subspace::stack{.communicator = std::move(c),
+                         .scheduler = schedule::gradient_accumulation{int(accumulation), n},
+                         .optimizer = std::move(opt)};
+}
+/// A gossip rank's stack: its communicator, the topology, `opt`.
+template <class Comm, class Topology, class Optimizer>
+auto gossip_stack(Comm c, Topology topology, Optimizer opt) {
+  return subspace::stack{.communicator = std::move(c), .scheduler = std::move(topology), .optimizer = std::move(opt)};
+}
 
 /// Runs body(r) for r = 0 .. n-1 on n threads; returns every rank's exception message ("" when it returned).
 template <class Body>
@@ -145,7 +152,7 @@ std::vector<T> to_vector(view<T, host_space> v) {
 
 /// The largest relative error ||got - want|| / ||want|| over the plan's tensors (+inf for non-finite values).
 template <class A, class B>
-double worst_tensor_error(const std::vector<A>& got, const std::vector<B>& want, const decent::bucket_plan& plan,
+double worst_tensor_error(const std::vector<A>& got, const std::vector<B>& want, const dist::bucket_plan& plan,
                           std::string* where = nullptr) {
   REQUIRE(got.size() == want.size());
   double worst = 0;
@@ -160,8 +167,8 @@ double worst_tensor_error(const std::vector<A>& got, const std::vector<B>& want,
   return worst;
 }
 
-decent::trainer_options options(std::int64_t bucket_bytes, std::int64_t accumulation, double clip, float lr) {
-  decent::trainer_options o;
+decent::gossip_options options(std::int64_t bucket_bytes, std::int64_t accumulation, double clip, float lr) {
+  decent::gossip_options o;
   o.bucket_bytes = bucket_bytes;
   o.accumulation = accumulation;
   o.clip = clip;
@@ -173,7 +180,7 @@ decent::trainer_options options(std::int64_t bucket_bytes, std::int64_t accumula
 std::int64_t bytes_for_buckets(std::size_t count) {
   const host_llama m(tiny(), exec::host{1});
   for (std::int64_t b = 64; b < 4'000'000; b += 64)
-    if (decent::bucket_plan::of(m, b).size() == count) return b;
+    if (dist::bucket_plan::of(m, b).size() == count) return b;
   FAIL("no bucket size gives " << count << " buckets");
   return 0;
 }
@@ -213,7 +220,7 @@ flat gradient_at(host_llama& model, const flat& x, data::batch_loader& data, std
 /// without clipping. Returns every rank's x after `steps` steps.
 template <class Optimizer>
 std::vector<flat> simulate(const decent::group_schedule& s, std::uint64_t seed, const Optimizer& opt,
-                           const decent::trainer_options& o, std::vector<data::batch_loader>& data,
+                           const decent::gossip_options& o, std::vector<data::batch_loader>& data,
                            std::int64_t steps) {
   const int n = s.world_size();
   host_llama model(tiny(), exec::host{1});
@@ -255,13 +262,12 @@ std::vector<flat> simulate(const decent::group_schedule& s, std::uint64_t seed, 
 /// Every rank's master parameters after `steps` steps of gossip_trainer on rank loaders made by make_data(r).
 template <class Optimizer, class MakeData>
 std::vector<flat> run_gossip(const decent::group_schedule& s, std::uint64_t seed, const Optimizer& opt,
-                             const decent::trainer_options& o, MakeData make_data, std::int64_t steps) {
+                             const decent::gossip_options& o, MakeData make_data, std::int64_t steps) {
   const int n = s.world_size();
   auto comms = local_world(n);
   std::vector<flat> out(static_cast<std::size_t>(n));
   run_ranks(n, [&](int r) {
-    using stack = stack_of<comm::local, decent::group_schedule, Optimizer>;
-    decent::gossip_trainer<host_llama, stack> t(host_llama(tiny(), exec::host{1}), comms[std::size_t(r)], s, opt, o);
+    decent::gossip_trainer t(host_llama(tiny(), exec::host{1}), gossip_stack(comms[std::size_t(r)], s, opt), o);
     t.init(seed);
     data::batch_loader data = make_data(r);
     for (std::int64_t k = 0; k < steps; ++k) t.step(data);
@@ -293,7 +299,7 @@ std::string topology_label(const decent::group_schedule& s) {
 // ---------------------------------------------------------------------------------------------------------------
 // The bucket plan.
 
-TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, aligned, within the size bound") {
+TEST_CASE("dist::bucket_plan: buckets tile the flat storage in ready order, aligned, within the size bound") {
   host_llama model(tiny(), exec::host{1});
   const std::int64_t total = model.parameters().offset(model.parameters().infos().size());
   const auto seed = testing::fresh_seed();
@@ -301,7 +307,7 @@ TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, al
   std::vector<std::int64_t> sizes{1, 64, 1000, 4096, 20000, 60000, std::int64_t(seed % 50000) + 1, 25'000'000};
   for (const std::int64_t bytes : sizes) {
     CAPTURE(bytes);
-    const decent::bucket_plan plan = decent::bucket_plan::of(model, bytes);
+    const dist::bucket_plan plan = dist::bucket_plan::of(model, bytes);
     REQUIRE(plan.size() >= 1);
     CHECK(plan.total() == total);
     CHECK(plan[0].end == total);                // bucket 0 holds the last tensors of storage
@@ -310,11 +316,11 @@ TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, al
     CHECK(plan[plan.size() - 1].first == 0);
     for (std::size_t k = 0; k < plan.size(); ++k) {
       CAPTURE(k);
-      const decent::bucket& b = plan[k];
+      const dist::bucket& b = plan[k];
       CHECK(b.first < b.last);
       CHECK(b.begin == model.parameters().offset(b.first));
       CHECK(b.end == model.parameters().offset(b.last));
-      CHECK(b.begin % decent::bucket_plan::alignment == 0);
+      CHECK(b.begin % dist::bucket_plan::alignment == 0);
       CHECK((b.bytes() <= std::uint64_t(bytes) || b.tensors() == 1));
       if (k + 1 < plan.size()) {
         CHECK(plan[k + 1].end == b.begin);  // contiguous
@@ -327,11 +333,11 @@ TEST_CASE("decent::bucket_plan: buckets tile the flat storage in ready order, al
       for (std::size_t i = b.first; i < b.last; ++i) CHECK(plan.bucket_of(i) == k);
     }
   }
-  CHECK(decent::bucket_plan::of(model, 25'000'000).size() == 1);  // the default holds the tiny model whole
-  CHECK(decent::bucket_plan::of(model, 1).size() == model.parameters().infos().size());  // one tensor each
+  CHECK(dist::bucket_plan::of(model, 25'000'000).size() == 1);  // the default holds the tiny model whole
+  CHECK(dist::bucket_plan::of(model, 1).size() == model.parameters().infos().size());  // one tensor each
 }
 
-TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its first parameter ready") {
+TEST_CASE("dist::bucket_plan: a bucket is complete when backward reports its first parameter ready") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   for (const bool tied : {false, true}) {
@@ -348,7 +354,7 @@ TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its f
     }
     for (const std::int64_t bytes : {std::int64_t(1), std::int64_t(3000), std::int64_t(30000)}) {
       CAPTURE(bytes);
-      const decent::bucket_plan plan = decent::bucket_plan::of(model, bytes);
+      const dist::bucket_plan plan = dist::bucket_plan::of(model, bytes);
       model.zero_grad();
       model.forward(tokens.v(), targets.v());
       std::vector<flat> at_ready(plan.size());
@@ -373,28 +379,28 @@ TEST_CASE("decent::bucket_plan: a bucket is complete when backward reports its f
   }
 }
 
-TEST_CASE("decent::bucket_plan: unaligned or overlapping tensors and a bad size are rejected") {
-  using entry = decent::bucket_plan::tensor_entry;
-  CHECK_THROWS_WITH_AS(decent::bucket_plan({{"a", {40}, 0}, {"b", {8}, 40}}, 64, 100),
+TEST_CASE("dist::bucket_plan: unaligned or overlapping tensors and a bad size are rejected") {
+  using entry = dist::bucket_plan::tensor_entry;
+  CHECK_THROWS_WITH_AS(dist::bucket_plan({{"a", {40}, 0}, {"b", {8}, 40}}, 64, 100),
                        doctest::Contains("'b' starts at element 40, not a multiple of 32"), invalid_argument);
-  CHECK_THROWS_WITH_AS(decent::bucket_plan({{"a", {40}, 0}, {"b", {8}, 32}}, 64, 100),
+  CHECK_THROWS_WITH_AS(dist::bucket_plan({{"a", {40}, 0}, {"b", {8}, 32}}, 64, 100),
                        doctest::Contains("'a' of shape [40] at element 0 overlaps"), invalid_argument);
-  CHECK_THROWS_WITH_AS(decent::bucket_plan(std::vector<entry>{{"a", {8}, 0}}, 32, 0),
+  CHECK_THROWS_WITH_AS(dist::bucket_plan(std::vector<entry>{{"a", {8}, 0}}, 32, 0),
                        doctest::Contains("bucket_bytes must be >= 1"), invalid_argument);
   // Spans of 64, 32 and 128 elements: c alone is over 300 bytes (its own bucket), b + a would be 384 bytes.
-  const decent::bucket_plan p({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 300);
+  const dist::bucket_plan p({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 300);
   REQUIRE(p.size() == 3);
-  CHECK(p[0] == decent::bucket{2, 3, 96, 224});
-  CHECK(p[1] == decent::bucket{1, 2, 64, 96});
-  CHECK(p[2] == decent::bucket{0, 1, 0, 64});
-  const decent::bucket_plan q({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 400);
+  CHECK(p[0] == dist::bucket{2, 3, 96, 224});
+  CHECK(p[1] == dist::bucket{1, 2, 64, 96});
+  CHECK(p[2] == dist::bucket{0, 1, 0, 64});
+  const dist::bucket_plan q({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 400);
   REQUIRE(q.size() == 2);  // b and a fit in 400 bytes
-  CHECK(q[1] == decent::bucket{0, 2, 0, 96});
+  CHECK(q[1] == dist::bucket{0, 2, 0, 96});
   CHECK(p.hash() != q.hash());
-  CHECK(p.hash() == decent::bucket_plan({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 300).hash());
+  CHECK(p.hash() == dist::bucket_plan({{"a", {40}, 0}, {"b", {8}, 64}, {"c", {100}, 96}}, 224, 300).hash());
 }
 
-TEST_CASE("decent::check_same_plan: ranks with different models or bucket sizes fail naming the tensor") {
+TEST_CASE("dist::check_same_plan: ranks with different models or bucket sizes fail naming the tensor") {
   const int n = 3;
   SUBCASE("a different FFN width on rank 2") {
     auto comms = local_world(n);
@@ -402,7 +408,7 @@ TEST_CASE("decent::check_same_plan: ranks with different models or bucket sizes 
       nn::llama_config cfg = tiny();
       if (r == 2) cfg.ffn_hidden = 32;
       const host_llama m(cfg, exec::host{1});
-      decent::check_same_plan(comms[std::size_t(r)], decent::bucket_plan::of(m, 4096), "test");
+      dist::check_same_plan(comms[std::size_t(r)], dist::bucket_plan::of(m, 4096), "test");
     });
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
@@ -417,7 +423,7 @@ TEST_CASE("decent::check_same_plan: ranks with different models or bucket sizes 
     auto comms = local_world(n);
     const auto errors = rank_errors(n, [&](int r) {
       const host_llama m(tiny(), exec::host{1});
-      decent::check_same_plan(comms[std::size_t(r)], decent::bucket_plan::of(m, r == 1 ? 1 : 1'000'000), "test");
+      dist::check_same_plan(comms[std::size_t(r)], dist::bucket_plan::of(m, r == 1 ? 1 : 1'000'000), "test");
     });
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
@@ -433,7 +439,7 @@ TEST_CASE("decent::check_same_plan: ranks with different models or bucket sizes 
     auto comms = local_world(n);
     run_ranks(n, [&](int r) {
       const host_llama m(tiny(), exec::host{1});
-      decent::check_same_plan(comms[std::size_t(r)], decent::bucket_plan::of(m, 5000), "test");
+      dist::check_same_plan(comms[std::size_t(r)], dist::bucket_plan::of(m, 5000), "test");
     });
   }
 }
@@ -450,7 +456,7 @@ TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the para
   const std::int64_t steps = 6, batch = 2, seq = 16;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  const decent::trainer_options o = options(bytes_for_buckets(3), 1, 0.0, 3e-3f);
+  const decent::gossip_options o = options(bytes_for_buckets(3), 1, 0.0, 3e-3f);
   const decent::decent_adam opt{};
   const auto make_data = [&](int r) { return loader(text.shard(r, n), batch, seq, true, seed + std::uint64_t(r)); };
 
@@ -487,7 +493,7 @@ TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the para
       }
   }
 
-  const decent::bucket_plan plan = decent::bucket_plan::of(model, o.bucket_bytes);
+  const dist::bucket_plan plan = dist::bucket_plan::of(model, o.bucket_bytes);
   for (int r = 0; r < n; ++r) {
     CAPTURE(r);
     std::string where;
@@ -512,7 +518,7 @@ TEST_CASE("decent::gossip_trainer: overlapped buckets match the sequential simul
     CAPTURE(topology_label(s));
     CAPTURE(bytes);
     CAPTURE(accumulation);
-    const decent::trainer_options o = options(bytes, accumulation, 0.0, 2e-3f);
+    const decent::gossip_options o = options(bytes, accumulation, 0.0, 2e-3f);
     const auto make_data = [&](int r) {
       return loader(text.shard(r, n), batch, seq, true, seed + 17 * std::uint64_t(r));
     };
@@ -520,7 +526,7 @@ TEST_CASE("decent::gossip_trainer: overlapped buckets match the sequential simul
     std::vector<data::batch_loader> data;
     for (int r = 0; r < n; ++r) data.push_back(make_data(r));
     const std::vector<flat> want = simulate(s, seed, opt, o, data, steps);
-    const decent::bucket_plan plan = decent::bucket_plan::of(host_llama(tiny(), exec::host{1}), bytes);
+    const dist::bucket_plan plan = dist::bucket_plan::of(host_llama(tiny(), exec::host{1}), bytes);
     CAPTURE(plan.size());
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
@@ -545,8 +551,7 @@ TEST_CASE("decent::gossip_trainer: global average, revert, evaluation, consensus
   const std::int64_t batch = 2, seq = 16;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  const decent::trainer_options o = options(bytes_for_buckets(3), 1, 1.0, 1e-2f);
-  using stack = stack_of<comm::local, decent::group_schedule, decent::accum_adamw>;
+  const decent::gossip_options o = options(bytes_for_buckets(3), 1, 1.0, 1e-2f);
   std::vector<flat> x(n), averaged(n), reverted(n), straight(n), interrupted(n), finished(n);
   std::vector<double> distance(n), after_finish(n), loss(n);
   // The same 6 steps twice: straight, and with global_average / revert / evaluate / consensus_distance after step 3.
@@ -554,8 +559,8 @@ TEST_CASE("decent::gossip_trainer: global average, revert, evaluation, consensus
     auto comms = local_world(n);
     run_ranks(n, [&](int r) {
       const auto ur = std::size_t(r);
-      decent::gossip_trainer<host_llama, stack> t(host_llama(tiny(), exec::host{1}), comms[ur], decent::ring(n),
-                                                  decent::accum_adamw{}, o);
+      decent::gossip_trainer t(host_llama(tiny(), exec::host{1}),
+                               gossip_stack(comms[ur], decent::group_schedule(decent::ring(n)), decent::accum_adamw{}), o);
       t.init(seed);
       auto data = loader(text.shard(r, n), batch, seq, true, seed + std::uint64_t(r));
       auto val = loader(text.val, batch, seq, false, 0, "val");
@@ -611,14 +616,14 @@ TEST_CASE("decent::gossip_trainer: global average, revert, evaluation, consensus
 // ---------------------------------------------------------------------------------------------------------------
 // The data-parallel trainer.
 
-TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer on the concatenated batch (fp32)") {
+TEST_CASE("dist::data_parallel_trainer: on 2 and 4 ranks equals train::trainer on the concatenated batch (fp32)") {
   const corpus text;
   const std::int64_t batch = 2, seq = 16, accumulation = 2, steps = 3;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
   for (const int n : {2, 4}) {
     CAPTURE(n);
-    decent::trainer_options o = options(bytes_for_buckets(3), accumulation, 0.05, 3e-3f);  // clipping active
+    decent::gossip_options o = options(bytes_for_buckets(3), accumulation, 0.05, 3e-3f);  // clipping active
     o.schedule = {3e-3f, 3e-4f, 1, steps, optim::decay_kind::cosine};
     std::vector<data::token_dataset> shards;
     for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
@@ -634,10 +639,9 @@ TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer
     auto comms = local_world(n);
     std::vector<flat> got(static_cast<std::size_t>(n));
     std::vector<std::vector<train::step_result>> results(static_cast<std::size_t>(n));
-    using stack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
     run_ranks(n, [&](int r) {
-      decent::data_parallel_trainer<host_llama, stack> t(host_llama(tiny(), exec::host{1}), comms[std::size_t(r)],
-                                                         optim::adamw{}, o);
+      dist::data_parallel_trainer t(host_llama(tiny(), exec::host{1}),
+                                    dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
       t.init(seed);
       auto data = loader(shards[std::size_t(r)], batch, seq, false);
       for (std::int64_t k = 0; k < steps; ++k) results[std::size_t(r)].push_back(t.step(data));
@@ -646,7 +650,7 @@ TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer
       CHECK(t.tokens_done() == steps * n * batch * seq * accumulation);
     });
 
-    const decent::bucket_plan plan = decent::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
+    const dist::bucket_plan plan = dist::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
     std::string where;
     const double err = worst_tensor_error(got[0], want_x, plan, &where);
     CAPTURE(where);
@@ -670,7 +674,7 @@ TEST_CASE("decent::data_parallel_trainer: on 2 and 4 ranks equals train::trainer
   }
 }
 
-TEST_CASE("decent::data_parallel_trainer: the all-reduced gradient equals the single-rank gradient in fp64") {
+TEST_CASE("dist::data_parallel_trainer: the all-reduced gradient equals the single-rank gradient in fp64") {
   using dmodel = nn::llama<exec::host, double>;
   const corpus text;
   const std::int64_t batch = 2, seq = 16, accumulation = 2;
@@ -678,7 +682,7 @@ TEST_CASE("decent::data_parallel_trainer: the all-reduced gradient equals the si
   CAPTURE(seed);
   for (const int n : {2, 4}) {
     CAPTURE(n);
-    const decent::trainer_options o = options(bytes_for_buckets(3), accumulation, 1.0, 1e-3f);
+    const decent::gossip_options o = options(bytes_for_buckets(3), accumulation, 1.0, 1e-3f);
     std::vector<data::token_dataset> shards;
     for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
 
@@ -699,16 +703,15 @@ TEST_CASE("decent::data_parallel_trainer: the all-reduced gradient equals the si
     auto comms = local_world(n);
     std::vector<std::vector<double>> got(static_cast<std::size_t>(n));
     std::vector<double> loss(static_cast<std::size_t>(n));
-    using stack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
     run_ranks(n, [&](int r) {
-      decent::data_parallel_trainer<dmodel, stack> t(dmodel(tiny(), exec::host{1}), comms[std::size_t(r)],
-                                                     optim::adamw{}, o);
+      dist::data_parallel_trainer t(dmodel(tiny(), exec::host{1}),
+                                    dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
       t.init(seed);
       auto data = loader(shards[std::size_t(r)], batch, seq, false);
       loss[std::size_t(r)] = t.compute_gradients(data);
       got[std::size_t(r)] = to_vector(t.model().parameters().flat_grads());
     });
-    const decent::bucket_plan plan = decent::bucket_plan::of(dmodel(tiny(), exec::host{1}), o.bucket_bytes);
+    const dist::bucket_plan plan = dist::bucket_plan::of(dmodel(tiny(), exec::host{1}), o.bucket_bytes);
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
       std::string where;
@@ -738,7 +741,7 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
     opt.total_steps = steps;
     opt.seed = seed;
   }
-  decent::trainer_options o = options(bytes_for_buckets(3), 2, 1.0, 3e-3f);
+  decent::gossip_options o = options(bytes_for_buckets(3), 2, 1.0, 3e-3f);
   std::vector<data::token_dataset> shards;
   for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
 
@@ -754,15 +757,14 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
   auto comms = local_world(n);
   std::vector<flat> got(static_cast<std::size_t>(n));
   run_ranks(n, [&](int r) {
-    using stack = stack_of<comm::local, schedule::gradient_accumulation, Optimizer>;
-    decent::data_parallel_trainer<host_llama, stack> t(host_llama(tiny(), exec::host{1}), comms[std::size_t(r)], opt,
-                                                       o);
+    dist::data_parallel_trainer t(host_llama(tiny(), exec::host{1}), dp_stack(comms[std::size_t(r)], o.accumulation, opt),
+                                  o);
     t.init(seed);
     auto data = loader(shards[std::size_t(r)], batch, seq, false);
     for (std::int64_t k = 0; k < steps; ++k) t.step(data);
     got[std::size_t(r)] = to_vector(t.master_values());
   });
-  const decent::bucket_plan plan = decent::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
+  const dist::bucket_plan plan = dist::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
   std::string where;
   const double err = worst_tensor_error(got[0], want, plan, &where);
   CAPTURE(where);
@@ -803,7 +805,7 @@ TEST_CASE("decent trainers: gossip training of a tiny Llama on 4 ranks reaches t
   const std::int64_t batch = 4, seq = 16, steps = 1000;
   const std::uint64_t seed = 20250101;
   const float lr = 3e-3f, gossip_lr = 1.5f * lr;
-  decent::trainer_options o = options(bytes_for_buckets(3), 1, 1.0, lr);
+  decent::gossip_options o = options(bytes_for_buckets(3), 1, 1.0, lr);
 
   const auto train = [&](auto make_trainer) {
     auto comms = local_world(n);
@@ -821,16 +823,14 @@ TEST_CASE("decent trainers: gossip training of a tiny Llama on 4 ranks reaches t
   };
   o.schedule = {lr, lr / 10, 20, steps, optim::decay_kind::cosine};
   const double dp = train([&](comm::local& c) {
-    using stack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
-    return decent::data_parallel_trainer<host_llama, stack>(host_llama(tiny(), exec::host{1}), c, optim::adamw{}, o);
+    return dist::data_parallel_trainer(host_llama(tiny(), exec::host{1}), dp_stack(c, o.accumulation, optim::adamw{}), o);
   });
   o.schedule = {gossip_lr, gossip_lr / 10, 20, steps, optim::decay_kind::cosine};
   const double gossip = train([&](comm::local& c) {
-    using stack = stack_of<comm::local, decent::alternating_exp_ring, decent::accum_adamw>;
     decent::accum_adamw opt{};
     opt.accum_iter = 4;
-    return decent::gossip_trainer<host_llama, stack>(host_llama(tiny(), exec::host{1}), c,
-                                                     decent::alternating_exp_ring(n, 2), opt, o);
+    return decent::gossip_trainer(host_llama(tiny(), exec::host{1}),
+                                  gossip_stack(c, decent::alternating_exp_ring(n, 2), opt), o);
   });
   CAPTURE(dp);
   CAPTURE(gossip);
@@ -847,18 +847,16 @@ TEST_CASE("decent trainers: init gives every rank rank 0's weights, whatever see
   host_llama reference(tiny(), exec::host{1});
   reference.init(seed);
   const flat want = to_vector(reference.parameters().flat_values());
-  const decent::trainer_options o = options(5000, 1, 1.0, 1e-3f);
+  const decent::gossip_options o = options(5000, 1, 1.0, 1e-3f);
   std::vector<flat> gossip(static_cast<std::size_t>(n)), baseline(static_cast<std::size_t>(n));
   auto comms = local_world(n);
   run_ranks(n, [&](int r) {
-    using gstack = stack_of<comm::local, decent::complete, decent::decent_adam>;
-    decent::gossip_trainer<host_llama, gstack> g(host_llama(tiny(), exec::host{1}), comms[std::size_t(r)],
-                                                 decent::complete(n), decent::decent_adam{}, o);
+    decent::gossip_trainer g(host_llama(tiny(), exec::host{1}),
+                             gossip_stack(comms[std::size_t(r)], decent::complete(n), decent::decent_adam{}), o);
     g.init(seed + std::uint64_t(r));
     gossip[std::size_t(r)] = to_vector(g.master_values());
-    using bstack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
-    decent::data_parallel_trainer<host_llama, bstack> b(host_llama(tiny(), exec::host{1}), comms[std::size_t(r)],
-                                                        optim::adamw{}, o);
+    dist::data_parallel_trainer b(host_llama(tiny(), exec::host{1}),
+                                  dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
     b.init(seed + std::uint64_t(r));
     baseline[std::size_t(r)] = to_vector(b.master_values());
   });
@@ -875,8 +873,8 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
   const std::int64_t batch = 2, seq = 16, steps = 3;
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  const decent::trainer_options o = options(bytes_for_buckets(3), 1, 1.0, 1e-3f);
-  const decent::bucket_plan plan = decent::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
+  const decent::gossip_options o = options(bytes_for_buckets(3), 1, 1.0, 1e-3f);
+  const dist::bucket_plan plan = dist::bucket_plan::of(host_llama(tiny(), exec::host{1}), o.bucket_bytes);
   REQUIRE(plan.size() == 3);
 
   for (const decent::group_schedule& s : topologies_of_4()) {
@@ -885,10 +883,10 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
     auto comms = local_world(n);
     std::vector<std::vector<std::uint64_t>> sent(static_cast<std::size_t>(n));
     run_ranks(n, [&](int r) {
-      using stack = stack_of<tlocal, decent::group_schedule, decent::decent_adam>;
-      decent::gossip_trainer<host_llama, stack> t(host_llama(tiny(), exec::host{1}),
-                                                  tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}), s,
-                                                  decent::decent_adam{}, o);
+      decent::gossip_trainer t(host_llama(tiny(), exec::host{1}),
+                               gossip_stack(tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}), s,
+                                            decent::decent_adam{}),
+                               o);
       t.init(seed);
       auto data = loader(text.shard(r, n), batch, seq, true, seed);
       for (std::int64_t k = 0; k < steps; ++k) {
@@ -902,7 +900,7 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
         CAPTURE(r);
         CAPTURE(k);
         std::uint64_t expected = 0;  // step k launches the mixing of round k + 1 (step 0: round 1, decision 5)
-        for (const decent::bucket& b : plan) expected += s.plan(k + 1, r).bytes_sent(b.bytes());
+        for (const dist::bucket& b : plan) expected += s.plan(k + 1, r).bytes_sent(b.bytes());
         CHECK(sent[std::size_t(r)][std::size_t(k)] == expected);
         if (s.plan(k + 1, r).size() == 2) CHECK(expected == 4 * std::uint64_t(plan.total()));  // pairs: 4p
       }
@@ -913,10 +911,10 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
     auto comms = local_world(n);
     std::vector<std::vector<std::uint64_t>> sent(static_cast<std::size_t>(n));
     run_ranks(n, [&](int r) {
-      using stack = stack_of<tlocal, schedule::gradient_accumulation, optim::adamw>;
-      decent::data_parallel_trainer<host_llama, stack> t(
-          host_llama(tiny(), exec::host{1}), tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}),
-          optim::adamw{}, o);
+      dist::data_parallel_trainer t(
+          host_llama(tiny(), exec::host{1}),
+          dp_stack(tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}), o.accumulation, optim::adamw{}),
+          o);
       t.init(seed);
       auto data = loader(text.shard(r, n), batch, seq, true, seed);
       for (std::int64_t k = 0; k < steps; ++k) {
@@ -931,7 +929,7 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
       std::uint64_t expected = all.plan(0, r).bytes_sent(8, 8);
-      for (const decent::bucket& b : plan) expected += all.plan(0, r).bytes_sent(b.bytes());
+      for (const dist::bucket& b : plan) expected += all.plan(0, r).bytes_sent(b.bytes());
       for (std::int64_t k = 0; k < steps; ++k) CHECK(sent[std::size_t(r)][std::size_t(k)] == expected);
     }
   }
@@ -939,7 +937,7 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
 
 TEST_CASE("decent trainers: a rank whose model differs fails at construction, naming the tensor") {
   const int n = 3;
-  const decent::trainer_options o = options(5000, 1, 1.0, 1e-3f);
+  const decent::gossip_options o = options(5000, 1, 1.0, 1e-3f);
   const auto model_of = [](int r) {
     nn::llama_config cfg = tiny();
     if (r == 2) cfg.n_kv_heads = 4;  // k_proj and v_proj [16, 16] instead of [8, 16]
@@ -957,31 +955,29 @@ TEST_CASE("decent trainers: a rank whose model differs fails at construction, na
   };
   {
     auto comms = local_world(n);
-    using stack = stack_of<comm::local, decent::complete, decent::decent_adam>;
     check(rank_errors(n,
                       [&](int r) {
-                        decent::gossip_trainer<host_llama, stack> t(model_of(r), comms[std::size_t(r)],
-                                                                    decent::complete(n), decent::decent_adam{}, o);
+                        decent::gossip_trainer t(
+                            model_of(r), gossip_stack(comms[std::size_t(r)], decent::complete(n), decent::decent_adam{}),
+                            o);
                       }),
           "decent::gossip_trainer");
   }
   {
     auto comms = local_world(n);
-    using stack = stack_of<comm::local, schedule::gradient_accumulation, optim::adamw>;
     check(rank_errors(n,
                       [&](int r) {
-                        decent::data_parallel_trainer<host_llama, stack> t(model_of(r), comms[std::size_t(r)],
-                                                                           optim::adamw{}, o);
+                        dist::data_parallel_trainer t(model_of(r),
+                                                      dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
                       }),
-          "decent::data_parallel_trainer");
+          "dist::data_parallel_trainer");
   }
   {
     // A topology for another world size fails on every rank before any communication.
     auto comms = local_world(n);
-    using stack = stack_of<comm::local, decent::group_schedule, decent::decent_adam>;
     const auto errors = rank_errors(n, [&](int r) {
-      decent::gossip_trainer<host_llama, stack> t(model_of(0), comms[std::size_t(r)], decent::ring(4),
-                                                  decent::decent_adam{}, o);
+      decent::gossip_trainer t(model_of(0), gossip_stack(comms[std::size_t(r)], decent::ring(4), decent::decent_adam{}),
+                               o);
     });
     for (const std::string& e : errors)
       CHECK(e.find("the topology is written for 4 ranks, the communicator has 3") != std::string::npos);

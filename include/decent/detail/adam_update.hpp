@@ -156,11 +156,11 @@ inline adam_coefficients coefficients(float beta1, float beta2, float eps, float
 inline void check_hyper(const std::string& who, float beta1, float beta2, float eps, float weight_decay,
                         const subspace::optim::step_context& ctx) {
   subspace::require(0.0f <= beta1 && beta1 < 1.0f && 0.0f <= beta2 && beta2 < 1.0f,
-                    who + "beta1 and beta2 must lie in [0, 1), got " + std::to_string(beta1) + " and " +
-                        std::to_string(beta2));
-  subspace::require(eps > 0.0f, who + "eps must be positive, got " + std::to_string(eps));
-  subspace::require(weight_decay >= 0.0f, who + "weight_decay must be >= 0, got " + std::to_string(weight_decay));
-  subspace::require(ctx.step >= 1, who + "step_context::step is 1-based, got " + std::to_string(ctx.step));
+                    [&] { return who + "beta1 and beta2 must lie in [0, 1), got " + std::to_string(beta1) + " and " +
+                        std::to_string(beta2); });
+  subspace::require(eps > 0.0f, [&] { return who + "eps must be positive, got " + std::to_string(eps); });
+  subspace::require(weight_decay >= 0.0f, [&] { return who + "weight_decay must be >= 0, got " + std::to_string(weight_decay); });
+  subspace::require(ctx.step >= 1, [&] { return who + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
 }
 
 /// Shapes and layout of the views one step touches: all shaped info.shape and contiguous; `working` may be
@@ -172,23 +172,23 @@ void check_views(const std::string& who, const subspace::optim::param_info& info
   using subspace::to_string;
   const auto& want = info.shape;
   subspace::require(master.shape() == want,
-                    who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(want));
+                    [&] { return who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(want); });
   subspace::require(mixed.shape() == want,
-                    who + "mixed has shape " + to_string(mixed.shape()) + ", the parameter " + to_string(want));
+                    [&] { return who + "mixed has shape " + to_string(mixed.shape()) + ", the parameter " + to_string(want); });
   subspace::require(grad.shape() == want,
-                    who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(want));
-  subspace::require(state_shape == want, who + "state has shape " + to_string(state_shape) + ", the parameter " +
-                                             to_string(want) + " (init it with this parameter's info)");
+                    [&] { return who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(want); });
+  subspace::require(state_shape == want, [&] { return who + "state has shape " + to_string(state_shape) + ", the parameter " +
+                                             to_string(want) + " (init it with this parameter's info)"; });
   subspace::require(working.data() == nullptr || working.shape() == want,
-                    who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(want));
+                    [&] { return who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(want); });
   subspace::require(
       master.is_contiguous() && mixed.is_contiguous() && grad.is_contiguous() && working.is_contiguous(),
-      who + "master, mixed, grad and working must be contiguous");
+      [&] { return who + "master, mixed, grad and working must be contiguous"; });
   // The kernels read element i of mixed just before writing element i of master: the same view, or disjoint ones.
   const auto m = reinterpret_cast<std::uintptr_t>(mixed.data());
   const auto p = reinterpret_cast<std::uintptr_t>(master.data());
   const auto bytes = std::uintptr_t(master.bytes());
-  subspace::require(m == p || m + bytes <= p || p + bytes <= m, who + "mixed must be master itself or not overlap it");
+  subspace::require(m == p || m + bytes <= p || p + bytes <= m, [&] { return who + "mixed must be master itself or not overlap it"; });
 }
 
 }  // namespace detail

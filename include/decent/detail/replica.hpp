@@ -1,7 +1,6 @@
 #pragma once
-// What data_parallel_trainer and gossip_trainer share beyond train::replica (subspace/train/replica.hpp, one
-// rank's model, masters, optimizer and states): the fused mix-and-step, the request type of an all-reduce, and
-// the mean of a number over the ranks.
+// The gossip trainer's fused mix-and-step over a train::replica (subspace/train/replica.hpp: one rank's model,
+// masters, optimizer and states).
 
 #include <algorithm>
 #include <cstddef>
@@ -35,19 +34,6 @@ concept steps_from_mixed =
              subspace::view<subspace::bf16, subspace::space_of_t<Exec>> working) {
       o.step_from_mixed(ex, mixed, master, grad, st, info, ctx, working);
     };
-
-/// The request C's all_reduce returns for a view<T, S>.
-template <class C, class T, class S>
-using all_reduce_request_t = std::remove_cvref_t<decltype(std::declval<C&>().all_reduce(
-    std::declval<subspace::view<T, S>>(), subspace::comm::reduce_op::sum))>;
-
-/// The mean of `x` over the ranks of `comm` (collective; host memory).
-template <class C>
-double mean_over_ranks(C& comm, double x) {
-  double buf = x;
-  comm.all_reduce(subspace::view<double, subspace::host_space>(&buf, {1}), subspace::comm::reduce_op::avg).wait();
-  return buf;
-}
 
 /// One optimizer step of parameter i of replica `r` from the mixed point `mixed` (shaped like the parameter):
 /// fused for optimizers with step_from_mixed (decent_adam, accum_adam), else the mixed point is copied into the

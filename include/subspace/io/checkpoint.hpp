@@ -41,9 +41,9 @@
 #include "../data/loader.hpp"
 #include "../nn/config.hpp"
 #include "../optim/concepts.hpp"
-#include "file.hpp"
+#include "../util/file.hpp"
 #include "hf_config.hpp"
-#include "json.hpp"
+#include "../util/json.hpp"
 #include "safetensors.hpp"
 
 namespace subspace::io {
@@ -146,12 +146,12 @@ template <class States>
 decltype(auto) state_for(States& states, const std::string& name, std::size_t index) {
   if constexpr (requires { states.find(name) != states.end(); }) {
     auto it = states.find(name);
-    require(it != states.end(), "checkpoint: no optimizer state for parameter '" + name + "'");
+    require(it != states.end(), [&] { return "checkpoint: no optimizer state for parameter '" + name + "'"; });
     return (it->second);
   } else if constexpr (requires { states[index]; states.size(); }) {
-    require(index < states.size(), "checkpoint: " + std::to_string(states.size()) +
+    require(index < states.size(), [&] { return "checkpoint: " + std::to_string(states.size()) +
                                        " optimizer states, but parameter '" + name + "' is number " +
-                                       std::to_string(index + 1) + " (one state per parameter, in order)");
+                                       std::to_string(index + 1) + " (one state per parameter, in order)"; });
     return (states[index]);
   } else {
     return states(name, index);
@@ -211,7 +211,7 @@ inline std::string u64_string(std::uint64_t v) { return std::to_string(v); }
 inline std::uint64_t parse_u64(const json& j, const std::string& where, const char* key) {
   const json* v = j.find(key);
   require(v && (v->is_string() || (v->is_int() && v->as_int() >= 0)),
-          where + ": \"" + key + "\" must be a non-negative integer (as a decimal string)");
+          [&] { return where + ": \"" + key + "\" must be a non-negative integer (as a decimal string)"; });
   if (v->is_int()) return std::uint64_t(v->as_int());
   const std::string& s = v->as_string();
   std::size_t used = 0;
@@ -222,7 +222,7 @@ inline std::uint64_t parse_u64(const json& j, const std::string& where, const ch
     used = 0;
   }
   require(!s.empty() && used == s.size() && s[0] != '-',
-          where + ": \"" + key + "\" must be a decimal string, got \"" + s + "\"");
+          [&] { return where + ": \"" + key + "\" must be a decimal string, got \"" + s + "\""; });
   return out;
 }
 
@@ -244,19 +244,19 @@ struct weight_files {
       const std::string iw = "safetensors index " + detail::quoted(index);
       const json j = json::parse(read_text(index, "safetensors index"), iw);
       const json* map = j.find("weight_map");
-      require(map && map->is_object(), iw + ": missing object \"weight_map\"");
+      require(map && map->is_object(), [&] { return iw + ": missing object \"weight_map\""; });
       std::map<std::string, const safetensors_file*> opened;
       for (const auto& [name, file] : map->as_object()) {
-        require(file.is_string(), iw + ": weight_map[\"" + name + "\"] must be a file name");
+        require(file.is_string(), [&] { return iw + ": weight_map[\"" + name + "\"] must be a file name"; });
         if (!opened.count(file.as_string())) opened[file.as_string()] = &add(path / file.as_string());
         require(opened[file.as_string()]->find(name) != nullptr,
-                iw + ": tensor '" + name + "' is not in " + file.as_string());
+                [&] { return iw + ": tensor '" + name + "' is not in " + file.as_string(); });
       }
       return;
     }
     const fs::path single = path / model_file_name;
-    require(fs::exists(single), "checkpoint " + where + ": no " + model_file_name + " or " + model_index_file_name +
-                                    " in the directory");
+    require(fs::exists(single), [&] { return "checkpoint " + where + ": no " + model_file_name + " or " + model_index_file_name +
+                                    " in the directory"; });
     add(single);
   }
 
@@ -264,7 +264,7 @@ struct weight_files {
     files.push_back(std::make_unique<safetensors_file>(file));
     const safetensors_file& f = *files.back();
     for (const auto& t : f.tensors()) {
-      require(!tensors.count(t.name), "checkpoint " + where + ": tensor '" + t.name + "' appears in two files");
+      require(!tensors.count(t.name), [&] { return "checkpoint " + where + ": tensor '" + t.name + "' appears in two files"; });
       tensors[t.name] = {&f, &t};
     }
     return f;
@@ -313,8 +313,8 @@ load_report load_weights(const Exec& ex, const std::filesystem::path& path, Mode
                            " parameter(s) missing: " + detail::ckpt::list_names(missing_detail) + hint);
   }
   require(o.allow_unexpected || report.unexpected.empty(),
-          "checkpoint " + w.where + ": " + std::to_string(report.unexpected.size()) +
-              " tensor(s) that the model does not have: " + detail::ckpt::list_names(report.unexpected));
+          [&] { return "checkpoint " + w.where + ": " + std::to_string(report.unexpected.size()) +
+              " tensor(s) that the model does not have: " + detail::ckpt::list_names(report.unexpected); });
   return report;
 }
 
@@ -345,7 +345,7 @@ void save_model(const Exec& ex, const std::filesystem::path& dir, const nn::llam
     const std::string td = saved == st_dtype::BF16 ? "bfloat16" : saved == st_dtype::F16 ? "float16" : "float32";
     if (torch_dtype.empty()) torch_dtype = td;
   });
-  require(w.size() > 0, "save_model " + detail::quoted(dir) + ": the model enumerated no parameters");
+  require(w.size() > 0, [&] { return "save_model " + detail::quoted(dir) + ": the model enumerated no parameters"; });
   hf_config_options co = o.config;
   co.torch_dtype = torch_dtype;
   ensure_directory(dir);
@@ -402,26 +402,26 @@ void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn:
 inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
   const fs::path p = dir / state_json_file_name;
-  require(fs::exists(p), "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
-                             " (not a checkpoint directory, or its first save was interrupted)");
+  require(fs::exists(p), [&] { return "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
+                             " (not a checkpoint directory, or its first save was interrupted)"; });
   const std::string where = detail::quoted(p);
   const json j = json::parse(read_text(p, "trainer state"), where);
   require(j.is_object() && j.find("format") && j.at("format").is_string() &&
               j.at("format").as_string() == "subspace-trainer-state",
-          where + ": \"format\" must be \"subspace-trainer-state\"");
+          [&] { return where + ": \"format\" must be \"subspace-trainer-state\""; });
   require(j.find("version") && j.at("version").is_int() && j.at("version").as_int() == 1,
-          where + ": unsupported \"version\" (expected 1)");
+          [&] { return where + ": unsupported \"version\" (expected 1)"; });
   trainer_state ts;
   const auto i64 = [&](const char* key) {
     const json* v = j.find(key);
-    require(v && v->is_int() && v->as_int() >= 0, where + ": \"" + key + "\" must be a non-negative integer");
+    require(v && v->is_int() && v->as_int() >= 0, [&] { return where + ": \"" + key + "\" must be a non-negative integer"; });
     return v->as_int();
   };
   ts.step = i64("step");
   ts.tokens = i64("tokens");
   ts.seed = detail::ckpt::parse_u64(j, where, "seed");
   ts.rng_offset = detail::ckpt::parse_u64(j, where, "rng_offset");
-  require(j.find("train_data") != nullptr, where + ": missing \"train_data\"");
+  require(j.find("train_data") != nullptr, [&] { return where + ": missing \"train_data\""; });
   try {
     ts.train_data = data::loader_position::from_json(j.at("train_data"));
   } catch (const invalid_argument& e) {
@@ -441,14 +441,14 @@ trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, 
   trainer_state ts = read_trainer_state(dir);
   const nn::llama_config saved = read_hf_config(dir / config_file_name);
   const std::string diff = architecture_difference(saved, cfg);
-  require(diff.empty(), where + " was saved for a different model: " + diff + " (checkpoint vs this run)");
+  require(diff.empty(), [&] { return where + " was saved for a different model: " + diff + " (checkpoint vs this run)"; });
 
   const auto check_step = [&](const safetensors_file& f) {
     const auto s = f.metadata("step");
     require(s && *s == std::to_string(ts.step),
-            where + ": " + f.path().filename().string() + " is from step " + (s ? *s : std::string("(unknown)")) +
+            [&] { return where + ": " + f.path().filename().string() + " is from step " + (s ? *s : std::string("(unknown)")) +
                 ", " + state_json_file_name + " from step " + std::to_string(ts.step) +
-                " (a save was interrupted; use an older checkpoint)");
+                " (a save was interrupted; use an older checkpoint)"; });
   };
   {
     const safetensors_file mf(dir / model_file_name);
@@ -468,17 +468,17 @@ trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, 
       for_each_state_tensor(state, [&](const std::string& sname, auto v) {
         const std::string tname = name + "." + sname;
         const st_tensor* t = sf.find(tname);
-        require(t != nullptr, where + ": " + state_tensors_file_name + " has no optimizer state tensor '" + tname +
+        require(t != nullptr, [&] { return where + ": " + state_tensors_file_name + " has no optimizer state tensor '" + tname +
                                   "' (expected shape " + to_string(v.shape()) +
-                                  "; saved with another optimizer?)");
+                                  "; saved with another optimizer?)"; });
         detail::ckpt::read_view(sf, *t, ex, v);
         ++used;
       });
     });
   }
-  require(used == sf.tensors().size(), where + ": " + state_tensors_file_name + " holds " +
+  require(used == sf.tensors().size(), [&] { return where + ": " + state_tensors_file_name + " holds " +
                                            std::to_string(sf.tensors().size()) + " optimizer tensors, this run uses " +
-                                           std::to_string(used) + " (saved with another optimizer?)");
+                                           std::to_string(used) + " (saved with another optimizer?)"; });
   return ts;
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -31,16 +32,22 @@ struct llama_config {
 
   /// Throws invalid_argument naming the field and the expected value when the configuration is unusable.
   void validate() const {
-    const auto need = [&](bool ok, const std::string& what) {
-      require(ok, "llama_config '" + name + "': " + what);
+    const auto need = [&](bool ok, auto&& what) {  // what: a literal, or a callable building the text
+      require(ok, [&] {
+        if constexpr (std::is_invocable_v<decltype(what)>) return "llama_config '" + name + "': " + what();
+        else return "llama_config '" + name + "': " + std::string(what);
+      });
     };
     need(vocab > 0 && d_model > 0 && n_layers > 0 && n_heads > 0 && n_kv_heads > 0 && ffn_hidden > 0 && max_seq > 0,
          "vocab, d_model, n_layers, n_heads, n_kv_heads, ffn_hidden and max_seq must be positive");
-    need(d_model % n_heads == 0, "d_model (" + std::to_string(d_model) + ") must be divisible by n_heads (" +
-                                     std::to_string(n_heads) + ")");
-    need(n_heads % n_kv_heads == 0, "n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" +
-                                        std::to_string(n_kv_heads) + ")");
-    need(head_dim() % 2 == 0, "head_dim (" + std::to_string(head_dim()) + ") must be even for RoPE");
+    need(d_model % n_heads == 0, [&] {
+      return "d_model (" + std::to_string(d_model) + ") must be divisible by n_heads (" + std::to_string(n_heads) + ")";
+    });
+    need(n_heads % n_kv_heads == 0, [&] {
+      return "n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" +
+             std::to_string(n_kv_heads) + ")";
+    });
+    need(head_dim() % 2 == 0, [&] { return "head_dim (" + std::to_string(head_dim()) + ") must be even for RoPE"; });
     need(norm_eps > 0, "norm_eps must be positive");
     need(rope.theta > 0, "rope.theta must be positive");
   }

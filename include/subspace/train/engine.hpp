@@ -45,9 +45,14 @@ class plan_engine {
   using value_type = typename Model::value_type;
   using space = space_of_t<executor_type>;
 
-  /// The local stages, in pipeline order (a whole model is one stage), and the compressor of their boundaries.
-  plan_engine(std::vector<Model>& stages, Compressor& compressor) : stages_(stages), compressor_(compressor) {
-    require(!stages_.empty(), "train::plan_engine: no model stages");
+  /// The engine of `stages`, the local stages in pipeline order (a whole model is one stage), with `compressor`
+  /// at their boundaries. Both stay the caller's (a trainer's members); bind() points the engine at them again
+  /// after the trainer moved.
+  plan_engine(std::vector<Model>& stages, Compressor& compressor) { bind(stages, compressor); }
+  void bind(std::vector<Model>& stages, Compressor& compressor) {
+    require(!stages.empty(), "train::plan_engine: no model stages");
+    stages_ = &stages;
+    compressor_ = &compressor;
   }
 
   /// Runs `plan` with micro-batches from `source`; calls ready(first, last) during the step's last backward and
@@ -85,21 +90,21 @@ class plan_engine {
   /// The loss of tokens/targets [B, S] through every local stage, without gradient state (between steps).
   double evaluate(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets) {
     require(find_busy() == nullptr, "train::plan_engine::evaluate: micro-batches are in flight");
-    if (stages_.size() == 1) return stages_[0].evaluate(tokens, targets);
+    if (stages_->size() == 1) return (*stages_)[0].evaluate(tokens, targets);
     flight& f = take_slot(-2);
-    const std::int64_t n = tokens.numel(), d = stages_[0].config().d_model;
-    const auto& ex = stages_[0].executor();
+    const std::int64_t n = tokens.numel(), d = (*stages_)[0].config().d_model;
+    const auto& ex = (*stages_)[0].executor();
     double loss = 0;
-    for (std::size_t k = 0; k < stages_.size(); ++k) {
-      const bool last = k + 1 == stages_.size();
+    for (std::size_t k = 0; k < stages_->size(); ++k) {
+      const bool last = k + 1 == stages_->size();
       if (!last) size_boundary(f, k, shape{n, d});
       typename Model::stage_io io{tokens, targets, {}, {}};
       if (k > 0) io.in = f.in[k - 1].v();
       if (!last) io.out = f.out[k].v();
-      loss += stages_[k].evaluate(f.slot, io);
+      loss += (*stages_)[k].evaluate(f.slot, io);
       if (!last) {
-        compressor_.encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
-        compressor_.decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
+        compressor_->encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
+        compressor_->decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
       }
     }
     f.microbatch = -1;
@@ -129,19 +134,19 @@ class plan_engine {
       f.targets = host_tensor<std::int32_t>(bs);
     }
     source.next(f.tokens.v(), f.targets.v());
-    const std::int64_t n = bs.numel(), d = stages_[0].config().d_model;
-    const auto& ex = stages_[0].executor();
+    const std::int64_t n = bs.numel(), d = (*stages_)[0].config().d_model;
+    const auto& ex = (*stages_)[0].executor();
     double loss = 0;
-    for (std::size_t k = 0; k < stages_.size(); ++k) {
-      const bool last = k + 1 == stages_.size();
+    for (std::size_t k = 0; k < stages_->size(); ++k) {
+      const bool last = k + 1 == stages_->size();
       if (!last) size_boundary(f, k, shape{n, d});
       typename Model::stage_io io{f.tokens.v(), f.targets.v(), {}, {}};
       if (k > 0) io.in = f.in[k - 1].v();
       if (!last) io.out = f.out[k].v();
-      loss += stages_[k].forward(f.slot, io, scale);
+      loss += (*stages_)[k].forward(f.slot, io, scale);
       if (!last) {
-        compressor_.encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
-        compressor_.decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
+        compressor_->encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
+        compressor_->decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
       }
     }
     return loss;
@@ -153,19 +158,19 @@ class plan_engine {
     require(f != nullptr, [&] {
       return "train::plan_engine: backward(" + std::to_string(microbatch) + ") before its forward";
     });
-    const auto& ex = stages_[0].executor();
+    const auto& ex = (*stages_)[0].executor();
     using cview = view<const value_type, space>;
-    for (std::size_t k = stages_.size(); k-- > 0;) {
-      const bool last = k + 1 == stages_.size();
+    for (std::size_t k = stages_->size(); k-- > 0;) {
+      const bool last = k + 1 == stages_->size();
       cview grad_out{};
       if (!last) {
-        compressor_.decode_backward(ex, cview(f->payload[k].v()), cview(f->grad_in[k].v()), f->grad_payload[k].v());
-        compressor_.encode_backward(ex, cview(f->out[k].v()), cview(f->grad_payload[k].v()), f->grad_out[k].v());
+        compressor_->decode_backward(ex, cview(f->payload[k].v()), cview(f->grad_in[k].v()), f->grad_payload[k].v());
+        compressor_->encode_backward(ex, cview(f->out[k].v()), cview(f->grad_payload[k].v()), f->grad_out[k].v());
         grad_out = f->grad_out[k].v();
       }
       view<value_type, space> grad_in{};
       if (k > 0) grad_in = f->grad_in[k - 1].v();
-      stages_[k].backward(f->slot, grad_out, grad_in, ready);
+      (*stages_)[k].backward(f->slot, grad_out, grad_in, ready);
     }
     f->microbatch = -1;  // the slot is free
   }
@@ -198,7 +203,7 @@ class plan_engine {
     if (f.out.size() <= k)
       for (auto* v : {&f.out, &f.payload, &f.in, &f.grad_in, &f.grad_payload, &f.grad_out}) v->resize(k + 1);
     if (f.out[k].shape() == x && f.out[k].data() != nullptr) return;
-    const shape p = compressor_.payload_shape(x);
+    const shape p = compressor_->payload_shape(x);
     f.out[k] = tensor<value_type, space>(x);
     f.payload[k] = tensor<value_type, space>(p);
     f.in[k] = tensor<value_type, space>(x);
@@ -207,8 +212,8 @@ class plan_engine {
     f.grad_out[k] = tensor<value_type, space>(x);
   }
 
-  std::vector<Model>& stages_;
-  Compressor& compressor_;
+  std::vector<Model>* stages_;
+  Compressor* compressor_;
   std::vector<flight> flights_;
 };
 

@@ -159,7 +159,7 @@ class replica {
   template <class Evaluate>
   double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who,
                         Evaluate&& evaluate) {
-    require(batches >= 1, who + "::evaluate: batches must be >= 1, got " + std::to_string(batches));
+    require(batches >= 1, [&] { return who + "::evaluate: batches must be >= 1, got " + std::to_string(batches); });
     const auto per_epoch = std::int64_t(loader.batches_per_epoch());
     const std::int64_t n = std::min(batches, per_epoch);
     loader.reset();

@@ -116,6 +116,17 @@ class trainer {
                   "train::trainer: the model's weights must be fp32 (their own masters) or bf16 (with fp32 masters)");
   }
 
+  trainer(trainer&& other) noexcept
+      : stack_(std::move(other.stack_)),
+        r_(std::move(other.r_)),
+        o_(std::move(other.o_)),
+        engine_(std::move(other.engine_)),
+        step_(other.step_),
+        tokens_(other.tokens_) {
+    engine_.bind(r_.stages(), stack_.compressor);  // the engine points at this trainer's members
+  }
+  trainer& operator=(trainer&&) = delete;
+
   Model& model() { return r_.model(); }
   std::vector<Model>& stages() { return r_.stages(); }
   const optimizer_type& optimizer() const { return r_.optimizer(); }

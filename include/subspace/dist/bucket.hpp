@@ -1,26 +1,24 @@
 #pragma once
-// The bucket plan of the distributed trainers (spec: shared/specs/decent-dp.md §4 setup 2-3), and
-// decent::trainer_options.
+// The bucket plan of the data-parallel trainers (dist::data_parallel_trainer, decent::gossip_trainer), the cursor
+// that launches buckets as the backward completes them, and dist::trainer_options.
 //
-// A model with the llama interface keeps every parameter in one flat allocation (nn::llama::flat_values() and
-// flat_grads(): Hugging Face order, each tensor padded, the padding zero), and its backward reports finished
-// gradients from the last parameter towards the first (backward(ready) calls ready(first) when parameters
-// [first, previous first) are complete). So the gradient-ready order is known statically — no tracing
-// iteration — and a run of consecutive parameters is one contiguous range of the flat storage.
+// A rank's parameters live in one nn::parameter_store: one flat allocation, each tensor padded, the padding zero.
+// A model's backward reports finished gradients as ranges of store tensors (ready(first, last)); an nn::llama
+// reports them from the last tensor towards the first. So the gradient-ready order is known without a tracing
+// iteration, and a run of consecutive tensors is one contiguous range of the flat storage.
 //
-// bucket_plan cuts the parameters, in that ready order (reverse storage order), into buckets of about
-// `bucket_bytes` bytes of fp32 (the trainers' payload: fp32 master parameters for gossip, fp32 gradients for
-// data parallelism on the GPU): a bucket takes whole tensors while its span stays within bucket_bytes; a tensor
-// larger than that alone forms its own bucket; a tensor is never split. Bucket k covers parameters
-// [first, last) and the flat elements [begin, end) = [offset(first), offset(last)), trailing padding included,
-// so consecutive buckets tile the flat storage without gaps. Every tensor starts on a multiple of 32 elements
-// (the model pads to 128), so every bucket does too.
+// bucket_plan cuts the tensors, in reverse storage order, into buckets of about `bucket_bytes` bytes of fp32 (the
+// payload: fp32 master parameters for gossip, fp32 gradients for data parallelism on the GPU): a bucket takes
+// whole tensors while its span stays within bucket_bytes; a tensor larger than that alone forms its own bucket; a
+// tensor is never split. Bucket k covers tensors [first, last) and the flat elements [begin, end) =
+// [offset(first), offset(last)), trailing padding included, so consecutive buckets tile the flat storage without
+// gaps. Every tensor starts on a multiple of 32 elements (the store pads to 128), so every bucket does too.
 //
-// Bucket 0 holds the last parameters of storage (the final norm and the LM head) and completes first; the last
-// bucket holds the embedding. Bucket k is complete once backward has called ready(f) with f <= buckets()[k].first:
-// the trainers keep a cursor over the plan and launch every bucket the latest ready call completed. A tied LM
-// head is the embedding, which the model reports last, so it sits in the bucket that becomes ready last (spec
-// §4 setup 2).
+// Bucket 0 holds the last tensors of storage (the final norm and the LM head) and usually completes first; the
+// last bucket holds the embedding. bucket_cursor marks the ranges the backward reports and hands out buckets in
+// plan order once all their tensors are final — every rank launches its collectives in the same order, whatever
+// order its tensors complete in (a compressor's tensors, declared last, may complete in the middle). A tied LM head
+// is the embedding, which completes last, so it sits in the bucket that becomes ready last.
 //
 // Every rank must cut the same plan. hash() digests (names, shapes, offsets, plan); check_same_plan(comm, plan,
 // who) all-gathers it at trainer construction and, when the ranks disagree, raises subspace::invalid_argument on
@@ -32,45 +30,28 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <subspace/comm/concepts.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/core/tensor.hpp>
-#include <subspace/nn/concepts.hpp>
 #include <subspace/train/trainer.hpp>
 
-namespace decent {
+namespace subspace::dist {
 
-/// The options of both distributed trainers: the single-device trainer's (accumulation, clip, schedule) plus the
-/// bucket size. `clip` is the global gradient-norm clip of data_parallel_trainer and the per-bucket clip of
-/// gossip_trainer (spec §4 step 3).
-struct trainer_options : subspace::train::trainer_options {
-  std::int64_t accumulation = 1;           // micro-batches per optimizer step
-  std::int64_t bucket_bytes = 25'000'000;  // about this many bytes of fp32 per bucket (spec §6: 25 MB)
+/// The options of the data-parallel trainers: the single-device trainer's (clip, schedule) plus the bucket size.
+/// `clip` is the global gradient-norm clip of data_parallel_trainer and the per-bucket clip of gossip_trainer.
+struct trainer_options : train::trainer_options {
+  std::int64_t bucket_bytes = 25'000'000;  // about this many bytes of fp32 per bucket (25 MB, as PyTorch DDP)
 
   /// Throws invalid_argument naming the field and the expected value.
   void validate() const {
-    subspace::train::trainer_options::validate();
-    subspace::require(accumulation >= 1, [&] {
-      return "decent trainer: accumulation must be >= 1, got " + std::to_string(accumulation);
-    });
-    subspace::require(bucket_bytes >= 1,
-                      "decent trainer: bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes));
+    train::trainer_options::validate();
+    require(bucket_bytes >= 1, [&] { return "trainer_options: bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
   }
 };
-
-namespace detail {
-/// A ready hook that ignores its argument: what the model concept below calls backward with.
-struct ignore_ready {
-  void operator()(std::size_t, std::size_t) const {}
-};
-}  // namespace detail
-
-/// What the bucketed trainers need from a model: an nn::Model that runs whole (one stage) with backward(ready).
-template <class M>
-concept BucketedModel = subspace::nn::Model<M> && requires(M& m) { m.backward(detail::ignore_ready{}); };
 
 /// One bucket: parameters [first, last) in storage order, flat elements [begin, end).
 struct bucket {
@@ -90,7 +71,7 @@ struct bucket {
 /// The cut of a model's flat parameter storage into buckets, in gradient-ready order; see the top of this file.
 class bucket_plan {
  public:
-  /// Every tensor starts on a multiple of this many elements (spec §4 setup 2).
+  /// Every tensor starts on a multiple of this many elements.
   static constexpr std::int64_t alignment = 32;
 
   /// A parameter tensor as the plan sees it.
@@ -106,21 +87,21 @@ class bucket_plan {
   /// `bucket_bytes` bytes of fp32 unless a single tensor is larger.
   bucket_plan(std::vector<tensor_entry> tensors, std::int64_t total, std::int64_t bucket_bytes)
       : tensors_(std::move(tensors)), total_(total), bucket_bytes_(bucket_bytes) {
-    const std::string who = "decent::bucket_plan: ";
-    subspace::require(bucket_bytes >= 1, who + "bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes));
-    subspace::require(!tensors_.empty(), who + "the model has no parameters");
+    const std::string who = "dist::bucket_plan: ";
+    subspace::require(bucket_bytes >= 1, [&] { return who + "bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
+    subspace::require(!tensors_.empty(), [&] { return who + "the model has no parameters"; });
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
       const tensor_entry& t = tensors_[i];
       const std::int64_t next = i + 1 < tensors_.size() ? tensors_[i + 1].offset : total_;
-      subspace::require(t.offset % alignment == 0, who + "tensor '" + t.name + "' starts at element " +
+      subspace::require(t.offset % alignment == 0, [&] { return who + "tensor '" + t.name + "' starts at element " +
                                                        std::to_string(t.offset) + ", not a multiple of " +
-                                                       std::to_string(alignment));
+                                                       std::to_string(alignment); });
       subspace::require(t.offset >= 0 && t.offset + t.shape.numel() <= next,
-                        who + "tensor '" + t.name + "' of shape " + subspace::to_string(t.shape) + " at element " +
+                        [&] { return who + "tensor '" + t.name + "' of shape " + subspace::to_string(t.shape) + " at element " +
                             std::to_string(t.offset) + " overlaps the next tensor or the end (" +
-                            std::to_string(next) + ")");
+                            std::to_string(next) + ")"; });
     }
-    subspace::require(tensors_.front().offset == 0, who + "the first tensor must start the flat storage");
+    subspace::require(tensors_.front().offset == 0, [&] { return who + "the first tensor must start the flat storage"; });
 
     // Walk the ready order (last tensor first); close a bucket when the next tensor would push it over the size.
     const auto span = [&](std::size_t i) {
@@ -142,13 +123,13 @@ class bucket_plan {
       for (std::size_t i = buckets_[k].first; i < buckets_[k].last; ++i) bucket_of_[i] = k;
   }
 
-  /// The plan of a model with the llama interface (nn/llama.hpp).
-  template <class Model>
-  static bucket_plan of(const Model& model, std::int64_t bucket_bytes) {
-    static_assert(BucketedModel<Model>,
-                  "decent::bucket_plan::of: the model needs flat_values(), flat_grads(), parameter_offset(i), "
-                  "parameter_specs() and backward(ready) (see nn/llama.hpp)");
-    const auto& store = model.parameters();
+  /// The plan of a parameter store (nn/parameters.hpp), or of a model's (its parameters()).
+  template <class Params>
+  static bucket_plan of(const Params& params, std::int64_t bucket_bytes) {
+    const auto& store = [&]() -> const auto& {
+      if constexpr (requires { params.parameters(); }) return params.parameters();
+      else return params;
+    }();
     std::vector<tensor_entry> tensors;
     for (std::size_t i = 0; i < store.size(); ++i)
       tensors.push_back({store.info(i).name, store.info(i).shape, store.offset(i)});
@@ -234,6 +215,42 @@ class bucket_plan {
   std::vector<std::size_t> bucket_of_;  // tensor -> bucket
 };
 
+/// Hands out the buckets of a plan in order as a backward reports its tensors final (ready(first, last)).
+class bucket_cursor {
+ public:
+  explicit bucket_cursor(const bucket_plan& plan) : plan_(&plan), final_(plan.tensors().size(), false) {}
+
+  /// Starts a new backward: nothing is final.
+  void reset() {
+    std::fill(final_.begin(), final_.end(), false);
+    next_ = 0;
+  }
+  /// Marks tensors [first, last) final and calls launch(k) for each bucket that is now complete, in plan order.
+  template <class Launch>
+  void ready(std::size_t first, std::size_t last, Launch&& launch) {
+    require(first <= last && last <= final_.size(), [&] {
+      return "dist::bucket_cursor: ready range [" + std::to_string(first) + ", " + std::to_string(last) +
+             ") is outside the plan's " + std::to_string(final_.size()) + " tensors";
+    });
+    std::fill(final_.begin() + std::ptrdiff_t(first), final_.begin() + std::ptrdiff_t(last), true);
+    while (next_ < plan_->size() && complete((*plan_)[next_])) launch(next_++);
+  }
+  /// Every bucket was handed out.
+  bool done() const { return next_ == plan_->size(); }
+  std::size_t launched() const { return next_; }
+
+ private:
+  bool complete(const bucket& b) const {
+    for (std::size_t i = b.first; i < b.last; ++i)
+      if (!final_[i]) return false;
+    return true;
+  }
+
+  const bucket_plan* plan_;
+  std::vector<bool> final_;
+  std::size_t next_ = 0;
+};
+
 namespace detail {
 
 /// Text packed 8 characters to a uint64 (fixed width, truncated), so ranks can all-gather descriptions.
@@ -253,6 +270,19 @@ inline std::string unpack_text(const std::uint64_t* words) {
     s += c;
   }
   return s;
+}
+
+/// The request C's all_reduce returns for a view<T, S>.
+template <class C, class T, class S>
+using all_reduce_request_t =
+    std::remove_cvref_t<decltype(std::declval<C&>().all_reduce(std::declval<view<T, S>>(), comm::reduce_op::sum))>;
+
+/// The mean of `x` over the ranks of `comm` (collective; host memory).
+template <class C>
+double mean_over_ranks(C& comm, double x) {
+  double buf = x;
+  comm.all_reduce(view<double, host_space>(&buf, {1}), comm::reduce_op::avg).wait();
+  return buf;
 }
 
 /// All-gathers `mine` (host memory) over `comm`: element [r * mine.size() + k] is rank r's element k.
@@ -321,4 +351,4 @@ void check_same_plan(C& comm, const bucket_plan& plan, const std::string& who) {
   subspace::require(false, message);
 }
 
-}  // namespace decent
+}  // namespace subspace::dist
