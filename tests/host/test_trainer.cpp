@@ -19,6 +19,7 @@
 #include <subspace/optim/golore.hpp>
 #include <subspace/train/trainer.hpp>
 
+#include "support/genesis.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -27,25 +28,8 @@ namespace {
 using namespace subspace;
 using host_llama = nn::llama<exec::host, float>;
 
-/// The first 50 chapters of the King James Bible (Genesis, public domain), byte-tokenized into shards in `dir`.
-data::shards_written genesis_shards(const std::filesystem::path& dir) {
-  data::text_to_shards_options o;
-  o.prefix = "genesis";
-  o.val_fraction = 0.1;
-  return data::text_to_shards({std::filesystem::path(SUBSPACE_TEST_DATA_DIR) / "kjv_genesis.txt"}, dir, o);
-}
-
-data::batch_loader loader_for(const std::filesystem::path& dir, const char* part, std::int64_t batch,
-                              std::int64_t seq, bool shuffle, std::uint64_t seed = 7) {
-  data::loader_options o;
-  o.batch = batch;
-  o.seq = seq;
-  o.vocab = 256;
-  o.shuffle = shuffle;
-  o.seed = seed;
-  o.name = part;
-  return data::batch_loader(data::token_dataset::open((dir / (std::string("genesis_") + part + "_*.bin")).string()), o);
-}
+using testing::genesis_shards;
+using testing::loader_for;
 
 nn::llama_config small_config(std::int64_t d, std::int64_t layers, std::int64_t seq) {
   nn::llama_config cfg;

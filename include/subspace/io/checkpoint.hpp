@@ -6,7 +6,8 @@
 // A checkpoint directory holds
 //   model.safetensors          every parameter value, in its own dtype (fp32 master weights stay exact);
 //                              __metadata__ {"format": "pt", "step": "<step>"} — transformers loads it as is
-//   config.json                the Hugging Face LlamaConfig (io/hf_config.hpp)
+//   config.json                the model's configuration through io::config_io<Config> (io/config_io.hpp): the
+//                              Hugging Face LlamaConfig for nn::llama_config (io/hf_config.hpp)
 //   trainer_state.safetensors  the optimizer state tensors, named "<hf_name>.<state name>" (adamw: exp_avg,
 //                              exp_avg_sq); __metadata__ step
 //   trainer_state.json         step, tokens, seed and RNG offset, the training data position and trainer extras
@@ -318,9 +319,9 @@ load_report load_weights(const Exec& ex, const std::filesystem::path& path, Mode
   return report;
 }
 
-/// Writes dir/model.safetensors and dir/config.json (a Hugging Face LlamaForCausalLM directory).
-template <class Exec, class Model>
-void save_model(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+/// Writes dir/model.safetensors and dir/config.json (for a Llama: a Hugging Face LlamaForCausalLM directory).
+template <class Exec, class Config, class Model>
+void save_model(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
                 const save_options& o = {}, std::int64_t step = 0) {
   safetensors_writer w;
   w.metadata("format", "pt");
@@ -350,14 +351,14 @@ void save_model(const Exec& ex, const std::filesystem::path& dir, const nn::llam
   co.torch_dtype = torch_dtype;
   ensure_directory(dir);
   w.write(dir / model_file_name);
-  write_hf_config(dir / config_file_name, cfg, co);
+  atomic_write_text(dir / config_file_name, config_io<Config>::to_json(cfg, co).dump(2) + "\n");
 }
 
 /// Writes a full checkpoint into `dir`: weights (native dtype), config.json, optimizer states (`states`: a
 /// vector in for_each_parameter order, a map from hf_name, or a callable (name, index) -> State&) and the
 /// trainer state; see the top of this file.
-template <class Exec, class Model, class States>
-void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+template <class Exec, class Config, class Model, class States>
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
                      States& states, const trainer_state& ts, const hf_config_options& config = {}) {
   save_options so;
   so.config = config;
@@ -391,8 +392,8 @@ void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn:
   atomic_write_text(dir / state_json_file_name, j.dump(2) + "\n");
 }
 
-template <class Exec, class Model>
-void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg, Model& model,
+template <class Exec, class Config, class Model>
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
                      const trainer_state& ts, const hf_config_options& config = {}) {
   no_optimizer_state none;
   save_checkpoint(ex, dir, cfg, model, none, ts, config);
@@ -434,13 +435,16 @@ inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
 /// Loads a checkpoint written by save_checkpoint into `model` and `states` (initialised for the same
 /// parameters) and returns the trainer state. Strict: the architecture, every tensor name and shape, and the
 /// step recorded in each file must match.
-template <class Exec, class Model, class States>
-trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg,
+template <class Exec, class Config, class Model, class States>
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg,
                               Model& model, States& states) {
   const std::string where = "checkpoint " + detail::quoted(dir);
   trainer_state ts = read_trainer_state(dir);
-  const nn::llama_config saved = read_hf_config(dir / config_file_name);
-  const std::string diff = architecture_difference(saved, cfg);
+  const std::filesystem::path config_path = dir / config_file_name;
+  const std::string config_where = "config.json " + detail::quoted(config_path);
+  const Config saved = config_io<Config>::from_json(json::parse(read_text(config_path, "config.json"), config_where),
+                                                    config_where);
+  const std::string diff = config_io<Config>::difference(saved, cfg);
   require(diff.empty(), [&] { return where + " was saved for a different model: " + diff + " (checkpoint vs this run)"; });
 
   const auto check_step = [&](const safetensors_file& f) {
@@ -482,8 +486,8 @@ trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, 
   return ts;
 }
 
-template <class Exec, class Model>
-trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const nn::llama_config& cfg,
+template <class Exec, class Config, class Model>
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg,
                               Model& model) {
   no_optimizer_state none;
   return load_checkpoint(ex, dir, cfg, model, none);

@@ -21,16 +21,12 @@
 
 #include "../core/error.hpp"
 #include "../nn/config.hpp"
+#include "config_io.hpp"
 #include "../util/file.hpp"
 #include "../util/json.hpp"
 
 namespace subspace::io {
 
-struct hf_config_options {
-  std::string torch_dtype = "float32";           // the dtype the weights are saved in: float32 or bfloat16
-  std::optional<std::int64_t> bos_token_id;      // null when absent
-  std::optional<std::int64_t> eos_token_id;      // null when absent
-};
 
 /// config.json content for `cfg` (a LlamaForCausalLM).
 inline json to_hf_config(const nn::llama_config& cfg, const hf_config_options& o = {}) {
@@ -235,5 +231,15 @@ inline std::string architecture_difference(const nn::llama_config& a, const nn::
   }
   return out;
 }
+
+/// The Llama model's config.json serialiser for checkpoints (io/checkpoint.hpp): Hugging Face's LlamaConfig.
+template <>
+struct config_io<nn::llama_config> {
+  static json to_json(const nn::llama_config& cfg, const hf_config_options& o) { return to_hf_config(cfg, o); }
+  static nn::llama_config from_json(const json& j, std::string_view source) { return llama_config_from_hf(j, source); }
+  static std::string difference(const nn::llama_config& saved, const nn::llama_config& current) {
+    return architecture_difference(saved, current);
+  }
+};
 
 }  // namespace subspace::io

@@ -12,6 +12,7 @@
 //   m.forward(slot, io, loss_scale) -> double             the training forward of one micro-batch in an
 //                                                         activation slot; the loss on the last stage
 //   m.backward(slot, grad_out, grad_in, ready)            ready(first, last): store tensors [first, last) are final
+//   m.evaluate(slot, io) -> double                        the forward without gradient state
 //   m.evaluate(tokens, targets) -> double                 the loss alone, for a whole model
 //   m.after_step()                                        after every optimizer step (policies' hooks)
 
@@ -52,6 +53,7 @@ concept passes = types<M> && requires(M& m, std::size_t slot, const typename M::
                                       view<typename M::value_type, space_of_t<typename M::executor_type>> gi,
                                       view<const std::int32_t, host_space> tokens) {
   { m.forward(slot, io, scale) } -> std::convertible_to<double>;
+  { m.evaluate(slot, io) } -> std::convertible_to<double>;
   m.backward(slot, g, gi, ignore_ready{});
   { m.evaluate(tokens, tokens) } -> std::convertible_to<double>;
 };
@@ -75,8 +77,8 @@ consteval bool check_model() {
     return false;
   } else if constexpr (!requirement::passes<M>) {
     static_assert(dependent_false<M>,
-                  "Model: missing forward(slot, stage_io, loss_scale), backward(slot, grad_out, grad_in, ready) or "
-                  "evaluate(tokens, targets) (see nn/concepts.hpp)");
+                  "Model: missing forward(slot, stage_io, loss_scale), evaluate(slot, stage_io), backward(slot, "
+                  "grad_out, grad_in, ready) or evaluate(tokens, targets) (see nn/concepts.hpp)");
     return false;
   } else {
     return true;
