@@ -1,5 +1,5 @@
-// golore_counterexample: the problem on which GaLore stalls and GoLore converges (spec: shared/specs/
-// galore-golore.md §2, from pkumelon/Golore), run through the library's optimizer policies on the host.
+// golore_counterexample: the problem on which GaLore stalls and GoLore converges (He et al., ICML 2025, from
+// pkumelon/Golore; docs/galore.md), run through the library's optimizer policies on the host.
 //
 //   min_X f(X) = 1/2 |A X|_F^2 + <B, X>,  X 10 x 10,  A = diag(I_6, 0_4),  B = [B11 0; 0 0] with B11 ~ N(0, 1)
 //   optimum f* = -1/2 |B11|_F^2
@@ -12,7 +12,7 @@
 // 100 shrinks it tenfold, and with it GaLore's gap.
 //
 // Prints the final f and f - f* of full-rank AdamW, GaLore, GoLore, GoLore@50% and GaLore with batch 100, and
-// exits 1 unless the spec's outcome holds (AdamW and the GoLores converge, GaLore stalls at 0.25 <= gap <= 3,
+// exits 1 unless the expected outcome holds (AdamW and the GoLores converge, GaLore stalls at 0.25 <= gap <= 3,
 // batch-100 GaLore's gap is at least ten times smaller).
 #include <cstdint>
 #include <cstdio>

@@ -1,6 +1,6 @@
 // gossip_llama: trains a Llama 3 model on N ranks with gossip data parallelism (Decent-DP: decent::gossip_trainer
 // over a topology) or with the all-reduce baseline (dist::data_parallel_trainer), and reports what crosses the
-// (modelled) network. Spec: shared/specs/decent-dp.md; guide: docs/decent.md.
+// (modelled) network. Guide: docs/decent.md.
 //
 // Ranks:
 //   --launcher local (default)  N ranks as threads of this process, through comm::local: on the host (fp32) or,

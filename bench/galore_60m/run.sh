@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Llama-60M optimizer comparison of issue 7 (spec: shared/specs/galore-golore.md): AdamW, GaLore and
+# The Llama-60M optimizer comparison of issue 7 (docs/galore.md): AdamW, GaLore and
 # GoLore@20% train the same 60M model (hidden 512, FFN 1376, 8 layers, 8 heads, vocabulary 32000, T 256) on the
 # default corpus for the same steps with the same schedule, data order and seed; the summary JSON holds each
 # run's validation loss, optimizer-state bytes and step time.

@@ -1,5 +1,5 @@
 #pragma once
-// The GoLore counter-example problem (spec: shared/specs/galore-golore.md §2, from pkumelon/Golore), shared by
+// The GoLore counter-example problem (He et al., ICML 2025, from pkumelon/Golore; docs/galore.md), shared by
 // examples/golore_counterexample and its test:
 //
 //   min_X f(X) = 1/2 |A X|_F^2 + <B, X>,  X 10 x 10,  A = diag(I_6, 0_4),  B = [B11 0; 0 0] with B11 ~ N(0, 1)

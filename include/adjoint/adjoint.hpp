@@ -1,7 +1,6 @@
 #pragma once
 // adjoint: selective state-space models whose gradients come from adjoint states instead of stored activation
-// graphs — scan kernels and the BPTT / exact-adjoint / sharded-adjoint engines (spec:
-// shared/specs/adjoint-sharding.md).
+// graphs — scan kernels and the BPTT / exact-adjoint / sharded-adjoint engines.
 //
 // adjoint builds on the subspace core and never the other way round; this umbrella brings that core, and each
 // adjoint component joins it as it lands.

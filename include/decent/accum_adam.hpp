@@ -1,8 +1,8 @@
 #pragma once
 // decent::accum_adam and decent::accum_adamw: AccumAdam / AccumAdamW as the authors' code implements them
-// (spec: shared/specs/decent-dp.md §2). The parameters move and are gossiped every step; only the persistent
-// moments see a K-times larger batch, through the mean gradient of a window of K steps. This is not gradient
-// accumulation: each step is applied.
+// (Decent-DP, Wang et al., ICLR 2025; guide: docs/decent.md). The parameters move and are gossiped every step;
+// only the persistent moments see a K-times larger batch, through the mean gradient of a window of K steps. This
+// is not gradient accumulation: each step is applied.
 //
 // With K = accum_iter, s = ctx.step (1-based), k = ⌈s/K⌉ the window count, lr = ctx.lr, x̃ the mixed point
 // (master, or `mixed` in step_from_mixed), and persistent M, V and the accumulator Acc zero-initialised:
@@ -16,7 +16,7 @@
 //   if s mod K == 0:  M ← β1·M + (1 − β1)·Acc,  V ← β2·V + (1 − β2)·Acc⊙Acc,  Acc ← 0
 //
 // β2 (not β1) in V's update and ε outside the square root follow the authors' code, not the paper's Appendix C
-// listing (spec §2, §8.1). With K = 1 the update is decent_adam's (decent_adamw's) bit for bit.
+// listing. With K = 1 the update is decent_adam's (decent_adamw's) bit for bit.
 //
 // No hook beyond subspace::Optimizer is needed: the window position is a function of ctx.step, so the trainer
 // calls step once per local step with the 1-based count of local steps (not per gradient-accumulation
@@ -45,7 +45,7 @@ struct basic_accum_adam {
   static constexpr weight_decay_rule rule = Rule;
   static constexpr const char* name = Rule == weight_decay_rule::l2 ? "decent::accum_adam" : "decent::accum_adamw";
 
-  int accum_iter = 8;  // K; spec §6 library defaults: K = 8, β = (0.9, 0.98), ε = 1e-8, AdamW decay 0.1
+  int accum_iter = 8;  // K; the library's defaults: K = 8, β = (0.9, 0.98), ε = 1e-8, AdamW decay 0.1
   float beta1 = 0.9f;
   float beta2 = 0.98f;
   float eps = 1e-8f;

@@ -1,7 +1,7 @@
 #pragma once
 // decent: gossip (decentralised) data parallelism — topologies as Scheduler policies, decentralised Adam and
-// AccumAdam as Optimizer policies, the gossip trainer and the all-reduce baseline trainer (spec:
-// shared/specs/decent-dp.md; guide: docs/decent.md).
+// AccumAdam as Optimizer policies, the gossip trainer and the all-reduce baseline trainer (Decent-DP,
+// Wang et al., ICLR 2025; guide: docs/decent.md).
 //
 // decent builds on the subspace core and never the other way round; this umbrella brings that core, and each
 // decent component joins it as it lands.

@@ -1,6 +1,6 @@
 #pragma once
 // decent::decent_adam (DAdam) and decent::decent_adamw: each worker's Adam in adapt-while-combine form
-// (spec: shared/specs/decent-dp.md §2).
+// (Decent-DP, Wang et al., ICLR 2025; guide: docs/decent.md, "Optimizers").
 //
 // The gossip trainer computes g at the un-mixed x^t while the mixing of x^t runs, then steps from the mixed
 // point x̃ = Σ_j W_ij x_j^t. Per worker, with s = ctx.step (1-based) and lr = ctx.lr:
@@ -13,15 +13,15 @@
 //
 // Moments are local and never communicated. Weight decay applies to info.decay parameters only: the library's
 // rule is matrices and embeddings (optim::param_info_for), never norm gains or biases (the Decent-DP package
-// inverts this; spec §8.3).
+// inverts this; a regression test keeps the library's rule).
 //
 // It satisfies subspace::Optimizer: step(ex, master, grad, state, info, ctx, working) takes master as x̃ (the
 // trainer has mixed it already). One extra member fuses the mixing copy into the update:
 //
 //   step_from_mixed(ex, mixed, master, grad, state, info, ctx, working = {})
 //       reads x̃ from `mixed` (e.g. a bucket's communication block holding the group average after its
-//       all-reduce) and writes the updated parameters to `master`: the spec's "x_b ← comm_b, then step" in one
-//       pass over memory. `mixed` is master itself or a view that does not overlap it.
+//       all-reduce) and writes the updated parameters to `master`: the gossip loop's "x_b ← comm_b, then step" in
+//       one pass over memory. `mixed` is master itself or a view that does not overlap it.
 //
 // Master weights and moments are fp32; gradients fp32 or bf16; `working`, when given, receives bf16(x).
 // Executors: exec::host here; exec::cuda (one fused kernel) in detail/cuda/adam.cuh under nvcc.
@@ -44,7 +44,7 @@ struct basic_decent_adam {
   static constexpr weight_decay_rule rule = Rule;
   static constexpr const char* name = Rule == weight_decay_rule::l2 ? "decent::decent_adam" : "decent::decent_adamw";
 
-  float beta1 = 0.9f;    // spec §6: DAdam β = (0.9, 0.999)
+  float beta1 = 0.9f;    // the library's DAdam defaults: β = (0.9, 0.999)
   float beta2 = 0.999f;
   float eps = 1e-8f;
   float weight_decay = Rule == weight_decay_rule::decoupled ? 0.1f : 0.0f;  // on info.decay parameters only

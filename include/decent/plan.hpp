@@ -1,8 +1,8 @@
 #pragma once
 // The plan of one gossip step, and group_schedule: a gossip topology given as one partition of the ranks per
-// phase (spec: shared/specs/decent-dp.md §2-§3, §5).
+// phase (docs/decent.md, "Mixing" and "Topologies").
 //
-// Every topology of the spec mixes in groups: in mixing round t each rank belongs to exactly one group R and
+// Every topology of topology.hpp mixes in groups: in mixing round t each rank belongs to exactly one group R and
 // takes the plain average of the group's parameters (W^t_ij = 1/|R| for i, j in R, 0 elsewhere), so W^t is
 // symmetric, doubly stochastic and block-diagonal. Round t uses phase t mod period of a fixed cycle of
 // partitions; nothing is random.

@@ -1,5 +1,5 @@
 #pragma once
-// The gossip topologies of the spec (shared/specs/decent-dp.md §3) as Scheduler policies. Each is a
+// The gossip topologies of Decent-DP (docs/decent.md, "Topologies") as Scheduler policies. Each is a
 // group_schedule (plan.hpp): a fixed cycle of partitions of the ranks, uniform weights inside each group.
 //
 //   topology                          constraint                period  groups in phase q               weight
@@ -15,9 +15,10 @@
 // lower node id. Pair π mixes across its two nodes (one group of 2L ranks) in phase 2q + (π mod 2) and inside
 // each of its nodes (two groups of L ranks) in the round's other phase. So in every phase about half of the
 // node pairs use the inter-node links while the rest stay on intra-node links. With one node (N = 1) AER is
-// `complete` over the node's ranks [lib].
+// `complete` over the node's ranks (the library's choice).
 //
-// one_peer_exp with n = 1 is the rank alone (period 1) [lib]: the spec's period Q = 0 has no phase to play.
+// one_peer_exp with n = 1 is the rank alone (period 1), the library's choice: the period Q = 0 that n = 2^Q gives
+// has no phase to play.
 //
 // Over one period both one_peer_exp and AER multiply to the exact average (1/n) 1 1^T: a hypercube all-reduce.
 // Invalid sizes raise subspace::invalid_argument at construction, naming the topology, the value and what it

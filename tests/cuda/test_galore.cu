@@ -1,4 +1,4 @@
-// GaLore and GoLore on CUDA against the host (spec: shared/specs/galore-golore.md §8): cuSOLVER's SVD and QR
+// GaLore and GoLore on CUDA against the host (docs/galore.md): cuSOLVER's SVD and QR
 // against the host's fp64 Jacobi and Householder, GoLore's Gaussian bits and projectors, and whole optimizer
 // steps (refreshes, reprojection, bf16 gradients, the fallback to AdamW) on the same gradients.
 #include <doctest/doctest.h>
@@ -373,7 +373,7 @@ TEST_CASE("golore (CUDA): states on one device with different gradients hold bit
   CHECK(testing::first_difference(pa, pb) == -1);
 }
 
-TEST_CASE("subspace_adam_step (CUDA) with P = I equals the host's to 1e-6 (spec 8.4)") {
+TEST_CASE("subspace_adam_step (CUDA) with P = I equals the host's to 1e-6") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   testing::stream_guard sg;

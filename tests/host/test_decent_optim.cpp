@@ -1,5 +1,5 @@
 // decent::decent_adam(w) and decent::accum_adam(w) on the host: the Optimizer conformance suite; the update
-// rules against a float64 reference written here from the spec's formulas (shared/specs/decent-dp.md §2);
+// rules against a float64 reference written here from the formulas of docs/decent.md ("Optimizers");
 // AccumAdam with K = 1 is DAdam bit for bit; AccumAdam's persistent moments see window-mean gradients and its
 // bias correction counts windows; weight decay only on matrices; the fused mix-and-step; misuse.
 #include <doctest/doctest.h>
@@ -26,7 +26,7 @@ static_assert(Optimizer<decent::accum_adamw>, "accum_adamw must satisfy subspace
 
 namespace {
 
-/// The spec's update rules in float64, one tensor. K = 0: DAdam; K >= 1: AccumAdam with accum_iter K. The
+/// The update rules of docs/decent.md in float64, one tensor. K = 0: DAdam; K >= 1: AccumAdam with accum_iter K. The
 /// parameters are not kept: each step starts from the mixed point the test hands in.
 struct reference {
   double beta1, beta2, eps, wd;
@@ -178,7 +178,7 @@ TYPE_TO_STRING(accum_adamw_fixture);
 TEST_CASE_TEMPLATE_APPLY(optimizer_conformance,
                          std::tuple<decent_adam_fixture, decent_adamw_fixture, accum_adam_fixture, accum_adamw_fixture>);
 
-TEST_CASE_TEMPLATE("decent_adam and decent_adamw (host) follow the float64 reference of the spec", G, float, bf16) {
+TEST_CASE_TEMPLATE("decent_adam and decent_adamw (host) follow the float64 reference", G, float, bf16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   CAPTURE(dtype_name<G>());
@@ -186,7 +186,7 @@ TEST_CASE_TEMPLATE("decent_adam and decent_adamw (host) follow the float64 refer
   check_against_reference<G>(decent::decent_adamw{.beta1 = 0.8f, .beta2 = 0.99f}, seed);
 }
 
-TEST_CASE_TEMPLATE("accum_adam and accum_adamw (host) follow the float64 reference of the spec", G, float, bf16) {
+TEST_CASE_TEMPLATE("accum_adam and accum_adamw (host) follow the float64 reference", G, float, bf16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   CAPTURE(dtype_name<G>());
@@ -361,7 +361,7 @@ TEST_CASE("decent optimizers: state is zeroed fp32 moments (and AccumAdam's accu
   using entry = std::pair<std::string, const float*>;
   CHECK(seen == std::vector<entry>{{"exp_avg", ds.m.data()}, {"exp_avg_sq", ds.v.data()}, {"exp_avg", as.m.data()},
                                    {"exp_avg_sq", as.v.data()}, {"accum_grad", as.acc.data()}});
-  // The spec's library defaults.
+  // The library's defaults (docs/decent.md, "Optimizers").
   const decent::accum_adamw w{};
   CHECK((w.accum_iter == 8 && w.beta1 == 0.9f && w.beta2 == 0.98f && w.eps == 1e-8f && w.weight_decay == 0.1f));
   const decent::decent_adam d{};

@@ -1,7 +1,8 @@
 // decent topologies (include/decent/topology.hpp): the Scheduler conformance suite; every topology's groups
-// against the spec's table, written out here; W(t) symmetric and doubly stochastic; exact averaging over one
-// period (product of the W's == J/n in double); mean preservation; the errors for invalid sizes; bytes per step
-// against the formula and against comm::throttled's own count of a mixing round done as the plans say.
+// against the table of docs/decent.md ("Topologies"), written out here; W(t) symmetric and doubly stochastic;
+// exact averaging over one period (product of the W's == J/n in double); mean preservation; the errors for invalid
+// sizes; bytes per step against the formula and against comm::throttled's own count of a mixing round done as the
+// plans say.
 #include <doctest/doctest.h>
 
 #include <cmath>

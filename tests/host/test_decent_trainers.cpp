@@ -3,7 +3,7 @@
 //   * the bucket plan: tiling, alignment, the size bound, the backward's ready order, mismatches between ranks;
 //   * `complete` with DAdam equals averaging the parameters every step, then each rank's DAdam step from its own
 //     gradient at the un-mixed point (a hand-written loop);
-//   * overlap correctness (spec §9.4): the bucketed, overlapped gossip_trainer with 1, 3 and many buckets matches a
+//   * overlap correctness: the bucketed, overlapped gossip_trainer with 1, 3 and many buckets matches a
 //     sequential simulator of x_i^{t+1} = Σ_j W^t_ij x_j^t − γ d_i(g_i(x_i^t)) for every topology;
 //   * data_parallel_trainer on 2 and 4 ranks equals train::trainer on the concatenated batch (fp32), and its
 //     all-reduced gradient equals the single-rank gradient in fp64;
@@ -186,7 +186,7 @@ std::int64_t bytes_for_buckets(std::size_t count) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The sequential reference of spec §9.4.
+// The sequential reference: x_i^{t+1} = Σ_j W^t_ij x_j^t − γ d_i(g_i(x_i^t)), one step after the other.
 
 /// One optimizer step of a parameter from the mixed point: fused where the optimizer has step_from_mixed, else
 /// the mixed point is copied into x first.
@@ -448,9 +448,9 @@ TEST_CASE("dist::check_same_plan: ranks with different models or bucket sizes fa
 // The gossip trainer.
 
 TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the parameters, then each rank's DAdam step") {
-  // The spec's §9.5: complete mixes every rank with every rank each step, so step t is "average x over the ranks,
-  // then each rank's DAdam step from its own gradient at its un-mixed x". (It is not the all-reduce trainer: the
-  // moments and gradients stay local.)
+  // `complete` mixes every rank with every rank each step, so step t is "average x over the ranks, then each
+  // rank's DAdam step from its own gradient at its un-mixed x". (It is not the all-reduce trainer: the moments and
+  // gradients stay local.)
   const corpus text;
   const int n = 4;
   const std::int64_t steps = 6, batch = 2, seq = 16;
@@ -506,7 +506,7 @@ TEST_CASE("decent::gossip_trainer: complete with DAdam equals averaging the para
   CHECK(got[0] != got[1]);  // the ranks differ: local gradients and moments
 }
 
-TEST_CASE("decent::gossip_trainer: overlapped buckets match the sequential simulator for every topology (spec 9.4)") {
+TEST_CASE("decent::gossip_trainer: overlapped buckets match the sequential simulator for every topology") {
   const corpus text;
   const int n = 4;
   const std::int64_t steps = 10, batch = 2, seq = 16;
@@ -789,9 +789,9 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
 // Both trainers.
 
 TEST_CASE("decent trainers: gossip training of a tiny Llama on 4 ranks reaches the data-parallel loss within 1%") {
-  // Spec §7's fidelity target at test scale: AccumAdamW over AER (2 nodes of 2 ranks) against all-reduce AdamW,
-  // each rank its own shard of Genesis, the validation loss of the whole validation split (of the global average
-  // for gossip) after the same number of steps. Fixed seeds: the run is deterministic.
+  // The fidelity target of docs/decent.md at test scale: AccumAdamW over AER (2 nodes of 2 ranks) against
+  // all-reduce AdamW, each rank its own shard of Genesis, the validation loss of the whole validation split (of the
+  // global average for gossip) after the same number of steps. Fixed seeds: the run is deterministic.
   //
   // Learning rates: with 4 x 16 tokens per rank and step the local gradients are noise-dominated; each rank's
   // Adam normalises its own noisy gradient, and the average of n such steps keeps about 1/sqrt(n) of the
@@ -899,7 +899,7 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
       for (std::int64_t k = 0; k < steps; ++k) {
         CAPTURE(r);
         CAPTURE(k);
-        std::uint64_t expected = 0;  // step k launches the mixing of round k + 1 (step 0: round 1, decision 5)
+        std::uint64_t expected = 0;  // step k launches the mixing of round k + 1 (step 0: round 1, see docs/decent.md)
         for (const dist::bucket& b : plan) expected += s.plan(k + 1, r).bytes_sent(b.bytes());
         CHECK(sent[std::size_t(r)][std::size_t(k)] == expected);
         if (s.plan(k + 1, r).size() == 2) CHECK(expected == 4 * std::uint64_t(plan.total()));  // pairs: 4p

@@ -1,4 +1,4 @@
-// GaLore and GoLore on the host (spec: shared/specs/galore-golore.md §8): the factorisations, the projectors,
+// GaLore and GoLore on the host (docs/galore.md): the factorisations, the projectors,
 // the projected Adam step against a float64 reference, refresh timing and moments, fallbacks, errors, memory
 // accounting on the Llama-60M configuration, and the Optimizer conformance suite.
 #include <doctest/doctest.h>
@@ -431,7 +431,8 @@ TEST_CASE(
       const double lr = 1e-2 / double(s);
       optim::subspace_adam_step(ex, p, W.v(), G.v(), M.v(), V.v(), view<const double, host_space>(P.v()), h, scale, s,
                                 lr, decay, working.v());
-      // The reference, element by element (the spec's formula, fused multiply-adds as documented).
+      // The reference, element by element (the formula of optim/detail/low_rank.hpp, fused multiply-adds as
+      // documented).
       const double b1 = double(h.beta1), b2 = double(h.beta2), eps = double(h.eps);
       const double bias1 = 1.0 - std::pow(b1, double(s)), bias2 = 1.0 - std::pow(b2, double(s));
       const double neg_step = -(lr * scale * std::sqrt(bias2) / bias1);
@@ -659,7 +660,7 @@ TEST_CASE("bad configurations raise invalid_argument saying what to change") {
                        invalid_argument);
   CHECK_THROWS_WITH_AS((optim::galore<>{.rank = 4, .scale = 0.0f}.init(ex, info)), doctest::Contains("scale"),
                        invalid_argument);
-  // r > min(m, n): the spec falls back to the inner optimizer; require_projection makes it an error.
+  // r > min(m, n): the matrix falls back to the inner optimizer; require_projection makes it an error.
   CHECK_THROWS_WITH_AS((optim::galore<>{.rank = 20, .require_projection = true}.init(ex, info)),
                        doctest::Contains("rank r = 20 exceeds min(m, n) = 16"), invalid_argument);
   CHECK_THROWS_WITH_AS((optim::golore<>{.rank = 16, .random_percent = 100, .require_projection = true}.init(ex, info)),
@@ -724,7 +725,7 @@ TEST_CASE("memory: state bytes are 4 (2 max(m, n) r + r min(m, n)) per projected
   }
 }
 
-TEST_CASE("memory: Llama-60M at r = 128 — the spec's formula, against full AdamW") {
+TEST_CASE("memory: Llama-60M at r = 128 — the state formula, against full AdamW") {
   const auto cfg = nn::presets::llama_60m();
   const auto params = llama_params(cfg);
   const optim::galore<> gal{.rank = 128};

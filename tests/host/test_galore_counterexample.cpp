@@ -1,4 +1,4 @@
-// The GoLore counter-example (spec: shared/specs/galore-golore.md §2 and §8.10) through the optimizer policies:
+// The GoLore counter-example (He et al., ICML 2025; docs/galore.md) through the optimizer policies:
 // GaLore stalls, GoLore and GoLore@50% converge, full AdamW converges, and averaging the noise over a batch of
 // 100 shrinks GaLore's gap more than tenfold. The problem is examples/common/golore_problem.hpp, as in the example.
 #include <doctest/doctest.h>
@@ -28,7 +28,7 @@ double gap(const O& opt, const problem& pb, int batch) {
 }  // namespace
 
 TEST_CASE("counter-example: GaLore stalls on noise-dominated SVD subspaces, GoLore converges (r = 4, tau = 100)") {
-  const problem pb(1);  // a fixed seed (spec §8.10); the outcome holds for seeds 1..30, see the example
+  const problem pb(1);  // a fixed seed; the outcome holds for seeds 1..30, see the example
   const optim::adamw adam = optim::subspace_rule<optim::adamw>::reference();
   const optim::galore<> galore{.inner = adam, .rank = 4, .refresh_period = 100, .target = &optim::any_matrix};
   const auto golore_at = [&](double percent) {

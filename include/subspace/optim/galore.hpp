@@ -1,6 +1,6 @@
 #pragma once
 // optim::galore<Inner>: Adam in a low-rank gradient subspace whose projector comes from the SVD of the current
-// gradient (Zhao et al., GaLore, ICML 2024; spec: shared/specs/galore-golore.md).
+// gradient (Zhao et al., GaLore, ICML 2024; guide: docs/galore.md).
 //
 //   optim::galore<> opt{.rank = 128, .refresh_period = 200, .scale = 0.25f};
 //   auto st = opt.init(ex, info);                       // per parameter

@@ -1,7 +1,7 @@
 #pragma once
 // optim::golore<Inner>: Adam in a low-rank subspace drawn uniformly at random, with GaLore for the first part of
 // training (He et al., Subspace Optimization for Large Language Models with Convergence Guarantees, ICML 2025;
-// spec: shared/specs/galore-golore.md).
+// guide: docs/galore.md).
 //
 //   optim::golore<> opt{.rank = 128, .refresh_period = 200, .random_percent = 20, .total_steps = 10000, .seed = 7};
 //

@@ -1,5 +1,5 @@
 #pragma once
-// Low-rank gradient projectors for GaLore and GoLore (spec: shared/specs/galore-golore.md, §2).
+// Low-rank gradient projectors for GaLore and GoLore (guide: docs/galore.md).
 //
 // A projected weight W has shape m x n (out x in) and rank r <= min(m, n). The side is chosen by shape:
 //
@@ -62,7 +62,7 @@ struct projection {
   std::int64_t state_floats() const { return 2 * long_dim() * rank + rank * short_dim(); }
 };
 
-/// The projection of an m x n matrix at rank r: the side by shape (spec §2). Throws invalid_argument unless
+/// The projection of an m x n matrix at rank r: the side by shape (table above). Throws invalid_argument unless
 /// 1 <= r <= min(m, n).
 inline projection make_projection(std::int64_t rows, std::int64_t cols, std::int64_t rank) {
   require(rows >= 1 && cols >= 1, [&] {
@@ -199,7 +199,7 @@ void back_project_add(const Exec& ex, const projection& p, view<TN, space_of_t<E
     gemm(ex, op::none, op::none, 1.0f, P, N, 1.0f, W);
 }
 
-/// Maps the first moment M into a new basis (spec §2, "Moments at a refresh"): M <- M (P_old P_new^T) on the
+/// Maps the first moment M into a new basis (docs/galore.md, "The projector refresh"): M <- M (P_old P_new^T) on the
 /// right, M <- (P_new^T P_old) M on the left. One r x r product and one GEMM (through scratch).
 template <class Exec, class TP, class TM>
 void reproject_first_moment(const Exec& ex, const projection& p, view<TP, space_of_t<Exec>> p_old,

@@ -111,7 +111,8 @@ class replica {
     }
   }
 
-  /// Every rank takes rank 0's weights (masters, or the values of a model without masters): spec §4 setup 1.
+  /// Every rank takes rank 0's weights (masters, or the values of a model without masters): the common start of
+  /// the data-parallel and gossip trainers (docs/decent.md, "Trainers").
   template <class C>
   void broadcast_from_rank0(C& comm) {
     if constexpr (has_masters) comm.broadcast(masters(), 0).wait();

@@ -1,10 +1,10 @@
 #pragma once
-// The machinery shared by optim::galore and optim::golore (spec: shared/specs/galore-golore.md): which parameters
+// The machinery shared by optim::galore and optim::golore (guide: docs/galore.md): which parameters
 // are projected, the per-parameter state, the Adam step in the projected space, and the refresh logic. The two
 // policies differ only in where a refreshed projector comes from and whether the first moment is reprojected;
 // they pass that decision in as a function of the step count.
 //
-// The Adam step in the projected space (spec §2; s is the matrix's own step count, 1-based after the increment):
+// The Adam step in the projected space (GaLore's; s is the matrix's own step count, 1-based after the increment):
 //
 //   R = project(G)                                     one GEMM
 //   M = beta1 M + (1 - beta1) R
@@ -43,7 +43,7 @@ namespace subspace::optim {
 
 // --- targets ----------------------------------------------------------------------------------------------------
 
-/// The default target rule (spec §2 "Targets", galore_torch's rule): a parameter is projected when it is a matrix
+/// The default target rule (galore_torch's; see docs/galore.md): a parameter is projected when it is a matrix
 /// (rank 2) and its name contains "attn" or "mlp". With the Hugging Face Llama names of nn/llama.hpp this selects
 /// self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, and never the embedding, the norms or lm_head.
 inline bool attention_or_mlp_matrix(const param_info& info) {
@@ -74,7 +74,7 @@ struct subspace_rule {
 
 template <>
 struct subspace_rule<adamw> {
-  /// The reference recipes' AdamW (spec §5): beta (0.9, 0.999), eps 1e-6, no weight decay.
+  /// The AdamW of the GaLore and GoLore reference recipes: beta (0.9, 0.999), eps 1e-6, no weight decay.
   static adamw reference() { return adamw{0.9f, 0.999f, 1e-6f, 0.0f}; }
   static subspace_adam hyper(const adamw& a) { return {a.beta1, a.beta2, a.eps, a.weight_decay}; }
   static std::size_t state_bytes_for(const adamw&, const param_info& info) {
@@ -218,7 +218,7 @@ struct low_rank_impl<exec::host> {
 
 /// One Adam step in the projected space with the current projector P (no refresh): the update path of galore and
 /// golore, exposed for tests (which run it in double on the host) and for trainers that manage projectors
-/// themselves. s is the matrix's 1-based step count (bias correction), `scale` the spec's alpha. W, M, V, P and
+/// themselves. s is the matrix's 1-based step count (bias correction), `scale` GaLore's alpha. W, M, V, P and
 /// working contiguous; M and V moment-shaped.
 template <class Exec, class T, class G, class S>
 void subspace_adam_step(const Exec& ex, const projection& p, view<T, S> W, view<G, S> grad, view<T, S> M, view<T, S> V,
@@ -273,7 +273,7 @@ inline void check_settings(const low_rank_settings& s) {
 }
 
 /// True when the parameter is projected: a target of the rule with rank < min(m, n). A target with
-/// min(m, n) <= rank uses Inner (spec §7.5), or is an error when require_projection is set.
+/// min(m, n) <= rank falls back to Inner, or is an error when require_projection is set.
 inline bool is_projected(const low_rank_settings& s, const param_info& info) {
   if (info.shape.rank != 2 || !s.target(info)) return false;
   const std::int64_t short_side = std::min(info.shape[0], info.shape[1]);

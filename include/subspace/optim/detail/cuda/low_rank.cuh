@@ -5,7 +5,7 @@
 //
 // A projected step on CUDA is: [bf16 -> fp32 cast], GEMM R = project(G), one Adam kernel over R, M, V, GEMM
 // W += back_project(N) (beta = 1), and one kernel for decay and the working copy (skipped when there is neither).
-// A refresh adds the SVD (cuSOLVER gesvdj, fp32) or the Gaussian fill and QR (cuSOLVER geqrf/orgqr, fp64), and
+// A refresh adds the SVD (cuSOLVER gesvdj, fp64) or the Gaussian fill and QR (cuSOLVER geqrf/orgqr, fp64), and
 // the r x r change of basis and GEMM of the reprojection. Nothing synchronizes the stream.
 
 #include <cuda_runtime.h>
