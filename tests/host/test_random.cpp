@@ -104,3 +104,15 @@ TEST_CASE("random fills: ranges, distinct streams, and large seeds") {
   fill_normal(ex, b.v(), seed, 7, 5.0f, 0.5f);
   CHECK(testing::rel_error(a, b) == 0.0);
 }
+
+TEST_CASE("random fills: a draw that rounds up to hi becomes the float below it (the range stays half-open)") {
+  // On [-2, -1) floats are 2^-23 apart, so lo + (hi - lo)·u rounds to hi for u = 1 - 2^-24. This seed's stream
+  // has such a u among its first 10001 draws (it returned hi before the draw was mapped below it).
+  const exec::host ex;
+  host_tensor<float> a({10001});
+  fill_uniform(ex, a.v(), 12375951986444178182ull, 0, -2.0f, -1.0f);
+  for (std::int64_t i = 0; i < a.numel(); ++i) REQUIRE((a(i) >= -2.0f && a(i) < -1.0f));
+  CHECK(rng::next_below(-1.0f) == -1.0f - 0x1p-23f);
+  CHECK(rng::next_below(1.0f) == 1.0f - 0x1p-24f);
+  CHECK(rng::next_below(0.0f) < 0.0f);
+}

@@ -146,11 +146,25 @@ SUBSPACE_HD inline void cossin_2pi_det(double v, double& c, double& s) {
 /// Maps 32 random bits to a float uniform on [0, 1) (24 significant bits, exact).
 SUBSPACE_HD inline float to_uniform(std::uint32_t x) { return float(x >> 8) * (1.0f / 16777216.0f); }
 
-/// Four uniform draws on [lo, hi) from block `block` of stream (seed, offset).
+/// The float next to x towards -infinity (x finite).
+SUBSPACE_HD inline float next_below(float x) {
+  if (x == 0.0f) return -1.4e-45f;  // the smallest negative denormal
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = x > 0.0f ? bits - 1 : bits + 1;
+  std::memcpy(&x, &bits, sizeof bits);
+  return x;
+}
+
+/// Four uniform draws on [lo, hi) from block `block` of stream (seed, offset). lo + (hi - lo)·u can round up to
+/// hi when u is just below 1; such a draw is the float just below hi instead, so hi is never returned.
 SUBSPACE_HD inline void uniform4(std::uint64_t seed, std::uint64_t offset, std::uint64_t block, float lo, float hi,
                                  float out[4]) {
   const u32x4 r = bits4(seed, offset, block);
-  for (int i = 0; i < 4; ++i) out[i] = exact::fma(hi - lo, to_uniform(r.v[i]), lo);
+  for (int i = 0; i < 4; ++i) {
+    const float v = exact::fma(hi - lo, to_uniform(r.v[i]), lo);
+    out[i] = v < hi ? v : next_below(hi);
+  }
 }
 
 /// Four normal draws N(mean, std^2) from block `block` of stream (seed, offset), by Box-Muller.
