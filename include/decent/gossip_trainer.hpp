@@ -141,9 +141,9 @@ class gossip_trainer {
   /// A model given as the stages of one rank, in order, sharing one parameter store.
   gossip_trainer(std::vector<Model> stages, Stack stack, gossip_options o)
       : stack_(std::move(stack)),
-        replica_(std::move(stages), stack_.optimizer),
+        replica_(std::move(stages), stack_.optimizer, stack_.compressor),
         o_(std::move(o)),
-        engine_(replica_.stages(), stack_.compressor) {
+        engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()) {
     o_.validate();
     accumulation_ = subspace::schedule::gradient_accumulation{int(o_.accumulation)};
     subspace::require(topology().world_size() == comm().size(), [&] {

@@ -18,8 +18,11 @@
 //                 static C make(std::uint64_t seed);
 //                 static std::vector<shape> shapes();                  input extents the compressor accepts
 //                 static constexpr bool lossless;                      decode(encode(x)) == x bit for bit
-//                 Adjoint identities are checked when compress::is_linear_v<C>; the vector-Jacobian products
-//                 against central differences in double whenever C accepts double views.
+//                 static constexpr std::int32_t vocab;                 token ids are drawn from [0, vocab)
+//                 The compressor's tensors live in a host store of its own, at their initial values plus noise.
+//                 Adjoint identities are checked when compress::is_linear_v<C>; the vector-Jacobian products (in
+//                 x, the payload and the parameters) against central differences in double whenever C accepts
+//                 double views and a double store.
 //   Scheduler     using scheduler = S;
 //                 static std::vector<S> make();                        configurations to test
 //                 Plans that are ranges of schedule::action are also checked for consistency across ranks.
@@ -52,6 +55,7 @@
 #include <subspace/core/error.hpp>
 #include <subspace/core/executor.hpp>
 #include <subspace/core/tensor.hpp>
+#include <subspace/nn/parameters.hpp>
 #include <subspace/optim/concepts.hpp>
 #include <subspace/schedule/concepts.hpp>
 
@@ -366,20 +370,57 @@ TEST_CASE_TEMPLATE_DEFINE("Communicator conformance", F, communicator_conformanc
 
 namespace subspace::testing::conformance {
 
-/// Host-space parameters of a compressor, copied out: name -> (value, grad).
-template <class C>
-std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> snapshot_parameters(C& c) {
-  std::map<std::string, std::pair<std::vector<float>, std::vector<float>>> out;
-  c.visit_parameters([&]<class Space>(const compress::parameter<Space>& p) {
-    if constexpr (std::is_same_v<Space, host_space>) {
-      std::vector<float> value(std::size_t(p.value.numel())), grad(std::size_t(p.grad.numel()));
-      using out_view = view<float, host_space>;
-      copy(exec::host{}, view<const float, host_space>(p.value), out_view(value.data(), p.value.shape()));
-      copy(exec::host{}, view<const float, host_space>(p.grad), out_view(grad.data(), p.grad.shape()));
-      out[std::string(p.name)] = {std::move(value), std::move(grad)};
-    }
+/// The parameter store a compressor under test declares its tensors in: host, values and gradients in T.
+template <class T>
+using compressor_store = nn::parameter_store<T, T, host_space>;
+
+/// Copies of every tensor's value and gradient in `store`, by name.
+template <class T>
+std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> snapshot_parameters(compressor_store<T>& store) {
+  std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> out;
+  store.for_each([&](const std::string& name, view<T, host_space> value, view<T, host_space> grad,
+                     const parameter_info&) {
+    out[name] = {std::vector<T>(value.data(), value.data() + value.numel()),
+                 std::vector<T>(grad.data(), grad.data() + grad.numel())};
   });
   return out;
+}
+
+/// Has `c` declare its tensors in `store`, allocates them and sets them to their initial values plus
+/// N(0, 0.1²) noise, so gradient checks do not sit at a special point (a unit gain).
+template <class T, class C>
+void prepare_parameters(C& c, compressor_store<T>& store, std::uint64_t seed) {
+  const compress::parameter_range r = compress::declare(c, store);
+  REQUIRE(r.first == 0);
+  REQUIRE(r.last == store.size());
+  if (store.size() == 0) return;
+  const exec::host ex{};
+  store.allocate(ex);
+  store.init(ex, seed, 0, store.size());
+  for (std::size_t i = 0; i < store.size(); ++i) {
+    const host_tensor<double> noise = random_tensor<double>(store.info(i).shape, seed + 100 + i, 0.0f, 0.1f);
+    const view<T, host_space> v = store.value(i);
+    for (std::int64_t k = 0; k < v.numel(); ++k) v.data()[k] += T(noise.data()[k]);
+  }
+}
+
+/// Sets every gradient of `store` to zero (nothing to do while it holds no tensor: then it has no storage).
+template <class T>
+void zero_grads(compressor_store<T>& store) {
+  if (store.size() > 0) store.zero_grad(exec::host{});
+}
+
+/// Token ids in [0, vocab) for the rows of a tensor of extents x.
+inline host_tensor<std::int32_t> random_tokens(const shape& x, std::int32_t vocab, std::uint64_t seed) {
+  host_tensor<std::int32_t> t(shape{compress::rows(x)});
+  std::uint64_t z = seed;
+  for (std::int64_t i = 0; i < t.numel(); ++i) {  // splitmix64
+    z += 0x9E3779B97F4A7C15ull;
+    std::uint64_t y = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    y = (y ^ (y >> 27)) * 0x94D049BB133111EBull;
+    t.data()[i] = std::int32_t((y ^ (y >> 31)) % std::uint64_t(vocab));
+  }
+  return t;
 }
 
 }  // namespace subspace::testing::conformance
@@ -389,17 +430,21 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
   using namespace subspace::testing::conformance;
   using C = typename F::compressor;
   static_assert(Compressor<C>);
+  constexpr bool sends_tokens = compress::sends_tokens_v<C>;
   const exec::host ex{};
 
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   C c = F::make(seed);
   const C& cc = c;
+  compressor_store<float> store;
+  prepare_parameters(c, store, seed);
 
   for (const shape& xs : F::shapes()) {
     CAPTURE(to_string(xs));
     const shape ps = cc.payload_shape(xs);
     CAPTURE(to_string(ps));
+    const std::int64_t rows = compress::rows(xs);
 
     SUBCASE("payload_shape is a function of the input shape; wire_bytes is elements x width + a fixed side channel") {
       CHECK(cc.payload_shape(xs) == ps);
@@ -409,26 +454,41 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
       CHECK(cc.wire_bytes(xs, 2) == 2 * n + side);
       CHECK(cc.wire_bytes(xs, 4) == 4 * n + side);
       CHECK(cc.wire_bytes(xs, 4) == cc.wire_bytes(xs, 4));
+      if constexpr (sends_tokens) CHECK(side >= sizeof(std::int32_t) * std::size_t(rows));  // the token ids
     }
 
     const auto x = testing::random_tensor<float>(xs, seed + 1);
     const auto q = testing::random_tensor<float>(ps, seed + 2);  // a payload-shaped direction
     const auto g = testing::random_tensor<float>(xs, seed + 3);  // an input-shaped direction
+    const auto tokens = random_tokens(xs, F::vocab, seed + 6);
+    // What the compressor puts on the wire besides the values: the token ids, when it sends them.
+    host_tensor<std::int32_t> wire_tokens = filled<std::int32_t>({rows}, -1);
+    using tokens_out = view<std::int32_t, host_space>;
+    using tokens_in = view<const std::int32_t, host_space>;
+    const tokens_out wire = sends_tokens ? tokens_out(wire_tokens.v()) : tokens_out{};
+    const tokens_in received = sends_tokens ? tokens_in(tokens.v()) : tokens_in{};  // as encode would send them
+    auto given = [&](const host_tensor<float>& t) {
+      return compress::boundary<const float, host_space>{t.v(), tokens.v()};
+    };
+    auto sent = [&](const host_tensor<float>& p) {
+      return compress::payload<const float, host_space>{p.v(), received};
+    };
     auto encoded = [&](const host_tensor<float>& in) {
       host_tensor<float> p = filled<float>(ps, NAN);
-      c.encode(ex, in.v(), p.v());
+      c.encode(ex, given(in), compress::payload<float, host_space>{p.v(), wire}, store);
       return p;
     };
     auto decoded = [&](const host_tensor<float>& p) {
       host_tensor<float> out = filled<float>(xs, NAN);
-      c.decode(ex, p.v(), out.v());
+      c.decode(ex, sent(p), out.v(), store);
       return out;
     };
 
-    SUBCASE("encode and decode are deterministic and write finite outputs") {
+    SUBCASE("encode and decode are deterministic and write finite outputs; the payload carries the token ids") {
       const auto p1 = encoded(x), p2 = encoded(x);
       CHECK(same_bits<float>(p1.v(), p2.v()));
       CHECK(testing::rel_error(p1, p1) == 0.0);  // finite (NaN and inf give +inf)
+      if constexpr (sends_tokens) CHECK(same_bits<std::int32_t>(wire_tokens.v(), tokens.v()));
       const auto x1 = decoded(p1), x2 = decoded(p1);
       CHECK(same_bits<float>(x1.v(), x2.v()));
       CHECK(testing::rel_error(x1, x1) == 0.0);
@@ -440,13 +500,13 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
       SUBCASE("linear: the backward functions are the adjoints of decode and encode") {
         // <decode(q), g> == <q, decode_backward(g)>
         host_tensor<float> grad_payload = filled<float>(ps, NAN);
-        c.decode_backward(ex, q.v(), g.v(), grad_payload.v());
+        c.decode_backward(ex, sent(q), g.v(), grad_payload.v(), store);
         const double lhs1 = dot<float, float>(decoded(q).v(), g.v());
         const double rhs1 = dot<float, float>(q.v(), grad_payload.v());
         CHECK(std::abs(lhs1 - rhs1) <= 1e-5 * norm<float>(q.v()) * norm<float>(g.v()));
         // <encode(x), q> == <x, encode_backward(q)>
         host_tensor<float> grad_x = filled<float>(xs, NAN);
-        c.encode_backward(ex, x.v(), q.v(), grad_x.v());
+        c.encode_backward(ex, given(x), q.v(), grad_x.v(), store);
         const double lhs2 = dot<float, float>(encoded(x).v(), q.v());
         const double rhs2 = dot<float, float>(x.v(), grad_x.v());
         CHECK(std::abs(lhs2 - rhs2) <= 1e-5 * norm<float>(x.v()) * norm<float>(q.v()));
@@ -455,13 +515,20 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
 
     using dview = view<double, host_space>;
     using dcview = view<const double, host_space>;
-    if constexpr (requires(dcview in, dview out) {
-                    c.encode(ex, in, out);
-                    c.decode(ex, in, out);
-                    c.encode_backward(ex, in, in, out);
-                    c.decode_backward(ex, in, in, out);
+    using dboundary = compress::boundary<const double, host_space>;
+    using dpayload_in = compress::payload<const double, host_space>;
+    using dpayload_out = compress::payload<double, host_space>;
+    if constexpr (requires(dboundary b, dpayload_out po, dpayload_in pi, dcview in, dview out,
+                           compressor_store<double>& ds) {
+                    c.encode(ex, b, po, ds);
+                    c.decode(ex, pi, out, ds);
+                    c.encode_backward(ex, b, in, out, ds);
+                    c.decode_backward(ex, pi, in, out, ds);
                   }) {
-      SUBCASE("float64: the backward functions are vector-Jacobian products (central differences)") {
+      SUBCASE("float64: the backward functions are vector-Jacobian products in x, the payload and the parameters") {
+        C cd = F::make(seed);
+        compressor_store<double> ds;
+        prepare_parameters(cd, ds, seed);
         const auto xd = testing::random_tensor<double>(xs, seed + 1);
         const auto dx = testing::random_tensor<double>(xs, seed + 4);
         const auto qd = testing::random_tensor<double>(ps, seed + 2);
@@ -473,26 +540,70 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
           for (std::int64_t i = 0; i < a.numel(); ++i) out.data()[i] = a.data()[i] + t * d.data()[i];
           return out;
         };
+        auto enc = [&](const host_tensor<double>& in) {
+          host_tensor<double> p(ps);
+          cd.encode(ex, dboundary{in.v(), tokens.v()}, dpayload_out{p.v(), wire}, ds);
+          return p;
+        };
+        auto dec = [&](const host_tensor<double>& p) {
+          host_tensor<double> out(xs);
+          cd.decode(ex, dpayload_in{p.v(), received}, out.v(), ds);
+          return out;
+        };
+        auto dot_d = [](const host_tensor<double>& a, const host_tensor<double>& b) {
+          return dot<double, double>(a.v(), b.v());
+        };
         // d/dt <encode(x + t dx), q> at t = 0  vs  <dx, encode_backward(x, q)>
-        host_tensor<double> ep(ps), em(ps), grad_x(xs);
-        const auto x_plus = shifted(xd, dx, h), x_minus = shifted(xd, dx, -h);
-        c.encode(ex, x_plus.v(), ep.v());
-        c.encode(ex, x_minus.v(), em.v());
-        const double fd1 = (dot<double, double>(ep.v(), qd.v()) - dot<double, double>(em.v(), qd.v())) / (2 * h);
-        c.encode_backward(ex, xd.v(), qd.v(), grad_x.v());
-        const double an1 = dot<double, double>(dx.v(), grad_x.v());
+        host_tensor<double> grad_x(xs);
+        const double fd1 = (dot_d(enc(shifted(xd, dx, h)), qd) - dot_d(enc(shifted(xd, dx, -h)), qd)) / (2 * h);
+        zero_grads(ds);
+        cd.encode_backward(ex, dboundary{xd.v(), tokens.v()}, qd.v(), grad_x.v(), ds);
+        const auto encode_grads = snapshot_parameters(ds);
+        const double an1 = dot_d(dx, grad_x);
         CHECK(std::abs(fd1 - an1) <= 1e-7 * norm<double>(dx.v()) * norm<double>(grad_x.v()) + 1e-9);
         // d/dt <decode(q + t dq), g> at t = 0  vs  <dq, decode_backward(q, g)>
-        host_tensor<double> dp(xs), dm(xs), grad_p(ps);
-        const auto q_plus = shifted(qd, dq, h), q_minus = shifted(qd, dq, -h);
-        c.decode(ex, q_plus.v(), dp.v());
-        c.decode(ex, q_minus.v(), dm.v());
-        const double fd2 = (dot<double, double>(dp.v(), gd.v()) - dot<double, double>(dm.v(), gd.v())) / (2 * h);
-        c.decode_backward(ex, qd.v(), gd.v(), grad_p.v());
-        const double an2 = dot<double, double>(dq.v(), grad_p.v());
+        host_tensor<double> grad_p(ps);
+        const double fd2 = (dot_d(dec(shifted(qd, dq, h)), gd) - dot_d(dec(shifted(qd, dq, -h)), gd)) / (2 * h);
+        zero_grads(ds);
+        cd.decode_backward(ex, dpayload_in{qd.v(), received}, gd.v(), grad_p.v(), ds);
+        const auto decode_grads = snapshot_parameters(ds);
+        const double an2 = dot_d(dq, grad_p);
         CHECK(std::abs(fd2 - an2) <= 1e-7 * norm<double>(dq.v()) * norm<double>(grad_p.v()) + 1e-9);
         CHECK(norm<double>(grad_x.v()) > 0.0);
         CHECK(norm<double>(grad_p.v()) > 0.0);
+
+        // The parameters: d/dt <encode(x; θ + t dθ), q> vs <dθ, what encode_backward accumulated>, and the same
+        // for decode.
+        for (std::size_t i = 0; i < ds.size(); ++i) {
+          const std::string& name = ds.info(i).name;
+          CAPTURE(name);
+          const host_tensor<double> dtheta = testing::random_tensor<double>(ds.info(i).shape, seed + 200 + i);
+          const view<double, host_space> value = ds.value(i);
+          std::vector<double> saved(value.data(), value.data() + value.numel());
+          auto at = [&](double t, auto&& f) {
+            for (std::int64_t k = 0; k < value.numel(); ++k)
+              value.data()[k] = saved[std::size_t(k)] + t * dtheta.data()[k];
+            const double y = f();
+            std::copy(saved.begin(), saved.end(), value.data());
+            return y;
+          };
+          auto along = [&](const std::vector<double>& grad) {
+            double s = 0, n = 0;
+            for (std::size_t k = 0; k < grad.size(); ++k) {
+              s += dtheta.data()[k] * grad[k];
+              n += grad[k] * grad[k];
+            }
+            return std::pair{s, std::sqrt(n)};
+          };
+          const auto encoded_along_q = [&] { return dot_d(enc(xd), qd); };
+          const auto decoded_along_g = [&] { return dot_d(dec(qd), gd); };
+          const double fd3 = (at(h, encoded_along_q) - at(-h, encoded_along_q)) / (2 * h);
+          const auto [an3, n3] = along(encode_grads.at(name).second);
+          CHECK(std::abs(fd3 - an3) <= 1e-7 * norm<double>(dtheta.v()) * n3 + 1e-9);
+          const double fd4 = (at(h, decoded_along_g) - at(-h, decoded_along_g)) / (2 * h);
+          const auto [an4, n4] = along(decode_grads.at(name).second);
+          CHECK(std::abs(fd4 - an4) <= 1e-7 * norm<double>(dtheta.v()) * n4 + 1e-9);
+        }
       }
     }
 
@@ -503,38 +614,50 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
       wrong_p.dims[0] += 1;
       wrong_x.dims[0] += 1;
       host_tensor<float> bad_p = filled<float>(wrong_p, 0.0f), bad_x = filled<float>(wrong_x, 0.0f);
-      CHECK_THROWS_AS(c.encode(ex, x.v(), bad_p.v()), invalid_argument);
-      CHECK_THROWS_AS(c.decode(ex, q.v(), bad_x.v()), invalid_argument);
-      CHECK_THROWS_AS(c.decode_backward(ex, q.v(), g.v(), bad_p.v()), invalid_argument);
-      CHECK_THROWS_AS(c.encode_backward(ex, x.v(), q.v(), bad_x.v()), invalid_argument);
+      using payload_out = compress::payload<float, host_space>;
+      CHECK_THROWS_AS(c.encode(ex, given(x), payload_out{bad_p.v(), wire}, store), invalid_argument);
+      CHECK_THROWS_AS(c.decode(ex, sent(q), bad_x.v(), store), invalid_argument);
+      CHECK_THROWS_AS(c.decode_backward(ex, sent(q), g.v(), bad_p.v(), store), invalid_argument);
+      CHECK_THROWS_AS(c.encode_backward(ex, given(x), q.v(), bad_x.v(), store), invalid_argument);
+      if constexpr (sends_tokens) {
+        host_tensor<float> p = filled<float>(ps, 0.0f), out = filled<float>(xs, 0.0f);
+        host_tensor<std::int32_t> more = filled<std::int32_t>({rows + 1}, 0);
+        CHECK_THROWS_AS(c.encode(ex, given(x), payload_out{p.v(), more.v()}, store), invalid_argument);
+        CHECK_THROWS_AS(c.decode(ex, compress::payload<const float, host_space>{q.v(), more.v()}, out.v(), store),
+                        invalid_argument);
+      }
     }
 
-    SUBCASE("parameters: named uniquely, value and grad alike, and the backward accumulates into grad") {
-      std::set<std::string> names;
-      int count = 0;
-      c.visit_parameters([&]<class Space>(const compress::parameter<Space>& p) {
-        ++count;
-        CHECK(!p.name.empty());
-        CHECK(names.insert(std::string(p.name)).second);
-        CHECK(p.value.shape() == p.grad.shape());
-      });
-      CHECK(int(names.size()) == count);
-      // Two identical backward passes add the same increment twice.
-      const auto before = snapshot_parameters(c);
+    SUBCASE("parameters: declared alike by every instance; the backward accumulates into their gradients") {
+      C other = F::make(seed + 7);
+      compressor_store<float> other_store;
+      compress::declare(other, other_store);
+      REQUIRE(other_store.size() == store.size());
+      for (std::size_t i = 0; i < store.size(); ++i) {
+        CAPTURE(store.info(i).name);
+        CHECK(other_store.info(i).name == store.info(i).name);
+        CHECK(other_store.info(i).shape == store.info(i).shape);
+      }
+      // The forward leaves the gradients alone; two identical backward passes add the same increment twice and
+      // leave the values alone.
+      zero_grads(store);
+      (void)decoded(encoded(x));
+      const auto before = snapshot_parameters(store);
       host_tensor<float> gp(ps), gx(xs);
       auto backward = [&] {
-        c.decode_backward(ex, q.v(), g.v(), gp.v());
-        c.encode_backward(ex, x.v(), q.v(), gx.v());
+        c.decode_backward(ex, sent(q), g.v(), gp.v(), store);
+        c.encode_backward(ex, given(x), q.v(), gx.v(), store);
       };
       backward();
-      const auto once = snapshot_parameters(c);
+      const auto once = snapshot_parameters(store);
       backward();
-      const auto twice = snapshot_parameters(c);
+      const auto twice = snapshot_parameters(store);
       for (const auto& [name, vg] : before) {
         CAPTURE(name);
         const auto& g0 = vg.second;
         const auto& g1 = once.at(name).second;
         const auto& g2 = twice.at(name).second;
+        CHECK(std::all_of(g0.begin(), g0.end(), [](float v) { return v == 0.0f; }));
         host_tensor<double> step1({std::int64_t(g0.size())}), step2({std::int64_t(g0.size())});
         for (std::size_t i = 0; i < g0.size(); ++i) {
           step1.data()[i] = double(g1[i]) - g0[i];
@@ -542,6 +665,7 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
         }
         CHECK(testing::rel_error(step2, step1) <= 1e-5);
         CHECK(vg.first == once.at(name).first);  // the backward leaves the values alone
+        CHECK(vg.first == twice.at(name).first);
       }
     }
   }

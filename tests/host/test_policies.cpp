@@ -8,6 +8,7 @@
 
 #include <subspace/comm/self.hpp>
 #include <subspace/compress/identity.hpp>
+#include <subspace/nn/parameters.hpp>
 #include <subspace/optim/adamw.hpp>
 #include <subspace/policies.hpp>
 #include <subspace/schedule/gradient_accumulation.hpp>
@@ -35,6 +36,7 @@ struct self_world {
 struct identity_fixture {
   using compressor = compress::identity;
   static constexpr bool lossless = true;
+  static constexpr std::int32_t vocab = 256;
   static compress::identity make(std::uint64_t) { return {}; }
   static std::vector<shape> shapes() { return {{17}, {3, 5}, {2, 3, 4}}; }
 };
@@ -149,31 +151,34 @@ TEST_CASE("comm::self: collectives over one rank copy or leave the data, and spl
 TEST_CASE("compress::identity: the payload is x, the wire carries every element, every type passes through") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
-  const compress::identity id;
+  compress::identity id;
   CHECK(id.payload_shape({4, 6, 8}) == shape{4, 6, 8});
   CHECK(id.wire_bytes({4, 6, 8}, 2) == 4 * 6 * 8 * 2);
   CHECK(id.wire_bytes({4, 6, 8}, 4) == 4 * 6 * 8 * 4);
   CHECK(compress::is_linear_v<compress::identity>);
+  CHECK_FALSE(compress::sends_tokens_v<compress::identity>);
+
+  // No trainable parameters: nothing is declared, and the store is never read.
+  nn::parameter_store<float, float, host_space> store;
+  CHECK(compress::declare(id, store).empty());
+  CHECK(store.size() == 0);
 
   const auto x = testing::random_tensor<bf16>({3, 7}, seed);
   host_tensor<bf16> p = filled<bf16>({3, 7}, bf16(NAN)), back = filled<bf16>({3, 7}, bf16(NAN));
-  id.encode(exec::host{}, x.v(), p.v());
-  id.decode(exec::host{}, p.v(), back.v());
+  id.encode(exec::host{}, compress::boundary{x.v()}, compress::payload{p.v()}, store);
+  id.decode(exec::host{}, compress::payload{p.v()}, back.v(), store);
   CHECK(same_bits<bf16>(back.v(), x.v()));
 
   // A strided (transposed) input is copied element by element.
   const auto m = testing::random_tensor<double>({4, 5}, seed + 1);
   host_tensor<double> mt = filled<double>({5, 4}, NAN);
-  id.encode(exec::host{}, m.v().transposed(), mt.v());
+  id.encode(exec::host{}, compress::boundary{m.v().transposed()}, compress::payload{mt.v()}, store);
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 5; ++j) REQUIRE(mt(j, i) == m(i, j));
 
-  int parameters = 0;
-  id.visit_parameters([&](auto&&) { ++parameters; });
-  CHECK(parameters == 0);
   host_tensor<bf16> wrong({3, 8});
-  CHECK_THROWS_WITH_AS(id.encode(exec::host{}, x.v(), wrong.v()), doctest::Contains("[3, 7] vs [3, 8]"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(id.encode(exec::host{}, compress::boundary{x.v()}, compress::payload{wrong.v()}, store),
+                       doctest::Contains("[3, 7] vs [3, 8]"), invalid_argument);
 }
 
 // --- schedule::gradient_accumulation -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 #pragma once
-// compress::identity: sends the tensor as it is. The payload is x; every function is a copy; the wire carries
-// every element. The baseline every other compressor is measured against.
+// compress::identity: sends the tensor as it is. The payload is x (no token ids); every function is a copy; the
+// wire carries every element; no trainable parameters. The baseline every other compressor is measured against.
 
 #include <cstddef>
 #include <string>
@@ -20,39 +20,40 @@ struct identity {
   std::size_t wire_bytes(const shape& x, std::size_t element_bytes) const {
     return std::size_t(x.numel()) * element_bytes;
   }
+  /// No trainable parameters.
+  template <class Store>
+  void declare_parameters(Store&) const {}
 
-  // Inputs may be views of const or mutable elements; outputs have the same element type.
+  // Inputs may be views of const or mutable elements; outputs have the same element type. The parameter store
+  // is not read.
 
   /// payload = x. Works with any executor that can copy between the two views (exec::host; exec::cuda in nvcc
   /// translation units).
-  template <class Exec, class In, class T, class S>
+  template <class Exec, class In, class T, class S, class Params>
     requires std::is_same_v<std::remove_const_t<In>, T>
-  void encode(const Exec& ex, view<In, S> x, view<T, S> payload) const {
-    pass(ex, x, payload, "encode");
+  void encode(const Exec& ex, boundary<In, S> in, payload<T, S> out, Params&) const {
+    pass(ex, in.x, out.values, "encode");
   }
   /// x_hat = payload.
-  template <class Exec, class In, class T, class S>
+  template <class Exec, class In, class T, class S, class Params>
     requires std::is_same_v<std::remove_const_t<In>, T>
-  void decode(const Exec& ex, view<In, S> payload, view<T, S> x_hat) const {
-    pass(ex, payload, x_hat, "decode");
+  void decode(const Exec& ex, payload<In, S> in, view<T, S> x_hat, Params&) const {
+    pass(ex, in.values, x_hat, "decode");
   }
   /// grad_payload = grad_x_hat.
-  template <class Exec, class Fwd, class In, class T, class S>
+  template <class Exec, class Fwd, class In, class T, class S, class Params>
     requires std::is_same_v<std::remove_const_t<In>, T> && std::is_same_v<std::remove_const_t<Fwd>, T>
-  void decode_backward(const Exec& ex, view<Fwd, S> /*payload*/, view<In, S> grad_x_hat,
-                       view<T, S> grad_payload) const {
+  void decode_backward(const Exec& ex, payload<Fwd, S> /*in*/, view<In, S> grad_x_hat, view<T, S> grad_payload,
+                       Params&) const {
     pass(ex, grad_x_hat, grad_payload, "decode_backward");
   }
   /// grad_x = grad_payload.
-  template <class Exec, class Fwd, class In, class T, class S>
+  template <class Exec, class Fwd, class In, class T, class S, class Params>
     requires std::is_same_v<std::remove_const_t<In>, T> && std::is_same_v<std::remove_const_t<Fwd>, T>
-  void encode_backward(const Exec& ex, view<Fwd, S> /*x*/, view<In, S> grad_payload, view<T, S> grad_x) const {
+  void encode_backward(const Exec& ex, boundary<Fwd, S> /*in*/, view<In, S> grad_payload, view<T, S> grad_x,
+                       Params&) const {
     pass(ex, grad_payload, grad_x, "encode_backward");
   }
-
-  /// No trainable parameters: f is never called.
-  template <class F>
-  void visit_parameters(F&&) const {}
 
  private:
   template <class Exec, class In, class T, class S>

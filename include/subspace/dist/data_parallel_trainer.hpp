@@ -13,7 +13,8 @@
 //
 // The stack's policies: the communicator is this rank's view of the world; the scheduler's plan (M micro-batches,
 // then the step, the same on every rank) runs on the plan engine; the compressor sits at the boundaries of a
-// model given as several local stages; the optimizer steps every tensor of the store.
+// model given as several local stages, its trainable tensors declared in the store after the stages' (their
+// gradients are all-reduced in the buckets with the model's); the optimizer steps every tensor of the store.
 //
 // One step on every rank: zero the gradients; the plan's micro-batches forward and backward (loss scale 1/M); in
 // the last backward the bucket cursor (dist/bucket.hpp) hands out each bucket once its tensors are final, and its
@@ -81,9 +82,9 @@ class data_parallel_trainer {
   /// A model given as the stages of one rank, in order, sharing one parameter store.
   data_parallel_trainer(std::vector<Model> stages, Stack stack, trainer_options o)
       : stack_(std::move(stack)),
-        replica_(std::move(stages), stack_.optimizer),
+        replica_(std::move(stages), stack_.optimizer, stack_.compressor),
         o_(std::move(o)),
-        engine_(replica_.stages(), stack_.compressor) {
+        engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()) {
     o_.validate();
     communicator_type& comm = stack_.communicator;
     require(comm.size() >= 1, [&] { return std::string(who) + ": the communicator has no ranks"; });

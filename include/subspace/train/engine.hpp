@@ -4,11 +4,14 @@
 //
 //   forward(m)        the forward of micro-batch m through the rank's local stages, in order; the stage after a
 //                     boundary receives what the stack's Compressor encoded and decoded (local boundaries: the
-//                     payload is handed over in memory). Micro-batch m takes a free activation slot of every
-//                     stage and keeps it until its backward.
+//                     payload is handed over in memory). The compressor sees the micro-batch's token ids (one per
+//                     row of the residual stream, in the executor's memory) and the rank's parameter store.
+//                     Micro-batch m takes a free activation slot of every stage and keeps it until its backward.
 //   backward(m)       the backward of micro-batch m through the local stages in reverse, with the compressor's
 //                     backward at each boundary; the last backward of the step calls the trainer's ready hook
-//                     (the model's ready ranges, store indices), where data-parallel trainers launch buckets.
+//                     (the model's ready ranges, store indices), where data-parallel trainers launch buckets. The
+//                     compressor's tensors are reported ready once the first boundary's backward is done (with a
+//                     single stage, after it).
 //   optimizer_step    the trainer's step hook (clipping, the optimizer, gossip mixing: the trainer's business).
 // Sends and receives between ranks belong to the pipeline trainer, which adds a transport; a plan that asks for
 // one here is rejected with the action named.
@@ -19,9 +22,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "../compress/concepts.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
@@ -46,9 +51,13 @@ class plan_engine {
   using space = space_of_t<executor_type>;
 
   /// The engine of `stages`, the local stages in pipeline order (a whole model is one stage), with `compressor`
-  /// at their boundaries. Both stay the caller's (a trainer's members); bind() points the engine at them again
-  /// after the trainer moved.
-  plan_engine(std::vector<Model>& stages, Compressor& compressor) { bind(stages, compressor); }
+  /// at their boundaries; `compressor_parameters` are the store indices the compressor declared
+  /// (compress::declare, before the store was allocated for training). Stages and compressor stay the caller's
+  /// (a trainer's members); bind() points the engine at them again after the trainer moved.
+  plan_engine(std::vector<Model>& stages, Compressor& compressor, compress::parameter_range compressor_parameters)
+      : compressor_parameters_(compressor_parameters) {
+    bind(stages, compressor);
+  }
   void bind(std::vector<Model>& stages, Compressor& compressor) {
     require(!stages.empty(), "train::plan_engine: no model stages");
     stages_ = &stages;
@@ -93,7 +102,7 @@ class plan_engine {
     if (stages_->size() == 1) return (*stages_)[0].evaluate(tokens, targets);
     flight& f = take_slot(-2);
     const std::int64_t n = tokens.numel(), d = (*stages_)[0].config().d_model;
-    const auto& ex = (*stages_)[0].executor();
+    stage_tokens(f, tokens);
     double loss = 0;
     for (std::size_t k = 0; k < stages_->size(); ++k) {
       const bool last = k + 1 == stages_->size();
@@ -102,10 +111,7 @@ class plan_engine {
       if (k > 0) io.in = f.in[k - 1].v();
       if (!last) io.out = f.out[k].v();
       loss += (*stages_)[k].evaluate(f.slot, io);
-      if (!last) {
-        compressor_->encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
-        compressor_->decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
-      }
+      if (!last) compress_forward(f, k);
     }
     f.microbatch = -1;
     return loss;
@@ -117,9 +123,15 @@ class plan_engine {
     int microbatch = -1;
     std::size_t slot = 0;
     host_tensor<std::int32_t> tokens, targets;
-    // Per boundary k (after stage k): stage k's output, its encoding, the decoded input of stage k + 1, and in
-    // backward dL/d(input of stage k + 1), dL/d(payload), dL/d(output of stage k).
+    // The token ids of the batch [B·S] as the compressor sees them: a view of `tokens` on the host, a copy in
+    // device memory otherwise.
+    tensor<std::int32_t, space> device_tokens;
+    view<const std::int32_t, space> boundary_tokens;
+    // Per boundary k (after stage k): stage k's output, its encoding (values, and token ids when the compressor
+    // sends them), the decoded input of stage k + 1, and in backward dL/d(input of stage k + 1), dL/d(payload),
+    // dL/d(output of stage k).
     std::vector<tensor<value_type, space>> out, payload, in, grad_in, grad_payload, grad_out;
+    std::vector<tensor<std::int32_t, space>> payload_tokens;
   };
 
   template <class Source>
@@ -135,7 +147,7 @@ class plan_engine {
     }
     source.next(f.tokens.v(), f.targets.v());
     const std::int64_t n = bs.numel(), d = (*stages_)[0].config().d_model;
-    const auto& ex = (*stages_)[0].executor();
+    stage_tokens(f, f.tokens.v());
     double loss = 0;
     for (std::size_t k = 0; k < stages_->size(); ++k) {
       const bool last = k + 1 == stages_->size();
@@ -144,10 +156,7 @@ class plan_engine {
       if (k > 0) io.in = f.in[k - 1].v();
       if (!last) io.out = f.out[k].v();
       loss += (*stages_)[k].forward(f.slot, io, scale);
-      if (!last) {
-        compressor_->encode(ex, view<const value_type, space>(f.out[k].v()), f.payload[k].v());
-        compressor_->decode(ex, view<const value_type, space>(f.payload[k].v()), f.in[k].v());
-      }
+      if (!last) compress_forward(f, k);
     }
     return loss;
   }
@@ -159,20 +168,59 @@ class plan_engine {
       return "train::plan_engine: backward(" + std::to_string(microbatch) + ") before its forward";
     });
     const auto& ex = (*stages_)[0].executor();
+    auto& params = (*stages_)[0].parameters();
     using cview = view<const value_type, space>;
+    const auto compressor_ready = [&] {
+      if (!compressor_parameters_.empty()) ready(compressor_parameters_.first, compressor_parameters_.last);
+    };
     for (std::size_t k = stages_->size(); k-- > 0;) {
       const bool last = k + 1 == stages_->size();
       cview grad_out{};
       if (!last) {
-        compressor_->decode_backward(ex, cview(f->payload[k].v()), cview(f->grad_in[k].v()), f->grad_payload[k].v());
-        compressor_->encode_backward(ex, cview(f->out[k].v()), cview(f->grad_payload[k].v()), f->grad_out[k].v());
+        compressor_->decode_backward(ex, received(*f, k), cview(f->grad_in[k].v()), f->grad_payload[k].v(), params);
+        compressor_->encode_backward(ex, given(*f, k), cview(f->grad_payload[k].v()), f->grad_out[k].v(), params);
         grad_out = f->grad_out[k].v();
+        if (k == 0) compressor_ready();  // every boundary's backward is done
       }
       view<value_type, space> grad_in{};
       if (k > 0) grad_in = f->grad_in[k - 1].v();
       (*stages_)[k].backward(f->slot, grad_out, grad_in, ready);
     }
+    if (stages_->size() == 1) compressor_ready();
     f->microbatch = -1;  // the slot is free
+  }
+
+  /// Points f.boundary_tokens at the batch's token ids [B·S] in the executor's memory (a copy on the device).
+  /// Only boundaries read them.
+  void stage_tokens(flight& f, view<const std::int32_t, host_space> tokens) {
+    if (stages_->size() == 1) return;
+    const view<const std::int32_t, host_space> ids = tokens.flat();
+    if constexpr (std::is_same_v<space, host_space>) {
+      f.boundary_tokens = ids;
+    } else {
+      if (f.device_tokens.numel() != ids.numel()) f.device_tokens = tensor<std::int32_t, space>(ids.shape());
+      copy((*stages_)[0].executor(), ids, f.device_tokens.v());
+      f.boundary_tokens = f.device_tokens.v();
+    }
+  }
+
+  /// What boundary k's compressor encodes: stage k's output and the batch's token ids.
+  compress::boundary<const value_type, space> given(flight& f, std::size_t k) {
+    return {f.out[k].v(), f.boundary_tokens};
+  }
+  /// What crosses boundary k: the payload values and, for a compressor that sends them, the token ids.
+  compress::payload<value_type, space> sent(flight& f, std::size_t k) {
+    if constexpr (compress::sends_tokens_v<Compressor>) return {f.payload[k].v(), f.payload_tokens[k].v()};
+    else return {f.payload[k].v()};
+  }
+  /// The same, as the receiver reads it.
+  compress::payload<const value_type, space> received(flight& f, std::size_t k) { return sent(f, k); }
+  /// Boundary k forward: encode stage k's output, decode it into stage k + 1's input.
+  void compress_forward(flight& f, std::size_t k) {
+    const auto& ex = (*stages_)[0].executor();
+    auto& params = (*stages_)[0].parameters();
+    compressor_->encode(ex, given(f, k), sent(f, k), params);
+    compressor_->decode(ex, received(f, k), f.in[k].v(), params);
   }
 
   flight* find_busy() {
@@ -200,10 +248,14 @@ class plan_engine {
   }
 
   void size_boundary(flight& f, std::size_t k, const shape& x) {
-    if (f.out.size() <= k)
+    if (f.out.size() <= k) {
       for (auto* v : {&f.out, &f.payload, &f.in, &f.grad_in, &f.grad_payload, &f.grad_out}) v->resize(k + 1);
+      f.payload_tokens.resize(k + 1);
+    }
     if (f.out[k].shape() == x && f.out[k].data() != nullptr) return;
     const shape p = compressor_->payload_shape(x);
+    if constexpr (compress::sends_tokens_v<Compressor>)
+      f.payload_tokens[k] = tensor<std::int32_t, space>(shape{compress::rows(x)});
     f.out[k] = tensor<value_type, space>(x);
     f.payload[k] = tensor<value_type, space>(p);
     f.in[k] = tensor<value_type, space>(x);
@@ -214,6 +266,7 @@ class plan_engine {
 
   std::vector<Model>* stages_;
   Compressor* compressor_;
+  compress::parameter_range compressor_parameters_;
   std::vector<flight> flights_;
 };
 

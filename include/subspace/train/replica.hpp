@@ -4,6 +4,10 @@
 // single-device trainer (train/trainer.hpp) holds one; the data-parallel and gossip trainers (include/decent/)
 // hold one per rank.
 //
+// The store holds the stages' tensors and, after them, those of the compressor between the stages: the replica
+// has the compressor declare them (compress::declare) before it allocates the store and makes one optimizer
+// state per tensor, and init(seed) initialises them with the stages'.
+//
 // Masters. A bf16 model (CUDA) gets fp32 masters beside it in one flat allocation laid out like the model's flat
 // storage (padding zero), so a range of parameters is one contiguous range of masters, like the range of
 // gradients a distributed trainer communicates; the optimizer writes the bf16 working copy into the model in the
@@ -19,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "../compress/concepts.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
@@ -46,6 +51,12 @@ class replica {
 
   /// The stages one rank holds, in order, sharing one parameter store (a whole model is one stage).
   replica(std::vector<Model> stages, Optimizer optimizer)
+      : replica(std::move(stages), std::move(optimizer), no_compressor{}) {}
+
+  /// The same, with `compressor` (a Compressor between the stages, kept by the caller) declaring its trainable
+  /// tensors in the store first; compressor_parameters() are their indices.
+  template <class Compressor>
+  replica(std::vector<Model> stages, Optimizer optimizer, Compressor&& compressor)
       : stages_(std::move(stages)), optimizer_(std::move(optimizer)) {
     require(!stages_.empty(), "train::replica: no model stages");
     for (const Model& m : stages_)
@@ -53,6 +64,7 @@ class replica {
               "train::replica: the stages must share one parameter store (build them on one shared_ptr)");
     const executor_type& ex = executor();
     auto& store = stages_[0].parameters();
+    compressor_parameters_ = compress::declare(compressor, store);
     store.allocate(ex);
     for (std::size_t i = 0; i < store.size(); ++i) states_.push_back(optimizer_.init(ex, store.info(i)));
     if constexpr (separate_masters) {
@@ -73,6 +85,8 @@ class replica {
   const std::vector<state_type>& states() const { return states_; }
   const executor_type& executor() const { return stages_.front().executor(); }
   std::size_t parameters() const { return states_.size(); }
+  /// The store indices of the compressor's tensors (empty without a compressor, or for one without parameters).
+  compress::parameter_range compressor_parameters() const { return compressor_parameters_; }
   const optim::param_info& info(std::size_t i) const { return store().info(i); }
   std::int64_t offset(std::size_t i) const { return store().offset(i); }
 
@@ -102,9 +116,11 @@ class replica {
     return {store().flat_grads().slice(offset(first), offset(last))};
   }
 
-  /// nn::llama::init(seed); the masters get the same draws before their rounding to the model's type.
+  /// nn::llama::init(seed) of every stage and the compressor's tensors' initial values (parameter_info::init);
+  /// the masters get the same draws before their rounding to the model's type.
   void init(std::uint64_t seed) {
     for (Model& m : stages_) m.init(seed);
+    store().init(executor(), seed, compressor_parameters_.first, compressor_parameters_.last);
     if constexpr (separate_masters) {
       for (std::size_t i = 0; i < parameters(); ++i)
         nn::fill_initial(executor(), master(i), info(i), seed);
@@ -193,8 +209,15 @@ class replica {
     return v;
   }
 
+  /// Declares nothing.
+  struct no_compressor {
+    template <class Store>
+    void declare_parameters(Store&) const {}
+  };
+
   std::vector<Model> stages_;
   Optimizer optimizer_;
+  compress::parameter_range compressor_parameters_;
   std::vector<state_type> states_;
   tensor<float, space> own_;  // the fp32 masters of a bf16 model (flat); empty otherwise
   host_tensor<std::int32_t> tokens_, targets_;

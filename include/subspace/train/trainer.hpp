@@ -14,10 +14,12 @@
 // The stack's policies: the scheduler's plan (schedule::gradient_accumulation{M}: M micro-batches, then the
 // step) runs on the plan engine (train/engine.hpp), which scales each micro-batch's loss by 1/M so the gradients
 // are those of the mean loss; the optimizer updates every parameter; the compressor sits at the boundaries of a
-// model given as several local stages (compress::identity for a plain model); the communicator is comm::self (one
-// rank). The step: zero the gradients, run the plan, take the global L2 norm of every gradient, clipped to `clip`
-// when it exceeds it, then the optimizer at the schedule's learning rate, then the model's after_step hooks. A
-// non-finite gradient norm skips the update (the weights stay as they were) and the result says so.
+// model given as several local stages (compress::identity for a plain model) and declares its trainable tensors
+// in the stages' store at construction, so they are initialised, stepped, clipped and checkpointed with the
+// model's; the communicator is comm::self (one rank). The step: zero the gradients, run the plan, take the global
+// L2 norm of every gradient, clipped to `clip` when it exceeds it, then the optimizer at the schedule's learning
+// rate, then the model's after_step hooks. A non-finite gradient norm skips the update (the weights stay as they
+// were) and the result says so.
 //
 // Master weights (train::replica, replica.hpp): a model whose weights are fp32 (the host reference) is its own
 // master copy. A model with bf16 weights (CUDA) gets fp32 masters beside it; the optimizer updates the masters and
@@ -103,10 +105,12 @@ class trainer {
   trainer(Model model, Stack stack, trainer_options options)
       : trainer(one(std::move(model)), std::move(stack), std::move(options)) {}
   /// A model given as the stages of one rank, in order, sharing one parameter store; the stack's compressor
-  /// runs at each boundary between them.
+  /// runs at each boundary between them (its tensors are declared in the store before the replica allocates it).
   trainer(std::vector<Model> stages, Stack stack, trainer_options options)
-      : stack_(std::move(stack)), r_(std::move(stages), stack_.optimizer), o_(std::move(options)),
-        engine_(r_.stages(), stack_.compressor) {
+      : stack_(std::move(stack)),
+        r_(std::move(stages), stack_.optimizer, stack_.compressor),
+        o_(std::move(options)),
+        engine_(r_.stages(), stack_.compressor, r_.compressor_parameters()) {
     o_.validate();
     require(stack_.scheduler.world_size() == 1, [&] {
       return "train::trainer: the scheduler is written for " + std::to_string(stack_.scheduler.world_size()) +
