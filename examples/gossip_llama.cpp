@@ -569,19 +569,16 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
 /// with the rank named.
 template <class Body>
 int on_threads(int n, Body&& body) {
-  std::vector<std::thread> threads;
   std::vector<int> status(static_cast<std::size_t>(n), 0);
   std::vector<std::string> errors(static_cast<std::size_t>(n));
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        status[std::size_t(r)] = body(r);
-      } catch (const std::exception& e) {
-        errors[std::size_t(r)] = e.what();
-        status[std::size_t(r)] = -1;
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_concurrently(n, [&](int r) {
+    try {
+      status[std::size_t(r)] = body(r);
+    } catch (const std::exception& e) {
+      errors[std::size_t(r)] = e.what();
+      status[std::size_t(r)] = -1;
+    }
+  });
   for (int r = 0; r < n; ++r)
     if (status[std::size_t(r)] < 0)
       throw std::runtime_error("rank " + std::to_string(r) + ": " + errors[std::size_t(r)]);

@@ -20,6 +20,7 @@
 #include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/topology.hpp>
 #include <subspace/comm/local.hpp>
+#include <subspace/core/parallel.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/data/tokens.hpp>
 #include <subspace/subspace.hpp>
@@ -59,17 +60,14 @@ struct rank_streams {
 template <class Body>
 void run_ranks(int n, Body body) {
   std::vector<std::string> errors(static_cast<std::size_t>(n));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        cuda_check(cudaSetDevice(0));
-        body(r);
-      } catch (const std::exception& e) {
-        errors[std::size_t(r)] = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_concurrently(n, [&](int r) {
+    try {
+      cuda_check(cudaSetDevice(0));
+      body(r);
+    } catch (const std::exception& e) {
+      errors[std::size_t(r)] = e.what();
+    }
+  });
   for (int r = 0; r < n; ++r) {
     CAPTURE(r);
     REQUIRE_MESSAGE(errors[std::size_t(r)].empty(), errors[std::size_t(r)]);

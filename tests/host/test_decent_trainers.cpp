@@ -17,7 +17,6 @@
 #include <exception>
 #include <filesystem>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <subspace/dist/bucket.hpp>
@@ -27,6 +26,7 @@
 #include <decent/gossip_trainer.hpp>
 #include <decent/topology.hpp>
 #include <subspace/comm/local.hpp>
+#include <subspace/core/parallel.hpp>
 #include <subspace/comm/throttled.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/data/text.hpp>
@@ -61,17 +61,14 @@ auto gossip_stack(Comm c, Topology topology, Optimizer opt) {
 template <class Body>
 std::vector<std::string> rank_errors(int n, Body body) {
   std::vector<std::string> errors(static_cast<std::size_t>(n));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (const std::exception& e) {
-        errors[std::size_t(r)] = e.what();
-        if (errors[std::size_t(r)].empty()) errors[std::size_t(r)] = "(exception without a message)";
-      }
-    });
-  for (auto& t : threads) t.join();
+  run_concurrently(n, [&](int r) {
+    try {
+      body(r);
+    } catch (const std::exception& e) {
+      errors[std::size_t(r)] = e.what();
+      if (errors[std::size_t(r)].empty()) errors[std::size_t(r)] = "(exception without a message)";
+    }
+  });
   return errors;
 }
 
