@@ -114,30 +114,14 @@ decent::group_schedule make_topology(const std::string& name, int n, int local) 
                          "' (expected complete, ring, one_peer_exp, alternating_exp_ring)");
 }
 
-/// The parameters of `cfg` as nn::llama lays them out in its flat storage (each tensor padded to 128 elements).
-struct layout {
-  std::vector<nn::parameter_spec> specs;
-  std::vector<std::int64_t> offsets;  // one more than specs: the total
-  std::int64_t total() const { return offsets.back(); }
-};
+/// The parameters of `cfg` declared as nn::llama declares them, in a store that is never allocated: its offsets
+/// are those of the model's flat storage.
+using layout = nn::parameter_store<float, float, host_space>;
 
 layout layout_of(const nn::llama_config& cfg) {
   layout l;
-  l.specs = nn::llama_parameter_specs(cfg);
-  constexpr std::int64_t pad = 128;  // as nn::llama's constructor
-  std::int64_t at = 0;
-  for (const auto& s : l.specs) {
-    l.offsets.push_back(at);
-    at += (s.shape.numel() + pad - 1) / pad * pad;
-  }
-  l.offsets.push_back(at);
+  for (const parameter_info& info : nn::llama_parameter_infos(cfg)) l.add(info);
   return l;
-}
-
-dist::bucket_plan plan_of(const layout& l, std::int64_t bucket_bytes) {
-  std::vector<dist::bucket_plan::tensor_entry> t;
-  for (std::size_t i = 0; i < l.specs.size(); ++i) t.push_back({l.specs[i].name, l.specs[i].shape, l.offsets[i]});
-  return dist::bucket_plan(std::move(t), l.total(), bucket_bytes);
 }
 
 using wire = comm::throttled<comm::local>;
@@ -170,14 +154,14 @@ struct rank_state {
       comm = tensor<float, space>(shape{lay.total()});
       fill(ex, comm.v(), 0.0f);
     }
-    for (const auto& s : lay.specs) {
-      infos.push_back(optim::param_info{s.name, s.shape, s.decay, {}});
+    for (const parameter_info& s : lay.infos()) {
+      infos.push_back(s);
       states.push_back(opt.init(ex, infos.back()));
     }
   }
   template <class T>
   view<T, space> at(tensor<T, space>& flat, std::size_t i) {
-    return view<T, space>(flat.data() + l.offsets[i], infos[i].shape);
+    return view<T, space>(flat.data() + l.offset(i), infos[i].shape);
   }
   std::vector<fview> grads(std::size_t first, std::size_t last) {
     std::vector<fview> g;
@@ -508,7 +492,7 @@ int run(int argc, char** argv) {
 
   const nn::llama_config cfg = nn::presets::by_name(o.config);
   const layout l = layout_of(cfg);
-  const dist::bucket_plan plan = plan_of(l, std::int64_t(std::llround(o.bucket_mb * 1e6)));
+  const dist::bucket_plan plan = dist::bucket_plan::of(l, std::int64_t(std::llround(o.bucket_mb * 1e6)));
   const examples::device_choice device = examples::choose_device(o.device);
   const bool on_gpu = device.cuda;
   const std::string& device_name = device.name;
