@@ -137,7 +137,7 @@ class gossip_trainer {
   /// Collective over the stack's communicator: checks that every rank cut the same bucket plan (an error names
   /// the first differing tensor), then makes one communicator per phase of the topology (one split each).
   gossip_trainer(Model model, Stack stack, gossip_options o)
-      : gossip_trainer(one(std::move(model)), std::move(stack), std::move(o)) {}
+      : gossip_trainer(subspace::train::as_stages(std::move(model)), std::move(stack), std::move(o)) {}
   /// A model given as the stages of one rank, in order, sharing one parameter store.
   gossip_trainer(std::vector<Model> stages, Stack stack, gossip_options o)
       : stack_(std::move(stack)),
@@ -369,11 +369,6 @@ class gossip_trainer {
     return subspace::view<const float, space>(comm_buf_.data() + replica_.offset(i), replica_.info(i).shape);
   }
 
-  static std::vector<Model> one(Model m) {
-    std::vector<Model> v;
-    v.push_back(std::move(m));
-    return v;
-  }
   communicator_type& comm() { return stack_.communicator; }
 
   Stack stack_;

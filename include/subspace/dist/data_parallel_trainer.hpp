@@ -78,7 +78,7 @@ class data_parallel_trainer {
   /// Collective over the stack's communicator: checks that every rank cut the same bucket plan (an error names the
   /// first differing tensor).
   data_parallel_trainer(Model model, Stack stack, trainer_options o)
-      : data_parallel_trainer(one(std::move(model)), std::move(stack), std::move(o)) {}
+      : data_parallel_trainer(train::as_stages(std::move(model)), std::move(stack), std::move(o)) {}
   /// A model given as the stages of one rank, in order, sharing one parameter store.
   data_parallel_trainer(std::vector<Model> stages, Stack stack, trainer_options o)
       : stack_(std::move(stack)),
@@ -181,12 +181,6 @@ class data_parallel_trainer {
 
  private:
   static constexpr const char* who = "dist::data_parallel_trainer";
-
-  static std::vector<Model> one(Model m) {
-    std::vector<Model> v;
-    v.push_back(std::move(m));
-    return v;
-  }
 
   /// Zeroes the gradients, runs the step's plan with the bucket all-reduces, and calls update() once every bucket
   /// holds the mean gradient. Returns the step's loss, averaged over the ranks.

@@ -35,6 +35,14 @@
 
 namespace subspace::train {
 
+/// A whole model as the one stage of a rank (the trainers take a model or its stages).
+template <class Model>
+std::vector<Model> as_stages(Model model) {
+  std::vector<Model> stages;
+  stages.push_back(std::move(model));
+  return stages;
+}
+
 template <class Model, class Optimizer>
 class replica {
  public:
@@ -47,7 +55,7 @@ class replica {
   static constexpr bool separate_masters = std::is_same_v<value_type, bf16>;
   static constexpr bool has_masters = separate_masters || std::is_same_v<value_type, float>;
 
-  replica(Model model, Optimizer optimizer) : replica(one(std::move(model)), std::move(optimizer)) {}
+  replica(Model model, Optimizer optimizer) : replica(as_stages(std::move(model)), std::move(optimizer)) {}
 
   /// The stages one rank holds, in order, sharing one parameter store (a whole model is one stage).
   replica(std::vector<Model> stages, Optimizer optimizer)
@@ -201,12 +209,6 @@ class replica {
     if (tokens_.shape() == s) return;
     tokens_ = host_tensor<std::int32_t>(s);
     targets_ = host_tensor<std::int32_t>(s);
-  }
-
-  static std::vector<Model> one(Model m) {
-    std::vector<Model> v;
-    v.push_back(std::move(m));
-    return v;
   }
 
   /// Declares nothing.

@@ -103,7 +103,7 @@ class trainer {
   static constexpr bool model_is_master = !replica_type::separate_masters;
 
   trainer(Model model, Stack stack, trainer_options options)
-      : trainer(one(std::move(model)), std::move(stack), std::move(options)) {}
+      : trainer(as_stages(std::move(model)), std::move(stack), std::move(options)) {}
   /// A model given as the stages of one rank, in order, sharing one parameter store; the stack's compressor
   /// runs at each boundary between them (its tensors are declared in the store before the replica allocates it).
   trainer(std::vector<Model> stages, Stack stack, trainer_options options)
@@ -221,12 +221,6 @@ class trainer {
   }
 
  private:
-  static std::vector<Model> one(Model m) {
-    std::vector<Model> v;
-    v.push_back(std::move(m));
-    return v;
-  }
-
   /// Calls f(params) with the parameters as checkpoints see them: the masters in place of 16-bit model values.
   template <class F>
   void with_parameters(F&& f) {
