@@ -15,6 +15,7 @@
 #include <subspace/nn/llama.hpp>
 
 #include "support/numeric.hpp"
+#include "support/token_batch.hpp"
 
 using namespace subspace;
 
@@ -23,21 +24,7 @@ namespace {
 template <class T>
 using host_model = nn::llama<exec::host, T>;
 
-/// Random tokens in [0, vocab) and their targets (the next token), with a few targets set to -1 (ignored).
-struct batch {
-  host_tensor<std::int32_t> tokens, targets;
-  batch(std::int64_t b, std::int64_t s, std::int64_t vocab, std::uint64_t seed, bool some_ignored = true)
-      : tokens({b, s}), targets({b, s}) {
-    for (std::int64_t i = 0; i < b * s; ++i) {
-      const auto r = rng::bits4(seed, 3, std::uint64_t(i));
-      tokens.data()[i] = std::int32_t(r.v[0] % std::uint32_t(vocab));
-      targets.data()[i] = std::int32_t(r.v[1] % std::uint32_t(vocab));
-      if (some_ignored && r.v[2] % 5 == 0) targets.data()[i] = -1;
-    }
-  }
-  view<const std::int32_t, host_space> tok() const { return tokens.v(); }
-  view<const std::int32_t, host_space> tgt() const { return targets.v(); }
-};
+using batch = testing::token_batch;
 
 /// Weights that make every path of the model matter (attention far from uniform, logits of order one): matrices
 /// N(0, 1/in), the embedding N(0, 1), norm gains N(1, 0.2^2).

@@ -15,6 +15,7 @@
 #include <subspace/nn/llama.hpp>
 
 #include "support/numeric.hpp"
+#include "support/token_batch.hpp"
 
 using namespace subspace;
 
@@ -22,16 +23,7 @@ namespace {
 
 using model_t = nn::llama<exec::host, double>;
 
-struct batch {
-  host_tensor<std::int32_t> tokens, targets;
-  batch(std::int64_t b, std::int64_t s, std::int64_t vocab, std::uint64_t seed) : tokens({b, s}), targets({b, s}) {
-    for (std::int64_t i = 0; i < b * s; ++i) {
-      const auto r = rng::bits4(seed, 3, std::uint64_t(i));
-      tokens.data()[i] = std::int32_t(r.v[0] % std::uint32_t(vocab));
-      targets.data()[i] = r.v[2] % 5 == 0 ? -1 : std::int32_t(r.v[1] % std::uint32_t(vocab));
-    }
-  }
-};
+using batch = testing::token_batch;
 
 /// Weights far from the initialisation (every path matters), the same for every tensor name.
 void randomize(nn::parameter_store<double, double, host_space>& store, std::uint64_t seed) {
