@@ -32,6 +32,7 @@ class toy_model {
   using executor_type = subspace::exec::host;
   using value_type = T;
   using grad_type = T;
+  using boundary_type = T;
   using config_type = toy_config;
   using store_type = subspace::nn::parameter_store<T, T, subspace::host_space>;
   using hview = subspace::view<const std::int32_t, subspace::host_space>;
@@ -53,6 +54,10 @@ class toy_model {
 
   const toy_config& config() const { return cfg_; }
   const executor_type& executor() const { return ex_; }
+  /// Always a whole model.
+  bool has_embedding() const { return true; }
+  bool has_head() const { return true; }
+  subspace::shape boundary_shape(std::int64_t rows) const { return {rows, cfg_.d_model}; }
   store_type& parameters() { return *store_; }
   const store_type& parameters() const { return *store_; }
   void init(std::uint64_t seed) { store_->init(ex_, seed, 0, store_->size()); }

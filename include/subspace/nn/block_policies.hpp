@@ -4,16 +4,24 @@
 //
 //   attention    p.forward(ex, attention_forward_args)       RoPE on q and k (in place), then attention
 //                p.backward(ex, attention_backward_args)      gradients w.r.t. the pre-RoPE q and k, and v
-//   projection   p.forward(ex, x[N, in], w[out, in], y[N, out])        y = x · wᵀ (overwritten)
+//   projection   p.forward(ex, x[N, in], w, y[N, out])                 y = x · wᵀ (overwritten)
 //                p.backward(ex, x, w, dy, dx, dw)                       dx overwritten, dw += (in G)
 //                (the attention o_proj and the MLP down_proj: the two products that write into the residual)
-//   residual     p.forward(ex, residual_site, x, y)           y ← x + y, the residual add after a sublayer
-//                p.backward(ex, residual_site, dy)            dy ← (∂out/∂y)ᵀ dy in place
-//                A policy may keep the stream in another representation (a projection onto a subspace,
-//                out = E + P(x + y − E)); its Jacobian must be the same for x and y, since the block uses the
-//                transformed dy for both.
-//   embedding    p.forward(ex, tokens[N], weight[V, d], x[N, d])          x overwritten
-//                p.backward(ex, tokens, dx[N, d], dweight)                dweight += (in G)
+//   residual     p.forward(ex, site, x, y)                    y ← x + y, the residual add after a sublayer
+//                p.backward(ex, site, dy)                     dy ← (∂out/∂y)ᵀ dy in place
+//                A policy may keep the stream in another representation (coefficients in a subspace, out =
+//                E + P(x + y − E)); its Jacobian must be the same for x and y, since the block uses the
+//                transformed dy for both. Optional, for a stage that is not the model's first / last:
+//                p.enter(ex, site, in, x)  the stage's input (the boundary type) -> the stream x entering its
+//                                          first layer (default: a cast)
+//                p.leave(ex, site, x, out) the stream leaving its last layer -> the stage's output (default: a
+//                                          cast); the gradients cross the boundary as casts
+//   embedding    p.forward(ex, site, weight, x[N, d])         x overwritten (site.tokens: the ids)
+//                p.backward(ex, site, dx[N, d], dweight)      dweight += (in G)
+//
+// Sites. A stream_site names where the stream is touched: the layer (-1 for the embedding and the stage
+// boundaries), the sublayer, the activation slot of the micro-batch (a policy may keep per-micro-batch state) and
+// the token ids of the rows (device memory, [N]).
 //
 // Positions. The rows of a sequence are a list of chunks, each a run of consecutive global positions
 // (position_chunk): one chunk {S, 0} for a whole sequence on one device, {S, offset} for a later piece of it, and
@@ -24,11 +32,15 @@
 // .projection(site, which), .residual(site), .embedding(site), where the site names the layer, the model's
 // configuration and its parameter store — a policy may declare trainable tensors there (store.add) and may hold
 // per-layer state (a basis, a communicator). Optional members the model calls when present:
+//   factory.parameter(site, info) -> parameter_info   the tensor to declare in place of the dense one `info`
+//                             (o_proj, down_proj, embed_tokens): another shape or name, e.g. a factor in a
+//                             subspace; the policy that uses it receives its views as `w` / `weight`
 //   p.bind(store)             after the store (re)allocated: re-read views of the policy's tensors
 //   p.after_step(ex, store)   after every optimizer step (a policy that constrains its weights re-projects them)
 
 #include <cmath>
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -160,36 +172,37 @@ struct dense_projection {
 /// Which residual add a residual policy is called for.
 enum class sublayer { attention, mlp };
 
-/// Where a residual add happens: the layer, the sublayer, and the token ids of the rows (device memory, [N]).
+/// Where the residual stream is touched (see the top of this file).
 template <class Space>
-struct residual_site {
+struct stream_site {
   std::int64_t layer = 0;
   nn::sublayer sublayer = nn::sublayer::attention;
+  std::size_t slot = 0;
   view<const std::int32_t, Space> tokens;
 };
 
 /// The plain residual stream: out = x + y.
 struct dense_residual {
   template <class Exec, class T>
-  void forward(const Exec& ex, const residual_site<space_t<Exec>>&,
+  void forward(const Exec& ex, const stream_site<space_t<Exec>>&,
                std::type_identity_t<view<const T, space_t<Exec>>> x, view<T, space_t<Exec>> y) const {
     axpy(ex, 1.0f, x, y);
   }
   template <class Exec, class T>
-  void backward(const Exec&, const residual_site<space_t<Exec>>&, view<T, space_t<Exec>>) const {}
+  void backward(const Exec&, const stream_site<space_t<Exec>>&, view<T, space_t<Exec>>) const {}
 };
 
 /// The token embedding table lookup (kernels/embedding.hpp).
 struct token_embedding {
   template <class Exec, class T>
-  void forward(const Exec& ex, view<const std::int32_t, space_t<Exec>> tokens,
+  void forward(const Exec& ex, const stream_site<space_t<Exec>>& site,
                std::type_identity_t<view<const T, space_t<Exec>>> weight, view<T, space_t<Exec>> x) const {
-    embedding_forward(ex, tokens, weight, x);
+    embedding_forward(ex, site.tokens, weight, x);
   }
   template <class Exec, class T, class G>
-  void backward(const Exec& ex, view<const std::int32_t, space_t<Exec>> tokens, view<const T, space_t<Exec>> dx,
+  void backward(const Exec& ex, const stream_site<space_t<Exec>>& site, view<const T, space_t<Exec>> dx,
                 view<G, space_t<Exec>> dweight) const {
-    embedding_backward(ex, tokens, dx, dweight);
+    embedding_backward(ex, site.tokens, dx, dweight);
   }
 };
 
@@ -243,7 +256,7 @@ concept ProjectionPolicy = requires(P& p, const Exec& ex, view<const T, space_t<
 
 /// P can be the residual add of a block running on Exec with activations of type T.
 template <class P, class Exec, class T>
-concept ResidualPolicy = requires(P& p, const Exec& ex, const residual_site<space_t<Exec>>& site,
+concept ResidualPolicy = requires(P& p, const Exec& ex, const stream_site<space_t<Exec>>& site,
                                   view<const T, space_t<Exec>> in, view<T, space_t<Exec>> out) {
   p.forward(ex, site, in, out);
   p.backward(ex, site, out);
@@ -251,11 +264,11 @@ concept ResidualPolicy = requires(P& p, const Exec& ex, const residual_site<spac
 
 /// P can be the token embedding of a model on Exec with weights T and weight gradients G.
 template <class P, class Exec, class T, class G>
-concept EmbeddingPolicy = requires(P& p, const Exec& ex, view<const std::int32_t, space_t<Exec>> tokens,
+concept EmbeddingPolicy = requires(P& p, const Exec& ex, const stream_site<space_t<Exec>>& site,
                                    view<const T, space_t<Exec>> in, view<T, space_t<Exec>> out,
                                    view<G, space_t<Exec>> grad) {
-  p.forward(ex, tokens, in, out);
-  p.backward(ex, tokens, in, grad);
+  p.forward(ex, site, in, out);
+  p.backward(ex, site, in, grad);
 };
 
 }  // namespace subspace::nn

@@ -158,6 +158,33 @@ view<const U, Space> ro(view<U, Space> v) {
   return v;
 }
 
+/// y <- x, converted when the element types differ.
+template <class Exec, class X, class Y, class Space>
+void convert_into(const Exec& ex, view<const X, Space> x, view<Y, Space> y) {
+  if constexpr (std::is_same_v<X, Y>) copy(ex, x, y);
+  else cast(ex, x, y);
+}
+
+/// The tensor a Blocks factory declares in place of the dense `info` (factory.parameter, when it has one).
+template <class Blocks, class Site>
+parameter_info parameter_for(const Blocks& blocks, const Site& site, const parameter_info& info) {
+  if constexpr (requires { { blocks.parameter(site, info) } -> std::convertible_to<parameter_info>; })
+    return blocks.parameter(site, info);
+  else return info;
+}
+
+/// p.enter(ex, site, in, x) / p.leave(ex, site, x, out) when the residual policy has them, else conversions.
+template <class P, class Exec, class Site, class B, class T, class Space>
+void enter_stream(P& p, const Exec& ex, const Site& site, view<const B, Space> in, view<T, Space> x) {
+  if constexpr (requires { p.enter(ex, site, in, x); }) p.enter(ex, site, in, x);
+  else convert_into(ex, in, x);
+}
+template <class P, class Exec, class Site, class T, class B, class Space>
+void leave_stream(P& p, const Exec& ex, const Site& site, view<const T, Space> x, view<B, Space> out) {
+  if constexpr (requires { p.leave(ex, site, x, out); }) p.leave(ex, site, x, out);
+  else convert_into(ex, x, out);
+}
+
 /// Calls p.bind(store) / p.after_step(ex, store) when the policy has them.
 template <class P, class Store>
 void bind_policy(P& p, Store& store) {
@@ -226,6 +253,7 @@ class llama_block {
   /// The batch geometry, positions, RoPE table and token ids of one call.
   struct context {
     std::int64_t batch = 0, seq = 0;
+    std::size_t slot = 0;                     // the micro-batch's activation slot
     std::span<const position_chunk> positions;
     view<const float, space> inv_freq;        // [hd / 2]
     view<const std::int32_t, space> tokens;  // [N]
@@ -237,7 +265,7 @@ class llama_block {
               std::size_t first_info, store_type& store, const Blocks& blocks)
       : layer_(layer),
         size{cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.ffn_hidden, cfg.norm_eps},
-        first_(declare(infos, first_info, store)),
+        first_(declare(infos, first_info, store, blocks, site_type{layer, cfg, store})),
         attention(blocks.attention(site_type{layer, cfg, store})),
         o_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::attention_output)),
         down_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::mlp_output)),
@@ -334,13 +362,14 @@ class llama_block {
   }
 
  private:
-  static std::size_t declare(const std::vector<parameter_info>& infos, std::size_t first, store_type& store) {
+  static std::size_t declare(const std::vector<parameter_info>& infos, std::size_t first, store_type& store,
+                             const Blocks& blocks, const site_type& site) {
     const std::size_t index = store.size();
-    for (std::size_t i = 0; i < per_layer; ++i) store.add(infos[first + i]);
+    for (std::size_t i = 0; i < per_layer; ++i) store.add(detail::parameter_for(blocks, site, infos[first + i]));
     return index;
   }
 
-  residual_site<space> site(const context& c, sublayer which) const { return {layer_, which, c.tokens}; }
+  stream_site<space> site(const context& c, sublayer which) const { return {layer_, which, c.slot, c.tokens}; }
 
   /// A [B, S, H, hd] buffer as its [N, H·hd] rows (or an [N, k] buffer as itself).
   static view<T, space> rows(view<T, space> v, std::int64_t n) { return v.reshape(shape{n, v.numel() / n}); }
@@ -371,6 +400,9 @@ class llama {
   using value_type = T;
   using grad_type = grad_t<Exec, T>;
   using stat_type = accum_t<T>;
+  /// The residual stream between stages: fp32 for a bf16 model (a stage may keep its stream at more precision
+  /// than its activations, and a dense stream converts without loss), T otherwise.
+  using boundary_type = accum_t<T>;
   using config_type = llama_config;
   using block_type = llama_block<Exec, T, Blocks>;
   using param = parameter<T, grad_type, space>;
@@ -408,7 +440,7 @@ class llama {
     first_param_ = st.size();
     constexpr std::size_t per_layer = block_type::per_layer;
     if (has_embedding()) {
-      embed_index_ = st.add(infos[0]);
+      embed_index_ = st.add(detail::parameter_for(blocks_factory_, site_type{-1, cfg_, st}, infos[0]));
       embedding_ = std::make_unique<embedding_type>(blocks_factory_.embedding(site_type{-1, cfg_, st}));
     }
     blocks_.reserve(std::size_t(stage_.last_layer - stage_.first_layer));
@@ -439,6 +471,8 @@ class llama {
   const llama_stage& stage() const { return stage_; }
   bool has_embedding() const { return stage_.first_layer == 0; }
   bool has_head() const { return stage_.last_layer == cfg_.n_layers; }
+  /// The extents of the stream between stages for a micro-batch of `rows` tokens: [rows, d].
+  shape boundary_shape(std::int64_t rows) const { return shape{rows, cfg_.d_model}; }
 
   /// The parameter store (shared with the other stages built on it).
   store_type& parameters() { return *store_; }
@@ -507,8 +541,8 @@ class llama {
   /// last).
   struct stage_io {
     view<const std::int32_t, host_space> tokens, targets;
-    view<const T, space> in;
-    view<T, space> out;
+    view<const boundary_type, space> in;
+    view<boundary_type, space> out;
   };
 
   /// The training forward pass of micro-batch slot `slot`: saves the activations there; the last stage returns
@@ -524,7 +558,8 @@ class llama {
   /// down, then the embedding (with a tied head it completes only there); on CUDA "complete" means ordered on
   /// the executor's stream. Distributed trainers start communicating a bucket from the hook.
   template <class Ready>
-  void backward(std::size_t slot, view<const T, space> grad_out, view<T, space> grad_in, Ready&& ready) {
+  void backward(std::size_t slot, view<const boundary_type, space> grad_out, view<boundary_type, space> grad_in,
+                Ready&& ready) {
     slot_state& st = slot_at(slot, "backward");
     require(st.backward_ready, "llama::backward: call forward() on this slot first (evaluate() and logits() save "
                                "no gradient state, and backward runs once per forward)");
@@ -532,7 +567,7 @@ class llama {
     bind();
     const std::int64_t n = st.batch * st.seq, d = cfg_.d_model;
     prepare_scratch(st.batch, st.seq);
-    const typename block_type::context c = context_of(st);
+    const typename block_type::context c = context_of(st, slot);
     const std::size_t L = blocks_.size();
     if (has_head()) {
       rmsnorm_backward(ex_, detail::ro(st.x[L]), detail::ro(norm_.value), detail::ro(st.rstdf), detail::ro(st.dlnf),
@@ -541,18 +576,18 @@ class llama {
       else ready(norm_index_, head_index_ + 1);  // the head's gradient came from forward
     } else {
       check_boundary(grad_out, n, d, "backward", "grad_out");
-      copy(ex_, grad_out, dres_);
+      detail::convert_into(ex_, grad_out, dres_);
     }
     for (std::size_t l = L; l-- > 0;) {
       blocks_[l].backward(ex_, c, st.acts[l], detail::ro(st.x[l]), dres_, scratch_);
       ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
     }
     if (has_embedding()) {
-      embedding_->backward(ex_, view<const std::int32_t, space>(st.tokens), detail::ro(dres_), embed_.grad);
+      embedding_->backward(ex_, boundary_site(c), detail::ro(dres_), embed_.grad);
       ready(embed_index_, embed_index_ + 1);
     } else {
       check_boundary(grad_in, n, d, "backward", "grad_in");
-      copy(ex_, detail::ro(dres_), grad_in);
+      detail::convert_into(ex_, detail::ro(dres_), grad_in);
     }
   }
 
@@ -576,7 +611,7 @@ class llama {
   template <class Ready>
   void backward(Ready&& ready) {
     require_whole("backward");
-    backward(0, view<const T, space>{}, view<T, space>{}, ready);
+    backward(0, view<const boundary_type, space>{}, view<boundary_type, space>{}, ready);
   }
 
   /// The logits at the last position of every sequence: out [B, V] (float or T, the executor's space) for
@@ -590,7 +625,7 @@ class llama {
     subspace::detail::layer::require_shape(out, shape{b, cfg_.vocab}, "llama::logits", "out");
     bind();
     prepare(st, b, s);
-    run_layers(st, stage_io{tokens, {}, {}, {}});
+    run_layers(st, 0, stage_io{tokens, {}, {}, {}});
     const std::int64_t d = cfg_.d_model;
     const view<const T, space> last(st.lnf.data() + (s - 1) * d, shape{b, d}, {s * d, 1, 0, 0});
     gemm(ex_, op::none, op::transpose, 1.0f, last, detail::ro(head_.value), 0.0f, out);
@@ -680,7 +715,7 @@ class llama {
     return {tokens.dim(0), s};
   }
 
-  void check_boundary(view<const T, space> v, std::int64_t n, std::int64_t d, const char* op,
+  void check_boundary(view<const boundary_type, space> v, std::int64_t n, std::int64_t d, const char* op,
                       const char* name) const {
     require(v.shape() == shape{n, d}, [&] {
       return std::string("llama::") + op + ": " + name + " has shape " + to_string(v.shape()) + ", expected [" +
@@ -689,11 +724,15 @@ class llama {
     });
   }
 
-  typename block_type::context context_of(const slot_state& st) {
+  typename block_type::context context_of(const slot_state& st, std::size_t slot) {
     if (positions_.empty()) default_positions_ = {position_chunk{st.seq, pos0_}};
     const std::span<const position_chunk> p =
         positions_.empty() ? std::span<const position_chunk>(default_positions_) : std::span<const position_chunk>(positions_);
-    return {st.batch, st.seq, p, inv_freq_.v(), view<const std::int32_t, space>(st.tokens)};
+    return {st.batch, st.seq, slot, p, inv_freq_.v(), view<const std::int32_t, space>(st.tokens)};
+  }
+  /// The site of the embedding and the stage boundaries (layer -1).
+  static stream_site<space> boundary_site(const typename block_type::context& c) {
+    return {-1, sublayer::attention, c.slot, c.tokens};
   }
 
   /// Sizes a slot's activation allocation for (b, s) and carves it.
@@ -768,23 +807,23 @@ class llama {
   }
 
   /// The embedding (first stage) or the incoming stream, every layer, and the final norm (last stage).
-  void run_layers(slot_state& st, const stage_io& io) {
+  void run_layers(slot_state& st, std::size_t slot, const stage_io& io) {
     const std::int64_t n = st.batch * st.seq;
     copy(ex_, io.tokens.flat(), st.tokens);
+    const typename block_type::context c = context_of(st, slot);
     if (has_embedding()) {
-      embedding_->forward(ex_, view<const std::int32_t, space>(st.tokens), detail::ro(embed_.value), st.x[0]);
+      embedding_->forward(ex_, boundary_site(c), detail::ro(embed_.value), st.x[0]);
     } else {
       check_boundary(io.in, n, cfg_.d_model, "forward", "in");
-      copy(ex_, io.in, st.x[0]);
+      detail::enter_stream(blocks_.front().residual, ex_, boundary_site(c), io.in, st.x[0]);
     }
-    const typename block_type::context c = context_of(st);
     for (std::size_t l = 0; l < blocks_.size(); ++l)
       blocks_[l].forward(ex_, c, st.acts[l], detail::ro(st.x[l]), st.x[l + 1]);
     if (has_head()) {
       rmsnorm_forward(ex_, detail::ro(st.x.back()), detail::ro(norm_.value), cfg_.norm_eps, st.lnf, st.rstdf);
     } else {
       check_boundary(io.out, n, cfg_.d_model, "forward", "out");
-      copy(ex_, detail::ro(st.x.back()), io.out);
+      detail::leave_stream(blocks_.back().residual, ex_, boundary_site(c), detail::ro(st.x.back()), io.out);
     }
   }
 
@@ -811,7 +850,7 @@ class llama {
     }
     bind();
     prepare(st, b, s);
-    run_layers(st, io);
+    run_layers(st, slot, io);
     st.backward_ready = gradients;
     if (!has_head()) return 0.0;
 

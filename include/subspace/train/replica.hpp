@@ -29,6 +29,7 @@
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
+#include "../io/checkpoint.hpp"
 #include "../kernels/elementwise.hpp"
 #include "../nn/parameters.hpp"
 #include "../optim/concepts.hpp"
@@ -142,6 +143,20 @@ class replica {
     if constexpr (has_masters) comm.broadcast(masters(), 0).wait();
     else comm.broadcast(store().flat_values(), 0).wait();
     sync_model();
+  }
+
+  /// Calls f(params) with the parameters as checkpoints see them: the fp32 masters in place of bf16 model values
+  /// (io::with_values), so a checkpoint holds, and a resume restores, the masters.
+  template <class F>
+  void with_checkpoint_parameters(F&& f) {
+    if constexpr (!separate_masters) {
+      f(store());
+    } else {
+      std::vector<view<float, space>> values;
+      for (std::size_t i = 0; i < parameters(); ++i) values.push_back(master(i));
+      auto params = io::with_values(store(), values);
+      f(params);
+    }
   }
 
   /// The model's working copy from the masters (after the masters changed outside the optimizer).

@@ -159,7 +159,7 @@ class trainer {
   /// Loads initial weights (a checkpoint's or Hugging Face's model.safetensors, or its directory) into the
   /// masters and the model; see io::load_weights.
   void load_weights(const std::filesystem::path& path, const io::load_options& lo = {}) {
-    with_parameters([&](auto& params) { io::load_weights(r_.executor(), path, params, lo); });
+    r_.with_checkpoint_parameters([&](auto& params) { io::load_weights(r_.executor(), path, params, lo); });
     r_.sync_model();
   }
 
@@ -201,7 +201,7 @@ class trainer {
     ts.seed = seed;
     ts.train_data = train_position;
     ts.extra = std::move(extra);
-    with_parameters([&](auto& params) {
+    r_.with_checkpoint_parameters([&](auto& params) {
       io::save_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states(), ts, config);
     });
   }
@@ -210,7 +210,7 @@ class trainer {
   /// run stopped, and returns the saved trainer state (its extra values, seed, ...).
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     io::trainer_state ts;
-    with_parameters([&](auto& params) {
+    r_.with_checkpoint_parameters([&](auto& params) {
       ts = io::load_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states());
     });
     r_.sync_model();
@@ -221,19 +221,6 @@ class trainer {
   }
 
  private:
-  /// Calls f(params) with the parameters as checkpoints see them: the masters in place of 16-bit model values.
-  template <class F>
-  void with_parameters(F&& f) {
-    if constexpr (model_is_master) {
-      f(r_.store());
-    } else {
-      std::vector<view<float, space>> masters;
-      for (std::size_t i = 0; i < r_.parameters(); ++i) masters.push_back(r_.master(i));
-      auto params = io::with_values(r_.store(), masters);
-      f(params);
-    }
-  }
-
   Stack stack_;
   replica_type r_;
   trainer_options o_;
