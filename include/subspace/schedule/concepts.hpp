@@ -31,10 +31,15 @@ namespace subspace {
 namespace schedule {
 
 /// What one action of a compute plan does. Pipeline schedules use the send/recv kinds to move a micro-batch's
-/// activations (forward) and activation gradients (backward) between neighbouring stages.
+/// activations (forward) and activation gradients (backward) between neighbouring stages; pipeline/plan.hpp
+/// says where they stand in a plan.
 enum class action_kind {
-  forward,          // run the forward of micro-batch `microbatch`
-  backward,         // run the backward of micro-batch `microbatch`, accumulating parameter gradients
+  forward,          // run the forward of micro-batch `microbatch` through model chunk `chunk`
+  backward,         // its whole backward: the input gradient and the parameter gradients (accumulated)
+  backward_input,   // the first half of a split backward: only the gradient of the chunk's input (zero-bubble
+                    // schedules); its parameter gradients wait for backward_weight
+  backward_weight,  // the second half: accumulate the chunk's parameter gradients of that micro-batch, after its
+                    // backward_input; sends nothing
   send_activation,  // send micro-batch `microbatch`'s boundary activations to `peer`
   recv_activation,  // receive micro-batch `microbatch`'s boundary activations from `peer`
   send_gradient,    // send the gradient of micro-batch `microbatch`'s boundary activations to `peer`
@@ -46,6 +51,8 @@ inline constexpr std::string_view to_string(action_kind k) {
   switch (k) {
     case action_kind::forward: return "forward";
     case action_kind::backward: return "backward";
+    case action_kind::backward_input: return "backward_input";
+    case action_kind::backward_weight: return "backward_weight";
     case action_kind::send_activation: return "send_activation";
     case action_kind::recv_activation: return "recv_activation";
     case action_kind::send_gradient: return "send_gradient";
@@ -56,16 +63,19 @@ inline constexpr std::string_view to_string(action_kind k) {
 }
 
 /// One action of a compute plan. `microbatch` is -1 for optimizer_step; `peer` is -1 unless the kind sends or
-/// receives.
+/// receives. `chunk` is the model chunk on this rank the action computes, or whose computation a send drains or
+/// a receive feeds: 0 unless the schedule gives each rank several chunks (pipeline::interleaved_1f1b).
 struct action {
   action_kind kind = action_kind::forward;
   int microbatch = -1;
   int peer = -1;
+  int chunk = 0;
 
   friend bool operator==(const action&, const action&) = default;
 };
 
-/// "forward(3)", "send_activation(3 -> 1)", "recv_gradient(3 <- 2)", "optimizer_step".
+/// "forward(3)", "send_activation(3 -> 1)", "recv_gradient(3 <- 2)", "optimizer_step"; a nonzero chunk follows
+/// the micro-batch: "forward(3, chunk 1)", "send_activation(3 -> 1, chunk 1)".
 inline std::string to_string(const action& a) {
   std::string s(to_string(a.kind));
   if (a.kind == action_kind::optimizer_step) return s;
@@ -74,6 +84,7 @@ inline std::string to_string(const action& a) {
     s += " -> " + std::to_string(a.peer);
   if (a.kind == action_kind::recv_activation || a.kind == action_kind::recv_gradient)
     s += " <- " + std::to_string(a.peer);
+  if (a.chunk != 0) s += ", chunk " + std::to_string(a.chunk);
   return s + ')';
 }
 inline std::ostream& operator<<(std::ostream& o, const action& a) { return o << to_string(a); }
