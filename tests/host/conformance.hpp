@@ -679,9 +679,10 @@ template <class P>
 concept action_plan = std::ranges::forward_range<const P> &&
                       std::same_as<std::ranges::range_value_t<const P>, schedule::action>;
 
-/// Checks the compute plans of one step across all ranks: on every rank a micro-batch is backwarded at most once
-/// and only after its forward, optimizer_step comes at most once and last; every send has its recv on the peer
-/// (same kind, same micro-batch) and vice versa.
+/// Checks the compute plans of one step across all ranks: on every rank a (micro-batch, chunk) is backwarded at
+/// most once and only after its forward, either whole (backward) or in halves (backward_input, then
+/// backward_weight); optimizer_step comes at most once and last; every send has its recv on the peer (same kind,
+/// same micro-batch) and vice versa.
 template <class Plan>
 void check_action_plans(const std::vector<Plan>& plans) {
   using schedule::action_kind;
@@ -690,19 +691,30 @@ void check_action_plans(const std::vector<Plan>& plans) {
   std::map<std::tuple<int, int, int, int>, int> messages;
   for (int r = 0; r < n; ++r) {
     CAPTURE(r);
-    std::set<int> forwarded, backwarded;
+    std::set<std::pair<int, int>> forwarded, inputs, weights;  // (micro-batch, chunk)
     bool stepped = false;
     for (const schedule::action& a : plans[std::size_t(r)]) {
       CAPTURE(schedule::to_string(a));
       CHECK_MESSAGE(!stepped, "optimizer_step must be the last action");
+      const std::pair<int, int> pass{a.microbatch, a.chunk};
       switch (a.kind) {
         case action_kind::forward:
           CHECK(a.microbatch >= 0);
-          forwarded.insert(a.microbatch);
+          CHECK(a.chunk >= 0);
+          forwarded.insert(pass);
           break;
         case action_kind::backward:
-          CHECK(forwarded.count(a.microbatch) == 1);
-          CHECK(backwarded.insert(a.microbatch).second);
+          CHECK(forwarded.count(pass) == 1);
+          CHECK(inputs.insert(pass).second);
+          CHECK(weights.insert(pass).second);
+          break;
+        case action_kind::backward_input:
+          CHECK(forwarded.count(pass) == 1);
+          CHECK(inputs.insert(pass).second);
+          break;
+        case action_kind::backward_weight:
+          CHECK(inputs.count(pass) == 1);
+          CHECK(weights.insert(pass).second);
           break;
         case action_kind::send_activation:
         case action_kind::send_gradient:
