@@ -108,13 +108,13 @@ TEST_CASE("portable normal: 10^6 (seed, counter) pairs give the host's bits on t
   for (std::int64_t i = 0; i < n; ++i) {
     const rng::u32x4 r = rng::bits4(seed, 99, std::uint64_t(i));
     const std::uint64_t wide = (std::uint64_t(r.v[0]) << 32) | r.v[1], near = std::uint64_t(r.v[2] % 2048) - 1024;
+    const std::uint64_t around_2_32 = (std::uint64_t(1) << 32) + near;
     seeds(i) = (std::uint64_t(r.v[3]) << 32) | r.v[2];
-    switch (i % 4) {  // random counters; the block word pair around 2^32 and 2^64; the offset around 2^32
-      case 0: offsets(i) = r.v[2]; blocks(i) = wide; break;
-      case 1: offsets(i) = r.v[3]; blocks(i) = (std::uint64_t(1) << 32) + near; break;
-      case 2: offsets(i) = wide; blocks(i) = near; break;  // near 0 and, wrapped, near 2^64
-      default: offsets(i) = (std::uint64_t(1) << 32) + near; blocks(i) = r.v[0]; break;
-    }
+    // Four kinds of (offset, block): random; the block around 2^32; the block around 0 and (wrapped) 2^64; the
+    // offset around 2^32.
+    const int kind = int(i % 4);
+    offsets(i) = kind == 0 ? r.v[2] : kind == 1 ? r.v[3] : kind == 2 ? wide : around_2_32;
+    blocks(i) = kind == 0 ? wide : kind == 1 ? around_2_32 : kind == 2 ? near : std::uint64_t(r.v[0]);
   }
   host_tensor<float> want({n, 4});
   for (std::int64_t i = 0; i < n; ++i) rng::normal4(seeds(i), offsets(i), blocks(i), 0.0f, 1.0f, &want(i, 0));

@@ -122,8 +122,8 @@ TEST_CASE_TEMPLATE("subspace maps (CUDA): rebuild, project and the gradient maps
   const exec::cuda ex{sg.stream};
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
-  for (const auto& [n, d, k] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{333, 256, 8},
-                                {5, 130, 9}, {64, 4096, 40}}) {
+  for (const auto& [n, d, k] :
+       {std::tuple<std::int64_t, std::int64_t, std::int64_t>{333, 256, 8}, {5, 130, 9}, {64, 4096, 40}}) {
     CAPTURE(n);
     CAPTURE(d);
     CAPTURE(k);
@@ -196,10 +196,12 @@ TEST_CASE("subspace maps (CUDA): a token id outside [0, V) raises naming its row
   device_tensor<float> c({n, k}), x({n, d});
   fill(ex, c.v(), 0.5f);
   fill(ex, x.v(), 1.0f);
-  const std::string on_rebuild = thrown_message([&] { subspace_rebuild(ex, fixed, cv(tokens_d), cv(c), u_d.v(), x.v()); });
+  const std::string on_rebuild =
+      thrown_message([&] { subspace_rebuild(ex, fixed, cv(tokens_d), cv(c), u_d.v(), x.v()); });
   CAPTURE(on_rebuild);
   CHECK(on_rebuild.find("position 17") != std::string::npos);
-  const std::string on_project = thrown_message([&] { subspace_project(ex, fixed, cv(tokens_d), cv(x), u_d.v(), c.v()); });
+  const std::string on_project =
+      thrown_message([&] { subspace_project(ex, fixed, cv(tokens_d), cv(x), u_d.v(), c.v()); });
   CAPTURE(on_project);
   CHECK(on_project.find("position 17") != std::string::npos);
   CHECK(thrown_message([&] {
@@ -268,8 +270,7 @@ TEST_CASE_TEMPLATE("compress::subspace_projection (CUDA): the host's basis and h
       c.encode(ex, compress::boundary<const T, device_space>{cv(x_d), cv(tokens_d)},
                compress::payload<T, device_space>{p_d.v(), sent_d.v()}, params);
       c.decode(ex, compress::payload<const T, device_space>{cv(q_d), cv(tokens_d)}, xhat_d.v(), params);
-      c.decode_backward(ex, compress::payload<const T, device_space>{cv(q_d), cv(tokens_d)}, cv(g_d), gp_d.v(),
-                        params);
+      c.decode_backward(ex, compress::payload<const T, device_space>{cv(q_d), cv(tokens_d)}, cv(g_d), gp_d.v(), params);
       c.encode_backward(ex, compress::boundary<const T, device_space>{cv(x_d), cv(tokens_d)}, cv(q_d), gx_d.v(),
                         params);
 

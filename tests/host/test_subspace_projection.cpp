@@ -228,13 +228,14 @@ TEST_CASE("E_fix: the documented stream, regenerated equals materialised bit for
   fill_normal(host, row.v(), seed, fixed_embedding_offset(std::int32_t(vocab - 1)));
   CHECK(conformance::same_bits<float>(row.v(), table.v()[vocab - 1]));
 
-  std::vector<std::pair<std::int32_t, std::int64_t>> probes = {{0, 0}, {std::int32_t(vocab - 1), d - 1},
-                                                               {std::int32_t(vocab - 1), 0}, {0, d - 1}};
+  std::vector<std::pair<std::int32_t, std::int64_t>> probes = {
+      {0, 0}, {std::int32_t(vocab - 1), d - 1}, {std::int32_t(vocab - 1), 0}, {0, d - 1}};
   for (int i = 0; i < 200; ++i)
     probes.emplace_back(std::int32_t(rng::uniform_at(seed, 9, std::uint64_t(2 * i)) * float(vocab)),
                         std::int64_t(rng::uniform_at(seed, 9, std::uint64_t(2 * i + 1)) * float(d)));
   bool all_equal = true;
-  for (const auto& [t, j] : probes) all_equal = all_equal && testing::same_bits(fixed_embedding_at(seed, t, j), table(t, j));
+  for (const auto& [t, j] : probes)
+    all_equal = all_equal && testing::same_bits(fixed_embedding_at(seed, t, j), table(t, j));
   CHECK(all_equal);
 
   // fixed_embedding_rows from the regenerated rows and from the table: the same bits.
@@ -296,10 +297,8 @@ TEST_CASE_TEMPLATE("subspace_rebuild and subspace_project against the float64 de
   const host_tensor<float> u32 = make_subspace_basis(d, k, seed);
   const host_tensor<double> u64 = subspace_basis_fp64(u32.v());
   const auto u = [&] {  // the basis of T's precision
-    if constexpr (std::is_same_v<T, double>)
-      return u64.v();
-    else
-      return u32.v();
+    if constexpr (std::is_same_v<T, double>) return u64.v();
+    else return u32.v();
   }();
   const fixed_embedding<host_space> fixed{seed + 1, vocab, d, {}};
   const auto tokens = random_tokens({n, d}, std::int32_t(vocab), seed + 2);
@@ -425,7 +424,9 @@ namespace {
 /// The conformance fixture: a small boundary in the `compute` wire (so float64 finite differences see no rounding).
 struct subspace_projection_fixture {
   using compressor = compress::subspace_projection;
-  static compressor make(std::uint64_t seed) { return make_compressor(24, 100, 5, seed, compress::wire_dtype::compute); }
+  static compressor make(std::uint64_t seed) {
+    return make_compressor(24, 100, 5, seed, compress::wire_dtype::compute);
+  }
   static std::vector<shape> shapes() { return {{6, 24}, {2, 3, 24}}; }
   static constexpr bool lossless = false;
   static constexpr std::int32_t vocab = 100;
@@ -478,7 +479,8 @@ TEST_CASE("subspace_projection: wire accounting, the bf16 and fp32 wires, token 
   boundary_calls<double> wire64{fp32_wire, tokens};
   const host_tensor<double> c64 = wire64.encode(testing::random_tensor<double>(xs, seed + 5));
   bool fp32_values = true;
-  for (std::int64_t i = 0; i < c64.numel(); ++i) fp32_values = fp32_values && double(float(c64.data()[i])) == c64.data()[i];
+  for (std::int64_t i = 0; i < c64.numel(); ++i)
+    fp32_values = fp32_values && double(float(c64.data()[i])) == c64.data()[i];
   CHECK(fp32_values);
 
   // An id outside [0, V) raises, naming its row.
@@ -495,8 +497,8 @@ TEST_CASE("subspace_projection: wire accounting, the bf16 and fp32 wires, token 
   CAPTURE(on_decode);
   CHECK(on_decode.find("position 30") != std::string::npos);
   host_tensor<float> rows({32, d});
-  const std::string on_rows = thrown_message(
-      [&] { fixed_embedding_rows(host, compute_wire.fixed_embedding_on(host), bad.v(), rows.v()); });
+  const std::string on_rows =
+      thrown_message([&] { fixed_embedding_rows(host, compute_wire.fixed_embedding_on(host), bad.v(), rows.v()); });
   CHECK(on_rows.find("position 30") != std::string::npos);
 
   // No token ids at all: an error that says why they are needed.

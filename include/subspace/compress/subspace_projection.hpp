@@ -20,7 +20,9 @@
 // device copies (U, and the E_fix table when materialised) are made on first use per device.
 //
 // Executors: exec::host with float or double activations; exec::cuda with float or bf16 in translation units
-// compiled by nvcc (compress/detail/cuda/subspace_projection.cuh).
+// compiled by nvcc (compress/detail/cuda/subspace_projection.cuh). Float64 activations use subspace_basis_fp64(U),
+// the same subspace orthonormal to fp64 precision, so fp64 round trips are exact to ~1e-15; basis_on<T>(ex) gives
+// the basis the maps use for T, which layers feeding this boundary should use too.
 
 #include <algorithm>
 #include <cstddef>
@@ -56,11 +58,11 @@ constexpr std::int64_t default_subspace_rank(std::int64_t d_model) {
 }
 
 struct subspace_projection_options {
-  std::int64_t d_model = 0;                 // d, the width of the residual stream
-  std::int64_t vocab = 0;                   // V; token ids are in [0, V)
-  std::int64_t k = 0;                       // the subspace dimension; 0: default_subspace_rank(d_model)
-  std::uint64_t basis_seed = 1;             // U's draws (the same on every rank)
-  std::uint64_t fixed_embedding_seed = 2;   // E_fix's draws (the same on every rank)
+  std::int64_t d_model = 0;                // d, the width of the residual stream
+  std::int64_t vocab = 0;                  // V; token ids are in [0, V)
+  std::int64_t k = 0;                      // the subspace dimension; 0: default_subspace_rank(d_model)
+  std::uint64_t basis_seed = 1;            // U's draws (the same on every rank)
+  std::uint64_t fixed_embedding_seed = 2;  // E_fix's draws (the same on every rank)
   wire_dtype wire = wire_dtype::fp32;
   bool materialise_fixed_embedding = false;  // keep a V x d fp32 E_fix table per memory space instead of
                                              // regenerating rows (same results bit for bit)
@@ -72,12 +74,12 @@ namespace detail {
 /// made copies per memory space (guarded).
 struct subspace_tables {
   subspace_projection_options options;
-  host_tensor<float> basis;          // U [d, k]
-  host_tensor<double> basis_fp64;    // subspace_basis_fp64(U), for float64 activations
+  host_tensor<float> basis;        // U [d, k]
+  host_tensor<double> basis_fp64;  // subspace_basis_fp64(U), for float64 activations
   std::uint64_t basis_hash = 0, fixed_embedding_hash = 0;
 
   mutable std::once_flag host_table_made;
-  mutable host_tensor<float> host_table;                   // E_fix [V, d] when materialised
+  mutable host_tensor<float> host_table;  // E_fix [V, d] when materialised
   mutable std::mutex device_mutex;
   mutable std::map<int, std::shared_ptr<void>> on_device;  // per device: see the CUDA header
 };
@@ -95,10 +97,8 @@ template <>
 struct subspace_on<exec::host> {
   template <class T>
   static auto basis(const subspace_tables& t, const exec::host&) {
-    if constexpr (std::is_same_v<T, double>)
-      return t.basis_fp64.v();
-    else
-      return t.basis.v();
+    if constexpr (std::is_same_v<T, double>) return t.basis_fp64.v();
+    else return t.basis.v();
   }
 
   static fixed_embedding<host_space> fixed(const subspace_tables& t, const exec::host& ex) {
@@ -134,8 +134,7 @@ class subspace_projection {
 
   /// Builds U and the hashes (host work of O(d k^2), once). Throws invalid_argument unless d >= 1,
   /// 1 <= V <= 2^31 - 1 and 1 <= k <= d.
-  explicit subspace_projection(const subspace_projection_options& options)
-      : tables_(make_tables(options)) {}
+  explicit subspace_projection(const subspace_projection_options& options) : tables_(make_tables(options)) {}
 
   // --- geometry and the wire ---------------------------------------------------------------------------------
 

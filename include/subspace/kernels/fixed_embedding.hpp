@@ -18,6 +18,7 @@
 //   fill_fixed_embedding(ex, seed, table[V, d])             table = E_fix (fp32)
 //   fixed_embedding_hash(seed, vocab, d)                     a fingerprint of the rows of 16 probe tokens
 //
+// Host: rows are spread over ex's threads (parallel_for); each row is computed the same way on any thread.
 // A token id outside [0, V) raises invalid_argument naming its row: on the host before anything is written; on
 // CUDA (detail/cuda/fixed_embedding.cuh) the kernels record the first offending row in a device word, which the
 // call reads back (one synchronisation of ex.stream), unless the caller passes token_check::trust.
@@ -34,6 +35,7 @@
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
 #include "../core/hash.hpp"
+#include "../core/parallel.hpp"
 #include "../core/rng.hpp"
 #include "../core/tensor.hpp"
 #include "detail/layer_checks.hpp"
@@ -86,8 +88,8 @@ void check(const subspace::fixed_embedding<S>& fixed, std::int64_t dim, const ch
            std::to_string(fixed.vocab);
   });
   require(fixed.dim == dim, [&] {
-    return std::string(op) + ": the fixed embedding has width " + std::to_string(fixed.dim) +
-           ", the rows have width " + std::to_string(dim);
+    return std::string(op) + ": the fixed embedding has width " + std::to_string(fixed.dim) + ", the rows have width " +
+           std::to_string(dim);
   });
   if (fixed.materialised()) {
     detail::layer::require_shape(fixed.table, shape{fixed.vocab, fixed.dim}, op, "the fixed embedding table");
@@ -105,6 +107,10 @@ void check_rows(const Tok& tokens, const Rows& rows, const char* op, const char*
   L::require_contiguous(tokens, op, "tokens");
   L::require_contiguous(rows, op, rows_name);
 }
+
+/// The rough cost of regenerating one element (a quarter of a Philox block, a logarithm and a sine/cosine in
+/// fp64), for sizing the host's thread count.
+inline constexpr double flops_per_element = 60.0;
 
 /// Row `token` of E_fix into row[0, d): from the table, or regenerated four elements at a time.
 inline void row(const subspace::fixed_embedding<host_space>& fixed, std::int32_t token, float* out) {
@@ -126,34 +132,41 @@ inline void row(const subspace::fixed_embedding<host_space>& fixed, std::int32_t
 /// out[n, :] = T(E_fix[tokens[n], :]). Throws invalid_argument for a token outside [0, V) (before writing).
 template <class T>
   requires is_element_v<T>
-void fixed_embedding_rows(const exec::host&, const fixed_embedding<host_space>& fixed,
+void fixed_embedding_rows(const exec::host& ex, const fixed_embedding<host_space>& fixed,
                           view<const std::int32_t, host_space> tokens, view<T, host_space> out,
                           token_check = token_check::raise) {
   detail::fixed_embedding::check_rows(tokens, out, "fixed_embedding_rows", "out");
   detail::fixed_embedding::check(fixed, out.dim(1), "fixed_embedding_rows");
   const std::int64_t n = tokens.dim(0), d = out.dim(1);
   detail::embedding::require_tokens(tokens.data(), n, fixed.vocab, "fixed_embedding_rows");
-  std::vector<float> row(static_cast<std::size_t>(d));
-  for (std::int64_t i = 0; i < n; ++i) {
-    detail::fixed_embedding::row(fixed, tokens.data()[i], row.data());
-    for (std::int64_t j = 0; j < d; ++j) out.data()[i * d + j] = convert<T>(row[std::size_t(j)]);
-  }
+  parallel_for(for_flops(ex, detail::fixed_embedding::flops_per_element * double(n * d)), n,
+               [&](std::int64_t first, std::int64_t last) {
+                 std::vector<float> row(static_cast<std::size_t>(d));
+                 for (std::int64_t i = first; i < last; ++i) {
+                   detail::fixed_embedding::row(fixed, tokens.data()[i], row.data());
+                   for (std::int64_t j = 0; j < d; ++j) out.data()[i * d + j] = convert<T>(row[std::size_t(j)]);
+                 }
+               });
 }
 
 /// table[t, :] = E_fix[t, :] for every token t < V = table.dim(0): the materialised form of E_fix.
-inline void fill_fixed_embedding(const exec::host&, std::uint64_t seed, view<float, host_space> table) {
+inline void fill_fixed_embedding(const exec::host& ex, std::uint64_t seed, view<float, host_space> table) {
   detail::layer::require_rank(table, 2, "fill_fixed_embedding", "table");
   detail::layer::require_contiguous(table, "fill_fixed_embedding", "table");
   const fixed_embedding<host_space> generated{seed, table.dim(0), table.dim(1), {}};
   detail::fixed_embedding::check(generated, table.dim(1), "fill_fixed_embedding");
-  for (std::int64_t t = 0; t < table.dim(0); ++t)
-    detail::fixed_embedding::row(generated, std::int32_t(t), table.data() + t * table.dim(1));
+  const double flops = detail::fixed_embedding::flops_per_element * double(table.numel());
+  parallel_for(for_flops(ex, flops), table.dim(0), [&](std::int64_t first, std::int64_t last) {
+    for (std::int64_t t = first; t < last; ++t)
+      detail::fixed_embedding::row(generated, std::int32_t(t), table.data() + t * table.dim(1));
+  });
 }
 
 /// The 16 probe tokens whose rows fixed_embedding_hash covers: floor(i (V - 1) / 15) for i = 0 .. 15, so the
 /// first and the last token are among them.
 inline std::array<std::int32_t, 16> fixed_embedding_probe_tokens(std::int64_t vocab) {
-  require(vocab >= 1, [&] { return "fixed_embedding_probe_tokens: vocab must be positive, got " + std::to_string(vocab); });
+  require(vocab >= 1,
+          [&] { return "fixed_embedding_probe_tokens: vocab must be positive, got " + std::to_string(vocab); });
   std::array<std::int32_t, 16> probes{};
   for (std::int64_t i = 0; i < 16; ++i) probes[std::size_t(i)] = std::int32_t(i * (vocab - 1) / 15);
   return probes;

@@ -2,7 +2,7 @@
 // The fixed k-dimensional subspace of a subspace network's residual stream (docs/subspace-networks.md): its basis
 // U, and the maps between rows x of the stream and their coefficients c, where x = E_fix[t] + c·Uᵀ.
 //
-//   make_subspace_basis(d, k, seed) -> U [d, k] fp32, UᵀU = I_k      host only; the same bits on every machine
+//   make_subspace_basis(d, k, seed) -> U [d, k] fp32, UᵀU ≈ I_k      host only; the same bits on every machine
 //   subspace_basis_fp64(U) -> [d, k] fp64                             span(U), orthonormal to fp64 precision
 //   subspace_basis_hash(U)                                            FNV-1a over U's fp32 values, row-major
 //   subspace_rebuild(ex, fixed, tokens[N], c[N, k], U, x[N, d])        x = E_fix[tokens] + c·Uᵀ
@@ -145,7 +145,7 @@ void subspace_rebuild(const exec::host& ex, const fixed_embedding<host_space>& f
                       view<T, host_space> x, token_check = token_check::raise) {
   detail::subspace_projection::static_check_host<T, B>();
   detail::subspace_projection::check("subspace_rebuild", fixed, tokens, x, coeffs, basis);
-  fixed_embedding_rows(ex, fixed, tokens, x);                          // exact: E_fix is fp32
+  fixed_embedding_rows(ex, fixed, tokens, x);                       // exact: E_fix is fp32
   gemm(ex, op::none, op::transpose, 1.0f, coeffs, basis, 1.0f, x);  // x += c·Uᵀ
 }
 
@@ -173,8 +173,8 @@ void subspace_coefficients(const exec::host& ex, std::type_identity_t<view<const
 
 /// dx = g·basisᵀ: the gradient with respect to x of c = (x - E_fix)·U.
 template <class T, class B>
-void subspace_expand(const exec::host& ex, std::type_identity_t<view<const T, host_space>> g,
-                     view<B, host_space> basis, view<T, host_space> dx) {
+void subspace_expand(const exec::host& ex, std::type_identity_t<view<const T, host_space>> g, view<B, host_space> basis,
+                     view<T, host_space> dx) {
   detail::subspace_projection::static_check_host<T, B>();
   detail::subspace_projection::check_product("subspace_expand", dx, g, basis);
   gemm(ex, op::none, op::transpose, 1.0f, g, basis, 0.0f, dx);

@@ -21,8 +21,8 @@ namespace cuda_detail::fixed_embedding {
 /// E_fix[token, 4q .. 4q + 3]: read from the table when there is one (elements past the row's end read as 0),
 /// else regenerated.
 template <bool FromTable>
-__device__ inline void quad(std::uint64_t seed, const float* table, std::int64_t d, std::int32_t token,
-                            std::int64_t q, float out[4]) {
+__device__ inline void quad(std::uint64_t seed, const float* table, std::int64_t d, std::int32_t token, std::int64_t q,
+                            float out[4]) {
   if constexpr (FromTable) {
     const float* src = table + std::int64_t(token) * d + 4 * q;
 #pragma unroll
@@ -57,10 +57,8 @@ __global__ void rows_kernel(std::int64_t n, std::int64_t d, const std::int32_t* 
     for (int k = 0; k < 4; ++k) {
       if (4 * q + k >= d) break;
       const std::int64_t at = row * d + 4 * q + k;
-      if constexpr (Subtract)
-        out[at] = Out(float(x[at]) - e[k]);
-      else
-        out[at] = Out(e[k]);
+      if constexpr (Subtract) out[at] = Out(float(x[at]) - e[k]);
+      else out[at] = Out(e[k]);
     }
   }
 }
@@ -136,8 +134,8 @@ inline void fill_fixed_embedding(const exec::cuda& ex, std::uint64_t seed, view<
   detail::fixed_embedding::check(generated, table.dim(1), "fill_fixed_embedding");
   const std::int64_t items = table.dim(0) * ((table.dim(1) + 3) / 4);
   if (items == 0) return;
-  cuda_detail::fixed_embedding::fill_kernel<<<cuda_detail::grid_for(items), cuda_detail::block_threads, 0,
-                                              ex.stream>>>(table.dim(0), table.dim(1), seed, table.data());
+  cuda_detail::fixed_embedding::fill_kernel<<<cuda_detail::grid_for(items), cuda_detail::block_threads, 0, ex.stream>>>(
+      table.dim(0), table.dim(1), seed, table.data());
   cuda_check_launch();
 }
 

@@ -57,10 +57,11 @@ __global__ void rebuild_kernel(std::int64_t n, std::int64_t d, std::int64_t k, c
       if constexpr (AddFixed) {
         if (first + r < n) {
           const std::int32_t t = fixed_embedding::checked_token(tokens, first + r, vocab, q == 0, bad);
-          if (t >= 0)
+          if (t >= 0) {
             fixed_embedding::quad<FromTable>(seed, table, d, t, q, acc[r]);
-          else
-            for (int i = 0; i < 4; ++i) acc[r][i] = NAN;
+          } else {
+            for (int i = 0; i < 4; ++i) acc[r][i] = NAN;  // a bad id (token_check::trust): the row shows it
+          }
         }
       }
     }
@@ -139,11 +140,10 @@ void subspace_rebuild(const exec::cuda& ex, const fixed_embedding<device_space>&
   static_assert(P::activation_v<T>, "subspace_rebuild (CUDA): x and the coefficients must be float or bf16");
   detail::subspace_projection::check("subspace_rebuild", fixed, tokens, x, coeffs, basis);
   if (x.numel() == 0) return;
-  cuda_detail::fixed_embedding::with_token_check(ex, check, tokens.data(), fixed.vocab, "subspace_rebuild",
-                                                 [&](unsigned long long* bad) {
-                                                   P::launch_rebuild<true>(ex, &fixed, tokens.data(), coeffs.data(),
-                                                                           basis, x, bad);
-                                                 });
+  cuda_detail::fixed_embedding::with_token_check(
+      ex, check, tokens.data(), fixed.vocab, "subspace_rebuild", [&](unsigned long long* bad) {
+        P::launch_rebuild<true>(ex, &fixed, tokens.data(), coeffs.data(), basis, x, bad);
+      });
 }
 
 /// coeffs[n, :] = (x[n, :] - E_fix[tokens[n], :])·basis on ex.stream (fp32 difference, fp32 gemm). T float or bf16.
@@ -157,8 +157,7 @@ void subspace_project(const exec::cuda& ex, const fixed_embedding<device_space>&
   detail::subspace_projection::check("subspace_project", fixed, tokens, x, coeffs, basis);
   if (coeffs.numel() == 0) return;
   P::fp32_scratch residual(ex, x.shape());
-  cuda_detail::fixed_embedding::launch_rows<true>(ex, fixed, tokens, x.data(), residual.v(), check,
-                                                  "subspace_project");
+  cuda_detail::fixed_embedding::launch_rows<true>(ex, fixed, tokens, x.data(), residual.v(), check, "subspace_project");
   P::times_basis(ex, view<const float, device_space>(residual.v()), basis, coeffs);
 }
 
@@ -187,10 +186,8 @@ void subspace_expand(const exec::cuda& ex, std::type_identity_t<view<const T, de
   static_assert(P::activation_v<T>, "subspace_expand (CUDA): g and dx must be float or bf16");
   detail::subspace_projection::check_product("subspace_expand", dx, g, basis);
   if (dx.numel() == 0) return;
-  if constexpr (std::is_same_v<T, float>)
-    gemm(ex, op::none, op::transpose, 1.0f, g, basis, 0.0f, dx);
-  else
-    P::launch_rebuild<false>(ex, nullptr, nullptr, g.data(), basis, dx, nullptr);
+  if constexpr (std::is_same_v<T, float>) gemm(ex, op::none, op::transpose, 1.0f, g, basis, 0.0f, dx);
+  else P::launch_rebuild<false>(ex, nullptr, nullptr, g.data(), basis, dx, nullptr);
 }
 
 }  // namespace subspace
