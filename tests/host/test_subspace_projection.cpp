@@ -319,7 +319,6 @@ TEST_CASE_TEMPLATE("subspace_rebuild and subspace_project against the float64 de
   host_tensor<T> back = filled<T>({n, k}, T(NAN));
   subspace_project(host, fixed, tokens.v(), x.v(), u, back.v());
   CHECK(testing::rel_error(back, c_as_t) <= (std::is_same_v<T, double> ? 1e-12 : 1e-5));
-  CHECK(testing::rel_error(back, c_as_t) > 0.0);  // finite; and float's round trip is not trivially exact
 
   // The gradient maps are the products with U and Uᵀ.
   const auto dx = testing::random_tensor<T>({n, d}, seed + 4);
