@@ -174,6 +174,14 @@ TEST_CASE_TEMPLATE("subspace maps (CUDA): rebuild, project and the gradient maps
     subspace_expand(ex, cv(c_d), u_d.v(), dx_d.v());
     CHECK(testing::rel_error(cv(widened(to_host(ex, cv(g_d)))), cv(g)) <= tolerance<T>(d));
     CHECK(testing::rel_error(cv(widened(to_host(ex, cv(dx_d)))), cv(dx)) <= tolerance<T>());
+    if constexpr (std::is_same_v<T, float>) {  // fp32 operands may be strided (a transposed view)
+      device_tensor<float> g_t({k, n}), dx_t({d, n});
+      subspace_coefficients(ex, cv(x_d), u_d.v(), g_t.v().transposed());
+      subspace_expand(ex, cv(c_d), u_d.v(), dx_t.v().transposed());
+      const host_tensor<float> g_back = to_host(ex, cv(g_t)), dx_back = to_host(ex, cv(dx_t));
+      CHECK(testing::rel_error<float, double>(g_back.v().transposed(), g.v()) <= tolerance<T>(d));
+      CHECK(testing::rel_error<float, double>(dx_back.v().transposed(), dx.v()) <= tolerance<T>());
+    }
 
     // The materialised table gives the same bits.
     device_tensor<float> table_d({vocab, d});

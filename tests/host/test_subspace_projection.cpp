@@ -340,6 +340,13 @@ TEST_CASE_TEMPLATE("subspace_rebuild and subspace_project against the float64 de
   }
   CHECK(testing::rel_error(g, g_want) <= tol);
   CHECK(testing::rel_error(dx_back, dx_back_want) <= tol);
+  // Strided operands (transposed views) give the same products.
+  host_tensor<T> dx_t({d, n}), g_t({k, n}), dx_back_t({d, n});
+  copy(host, dx.v().transposed(), dx_t.v());
+  subspace_coefficients(host, dx_t.v().transposed(), u, g_t.v().transposed());
+  subspace_expand(host, g_t.v().transposed(), u, dx_back_t.v().transposed());
+  CHECK(testing::rel_error<T, double>(g_t.v().transposed(), g_want.v()) <= tol);
+  CHECK(testing::rel_error<T, double>(dx_back_t.v().transposed(), dx_back_want.v()) <= tol);
 
   // With the materialised table: the same bits.
   host_tensor<float> table({vocab, d});

@@ -17,11 +17,11 @@
 // operations only, U is bit-identical on every rank and in every build; ranks compare subspace_basis_hash(U) at
 // start-up to prove it.
 //
-// Operands: tokens int32; x, c, dx and g in T (host: float or double; CUDA: float or bf16), contiguous, written
-// (never accumulated); U [d, k] with any strides, fp32 (on the host also fp64: float64 activations use
-// subspace_basis_fp64(U), for which UᵀU = I holds to fp64 precision); E_fix as in fixed_embedding.hpp. Sums
-// accumulate in accum_t<T>. Token ids outside [0, V) raise invalid_argument naming the row (token_check: see
-// fixed_embedding.hpp).
+// Operands: tokens int32; x, c, dx and g in T (host: float or double; CUDA: float or bf16), written (never
+// accumulated); x and c contiguous, dx and g with any strides gemm accepts (contiguous for bf16 on CUDA); U [d, k] with
+// any strides, fp32 (on the host also fp64: float64 activations use subspace_basis_fp64(U), for which UᵀU = I holds to
+// fp64 precision); E_fix as in fixed_embedding.hpp. Sums accumulate in accum_t<T>. Token ids outside [0, V) raise
+// invalid_argument naming the row (token_check: see fixed_embedding.hpp).
 //
 // Host (below): the readable reference. rebuild writes the E_fix rows into x, then adds c·Uᵀ with gemm; project
 // subtracts the E_fix rows from x into a scratch [N, d] and multiplies it by U with gemm; the gradient maps are
@@ -114,7 +114,7 @@ void check(const char* op, const subspace::fixed_embedding<S>& fixed, const Tok&
   detail::fixed_embedding::check(fixed, rows.dim(1), op);
 }
 
-/// Shapes of the gradient maps: wide [N, d], narrow [N, k], basis [d, k].
+/// Shapes of the gradient maps: wide [N, d], narrow [N, k], basis [d, k] (strides are gemm's business).
 template <class Wide, class Narrow, class Basis>
 void check_product(const char* op, const Wide& wide, const Narrow& narrow, const Basis& basis) {
   namespace L = detail::layer;
@@ -122,8 +122,6 @@ void check_product(const char* op, const Wide& wide, const Narrow& narrow, const
   L::require_rank(basis, 2, op, "basis");
   L::require_shape(basis, shape{wide.dim(1), basis.dim(1)}, op, "basis");
   L::require_shape(narrow, shape{wide.dim(0), basis.dim(1)}, op, "g");
-  L::require_contiguous(wide, op, "dx");
-  L::require_contiguous(narrow, op, "g");
 }
 
 template <class T>

@@ -11,6 +11,8 @@
 //                stays fp32 even for bf16 x, so c carries no bf16 rounding of x - E_fix.
 //   coefficients gemm dx·U (fp32); bf16 dx is cast to an fp32 scratch first, so U is never rounded to bf16.
 //   expand       gemm g·Uᵀ for float; for bf16 the rebuild kernel without the E_fix term (fp32 accumulation).
+//                float dx and g may have any strides gemm accepts (a unit stride in one dimension); bf16 ones must
+//                be contiguous.
 //
 // Token ids: see fixed_embedding.cuh (token_check::raise synchronizes ex.stream once per call).
 
@@ -106,6 +108,13 @@ void launch_rebuild(const exec::cuda& ex, const subspace::fixed_embedding<device
   cuda_check_launch();
 }
 
+/// The bf16 gradient maps address dx and g as flat rows.
+template <class Wide, class Narrow>
+void require_contiguous_rows(const char* op, const Wide& dx, const Narrow& g) {
+  detail::layer::require_contiguous(dx, op, "dx (bf16 on CUDA)");
+  detail::layer::require_contiguous(g, op, "g (bf16 on CUDA)");
+}
+
 /// An fp32 scratch tensor of shape s on ex.stream (stream-ordered allocation).
 struct fp32_scratch {
   cuda_detail::stream_scratch memory;
@@ -169,6 +178,7 @@ void subspace_coefficients(const exec::cuda& ex, std::type_identity_t<view<const
   static_assert(P::activation_v<T>, "subspace_coefficients (CUDA): dx and g must be float or bf16");
   detail::subspace_projection::check_product("subspace_coefficients", dx, g, basis);
   if (g.numel() == 0) return;
+  if constexpr (!std::is_same_v<T, float>) P::require_contiguous_rows("subspace_coefficients", dx, g);
   if constexpr (std::is_same_v<T, float>) {
     gemm(ex, op::none, op::none, 1.0f, dx, basis, 0.0f, g);
   } else {
@@ -186,6 +196,7 @@ void subspace_expand(const exec::cuda& ex, std::type_identity_t<view<const T, de
   static_assert(P::activation_v<T>, "subspace_expand (CUDA): g and dx must be float or bf16");
   detail::subspace_projection::check_product("subspace_expand", dx, g, basis);
   if (dx.numel() == 0) return;
+  if constexpr (!std::is_same_v<T, float>) P::require_contiguous_rows("subspace_expand", dx, g);
   if constexpr (std::is_same_v<T, float>) gemm(ex, op::none, op::transpose, 1.0f, g, basis, 0.0f, dx);
   else P::launch_rebuild<false>(ex, nullptr, nullptr, g.data(), basis, dx, nullptr);
 }
