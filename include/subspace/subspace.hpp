@@ -19,6 +19,7 @@
 #include "kernels/attention.hpp"
 #include "kernels/elementwise.hpp"
 #include "kernels/embedding.hpp"
+#include "kernels/fixed_embedding.hpp"
 #include "kernels/gemm.hpp"
 #include "kernels/linalg.hpp"
 #include "kernels/loss.hpp"
@@ -26,9 +27,12 @@
 #include "kernels/random.hpp"
 #include "kernels/reduce.hpp"
 #include "kernels/rope.hpp"
+#include "kernels/subspace_projection.hpp"
 #include "kernels/swiglu.hpp"
 
 #include "policies.hpp"  // the four concepts and their first policies
+
+#include "compress/subspace_projection.hpp"
 
 #include "comm/bootstrap.hpp"
 #include "comm/local.hpp"

@@ -1,5 +1,6 @@
 // CUDA random fills are bit-identical to the host fills (and so to rng::uniform_at / normal_at) for odd sizes,
-// large seeds and offsets, and misaligned starts.
+// large seeds and offsets, and misaligned starts; and the portable normal draws themselves are the host's bit for
+// bit for 10^6 (seed, counter) pairs, counters near 2^32 and 2^64 among them.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -16,6 +17,15 @@ namespace {
 
 using testing::first_difference;
 using testing::stream_guard;
+
+/// out[4i .. 4i + 3] = rng::normal4(seeds[i], offsets[i], blocks[i]).
+template <class Unused = void>
+__global__ void normal4_kernel(std::int64_t n, const std::uint64_t* seeds, const std::uint64_t* offsets,
+                               const std::uint64_t* blocks, float* out) {
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    rng::normal4(seeds[i], offsets[i], blocks[i], 0.0f, 1.0f, out + 4 * i);
+}
 
 }  // namespace
 
@@ -86,4 +96,34 @@ TEST_CASE("cuda random fills reject strided views and accept empty ones") {
                        invalid_argument);
   CHECK_NOTHROW(fill_normal(ex, device_tensor<float>({0, 4}).v(), 1, 0));
   ex.synchronize();
+}
+
+TEST_CASE("portable normal: 10^6 (seed, counter) pairs give the host's bits on the device, counters near 2^32 too") {
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  stream_guard s;
+  const exec::cuda ex{s.stream};
+  const std::int64_t n = 1'000'000;
+  host_tensor<std::uint64_t> seeds({n}), offsets({n}), blocks({n});
+  for (std::int64_t i = 0; i < n; ++i) {
+    const rng::u32x4 r = rng::bits4(seed, 99, std::uint64_t(i));
+    const std::uint64_t wide = (std::uint64_t(r.v[0]) << 32) | r.v[1], near = std::uint64_t(r.v[2] % 2048) - 1024;
+    const std::uint64_t around_2_32 = (std::uint64_t(1) << 32) + near;
+    seeds(i) = (std::uint64_t(r.v[3]) << 32) | r.v[2];
+    // Four kinds of (offset, block): random; the block around 2^32; the block around 0 and (wrapped) 2^64; the
+    // offset around 2^32.
+    const int kind = int(i % 4);
+    offsets(i) = kind == 0 ? r.v[2] : kind == 1 ? r.v[3] : kind == 2 ? wide : around_2_32;
+    blocks(i) = kind == 0 ? wide : kind == 1 ? around_2_32 : kind == 2 ? near : std::uint64_t(r.v[0]);
+  }
+  host_tensor<float> want({n, 4});
+  for (std::int64_t i = 0; i < n; ++i) rng::normal4(seeds(i), offsets(i), blocks(i), 0.0f, 1.0f, &want(i, 0));
+  const auto seeds_d = to_device(ex, seeds.v()), offsets_d = to_device(ex, offsets.v()),
+             blocks_d = to_device(ex, blocks.v());
+  device_tensor<float> got({n, 4});
+  normal4_kernel<<<1024, 256, 0, ex.stream>>>(n, seeds_d.data(), offsets_d.data(), blocks_d.data(), got.data());
+  cuda_check_launch();
+  const std::int64_t first = first_difference(to_host(ex, got.v()), want);
+  CAPTURE(first);
+  CHECK(first == -1);
 }

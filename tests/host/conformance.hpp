@@ -454,7 +454,7 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
       CHECK(cc.wire_bytes(xs, 2) == 2 * n + side);
       CHECK(cc.wire_bytes(xs, 4) == 4 * n + side);
       CHECK(cc.wire_bytes(xs, 4) == cc.wire_bytes(xs, 4));
-      if constexpr (sends_tokens) CHECK(side >= sizeof(std::int32_t) * std::size_t(rows));  // the token ids
+      if constexpr (sends_tokens) CHECK(side >= sizeof(std::uint16_t) * std::size_t(rows));  // ids: 2 or 4 bytes
     }
 
     const auto x = testing::random_tensor<float>(xs, seed + 1);

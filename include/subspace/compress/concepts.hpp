@@ -21,8 +21,9 @@
 //       -> std::size_t                                   travel with element_bytes each: exactly payload
 //                                                        elements × element_bytes + a side channel that does
 //                                                        not depend on element_bytes (0 for a dense payload;
-//                                                        4 · rows(x) for the token ids of a compressor that
-//                                                        sends them; e.g. rotation coefficients in fp32)
+//                                                        2 or 4 · rows(x) for the token ids of a compressor
+//                                                        that sends them, as uint16 or uint32 by vocabulary
+//                                                        size; e.g. rotation coefficients in fp32)
 //   c.declare_parameters(store)                        declares the compressor's trainable tensors (see below)
 //   c.encode(ex, boundary<const T, S> in,              in.x -> out.values (and out.tokens when it sends them)
 //       payload<T, S> out, params)

@@ -31,6 +31,7 @@
 
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/exact.hpp"
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
 
@@ -95,33 +96,46 @@ struct colmajor {
   double& operator()(std::int64_t i, std::int64_t j) { return data[std::size_t(j * rows + i)]; }
 };
 
-inline double dot(const double* a, const double* b, std::int64_t n) {
+/// How the Householder loops form a * b + c. plain_madd leaves the compiler free to contract it into a fused
+/// multiply-add (whether it does depends on the target and the flags); exact_madd is always one correctly rounded
+/// fma, so the result is the same bits under every compiler, flag set and CPU (what a basis that every rank
+/// builds for itself needs).
+struct plain_madd {
+  double operator()(double a, double b, double c) const { return a * b + c; }
+};
+struct exact_madd {
+  double operator()(double a, double b, double c) const { return exact::fma(a, b, c); }
+};
+
+template <class Madd = plain_madd>
+double dot(const double* a, const double* b, std::int64_t n, Madd madd = {}) {
   double s = 0;
-  for (std::int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (std::int64_t i = 0; i < n; ++i) s = madd(a[i], b[i], s);
   return s;
 }
 
 /// Q of the thin Householder QR of w (rows x cols, rows >= cols), with the sign fix; w is overwritten.
-inline colmajor householder_q(colmajor& w) {
+template <class Madd = plain_madd>
+colmajor householder_q(colmajor& w, Madd madd = {}) {
   const std::int64_t rows = w.rows, cols = w.cols;
   colmajor v(rows, cols);  // Householder vectors, unit norm, column k nonzero from row k on (zero: H = I)
   std::vector<double> r_diag(std::size_t(cols), 0.0);
   for (std::int64_t k = 0; k < cols; ++k) {
     double* x = w.col(k) + k;
     const std::int64_t len = rows - k;
-    const double norm = std::sqrt(dot(x, x, len));
+    const double norm = std::sqrt(dot(x, x, len, madd));
     if (norm == 0.0) continue;                        // a zero column: H_k = I, R_kk = 0
     const double alpha = x[0] >= 0.0 ? -norm : norm;  // R_kk, of opposite sign to x_0: no cancellation in v_0
     double* vk = v.col(k) + k;
     for (std::int64_t i = 0; i < len; ++i) vk[i] = x[i];
     vk[0] -= alpha;
-    const double vnorm = std::sqrt(dot(vk, vk, len));
+    const double vnorm = std::sqrt(dot(vk, vk, len, madd));
     for (std::int64_t i = 0; i < len; ++i) vk[i] /= vnorm;
     r_diag[std::size_t(k)] = alpha;
     for (std::int64_t j = k + 1; j < cols; ++j) {  // w[k:, j] <- (I - 2 v v^T) w[k:, j]
       double* wj = w.col(j) + k;
-      const double f = 2.0 * dot(vk, wj, len);
-      for (std::int64_t i = 0; i < len; ++i) wj[i] -= f * vk[i];
+      const double f = 2.0 * dot(vk, wj, len, madd);
+      for (std::int64_t i = 0; i < len; ++i) wj[i] = madd(-f, vk[i], wj[i]);
     }
   }
   // Q = H_0 H_1 ... H_{cols-1} [I; 0], accumulated backwards.
@@ -132,8 +146,8 @@ inline colmajor householder_q(colmajor& w) {
     const std::int64_t len = rows - k;
     for (std::int64_t j = k; j < cols; ++j) {
       double* qj = q.col(j) + k;
-      const double f = 2.0 * dot(vk, qj, len);
-      for (std::int64_t i = 0; i < len; ++i) qj[i] -= f * vk[i];
+      const double f = 2.0 * dot(vk, qj, len, madd);
+      for (std::int64_t i = 0; i < len; ++i) qj[i] = madd(-f, vk[i], qj[i]);
     }
   }
   for (std::int64_t k = 0; k < cols; ++k)
