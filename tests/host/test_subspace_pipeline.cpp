@@ -340,3 +340,76 @@ TEST_CASE("subspace blocks: the projected variant with W equals the reparameteri
   CHECK(rel_diff(twice, once) <= 1e-14);
   CHECK(std::abs(projected.evaluate(batch_data.tok(), batch_data.tgt()) - b) <= 1e-12 * std::abs(b));  // same function
 }
+
+TEST_CASE("subspace pipeline: the wire carries B·S·(4k+2) bytes forward and B·S·4k backward per boundary; "
+          "a bf16 wire trains; ranks with other tables are named") {
+  using model = ssn_model<float>;
+  const genesis text;
+  const nn::llama_config cfg = four_layers();
+  const std::int64_t batch = 2, seq = 16, k = 6;
+  const int m = 3, p = 4;
+  const auto run = [&](compress::wire_dtype wire, std::vector<std::uint64_t>& sent, std::vector<double>& losses,
+                       int steps) {
+    const auto codec = codec_for(cfg, k, wire, 11);
+    const nn::subspace_blocks blocks(codec, last_stage_start(cfg, p));
+    comm::local_options lo;
+    lo.timeout = std::chrono::seconds(60);
+    std::vector<comm::local> world = comm::local::world(p, lo);
+    std::vector<comm::throttled<comm::local>> links;
+    for (comm::local& c : world) links.emplace_back(std::move(c), comm::network{});
+    sent.assign(p, 0);
+    comm::local::run_ranks(links, [&](comm::throttled<comm::local>& c) {
+      pipeline::pipeline_trainer t(pipeline::llama_chunks<model>(cfg, exec::host{1}, p, 1, c.rank(), blocks),
+                                   subspace::stack{.communicator = c,
+                                                   .compressor = codec,
+                                                   .scheduler = pipeline::one_f_one_b{m, p},
+                                                   .optimizer = optim::adamw{}},
+                                   pipeline::trainer_options{});
+      t.init(3);
+      auto d = text.train(batch, seq);
+      const std::uint64_t before = c.metrics()[comm::op_kind::send].bytes_sent;
+      for (int s = 0; s < steps; ++s) {
+        const double loss = t.step(d).loss;
+        if (c.rank() == 0) losses.push_back(loss);
+      }
+      sent[std::size_t(c.rank())] = (c.metrics()[comm::op_kind::send].bytes_sent - before) / std::uint64_t(steps);
+    });
+  };
+  std::vector<std::uint64_t> sent;
+  std::vector<double> losses;
+  run(compress::wire_dtype::fp32, sent, losses, 1);
+  const auto tokens = std::uint64_t(batch * seq * m);
+  const std::uint64_t forward = tokens * (4 * k + 2), backward = tokens * 4 * k;
+  CHECK(sent[0] == forward);
+  CHECK(sent[1] == forward + backward);
+  CHECK(sent[2] == forward + backward);
+  CHECK(sent[3] == backward);
+  // The dense boundary of the same model: d fp32 values per token each way.
+  CHECK(double(tokens * 4 * std::uint64_t(cfg.d_model)) / double(forward) > 2.0);
+
+  std::vector<double> bf16_losses;
+  run(compress::wire_dtype::bf16, sent, bf16_losses, 4);
+  CHECK(sent[1] == tokens * (2 * k + 2) + tokens * 2 * k);
+  for (const double l : bf16_losses) CHECK(std::isfinite(l));
+  CHECK(bf16_losses.back() < bf16_losses.front());
+
+  // Two ranks whose codecs differ (another basis seed) refuse to start.
+  comm::local_options lo;
+  lo.timeout = std::chrono::seconds(20);
+  comm::local::run_ranks(
+      2,
+      [&](comm::local& c) {
+        const auto codec = codec_for(cfg, k, compress::wire_dtype::fp32, c.rank() == 0 ? 11 : 12);
+        const auto make = [&] {
+          pipeline::pipeline_trainer t(
+              pipeline::llama_chunks<model>(cfg, exec::host{1}, 2, 1, c.rank(), nn::subspace_blocks(codec, 2)),
+              subspace::stack{.communicator = c,
+                              .compressor = codec,
+                              .scheduler = pipeline::gpipe{1, 2},
+                              .optimizer = optim::adamw{}},
+              pipeline::trainer_options{});
+        };
+        CHECK_THROWS_WITH_AS(make(), doctest::Contains("built another basis or fixed embedding"), invalid_argument);
+      },
+      lo);
+}

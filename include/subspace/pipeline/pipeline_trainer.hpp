@@ -85,8 +85,9 @@ class pipeline_trainer {
         group_(stack_.communicator.split(stage_, replica_index_)),
         replica_(std::move(chunks), stack_.optimizer, stack_.compressor),
         engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()),
-        transport_(pipe_, replica_.executor()) {
+        transport_(pipe_, replica_.executor(), wire_format_of<boundary_type>(stack_.compressor)) {
     o_.validate();
+    check_same_tables();
     if (replicas_ > 1) {
       plan_ = dist::bucket_plan::of(replica_.store(), o_.bucket_bytes);
       dist::check_same_plan(group_, plan_, who);
@@ -201,6 +202,25 @@ class pipeline_trainer {
 
  private:
   static constexpr const char* who = "pipeline::pipeline_trainer";
+
+  /// A compressor built from seeds (compress::subspace_projection: U and E_fix) must have built the same tables
+  /// on every rank: the ranks all-gather its hashes and compare.
+  void check_same_tables() {
+    if constexpr (requires(const compressor_type& c) {
+                    { c.basis_hash() } -> std::convertible_to<std::uint64_t>;
+                    { c.fixed_embedding_hash() } -> std::convertible_to<std::uint64_t>;
+                  }) {
+      const std::vector<std::uint64_t> mine{stack_.compressor.basis_hash(), stack_.compressor.fixed_embedding_hash()};
+      const std::vector<std::uint64_t> all = dist::detail::all_gather_host(stack_.communicator, mine);
+      for (int r = 0; r < stack_.communicator.size(); ++r)
+        require(all[std::size_t(2 * r)] == mine[0] && all[std::size_t(2 * r + 1)] == mine[1], [&] {
+          return std::string(who) + ": rank " + std::to_string(r) + " built another basis or fixed embedding (hashes " +
+                 std::to_string(all[std::size_t(2 * r)]) + ", " + std::to_string(all[std::size_t(2 * r + 1)]) +
+                 ") than rank " + std::to_string(stack_.communicator.rank()) + " (" + std::to_string(mine[0]) + ", " +
+                 std::to_string(mine[1]) + "): every rank needs the same d_model, vocab, k and seeds";
+        });
+    }
+  }
 
   static int replicas_of(communicator_type& world, int stages) {
     require(stages >= 1 && world.size() % stages == 0, [&] {
