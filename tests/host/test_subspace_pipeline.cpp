@@ -48,7 +48,7 @@ compress::subspace_projection codec_for(const nn::llama_config& cfg, std::int64_
 
 /// The first layer of the last of `stages` even stages: where the constraint ends.
 std::int64_t last_stage_start(const nn::llama_config& cfg, int stages) {
-  return stages == 1 ? cfg.n_layers : pipeline::even_cuts(cfg.n_layers, stages).back();
+  return stages == 1 ? 0 : pipeline::even_cuts(cfg.n_layers, stages).back();
 }
 
 template <class T>

@@ -3,8 +3,8 @@
 // layers before the last pipeline stage write into one fixed k-dimensional subspace span(U) of the residual
 // stream, so that every stage boundary is exactly k coefficients and a token id (compress::subspace_projection).
 //
-// Constrained layers are those below `unconstrained_from`, the first layer of the last stage (and the embedding,
-// unless the model is a single stage). There:
+// Constrained layers are those below `unconstrained_from`, the first layer of the last stage, and the embedding
+// unless that is 0 (a single stage: the plain model). There:
 //   embedding    the learned E [V, k] (declared in place of embed_tokens): c = E[t], x = E_fix[t] + c·Uᵀ
 //   projection   o_proj and down_proj write y = (x·Zᵀ)·Uᵀ, Z [k, in] declared in place of W [d, in]
 //                (reparameterised, the default); or, projected, y = (x·Wᵀ)·U·Uᵀ with the full W, re-projected
@@ -155,7 +155,13 @@ class subspace_residual_policy {
     const view<boundary_type, Space> c = coefficients(site, y.dim(0));
     const view<T, Space> z = detail::subspace::sized(narrow_, c.shape());
     subspace_coefficients(ex, detail::subspace::ro(y), basis<T>(ex), z);
-    axpy(ex, 1.0f, detail::subspace::ro(z), c);
+    if constexpr (std::is_same_v<T, boundary_type>) {
+      axpy(ex, 1.0f, detail::subspace::ro(z), c);
+    } else {
+      const view<boundary_type, Space> zb = detail::subspace::sized(update_, c.shape());
+      cast(ex, detail::subspace::ro(z), zb);
+      axpy(ex, 1.0f, detail::subspace::ro(zb), c);
+    }
     rebuild(ex, site, c, y);
   }
   /// dy ← dy·U·Uᵀ.
@@ -216,7 +222,8 @@ class subspace_residual_policy {
   compress::subspace_projection codec_;
   bool constrained_;
   std::shared_ptr<state_type> state_;
-  tensor<T, Space> narrow_;  // [N, k] scratch
+  tensor<T, Space> narrow_;             // [N, k] scratch
+  tensor<boundary_type, Space> update_;  // [N, k] the update at boundary precision (T narrower than it)
 };
 
 /// The embedding of a constrained model: c = E[t] into the slot's coefficients, x = E_fix[t] + c·Uᵀ; dense (the
@@ -278,8 +285,8 @@ class subspace_blocks {
   const compress::subspace_projection& codec() const { return codec_; }
   std::int64_t unconstrained_from() const { return unconstrained_from_; }
   subspace_variant variant() const { return variant_; }
-  /// Layer `layer` (-1: the embedding) writes into span(U).
-  bool constrained(std::int64_t layer) const { return layer < unconstrained_from_; }
+  /// Layer `layer` (-1: the embedding) writes into span(U): below the last stage, when there is more than one.
+  bool constrained(std::int64_t layer) const { return unconstrained_from_ > 0 && layer < unconstrained_from_; }
 
   /// The tensors of constrained layers: Z [k, in] for o_proj and down_proj (reparameterised), E [V, k] for the
   /// embedding, N(0, 0.02²) each, from the dense tensor's stream.

@@ -20,7 +20,7 @@ namespace cuda_detail::token_ids {
 
 inline constexpr unsigned long long no_error = std::numeric_limits<unsigned long long>::max();
 
-__global__ inline void pack_kernel(const std::int32_t* ids, std::uint8_t* bytes, std::int64_t n, int width,
+__global__ void pack_kernel(const std::int32_t* ids, std::uint8_t* bytes, std::int64_t n, int width,
                                    unsigned long long* bad) {
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += std::int64_t(gridDim.x) * blockDim.x) {
@@ -31,7 +31,7 @@ __global__ inline void pack_kernel(const std::int32_t* ids, std::uint8_t* bytes,
   }
 }
 
-__global__ inline void unpack_kernel(const std::uint8_t* bytes, std::int32_t* ids, std::int64_t n, int width) {
+__global__ void unpack_kernel(const std::uint8_t* bytes, std::int32_t* ids, std::int64_t n, int width) {
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += std::int64_t(gridDim.x) * blockDim.x) {
     std::uint32_t u = 0;

@@ -1,0 +1,145 @@
+// pipeline::pipeline_trainer on one GPU: two comm::local ranks as threads, each with its own stream (the model's
+// executor stream is the rank's communication stream), llama<exec::cuda, bf16> stages — a plain pipeline
+// (compress::identity) and a Subspace Network (nn::subspace_blocks + compress::subspace_projection, fp32 wire) —
+// against the same model whole on the host in double with the device's bf16 weights: the loss and every gradient
+// within bf16 tolerance.
+#include <doctest/doctest.h>
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <subspace/comm/local.hpp>
+#include <subspace/compress/identity.hpp>
+#include <subspace/compress/subspace_projection.hpp>
+#include <subspace/core/parallel.hpp>
+#include <subspace/data/loader.hpp>
+#include <subspace/nn/llama.hpp>
+#include <subspace/nn/subspace_blocks.hpp>
+#include <subspace/pipeline/layout.hpp>
+#include <subspace/pipeline/one_f_one_b.hpp>
+#include <subspace/pipeline/pipeline_trainer.hpp>
+#include <subspace/schedule/gradient_accumulation.hpp>
+#include <subspace/train/engine.hpp>
+
+#include "support/cuda.hpp"
+#include "support/gpu_llama.hpp"
+#include "support/numeric.hpp"
+#include "support/scratch_dir.hpp"
+
+using namespace subspace;
+
+namespace {
+
+using device_model = nn::llama<exec::cuda, bf16, nn::subspace_blocks>;
+using host_model = nn::llama<exec::host, double, nn::subspace_blocks>;
+
+data::batch_loader loader(const data::token_dataset& all) {
+  data::loader_options o;
+  o.batch = 2;
+  o.seq = 32;
+  o.vocab = 256;
+  o.shuffle = true;
+  o.seed = 5;
+  return data::batch_loader(all, o);
+}
+
+/// Values and gradients by name, on the host.
+struct named {
+  std::map<std::string, host_tensor<double>> values;
+  std::map<std::string, host_tensor<double>> grads;
+};
+
+template <class Compressor>
+void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor, const data::token_dataset& data,
+                        std::uint64_t seed) {
+  const nn::llama_config cfg = testing::gpu_check_config("pipeline-gpu-check");
+  const int p = 2, m = 3;
+  std::vector<cudaStream_t> streams(p);
+  for (auto& s : streams) cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  comm::local_options lo;
+  lo.timeout = std::chrono::seconds(120);
+  lo.streams.assign(streams.begin(), streams.end());
+  auto world = comm::local::world(p, lo);
+  named device;
+  double device_loss = 0;
+  std::mutex mu;
+  std::vector<std::string> errors(p);
+  run_concurrently(p, [&](int r) {
+    try {
+      cuda_check(cudaSetDevice(0));
+      const exec::cuda ex{streams[std::size_t(r)]};
+      pipeline::pipeline_trainer t(pipeline::llama_chunks<device_model>(cfg, ex, p, 1, r, blocks),
+                                   subspace::stack{.communicator = world[std::size_t(r)],
+                                                   .compressor = compressor,
+                                                   .scheduler = pipeline::one_f_one_b{m, p},
+                                                   .optimizer = optim::adamw{}},
+                                   pipeline::trainer_options{});
+      t.init(seed);
+      auto d = loader(data);
+      const double loss = t.compute_gradients(d);
+      auto& store = t.chunks()[0].parameters();
+      std::lock_guard lock(mu);
+      if (r == p - 1) device_loss = loss;
+      for (std::size_t i = 0; i < store.size(); ++i) {
+        const auto v = to_host(ex, view<const bf16, device_space>(store.value(i)));
+        const auto g = to_host(ex, view<const float, device_space>(store.grad(i)));
+        host_tensor<double> hv(v.shape()), hg(g.shape());
+        cast(exec::host{}, view<const bf16, host_space>(v.v()), hv.v());
+        cast(exec::host{}, view<const float, host_space>(g.v()), hg.v());
+        device.values.insert_or_assign(store.info(i).name, std::move(hv));
+        device.grads.insert_or_assign(store.info(i).name, std::move(hg));
+      }
+    } catch (const std::exception& e) {
+      errors[std::size_t(r)] = e.what();
+    }
+  });
+  for (auto s : streams) cudaStreamDestroy(s);
+  for (int r = 0; r < p; ++r) REQUIRE_MESSAGE(errors[std::size_t(r)].empty(), errors[std::size_t(r)]);
+
+  // The whole model on the host, in double, with the device's weights.
+  std::vector<host_model> whole = train::as_stages(host_model(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks));
+  auto& store = whole[0].parameters();
+  store.allocate(exec::host{});
+  REQUIRE(store.size() == device.values.size());
+  for (std::size_t i = 0; i < store.size(); ++i)
+    copy(exec::host{}, view<const double, host_space>(device.values.at(store.info(i).name).v()), store.value(i));
+  whole[0].zero_grad();
+  compress::identity none;
+  train::plan_engine<host_model, compress::identity> engine(whole, none, {});
+  auto d = loader(data);
+  const double host_loss = engine.run(schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{d},
+                                      [](std::size_t, std::size_t) {}, [] {});
+  CAPTURE(device_loss);
+  CAPTURE(host_loss);
+  CHECK(std::isfinite(device_loss));
+  CHECK(std::abs(device_loss - host_loss) <= 1e-2 * host_loss);
+  for (std::size_t i = 0; i < store.size(); ++i) {
+    const std::string& name = store.info(i).name;
+    CAPTURE(name);
+    host_tensor<double> want(store.grad(i).shape());
+    copy(exec::host{}, view<const double, host_space>(store.grad(i)), want.v());
+    const double err = testing::rel_error(device.grads.at(name), want);
+    MESSAGE(name << ": relative error " << err);
+    CHECK(err < 3e-2);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("pipeline (CUDA): plain and subspace pipelines of 2 stages on one GPU match the host model in double") {
+  testing::scratch_dir dir;
+  const auto data = testing::text_like_tokens(dir.path / "tokens_train_000000.bin", 9, 40'000);
+  const nn::llama_config cfg = testing::gpu_check_config("pipeline-gpu-check");
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const compress::subspace_projection codec({cfg.d_model, cfg.vocab, 8, seed, seed + 1, compress::wire_dtype::fp32, false});
+  SUBCASE("plain") { check_against_host(nn::subspace_blocks(codec, 0), compress::identity{}, data, seed); }
+  SUBCASE("subspace") { check_against_host(nn::subspace_blocks(codec, 1), codec, data, seed); }
+}
