@@ -52,12 +52,17 @@
 #include "common/device.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
+#include "common/ranks.hpp"
 
 namespace {
 
 using namespace subspace;
 using examples::duration;
 using examples::human;
+using examples::link_text;
+using examples::on_threads;
+using examples::parse_bandwidth;
+using examples::without_location;
 
 struct options : examples::model_flags, examples::data_flags {
   // ranks, topology, network
@@ -98,46 +103,6 @@ const std::vector<std::string> allreduce_optimizers = {"adamw", "galore", "golor
 
 bool one_of(const std::string& x, const std::vector<std::string>& list) {
   return std::find(list.begin(), list.end(), x) != list.end();
-}
-
-/// A library message without its leading "file:line: ".
-std::string without_location(std::string m) {
-  const auto colon = m.find(": ");
-  if (colon != std::string::npos) {
-    const std::string head = m.substr(0, colon);
-    const auto last = head.rfind(':');
-    if (last != std::string::npos && last + 1 < head.size() &&
-        head.find_first_not_of("0123456789", last + 1) == std::string::npos && head.find(' ') == std::string::npos)
-      return m.substr(colon + 2);
-  }
-  return m;
-}
-
-/// --bandwidth: a preset name, a comm::link::parse form, or none (nullopt).
-std::optional<comm::link> parse_bandwidth(const std::string& b) {
-  if (b == "none") return std::nullopt;
-  if (b == "mbit80") return comm::links::mbit80;
-  if (b == "mbit300") return comm::links::mbit300;
-  if (b == "gbit1") return comm::links::gbit1;
-  if (b == "gbit25") return comm::links::gbit25;
-  if (b == "gbit100") return comm::links::gbit100;
-  try {
-    return comm::link::parse(b);
-  } catch (const std::exception&) {
-    throw examples::cli_error("--bandwidth: got '" + b + "', expected none, mbit80, mbit300, gbit1, gbit25, gbit100 "
-                              "or <number><kbit|mbit|gbit>[@<number><s|ms|us>] (e.g. 2.5gbit@50us)");
-  }
-}
-
-std::string link_text(const comm::link& l) {
-  char buf[96];
-  const double bps = l.bits_per_second;
-  if (bps >= 1e9) std::snprintf(buf, sizeof buf, "%g Gbit/s", bps / 1e9);
-  else if (bps >= 1e6) std::snprintf(buf, sizeof buf, "%g Mbit/s", bps / 1e6);
-  else std::snprintf(buf, sizeof buf, "%g kbit/s", bps / 1e3);
-  std::string s = buf;
-  std::snprintf(buf, sizeof buf, ", %g us latency", l.latency_seconds * 1e6);
-  return s + buf;
 }
 
 /// The topology as the group_schedule every decent topology is; raises cli_error naming the flags and the rule.
@@ -564,26 +529,6 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
 }
 
 // ---- launchers -----------------------------------------------------------------------------------------------
-
-/// Runs body(r) on a thread per rank; returns the highest exit status, or rethrows the first failure (lowest rank)
-/// with the rank named.
-template <class Body>
-int on_threads(int n, Body&& body) {
-  std::vector<int> status(static_cast<std::size_t>(n), 0);
-  std::vector<std::string> errors(static_cast<std::size_t>(n));
-  run_concurrently(n, [&](int r) {
-    try {
-      status[std::size_t(r)] = body(r);
-    } catch (const std::exception& e) {
-      errors[std::size_t(r)] = e.what();
-      status[std::size_t(r)] = -1;
-    }
-  });
-  for (int r = 0; r < n; ++r)
-    if (status[std::size_t(r)] < 0)
-      throw std::runtime_error("rank " + std::to_string(r) + ": " + errors[std::size_t(r)]);
-  return *std::max_element(status.begin(), status.end());
-}
 
 /// --launcher local: the ranks as threads, through comm::local (host memory, or device memory on one GPU).
 template <class Exec>

@@ -108,7 +108,14 @@ class pipeline_trainer {
   int replicas() const { return replicas_; }
   int stage() const { return stage_; }
   int replica() const { return replica_index_; }
+  /// The stack's communicator (the whole world), the pipeline group and the replica group.
+  communicator_type& communicator() { return stack_.communicator; }
   communicator_type& pipeline_communicator() { return pipe_; }
+  communicator_type& replica_communicator() { return group_; }
+  /// Seconds this rank waited for a neighbour's payload so far (transport::waited_seconds).
+  double waited_seconds() const { return transport_.waited_seconds(); }
+  /// Bytes of this rank's optimizer states.
+  std::size_t optimizer_state_bytes() const { return replica_.optimizer_state_bytes(); }
   std::int64_t steps_done() const { return step_; }
   std::int64_t tokens_done() const { return tokens_; }
   std::vector<typename replica_type::state_type>& states() { return replica_.states(); }

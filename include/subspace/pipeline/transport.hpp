@@ -4,7 +4,8 @@
 //
 // Forward, a payload is its values and, for a compressor that sends them, the token ids of its rows; backward,
 // dL/d(payload values). The wire_format says how they travel: values as the boundary type T itself, fp32 or
-// bf16 (a cast on each side), token ids as 2 or 4 little-endian bytes each (kernels/token_ids.hpp). The
+// bf16 (a cast on each side), token ids as 2 or 4 little-endian bytes each (kernels/token_ids.hpp); a payload
+// with token ids is one message, [values][ids], so a high-latency link pays its latency once. The
 // pipeline trainer takes it from the compressor (wire_format_of): compress::subspace_projection's wire dtype and
 // its 2-byte ids for vocabularies up to 65535; T and no ids for compress::identity.
 //
@@ -15,6 +16,7 @@
 // the executor's stream, which the communicator's operations must share (as for the data-parallel trainers:
 // comm::local_options::streams, comm::nccl_options::stream).
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -80,25 +82,33 @@ class transport {
   }
 
   const wire_format& wire() const { return wire_; }
+  /// Seconds this rank's thread spent blocked in receives so far: the pipeline's bubbles plus the transfers it
+  /// could not hide (host time; on the device, the time the host waited for a receive to be ordered).
+  double waited_seconds() const { return waited_; }
 
   /// Sends payload p (values, and the token ids when p has them) to `peer`.
   void send_activation(compress::payload<const T, space> p, int peer) {
     outgoing& o = take();
-    send_values(o, p.values, peer);
-    if (p.tokens.data() != nullptr) {
-      const view<std::uint8_t, space> bytes = sized(o.ids, shape{p.tokens.numel() * wire_.token_bytes});
-      pack_token_ids(ex_, p.tokens, bytes, wire_.token_bytes);
-      o.requests.push_back(comm_->send(view<const std::uint8_t, space>(bytes), peer));
-    }
+    if (p.tokens.data() == nullptr) return send_values(o, p.values, peer);
+    const std::int64_t value_bytes = p.values.numel() * value_size();
+    const view<std::uint8_t, space> message =
+        sized(o.message, shape{value_bytes + p.tokens.numel() * wire_.token_bytes});
+    put_values(p.values, message.data());
+    pack_token_ids(ex_, p.tokens, message.slice(value_bytes, message.numel()), wire_.token_bytes);
+    o.requests.push_back(comm_->send(view<const std::uint8_t, space>(message), peer));
   }
   /// Receives a payload from `peer` into p (the same shapes as the sender's).
   void recv_activation(compress::payload<T, space> p, int peer) {
-    receive(p.values, peer);
-    if (p.tokens.data() != nullptr) {
-      const view<std::uint8_t, space> bytes = sized(staging_ids_, shape{p.tokens.numel() * wire_.token_bytes});
-      comm_->recv(bytes, peer).wait();
-      unpack_token_ids(ex_, view<const std::uint8_t, space>(bytes), p.tokens, wire_.token_bytes);
-    }
+    if (p.tokens.data() == nullptr) return receive(p.values, peer);
+    const std::int64_t value_bytes = p.values.numel() * value_size();
+    const view<std::uint8_t, space> message =
+        sized(staging_message_, shape{value_bytes + p.tokens.numel() * wire_.token_bytes});
+    const auto start = std::chrono::steady_clock::now();
+    comm_->recv(message, peer).wait();
+    waited_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    get_values(message.data(), p.values);
+    unpack_token_ids(ex_, view<const std::uint8_t, space>(message.slice(value_bytes, message.numel())), p.tokens,
+                     wire_.token_bytes);
   }
   /// Sends dL/d(payload values) to `peer`.
   void send_gradient(view<const T, space> g, int peer) { send_values(take(), g, peer); }
@@ -119,7 +129,7 @@ class transport {
     tensor<T, space> values;
     tensor<float, space> fp32;
     tensor<bf16, space> half;
-    tensor<std::uint8_t, space> ids;
+    tensor<std::uint8_t, space> message;  // [values][ids]
     std::vector<request_type> requests;
   };
 
@@ -157,7 +167,48 @@ class transport {
     o.requests.push_back(comm_->send(view<const W, space>(w), peer));
   }
 
+  /// Bytes per value on the wire.
+  std::int64_t value_size() const {
+    switch (wire_.values) {
+      case wire_format::values_as::boundary: return sizeof(T);
+      case wire_format::values_as::fp32: return 4;
+      case wire_format::values_as::bf16: return 2;
+    }
+    return sizeof(T);
+  }
+  /// v -> the wire type at `to` (the start of a message: aligned for any element type).
+  void put_values(view<const T, space> v, std::uint8_t* to) {
+    const auto into = [&]<class W>(W*) {
+      const view<W, space> w(reinterpret_cast<W*>(to), v.shape());
+      if constexpr (std::is_same_v<W, T>) copy(ex_, v, w);
+      else cast(ex_, v, w);
+    };
+    switch (wire_.values) {
+      case wire_format::values_as::boundary: into(static_cast<T*>(nullptr)); break;
+      case wire_format::values_as::fp32: into(static_cast<float*>(nullptr)); break;
+      case wire_format::values_as::bf16: into(static_cast<bf16*>(nullptr)); break;
+    }
+  }
+  /// The wire values at `from` -> v.
+  void get_values(const std::uint8_t* from, view<T, space> v) {
+    const auto out = [&]<class W>(W*) {
+      const view<const W, space> w(reinterpret_cast<const W*>(from), v.shape());
+      if constexpr (std::is_same_v<W, T>) copy(ex_, w, v);
+      else cast(ex_, w, v);
+    };
+    switch (wire_.values) {
+      case wire_format::values_as::boundary: out(static_cast<T*>(nullptr)); break;
+      case wire_format::values_as::fp32: out(static_cast<float*>(nullptr)); break;
+      case wire_format::values_as::bf16: out(static_cast<bf16*>(nullptr)); break;
+    }
+  }
+
   void receive(view<T, space> into, int peer) {
+    const auto start = std::chrono::steady_clock::now();
+    receive_values(into, peer);
+    waited_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  void receive_values(view<T, space> into, int peer) {
     switch (wire_.values) {
       case wire_format::values_as::boundary: comm_->recv(into, peer).wait(); break;
       case wire_format::values_as::fp32: receive_as(staging_fp32_, into, peer); break;
@@ -181,7 +232,8 @@ class transport {
   std::vector<outgoing> out_;
   tensor<float, space> staging_fp32_;
   tensor<bf16, space> staging_half_;
-  tensor<std::uint8_t, space> staging_ids_;
+  tensor<std::uint8_t, space> staging_message_;
+  double waited_ = 0;
 };
 
 }  // namespace subspace::pipeline

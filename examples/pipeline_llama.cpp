@@ -1,0 +1,674 @@
+// pipeline_llama: trains a Llama 3 model split into pipeline stages (pipeline::pipeline_trainer), plain or as a
+// Subspace Network whose stage boundaries carry k coefficients and a token id per token instead of d activations
+// (compress::subspace_projection + nn::subspace_blocks). Guide: docs/pipeline.md.
+//
+// Ranks: --stages P pipeline stages × --dp D replicas = P·D ranks; rank r is stage r % P of replica r / P.
+//   --launcher local (default)  the ranks as threads of this process through comm::local: on the host (fp32) or,
+//                               in a CUDA build, on one GPU (bf16 weights, fp32 masters; each rank its own stream).
+//   --launcher nccl (CUDA)      one process per GPU through comm::nccl; the launcher's environment names the ranks
+//                               (RANK / WORLD_SIZE / LOCAL_RANK, or mpirun's OMPI_COMM_WORLD_*, and MASTER_ADDR /
+//                               MASTER_PORT; see the README's "Communicators and launching").
+// Every rank's communicator is wrapped in comm::throttled: --bandwidth models the links (account mode adds the
+// modelled time to a virtual clock; enforce mode also delays completion), and its counters give the bytes sent.
+//
+// Data: as train_llama (default corpus, --text or --data). Replica q reads slice q of D of the training tokens
+// (shuffle seed --seed + q); every stage of a replica reads the same batches (the first stage needs the tokens,
+// the last the targets). Validation: the held-out tokens, every stage the same batches.
+//
+// Each step rank 0 prints the loss, learning rate, tokens/s, the bytes the busiest rank sent, the modelled
+// communication time and the fraction of the step the stages waited for a neighbour (bubbles plus unhidden
+// transfers). --metrics writes one JSON line per step; --summary a JSON summary; --checkpoint-dir saves every
+// stage's checkpoint (DIR/step_N/stage-s) for --resume. At the end (local launcher) the stages' tensors are
+// gathered into the whole model, which prints text samples.
+//
+// This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host, one GPU, and NCCL).
+#include <subspace/subspace.hpp>
+#if defined(__CUDACC__)
+#include <subspace/comm/nccl.cuh>
+#endif
+
+#include <subspace/nn/subspace_blocks.hpp>
+#include <subspace/pipeline/gpipe.hpp>
+#include <subspace/pipeline/interleaved.hpp>
+#include <subspace/pipeline/layout.hpp>
+#include <subspace/pipeline/one_f_one_b.hpp>
+#include <subspace/pipeline/pipeline_trainer.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "common/cli.hpp"
+#include "common/device.hpp"
+#include "common/format.hpp"
+#include "common/llama_data.hpp"
+#include "common/ranks.hpp"
+
+namespace {
+
+using namespace subspace;
+using examples::duration;
+using examples::human;
+namespace fs = std::filesystem;
+
+struct options : examples::model_flags, examples::data_flags {
+  int stages = 4, dp = 1, virtual_stages = 2;
+  std::string schedule = "1f1b", compressor = "subspace", variant = "reparam", wire = "fp32";
+  std::int64_t k = 0;
+  std::string launcher = "local", bandwidth = "none", throttle = "account";
+  double comm_timeout = 300.0;
+  std::int64_t seq = 0, batch = 4, microbatches = 8, steps = 200, warmup = 20;
+  float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
+  std::string decay = "cosine";
+  std::int64_t eval_every = 50, eval_batches = 10, log_every = 1, checkpoint_every = 0;
+  std::string metrics, summary, checkpoint_dir, resume;
+  std::int64_t samples = 1, sample_tokens = 200;
+  std::string prompt = "And God said";
+  float temperature = 0.8f;
+  std::string device = "auto";
+  int threads = 0;
+  std::uint64_t seed = 1;
+};
+
+/// The schedule --schedule names, as one Scheduler type (the plans are the same values whichever it holds).
+class chosen_schedule {
+ public:
+  using plan_type = std::vector<schedule::action>;
+  explicit chosen_schedule(const options& o) : s_(make(o)) {}
+  plan_type plan(std::int64_t step, int rank) const {
+    return std::visit([&](const auto& s) { return s.plan(step, rank); }, s_);
+  }
+  int world_size() const {
+    return std::visit([](const auto& s) { return s.world_size(); }, s_);
+  }
+  /// The closed-form bubble fraction of the plan (idle time over compute time, backward twice the forward).
+  double bubble() const {
+    const double p = world_size(), m = double(std::visit([](const auto& s) { return s.microbatches(); }, s_));
+    const double v = double(std::visit([](const auto& s) { return s.chunks(); }, s_));
+    return (p - 1) / (v * m);
+  }
+
+ private:
+  using any = std::variant<pipeline::gpipe, pipeline::one_f_one_b, pipeline::interleaved_1f1b>;
+  static any make(const options& o) {
+    const int m = int(o.microbatches), p = o.stages;
+    try {
+      if (o.schedule == "gpipe") return pipeline::gpipe{m, p};
+      if (o.schedule == "1f1b") return pipeline::one_f_one_b{m, p};
+      return pipeline::interleaved_1f1b{m, p, o.virtual_stages};
+    } catch (const subspace::invalid_argument& e) {
+      throw examples::cli_error("--schedule " + o.schedule + " --stages " + std::to_string(p) + " --microbatches " +
+                                std::to_string(m) +
+                                (o.schedule == "interleaved" ? " --virtual-stages " + std::to_string(o.virtual_stages)
+                                                             : std::string()) +
+                                ": " + examples::without_location(e.what()));
+    }
+  }
+  any s_;
+};
+static_assert(Scheduler<chosen_schedule>);
+
+/// Everything the ranks share, decided before they start.
+struct setup {
+  int ranks = 1, chunks = 1;
+  comm::network net;
+  bool modelled = false;
+  nn::llama_config cfg;
+  std::int64_t seq = 0;
+  std::optional<compress::subspace_projection> codec;  // --compressor subspace
+  std::int64_t unconstrained_from = 0;                 // the first layer of the last stage
+  examples::data_source src;
+  data::token_dataset train, val;
+  std::string device_name, where;
+  int threads_per_rank = 0;
+};
+
+void check(const options& o) {
+  const auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw examples::cli_error(what);
+  };
+  need(o.stages >= 1 && o.stages <= 64, "--stages must lie in [1, 64], got " + std::to_string(o.stages));
+  need(o.dp >= 1 && o.stages * o.dp <= 256, "--dp must be >= 1 with --stages x --dp <= 256 ranks");
+  need(o.virtual_stages >= 1, "--virtual-stages must be >= 1");
+  need(o.k >= 0, "--k must be >= 1 (or 0: d/50, d/100 from d 4096 on, at least 8)");
+  need(o.microbatches >= 1 && o.batch >= 1, "--microbatches and --batch must be >= 1");
+  need(o.steps >= 1, "--steps must be >= 1, got " + std::to_string(o.steps));
+  need(o.seq >= 0, "--seq must be >= 1 (or 0 for the preset's context, at most 256)");
+  need(o.warmup >= 0, "--warmup must be >= 0");
+  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number");
+  need(o.min_lr < 0 || o.min_lr <= o.lr, "--min-lr must not exceed --lr");
+  need(o.eval_every >= 1 && o.eval_batches >= 1 && o.log_every >= 1,
+       "--eval-every, --eval-batches and --log-every must be >= 1");
+  need(o.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: only at the end)");
+  need(o.checkpoint_every == 0 || !o.checkpoint_dir.empty(), "--checkpoint-every needs --checkpoint-dir");
+  need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
+  need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
+  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
+  need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
+  need(o.threads >= 0, "--threads must be >= 0");
+  need(o.schedule == "interleaved" || o.virtual_stages == 2 || o.virtual_stages == 1,
+       "--virtual-stages applies to --schedule interleaved only");
+  examples::parse_bandwidth(o.bandwidth);
+  (void)chosen_schedule(o);  // --schedule's own rules (e.g. interleaved needs --microbatches a multiple of --stages)
+}
+
+setup decide(const options& o, int ranks) {
+  setup s;
+  s.ranks = ranks;
+  s.chunks = o.schedule == "interleaved" ? o.virtual_stages : 1;
+  const std::optional<comm::link> l = examples::parse_bandwidth(o.bandwidth);
+  s.modelled = l.has_value();
+  s.net = comm::network(l ? *l : comm::link{1e30, 0.0},
+                        o.throttle == "enforce" && l ? comm::throttle_mode::enforce : comm::throttle_mode::account);
+  s.cfg = examples::model_config(o, o.seq);
+  s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
+  const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
+  if (parts > s.cfg.n_layers)
+    throw examples::cli_error("--stages " + std::to_string(o.stages) +
+                              (s.chunks > 1 ? " x --virtual-stages " + std::to_string(s.chunks) : std::string()) +
+                              ": " + std::to_string(parts) + " stages need at least as many layers; '" + s.cfg.name +
+                              "' has " + std::to_string(s.cfg.n_layers) + " (--layers)");
+  s.unconstrained_from = parts == 1 ? 0 : pipeline::even_cuts(s.cfg.n_layers, parts).back();
+  if (o.compressor == "subspace") {
+    if (o.k >= s.cfg.d_model)
+      throw examples::cli_error("--k " + std::to_string(o.k) + ": the subspace must be smaller than d_model " +
+                                std::to_string(s.cfg.d_model) + " (the boundary would carry no fewer values)");
+    s.codec.emplace(compress::subspace_projection_options{
+        s.cfg.d_model, s.cfg.vocab, o.k, o.seed * 2 + 101, o.seed * 2 + 102,
+        o.wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
+  }
+  return s;
+}
+
+void load_data(const options& o, setup& s) {
+  if (o.data.empty() && s.cfg.vocab < 256)
+    throw examples::cli_error("--vocab " + std::to_string(s.cfg.vocab) + " (--preset " + o.preset +
+                              "): byte-level text needs a vocabulary of at least 256");
+  s.src = examples::choose_data(o);
+  std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
+}
+
+/// Bytes one token puts on a boundary, forward and backward: the dense stream (bf16 on the GPU, fp32 on the host)
+/// or k coefficients in the wire type plus the token id.
+std::pair<double, double> boundary_bytes_per_token(const setup& s, std::size_t activation_bytes) {
+  const double d = double(s.cfg.d_model);
+  if (!s.codec) return {d * double(activation_bytes), d * double(activation_bytes)};
+  const double k = double(s.codec->k()), w = double(s.codec->wire_element_bytes(4));
+  return {k * w + double(s.codec->token_id_bytes()), k * w};
+}
+
+void print_header(const options& o, const setup& s, std::size_t activation_bytes) {
+  const nn::llama_config& cfg = s.cfg;
+  std::printf("model '%s': %s parameters (d %lld, %lld layers, %lld/%lld heads, FFN %lld, vocab %lld)\n",
+              cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
+              (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
+              (long long)cfg.vocab);
+  const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
+  const std::vector<std::int64_t> cuts = parts > 1 ? pipeline::even_cuts(cfg.n_layers, parts) : std::vector<std::int64_t>{};
+  std::string layout;
+  std::int64_t first = 0;
+  for (std::int64_t p = 0; p < parts; ++p) {
+    const std::int64_t last = p + 1 < parts ? cuts[std::size_t(p)] : cfg.n_layers;
+    layout += (p ? " | " : "") + std::string("[") + std::to_string(first) + "," + std::to_string(last) + ")";
+    first = last;
+  }
+  const chosen_schedule sched(o);
+  std::printf("pipeline: %d stages%s x %d replica%s = %d ranks (%s) on %s | layers %s\n", o.stages,
+              s.chunks > 1 ? (" x " + std::to_string(s.chunks) + " virtual").c_str() : "", o.dp,
+              o.dp == 1 ? "" : "s", s.ranks, s.where.c_str(), s.device_name.c_str(), layout.c_str());
+  std::printf("schedule %s, %lld micro-batches of %lld x %lld tokens per step: bubble (p-1)/(v m) = %.3f\n",
+              o.schedule.c_str(), (long long)o.microbatches, (long long)o.batch, (long long)s.seq, sched.bubble());
+  const auto [fwd, bwd] = boundary_bytes_per_token(s, activation_bytes);
+  const double dense = double(cfg.d_model) * double(activation_bytes);
+  if (s.codec)
+    std::printf("compressor: subspace, k %lld (%s variant), %s wire, %d-byte token ids: %.0f B/token forward, %.0f "
+                "backward per boundary (dense: %.0f each way, %.1fx / %.1fx fewer); layers [0,%lld) constrained\n",
+                (long long)s.codec->k(), o.variant.c_str(), o.wire.c_str(), int(s.codec->token_id_bytes()), fwd, bwd,
+                dense, dense / fwd, dense / bwd, (long long)s.unconstrained_from);
+  else
+    std::printf("compressor: identity (the dense stream, %.0f B/token each way per boundary)\n", dense);
+  if (s.modelled)
+    std::printf("network: every link %s, %s mode\n", examples::link_text(s.net.default_link).c_str(),
+                s.net.mode == comm::throttle_mode::enforce ? "enforce" : "account");
+  else
+    std::printf("network: not modelled (--bandwidth none; bytes are still counted)\n");
+  std::fflush(stdout);
+}
+
+/// What each rank reports after each step (gathered through the unthrottled communicator).
+enum field : int { f_loss, f_norm, f_bytes, f_comm_s, f_wait_s, f_step_s, f_lr, f_count };
+
+/// The stages' tensors by name on the host, gathered for the samples (local launcher).
+struct gathered {
+  std::mutex mu;
+  std::map<std::string, host_tensor<float>> tensors;
+};
+
+data::batch_loader replica_loader(const options& o, const setup& s, int replica) {
+  const std::uint64_t total = s.train.tokens(), n = std::uint64_t(o.dp), q = std::uint64_t(replica);
+  data::loader_options lo{o.batch, s.seq, s.cfg.vocab, o.shuffle, o.seed + q, true,
+                          "train, replica " + std::to_string(replica) + " of " + std::to_string(o.dp)};
+  return data::batch_loader(s.train.slice(total * q / n, total * (q + 1) / n), lo);
+}
+
+/// v as fp32 host values.
+template <class Exec, class T, class S>
+void to_host_float(const Exec& ex, view<T, S> v, view<float, host_space> out) {
+  if constexpr (std::is_same_v<S, host_space>) {
+    cast(exec::host{}, view<const T, host_space>(v), out);
+  } else {
+    const auto h = to_host(ex, view<const T, S>(v));
+    cast(exec::host{}, view<const T, host_space>(h.v()), out);
+  }
+}
+
+/// Trains rank `world.rank()`; rank 0 prints. Returns the exit status (the same on every rank).
+template <class Model, class Compressor, class Blocks, class Exec, class Comm>
+int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, const Blocks& blocks, const options& o,
+             const setup& s, gathered* out, io::metrics_writer* metrics) {
+  const int rank = world.rank(), n = world.size(), stage = rank % o.stages, replica = rank / o.stages;
+  const bool lead = rank == 0;
+  pipeline::trainer_options to;
+  to.clip = o.clip;
+  to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
+                 optim::parse_decay(o.decay)};
+  pipeline::pipeline_trainer t(pipeline::llama_chunks<Model>(s.cfg, ex, o.stages, s.chunks, stage, blocks),
+                               subspace::stack{.communicator = comm::throttled<Comm>(std::move(world), s.net),
+                                               .compressor = std::move(compressor),
+                                               .scheduler = chosen_schedule(o),
+                                               .optimizer = optim::adamw{}},
+                               to);
+  data::batch_loader train_data = replica_loader(o, s, replica);
+  std::optional<data::batch_loader> val_data;
+  if (!s.val.empty()) val_data.emplace(s.val, data::loader_options{o.batch, s.seq, s.cfg.vocab, false, o.seed, true, "val"});
+  if (!o.resume.empty()) {
+    const io::trainer_state ts = t.resume(o.resume, train_data);
+    if (lead) std::printf("resumed from %s at step %lld\n", o.resume.c_str(), (long long)ts.step);
+  } else {
+    t.init(o.seed);
+  }
+  if (lead) {
+    std::printf("optimizer state %s bytes on rank 0\n", human(double(t.optimizer_state_bytes())).c_str());
+    std::fflush(stdout);
+  }
+  const auto save = [&](std::int64_t step) {
+    char name[32];
+    std::snprintf(name, sizeof name, "step_%09lld", (long long)step);
+    t.save(fs::path(o.checkpoint_dir) / name, train_data.position(), o.seed);
+    if (lead) std::printf("saved checkpoint %s\n", (fs::path(o.checkpoint_dir) / name).c_str());
+  };
+
+  const auto start = std::chrono::steady_clock::now();
+  const auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  std::vector<double> all(std::size_t(n) * f_count);
+  double last_val = NAN, train_time = 0, bytes_total = 0, comm_total = 0, wait_total = 0;
+  std::int64_t timed_tokens = 0, tokens_done = 0;
+  const std::int64_t first_step = t.steps_done() + 1;
+  for (std::int64_t step = first_step; step <= o.steps; ++step) {
+    const double t0 = seconds(), w0 = t.waited_seconds();
+    const comm::traffic before = t.communicator().metrics();
+    const train::step_result r = t.step(train_data);
+    const comm::traffic& after = t.communicator().metrics();
+    const double dt = seconds() - t0;
+    std::array<double, f_count> mine{};
+    mine[f_loss] = r.loss;
+    mine[f_norm] = r.grad_norm;
+    mine[f_bytes] = double(after[comm::op_kind::send].bytes_sent - before[comm::op_kind::send].bytes_sent);
+    mine[f_comm_s] = s.modelled ? after.seconds - before.seconds : 0.0;
+    mine[f_wait_s] = t.waited_seconds() - w0;
+    mine[f_step_s] = dt;
+    mine[f_lr] = double(r.lr);
+    stats.all_gather(view<const double, host_space>(mine.data(), {f_count}),
+                     view<double, host_space>(all.data(), {n, f_count}))
+        .wait();
+    const auto at = [&](int q, field f) { return all[std::size_t(q) * f_count + f]; };
+    if (!std::isfinite(r.loss) || r.skipped) {  // every rank has the same loss and norm
+      if (lead)
+        std::fprintf(stderr, "pipeline_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr "
+                             "or --clip)\n", (long long)step, r.loss, r.grad_norm);
+      return 1;
+    }
+    double bytes_max = 0, comm_max = 0, wait = 0;
+    for (int q = 0; q < n; ++q) {
+      bytes_max = std::max(bytes_max, at(q, f_bytes));
+      comm_max = std::max(comm_max, at(q, f_comm_s));
+      wait += at(q, f_wait_s) / std::max(at(q, f_step_s), 1e-12) / n;
+    }
+    tokens_done += r.tokens;
+    bytes_total += bytes_max;
+    comm_total += comm_max;
+    wait_total += wait;
+    if (step > first_step || o.steps == first_step) {  // the first step includes one-time set-up
+      train_time += dt;
+      timed_tokens += r.tokens;
+    }
+    const double tok_s = timed_tokens > 0 ? double(timed_tokens) / train_time : double(r.tokens) / dt;
+    std::optional<double> val;
+    if (val_data && (step % o.eval_every == 0 || step == o.steps)) val = last_val = t.evaluate(*val_data, o.eval_batches);
+    if (!o.checkpoint_dir.empty() && o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step != o.steps)
+      save(step);
+    if (!lead) continue;
+    if (step % o.log_every == 0 || step == 1 || step == o.steps || val) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | norm %.3f | %s tok/s | sent %sB/rank | "
+                    "waited %.0f%%", (long long)step, (long long)o.steps, r.loss, double(r.lr), r.grad_norm,
+                    human(tok_s).c_str(), human(bytes_max).c_str(), 100 * wait);
+      std::string line = buf;
+      if (s.modelled) {
+        if (comm_max < 1) std::snprintf(buf, sizeof buf, " | comm %.3gms", 1e3 * comm_max);
+        else std::snprintf(buf, sizeof buf, " | comm %.2fs", comm_max);
+        line += buf;
+      }
+      if (val) {
+        std::snprintf(buf, sizeof buf, " | val %.4f", *val);
+        line += buf;
+      }
+      line += " | ETA " + duration(double(o.steps - step) * double(r.tokens) / tok_s);
+      std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
+    }
+    if (metrics) {
+      io::json j = io::json::object({{"step", io::json(step)}, {"loss", io::json(r.loss)}});
+      if (val) j.set("val_loss", io::json(*val));
+      j.set("lr", io::json(double(r.lr)));
+      j.set("tokens", io::json(tokens_done));
+      j.set("tok_per_s", io::json(tok_s));
+      j.set("step_ms", io::json(1e3 * dt));
+      j.set("grad_norm", io::json(r.grad_norm));
+      io::json per_rank = io::json::array();
+      for (int q = 0; q < n; ++q) per_rank.push_back(io::json(std::int64_t(at(q, f_bytes))));
+      j.set("bytes_sent", per_rank);
+      j.set("comm_model_s", io::json(comm_max));
+      j.set("waited_fraction", io::json(wait));
+      metrics->write(j);
+    }
+  }
+  if (!o.checkpoint_dir.empty()) save(t.steps_done());
+  if (out && replica == 0) {  // the stages' tensors for the samples
+    std::lock_guard lock(out->mu);
+    auto& store = t.chunks()[0].parameters();
+    for (std::size_t i = 0; i < store.size(); ++i) {
+      host_tensor<float> h(store.info(i).shape);
+      to_host_float(ex, store.value(i), h.v());
+      out->tensors.insert_or_assign(store.info(i).name, std::move(h));
+    }
+  }
+  if (!lead) return 0;
+  const std::int64_t done_steps = std::max<std::int64_t>(1, o.steps - first_step + 1);
+  std::printf("done: %lld steps, %s tokens, %s; final val loss %.4f\n", (long long)o.steps,
+              human(double(tokens_done)).c_str(), duration(seconds()).c_str(), last_val);
+  std::printf("sent %sB per rank in all (the most of any rank per step, summed)", human(bytes_total).c_str());
+  if (s.modelled) std::printf(", modelled communication %.2f s", comm_total);
+  std::printf("; stages waited %.0f%% of the step on average\n", 100 * wait_total / double(done_steps));
+  if (!o.summary.empty()) {
+    const double tok_s = train_time > 0 ? double(timed_tokens) / train_time : 0.0;
+    const auto [fwd, bwd] = boundary_bytes_per_token(s, sizeof(typename Model::value_type));
+    io::json j = io::json::object({{"device", io::json(s.device_name)},
+                                   {"model", io::json(s.cfg.name)},
+                                   {"parameters", io::json(s.cfg.parameters())},
+                                   {"stages", io::json(o.stages)},
+                                   {"virtual_stages", io::json(s.chunks)},
+                                   {"replicas", io::json(o.dp)},
+                                   {"schedule", io::json(o.schedule)},
+                                   {"microbatches", io::json(o.microbatches)},
+                                   {"compressor", io::json(o.compressor)},
+                                   {"k", io::json(s.codec ? s.codec->k() : std::int64_t(0))},
+                                   {"wire", io::json(o.wire)},
+                                   {"boundary_bytes_per_token_forward", io::json(fwd)},
+                                   {"boundary_bytes_per_token_backward", io::json(bwd)},
+                                   {"bandwidth", io::json(o.bandwidth)},
+                                   {"throttle", io::json(o.throttle)},
+                                   {"steps", io::json(o.steps)},
+                                   {"tokens", io::json(tokens_done)},
+                                   {"seq", io::json(s.seq)},
+                                   {"batch", io::json(o.batch)},
+                                   {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
+                                   {"tok_per_s", io::json(tok_s)},
+                                   {"bytes_sent_per_rank", io::json(bytes_total)},
+                                   {"comm_model_s", io::json(comm_total)},
+                                   {"waited_fraction", io::json(wait_total / double(done_steps))},
+                                   {"wall_s", io::json(seconds())}});
+    io::atomic_write_text(o.summary, j.dump(2) + "\n");
+  }
+  std::fflush(stdout);
+  return 0;
+}
+
+/// The whole model from the gathered stage tensors (the same blocks), sampling text.
+template <class Model, class Blocks>
+void print_samples(const options& o, const setup& s, const Blocks& blocks, gathered& g) {
+  if (o.samples == 0 || o.sample_tokens == 0) return;
+  nn::llama<exec::host, float, Blocks> whole(s.cfg, exec::host{s.threads_per_rank ? s.threads_per_rank : 1},
+                                             nn::llama_stage{}, nullptr, blocks);
+  auto& store = whole.parameters();
+  store.allocate(exec::host{});
+  for (std::size_t i = 0; i < store.size(); ++i)
+    copy(exec::host{}, view<const float, host_space>(g.tensors.at(store.info(i).name).v()), store.value(i));
+  const data::byte_tokenizer bytes;
+  const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
+  require(!s.src.bytes || !prompt.empty(), "--prompt must not be empty");
+  for (std::int64_t i = 0; i < o.samples; ++i) {
+    nn::sampling smp;
+    smp.temperature = o.temperature;
+    smp.seed = o.seed + std::uint64_t(i);
+    const std::vector<std::int32_t> out = nn::generate(whole, prompt, o.sample_tokens, smp);
+    if (s.src.bytes) std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+    else {
+      std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
+      for (const auto id : out) std::printf("%d ", id);
+      std::printf("\n");
+    }
+  }
+}
+
+/// Calls f(model tag, compressor, blocks) for --compressor.
+template <class Exec, class F>
+int with_compressor(const options& o, const setup& s, F&& f) {
+  using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
+  if (s.codec) {
+    const nn::subspace_blocks blocks(*s.codec, s.unconstrained_from,
+                                     o.variant == "projected" ? nn::subspace_variant::projected
+                                                              : nn::subspace_variant::reparameterised);
+    return f(std::type_identity<nn::llama<Exec, T, nn::subspace_blocks>>{}, *s.codec, blocks);
+  }
+  return f(std::type_identity<nn::llama<Exec, T>>{}, compress::identity{}, nn::dense_blocks{});
+}
+
+/// --launcher local: the ranks as threads, through comm::local (host memory, or device memory on one GPU).
+template <class Exec>
+int run_local(const options& o, setup& s) {
+  comm::local_options lo;
+  lo.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
+  std::vector<Exec> execs;
+#if defined(__CUDACC__)
+  std::vector<cudaStream_t> streams;
+  if constexpr (std::is_same_v<Exec, exec::cuda>) {
+    for (int r = 0; r < s.ranks; ++r) {  // each rank computes and communicates on its own stream
+      cudaStream_t st = nullptr;
+      cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      streams.push_back(st);
+      execs.push_back(exec::cuda{st});
+      lo.streams.push_back(st);
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<Exec, exec::host>)
+    for (int r = 0; r < s.ranks; ++r) execs.push_back(exec::host{s.threads_per_rank});
+  comm::local_options stats_options;
+  stats_options.timeout = lo.timeout;
+  std::optional<io::metrics_writer> metrics;
+  if (!o.metrics.empty()) metrics.emplace(o.metrics);
+  gathered g;
+  int status = 0;
+  {
+    std::vector<comm::local> world = comm::local::world(s.ranks, lo);
+    std::vector<comm::local> stats = comm::local::world(s.ranks, stats_options);
+    status = with_compressor<Exec>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
+      using model_t = typename decltype(model_tag)::type;
+      const int st = examples::on_threads(s.ranks, [&](int r) {
+        return run_rank<model_t>(execs[std::size_t(r)], world[std::size_t(r)], stats[std::size_t(r)], compressor,
+                                 blocks, o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
+      });
+      if (st == 0) print_samples<model_t>(o, s, blocks, g);
+      return st;
+    });
+  }
+#if defined(__CUDACC__)
+  for (cudaStream_t st : streams) cudaStreamDestroy(st);
+#endif
+  return status;
+}
+
+#if defined(__CUDACC__)
+/// --launcher nccl: this process is one rank of the launcher's world, on GPU LOCAL_RANK.
+int run_nccl(const options& o) {
+  const comm::launch_info li = comm::launch_from_env();
+  if (li.world_size != o.stages * o.dp)
+    throw examples::cli_error("--stages " + std::to_string(o.stages) + " x --dp " + std::to_string(o.dp) + " = " +
+                              std::to_string(o.stages * o.dp) + " ranks, but the launcher (" + li.launcher +
+                              ") started " + std::to_string(li.world_size));
+  setup s = decide(o, li.world_size);
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+    throw examples::cli_error("--launcher nccl: no CUDA device is present");
+  cuda_check(cudaSetDevice(li.local_rank % devices));
+  cudaStream_t st = nullptr;  // kept until the process exits: the communicators use it to their end
+  cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  comm::nccl_options no;
+  no.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
+  no.stream = st;
+  comm::nccl world = comm::nccl::connect(li, no);
+  comm::nccl stats = world.split(0, world.rank());
+  try {
+    if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
+    stats.barrier().wait();
+    if (li.rank != 0) load_data(o, s);
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, world.device()));
+    s.device_name = prop.name;
+    s.where = "NCCL processes, " + li.launcher + " launch";
+    if (li.rank == 0) print_header(o, s, sizeof(bf16));
+    std::optional<io::metrics_writer> metrics;
+    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
+    const exec::cuda ex{st};
+    const int status = with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
+      using model_t = typename decltype(model_tag)::type;
+      return run_rank<model_t>(ex, world, stats, compressor, blocks, o, s, nullptr, metrics ? &*metrics : nullptr);
+    });
+    if (li.rank == 0 && o.samples > 0) std::printf("(samples: run with --launcher local, or load a checkpoint)\n");
+    cuda_check(cudaStreamSynchronize(st));
+    return status;
+  } catch (const std::exception& e) {
+    const std::string why = std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what();
+    stats.abort(why);
+    world.abort(why);
+    throw;
+  }
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  examples::cli cli("pipeline_llama",
+                    "Trains a Llama 3 model split into pipeline stages, plain (--compressor identity) or as a Subspace\n"
+                    "Network (--compressor subspace: every stage boundary carries k coefficients and a token id per\n"
+                    "token, exactly, instead of d activations). Stages x replicas ranks run as threads (comm::local) on\n"
+                    "the host or one GPU, or one process per GPU (comm::nccl); every rank's traffic goes through\n"
+                    "comm::throttled. With no data flags it trains on the King James Bible, byte-tokenized.");
+  cli.flag("stages", o.stages, "pipeline stages (ranks per pipeline)")
+      .flag("schedule", o.schedule, "gpipe: all forwards, then all backwards; 1f1b: one forward one backward "
+            "(memory of <= stages micro-batches); interleaved: 1f1b over --virtual-stages chunks per rank (bubble / "
+            "virtual stages; --microbatches a multiple of --stages)", {"gpipe", "1f1b", "interleaved"})
+      .flag("virtual-stages", o.virtual_stages, "model chunks per rank with --schedule interleaved")
+      .flag("microbatches", o.microbatches, "micro-batches per optimizer step")
+      .flag("compressor", o.compressor, "identity: the dense stream crosses each boundary; subspace: k coefficients "
+            "and the token id (Subspace Networks; every layer before the last stage is constrained to span(U))",
+            {"identity", "subspace"})
+      .flag("k", o.k, "subspace dimension (0: d/50, or d/100 from d 4096 on, at least 8; must be below d)")
+      .flag("variant", o.variant, "reparam: constrained projections are factors Z (y = x Zᵀ Uᵀ); projected: full W "
+            "re-projected onto span(U) after each step", {"reparam", "projected"})
+      .flag("wire", o.wire, "element type of the coefficients on the wire", {"fp32", "bf16"})
+      .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)")
+      .flag("launcher", o.launcher, "local: ranks as threads of this process (comm::local); nccl: one process per "
+            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)", {"local", "nccl"})
+      .flag("bandwidth", o.bandwidth, "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
+            "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
+      .flag("throttle", o.throttle, "account: add the modelled time to a virtual clock; enforce: also delay each "
+            "operation's completion until then", {"account", "enforce"})
+      .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
+  examples::declare_model_flags(cli, o);
+  examples::declare_data_flags(cli, o);
+  cli.flag("seq", o.seq, "tokens per sequence (0: the preset's context, at most 256)")
+      .flag("batch", o.batch, "sequences per micro-batch")
+      .flag("steps", o.steps, "optimizer steps (a resumed run continues to this step)")
+      .flag("lr", o.lr, "peak learning rate")
+      .flag("min-lr", o.min_lr, "final learning rate of the decay (negative: --lr / 10)")
+      .flag("warmup", o.warmup, "linear warm-up steps")
+      .flag("decay", o.decay, "learning-rate decay after warm-up", {"cosine", "linear", "constant"})
+      .flag("clip", o.clip, "clip of the global gradient norm over every stage (<= 0: off)")
+      .flag("eval-every", o.eval_every, "validation loss every N steps (and at the end)")
+      .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
+      .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
+      .flag("metrics", o.metrics, "write one JSON line per step to this file")
+      .flag("summary", o.summary, "write a JSON summary of the run here at the end")
+      .flag("checkpoint-dir", o.checkpoint_dir, "save every stage's checkpoint to DIR/step_NNNNNNNNN/stage-S (and at "
+            "the end)")
+      .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
+      .flag("resume", o.resume, "continue exactly from a checkpoint saved with the same layout (DIR/step_N)")
+      .flag("samples", o.samples, "text samples to print at the end (--launcher local)")
+      .flag("sample-tokens", o.sample_tokens, "tokens per sample")
+      .flag("prompt", o.prompt, "prompt of the samples")
+      .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
+      .flag("device", o.device, "where in-process ranks train: host, or one GPU shared by all ranks (cuda); auto "
+            "picks cuda when a GPU is present", {"auto", "host", "cuda"})
+      .flag("threads", o.threads, "host worker threads per rank (0: the cores divided among the ranks)")
+      .flag("seed", o.seed, "seed of the initial weights, the subspace tables, the data order (+ replica) and the "
+            "samples");
+  return examples::guarded_main("pipeline_llama", [&] {
+    if (!cli.parse(argc, argv)) return 0;
+    check(o);
+    if (o.launcher == "nccl") {
+#if defined(__CUDACC__)
+      return run_nccl(o);
+#else
+      throw examples::cli_error("--launcher nccl: this build has no CUDA path (configure with the cuda preset)");
+#endif
+    }
+    const int ranks = o.stages * o.dp;
+    setup s = decide(o, ranks);
+    const examples::device_choice d = examples::choose_device(o.device);
+#if defined(__CUDACC__)
+    if (d.cuda) {
+      load_data(o, s);
+      s.device_name = d.name;
+      s.where = "threads sharing one GPU, comm::local";
+      print_header(o, s, sizeof(bf16));
+      return run_local<exec::cuda>(o, s);
+    }
+#endif
+    load_data(o, s);
+    const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+    s.threads_per_rank = o.threads ? o.threads : std::max(1, cores / ranks);
+    s.device_name = "host";
+    s.where = "threads, comm::local, " + std::to_string(s.threads_per_rank) + " worker thread" +
+              (s.threads_per_rank == 1 ? "" : "s") + " each";
+    print_header(o, s, sizeof(float));
+    return run_local<exec::host>(o, s);
+  });
+}
