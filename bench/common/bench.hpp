@@ -27,15 +27,19 @@
 #include <cstdint>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <subspace/core/cuda/error.cuh>
 #include <subspace/core/cuda/launch.cuh>
 #include <subspace/core/parallel.hpp>
 #include <subspace/core/rng.hpp>
+#include <subspace/data/tokens.hpp>
 #include <subspace/util/file.hpp>
 #include <subspace/util/json.hpp>
 
@@ -116,6 +120,35 @@ inline void write_document(const std::string& path, const io::json& doc) {
   io::atomic_write_text(path, doc.dump(2) + "\n");
   std::printf("wrote %s\n", path.c_str());
 }
+
+// ---- Data -------------------------------------------------------------------------------------------------------
+
+/// A temporary llm.c shard of `tokens` uniform random ids below `vocab` (Philox stream (seed, 0)); removed when
+/// this goes out of scope.
+class random_shard {
+ public:
+  random_shard(const std::string& tag, std::uint64_t tokens, std::int64_t vocab, std::uint64_t seed)
+      : path_(std::filesystem::temp_directory_path() /
+              ("bench." + std::to_string(::getpid()) + "." + tag + ".bin")) {
+    std::vector<std::int32_t> ids(tokens);
+    for (std::uint64_t block = 0; 4 * block < tokens; ++block) {
+      const rng::u32x4 r = rng::bits4(seed, 0, block);
+      for (std::uint64_t j = 0; j < 4 && 4 * block + j < tokens; ++j)  // multiply-shift: uniform in [0, vocab)
+        ids[4 * block + j] = std::int32_t((std::uint64_t(r.v[j]) * std::uint64_t(vocab)) >> 32);
+    }
+    data::write_llmc_tokens(path_, ids, vocab <= 65536 ? 1 : 7);
+  }
+  ~random_shard() {
+    std::error_code ignored;
+    std::filesystem::remove(path_, ignored);
+  }
+  random_shard(const random_shard&) = delete;
+  random_shard& operator=(const random_shard&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
 
 // ---- Ranks and time ---------------------------------------------------------------------------------------------
 

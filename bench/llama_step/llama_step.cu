@@ -167,33 +167,6 @@ void create_process_state(const exec::cuda& ex) {
 
 // ---- Data -------------------------------------------------------------------------------------------------------
 
-/// A temporary llm.c shard of `tokens` uniform random ids below `vocab` (Philox stream (seed, 0)); removed when
-/// this goes out of scope.
-class random_shard {
- public:
-  random_shard(const std::string& tag, std::uint64_t tokens, std::int64_t vocab)
-      : path_(fs::temp_directory_path() /
-              ("bench_llama_step." + std::to_string(::getpid()) + "." + tag + ".bin")) {
-    std::vector<std::int32_t> ids(tokens);
-    for (std::uint64_t block = 0; 4 * block < tokens; ++block) {
-      const rng::u32x4 r = rng::bits4(seed, 0, block);
-      for (std::uint64_t j = 0; j < 4 && 4 * block + j < tokens; ++j)  // multiply-shift: uniform in [0, vocab)
-        ids[4 * block + j] = std::int32_t((std::uint64_t(r.v[j]) * std::uint64_t(vocab)) >> 32);
-    }
-    data::write_llmc_tokens(path_, ids, vocab <= 65536 ? 1 : 7);
-  }
-  ~random_shard() {
-    std::error_code ignored;
-    fs::remove(path_, ignored);
-  }
-  random_shard(const random_shard&) = delete;
-  random_shard& operator=(const random_shard&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
 /// CUDA events, destroyed with the list (also when a step throws).
 class event_list {
  public:
@@ -233,7 +206,7 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
   // Exactly warm-up + timed batches of windows: the loader never wraps to a second epoch.
   const std::int64_t total_steps = std::int64_t(o.warmup) + o.steps;
   const auto windows = std::uint64_t(total_steps * c.batch);
-  const random_shard shard(c.name, windows * std::uint64_t(c.seq) + 1, cfg.vocab);
+  const bench::random_shard shard("llama_step." + c.name, windows * std::uint64_t(c.seq) + 1, cfg.vocab, seed);
   data::batch_loader loader(data::token_dataset(std::vector<fs::path>{shard.path()}),
                             data::loader_options{c.batch, c.seq, cfg.vocab, false, seed, true, "bench"});
   require(loader.batches_per_epoch() >= std::uint64_t(total_steps),
