@@ -29,9 +29,9 @@
 #include <subspace/comm/nccl.cuh>
 #endif
 
-#include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/decent.hpp>
 #include <decent/gossip_trainer.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 
 #include <algorithm>
 #include <array>
@@ -123,10 +123,10 @@ decent::group_schedule make_schedule(const options& o, int ranks, int local_rank
 struct setup {
   int ranks = 1, local_ranks = 1;
   bool gossip = true;
-  std::string optimizer;                          // resolved (no "auto")
+  std::string optimizer;                           // resolved (no "auto")
   std::optional<decent::group_schedule> schedule;  // gossip only
   comm::network net;
-  bool modelled = false;                          // --bandwidth other than none
+  bool modelled = false;  // --bandwidth other than none
   nn::llama_config cfg;
   std::int64_t seq = 0;
   examples::data_source src;
@@ -169,11 +169,14 @@ void check(const options& o) {
     need(o.optimizer == "auto" || one_of(o.optimizer, gossip_optimizers),
          "--optimizer " + o.optimizer + " with --topology " + o.topology +
              ": a gossip topology takes decent_adam, decent_adamw, accum_adam or accum_adamw (the optimizer steps "
-             "from the mixed point); " + o.optimizer + " belongs to --topology allreduce");
+             "from the mixed point); " +
+             o.optimizer + " belongs to --topology allreduce");
   else
     need(o.optimizer == "auto" || one_of(o.optimizer, allreduce_optimizers),
-         "--optimizer " + o.optimizer + " with --topology allreduce: the all-reduce baseline takes adamw, galore or "
-         "golore; " + o.optimizer + " needs a gossip topology (complete, ring, one_peer_exp, alternating_exp_ring)");
+         "--optimizer " + o.optimizer +
+             " with --topology allreduce: the all-reduce baseline takes adamw, galore or "
+             "golore; " +
+             o.optimizer + " needs a gossip topology (complete, ring, one_peer_exp, alternating_exp_ring)");
   parse_bandwidth(o.bandwidth);
 }
 
@@ -198,8 +201,9 @@ void load_model_and_data(const options& o, setup& s) {
   s.cfg = examples::model_config(o, o.seq);
   s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
   s.src = examples::choose_data(o);
-  require(!s.src.bytes || s.cfg.vocab >= 256, [&] { return "--vocab " + std::to_string(s.cfg.vocab) +
-                                                  ": byte-level text needs a vocabulary of at least 256"; });
+  require(!s.src.bytes || s.cfg.vocab >= 256, [&] {
+    return "--vocab " + std::to_string(s.cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
+  });
   std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
 }
 
@@ -209,10 +213,11 @@ void print_header(const options& o, const setup& s) {
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
-  std::printf("data: %s — %s train / %s val tokens; rank r reads train slice r of %d (~%s tokens each), shuffle "
-              "seed %llu + r\n",
-              s.src.described.c_str(), human(double(s.train.tokens())).c_str(), human(double(s.val.tokens())).c_str(),
-              s.ranks, human(double(s.train.tokens()) / s.ranks).c_str(), (unsigned long long)o.seed);
+  std::printf(
+      "data: %s — %s train / %s val tokens; rank r reads train slice r of %d (~%s tokens each), shuffle "
+      "seed %llu + r\n",
+      s.src.described.c_str(), human(double(s.train.tokens())).c_str(), human(double(s.val.tokens())).c_str(), s.ranks,
+      human(double(s.train.tokens()) / s.ranks).c_str(), (unsigned long long)o.seed);
   std::string topo;
   if (s.gossip) {
     topo = "gossip, topology " + o.topology + " (period " + std::to_string(s.schedule->period());
@@ -230,8 +235,7 @@ void print_header(const options& o, const setup& s) {
   if (s.modelled)
     std::printf("network: every link %s, %s mode\n", link_text(s.net.default_link).c_str(),
                 s.net.mode == comm::throttle_mode::enforce ? "enforce" : "account");
-  else
-    std::printf("network: not modelled (--bandwidth none; bytes are still counted)\n");
+  else std::printf("network: not modelled (--bandwidth none; bytes are still counted)\n");
   const std::int64_t per_rank = o.batch * s.seq * o.accumulation;
   std::printf("batch %lld x %lld x %lld accumulation = %lld tokens/step per rank, %lld globally | %lld steps\n",
               (long long)o.batch, (long long)s.seq, (long long)o.accumulation, (long long)per_rank,
@@ -299,7 +303,12 @@ int with_optimizer(const options& o, const setup& s, F&& f) {
 /// Rank r's training loader: slice r of N of the training tokens, shuffled with seed + r.
 data::batch_loader rank_loader(const options& o, const setup& s, int rank) {
   const std::uint64_t total = s.train.tokens(), n = std::uint64_t(s.ranks), r = std::uint64_t(rank);
-  data::loader_options lo{o.batch, s.seq, s.cfg.vocab, o.shuffle, o.seed + r, true,
+  data::loader_options lo{o.batch,
+                          s.seq,
+                          s.cfg.vocab,
+                          o.shuffle,
+                          o.seed + r,
+                          true,
                           "train, rank " + std::to_string(rank) + " of " + std::to_string(s.ranks)};
   return data::batch_loader(s.train.slice(total * r / n, total * (r + 1) / n), lo);
 }
@@ -325,7 +334,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   const int rank = world.rank(), n = world.size();
   const bool lead = rank == 0;
 
-  const bool evaluating = val_data.has_value();  // the same on every rank
+  const bool evaluating = val_data.has_value();                       // the same on every rank
   const std::int64_t rank_tokens = o.batch * s.seq * o.accumulation;  // per rank and step
 
   decent::gossip_options to;
@@ -338,8 +347,8 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   auto t = [&] {
     if constexpr (Gossip)
       return decent::gossip_trainer(
-          model_t(s.cfg, ex), subspace::stack{.communicator = std::move(wire), .scheduler = *s.schedule, .optimizer = opt},
-          to);
+          model_t(s.cfg, ex),
+          subspace::stack{.communicator = std::move(wire), .scheduler = *s.schedule, .optimizer = opt}, to);
     else
       return dist::data_parallel_trainer(
           model_t(s.cfg, ex),
@@ -374,8 +383,9 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
     mine[f_bytes] = double(after.bytes_sent() - before.bytes_sent());
     mine[f_comm_s] = s.modelled ? after.seconds - before.seconds : 0.0;
     mine[f_lr] = double(r.lr);
-    stats.all_gather(view<const double, host_space>(mine.data(), {f_count}),
-                     view<double, host_space>(all.data(), {n, f_count}))
+    stats
+        .all_gather(view<const double, host_space>(mine.data(), {f_count}),
+                    view<double, host_space>(all.data(), {n, f_count}))
         .wait();
     const double dt = seconds() - t0;
     const auto at = [&](int q, field f) { return all[std::size_t(q) * f_count + f]; };
@@ -393,8 +403,10 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
     }
     if (bad >= 0) {  // every rank sees the same numbers, so every rank stops here
       if (lead)
-        std::fprintf(stderr, "gossip_llama: step %lld: loss %g, gradient norm %g on rank %d — training diverged "
-                             "(lower --lr or --clip)\n", (long long)step, at(bad, f_loss), at(bad, f_norm), bad);
+        std::fprintf(stderr,
+                     "gossip_llama: step %lld: loss %g, gradient norm %g on rank %d — training diverged "
+                     "(lower --lr or --clip)\n",
+                     (long long)step, at(bad, f_loss), at(bad, f_norm), bad);
       return 1;
     }
     tokens_done += std::int64_t(step_tokens);
@@ -424,8 +436,8 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
       const double eta = double(o.steps - step) * step_tokens / tok_s;
       std::string line = "step " + std::to_string(step) + "/" + std::to_string(o.steps);
       char buf[200];
-      std::snprintf(buf, sizeof buf, " | loss %.4f | lr %.2e | norm %.3f | %s tok/s | sent %sB/rank", loss,
-                    at(0, f_lr), norm, human(tok_s).c_str(), human(bytes_max).c_str());
+      std::snprintf(buf, sizeof buf, " | loss %.4f | lr %.2e | norm %.3f | %s tok/s | sent %sB/rank", loss, at(0, f_lr),
+                    norm, human(tok_s).c_str(), human(bytes_max).c_str());
       line += buf;
       if (s.modelled) {
         if (comm_max < 1) std::snprintf(buf, sizeof buf, " | comm %.3gms", 1e3 * comm_max);
@@ -477,32 +489,32 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   std::printf("\n");
   if (!o.summary.empty()) {
     const double tok_s = train_time > 0 ? double(timed_tokens) / train_time : 0.0;
-    io::json j = io::json::object({{"device", io::json(s.device_name)},
-                                   {"model", io::json(s.cfg.name)},
-                                   {"parameters", io::json(s.cfg.parameters())},
-                                   {"ranks", io::json(n)},
-                                   {"topology", io::json(o.topology)},
-                                   {"local_ranks", io::json(s.local_ranks)},
-                                   {"optimizer", io::json(s.optimizer)},
-                                   {"accum_window", io::json(o.accum_window)},
-                                   {"bandwidth", io::json(o.bandwidth)},
-                                   {"throttle", io::json(o.throttle)},
-                                   {"bucket_bytes", io::json(to.bucket_bytes)},
-                                   {"buckets", io::json(std::int64_t(t.buckets().size()))},
-                                   {"steps", io::json(o.steps)},
-                                   {"tokens", io::json(tokens_done)},
-                                   {"batch_per_rank", io::json(o.batch)},
-                                   {"seq", io::json(s.seq)},
-                                   {"accumulation", io::json(o.accumulation)},
-                                   {"lr", io::json(double(o.lr))},
-                                   {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
-                                   {"final_consensus", std::isfinite(last_consensus) ? io::json(last_consensus)
-                                                                                     : io::json(nullptr)},
-                                   {"tok_per_s", io::json(tok_s)},
-                                   {"bytes_sent_per_rank", io::json(bytes_total)},
-                                   {"comm_model_s", io::json(comm_total)},
-                                   {"optimizer_state_bytes", io::json(std::int64_t(t.optimizer_state_bytes()))},
-                                   {"wall_s", io::json(seconds())}});
+    io::json j = io::json::object(
+        {{"device", io::json(s.device_name)},
+         {"model", io::json(s.cfg.name)},
+         {"parameters", io::json(s.cfg.parameters())},
+         {"ranks", io::json(n)},
+         {"topology", io::json(o.topology)},
+         {"local_ranks", io::json(s.local_ranks)},
+         {"optimizer", io::json(s.optimizer)},
+         {"accum_window", io::json(o.accum_window)},
+         {"bandwidth", io::json(o.bandwidth)},
+         {"throttle", io::json(o.throttle)},
+         {"bucket_bytes", io::json(to.bucket_bytes)},
+         {"buckets", io::json(std::int64_t(t.buckets().size()))},
+         {"steps", io::json(o.steps)},
+         {"tokens", io::json(tokens_done)},
+         {"batch_per_rank", io::json(o.batch)},
+         {"seq", io::json(s.seq)},
+         {"accumulation", io::json(o.accumulation)},
+         {"lr", io::json(double(o.lr))},
+         {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
+         {"final_consensus", std::isfinite(last_consensus) ? io::json(last_consensus) : io::json(nullptr)},
+         {"tok_per_s", io::json(tok_s)},
+         {"bytes_sent_per_rank", io::json(bytes_total)},
+         {"comm_model_s", io::json(comm_total)},
+         {"optimizer_state_bytes", io::json(std::int64_t(t.optimizer_state_bytes()))},
+         {"wall_s", io::json(seconds())}});
     io::atomic_write_text(o.summary, j.dump(2) + "\n");
   }
   // Samples from rank 0's model: the global average for gossip (after finish), the common weights for all-reduce.
@@ -570,10 +582,9 @@ int run_local(const options& o, setup& s) {
     std::vector<comm::local> stats = comm::local::world(s.ranks, stats_options);
     status = with_optimizer(o, s, [&](auto gossip, const auto& opt) {
       return on_threads(s.ranks, [&](int r) {
-        return run_rank<decltype(gossip)::value>(execs[std::size_t(r)], world[std::size_t(r)],
-                                                 stats[std::size_t(r)], opt, o, s,
-                                                 std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]),
-                                                 r == 0 && metrics ? &*metrics : nullptr);
+        return run_rank<decltype(gossip)::value>(
+            execs[std::size_t(r)], world[std::size_t(r)], stats[std::size_t(r)], opt, o, s,
+            std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]), r == 0 && metrics ? &*metrics : nullptr);
       });
     });
   }
@@ -643,21 +654,29 @@ int main(int argc, char** argv) {
                     "slice r of N of the training tokens (shuffle seed --seed + r). With no data flags it trains on\n"
                     "the King James Bible (Debian bible-kjv-text), byte-tokenized.");
   cli.flag("ranks", o.ranks, "ranks (0: 4 in-process ranks; under --launcher nccl the launcher's WORLD_SIZE)")
-      .flag("launcher", o.launcher, "local: ranks as threads of this process (comm::local); nccl: one process per "
-            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)", {"local", "nccl"})
-      .flag("topology", o.topology, "gossip topology, or allreduce for the all-reduce data-parallel baseline "
+      .flag("launcher", o.launcher,
+            "local: ranks as threads of this process (comm::local); nccl: one process per "
+            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
+            {"local", "nccl"})
+      .flag("topology", o.topology,
+            "gossip topology, or allreduce for the all-reduce data-parallel baseline "
             "(ring: even --ranks; one_peer_exp: a power of two; alternating_exp_ring: a power-of-two node count)",
             topologies)
-      .flag("local-ranks", o.local_ranks, "ranks per node for alternating_exp_ring (0: 1 under --launcher local, "
+      .flag("local-ranks", o.local_ranks,
+            "ranks per node for alternating_exp_ring (0: 1 under --launcher local, "
             "LOCAL_WORLD_SIZE under nccl)")
-      .flag("optimizer", o.optimizer, "auto: accum_adamw for gossip, adamw for allreduce. Gossip: decent_adam, "
+      .flag("optimizer", o.optimizer,
+            "auto: accum_adamw for gossip, adamw for allreduce. Gossip: decent_adam, "
             "decent_adamw, accum_adam, accum_adamw; allreduce: adamw, galore, golore",
             {"auto", "adamw", "decent_adam", "decent_adamw", "accum_adam", "accum_adamw", "galore", "golore"})
       .flag("accum-window", o.accum_window, "AccumAdam(W) window K: the moments see the mean gradient of K steps")
-      .flag("bandwidth", o.bandwidth, "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
+      .flag("bandwidth", o.bandwidth,
+            "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
             "gbit100 (comm::links presets) or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
-      .flag("throttle", o.throttle, "account: add the modelled time to a virtual clock; enforce: also delay each "
-            "operation's completion until then", {"account", "enforce"})
+      .flag("throttle", o.throttle,
+            "account: add the modelled time to a virtual clock; enforce: also delay each "
+            "operation's completion until then",
+            {"account", "enforce"})
       .flag("bucket-mb", o.bucket_mb, "bucket size in MB (1e6 bytes) of the bucketed all-reduce / gossip")
       .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
   examples::declare_model_flags(cli, o);
@@ -670,18 +689,21 @@ int main(int argc, char** argv) {
       .flag("min-lr", o.min_lr, "final learning rate of the decay (negative: --lr / 10)")
       .flag("warmup", o.warmup, "linear warm-up steps")
       .flag("decay", o.decay, "learning-rate decay after warm-up", {"cosine", "linear", "constant"})
-      .flag("weight-decay", o.weight_decay, "weight decay, on the projection matrices and an untied LM head "
+      .flag("weight-decay", o.weight_decay,
+            "weight decay, on the projection matrices and an untied LM head "
             "(negative: the optimizer's default: 0.1 for adamw, decent_adamw, accum_adamw; 0 for decent_adam, "
             "accum_adam)")
       .flag("beta1", o.beta1, "Adam beta1 (negative: the optimizer's default, 0.9)")
-      .flag("beta2", o.beta2, "Adam beta2 (negative: the optimizer's default: adamw 0.95, decent_adam(w) 0.999, "
+      .flag("beta2", o.beta2,
+            "Adam beta2 (negative: the optimizer's default: adamw 0.95, decent_adam(w) 0.999, "
             "accum_adam(w) 0.98)")
       .flag("clip", o.clip, "gradient-norm clip (<= 0: off); all-reduce: the global norm, gossip: per bucket")
       .flag("rank", o.rank, "GaLore/GoLore projection rank r")
       .flag("refresh", o.refresh, "GaLore/GoLore projector refresh period (steps)")
       .flag("galore-scale", o.galore_scale, "GaLore/GoLore update scale alpha")
       .flag("golore-percent", o.golore_percent, "GoLore@x%: the last x% of steps use random projectors")
-      .flag("eval-every", o.eval_every, "validation loss (of the global average) and consensus distance every N "
+      .flag("eval-every", o.eval_every,
+            "validation loss (of the global average) and consensus distance every N "
             "steps (and at the end)")
       .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
       .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
@@ -691,10 +713,13 @@ int main(int argc, char** argv) {
       .flag("sample-tokens", o.sample_tokens, "tokens per sample")
       .flag("prompt", o.prompt, "prompt of the samples")
       .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
-      .flag("device", o.device, "where in-process ranks train: host, or one GPU shared by all ranks (cuda); auto "
-            "picks cuda when a GPU is present. --launcher nccl always uses the GPUs", {"auto", "host", "cuda"})
+      .flag("device", o.device,
+            "where in-process ranks train: host, or one GPU shared by all ranks (cuda); auto "
+            "picks cuda when a GPU is present. --launcher nccl always uses the GPUs",
+            {"auto", "host", "cuda"})
       .flag("threads", o.threads, "host worker threads per rank (0: the cores divided among the ranks)")
-      .flag("seed", o.seed, "seed of the initial weights (rank 0's, broadcast), the data orders (+ rank) and the "
+      .flag("seed", o.seed,
+            "seed of the initial weights (rank 0's, broadcast), the data orders (+ rank) and the "
             "samples");
   return examples::guarded_main("gossip_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;
@@ -702,8 +727,9 @@ int main(int argc, char** argv) {
     if (o.launcher == "nccl") {
 #if defined(__CUDACC__)
       if (o.device == "host")
-        throw examples::cli_error("--launcher nccl --device host: NCCL ranks train on their GPUs (use --launcher "
-                                  "local for host ranks)");
+        throw examples::cli_error(
+            "--launcher nccl --device host: NCCL ranks train on their GPUs (use --launcher "
+            "local for host ranks)");
       return run_nccl(o);
 #else
       throw examples::cli_error("--launcher nccl: this build has no CUDA path (configure with the cuda preset)");

@@ -15,8 +15,8 @@
 // of a row predicted at position s, as transformers computes it with labels = input_ids), and the logits are
 // those of the last position of every row. --out receives {"loss", "targets", "logits": [[V floats] per row],
 // ...}, written atomically. This file compiles as C++ (host only) or, in a CUDA build, as CUDA (--device cuda).
-#include <subspace/subspace.hpp>
 #include <subspace/nn/generate.hpp>
+#include <subspace/subspace.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -177,8 +177,7 @@ void evaluate_rows(Model& model, const options& o, const char* device_name) {
   if (counted > 0)
     std::printf("loss %.6f over %lld next-token targets (%lld rows of %lld tokens)\n", loss, (long long)counted,
                 (long long)b, (long long)s);
-  else
-    std::printf("no next-token targets (rows of one token): loss not defined; logits only\n");
+  else std::printf("no next-token targets (rows of one token): loss not defined; logits only\n");
   if (o.out.empty()) return;
 
   io::json rows = io::json::array();
@@ -188,8 +187,8 @@ void evaluate_rows(Model& model, const options& o, const char* device_name) {
     rows.push_back(std::move(row));
   }
   const io::json doc = io::json::object({
-      {"model", io::json(o.init_random.empty() ? o.model : "random init, seed " + o.init_random + ", preset " +
-                                                               o.preset)},
+      {"model",
+       io::json(o.init_random.empty() ? o.model : "random init, seed " + o.init_random + ", preset " + o.preset)},
       {"device", io::json(device_name)},
       {"dtype", io::json(std::is_same_v<typename Model::value_type, float> ? "float32" : "bfloat16")},
       {"rows", io::json(b)},
@@ -221,18 +220,18 @@ int run(const Exec& ex, const options& o, const char* device_name) {
     model.init(parse_seed("init-random", o.init_random));
   }
   const std::string source = o.init_random.empty() ? "'" + o.model + "'" : "random '" + cfg.name + "'";
-  std::printf("llama_eval: %s (vocab %lld, d %lld, %lld layers, %lld/%lld heads, ffn %lld, max_seq %lld%s%s), "
-              "%lld parameters, device %s\n",
-              source.c_str(),
-              (long long)cfg.vocab, (long long)cfg.d_model, (long long)cfg.n_layers, (long long)cfg.n_heads,
-              (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden, (long long)cfg.max_seq,
-              cfg.tied_embeddings ? ", tied head" : "", cfg.rope.llama31_scaling ? ", Llama 3.1 RoPE scaling" : "",
-              (long long)model.parameter_count(), device_name);
+  std::printf(
+      "llama_eval: %s (vocab %lld, d %lld, %lld layers, %lld/%lld heads, ffn %lld, max_seq %lld%s%s), "
+      "%lld parameters, device %s\n",
+      source.c_str(), (long long)cfg.vocab, (long long)cfg.d_model, (long long)cfg.n_layers, (long long)cfg.n_heads,
+      (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden, (long long)cfg.max_seq,
+      cfg.tied_embeddings ? ", tied head" : "", cfg.rope.llama31_scaling ? ", Llama 3.1 RoPE scaling" : "",
+      (long long)model.parameter_count(), device_name);
   std::fflush(stdout);
 
   if (!o.save.empty()) {
     io::save_options so;
-    so.dtype = o.save_dtype == "f32" ? io::weights_dtype::f32
+    so.dtype = o.save_dtype == "f32"    ? io::weights_dtype::f32
                : o.save_dtype == "bf16" ? io::weights_dtype::bf16
                                         : io::weights_dtype::native;
     io::save_model(ex, o.save, cfg, model, so);
@@ -244,14 +243,13 @@ int run(const Exec& ex, const options& o, const char* device_name) {
     const std::vector<std::int32_t> prompt = tok.encode(o.prompt);
     for (std::size_t i = 0; i < prompt.size(); ++i)
       if (prompt[i] >= cfg.vocab)
-        throw examples::cli_error("--prompt: byte " + std::to_string(prompt[i]) + " at position " +
-                                  std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(cfg.vocab) +
-                                  ") of '" + cfg.name + "' (the byte tokenizer needs a vocabulary of 256)");
+        throw examples::cli_error("--prompt: byte " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
+                                  " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ") of '" + cfg.name +
+                                  "' (the byte tokenizer needs a vocabulary of 256)");
     const std::vector<std::int32_t> sample =
         nn::generate(model, prompt, o.generate, nn::sampling{o.temperature, o.top_k, o.seed});
-    std::printf("sample (temperature %g, top_k %lld, seed %llu):\n%s%s\n", double(o.temperature),
-                (long long)o.top_k, (unsigned long long)o.seed, tok.printable(prompt).c_str(),
-                tok.printable(sample).c_str());
+    std::printf("sample (temperature %g, top_k %lld, seed %llu):\n%s%s\n", double(o.temperature), (long long)o.top_k,
+                (unsigned long long)o.seed, tok.printable(prompt).c_str(), tok.printable(sample).c_str());
   }
   return 0;
 }
@@ -263,18 +261,21 @@ void check_options(const options& o) {
     throw cli_error("give exactly one of --model DIR (load weights) and --init-random SEED (a random model)");
   if (!o.model.empty()) {
     if (!std::filesystem::is_directory(o.model))
-      throw cli_error("--model: '" + o.model + "' is not a directory (expected one holding config.json and "
+      throw cli_error("--model: '" + o.model +
+                      "' is not a directory (expected one holding config.json and "
                       "model.safetensors or model.safetensors.index.json)");
     if (o.tied || o.rope_scaling_factor != 0.0f)
-      throw cli_error("--tied and --rope-scaling-factor shape a random model (--init-random); a loaded model "
-                      "takes its architecture from config.json");
+      throw cli_error(
+          "--tied and --rope-scaling-factor shape a random model (--init-random); a loaded model "
+          "takes its architecture from config.json");
   } else {
     parse_seed("init-random", o.init_random);
   }
   if (o.rope_scaling_factor < 0.0f || o.rope_low_freq_factor <= 0.0f || o.rope_high_freq_factor <= 0.0f ||
       o.rope_original_max < 1)
-    throw cli_error("--rope-scaling-factor must be >= 0 (0: off), --rope-low-freq-factor and "
-                    "--rope-high-freq-factor > 0, --rope-original-max >= 1");
+    throw cli_error(
+        "--rope-scaling-factor must be >= 0 (0: off), --rope-low-freq-factor and "
+        "--rope-high-freq-factor > 0, --rope-original-max >= 1");
   if (o.generate < 0) throw cli_error("--generate: got " + std::to_string(o.generate) + ", expected N >= 0");
   if (o.generate > 0 && o.prompt.empty())
     throw cli_error("--generate needs a non-empty --prompt (the text the sample continues)");
@@ -309,8 +310,7 @@ int main(int argc, char** argv) {
             "with --init-random: Llama 3.1 RoPE frequency scaling with this factor (0: off)")
       .flag("rope-low-freq-factor", o.rope_low_freq_factor, "Llama 3.1 RoPE scaling: low_freq_factor")
       .flag("rope-high-freq-factor", o.rope_high_freq_factor, "Llama 3.1 RoPE scaling: high_freq_factor")
-      .flag("rope-original-max", o.rope_original_max,
-            "Llama 3.1 RoPE scaling: original_max_position_embeddings")
+      .flag("rope-original-max", o.rope_original_max, "Llama 3.1 RoPE scaling: original_max_position_embeddings")
       .flag("save", o.save, "write the model to this directory (model.safetensors + config.json)")
       .flag("save-dtype", o.save_dtype, "dtype of the saved weights (native: the model's own)",
             {"native", "f32", "bf16"})

@@ -110,11 +110,10 @@ class chosen_schedule {
       if (o.schedule == "1f1b") return pipeline::one_f_one_b{m, p};
       return pipeline::interleaved_1f1b{m, p, o.virtual_stages};
     } catch (const subspace::invalid_argument& e) {
-      throw examples::cli_error("--schedule " + o.schedule + " --stages " + std::to_string(p) + " --microbatches " +
-                                std::to_string(m) +
-                                (o.schedule == "interleaved" ? " --virtual-stages " + std::to_string(o.virtual_stages)
-                                                             : std::string()) +
-                                ": " + examples::without_location(e.what()));
+      throw examples::cli_error(
+          "--schedule " + o.schedule + " --stages " + std::to_string(p) + " --microbatches " + std::to_string(m) +
+          (o.schedule == "interleaved" ? " --virtual-stages " + std::to_string(o.virtual_stages) : std::string()) +
+          ": " + examples::without_location(e.what()));
     }
   }
   any s_;
@@ -218,7 +217,8 @@ void print_header(const options& o, const setup& s, std::size_t activation_bytes
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
   const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
-  const std::vector<std::int64_t> cuts = parts > 1 ? pipeline::even_cuts(cfg.n_layers, parts) : std::vector<std::int64_t>{};
+  const std::vector<std::int64_t> cuts =
+      parts > 1 ? pipeline::even_cuts(cfg.n_layers, parts) : std::vector<std::int64_t>{};
   std::string layout;
   std::int64_t first = 0;
   for (std::int64_t p = 0; p < parts; ++p) {
@@ -228,24 +228,23 @@ void print_header(const options& o, const setup& s, std::size_t activation_bytes
   }
   const chosen_schedule sched(o);
   std::printf("pipeline: %d stages%s x %d replica%s = %d ranks (%s) on %s | layers %s\n", o.stages,
-              s.chunks > 1 ? (" x " + std::to_string(s.chunks) + " virtual").c_str() : "", o.dp,
-              o.dp == 1 ? "" : "s", s.ranks, s.where.c_str(), s.device_name.c_str(), layout.c_str());
+              s.chunks > 1 ? (" x " + std::to_string(s.chunks) + " virtual").c_str() : "", o.dp, o.dp == 1 ? "" : "s",
+              s.ranks, s.where.c_str(), s.device_name.c_str(), layout.c_str());
   std::printf("schedule %s, %lld micro-batches of %lld x %lld tokens per step: bubble (p-1)/(v m) = %.3f\n",
               o.schedule.c_str(), (long long)o.microbatches, (long long)o.batch, (long long)s.seq, sched.bubble());
   const auto [fwd, bwd] = boundary_bytes_per_token(s, activation_bytes);
   const double dense = double(cfg.d_model) * double(activation_bytes);
   if (s.codec)
-    std::printf("compressor: subspace, k %lld (%s variant), %s wire, %d-byte token ids: %.0f B/token forward, %.0f "
-                "backward per boundary (dense: %.0f each way, %.1fx / %.1fx fewer); layers [0,%lld) constrained\n",
-                (long long)s.codec->k(), o.variant.c_str(), o.wire.c_str(), int(s.codec->token_id_bytes()), fwd, bwd,
-                dense, dense / fwd, dense / bwd, (long long)s.unconstrained_from);
-  else
-    std::printf("compressor: identity (the dense stream, %.0f B/token each way per boundary)\n", dense);
+    std::printf(
+        "compressor: subspace, k %lld (%s variant), %s wire, %d-byte token ids: %.0f B/token forward, %.0f "
+        "backward per boundary (dense: %.0f each way, %.1fx / %.1fx fewer); layers [0,%lld) constrained\n",
+        (long long)s.codec->k(), o.variant.c_str(), o.wire.c_str(), int(s.codec->token_id_bytes()), fwd, bwd, dense,
+        dense / fwd, dense / bwd, (long long)s.unconstrained_from);
+  else std::printf("compressor: identity (the dense stream, %.0f B/token each way per boundary)\n", dense);
   if (s.modelled)
     std::printf("network: every link %s, %s mode\n", examples::link_text(s.net.default_link).c_str(),
                 s.net.mode == comm::throttle_mode::enforce ? "enforce" : "account");
-  else
-    std::printf("network: not modelled (--bandwidth none; bytes are still counted)\n");
+  else std::printf("network: not modelled (--bandwidth none; bytes are still counted)\n");
   std::fflush(stdout);
 }
 
@@ -260,7 +259,12 @@ struct gathered {
 
 data::batch_loader replica_loader(const options& o, const setup& s, int replica) {
   const std::uint64_t total = s.train.tokens(), n = std::uint64_t(o.dp), q = std::uint64_t(replica);
-  data::loader_options lo{o.batch, s.seq, s.cfg.vocab, o.shuffle, o.seed + q, true,
+  data::loader_options lo{o.batch,
+                          s.seq,
+                          s.cfg.vocab,
+                          o.shuffle,
+                          o.seed + q,
+                          true,
                           "train, replica " + std::to_string(replica) + " of " + std::to_string(o.dp)};
   return data::batch_loader(s.train.slice(total * q / n, total * (q + 1) / n), lo);
 }
@@ -294,7 +298,8 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
                                to);
   data::batch_loader train_data = replica_loader(o, s, replica);
   std::optional<data::batch_loader> val_data;
-  if (!s.val.empty()) val_data.emplace(s.val, data::loader_options{o.batch, s.seq, s.cfg.vocab, false, o.seed, true, "val"});
+  if (!s.val.empty())
+    val_data.emplace(s.val, data::loader_options{o.batch, s.seq, s.cfg.vocab, false, o.seed, true, "val"});
   if (!o.resume.empty()) {
     const io::trainer_state ts = t.resume(o.resume, train_data);
     if (lead) std::printf("resumed from %s at step %lld\n", o.resume.c_str(), (long long)ts.step);
@@ -332,14 +337,17 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
     mine[f_wait_s] = t.waited_seconds() - w0;
     mine[f_step_s] = dt;
     mine[f_lr] = double(r.lr);
-    stats.all_gather(view<const double, host_space>(mine.data(), {f_count}),
-                     view<double, host_space>(all.data(), {n, f_count}))
+    stats
+        .all_gather(view<const double, host_space>(mine.data(), {f_count}),
+                    view<double, host_space>(all.data(), {n, f_count}))
         .wait();
     const auto at = [&](int q, field f) { return all[std::size_t(q) * f_count + f]; };
     if (!std::isfinite(r.loss) || r.skipped) {  // every rank has the same loss and norm
       if (lead)
-        std::fprintf(stderr, "pipeline_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr "
-                             "or --clip)\n", (long long)step, r.loss, r.grad_norm);
+        std::fprintf(stderr,
+                     "pipeline_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr "
+                     "or --clip)\n",
+                     (long long)step, r.loss, r.grad_norm);
       return 1;
     }
     double bytes_max = 0, comm_max = 0, wait = 0;
@@ -358,15 +366,18 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
     }
     const double tok_s = timed_tokens > 0 ? double(timed_tokens) / train_time : double(r.tokens) / dt;
     std::optional<double> val;
-    if (val_data && (step % o.eval_every == 0 || step == o.steps)) val = last_val = t.evaluate(*val_data, o.eval_batches);
+    if (val_data && (step % o.eval_every == 0 || step == o.steps))
+      val = last_val = t.evaluate(*val_data, o.eval_batches);
     if (!o.checkpoint_dir.empty() && o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step != o.steps)
       save(step);
     if (!lead) continue;
     if (step % o.log_every == 0 || step == 1 || step == o.steps || val) {
       char buf[256];
-      std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | norm %.3f | %s tok/s | sent %sB/rank | "
-                    "waited %.0f%%", (long long)step, (long long)o.steps, r.loss, double(r.lr), r.grad_norm,
-                    human(tok_s).c_str(), human(bytes_max).c_str(), 100 * wait);
+      std::snprintf(buf, sizeof buf,
+                    "step %lld/%lld | loss %.4f | lr %.2e | norm %.3f | %s tok/s | sent %sB/rank | "
+                    "waited %.0f%%",
+                    (long long)step, (long long)o.steps, r.loss, double(r.lr), r.grad_norm, human(tok_s).c_str(),
+                    human(bytes_max).c_str(), 100 * wait);
       std::string line = buf;
       if (s.modelled) {
         if (comm_max < 1) std::snprintf(buf, sizeof buf, " | comm %.3gms", 1e3 * comm_max);
@@ -466,7 +477,8 @@ void print_samples(const options& o, const setup& s, const Blocks& blocks, gathe
     smp.temperature = o.temperature;
     smp.seed = o.seed + std::uint64_t(i);
     const std::vector<std::int32_t> out = nn::generate(whole, prompt, o.sample_tokens, smp);
-    if (s.src.bytes) std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+    if (s.src.bytes)
+      std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
     else {
       std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
       for (const auto id : out) std::printf("%d ", id);
@@ -480,9 +492,9 @@ template <class Exec, class F>
 int with_compressor(const options& o, const setup& s, F&& f) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
   if (s.codec) {
-    const nn::subspace_blocks blocks(*s.codec, s.unconstrained_from,
-                                     o.variant == "projected" ? nn::subspace_variant::projected
-                                                              : nn::subspace_variant::reparameterised);
+    const nn::subspace_blocks blocks(
+        *s.codec, s.unconstrained_from,
+        o.variant == "projected" ? nn::subspace_variant::projected : nn::subspace_variant::reparameterised);
     return f(std::type_identity<nn::llama<Exec, T, nn::subspace_blocks>>{}, *s.codec, blocks);
   }
   return f(std::type_identity<nn::llama<Exec, T>>{}, compress::identity{}, nn::dense_blocks{});
@@ -565,10 +577,11 @@ int run_nccl(const options& o) {
     std::optional<io::metrics_writer> metrics;
     if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
     const exec::cuda ex{st};
-    const int status = with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
-      using model_t = typename decltype(model_tag)::type;
-      return run_rank<model_t>(ex, world, stats, compressor, blocks, o, s, nullptr, metrics ? &*metrics : nullptr);
-    });
+    const int status =
+        with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
+          using model_t = typename decltype(model_tag)::type;
+          return run_rank<model_t>(ex, world, stats, compressor, blocks, o, s, nullptr, metrics ? &*metrics : nullptr);
+        });
     if (li.rank == 0 && o.samples > 0) std::printf("(samples: run with --launcher local, or load a checkpoint)\n");
     cuda_check(cudaStreamSynchronize(st));
     return status;
@@ -585,32 +598,43 @@ int run_nccl(const options& o) {
 
 int main(int argc, char** argv) {
   options o;
-  examples::cli cli("pipeline_llama",
-                    "Trains a Llama 3 model split into pipeline stages, plain (--compressor identity) or as a Subspace\n"
-                    "Network (--compressor subspace: every stage boundary carries k coefficients and a token id per\n"
-                    "token, exactly, instead of d activations). Stages x replicas ranks run as threads (comm::local) on\n"
-                    "the host or one GPU, or one process per GPU (comm::nccl); every rank's traffic goes through\n"
-                    "comm::throttled. With no data flags it trains on the King James Bible, byte-tokenized.");
+  examples::cli cli(
+      "pipeline_llama",
+      "Trains a Llama 3 model split into pipeline stages, plain (--compressor identity) or as a Subspace\n"
+      "Network (--compressor subspace: every stage boundary carries k coefficients and a token id per\n"
+      "token, exactly, instead of d activations). Stages x replicas ranks run as threads (comm::local) on\n"
+      "the host or one GPU, or one process per GPU (comm::nccl); every rank's traffic goes through\n"
+      "comm::throttled. With no data flags it trains on the King James Bible, byte-tokenized.");
   cli.flag("stages", o.stages, "pipeline stages (ranks per pipeline)")
-      .flag("schedule", o.schedule, "gpipe: all forwards, then all backwards; 1f1b: one forward one backward "
+      .flag("schedule", o.schedule,
+            "gpipe: all forwards, then all backwards; 1f1b: one forward one backward "
             "(memory of <= stages micro-batches); interleaved: 1f1b over --virtual-stages chunks per rank (bubble / "
-            "virtual stages; --microbatches a multiple of --stages)", {"gpipe", "1f1b", "interleaved"})
+            "virtual stages; --microbatches a multiple of --stages)",
+            {"gpipe", "1f1b", "interleaved"})
       .flag("virtual-stages", o.virtual_stages, "model chunks per rank with --schedule interleaved")
       .flag("microbatches", o.microbatches, "micro-batches per optimizer step")
-      .flag("compressor", o.compressor, "identity: the dense stream crosses each boundary; subspace: k coefficients "
+      .flag("compressor", o.compressor,
+            "identity: the dense stream crosses each boundary; subspace: k coefficients "
             "and the token id (Subspace Networks; every layer before the last stage is constrained to span(U))",
             {"identity", "subspace"})
       .flag("k", o.k, "subspace dimension (0: d/50, or d/100 from d 4096 on, at least 8; must be below d)")
-      .flag("variant", o.variant, "reparam: constrained projections are factors Z (y = x Zᵀ Uᵀ); projected: full W "
-            "re-projected onto span(U) after each step", {"reparam", "projected"})
+      .flag("variant", o.variant,
+            "reparam: constrained projections are factors Z (y = x Zᵀ Uᵀ); projected: full W "
+            "re-projected onto span(U) after each step",
+            {"reparam", "projected"})
       .flag("wire", o.wire, "element type of the coefficients on the wire", {"fp32", "bf16"})
       .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)")
-      .flag("launcher", o.launcher, "local: ranks as threads of this process (comm::local); nccl: one process per "
-            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)", {"local", "nccl"})
-      .flag("bandwidth", o.bandwidth, "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
+      .flag("launcher", o.launcher,
+            "local: ranks as threads of this process (comm::local); nccl: one process per "
+            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
+            {"local", "nccl"})
+      .flag("bandwidth", o.bandwidth,
+            "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
             "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
-      .flag("throttle", o.throttle, "account: add the modelled time to a virtual clock; enforce: also delay each "
-            "operation's completion until then", {"account", "enforce"})
+      .flag("throttle", o.throttle,
+            "account: add the modelled time to a virtual clock; enforce: also delay each "
+            "operation's completion until then",
+            {"account", "enforce"})
       .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);
@@ -627,7 +651,8 @@ int main(int argc, char** argv) {
       .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
       .flag("metrics", o.metrics, "write one JSON line per step to this file")
       .flag("summary", o.summary, "write a JSON summary of the run here at the end")
-      .flag("checkpoint-dir", o.checkpoint_dir, "save every stage's checkpoint to DIR/step_NNNNNNNNN/stage-S (and at "
+      .flag("checkpoint-dir", o.checkpoint_dir,
+            "save every stage's checkpoint to DIR/step_NNNNNNNNN/stage-S (and at "
             "the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("resume", o.resume, "continue exactly from a checkpoint saved with the same layout (DIR/step_N)")
@@ -635,10 +660,13 @@ int main(int argc, char** argv) {
       .flag("sample-tokens", o.sample_tokens, "tokens per sample")
       .flag("prompt", o.prompt, "prompt of the samples")
       .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
-      .flag("device", o.device, "where in-process ranks train: host, or one GPU shared by all ranks (cuda); auto "
-            "picks cuda when a GPU is present", {"auto", "host", "cuda"})
+      .flag("device", o.device,
+            "where in-process ranks train: host, or one GPU shared by all ranks (cuda); auto "
+            "picks cuda when a GPU is present",
+            {"auto", "host", "cuda"})
       .flag("threads", o.threads, "host worker threads per rank (0: the cores divided among the ranks)")
-      .flag("seed", o.seed, "seed of the initial weights, the subspace tables, the data order (+ replica) and the "
+      .flag("seed", o.seed,
+            "seed of the initial weights, the subspace tables, the data order (+ replica) and the "
             "samples");
   return examples::guarded_main("pipeline_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;

@@ -85,8 +85,7 @@ int run(const Exec& ex, const options& o, const char* device_name) {
       loss = 0.5f * squared_norm(ex, residual.v()) / float(rows);  // synchronizes on CUDA
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::printf("step %5d  loss %.6f  grad_norm %.4e  %.2f ms/step  %.1f GFLOP/s\n", step, double(loss),
-                  std::sqrt(double(squared_norm(ex, grad.v()))), 1e3 * secs / step,
-                  flops_per_step * step / secs / 1e9);
+                  std::sqrt(double(squared_norm(ex, grad.v()))), 1e3 * secs / step, flops_per_step * step / secs / 1e9);
       std::fflush(stdout);
     }
   }

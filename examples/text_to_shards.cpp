@@ -68,10 +68,11 @@ int main(int argc, char** argv) {
     o.version = version;
     o.separator = unescape(separator);
     const auto written = subspace::data::text_to_shards(inputs, out, o);
-    std::printf("text_to_shards: %zu input file(s) -> %llu train tokens in %zu shard(s), %llu val tokens in %zu "
-                "shard(s), in %s\n",
-                inputs.size(), (unsigned long long)written.train_tokens, written.train.size(),
-                (unsigned long long)written.val_tokens, written.val.size(), out.c_str());
+    std::printf(
+        "text_to_shards: %zu input file(s) -> %llu train tokens in %zu shard(s), %llu val tokens in %zu "
+        "shard(s), in %s\n",
+        inputs.size(), (unsigned long long)written.train_tokens, written.train.size(),
+        (unsigned long long)written.val_tokens, written.val.size(), out.c_str());
     for (const auto* list : {&written.train, &written.val})
       for (const auto& p : *list) std::printf("  %s\n", p.string().c_str());
     return 0;

@@ -74,8 +74,10 @@ std::vector<fs::path> checkpoints_in(const fs::path& root) {
 fs::path resolve_resume(const fs::path& p) {
   if (fs::exists(p / io::state_json_file_name)) return p;
   const auto all = checkpoints_in(p);
-  require(!all.empty(), [&] { return "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
-                            ") nor a directory of step_* checkpoints"; });
+  require(!all.empty(), [&] {
+    return "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
+           ") nor a directory of step_* checkpoints";
+  });
   return all.back();
 }
 
@@ -85,8 +87,9 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   const nn::llama_config cfg = examples::model_config(o, o.seq);
   const std::int64_t seq = o.seq ? o.seq : std::min<std::int64_t>(cfg.max_seq, 256);
   const data_source src = examples::choose_data(o);
-  require(!src.bytes || cfg.vocab >= 256, [&] { return "--vocab " + std::to_string(cfg.vocab) +
-                                              ": byte-level text needs a vocabulary of at least 256"; });
+  require(!src.bytes || cfg.vocab >= 256, [&] {
+    return "--vocab " + std::to_string(cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
+  });
 
   auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
   data::loader_options lo{o.batch, seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
@@ -102,10 +105,9 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   to.clip = o.clip;
   to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
                  optim::parse_decay(o.decay)};
-  train::trainer t(nn::llama<Exec, T>(cfg, ex),
-                   subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)},
-                                   .optimizer = optimizer},
-                   to);
+  train::trainer t(
+      nn::llama<Exec, T>(cfg, ex),
+      subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = optimizer}, to);
 
   if (!o.resume.empty()) {
     const fs::path from = resolve_resume(o.resume);
@@ -122,8 +124,10 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   }
   const std::int64_t first = t.steps_done() + 1;
   const std::int64_t last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
-  require(first <= last, [&] { return "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
-                             ": the checkpoint is already at step " + std::to_string(first - 1); });
+  require(first <= last, [&] {
+    return "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
+           ": the checkpoint is already at step " + std::to_string(first - 1);
+  });
 
   const double flop_per_token = cfg.flops_per_token(seq);
   const double peak = (o.peak_tflops > 0 ? o.peak_tflops : examples::peak_tflops_of(device_name)) * 1e12;
@@ -132,8 +136,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
-  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(), human(double(train_tokens.tokens())).c_str(),
-              human(double(val_tokens.tokens())).c_str());
+  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
+              human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
   std::printf("device %s | %s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
               device_name.c_str(), o.optimizer.c_str(), (long long)o.batch, (long long)seq, (long long)o.accumulation,
               (long long)(o.batch * seq * o.accumulation), (long long)o.steps);
@@ -143,8 +147,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
 
   std::optional<io::metrics_writer> metrics;
   if (!o.metrics.empty())
-    metrics.emplace(o.metrics, o.resume.empty() ? io::metrics_writer::open_mode::truncate
-                                                : io::metrics_writer::open_mode::append);
+    metrics.emplace(o.metrics,
+                    o.resume.empty() ? io::metrics_writer::open_mode::truncate : io::metrics_writer::open_mode::append);
 
   const auto save = [&](std::int64_t step) {
     const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
@@ -167,8 +171,10 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
     const train::step_result r = t.step(train_data);
     const double dt = seconds() - t0;
     if (!std::isfinite(r.loss) || r.skipped) {
-      std::fprintf(stderr, "train_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr or "
-                           "--clip); the last checkpoint is kept\n", (long long)step, r.loss, r.grad_norm);
+      std::fprintf(stderr,
+                   "train_llama: step %lld: loss %g, gradient norm %g — training diverged (lower --lr or "
+                   "--clip); the last checkpoint is kept\n",
+                   (long long)step, r.loss, r.grad_norm);
       return 1;
     }
     if (step > first || last == first) {  // the first step includes one-time set-up
@@ -183,8 +189,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
       const double eta = double(last - step) * double(r.tokens) / tok_s;
       std::string line = "step " + std::to_string(step) + "/" + std::to_string(o.steps);
       char buf[160];
-      std::snprintf(buf, sizeof buf, " | loss %.4f | lr %.2e | norm %.3f | %s tok/s", r.loss, double(r.lr),
-                    r.grad_norm, human(tok_s).c_str());
+      std::snprintf(buf, sizeof buf, " | loss %.4f | lr %.2e | norm %.3f | %s tok/s", r.loss, double(r.lr), r.grad_norm,
+                    human(tok_s).c_str());
       line += buf;
       if (on_gpu && peak > 0) {
         std::snprintf(buf, sizeof buf, " | MFU %.1f%%", 100.0 * flop_per_token * tok_s / peak);
@@ -212,27 +218,29 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
               human(double(t.tokens_done())).c_str(), duration(seconds()).c_str(), last_val);
   if (!o.summary.empty()) {
     const double tok_s = train_time > 0 ? double(timed_tokens) / train_time : 0.0;
-    io::json j = io::json::object({{"device", io::json(device_name)},
-                                   {"model", io::json(cfg.name)},
-                                   {"parameters", io::json(cfg.parameters())},
-                                   {"optimizer", io::json(o.optimizer)},
-                                   {"steps", io::json(t.steps_done())},
-                                   {"tokens", io::json(t.tokens_done())},
-                                   {"batch", io::json(o.batch)},
-                                   {"seq", io::json(seq)},
-                                   {"accumulation", io::json(o.accumulation)},
-                                   {"lr", io::json(double(o.lr))},
-                                   {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
-                                   {"optimizer_state_bytes", io::json(std::int64_t(t.optimizer_state_bytes()))},
-                                   {"master_bytes", io::json(std::int64_t(t.master_bytes()))},
-                                   {"tok_per_s", io::json(tok_s)},
-                                   {"step_ms", io::json(tok_s > 0 ? 1e3 * double(o.batch * seq * o.accumulation) / tok_s : 0.0)},
-                                   {"wall_s", io::json(seconds())}});
+    io::json j =
+        io::json::object({{"device", io::json(device_name)},
+                          {"model", io::json(cfg.name)},
+                          {"parameters", io::json(cfg.parameters())},
+                          {"optimizer", io::json(o.optimizer)},
+                          {"steps", io::json(t.steps_done())},
+                          {"tokens", io::json(t.tokens_done())},
+                          {"batch", io::json(o.batch)},
+                          {"seq", io::json(seq)},
+                          {"accumulation", io::json(o.accumulation)},
+                          {"lr", io::json(double(o.lr))},
+                          {"final_val_loss", std::isfinite(last_val) ? io::json(last_val) : io::json(nullptr)},
+                          {"optimizer_state_bytes", io::json(std::int64_t(t.optimizer_state_bytes()))},
+                          {"master_bytes", io::json(std::int64_t(t.master_bytes()))},
+                          {"tok_per_s", io::json(tok_s)},
+                          {"step_ms", io::json(tok_s > 0 ? 1e3 * double(o.batch * seq * o.accumulation) / tok_s : 0.0)},
+                          {"wall_s", io::json(seconds())}});
     if (o.optimizer != "adamw")
-      j.set("subspace", io::json::object({{"rank", io::json(o.rank)},
-                                          {"refresh", io::json(o.refresh)},
-                                          {"scale", io::json(double(o.galore_scale))},
-                                          {"golore_percent", io::json(o.optimizer == "golore" ? o.golore_percent : 0.0)}}));
+      j.set("subspace",
+            io::json::object({{"rank", io::json(o.rank)},
+                              {"refresh", io::json(o.refresh)},
+                              {"scale", io::json(double(o.galore_scale))},
+                              {"golore_percent", io::json(o.optimizer == "golore" ? o.golore_percent : 0.0)}}));
     io::atomic_write_text(o.summary, j.dump(2) + "\n");
   }
 
@@ -326,7 +334,8 @@ int main(int argc, char** argv) {
       .flag("batch", o.batch, "sequences per micro-batch")
       .flag("accumulation", o.accumulation, "micro-batches per optimizer step (gradient accumulation)")
       .flag("steps", o.steps, "optimizer steps to train to (a resumed run continues to this step)")
-      .flag("stop-at", o.stop_at, "end this run after this step (saving a checkpoint) while the schedule still "
+      .flag("stop-at", o.stop_at,
+            "end this run after this step (saving a checkpoint) while the schedule still "
             "plans --steps; resume later (0: run to --steps)")
       .flag("lr", o.lr, "peak learning rate")
       .flag("min-lr", o.min_lr, "final learning rate of the decay (negative: --lr / 10)")

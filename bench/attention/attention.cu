@@ -144,8 +144,7 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
   device_tensor<bf16> out({B, S, Hq, hd}), dq({B, S, Hq, hd}), dk({B, S, Hkv, hd}), dv({B, S, Hkv, hd});
   device_tensor<float> lse({B, Hq, S});
   std::uint64_t offset = 0;
-  for (device_tensor<bf16>* t : {&q, &k, &v, &dout})
-    bench::fill_normal(t->data(), t->numel(), seed, offset++, stream);
+  for (device_tensor<bf16>* t : {&q, &k, &v, &dout}) bench::fill_normal(t->data(), t->numel(), seed, offset++, stream);
   const view<const bf16, device_space> cq = q.v(), ck = k.v(), cv = v.v(), cdout = dout.v(), cout_ = out.v();
   const view<const float, device_space> clse = lse.v();
   const auto ours_fwd = [&] { attention_forward(ex, cq, ck, cv, out.v(), lse.v(), params); };
@@ -171,7 +170,7 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
   device_tensor<float> ref_lse({BH, S});
   const auto heads = [&](const device_tensor<bf16>& src, device_tensor<bf16>& dst, std::int64_t h_src) {
     to_heads<<<cuda_detail::grid_for(dst.numel()), cuda_detail::block_threads, 0, stream>>>(src.data(), dst.data(), B,
-                                                                                          S, h_src, Hq, hd);
+                                                                                            S, h_src, Hq, hd);
     cuda_check_launch();
   };
   heads(q, qh, Hq);
@@ -179,8 +178,8 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
   heads(v, vh, Hkv);
   heads(dout, douth, Hq);
   const auto back = [&](const device_tensor<bf16>& src, device_tensor<bf16>& dst, std::int64_t h_dst) {
-    from_heads<<<cuda_detail::grid_for(dst.numel()), cuda_detail::block_threads, 0, stream>>>(src.data(), dst.data(),
-                                                                                            B, S, Hq, h_dst, hd);
+    from_heads<<<cuda_detail::grid_for(dst.numel()), cuda_detail::block_threads, 0, stream>>>(src.data(), dst.data(), B,
+                                                                                              S, Hq, h_dst, hd);
     cuda_check_launch();
   };
   const std::int64_t rows = BH * S;
@@ -191,12 +190,12 @@ result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::u
     gemm(ex, op::none, op::none, 1.0f, pm.v(), vh.v(), 0.0f, outh.v());
   };
   const auto ref_bwd = [&] {
-    gemm(ex, op::none, op::transpose, 1.0f, douth.v(), vh.v(), 0.0f, dpm.v());         // dP = dO V^T
-    gemm(ex, op::transpose, op::none, 1.0f, pm.v(), douth.v(), 0.0f, dvh.v());         // dV = P^T dO
+    gemm(ex, op::none, op::transpose, 1.0f, douth.v(), vh.v(), 0.0f, dpm.v());  // dP = dO V^T
+    gemm(ex, op::transpose, op::none, 1.0f, pm.v(), douth.v(), 0.0f, dvh.v());  // dV = P^T dO
     ds_rows<<<row_blocks, 256, 0, stream>>>(pm.data(), dpm.data(), douth.data(), outh.data(), rows, S, hd);
-    gemm(ex, op::none, op::none, params.scale, dpm.v(), kh.v(), 0.0f, dqh.v());        // dQ = scale dS K
-    gemm(ex, op::transpose, op::none, params.scale, dpm.v(), qh.v(), 0.0f, dkh.v());   // dK = scale dS^T Q
-    back(dkh, ref_dk, Hkv);  // the group sums
+    gemm(ex, op::none, op::none, params.scale, dpm.v(), kh.v(), 0.0f, dqh.v());       // dQ = scale dS K
+    gemm(ex, op::transpose, op::none, params.scale, dpm.v(), qh.v(), 0.0f, dkh.v());  // dK = scale dS^T Q
+    back(dkh, ref_dk, Hkv);                                                           // the group sums
     back(dvh, ref_dv, Hkv);
   };
 
@@ -234,8 +233,8 @@ void write_json(const config& cfg, const std::string& device, const std::vector<
                                      {"forward", pass(r.fwd, r.fwd_flop)},
                                      {"backward", pass(r.bwd, r.bwd_flop)}});
     if (cfg.reference)
-      row.set("rel_diff", io::json::object(
-                              {{"out", r.diff_out}, {"dq", r.diff_dq}, {"dk", r.diff_dk}, {"dv", r.diff_dv}}));
+      row.set("rel_diff",
+              io::json::object({{"out", r.diff_out}, {"dq", r.diff_dq}, {"dk", r.diff_dk}, {"dv", r.diff_dv}}));
     rows.push_back(row);
   }
   io::json doc = bench::document("attention", device, cfg.commit);
@@ -268,8 +267,7 @@ int run(int argc, char** argv) {
       .flag("reps", cfg.reps, "timed calls per pass and implementation")
       .flag("warmup", cfg.warmup, "untimed calls first")
       .toggle("no-causal", no_causal, "full (unmasked) attention instead of causal")
-      .toggle("no-reference", no_reference,
-            "time ours only (the naive reference holds two B Hq S^2 bf16 matrices)");
+      .toggle("no-reference", no_reference, "time ours only (the naive reference holds two B Hq S^2 bf16 matrices)");
   bench::output_flags(cli, cfg.out, cfg.commit);
   if (!cli.parse(argc, argv)) return 0;
   bench::check_range("reps", cfg.reps, 1);
@@ -280,8 +278,7 @@ int run(int argc, char** argv) {
 
   const cudaDeviceProp prop = bench::device_properties();
   std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %d reps after %d warm-up calls%s\n", prop.name, prop.major,
-              prop.minor, cfg.causal ? "causal" : "full", cfg.reps, cfg.warmup,
-              cfg.reference ? "" : ", no reference");
+              prop.minor, cfg.causal ? "causal" : "full", cfg.reps, cfg.warmup, cfg.reference ? "" : ", no reference");
 
   cudaStream_t stream = nullptr;
   cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));

@@ -180,22 +180,20 @@ void write_json(const config& cfg, const std::string& device, const std::vector<
                                            {"device_copy_memory_gbps", a.copy_memory_gbps},
                                            {"ratio", a.memory_gbps / a.copy_memory_gbps}}));
   for (const latency_row& l : lat)
-    nccl_rows.push_back(io::json::object({{"op", l.op},
-                                          {"bytes", l.bytes},
-                                          {"median_us", l.median_us},
-                                          {"p10_us", l.p10_us},
-                                          {"p90_us", l.p90_us}}));
+    nccl_rows.push_back(io::json::object(
+        {{"op", l.op}, {"bytes", l.bytes}, {"median_us", l.median_us}, {"p10_us", l.p10_us}, {"p90_us", l.p90_us}}));
   io::json doc = bench::document("comm", device, cfg.commit);
   doc.set("config", io::json::object({{"ranks", cfg.ranks},
                                       {"reps", cfg.reps},
                                       {"warmup", cfg.warmup},
                                       {"latency_reps", cfg.latency_reps},
                                       {"nccl", cfg.nccl},
-                                      {"timing", "host clock over a batch of back-to-back operations until the "
-                                                 "streams are idle; latency: median of single issue+wait calls"},
+                                      {"timing",
+                                       "host clock over a batch of back-to-back operations until the "
+                                       "streams are idle; latency: median of single issue+wait calls"},
                                       {"sizes", sizes}}));
-  doc.set("results", io::json::object(
-                         {{"local_p2p", p2p}, {"local_all_reduce", all_reduce}, {"nccl_world1_latency", nccl_rows}}));
+  doc.set("results",
+          io::json::object({{"local_p2p", p2p}, {"local_all_reduce", all_reduce}, {"nccl_world1_latency", nccl_rows}}));
   bench::write_document(cfg.out, doc);
 }
 
@@ -260,10 +258,11 @@ int run(int argc, char** argv) {
       const int n = cfg.ranks;
       const double alg = double(bytes) / ta / 1e9;
       ar.push_back({bytes, alg, alg * 2.0 * (n - 1) / n, 2.0 * n * double(bytes) / ta / 1e9, 2.0 * copy_gbps});
-      std::printf("[%zu/%zu] %-7s device copy %8.1f GB/s | local send->recv %8.1f GB/s (%.3fx) | local all_reduce "
-                  "x%d: algbw %7.1f GB/s, busbw %7.1f GB/s, memory %8.1f GB/s (%.3fx copy)\n",
-                  i + 1, cfg.sizes.size(), human(bytes).c_str(), copy_gbps, p2p_gbps, p2p_gbps / copy_gbps, n, alg,
-                  ar.back().busbw_gbps, ar.back().memory_gbps, ar.back().memory_gbps / ar.back().copy_memory_gbps);
+      std::printf(
+          "[%zu/%zu] %-7s device copy %8.1f GB/s | local send->recv %8.1f GB/s (%.3fx) | local all_reduce "
+          "x%d: algbw %7.1f GB/s, busbw %7.1f GB/s, memory %8.1f GB/s (%.3fx copy)\n",
+          i + 1, cfg.sizes.size(), human(bytes).c_str(), copy_gbps, p2p_gbps, p2p_gbps / copy_gbps, n, alg,
+          ar.back().busbw_gbps, ar.back().memory_gbps, ar.back().memory_gbps / ar.back().copy_memory_gbps);
       std::fflush(stdout);
     }
   }

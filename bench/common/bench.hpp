@@ -54,7 +54,6 @@ using examples::guarded_main;
 
 // ---- Flags ------------------------------------------------------------------------------------------------------
 
-
 /// Declares the flags every benchmark has: --out FILE (the JSON results) and --commit SHA.
 inline cli& output_flags(cli& c, std::string& out, std::string& commit) {
   return c.flag("out", out, "write results as JSON (a temporary file, then renamed)")
@@ -111,8 +110,7 @@ inline std::string iso_date_utc() {
 
 /// A result document's header {benchmark, device, date, commit}; the benchmark sets "config" and "results".
 inline io::json document(const std::string& benchmark, const std::string& device, const std::string& commit) {
-  return io::json::object(
-      {{"benchmark", benchmark}, {"device", device}, {"date", iso_date_utc()}, {"commit", commit}});
+  return io::json::object({{"benchmark", benchmark}, {"device", device}, {"date", iso_date_utc()}, {"commit", commit}});
 }
 
 /// Writes `doc` to `path` atomically (a temporary file, then renamed), two-space indented, and says so.
@@ -128,8 +126,7 @@ inline void write_document(const std::string& path, const io::json& doc) {
 class random_shard {
  public:
   random_shard(const std::string& tag, std::uint64_t tokens, std::int64_t vocab, std::uint64_t seed)
-      : path_(std::filesystem::temp_directory_path() /
-              ("bench." + std::to_string(::getpid()) + "." + tag + ".bin")) {
+      : path_(std::filesystem::temp_directory_path() / ("bench." + std::to_string(::getpid()) + "." + tag + ".bin")) {
     std::vector<std::int32_t> ids(tokens);
     for (std::uint64_t block = 0; 4 * block < tokens; ++block) {
       const rng::u32x4 r = rng::bits4(seed, 0, block);
@@ -218,8 +215,7 @@ __global__ void fill_normal_kernel(T* x, std::int64_t n, std::uint64_t seed, std
 
 template <class T>
 void fill_normal(T* x, std::int64_t n, std::uint64_t seed, std::uint64_t offset, cudaStream_t stream) {
-  fill_normal_kernel<<<cuda_detail::grid_for((n + 3) / 4), cuda_detail::block_threads, 0, stream>>>(x, n, seed,
-                                                                                                     offset);
+  fill_normal_kernel<<<cuda_detail::grid_for((n + 3) / 4), cuda_detail::block_threads, 0, stream>>>(x, n, seed, offset);
   cuda_check_launch();
 }
 

@@ -71,8 +71,8 @@ std::vector<problem> parse_sizes(const std::string& list) {
     char x1 = 0, x2 = 0;
     long long m = 0, n = 0, k = 0;
     char tail = 0;
-    if (std::sscanf(dims.c_str(), "%lld%c%lld%c%lld%c", &m, &x1, &n, &x2, &k, &tail) != 5 || x1 != 'x' ||
-        x2 != 'x' || m <= 0 || n <= 0 || k <= 0 || ops.size() != 2 || (ops[0] != 'n' && ops[0] != 't') ||
+    if (std::sscanf(dims.c_str(), "%lld%c%lld%c%lld%c", &m, &x1, &n, &x2, &k, &tail) != 5 || x1 != 'x' || x2 != 'x' ||
+        m <= 0 || n <= 0 || k <= 0 || ops.size() != 2 || (ops[0] != 'n' && ops[0] != 't') ||
         (ops[1] != 'n' && ops[1] != 't'))
       throw bench::cli_error("--sizes: cannot read '" + item + "' (expected MxNxK or MxNxK:nt)");
     p.m = m;
@@ -106,13 +106,11 @@ class direct_cublaslt {
     // Our B as stored: [K, N] row-major = (N x K) column-major, ld N; transposed: [N, K] = (K x N), ld K.
     if (p.op_b == op::none)
       cublas_check(cublasLtMatrixLayoutCreate(&la_, cuda_type<T>(), std::uint64_t(p.n), std::uint64_t(p.k), p.n));
-    else
-      cublas_check(cublasLtMatrixLayoutCreate(&la_, cuda_type<T>(), std::uint64_t(p.k), std::uint64_t(p.n), p.k));
+    else cublas_check(cublasLtMatrixLayoutCreate(&la_, cuda_type<T>(), std::uint64_t(p.k), std::uint64_t(p.n), p.k));
     // Our A as stored: [M, K] = (K x M) column-major, ld K; transposed: [K, M] = (M x K), ld M.
     if (p.op_a == op::none)
       cublas_check(cublasLtMatrixLayoutCreate(&lb_, cuda_type<T>(), std::uint64_t(p.k), std::uint64_t(p.m), p.k));
-    else
-      cublas_check(cublasLtMatrixLayoutCreate(&lb_, cuda_type<T>(), std::uint64_t(p.m), std::uint64_t(p.k), p.m));
+    else cublas_check(cublasLtMatrixLayoutCreate(&lb_, cuda_type<T>(), std::uint64_t(p.m), std::uint64_t(p.k), p.m));
     cublas_check(cublasLtMatrixLayoutCreate(&lc_, cuda_type<T>(), std::uint64_t(p.n), std::uint64_t(p.m), p.n));
 
     cublasLtMatmulPreference_t pref = nullptr;
@@ -220,8 +218,7 @@ int run(int argc, char** argv) {
       .flag("sizes", sizes,
             "comma-separated MxNxK[:XY], X/Y in {n,t} = op_a/op_b; the default: 8192^3 and 4096^3 nn, and "
             "Llama-like shapes")
-      .flag("dtype", cfg.dtype, "bf16 (bf16 in/out, fp32 accumulate) or fp32 (pure fp32, no TF32)",
-            {"bf16", "fp32"});
+      .flag("dtype", cfg.dtype, "bf16 (bf16 in/out, fp32 accumulate) or fp32 (pure fp32, no TF32)", {"bf16", "fp32"});
   bench::output_flags(cli, cfg.out, cfg.commit);
   if (!cli.parse(argc, argv)) return 0;
   bench::check_range("reps", cfg.reps, 1);
@@ -247,10 +244,11 @@ int run(int argc, char** argv) {
     const result r = cfg.dtype == "bf16"
                          ? run_one<bf16>(cfg, p, stream, handle, workspace, workspace_bytes, seed + 16 * i)
                          : run_one<float>(cfg, p, stream, handle, workspace, workspace_bytes, seed + 16 * i);
-    std::printf("[%zu/%zu] %-20s ours %7.1f TFLOP/s (%.3f ms)  cuBLASLt %7.1f TFLOP/s (%.3f ms)  ratio %.3f  "
-                "rel.diff %.1e\n",
-                i + 1, cfg.sizes.size(), label(p).c_str(), r.ours_tflops, r.ours_ms, r.ref_tflops, r.ref_ms,
-                r.ours_tflops / r.ref_tflops, r.rel_diff);
+    std::printf(
+        "[%zu/%zu] %-20s ours %7.1f TFLOP/s (%.3f ms)  cuBLASLt %7.1f TFLOP/s (%.3f ms)  ratio %.3f  "
+        "rel.diff %.1e\n",
+        i + 1, cfg.sizes.size(), label(p).c_str(), r.ours_tflops, r.ours_ms, r.ref_tflops, r.ref_ms,
+        r.ours_tflops / r.ref_tflops, r.rel_diff);
     std::fflush(stdout);
     results.push_back(r);
   }
@@ -261,8 +259,8 @@ int run(int argc, char** argv) {
 
   std::printf("\n%-22s %-5s %12s %16s %8s\n", "MxNxK:ops", "dtype", "ours TFLOP/s", "cuBLASLt TFLOP/s", "ratio");
   for (const result& r : results)
-    std::printf("%-22s %-5s %12.1f %16.1f %8.3f\n", label(r.p).c_str(), r.dtype.c_str(), r.ours_tflops,
-                r.ref_tflops, r.ours_tflops / r.ref_tflops);
+    std::printf("%-22s %-5s %12.1f %16.1f %8.3f\n", label(r.p).c_str(), r.dtype.c_str(), r.ours_tflops, r.ref_tflops,
+                r.ours_tflops / r.ref_tflops);
   if (!cfg.out.empty()) write_json(cfg, prop.name, results);
   return 0;
 }

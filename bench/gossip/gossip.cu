@@ -18,8 +18,9 @@
 //
 // --ranks ranks (default 8) are threads of this process on one GPU through comm::local (each rank its own stream,
 // the communicator ordered on it; --device host runs them on the CPU instead, the fallback without a GPU and a
-// quick check of the bytes with a small --config), each wrapped in comm::throttled in account mode at every --bandwidths link
-// (default 1gbit,25gbit: comm::links::gbit1 = 1 Gbit/s with 100 us, gbit25 = 25 Gbit/s with 10 us). With
+// quick check of the bytes with a small --config), each wrapped in comm::throttled in account mode at every
+// --bandwidths link (default 1gbit,25gbit: comm::links::gbit1 = 1 Gbit/s with 100 us, gbit25 = 25 Gbit/s with 10 us).
+// With
 // --local-ranks L > 1, links between ranks of one node (L consecutive ranks) are --intra-link instead.
 //
 // Reported per scenario (allreduce and each topology, per bandwidth):
@@ -51,8 +52,8 @@
 #include <string>
 #include <vector>
 
-#include <subspace/dist/bucket.hpp>
 #include <decent/decent.hpp>
+#include <subspace/dist/bucket.hpp>
 #include <subspace/subspace.hpp>
 
 #include "common/bench.hpp"
@@ -81,8 +82,8 @@ struct scenario {
   std::string bandwidth;  // as given
   int period = 1;
   double wall_ms_per_step = 0;
-  double comm_model_s_max = 0, comm_model_s_mean = 0;  // per step
-  std::vector<double> bytes_per_step;                  // per rank, mean over the timed steps
+  double comm_model_s_max = 0, comm_model_s_mean = 0;        // per step
+  std::vector<double> bytes_per_step;                        // per rank, mean over the timed steps
   std::vector<std::uint64_t> bytes_measured, bytes_planned;  // per rank, totals over the timed steps
   bool bytes_exact = false;
   double ratio_wall = 1, ratio_comm = 1, ratio_bytes = 1;  // against allreduce at the same bandwidth
@@ -299,8 +300,7 @@ struct gossip_rank {
         if (holds_mix[k])
           st.opt.step_from_mixed(st.ex, cview(st.at(st.comm, i)), st.at(st.master, i), g, st.states[i], st.infos[i],
                                  ctx, st.at(st.working, i));
-        else
-          st.opt.step(st.ex, st.at(st.master, i), g, st.states[i], st.infos[i], ctx, st.at(st.working, i));
+        else st.opt.step(st.ex, st.at(st.master, i), g, st.states[i], st.infos[i], ctx, st.at(st.working, i));
       }
       holds_mix[k] = next.op != decent::mix_op::none;  // 4. the mixing of the next round
       if (!holds_mix[k]) continue;
@@ -320,8 +320,8 @@ struct gossip_rank {
 };
 
 /// Bytes the plan says rank r sends over timed steps [warmup, warmup + steps).
-std::uint64_t planned_bytes(const options& o, const dist::bucket_plan& plan, const decent::group_schedule& topo,
-                            int r, bool allreduce) {
+std::uint64_t planned_bytes(const options& o, const dist::bucket_plan& plan, const decent::group_schedule& topo, int r,
+                            bool allreduce) {
   std::uint64_t total = 0;
   for (int t = o.warmup; t < o.warmup + o.steps; ++t) {
     const decent::gossip_plan p = topo.plan(allreduce ? 0 : t + 1, r);
@@ -347,8 +347,8 @@ scenario measure(const options& o, const std::string& name, const std::string& b
     });
   } else {
     m = run_ranks<Exec>(o, net, [&](int r, const Exec& ex, wire& c) {
-      return gossip_rank<Exec>(rank_state<Exec, decent::accum_adamw>(ex, l, decent::accum_adamw{}, r, true), c,
-                               plan, topo);
+      return gossip_rank<Exec>(rank_state<Exec, decent::accum_adamw>(ex, l, decent::accum_adamw{}, r, true), c, plan,
+                               topo);
     });
   }
   s.wall_ms_per_step = 1e3 * m.wall_s / o.steps;
@@ -392,10 +392,9 @@ io::json scenario_json(const scenario& s) {
                            {"bytes_sent_timed", measured},
                            {"bytes_planned_timed", planned},
                            {"bytes_exact", io::json(s.bytes_exact)},
-                           {"ratio_vs_allreduce",
-                            io::json::object({{"wall", io::json(s.ratio_wall)},
-                                              {"comm_model", io::json(s.ratio_comm)},
-                                              {"bytes", io::json(s.ratio_bytes)}})}});
+                           {"ratio_vs_allreduce", io::json::object({{"wall", io::json(s.ratio_wall)},
+                                                                    {"comm_model", io::json(s.ratio_comm)},
+                                                                    {"bytes", io::json(s.ratio_bytes)}})}});
 }
 
 void write_json(const options& o, const std::string& device, const nn::llama_config& cfg, const layout& l,
@@ -430,11 +429,12 @@ void write_json(const options& o, const std::string& device, const nn::llama_con
                {"bucket_elements", buckets},
                {"steps", io::json(o.steps)},
                {"warmup", io::json(o.warmup)},
-               {"executor", io::json(device == "host" ? "exec::host, " + std::to_string(o.threads) +
-                                                            " worker thread(s) per rank"
-                                                      : std::string("exec::cuda, one stream per rank"))},
+               {"executor",
+                io::json(device == "host" ? "exec::host, " + std::to_string(o.threads) + " worker thread(s) per rank"
+                                          : std::string("exec::cuda, one stream per rank"))},
                {"allreduce", io::json("all_reduce(avg) of each bucket's fp32 gradients in ready order, wait, "
-                                      "global-norm clip, optim::adamw per tensor (beta2 " + std::string(beta2) + ")")},
+                                      "global-norm clip, optim::adamw per tensor (beta2 " +
+                                      std::string(beta2) + ")")},
                {"gossip", io::json("per bucket: wait last step's exchange, per-bucket clip, decent::accum_adamw (K " +
                                    std::to_string(aa.accum_iter) +
                                    ") step_from_mixed per tensor, comm block = x / |R|, "
@@ -496,15 +496,15 @@ int run(int argc, char** argv) {
   const examples::device_choice device = examples::choose_device(o.device);
   const bool on_gpu = device.cuda;
   const std::string& device_name = device.name;
-  std::printf("bench_gossip on %s: Llama %s (%lld parameters, %lld flat fp32 elements = %s), %zu buckets of up to "
-              "%s, %d ranks (threads, comm::local on %s)%s, %d timed steps after %d warm-up\n",
-              device_name.c_str(), cfg.name.c_str(), (long long)cfg.parameters(), (long long)l.total(),
-              human_bytes(4.0 * double(l.total())).c_str(), plan.size(),
-              human_bytes(double(plan.bucket_bytes())).c_str(), o.ranks, on_gpu ? "one GPU" : "the host",
-              o.local_ranks > 1 ? (", nodes of " + std::to_string(o.local_ranks) + " ranks linked by " + o.intra_link)
-                                      .c_str()
-                                : "",
-              o.steps, o.warmup);
+  std::printf(
+      "bench_gossip on %s: Llama %s (%lld parameters, %lld flat fp32 elements = %s), %zu buckets of up to "
+      "%s, %d ranks (threads, comm::local on %s)%s, %d timed steps after %d warm-up\n",
+      device_name.c_str(), cfg.name.c_str(), (long long)cfg.parameters(), (long long)l.total(),
+      human_bytes(4.0 * double(l.total())).c_str(), plan.size(), human_bytes(double(plan.bucket_bytes())).c_str(),
+      o.ranks, on_gpu ? "one GPU" : "the host",
+      o.local_ranks > 1 ? (", nodes of " + std::to_string(o.local_ranks) + " ranks linked by " + o.intra_link).c_str()
+                        : "",
+      o.steps, o.warmup);
   std::fflush(stdout);
 
   std::vector<std::string> names{"allreduce"};
@@ -513,13 +513,13 @@ int run(int argc, char** argv) {
   for (const auto& bw : o.bandwidths) {
     const comm::network net = network_of(o, comm::link::parse(bw));
     std::printf("\n%s links (account mode)\n%-22s %6s %12s %14s %14s %16s %7s %8s %8s %8s\n", bw.c_str(), "scenario",
-                "period", "wall ms/step", "comm s/step", "(mean rank)", "bytes/step/rank", "exact", "x wall",
-                "x comm", "x bytes");
+                "period", "wall ms/step", "comm s/step", "(mean rank)", "bytes/step/rank", "exact", "x wall", "x comm",
+                "x bytes");
     std::fflush(stdout);
     std::size_t reference = results.size();
     for (const auto& name : names) {
-      scenario s = on_gpu ? measure<exec::cuda>(o, name, bw, net, l, plan)
-                          : measure<exec::host>(o, name, bw, net, l, plan);
+      scenario s =
+          on_gpu ? measure<exec::cuda>(o, name, bw, net, l, plan) : measure<exec::host>(o, name, bw, net, l, plan);
       const scenario& ref = name == "allreduce" ? s : results[reference];
       s.ratio_wall = s.wall_ms_per_step / ref.wall_ms_per_step;
       s.ratio_comm = ref.comm_model_s_max > 0 ? s.comm_model_s_max / ref.comm_model_s_max : 0.0;
@@ -536,7 +536,8 @@ int run(int argc, char** argv) {
   for (const auto& s : results) exact = exact && s.bytes_exact;
   if (!o.out.empty()) write_json(o, device_name, cfg, l, plan, results);
   if (!exact) {
-    std::fprintf(stderr, "bench_gossip: the bytes sent differ from the plan's bytes_sent in some scenario (exact: NO)\n");
+    std::fprintf(stderr,
+                 "bench_gossip: the bytes sent differ from the plan's bytes_sent in some scenario (exact: NO)\n");
     return 1;
   }
   return 0;

@@ -209,9 +209,10 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
   const bench::random_shard shard("llama_step." + c.name, windows * std::uint64_t(c.seq) + 1, cfg.vocab, seed);
   data::batch_loader loader(data::token_dataset(std::vector<fs::path>{shard.path()}),
                             data::loader_options{c.batch, c.seq, cfg.vocab, false, seed, true, "bench"});
-  require(loader.batches_per_epoch() >= std::uint64_t(total_steps),
-          [&] { return "bench_llama_step: the random shard holds " + std::to_string(loader.batches_per_epoch()) +
-              " batches, the run needs " + std::to_string(total_steps); });
+  require(loader.batches_per_epoch() >= std::uint64_t(total_steps), [&] {
+    return "bench_llama_step: the random shard holds " + std::to_string(loader.batches_per_epoch()) +
+           " batches, the run needs " + std::to_string(total_steps);
+  });
 
   const std::size_t before = device_bytes_in_use(pool);
   reset_pool_high_water(pool);
@@ -277,16 +278,15 @@ result run_config(const options& o, const bench_config& c, cudaMemPool_t pool) {
   r.measured = true;
 
   if (!std::isfinite(r.final_loss) && r.error.empty())
-    r.error = "final loss " + std::to_string(r.final_loss) + " is not finite (expected about ln(vocab) = " +
-              std::to_string(r.ln_vocab) + " on random tokens)";
+    r.error = "final loss " + std::to_string(r.final_loss) +
+              " is not finite (expected about ln(vocab) = " + std::to_string(r.ln_vocab) + " on random tokens)";
   return r;
 }
 
 // ---- Output -----------------------------------------------------------------------------------------------------
 
 void print_result(std::size_t i, std::size_t n, const result& r) {
-  std::printf("[%zu/%zu] %-4s B %lld x T %lld: ", i + 1, n, r.c.name.c_str(), (long long)r.c.batch,
-              (long long)r.c.seq);
+  std::printf("[%zu/%zu] %-4s B %lld x T %lld: ", i + 1, n, r.c.name.c_str(), (long long)r.c.batch, (long long)r.c.seq);
   if (!r.measured) {
     std::printf("%s: %s\n", r.out_of_memory ? "OUT OF MEMORY" : "FAILED", r.error.c_str());
     std::fflush(stdout);
@@ -296,10 +296,11 @@ void print_result(std::size_t i, std::size_t n, const result& r) {
               r.step_ms, r.step_ms_median, r.step_ms_min, r.step_ms_max, r.wall_step_ms, r.tok_per_s / 1e3,
               r.model_tflops, 100.0 * r.mfu);
   const memory_report& m = r.mem;
-  std::printf("         memory: peak %.2f GiB = resident %.2f + step scratch %.2f (pool used high %.2f); "
-              "weights %.2f, grads %.2f, masters %.2f, AdamW state %.2f, activations %.2f GiB\n",
-              gib(m.peak()), gib(m.resident), gib(m.pool_reserved_high), gib(m.pool_used_high), gib(m.weights),
-              gib(m.grads), gib(m.masters), gib(m.optimizer_state), gib(m.activations));
+  std::printf(
+      "         memory: peak %.2f GiB = resident %.2f + step scratch %.2f (pool used high %.2f); "
+      "weights %.2f, grads %.2f, masters %.2f, AdamW state %.2f, activations %.2f GiB\n",
+      gib(m.peak()), gib(m.resident), gib(m.pool_reserved_high), gib(m.pool_used_high), gib(m.weights), gib(m.grads),
+      gib(m.masters), gib(m.optimizer_state), gib(m.activations));
   std::printf("         loss: first %.4f, final %.4f (ln vocab %.4f), final grad norm %.4f\n", r.first_loss,
               r.final_loss, r.ln_vocab, r.final_grad_norm);
   if (!r.error.empty()) std::printf("         FAILED: %s\n", r.error.c_str());
@@ -351,30 +352,33 @@ void write_json(const options& o, const std::string& device, const std::vector<r
   for (const auto& r : results) out.push_back(result_json(r));
   io::json doc = bench::document("llama_step", device, o.commit);
   doc.set("config",
-          io::json::object(
-              {{"steps", o.steps},
-               {"warmup", o.warmup},
-               {"peak_tflops", o.peak_tflops},
-               {"model", "nn::llama<exec::cuda, bf16> through train::trainer: bf16 weights and activations, fp32 "
-                         "gradients, fp32 masters and AdamW state"},
-               {"optimizer", io::json::object({{"name", "adamw"},
-                                               {"beta1", adamw.beta1},
-                                               {"beta2", adamw.beta2},
-                                               {"eps", adamw.eps},
-                                               {"weight_decay", adamw.weight_decay},
-                                               {"lr", learning_rate},
-                                               {"schedule", "constant"},
-                                               {"clip", clip_norm},
-                                               {"accumulation", 1}})},
-               {"data", "uniform random token ids below vocab, a temporary llm.c shard read by data::batch_loader "
-                        "(sequential, no wrap-around)"},
-               {"flop_per_token", "6 N_non_embedding (LM head included) + 12 L d T"},
-               {"timing", "CUDA events on the executor's stream around each timed step after the warm-up; step_ms "
-                          "is the mean (tok_per_s uses it)"},
-               {"peak_memory", "device memory in use after the timed steps minus before the model (cudaMemGetInfo, "
-                               "stream-ordered pool trimmed) + the pool's reserved-memory high-water mark (per-step "
-                               "scratch)"},
-               {"configs", names}}));
+          io::json::object({{"steps", o.steps},
+                            {"warmup", o.warmup},
+                            {"peak_tflops", o.peak_tflops},
+                            {"model",
+                             "nn::llama<exec::cuda, bf16> through train::trainer: bf16 weights and activations, fp32 "
+                             "gradients, fp32 masters and AdamW state"},
+                            {"optimizer", io::json::object({{"name", "adamw"},
+                                                            {"beta1", adamw.beta1},
+                                                            {"beta2", adamw.beta2},
+                                                            {"eps", adamw.eps},
+                                                            {"weight_decay", adamw.weight_decay},
+                                                            {"lr", learning_rate},
+                                                            {"schedule", "constant"},
+                                                            {"clip", clip_norm},
+                                                            {"accumulation", 1}})},
+                            {"data",
+                             "uniform random token ids below vocab, a temporary llm.c shard read by data::batch_loader "
+                             "(sequential, no wrap-around)"},
+                            {"flop_per_token", "6 N_non_embedding (LM head included) + 12 L d T"},
+                            {"timing",
+                             "CUDA events on the executor's stream around each timed step after the warm-up; step_ms "
+                             "is the mean (tok_per_s uses it)"},
+                            {"peak_memory",
+                             "device memory in use after the timed steps minus before the model (cudaMemGetInfo, "
+                             "stream-ordered pool trimmed) + the pool's reserved-memory high-water mark (per-step "
+                             "scratch)"},
+                            {"configs", names}}));
   doc.set("results", out);
   bench::write_document(o.out, doc);
 }
@@ -401,9 +405,10 @@ int run(int argc, char** argv) {
     throw std::runtime_error(std::string("no CUDA device (") +
                              (e != cudaSuccess ? cudaGetErrorString(e) : "none found") + ")");
   const cudaDeviceProp prop = bench::device_properties();
-  std::printf("bench_llama_step on %s (sm_%d%d): %d timed steps after %d warm-up steps, AdamW lr %g, clip %g, "
-              "MFU against %.1f TFLOP/s\n",
-              prop.name, prop.major, prop.minor, o.steps, o.warmup, double(learning_rate), clip_norm, o.peak_tflops);
+  std::printf(
+      "bench_llama_step on %s (sm_%d%d): %d timed steps after %d warm-up steps, AdamW lr %g, clip %g, "
+      "MFU against %.1f TFLOP/s\n",
+      prop.name, prop.major, prop.minor, o.steps, o.warmup, double(learning_rate), clip_norm, o.peak_tflops);
   std::fflush(stdout);
 
   create_process_state(exec::cuda{});

@@ -120,8 +120,8 @@ measured run(const options& o, const nn::llama_config& cfg, const Compressor& co
   std::vector<measured> per_rank(static_cast<std::size_t>(p));
   std::barrier<> sync(p);
   bench::on_ranks(p, [&](int r) {
-    per_rank[std::size_t(r)] =
-        run_rank<Model>(o, cfg, compressor, blocks, net, shard, std::move(world[std::size_t(r)]), streams[std::size_t(r)], sync);
+    per_rank[std::size_t(r)] = run_rank<Model>(o, cfg, compressor, blocks, net, shard, std::move(world[std::size_t(r)]),
+                                               streams[std::size_t(r)], sync);
   });
   for (auto st : streams) cudaStreamDestroy(st);
   measured out = per_rank[0];
@@ -139,18 +139,22 @@ measured run(const options& o, const nn::llama_config& cfg, const Compressor& co
 
 int main(int argc, char** argv) {
   options o;
-  bench::cli c("bench_pipeline", "A Llama pipeline on one GPU over modelled links: dense boundaries against Subspace "
-                                 "Networks (see the top of bench/pipeline/pipeline.cu).");
+  bench::cli c("bench_pipeline",
+               "A Llama pipeline on one GPU over modelled links: dense boundaries against Subspace "
+               "Networks (see the top of bench/pipeline/pipeline.cu).");
   c.flag("configs", o.configs, "Llama presets, comma-separated (nn::presets)")
       .flag("layers", o.layers, "layers of each config (0: the preset's; boundary bytes do not depend on it)")
       .flag("stages", o.stages, "pipeline stages (ranks on the GPU)")
       .flag("microbatches", o.microbatches, "micro-batches per step")
       .flag("batch", o.batch, "sequences per micro-batch")
       .flag("seq", o.seq, "tokens per sequence")
-      .flag("bandwidths", o.bandwidths, "links, comma-separated: mbit80, mbit300, gbit1, gbit25, gbit100 or "
+      .flag("bandwidths", o.bandwidths,
+            "links, comma-separated: mbit80, mbit300, gbit1, gbit25, gbit100 or "
             "<number><kbit|mbit|gbit>[@latency]")
-      .flag("throttle", o.throttle, "enforce: transfers complete when the link would deliver them; account: only "
-            "the virtual clock", {"enforce", "account"})
+      .flag("throttle", o.throttle,
+            "enforce: transfers complete when the link would deliver them; account: only "
+            "the virtual clock",
+            {"enforce", "account"})
       .flag("k", o.k, "subspace dimension (0: the default rule, d/50 or d/100 from d 4096)")
       .flag("wires", o.wires, "subspace wire types, comma-separated: fp32, bf16")
       .flag("steps", o.steps, "timed steps per scenario")
@@ -165,27 +169,29 @@ int main(int argc, char** argv) {
     const cudaDeviceProp prop = bench::device_properties();
     io::json doc = bench::document("pipeline", prop.name, o.commit);
     io::json results = io::json::array();
-    const auto mode = o.throttle == "enforce" && !o.bytes_only ? comm::throttle_mode::enforce
-                                                               : comm::throttle_mode::account;
+    const auto mode =
+        o.throttle == "enforce" && !o.bytes_only ? comm::throttle_mode::enforce : comm::throttle_mode::account;
     for (const std::string& name : bench::split_list("--configs", o.configs)) {
       nn::llama_config cfg = nn::presets::by_name(name);
       if (o.layers) cfg.n_layers = o.layers;
       if (o.seq > cfg.max_seq) cfg.max_seq = o.seq;
       const std::uint64_t tokens = std::uint64_t(o.batch * o.seq * o.microbatches);
-      const bench::random_shard shard("pipeline." + name, tokens * std::uint64_t(o.steps + o.warmup + 1) + 1,
-                                      cfg.vocab, seed);
+      const bench::random_shard shard("pipeline." + name, tokens * std::uint64_t(o.steps + o.warmup + 1) + 1, cfg.vocab,
+                                      seed);
       const std::int64_t uf = pipeline::even_cuts(cfg.n_layers, o.stages).back();
       double dense_fastest = 0;
       for (const std::string& bw : bench::split_list("--bandwidths", o.bandwidths)) {
         const comm::network net(*examples::parse_bandwidth(bw), mode);
-        const measured d = run<nn::llama<exec::cuda, bf16>>(o, cfg, compress::identity{}, nn::dense_blocks{}, net, shard);
+        const measured d =
+            run<nn::llama<exec::cuda, bf16>>(o, cfg, compress::identity{}, nn::dense_blocks{}, net, shard);
         dense_fastest = dense_fastest == 0 ? d.step_s : std::min(dense_fastest, d.step_s);
         const auto report = [&](const char* compressor, const std::string& wire, std::int64_t k, const measured& m,
                                 double formula_fwd, double formula_bwd) {
-          std::printf("%-5s %-8s %-9s %-5s k %-3lld step %8.3f s  %9.0f tok/s  fwd %11llu B  bwd %11llu B  comm %8.3f s"
-                      "  loss %.4f\n", name.c_str(), bw.c_str(), compressor, wire.c_str(), (long long)k, m.step_s,
-                      m.tok_per_s, (unsigned long long)m.forward_bytes, (unsigned long long)m.backward_bytes,
-                      m.comm_model_s, m.loss);
+          std::printf(
+              "%-5s %-8s %-9s %-5s k %-3lld step %8.3f s  %9.0f tok/s  fwd %11llu B  bwd %11llu B  comm %8.3f s"
+              "  loss %.4f\n",
+              name.c_str(), bw.c_str(), compressor, wire.c_str(), (long long)k, m.step_s, m.tok_per_s,
+              (unsigned long long)m.forward_bytes, (unsigned long long)m.backward_bytes, m.comm_model_s, m.loss);
           std::fflush(stdout);
           io::json j = io::json::object({{"config", io::json(name)},
                                          {"d_model", io::json(cfg.d_model)},
@@ -207,15 +213,14 @@ int main(int argc, char** argv) {
         const double dense_bytes = double(tokens) * double(cfg.d_model) * 2;
         results.push_back(report("identity", "bf16", 0, d, dense_bytes, dense_bytes));
         for (const std::string& wire : bench::split_list("--wires", o.wires)) {
-          const compress::subspace_projection codec({cfg.d_model, cfg.vocab, o.k, seed + 1, seed + 2,
-                                                     wire == "bf16" ? compress::wire_dtype::bf16
-                                                                    : compress::wire_dtype::fp32,
-                                                     false});
+          const compress::subspace_projection codec(
+              {cfg.d_model, cfg.vocab, o.k, seed + 1, seed + 2,
+               wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
           const measured sm = run<nn::llama<exec::cuda, bf16, nn::subspace_blocks>>(
               o, cfg, codec, nn::subspace_blocks(codec, uf), net, shard);
           const double w = double(codec.wire_element_bytes(2)), kk = double(codec.k());
-          io::json j = report("subspace", wire, codec.k(), sm, double(tokens) * (kk * w + double(codec.token_id_bytes())),
-                              double(tokens) * kk * w);
+          io::json j = report("subspace", wire, codec.k(), sm,
+                              double(tokens) * (kk * w + double(codec.token_id_bytes())), double(tokens) * kk * w);
           j.set("bytes_ratio_forward", io::json(double(d.forward_bytes) / double(sm.forward_bytes)));
           j.set("bytes_ratio_backward", io::json(double(d.backward_bytes) / double(sm.backward_bytes)));
           j.set("step_speedup_vs_dense_same_link", io::json(d.step_s / sm.step_s));

@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <charconv>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -27,9 +27,8 @@ class cli {
   /// Declares --name VALUE bound to `target`; the value `target` holds now is the default shown in --help.
   template <class T>
   cli& flag(const std::string& name, T& target, const std::string& help, std::vector<std::string> choices = {}) {
-    flags_.push_back({name, help, show(target), std::move(choices), [&target, name](std::string_view v) {
-                        target = parse<T>(name, v);
-                      }, false});
+    flags_.push_back({name, help, show(target), std::move(choices),
+                      [&target, name](std::string_view v) { target = parse<T>(name, v); }, false});
     return *this;
   }
 
@@ -82,8 +81,7 @@ class cli {
       std::string choices;
       for (const auto& c : f.choices) choices += (choices.empty() ? " {" : "|") + c;
       if (!choices.empty()) choices += "}";
-      if (f.toggle)
-        std::printf("  --%-18s %s (a switch, no value)\n", f.name.c_str(), f.help.c_str());
+      if (f.toggle) std::printf("  --%-18s %s (a switch, no value)\n", f.name.c_str(), f.help.c_str());
       else
         std::printf("  --%-18s %s%s (default: %s)\n", f.name.c_str(), f.help.c_str(), choices.c_str(),
                     f.default_value.empty() ? "none" : f.default_value.c_str());

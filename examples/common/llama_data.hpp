@@ -115,13 +115,12 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
 /// --data as given, or --text (default: the King James Bible) as cached byte-level shards.
 inline data_source choose_data(const data_flags& d) {
   if (!d.data.empty()) return {d.data, d.val_data, false, d.data};
-  return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text),
-                     d.val_fraction);
+  return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text), d.val_fraction);
 }
 
 /// {train, validation} tokens of a source: its validation files, or the last val_fraction of its training files.
 inline std::pair<subspace::data::token_dataset, subspace::data::token_dataset> open_tokens(const data_source& src,
-                                                                                          double val_fraction) {
+                                                                                           double val_fraction) {
   subspace::data::token_dataset train = subspace::data::token_dataset::open(src.train), val;
   if (!src.val.empty()) val = subspace::data::token_dataset::open(src.val);
   else std::tie(train, val) = train.split(val_fraction);

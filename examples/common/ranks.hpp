@@ -41,7 +41,8 @@ inline std::optional<subspace::comm::link> parse_bandwidth(const std::string& b)
   try {
     return subspace::comm::link::parse(b);
   } catch (const std::exception&) {
-    throw cli_error("--bandwidth: got '" + b + "', expected none, mbit80, mbit300, gbit1, gbit25, gbit100 "
+    throw cli_error("--bandwidth: got '" + b +
+                    "', expected none, mbit80, mbit300, gbit1, gbit25, gbit100 "
                     "or <number><kbit|mbit|gbit>[@<number><s|ms|us>] (e.g. 2.5gbit@50us)");
   }
 }

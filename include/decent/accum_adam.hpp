@@ -104,15 +104,15 @@ struct basic_accum_adam {
     static_assert(std::is_same_v<S, subspace::space_of_t<Exec>>,
                   "decent::accum_adam::step: the views must live in the executor's memory space");
     const std::string who = std::string(name) + "::step(" + info.name + "): ";
-    subspace::require(accum_iter >= 1, [&] { return who + "accum_iter (K) must be >= 1, got " + std::to_string(accum_iter); });
+    subspace::require(accum_iter >= 1,
+                      [&] { return who + "accum_iter (K) must be >= 1, got " + std::to_string(accum_iter); });
     detail::check_hyper(who, beta1, beta2, eps, weight_decay, ctx);
     detail::check_views(who, info, mixed, master, grad, st.m.shape(), working);
     subspace::require(st.v.shape() == st.m.shape() && st.acc.shape() == st.m.shape(),
                       [&] { return who + "state buffers differ in shape"; });
     using G = std::remove_const_t<GradIn>;
-    detail::adam_impl<Exec>::template accum<G>(ex, mixed, master, subspace::view<const G, S>(grad), st.m.v(),
-                                               st.v.v(), st.acc.v(), working, coefficients(info, ctx),
-                                               window_coefficients(ctx));
+    detail::adam_impl<Exec>::template accum<G>(ex, mixed, master, subspace::view<const G, S>(grad), st.m.v(), st.v.v(),
+                                               st.acc.v(), working, coefficients(info, ctx), window_coefficients(ctx));
   }
 
   /// Bytes of M, V and Acc.

@@ -7,11 +7,11 @@
 // decent component joins it as it lands.
 #include <subspace/subspace.hpp>
 
-#include "plan.hpp"                   // gossip_plan, mix_op, group_schedule, mixing_matrix
-#include "topology.hpp"               // complete, ring, one_peer_exp, alternating_exp_ring, make_topology
-#include "decent_adam.hpp"            // decent_adam, decent_adamw
-#include "accum_adam.hpp"             // accum_adam, accum_adamw
-#include "gossip_trainer.hpp"         // gossip_trainer and gossip_options: the bucketed, overlapped gossip loop
+#include "accum_adam.hpp"      // accum_adam, accum_adamw
+#include "decent_adam.hpp"     // decent_adam, decent_adamw
+#include "gossip_trainer.hpp"  // gossip_trainer and gossip_options: the bucketed, overlapped gossip loop
+#include "plan.hpp"            // gossip_plan, mix_op, group_schedule, mixing_matrix
+#include "topology.hpp"        // complete, ring, one_peer_exp, alternating_exp_ring, make_topology
 
 /// Gossip data parallelism built on subspace's policies.
 namespace decent {}

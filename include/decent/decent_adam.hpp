@@ -44,7 +44,7 @@ struct basic_decent_adam {
   static constexpr weight_decay_rule rule = Rule;
   static constexpr const char* name = Rule == weight_decay_rule::l2 ? "decent::decent_adam" : "decent::decent_adamw";
 
-  float beta1 = 0.9f;    // the library's DAdam defaults: β = (0.9, 0.999)
+  float beta1 = 0.9f;  // the library's DAdam defaults: β = (0.9, 0.999)
   float beta2 = 0.999f;
   float eps = 1e-8f;
   float weight_decay = Rule == weight_decay_rule::decoupled ? 0.1f : 0.0f;  // on info.decay parameters only
@@ -97,8 +97,8 @@ struct basic_decent_adam {
     detail::check_views(who, info, mixed, master, grad, st.m.shape(), working);
     subspace::require(st.v.shape() == st.m.shape(), [&] { return who + "state moments differ in shape"; });
     using G = std::remove_const_t<GradIn>;
-    detail::adam_impl<Exec>::template dadam<G>(ex, mixed, master, subspace::view<const G, S>(grad), st.m.v(),
-                                               st.v.v(), working, coefficients(info, ctx));
+    detail::adam_impl<Exec>::template dadam<G>(ex, mixed, master, subspace::view<const G, S>(grad), st.m.v(), st.v.v(),
+                                               working, coefficients(info, ctx));
   }
 
   /// Bytes of m and v.

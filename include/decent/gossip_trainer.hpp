@@ -71,11 +71,11 @@
 #include <subspace/comm/concepts.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/data/loader.hpp>
+#include <subspace/dist/bucket.hpp>
 #include <subspace/kernels/elementwise.hpp>
 #include <subspace/kernels/reduce.hpp>
-#include <subspace/optim/schedule.hpp>
-#include <subspace/dist/bucket.hpp>
 #include <subspace/nn/concepts.hpp>
+#include <subspace/optim/schedule.hpp>
 #include <subspace/policies.hpp>
 #include <subspace/schedule/gradient_accumulation.hpp>
 #include <subspace/train/engine.hpp>
@@ -89,10 +89,10 @@ namespace decent {
 /// A gossip topology: a Scheduler whose plans are gossip_plan, with a period (topology.hpp, or any
 /// group_schedule).
 template <class S>
-concept GossipTopology = subspace::Scheduler<S> && std::is_same_v<typename S::plan_type, gossip_plan> &&
-                         requires(const S& s) {
-                           { s.period() } -> std::convertible_to<int>;
-                         };
+concept GossipTopology =
+    subspace::Scheduler<S> && std::is_same_v<typename S::plan_type, gossip_plan> && requires(const S& s) {
+      { s.period() } -> std::convertible_to<int>;
+    };
 
 /// The gossip trainer's options: the data-parallel ones (clip per bucket, schedule, bucket size) and the
 /// micro-batches per local step.
@@ -102,9 +102,8 @@ struct gossip_options : subspace::dist::trainer_options {
   /// Throws invalid_argument naming the field and the expected value.
   void validate() const {
     subspace::dist::trainer_options::validate();
-    subspace::require(accumulation >= 1, [&] {
-      return "gossip_options: accumulation must be >= 1, got " + std::to_string(accumulation);
-    });
+    subspace::require(accumulation >= 1,
+                      [&] { return "gossip_options: accumulation must be >= 1, got " + std::to_string(accumulation); });
   }
 };
 
@@ -251,8 +250,9 @@ class gossip_trainer {
   /// loader, read from its start and left there), averaged over the ranks. Collective; x is restored afterwards
   /// (unless it already was the average).
   double evaluate(subspace::data::batch_loader& loader, std::int64_t batches) {
-    subspace::require(batches >= 1, [&] { return std::string(who) + "::evaluate: batches must be >= 1, got " +
-                                        std::to_string(batches); });
+    subspace::require(batches >= 1, [&] {
+      return std::string(who) + "::evaluate: batches must be >= 1, got " + std::to_string(batches);
+    });
     const bool restore = !averaged_;
     if (restore) global_average();
     const double local = replica_.evaluate_local(
@@ -264,8 +264,11 @@ class gossip_trainer {
   /// Replaces x_i by x̄ = mean over the ranks, keeping x_i for revert_global_average(); pending exchanges are
   /// waited for first and their results kept for the next step. Collective.
   void global_average() {
-    subspace::require(!averaged_, [&] { return std::string(who) + "::global_average: the weights already are the average "
-                                                     "(call revert_global_average() first)"; });
+    subspace::require(!averaged_, [&] {
+      return std::string(who) +
+             "::global_average: the weights already are the average "
+             "(call revert_global_average() first)";
+    });
     wait_pending();
     const executor_type& ex = replica_.executor();
     if (backup_.numel() != plan_.total()) backup_ = subspace::tensor<float, space>(subspace::shape{plan_.total()});
@@ -277,7 +280,8 @@ class gossip_trainer {
 
   /// Restores the x_i that global_average() replaced.
   void revert_global_average() {
-    subspace::require(averaged_, [&] { return std::string(who) + "::revert_global_average: no global_average() to revert"; });
+    subspace::require(averaged_,
+                      [&] { return std::string(who) + "::revert_global_average: no global_average() to revert"; });
     subspace::copy(replica_.executor(), subspace::view<const float, space>(backup_.v()), replica_.masters());
     replica_.sync_model();
     averaged_ = false;
@@ -315,9 +319,11 @@ class gossip_trainer {
   static constexpr const char* who = "decent::gossip_trainer";
 
   void require_local(const char* what) const {
-    subspace::require(!averaged_, [&] { return std::string(who) + "::" + what +
-                                      ": the weights are the global average of global_average(); call "
-                                      "revert_global_average() first (or finish() to keep the average)"; });
+    subspace::require(!averaged_, [&] {
+      return std::string(who) + "::" + what +
+             ": the weights are the global average of global_average(); call "
+             "revert_global_average() first (or finish() to keep the average)";
+    });
   }
 
   /// Waits for every exchange in flight; their results stay in the communication buffer for the next step.

@@ -80,9 +80,10 @@ struct gossip_plan {
   double weight() const { return group.empty() ? 0.0 : group.front().weight; }
   /// The other rank of a pair (op == exchange).
   int peer() const {
-    subspace::require(op == mix_op::exchange,
-                      [&] { return "decent::gossip_plan::peer: only a pair has one peer; this group has " +
-                          std::to_string(size()) + " ranks (use group)"; });
+    subspace::require(op == mix_op::exchange, [&] {
+      return "decent::gossip_plan::peer: only a pair has one peer; this group has " + std::to_string(size()) +
+             " ranks (use group)";
+    });
     return group[std::size_t(1 - group_rank)].rank;
   }
   /// The ranks of the group, ascending.
@@ -95,9 +96,10 @@ struct gossip_plan {
   /// Bytes this rank sends to mix a bucket of `bucket_bytes` bytes of elements of `element_bytes` bytes (fp32
   /// parameters by default), as comm::throttled counts them; see the top of this file.
   std::uint64_t bytes_sent(std::uint64_t bucket_bytes, std::size_t element_bytes = sizeof(float)) const {
-    subspace::require(element_bytes > 0 && bucket_bytes % element_bytes == 0,
-                      [&] { return "decent::gossip_plan::bytes_sent: a bucket of " + std::to_string(bucket_bytes) +
-                          " bytes does not hold whole elements of " + std::to_string(element_bytes) + " bytes"; });
+    subspace::require(element_bytes > 0 && bucket_bytes % element_bytes == 0, [&] {
+      return "decent::gossip_plan::bytes_sent: a bucket of " + std::to_string(bucket_bytes) +
+             " bytes does not hold whole elements of " + std::to_string(element_bytes) + " bytes";
+    });
     const auto g = std::uint64_t(size());
     if (g <= 1) return 0;
     const std::uint64_t m = bucket_bytes / element_bytes;
@@ -122,7 +124,8 @@ class group_schedule {
   group_schedule(std::string name, int world_size, const std::vector<partition>& phases)
       : name_(std::move(name)), world_size_(world_size), period_(int(phases.size())) {
     const std::string who = "decent::" + name_ + ": ";
-    subspace::require(world_size >= 1, [&] { return who + "world_size must be >= 1, got " + std::to_string(world_size); });
+    subspace::require(world_size >= 1,
+                      [&] { return who + "world_size must be >= 1, got " + std::to_string(world_size); });
     subspace::require(!phases.empty(), [&] { return who + "a schedule needs at least one phase"; });
     group_of_.assign(std::size_t(period_) * std::size_t(world_size), -1);
     for (int q = 0; q < period_; ++q)
@@ -135,19 +138,22 @@ class group_schedule {
           groups_.push_back(g);
         }
         for (const int r : g) {
-          subspace::require(0 <= r && r < world_size, [&] { return who + "phase " + std::to_string(q) + " names rank " +
-                                                          std::to_string(r) + " outside [0, " +
-                                                          std::to_string(world_size) + ")"; });
+          subspace::require(0 <= r && r < world_size, [&] {
+            return who + "phase " + std::to_string(q) + " names rank " + std::to_string(r) + " outside [0, " +
+                   std::to_string(world_size) + ")";
+          });
           int& slot = group_of_[index(q, r)];
-          subspace::require(slot < 0, [&] { return who + "phase " + std::to_string(q) + " puts rank " + std::to_string(r) +
-                                          " in more than one group"; });
+          subspace::require(slot < 0, [&] {
+            return who + "phase " + std::to_string(q) + " puts rank " + std::to_string(r) + " in more than one group";
+          });
           slot = id;
         }
       }
     for (int q = 0; q < period_; ++q)
       for (int r = 0; r < world_size; ++r)
-        subspace::require(group_of_[index(q, r)] >= 0,
-                          [&] { return who + "phase " + std::to_string(q) + " leaves rank " + std::to_string(r) + " out"; });
+        subspace::require(group_of_[index(q, r)] >= 0, [&] {
+          return who + "phase " + std::to_string(q) + " leaves rank " + std::to_string(r) + " out";
+        });
   }
 
   /// The topology's name ("ring", ...), as in messages.
@@ -160,9 +166,12 @@ class group_schedule {
 
   /// Row `rank` of W^step (step = 0, 1, ...: the mixing round) and how to realise it.
   gossip_plan plan(std::int64_t step, int rank) const {
-    subspace::require(step >= 0, [&] { return "decent::" + name_ + "::plan: step must be >= 0, got " + std::to_string(step); });
-    subspace::require(0 <= rank && rank < world_size_, [&] { return "decent::" + name_ + "::plan: rank " + std::to_string(rank) +
-                                                           " outside [0, " + std::to_string(world_size_) + ")"; });
+    subspace::require(step >= 0,
+                      [&] { return "decent::" + name_ + "::plan: step must be >= 0, got " + std::to_string(step); });
+    subspace::require(0 <= rank && rank < world_size_, [&] {
+      return "decent::" + name_ + "::plan: rank " + std::to_string(rank) + " outside [0, " +
+             std::to_string(world_size_) + ")";
+    });
     gossip_plan p;
     p.phase = step % period_;
     p.group_id = group_of_[index(int(p.phase), rank)];
@@ -178,7 +187,8 @@ class group_schedule {
 
   /// The groups of round `step`, ordered by their lowest rank: the partition W^step is built from.
   partition groups_at(std::int64_t step) const {
-    subspace::require(step >= 0, [&] { return "decent::" + name_ + "::groups_at: step must be >= 0, got " + std::to_string(step); });
+    subspace::require(
+        step >= 0, [&] { return "decent::" + name_ + "::groups_at: step must be >= 0, got " + std::to_string(step); });
     partition out;
     const int q = int(step % period_);
     for (int r = 0; r < world_size_; ++r) {

@@ -53,9 +53,7 @@ inline std::vector<int> consecutive(int first, int count) {
   return g;
 }
 
-inline std::vector<group_schedule::partition> complete_phases(int n) {
-  return {{consecutive(0, n)}};
-}
+inline std::vector<group_schedule::partition> complete_phases(int n) { return {{consecutive(0, n)}}; }
 
 inline std::vector<group_schedule::partition> ring_phases(int n) {
   group_schedule::partition even, odd;
@@ -123,9 +121,11 @@ class ring : public group_schedule {
 
  private:
   static std::vector<partition> phases(int n) {
-    subspace::require(n >= 2 && n % 2 == 0,
-                      [&] { return "decent::ring: world_size must be even (>= 2): every rank needs a partner in both pairings "
-                      "(2i, 2i+1) and (2i+1, 2i+2 mod n); got world_size = " + std::to_string(n); });
+    subspace::require(n >= 2 && n % 2 == 0, [&] {
+      return "decent::ring: world_size must be even (>= 2): every rank needs a partner in both pairings "
+             "(2i, 2i+1) and (2i+1, 2i+2 mod n); got world_size = " +
+             std::to_string(n);
+    });
     return detail::ring_phases(n);
   }
 };
@@ -137,9 +137,11 @@ class one_peer_exp : public group_schedule {
 
  private:
   static std::vector<partition> phases(int n) {
-    subspace::require(detail::is_power_of_two(n),
-                      [&] { return "decent::one_peer_exp: world_size must be a power of two (1, 2, 4, 8, ...): rank j pairs "
-                      "with j XOR 2^q; got world_size = " + std::to_string(n); });
+    subspace::require(detail::is_power_of_two(n), [&] {
+      return "decent::one_peer_exp: world_size must be a power of two (1, 2, 4, 8, ...): rank j pairs "
+             "with j XOR 2^q; got world_size = " +
+             std::to_string(n);
+    });
     return detail::one_peer_exp_phases(n);
   }
 };
@@ -164,16 +166,22 @@ class alternating_exp_ring : public group_schedule {
   static std::vector<partition> phases(int n, int local) {
     const std::string who = "decent::alternating_exp_ring: ";
     subspace::require(n >= 1, [&] { return who + "world_size must be >= 1, got " + std::to_string(n); });
-    subspace::require(local >= 1, [&] { return who + "local_world_size (ranks per node) must be >= 1, got " +
-                                      std::to_string(local); });
-    subspace::require(n % local == 0, [&] { return who + "world_size must be a whole number of nodes of local_world_size "
-                                            "ranks; got world_size = " + std::to_string(n) +
-                                            ", local_world_size = " + std::to_string(local); });
-    subspace::require(detail::is_power_of_two(n / local),
-                      [&] { return who + "the node count (world_size / local_world_size) must be a power of two (1, 2, 4, 8, "
-                            "...): node a pairs with node a XOR 2^q; got " + std::to_string(n / local) +
-                          " nodes (world_size = " + std::to_string(n) +
-                          ", local_world_size = " + std::to_string(local) + ")"; });
+    subspace::require(local >= 1, [&] {
+      return who + "local_world_size (ranks per node) must be >= 1, got " + std::to_string(local);
+    });
+    subspace::require(n % local == 0, [&] {
+      return who +
+             "world_size must be a whole number of nodes of local_world_size "
+             "ranks; got world_size = " +
+             std::to_string(n) + ", local_world_size = " + std::to_string(local);
+    });
+    subspace::require(detail::is_power_of_two(n / local), [&] {
+      return who +
+             "the node count (world_size / local_world_size) must be a power of two (1, 2, 4, 8, "
+             "...): node a pairs with node a XOR 2^q; got " +
+             std::to_string(n / local) + " nodes (world_size = " + std::to_string(n) +
+             ", local_world_size = " + std::to_string(local) + ")";
+    });
     return detail::alternating_exp_ring_phases(n / local, local);
   }
 
@@ -190,10 +198,8 @@ static_assert(subspace::check_scheduler<alternating_exp_ring>());
 template <class T>
 T make_topology(int world_size, int local_world_size = 1) {
   static_assert(std::is_base_of_v<group_schedule, T>, "decent::make_topology: T must be a decent topology");
-  if constexpr (std::is_constructible_v<T, int, int>)
-    return T(world_size, local_world_size);
-  else
-    return T(world_size);
+  if constexpr (std::is_constructible_v<T, int, int>) return T(world_size, local_world_size);
+  else return T(world_size);
 }
 
 }  // namespace decent

@@ -93,13 +93,14 @@ struct policy_types<Stack> {
 
 /// True when Stack names the four policies and each satisfies its concept.
 template <class S, class Stack = typename detail::policy_types<S>::type>
-concept TrainingStack = requires {
-  typename Stack::communicator;
-  typename Stack::compressor;
-  typename Stack::scheduler;
-  typename Stack::optimizer;
-} && Communicator<typename Stack::communicator> && Compressor<typename Stack::compressor> &&
-                        Scheduler<typename Stack::scheduler> && Optimizer<typename Stack::optimizer>;
+concept TrainingStack =
+    requires {
+      typename Stack::communicator;
+      typename Stack::compressor;
+      typename Stack::scheduler;
+      typename Stack::optimizer;
+    } && Communicator<typename Stack::communicator> && Compressor<typename Stack::compressor> &&
+    Scheduler<typename Stack::scheduler> && Optimizer<typename Stack::optimizer>;
 
 namespace detail {
 

@@ -106,13 +106,13 @@ TEST_CASE("attention (CUDA): forward and backward match the host for every head 
   const exec::cuda ex{s.stream};
   for (const std::int64_t hd : {16, 32, 64, 128}) {
     const attention_case cases[] = {
-        {2, 37, 37, 4, 4, hd, true},              // ratio 1, causal, odd length
-        {1, 130, 130, 4, 2, hd, false},           // ratio 2, no mask, past one 128-row block
-        {2, 1, 9, 4, 1, hd, true, 8, 0},          // ratio 4, one row (decoding) against 9 keys
-        {1, 130, 77, 8, 2, hd, true, 0, 20},      // Skv != S; rows 0-19 see no key
-        {1, 45, 200, 2, 1, hd, true, 150, 0},     // a later query block against every key (context parallel)
-        {1, 37, 300, 2, 2, hd, false, 0, 0},      // many more keys than queries
-        {1, 1024, 1024, 4, 2, hd, true},          // a training length
+        {2, 37, 37, 4, 4, hd, true},           // ratio 1, causal, odd length
+        {1, 130, 130, 4, 2, hd, false},        // ratio 2, no mask, past one 128-row block
+        {2, 1, 9, 4, 1, hd, true, 8, 0},       // ratio 4, one row (decoding) against 9 keys
+        {1, 130, 77, 8, 2, hd, true, 0, 20},   // Skv != S; rows 0-19 see no key
+        {1, 45, 200, 2, 1, hd, true, 150, 0},  // a later query block against every key (context parallel)
+        {1, 37, 300, 2, 2, hd, false, 0, 0},   // many more keys than queries
+        {1, 1024, 1024, 4, 2, hd, true},       // a training length
     };
     for (const attention_case& c : cases) check_case(ex, c, testing::fresh_seed());
   }

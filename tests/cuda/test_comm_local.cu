@@ -260,10 +260,8 @@ TEST_CASE("comm::local: a device send meeting a host recv is a mismatch on both 
     device_tensor<float> d({4});
     host_tensor<float> h({4});
     try {
-      if (r == 0)
-        c.send(d.v(), 1).wait();
-      else
-        c.recv(h.v(), 0).wait();
+      if (r == 0) c.send(d.v(), 1).wait();
+      else c.recv(h.v(), 0).wait();
     } catch (const comm::mismatch_error& e) {
       m[std::size_t(r)] = e.what();
     }

@@ -156,10 +156,8 @@ TEST_CASE("comm::nccl: bootstrap from a torchrun-style environment, NVLink multi
   CHECK(c.device() == 0);
   const char* nvls = std::getenv("NCCL_NVLS_ENABLE");
   REQUIRE(nvls != nullptr);
-  if (before == nullptr)
-    CHECK(std::string(nvls) == "0");
-  else
-    CHECK(std::string(nvls) == saved);  // an explicit setting is left alone
+  if (before == nullptr) CHECK(std::string(nvls) == "0");
+  else CHECK(std::string(nvls) == saved);  // an explicit setting is left alone
   // throttled<nccl>: over one rank nothing crosses the network.
   comm::throttled<comm::nccl> t(c, comm::network{comm::links::mbit300});
   device_tensor<float> x({100});

@@ -86,10 +86,8 @@ void check_cuda_against_host(const O& opt, std::uint64_t seed, cudaStream_t stre
         CHECK(testing::rel_error(to_host(dev, state_d.v.v()), state_h.v) <= 1e-6);
         if constexpr (requires { state_h.acc; }) {
           const auto acc = to_host(dev, state_d.acc.v());
-          if (opt.closes_window(ctx.step))
-            CHECK(differing_bits(acc, state_h.acc) == 0);  // both zero
-          else
-            CHECK(testing::rel_error(acc, state_h.acc) <= 1e-6);
+          if (opt.closes_window(ctx.step)) CHECK(differing_bits(acc, state_h.acc) == 0);  // both zero
+          else CHECK(testing::rel_error(acc, state_h.acc) <= 1e-6);
         }
         // The working copy is bf16 of the device's own master weights, bit for bit.
         const auto working = to_host(dev, working_d.v());

@@ -17,12 +17,12 @@
 #include <decent/accum_adam.hpp>
 #include <decent/decent_adam.hpp>
 #include <decent/gossip_trainer.hpp>
-#include <subspace/dist/data_parallel_trainer.hpp>
 #include <decent/topology.hpp>
 #include <subspace/comm/local.hpp>
 #include <subspace/core/parallel.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/data/tokens.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 #include <subspace/subspace.hpp>
 
 #include "support/cuda.hpp"
@@ -36,7 +36,6 @@ namespace {
 
 using device_model = nn::llama<exec::cuda, bf16>;
 using host_model = nn::llama<exec::host, float>;
-
 
 nn::llama_config config() { return testing::gpu_check_config("decent-gpu-check"); }
 

@@ -111,8 +111,8 @@ TEST_CASE("cuda cast rounds fp64 ties to even in one step") {
   stream_guard s;
   const exec::cuda ex{s.stream};
   host_tensor<double> x({6});
-  const double values[] = {1.0 + 0x1p-8, 1.0 + 3 * 0x1p-8, 1.0 + 0x1p-8 + 0x1p-40, 1.0 + 0x1p-11, 0x1p-25 + 0x1p-60,
-                           0x1.8p-24};
+  const double values[] = {1.0 + 0x1p-8,  1.0 + 3 * 0x1p-8,  1.0 + 0x1p-8 + 0x1p-40,
+                           1.0 + 0x1p-11, 0x1p-25 + 0x1p-60, 0x1.8p-24};
   std::copy(std::begin(values), std::end(values), x.data());
   auto dx = to_device(ex, x.v());
   device_tensor<bf16> b({6});

@@ -397,10 +397,9 @@ TEST_CASE("subspace_adam_step (CUDA) with P = I equals the host's to 1e-6") {
     CAPTURE(s);
     const auto g = testing::random_tensor<float>({m, n}, seed + std::uint64_t(s), 0.0f, 0.1f * float(s));
     const auto g_d = to_device(dev, g.v());
-    optim::subspace_adam_step(host, p, w_h.v(), g.v(), m_h.v(), v_h.v(), view<const float, host_space>(eye.v()), h,
-                              0.5, s, 1e-2, true, work_h.v());
-    optim::subspace_adam_step(dev, p, w_d.v(), g_d.v(), m_d.v(), v_d.v(), eye_d.v(), h, 0.5, s, 1e-2, true,
-                              work_d.v());
+    optim::subspace_adam_step(host, p, w_h.v(), g.v(), m_h.v(), v_h.v(), view<const float, host_space>(eye.v()), h, 0.5,
+                              s, 1e-2, true, work_h.v());
+    optim::subspace_adam_step(dev, p, w_d.v(), g_d.v(), m_d.v(), v_d.v(), eye_d.v(), h, 0.5, s, 1e-2, true, work_d.v());
     const auto w = to_host(dev, w_d.v()), mm = to_host(dev, m_d.v()), vv = to_host(dev, v_d.v());
     CHECK(testing::rel_error(w, w_h) <= 1e-6);
     CHECK(testing::rel_error(mm, m_h) <= 1e-6);

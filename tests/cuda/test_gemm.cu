@@ -64,8 +64,8 @@ TEST_CASE_TEMPLATE("gemm (CUDA): every transpose combination, odd sizes and batc
   struct dims {
     std::int64_t m, n, k, batch;
   };
-  const dims sizes[] = {{1, 1, 1, 0}, {37, 53, 29, 0}, {64, 128, 256, 0}, {129, 65, 300, 0}, {19, 23, 41, 3},
-                        {128, 64, 96, 4}};
+  const dims sizes[] = {{1, 1, 1, 0},      {37, 53, 29, 0}, {64, 128, 256, 0},
+                        {129, 65, 300, 0}, {19, 23, 41, 3}, {128, 64, 96, 4}};
   for (const auto& d : sizes) {
     CAPTURE(d.m);
     CAPTURE(d.n);

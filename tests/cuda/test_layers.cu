@@ -200,8 +200,7 @@ TEST_CASE("rope (CUDA): forward and inverse rotations against the host in double
         rope_apply(ex, x_d.v(), view<const float, device_space>(inv_d.v()), sz.pos0, inverse);
         // The device forms the angle in fp32 (as Hugging Face does), the reference in double: at positions of
         // several thousand the fp32 angle carries up to ~4e-4 rad of rounding at the highest frequency.
-        CHECK(testing::rel_error(cv(download(ex, x_d)), cv(want)) <
-              (std::is_same_v<T, float> ? 5e-4 : tolerance<T>()));
+        CHECK(testing::rel_error(cv(download(ex, x_d)), cv(want)) < (std::is_same_v<T, float> ? 5e-4 : tolerance<T>()));
       }
     }
   });

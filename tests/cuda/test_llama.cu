@@ -56,9 +56,8 @@ struct batch {
 /// N(0, 1), norm gains N(1, 0.2^2)), rounded to bf16.
 void same_random_weights(const exec::cuda& ex, device_model& dm, host_model& hm, std::uint64_t seed) {
   std::map<std::string, view<bf16, device_space>> device_values;
-  dm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info&) {
-    device_values.emplace(name, value);
-  });
+  dm.parameters().for_each(
+      [&](const std::string& name, auto value, auto, const parameter_info&) { device_values.emplace(name, value); });
   std::uint64_t offset = 100;
   hm.parameters().for_each([&](const std::string& name, auto value, auto, const parameter_info& info) {
     float mean = 0.0f, std = 1.0f;

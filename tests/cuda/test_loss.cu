@@ -94,12 +94,12 @@ TEST_CASE("lm_head_cross_entropy (CUDA): losses and gradients match the host, fo
   testing::stream_guard s;
   const exec::cuda ex{s.stream};
   const loss_case cases[] = {
-      {300, 64, 1000, {}},                     // one chunk
-      {300, 64, 1000, {37}},                   // odd chunks, a short last one
-      {300, 64, 1001, {1}},                    // one row per chunk; V not a multiple of 4 (scalar path)
-      {257, 128, 4096, {0, 64 << 10}},         // a byte budget: 4 rows per chunk
-      {128, 64, 50304, {}},                    // the GPT-2 vocabulary: the in-place gradient spans 25 stretches
-      {96, 64, 50305, {40}},                   // the same, scalar path
+      {300, 64, 1000, {}},              // one chunk
+      {300, 64, 1000, {37}},            // odd chunks, a short last one
+      {300, 64, 1001, {1}},             // one row per chunk; V not a multiple of 4 (scalar path)
+      {257, 128, 4096, {0, 64 << 10}},  // a byte budget: 4 rows per chunk
+      {128, 64, 50304, {}},             // the GPT-2 vocabulary: the in-place gradient spans 25 stretches
+      {96, 64, 50305, {40}},            // the same, scalar path
   };
   for (const loss_case& c : cases) check_case<bf16>(ex, c, testing::fresh_seed());
   check_case<float>(ex, {100, 32, 500, {33}}, testing::fresh_seed());

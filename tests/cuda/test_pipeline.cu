@@ -114,8 +114,8 @@ void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor
   compress::identity none;
   train::plan_engine<host_model, compress::identity> engine(whole, none, {});
   auto d = loader(data);
-  const double host_loss = engine.run(schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{d},
-                                      [](std::size_t, std::size_t) {}, [] {});
+  const double host_loss = engine.run(
+      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{d}, [](std::size_t, std::size_t) {}, [] {});
   CAPTURE(device_loss);
   CAPTURE(host_loss);
   CHECK(std::isfinite(device_loss));
@@ -139,7 +139,8 @@ TEST_CASE("pipeline (CUDA): plain and subspace pipelines of 2 stages on one GPU 
   const nn::llama_config cfg = testing::gpu_check_config("pipeline-gpu-check");
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
-  const compress::subspace_projection codec({cfg.d_model, cfg.vocab, 8, seed, seed + 1, compress::wire_dtype::fp32, false});
+  const compress::subspace_projection codec(
+      {cfg.d_model, cfg.vocab, 8, seed, seed + 1, compress::wire_dtype::fp32, false});
   SUBCASE("plain") { check_against_host(nn::subspace_blocks(codec, 0), compress::identity{}, data, seed); }
   SUBCASE("subspace") { check_against_host(nn::subspace_blocks(codec, 1), codec, data, seed); }
 }

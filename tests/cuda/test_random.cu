@@ -35,8 +35,8 @@ TEST_CASE_TEMPLATE("cuda fill_uniform and fill_normal are bit-identical to the h
   stream_guard s;
   const exec::cuda ex{s.stream};
   const exec::host hx;
-  for (const std::uint64_t offset : {std::uint64_t(0), std::uint64_t(7), (std::uint64_t(1) << 32) + 5,
-                                     std::uint64_t(0xfedcba9876543210ull)}) {
+  for (const std::uint64_t offset :
+       {std::uint64_t(0), std::uint64_t(7), (std::uint64_t(1) << 32) + 5, std::uint64_t(0xfedcba9876543210ull)}) {
     for (const std::int64_t n : {1, 2, 3, 4, 5, 4097, (1 << 20) + 5}) {
       for (const bool shifted : {false, true}) {
         CAPTURE(offset);

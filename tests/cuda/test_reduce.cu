@@ -39,8 +39,8 @@ const std::int64_t sizes[] = {1, 2, 3, 127, 128, 1000, 4097, 65537, (1 << 20) + 
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("cuda sum, squared_norm and max agree with the host from 1 to 5 million elements", T, float,
-                   double, bf16, fp16) {
+TEST_CASE_TEMPLATE("cuda sum, squared_norm and max agree with the host from 1 to 5 million elements", T, float, double,
+                   bf16, fp16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   stream_guard s;
@@ -61,8 +61,7 @@ TEST_CASE_TEMPLATE("cuda sum, squared_norm and max agree with the host from 1 to
   }
 }
 
-TEST_CASE_TEMPLATE("cuda *_into write device scalars on the stream without a host round trip", T, float, double,
-                   bf16) {
+TEST_CASE_TEMPLATE("cuda *_into write device scalars on the stream without a host round trip", T, float, double, bf16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   stream_guard s;

@@ -116,10 +116,8 @@ double reduced(comm::reduce_op op, int n, X x) {
 /// Checks a rank's reduced buffer against its float64 reference: max exactly, sum and avg to 1e-6 relative.
 inline void check_reduced(const host_tensor<float>& got, const host_tensor<double>& expected, comm::reduce_op op) {
   const double err = testing::rel_error(got, expected);
-  if (op == comm::reduce_op::max)
-    CHECK(err == 0.0);
-  else
-    CHECK(err <= 1e-6);
+  if (op == comm::reduce_op::max) CHECK(err == 0.0);
+  else CHECK(err <= 1e-6);
 }
 
 }  // namespace subspace::testing::conformance
@@ -378,11 +376,11 @@ using compressor_store = nn::parameter_store<T, T, host_space>;
 template <class T>
 std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> snapshot_parameters(compressor_store<T>& store) {
   std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> out;
-  store.for_each([&](const std::string& name, view<T, host_space> value, view<T, host_space> grad,
-                     const parameter_info&) {
-    out[name] = {std::vector<T>(value.data(), value.data() + value.numel()),
-                 std::vector<T>(grad.data(), grad.data() + grad.numel())};
-  });
+  store.for_each(
+      [&](const std::string& name, view<T, host_space> value, view<T, host_space> grad, const parameter_info&) {
+        out[name] = {std::vector<T>(value.data(), value.data() + value.numel()),
+                     std::vector<T>(grad.data(), grad.data() + grad.numel())};
+      });
   return out;
 }
 
@@ -676,8 +674,8 @@ TEST_CASE_TEMPLATE_DEFINE("Compressor conformance", F, compressor_conformance) {
 namespace subspace::testing::conformance {
 
 template <class P>
-concept action_plan = std::ranges::forward_range<const P> &&
-                      std::same_as<std::ranges::range_value_t<const P>, schedule::action>;
+concept action_plan =
+    std::ranges::forward_range<const P> && std::same_as<std::ranges::range_value_t<const P>, schedule::action>;
 
 /// Checks the compute plans of one step across all ranks: on every rank a (micro-batch, chunk) is backwarded at
 /// most once and only after its forward, either whole (backward) or in halves (backward_input, then
@@ -729,9 +727,7 @@ void check_action_plans(const std::vector<Plan>& plans) {
           CHECK((0 <= a.peer && a.peer < n));
           --messages[{int(action_kind::send_gradient), a.microbatch, a.peer, r}];
           break;
-        case action_kind::optimizer_step:
-          stepped = true;
-          break;
+        case action_kind::optimizer_step: stepped = true; break;
       }
     }
   }
@@ -833,10 +829,8 @@ TEST_CASE_TEMPLATE_DEFINE("Optimizer conformance", F, optimizer_conformance) {
       for (int t = 0; t < 3; ++t) {
         const optim::step_context ctx{lr, t + 1};
         const view<bf16, host_space> wv = working ? working->v() : view<bf16, host_space>{};
-        if (bf16_grads)
-          o.step(ex, w.v(), view<const bf16, host_space>(grads16[std::size_t(t)].v()), st, info, ctx, wv);
-        else
-          o.step(ex, w.v(), view<const float, host_space>(grads[std::size_t(t)].v()), st, info, ctx, wv);
+        if (bf16_grads) o.step(ex, w.v(), view<const bf16, host_space>(grads16[std::size_t(t)].v()), st, info, ctx, wv);
+        else o.step(ex, w.v(), view<const float, host_space>(grads[std::size_t(t)].v()), st, info, ctx, wv);
       }
       return w;
     };
@@ -891,8 +885,8 @@ TEST_CASE_TEMPLATE_DEFINE("Optimizer conformance", F, optimizer_conformance) {
       const optim::step_context ctx{1e-3f, 1};
       CHECK_THROWS_AS(o.step(ex, w.v(), view<const float, host_space>(bad.v()), st, info, ctx), invalid_argument);
       CHECK_THROWS_AS(o.step(ex, bad.v(), view<const float, host_space>(w0.v()), st, info, ctx), invalid_argument);
-      CHECK_THROWS_AS(
-          o.step(ex, w.v(), view<const float, host_space>(w0.v()), st, info, ctx, bad16.v()), invalid_argument);
+      CHECK_THROWS_AS(o.step(ex, w.v(), view<const float, host_space>(w0.v()), st, info, ctx, bad16.v()),
+                      invalid_argument);
     }
   }
 }

@@ -56,7 +56,11 @@ TEST_CASE_TEMPLATE("optim::adamw (host) follows the float64 AdamW reference over
     const optim::param_info info{"w", {24, 17}, decay};
     auto master = testing::random_tensor<float>(info.shape, seed);
     auto state = opt.init(exec::host{}, info);
-    adamw_reference ref{opt.beta1, opt.beta2, opt.eps, opt.weight_decay, to_vector(master),
+    adamw_reference ref{opt.beta1,
+                        opt.beta2,
+                        opt.eps,
+                        opt.weight_decay,
+                        to_vector(master),
                         std::vector<double>(std::size_t(info.shape.numel()), 0.0),
                         std::vector<double>(std::size_t(info.shape.numel()), 0.0)};
     host_tensor<bf16> working(info.shape);

@@ -57,7 +57,8 @@ TEST_CASE_TEMPLATE("attention_forward (host) matches a float64 softmax(QK^T)V, l
     attention_forward(exec::host{}, cv(x.q), cv(x.k), cv(x.v), x.out.v(), x.lse.v(), c.params());
     const auto want = testing::naive_attention(cv(x.q), cv(x.k), cv(x.v), c.params());
     bool all_masked = true;
-    for (std::int64_t i = 0; i < want.lse.numel(); ++i) all_masked = all_masked && want.lse.data()[i] == testing::neg_inf;
+    for (std::int64_t i = 0; i < want.lse.numel(); ++i)
+      all_masked = all_masked && want.lse.data()[i] == testing::neg_inf;
     if (all_masked) {  // out must be exactly zero
       for (std::int64_t i = 0; i < x.out.numel(); ++i) REQUIRE(double(x.out.data()[i]) == 0.0);
     } else {
@@ -83,15 +84,16 @@ TEST_CASE("attention_forward (host): a row that sees no key gets out = 0 and lse
       double s = 0;
       for (std::int64_t e = 0; e < 16; ++e) s += x.q(b, 4, h, e) * x.k(b, 0, h / 2, e);
       CHECK(x.lse(b, h, 4) == doctest::Approx(s * double(c.params().scale)).epsilon(1e-14));
-      for (std::int64_t e = 0; e < 16; ++e) CHECK(x.out(b, 4, h, e) == doctest::Approx(x.v(b, 0, h / 2, e)).epsilon(1e-14));
+      for (std::int64_t e = 0; e < 16; ++e)
+        CHECK(x.out(b, 4, h, e) == doctest::Approx(x.v(b, 0, h / 2, e)).epsilon(1e-14));
     }
 }
 
 TEST_CASE("attention_backward (host) matches central finite differences in double") {
   const attention_case cases[] = {
-      {2, 6, 7, 4, 2, 8, true, 0, 2},    // GQA 2, causal, rows 0-1 see no key
-      {1, 5, 9, 4, 1, 4, false, 0, 0},   // GQA 4, no mask, Skv > S
-      {1, 7, 4, 2, 2, 8, true, 3, 0},    // ratio 1, the queries after the keys
+      {2, 6, 7, 4, 2, 8, true, 0, 2},   // GQA 2, causal, rows 0-1 see no key
+      {1, 5, 9, 4, 1, 4, false, 0, 0},  // GQA 4, no mask, Skv > S
+      {1, 7, 4, 2, 2, 8, true, 3, 0},   // ratio 1, the queries after the keys
   };
   for (const attention_case& c : cases) {
     const auto seed = testing::fresh_seed();
@@ -110,8 +112,7 @@ TEST_CASE("attention_backward (host) matches central finite differences in doubl
     };
     attention_forward(exec::host{}, cv(x.q), cv(x.k), cv(x.v), x.out.v(), x.lse.v(), p);
     host_tensor<double> dq(c.q_shape()), dk(c.kv_shape()), dv(c.kv_shape());
-    attention_backward(exec::host{}, cv(x.q), cv(x.k), cv(x.v), cv(x.out), cv(x.lse), cv(w), dq.v(), dk.v(), dv.v(),
-                       p);
+    attention_backward(exec::host{}, cv(x.q), cv(x.k), cv(x.v), cv(x.out), cv(x.lse), cv(w), dq.v(), dk.v(), dv.v(), p);
     const auto fd = [&](host_tensor<double>& t) {
       host_tensor<double> g(t.shape());
       const double h = 1e-5;
@@ -173,9 +174,9 @@ TEST_CASE("attention (host): the full KV equals the merge of two KV blocks, forw
       const std::int64_t s0 = blk == 0 ? 0 : split, s1 = blk == 0 ? split : c.seq_kv;
       attention_params pb = p;
       pb.kv_pos0 = p.kv_pos0 + s0;
-      attention_backward(exec::host{}, cv(x.q), testing::seq_slice(cv(x.k), s0, s1), testing::seq_slice(cv(x.v), s0, s1),
-                         cv(merged.out), cv(merged.lse), cv(dout), dq_part.v(), testing::seq_slice(dk_cat.v(), s0, s1),
-                         testing::seq_slice(dv_cat.v(), s0, s1), pb);
+      attention_backward(exec::host{}, cv(x.q), testing::seq_slice(cv(x.k), s0, s1),
+                         testing::seq_slice(cv(x.v), s0, s1), cv(merged.out), cv(merged.lse), cv(dout), dq_part.v(),
+                         testing::seq_slice(dk_cat.v(), s0, s1), testing::seq_slice(dv_cat.v(), s0, s1), pb);
       for (std::int64_t i = 0; i < dq_sum.numel(); ++i) dq_sum.data()[i] += dq_part.data()[i];
     }
     CHECK(testing::compare("dq (sum of blocks)", dq_sum, dq, 1e-12) < 1e-12);
@@ -207,10 +208,10 @@ TEST_CASE("attention (host): float agrees with double, and results do not depend
                      c.params());
   host_tensor<float> dq1(c.q_shape()), dk1(c.kv_shape()), dv1(c.kv_shape());
   host_tensor<float> dq3(c.q_shape()), dk3(c.kv_shape()), dv3(c.kv_shape());
-  attention_backward(exec::host{1}, cv(f.q), cv(f.k), cv(f.v), cv(f.out), cv(f.lse), cv(dout), dq1.v(), dk1.v(), dv1.v(),
-                     c.params());
-  attention_backward(exec::host{3}, cv(f.q), cv(f.k), cv(f.v), cv(f.out), cv(f.lse), cv(dout), dq3.v(), dk3.v(), dv3.v(),
-                     c.params());
+  attention_backward(exec::host{1}, cv(f.q), cv(f.k), cv(f.v), cv(f.out), cv(f.lse), cv(dout), dq1.v(), dk1.v(),
+                     dv1.v(), c.params());
+  attention_backward(exec::host{3}, cv(f.q), cv(f.k), cv(f.v), cv(f.out), cv(f.lse), cv(dout), dq3.v(), dk3.v(),
+                     dv3.v(), c.params());
   CHECK(testing::rel_error(cv(dq3), cv(dq1)) == 0.0);
   CHECK(testing::rel_error(cv(dk3), cv(dk1)) == 0.0);
   CHECK(testing::rel_error(cv(dv3), cv(dv1)) == 0.0);
@@ -239,10 +240,9 @@ TEST_CASE("attention (host): shape mismatches name the operation, the operand an
   CHECK_THROWS_WITH_AS(attention_forward(exec::host{}, cv(q3), cv(k), cv(v), out.v(), lse.v(), p),
                        doctest::Contains("q must have rank 4"), invalid_argument);
   host_tensor<float> dq({2, 5, 4, 8}), dk({2, 6, 2, 8}), dv_bad({2, 6, 2, 4});
-  CHECK_THROWS_WITH_AS(attention_backward(exec::host{}, cv(q), cv(k), cv(v), cv(out), cv(lse), cv(out), dq.v(), dk.v(),
-                                          dv_bad.v(), p),
-                       doctest::Contains("attention_backward: dv has shape [2, 6, 2, 4], expected [2, 6, 2, 8]"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(
+      attention_backward(exec::host{}, cv(q), cv(k), cv(v), cv(out), cv(lse), cv(out), dq.v(), dk.v(), dv_bad.v(), p),
+      doctest::Contains("attention_backward: dv has shape [2, 6, 2, 4], expected [2, 6, 2, 8]"), invalid_argument);
   const attention_params nan_scale{std::numeric_limits<float>::quiet_NaN()};
   CHECK_THROWS_WITH_AS(attention_forward(exec::host{}, cv(q), cv(k), cv(v), out.v(), lse.v(), nan_scale),
                        doctest::Contains("params.scale must be finite"), invalid_argument);

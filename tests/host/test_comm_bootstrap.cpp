@@ -19,8 +19,8 @@
 #include <vector>
 
 #include <subspace/comm/bootstrap.hpp>
-#include <subspace/core/parallel.hpp>
 #include <subspace/comm/detail/rendezvous.hpp>  // the rendezvous is comm::nccl's detail; tested here on the host
+#include <subspace/core/parallel.hpp>
 
 #include "support/numeric.hpp"
 
@@ -210,10 +210,8 @@ TEST_CASE("comm::rendezvous: a missing rank times out on rank 0 and on the ranks
   const int port = server.port();
   const auto t0 = std::chrono::steady_clock::now();
   const auto errors = on_threads(2, [&](int r) {
-    if (r == 0)
-      server.serve(3, random_bytes(1, 8), 300ms);
-    else
-      (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+    if (r == 0) server.serve(3, random_bytes(1, 8), 300ms);
+    else (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
   });
   CHECK(since(t0) < 3.0);
   const std::string root = message_of<comm::timeout_error>(errors[0]);
@@ -245,10 +243,8 @@ TEST_CASE("comm::rendezvous: another world size, a rank claimed twice, and stran
     comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     const auto errors = on_threads(2, [&](int r) {
-      if (r == 0)
-        server.serve(2, random_bytes(1, 8), 5s);
-      else
-        (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+      if (r == 0) server.serve(2, random_bytes(1, 8), 5s);
+      else (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
     });
     const std::string m = message_of<comm::mismatch_error>(errors[0]);
     CHECK(m.find("rank 1 was launched with a world of 3 ranks, but rank 0 with 2") != std::string::npos);
@@ -258,10 +254,8 @@ TEST_CASE("comm::rendezvous: another world size, a rank claimed twice, and stran
     comm::detail::rendezvous_server server("127.0.0.1", 0);
     const int port = server.port();
     const auto errors = on_threads(3, [&](int r) {
-      if (r == 0)
-        server.serve(3, random_bytes(1, 8), 5s);
-      else
-        (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
+      if (r == 0) server.serve(3, random_bytes(1, 8), 5s);
+      else (void)comm::detail::rendezvous_fetch("127.0.0.1", port, 1, 3, 5s);
     });
     CHECK(message_of<comm::mismatch_error>(errors[0]).find("two processes claim rank 1") != std::string::npos);
   }

@@ -103,8 +103,8 @@ bool all_equal(const host_tensor<T>& t, double x) {
 TYPE_TO_STRING(local_fixture);
 TEST_CASE_TEMPLATE_APPLY(communicator_conformance, std::tuple<local_fixture>);
 
-TEST_CASE_TEMPLATE("comm::local: every collective on 1, 2, 3, 4 and 8 ranks and odd sizes equals the direct values",
-                   T, float, double, bf16, std::int32_t) {
+TEST_CASE_TEMPLATE("comm::local: every collective on 1, 2, 3, 4 and 8 ranks and odd sizes equals the direct values", T,
+                   float, double, bf16, std::int32_t) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   for (const int n : {1, 2, 3, 4, 8}) {
@@ -534,10 +534,8 @@ TEST_CASE("comm::local: collectives that differ across ranks fail on every rank 
       const int r = c.rank();
       host_tensor<float> x = filled<float>({4}, 1.0f);
       try {
-        if (r == 1)
-          c.broadcast(x.v(), 0).wait();
-        else
-          c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+        if (r == 1) c.broadcast(x.v(), 0).wait();
+        else c.all_reduce(x.v(), comm::reduce_op::sum).wait();
       } catch (const comm::mismatch_error& e) {
         kind[std::size_t(r)] = e.what();
       }

@@ -17,8 +17,8 @@
 
 using namespace subspace;
 using namespace std::chrono_literals;
-using testing::conformance::filled;
 using comm::op_kind;
+using testing::conformance::filled;
 
 namespace {
 
@@ -190,8 +190,8 @@ TEST_CASE("comm::throttled: exact bytes per peer and per kind, and modelled time
           CHECK(tr.by_peer.empty());
         }
         const double group = n > 1 ? std::max(t4, t8) : 0.0;
-        const double total = ar_t + tr[op_kind::all_gather].seconds + tr[op_kind::reduce_scatter].seconds + bc_t +
-                             rounds * a + group;
+        const double total =
+            ar_t + tr[op_kind::all_gather].seconds + tr[op_kind::reduce_scatter].seconds + bc_t + rounds * a + group;
         CHECK(close(tr.seconds, total));
         if (r == 0) clock = tr.seconds;
         CHECK(close(tr.seconds, clock));  // every rank models the same time
@@ -220,10 +220,8 @@ TEST_CASE("comm::throttled: uneven links — the slowest message sets each step,
       CAPTURE(slow_first);
       comm::network net{fast};
       net.broadcast_chunk_bytes = 1000;
-      if (slow_first)
-        net.set(0, 1, slow);
-      else
-        net.set(1, 2, slow);
+      if (slow_first) net.set(0, 1, slow);
+      else net.set(1, 2, slow);
       auto comms = throttled_world(3, net);
       std::vector<double> seconds(3);
       comm::local::run_ranks(comms, [&](tlocal& c) {

@@ -20,8 +20,8 @@ using namespace subspace;
 
 TEST_CASE("bf16 rounds to nearest even and keeps NaN and infinity") {
   CHECK(float(bf16(1.0f)) == 1.0f);
-  CHECK(bf16(1.0f + 0x1p-8f).bits == bf16(1.0f).bits);            // tie rounds to even (down)
-  CHECK(bf16(1.0f + 3 * 0x1p-8f).bits == bf16(1.0f).bits + 2);     // tie rounds to even (up)
+  CHECK(bf16(1.0f + 0x1p-8f).bits == bf16(1.0f).bits);          // tie rounds to even (down)
+  CHECK(bf16(1.0f + 3 * 0x1p-8f).bits == bf16(1.0f).bits + 2);  // tie rounds to even (up)
   CHECK(bf16(1.0f + 0x1p-8f + 0x1p-20f).bits == bf16(1.0f).bits + 1);
   CHECK(std::isnan(float(bf16(std::nanf("")))));
   CHECK(std::isinf(float(bf16(INFINITY))));
@@ -40,8 +40,8 @@ TEST_CASE("fp16 round-trips every finite half value and rounds to nearest even")
   }
   CHECK(float(fp16(65504.0f)) == 65504.0f);
   CHECK(std::isinf(float(fp16(65520.0f))));
-  CHECK(fp16(1.0f + 0x1p-11f).bits == fp16(1.0f).bits);            // tie to even
-  CHECK(fp16(0x1p-25f).bits == 0);                                  // half of the smallest subnormal: to zero
+  CHECK(fp16(1.0f + 0x1p-11f).bits == fp16(1.0f).bits);  // tie to even
+  CHECK(fp16(0x1p-25f).bits == 0);                       // half of the smallest subnormal: to zero
   CHECK(fp16(0x1.8p-25f).bits == 1);
 }
 
@@ -164,8 +164,8 @@ TEST_CASE("Philox4x32-10 matches Random123's known-answer vectors") {
   const auto r1 = rng::philox4x32_10(u32x4{{~0u, ~0u, ~0u, ~0u}}, ~0u, ~0u);
   CHECK(r1.v[0] == 0x408f276du);
   CHECK(r1.v[3] == 0x6d5451fdu);
-  const auto r2 = rng::philox4x32_10(u32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u,
-                                     0x299f31d0u);
+  const auto r2 =
+      rng::philox4x32_10(u32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u);
   CHECK(r2.v[0] == 0xd16cfe09u);
   CHECK(r2.v[1] == 0x94fdccebu);
   CHECK(r2.v[2] == 0x5001e420u);

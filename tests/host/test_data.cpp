@@ -424,8 +424,7 @@ TEST_CASE("text_to_shards: text files become byte shards with a validation tail,
                        has("cannot open '" + (dir / "nope.txt").string() + "' (text file)"), invalid_argument);
   CHECK_THROWS_WITH_AS(data::text_to_shards({}, dir / "x", o), has("no input files"), invalid_argument);
   spit(dir / "empty.txt", "");
-  CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "empty.txt"}, dir / "x", o), has("hold no text"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "empty.txt"}, dir / "x", o), has("hold no text"), invalid_argument);
   o.val_fraction = 1.5;
   CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "a.txt"}, dir / "x", o),
                        has("val_fraction 1.5 (expected 0 <= f < 1)"), invalid_argument);

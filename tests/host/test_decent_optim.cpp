@@ -34,8 +34,8 @@ struct reference {
   int K;
   std::vector<double> m, v, acc;  // DAdam: m, v; AccumAdam: persistent M, V and Acc
 
-  std::vector<double> step(const std::vector<double>& mixed, const std::vector<double>& grad, double lr,
-                           std::int64_t s, bool decay) {
+  std::vector<double> step(const std::vector<double>& mixed, const std::vector<double>& grad, double lr, std::int64_t s,
+                           bool decay) {
     const std::int64_t k = K == 0 ? s : (s + K - 1) / K;  // bias correction: steps, or windows ⌈s/K⌉
     const double bias1 = 1.0 - std::pow(beta1, double(k));
     const double bias2 = 1.0 - std::pow(beta2, double(k));
@@ -89,10 +89,8 @@ bool same_bits(const host_tensor<T>& a, const host_tensor<T>& b) {
 
 template <class O>
 constexpr int accum_of(const O& o) {
-  if constexpr (requires { o.accum_iter; })
-    return o.accum_iter;
-  else
-    return 0;
+  if constexpr (requires { o.accum_iter; }) return o.accum_iter;
+  else return 0;
 }
 
 /// Runs `opt` for 10 steps against the float64 reference: gradients of growing scale, varying lr, and a mixed
@@ -105,8 +103,14 @@ void check_against_reference(const O& opt, std::uint64_t seed) {
     auto master = testing::random_tensor<float>(info.shape, seed);
     auto st = opt.init(exec::host{}, info);
     const std::size_t n = std::size_t(info.shape.numel());
-    reference ref{opt.beta1, opt.beta2, opt.eps, opt.weight_decay, O::rule == decent::weight_decay_rule::decoupled,
-                  accum_of(opt), std::vector<double>(n, 0.0), std::vector<double>(n, 0.0),
+    reference ref{opt.beta1,
+                  opt.beta2,
+                  opt.eps,
+                  opt.weight_decay,
+                  O::rule == decent::weight_decay_rule::decoupled,
+                  accum_of(opt),
+                  std::vector<double>(n, 0.0),
+                  std::vector<double>(n, 0.0),
                   std::vector<double>(n, 0.0)};
     host_tensor<bf16> working(info.shape);
     for (int s = 1; s <= 10; ++s) {
@@ -175,8 +179,9 @@ TYPE_TO_STRING(decent_adam_fixture);
 TYPE_TO_STRING(decent_adamw_fixture);
 TYPE_TO_STRING(accum_adam_fixture);
 TYPE_TO_STRING(accum_adamw_fixture);
-TEST_CASE_TEMPLATE_APPLY(optimizer_conformance,
-                         std::tuple<decent_adam_fixture, decent_adamw_fixture, accum_adam_fixture, accum_adamw_fixture>);
+TEST_CASE_TEMPLATE_APPLY(
+    optimizer_conformance,
+    std::tuple<decent_adam_fixture, decent_adamw_fixture, accum_adam_fixture, accum_adamw_fixture>);
 
 TEST_CASE_TEMPLATE("decent_adam and decent_adamw (host) follow the float64 reference", G, float, bf16) {
   const auto seed = testing::fresh_seed();
@@ -262,7 +267,7 @@ TEST_CASE("accum_adam K = 4: M and V are Adam moments of window-mean gradients, 
     for (std::size_t i = 0; i < n; ++i) window_sum[i] += double(g.data()[i]);
     if (s % 4 == 0)
       for (std::size_t i = 0; i < n; ++i) {
-        const double mean = window_sum[i] / 4;  // the window's mean gradient, not the mean of squares
+        const double mean = window_sum[i] / 4;        // the window's mean gradient, not the mean of squares
         const double b1 = opt.beta1, b2 = opt.beta2;  // the float hyper-parameters, exactly
         M[i] = b1 * M[i] + (1 - b1) * mean;
         V[i] = b2 * V[i] + (1 - b2) * mean * mean;
@@ -280,10 +285,10 @@ TEST_CASE("decent optimizers: weight decay on matrices, never on norm gains or b
   // whose first Adam step is lr wd x / (|wd x| + eps). Parameters without decay do not move at all.
   const float lr = 0.1f, wd = 0.1f;
   const auto run = [&](const auto& opt, bool decoupled) {
-    for (const auto& info : {optim::param_info_for("layers.0.attn.wq", {8, 8}),
-                             optim::param_info_for("tok_embeddings", {16, 4}),
-                             optim::param_info_for("layers.0.attention_norm.weight", {8}),
-                             optim::param_info_for("layers.0.mlp.bias", {8})}) {
+    for (const auto& info :
+         {optim::param_info_for("layers.0.attn.wq", {8, 8}), optim::param_info_for("tok_embeddings", {16, 4}),
+          optim::param_info_for("layers.0.attention_norm.weight", {8}),
+          optim::param_info_for("layers.0.mlp.bias", {8})}) {
       CAPTURE(info.name);
       const auto x0 = testing::random_tensor<float>(info.shape, seed);
       auto x = copy_of(x0);
@@ -322,8 +327,8 @@ TEST_CASE("decent optimizers: step_from_mixed equals copying the mixed point int
     for (int s = 1; s <= 3; ++s) {
       const auto g = testing::random_tensor<bf16>(info.shape, seed + 10 + std::uint64_t(s));
       const optim::step_context ctx{1e-2f, s};
-      opt.step_from_mixed(exec::host{}, view<const float, host_space>(s == 1 ? mixed.v() : fused.v()), fused.v(),
-                          g.v(), s1, info, ctx);
+      opt.step_from_mixed(exec::host{}, view<const float, host_space>(s == 1 ? mixed.v() : fused.v()), fused.v(), g.v(),
+                          s1, info, ctx);
       opt.step(exec::host{}, plain.v(), g.v(), s2, info, ctx);
       CHECK(same_bits(fused, plain));
     }
@@ -346,8 +351,8 @@ TEST_CASE("decent optimizers: state is zeroed fp32 moments (and AccumAdam's accu
     CHECK(decent::accum_adamw{}.state_bytes(a) == 3 * bytes);
     bool zero = true;
     for (std::int64_t i = 0; i < s.numel(); ++i)
-      zero = zero && d.m.data()[i] == 0.0f && d.v.data()[i] == 0.0f && a.m.data()[i] == 0.0f &&
-             a.v.data()[i] == 0.0f && a.acc.data()[i] == 0.0f;
+      zero = zero && d.m.data()[i] == 0.0f && d.v.data()[i] == 0.0f && a.m.data()[i] == 0.0f && a.v.data()[i] == 0.0f &&
+             a.acc.data()[i] == 0.0f;
     CHECK(zero);
   }
   // What a per-rank checkpoint saves: every state tensor, named (io/checkpoint.hpp's for_each_tensor hook).
@@ -359,8 +364,11 @@ TEST_CASE("decent optimizers: state is zeroed fp32 moments (and AccumAdam's accu
   ds.for_each_tensor(record);
   as.for_each_tensor(record);
   using entry = std::pair<std::string, const float*>;
-  CHECK(seen == std::vector<entry>{{"exp_avg", ds.m.data()}, {"exp_avg_sq", ds.v.data()}, {"exp_avg", as.m.data()},
-                                   {"exp_avg_sq", as.v.data()}, {"accum_grad", as.acc.data()}});
+  CHECK(seen == std::vector<entry>{{"exp_avg", ds.m.data()},
+                                   {"exp_avg_sq", ds.v.data()},
+                                   {"exp_avg", as.m.data()},
+                                   {"exp_avg_sq", as.v.data()},
+                                   {"accum_grad", as.acc.data()}});
   // The library's defaults (docs/decent.md, "Optimizers").
   const decent::accum_adamw w{};
   CHECK((w.accum_iter == 8 && w.beta1 == 0.9f && w.beta2 == 0.98f && w.eps == 1e-8f && w.weight_decay == 0.1f));

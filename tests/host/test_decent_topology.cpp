@@ -120,8 +120,9 @@ TYPE_TO_STRING(complete_fixture);
 TYPE_TO_STRING(ring_fixture);
 TYPE_TO_STRING(one_peer_exp_fixture);
 TYPE_TO_STRING(alternating_exp_ring_fixture);
-TEST_CASE_TEMPLATE_APPLY(scheduler_conformance, std::tuple<complete_fixture, ring_fixture, one_peer_exp_fixture,
-                                                           alternating_exp_ring_fixture>);
+TEST_CASE_TEMPLATE_APPLY(
+    scheduler_conformance,
+    std::tuple<complete_fixture, ring_fixture, one_peer_exp_fixture, alternating_exp_ring_fixture>);
 
 TEST_CASE("decent::complete: one group of all ranks, weight 1/n, period 1") {
   for (int n : {1, 2, 3, 8}) {
@@ -386,8 +387,7 @@ TEST_CASE("decent topologies: invalid world sizes are refused at construction, n
   fails([] { return group_schedule("mine", 3, {{{0, 1}}}); }, {"phase 0 leaves rank 2 out"});
   fails([] { return group_schedule("mine", 2, {{{0, 2}}}); }, {"names rank 2 outside [0, 2)"});
   fails([] { return group_schedule("mine", 2, {}); }, {"at least one phase"});
-  CHECK_THROWS_WITH_AS((void)decent::complete(3).plan(0, 0).peer(), doctest::Contains("only a pair"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS((void)decent::complete(3).plan(0, 0).peer(), doctest::Contains("only a pair"), invalid_argument);
   // The factory passes the node layout to AER only.
   CHECK(decent::make_topology<decent::alternating_exp_ring>(8, 4).nodes() == 2);
   CHECK(decent::make_topology<decent::ring>(8, 4).world_size() == 8);
@@ -420,8 +420,11 @@ TEST_CASE("decent topologies: a mixing round done as the plan says gives W(t) x 
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   const std::int64_t m = 1001;  // not a multiple of any group size above 1: uneven all-reduce chunks
-  std::vector<group_schedule> cases{decent::complete(6),          decent::ring(8), decent::one_peer_exp(8),
-                                    decent::alternating_exp_ring(8, 2), decent::alternating_exp_ring(12, 3),
+  std::vector<group_schedule> cases{decent::complete(6),
+                                    decent::ring(8),
+                                    decent::one_peer_exp(8),
+                                    decent::alternating_exp_ring(8, 2),
+                                    decent::alternating_exp_ring(12, 3),
                                     decent::alternating_exp_ring(4, 1)};
   for (const group_schedule& s : cases) {
     CAPTURE(s.name());

@@ -19,17 +19,17 @@
 #include <string>
 #include <vector>
 
-#include <subspace/dist/bucket.hpp>
-#include <subspace/dist/data_parallel_trainer.hpp>
-#include <decent/decent_adam.hpp>
 #include <decent/accum_adam.hpp>
+#include <decent/decent_adam.hpp>
 #include <decent/gossip_trainer.hpp>
 #include <decent/topology.hpp>
 #include <subspace/comm/local.hpp>
-#include <subspace/core/parallel.hpp>
 #include <subspace/comm/throttled.hpp>
+#include <subspace/core/parallel.hpp>
 #include <subspace/data/loader.hpp>
 #include <subspace/data/text.hpp>
+#include <subspace/dist/bucket.hpp>
+#include <subspace/dist/data_parallel_trainer.hpp>
 #include <subspace/optim/galore.hpp>
 #include <subspace/optim/golore.hpp>
 #include <subspace/train/trainer.hpp>
@@ -217,8 +217,7 @@ flat gradient_at(host_llama& model, const flat& x, data::batch_loader& data, std
 /// without clipping. Returns every rank's x after `steps` steps.
 template <class Optimizer>
 std::vector<flat> simulate(const decent::group_schedule& s, std::uint64_t seed, const Optimizer& opt,
-                           const decent::gossip_options& o, std::vector<data::batch_loader>& data,
-                           std::int64_t steps) {
+                           const decent::gossip_options& o, std::vector<data::batch_loader>& data, std::int64_t steps) {
   const int n = s.world_size();
   host_llama model(tiny(), exec::host{1});
   model.init(seed);
@@ -307,7 +306,7 @@ TEST_CASE("dist::bucket_plan: buckets tile the flat storage in ready order, alig
     const dist::bucket_plan plan = dist::bucket_plan::of(model, bytes);
     REQUIRE(plan.size() >= 1);
     CHECK(plan.total() == total);
-    CHECK(plan[0].end == total);                // bucket 0 holds the last tensors of storage
+    CHECK(plan[0].end == total);  // bucket 0 holds the last tensors of storage
     CHECK(plan[0].last == plan.tensors().size());
     CHECK(plan[plan.size() - 1].begin == 0);  // the last one holds the embedding
     CHECK(plan[plan.size() - 1].first == 0);
@@ -427,8 +426,7 @@ TEST_CASE("dist::check_same_plan: ranks with different models or bucket sizes fa
       const std::string& e = errors[std::size_t(r)];
       CHECK(e.find("at parameter 0: rank 0 has 'model.embed_tokens.weight' [256, 16] at element 0 in bucket 0") !=
             std::string::npos);
-      CHECK(e.find("rank 1 has 'model.embed_tokens.weight' [256, 16] at element 0 in bucket 20") !=
-            std::string::npos);
+      CHECK(e.find("rank 1 has 'model.embed_tokens.weight' [256, 16] at element 0 in bucket 20") != std::string::npos);
       CHECK(e.find("(bucket_bytes: 1000000 1 1000000)") != std::string::npos);
     }
   }
@@ -557,7 +555,8 @@ TEST_CASE("decent::gossip_trainer: global average, revert, evaluation, consensus
     run_ranks(n, [&](int r) {
       const auto ur = std::size_t(r);
       decent::gossip_trainer t(host_llama(tiny(), exec::host{1}),
-                               gossip_stack(comms[ur], decent::group_schedule(decent::ring(n)), decent::accum_adamw{}), o);
+                               gossip_stack(comms[ur], decent::group_schedule(decent::ring(n)), decent::accum_adamw{}),
+                               o);
       t.init(seed);
       auto data = loader(text.shard(r, n), batch, seq, true, seed + std::uint64_t(r));
       auto val = loader(text.val, batch, seq, false, 0, "val");
@@ -596,10 +595,10 @@ TEST_CASE("decent::gossip_trainer: global average, revert, evaluation, consensus
   for (int r = 0; r < n; ++r) {
     CAPTURE(r);
     const auto ur = std::size_t(r);
-    CHECK(x[ur] != x[(ur + 1) % n]);                              // the replicas differ after 3 steps
+    CHECK(x[ur] != x[(ur + 1) % n]);  // the replicas differ after 3 steps
     CHECK(testing::rel_error(vec(averaged[ur]), vec(mean)) <= 1e-6);
-    CHECK(averaged[ur] == averaged[0]);                           // every rank holds the same average
-    CHECK(reverted[ur] == x[ur]);                                 // revert restores x_i exactly
+    CHECK(averaged[ur] == averaged[0]);  // every rank holds the same average
+    CHECK(reverted[ur] == x[ur]);        // revert restores x_i exactly
     CHECK(std::abs(distance[ur] - expected_distance) <= 1e-4 * expected_distance);
     CHECK(distance[ur] > 0);
     CHECK(interrupted[ur] == straight[ur]);  // the pending exchanges survive global_average and evaluation
@@ -742,10 +741,9 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
   std::vector<data::token_dataset> shards;
   for (int r = 0; r < n; ++r) shards.push_back(text.shard(r, n));
 
-  train::trainer single(host_llama(tiny(), exec::host{1}),
-                        subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)},
-                                        .optimizer = opt},
-                        o);
+  train::trainer single(
+      host_llama(tiny(), exec::host{1}),
+      subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = opt}, o);
   single.init(seed);
   auto all = loader(stacked(shards, batch, seq, steps * o.accumulation), n * batch, seq, false);
   for (std::int64_t k = 0; k < steps; ++k) single.step(all);
@@ -754,8 +752,8 @@ TEST_CASE_TEMPLATE("decent trainers: any Optimizer policy, GaLore and GoLore in 
   auto comms = local_world(n);
   std::vector<flat> got(static_cast<std::size_t>(n));
   run_ranks(n, [&](int r) {
-    dist::data_parallel_trainer t(host_llama(tiny(), exec::host{1}), dp_stack(comms[std::size_t(r)], o.accumulation, opt),
-                                  o);
+    dist::data_parallel_trainer t(host_llama(tiny(), exec::host{1}),
+                                  dp_stack(comms[std::size_t(r)], o.accumulation, opt), o);
     t.init(seed);
     auto data = loader(shards[std::size_t(r)], batch, seq, false);
     for (std::int64_t k = 0; k < steps; ++k) t.step(data);
@@ -820,7 +818,8 @@ TEST_CASE("decent trainers: gossip training of a tiny Llama on 4 ranks reaches t
   };
   o.schedule = {lr, lr / 10, 20, steps, optim::decay_kind::cosine};
   const double dp = train([&](comm::local& c) {
-    return dist::data_parallel_trainer(host_llama(tiny(), exec::host{1}), dp_stack(c, o.accumulation, optim::adamw{}), o);
+    return dist::data_parallel_trainer(host_llama(tiny(), exec::host{1}), dp_stack(c, o.accumulation, optim::adamw{}),
+                                       o);
   });
   o.schedule = {gossip_lr, gossip_lr / 10, 20, steps, optim::decay_kind::cosine};
   const double gossip = train([&](comm::local& c) {
@@ -831,8 +830,8 @@ TEST_CASE("decent trainers: gossip training of a tiny Llama on 4 ranks reaches t
   });
   CAPTURE(dp);
   CAPTURE(gossip);
-  MESSAGE("validation loss after " << steps << " steps: data parallel (AdamW) " << dp
-                                   << ", gossip (AccumAdamW, AER) " << gossip << " nats/byte");
+  MESSAGE("validation loss after " << steps << " steps: data parallel (AdamW) " << dp << ", gossip (AccumAdamW, AER) "
+                                   << gossip << " nats/byte");
   CHECK(dp < std::log(256.0) - 2.5);  // both learnt well beyond the uniform loss
   CHECK(std::abs(gossip - dp) <= 0.01 * dp);
 }
@@ -880,10 +879,9 @@ TEST_CASE("decent trainers: bytes per step are what each topology implies, and r
     auto comms = local_world(n);
     std::vector<std::vector<std::uint64_t>> sent(static_cast<std::size_t>(n));
     run_ranks(n, [&](int r) {
-      decent::gossip_trainer t(host_llama(tiny(), exec::host{1}),
-                               gossip_stack(tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}), s,
-                                            decent::decent_adam{}),
-                               o);
+      decent::gossip_trainer t(
+          host_llama(tiny(), exec::host{1}),
+          gossip_stack(tlocal(comms[std::size_t(r)], comm::network{comm::links::gbit25}), s, decent::decent_adam{}), o);
       t.init(seed);
       auto data = loader(text.shard(r, n), batch, seq, true, seed);
       for (std::int64_t k = 0; k < steps; ++k) {
@@ -955,8 +953,8 @@ TEST_CASE("decent trainers: a rank whose model differs fails at construction, na
     check(rank_errors(n,
                       [&](int r) {
                         decent::gossip_trainer t(
-                            model_of(r), gossip_stack(comms[std::size_t(r)], decent::complete(n), decent::decent_adam{}),
-                            o);
+                            model_of(r),
+                            gossip_stack(comms[std::size_t(r)], decent::complete(n), decent::decent_adam{}), o);
                       }),
           "decent::gossip_trainer");
   }
@@ -964,8 +962,8 @@ TEST_CASE("decent trainers: a rank whose model differs fails at construction, na
     auto comms = local_world(n);
     check(rank_errors(n,
                       [&](int r) {
-                        dist::data_parallel_trainer t(model_of(r),
-                                                      dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
+                        dist::data_parallel_trainer t(
+                            model_of(r), dp_stack(comms[std::size_t(r)], o.accumulation, optim::adamw{}), o);
                       }),
           "dist::data_parallel_trainer");
   }

@@ -80,8 +80,8 @@ To cast_one(From x) {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("fill sets every element of contiguous and strided views, and nothing else", T, float, double,
-                   bf16, fp16) {
+TEST_CASE_TEMPLATE("fill sets every element of contiguous and strided views, and nothing else", T, float, double, bf16,
+                   fp16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   const exec::host ex;
@@ -109,8 +109,8 @@ TEST_CASE_TEMPLATE("fill sets every element of contiguous and strided views, and
   fill(ex, host_tensor<T>({0, 3}).v(), value);  // empty: nothing to do
 }
 
-TEST_CASE_TEMPLATE("axpy: y += alpha x, computed in accum_t, on contiguous and strided views", T, float, double,
-                   bf16, fp16) {
+TEST_CASE_TEMPLATE("axpy: y += alpha x, computed in accum_t, on contiguous and strided views", T, float, double, bf16,
+                   fp16) {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
   const exec::host ex;

@@ -39,7 +39,8 @@ TEST_CASE("gemm (host): every transpose combination, odd and block-boundary size
     std::int64_t m, n, k;
   };
   // 1, odd primes, and the edges of the fp32 blocking (mc = 128, nc = 256, kc = 256, micro tile 8 x 8).
-  const dims sizes[] = {{1, 1, 1}, {37, 53, 29}, {8, 8, 8}, {7, 9, 300}, {128, 256, 256}, {129, 257, 257}, {3, 260, 513}};
+  const dims sizes[] = {{1, 1, 1},       {37, 53, 29},    {8, 8, 8},    {7, 9, 300},
+                        {128, 256, 256}, {129, 257, 257}, {3, 260, 513}};
   for (const auto& d : sizes) {
     CAPTURE(d.m);
     CAPTURE(d.n);

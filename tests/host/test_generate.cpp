@@ -48,9 +48,9 @@ std::vector<std::int32_t> greedy_by_hand(host_model& m, std::vector<std::int32_t
   std::vector<std::int32_t> out;
   for (std::int64_t step = 0; step < n; ++step) {
     const auto window = std::min<std::int64_t>(std::int64_t(context.size()), cfg.max_seq);
-    m.logits(view<const std::int32_t, host_space>(context.data() + context.size() - std::size_t(window),
-                                                   shape{1, window}),
-             logits.v());
+    m.logits(
+        view<const std::int32_t, host_space>(context.data() + context.size() - std::size_t(window), shape{1, window}),
+        logits.v());
     std::int32_t best = 0;
     for (std::int32_t v = 1; v < cfg.vocab; ++v)
       if (logits.data()[v] > logits.data()[best]) best = v;

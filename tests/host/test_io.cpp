@@ -74,15 +74,15 @@ TEST_CASE("json: nesting, member order, lookups and pretty printing") {
   CHECK(j.at("a").at("x").as_bool());
   CHECK(j.at("e").size() == 0);
   CHECK(j.dump() == R"({"b":[1,[2,{"c":null}],{}],"a":{"x":true,"y":false},"e":[]})");
-  CHECK(j.dump(2) == "{\n  \"b\": [\n    1,\n    [\n      2,\n      {\n        \"c\": null\n      }\n    ],\n    {}\n  ],\n"
-                     "  \"a\": {\n    \"x\": true,\n    \"y\": false\n  },\n  \"e\": []\n}");
+  CHECK(j.dump(2) ==
+        "{\n  \"b\": [\n    1,\n    [\n      2,\n      {\n        \"c\": null\n      }\n    ],\n    {}\n  ],\n"
+        "  \"a\": {\n    \"x\": true,\n    \"y\": false\n  },\n  \"e\": []\n}");
   CHECK(json::parse(j.dump(2)) == j);
   CHECK_THROWS_WITH_AS(j.at("missing"), has("missing key \"missing\""), invalid_argument);
   CHECK_THROWS_WITH_AS(j.at("b").as_string(), has("expected a string, got an array"), invalid_argument);
   // deep nesting is fine up to the limit, an error beyond it
   CHECK(json::parse(std::string(500, '[') + std::string(500, ']')).is_array());
-  CHECK_THROWS_WITH_AS(json::parse(std::string(600, '[') + std::string(600, ']')), has("nesting"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(json::parse(std::string(600, '[') + std::string(600, ']')), has("nesting"), invalid_argument);
 }
 
 TEST_CASE("json: numbers keep integers exact and doubles shortest") {
@@ -104,7 +104,7 @@ TEST_CASE("json: numbers keep integers exact and doubles shortest") {
     CAPTURE(bad);
     CHECK_THROWS_AS(json::parse(bad), invalid_argument);
   }
-  CHECK(json(1e-5f).dump() == "1e-05");      // the float's shortest decimal, not 9.99999974737875e-06
+  CHECK(json(1e-5f).dump() == "1e-05");  // the float's shortest decimal, not 9.99999974737875e-06
   CHECK(json(500000.0f).dump() == "500000.0");
   CHECK(json(0.1).dump() == "0.1");
   CHECK(json(3e-4).dump() == "0.0003");
@@ -164,8 +164,7 @@ TEST_CASE("atomic_write: a writer that throws midway leaves the old file and no 
   CHECK(slurp(dir / "a" / "b" / "c.txt") == "hello");
   io::atomic_write_text(target, "new");
   CHECK(slurp(target) == "new");
-  CHECK_THROWS_WITH_AS(io::read_text(dir / "nope.txt", "config"), has("nope.txt' (config)"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(io::read_text(dir / "nope.txt", "config"), has("nope.txt' (config)"), invalid_argument);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ TEST_CASE("safetensors: header and data match a hand-computed layout byte for by
   w.write(dir / "t.safetensors");
 
   const unsigned char expected[] = {
-      0xc8, 0, 0, 0, 0, 0, 0, 0,                        // header length 200, little-endian u64
+      0xc8, 0, 0, 0, 0, 0, 0, 0,  // header length 200, little-endian u64
   };
   const unsigned char data[] = {
       0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0xc0,  // a: 1.0f, -2.0f
@@ -297,11 +296,10 @@ TEST_CASE("safetensors: round trip of several dtypes, strided views, scalars and
   host_tensor<float> wrong({5, 4});
   CHECK_THROWS_WITH_AS(f.read("f32", wrong.v()),
                        has("tensor 'f32' in '" + (dir / "m.safetensors").string() +
-                                         "': shape mismatch: the file has [3, 5], expected [5, 4]"),
+                           "': shape mismatch: the file has [3, 5], expected [5, 4]"),
                        invalid_argument);
   CHECK_THROWS_WITH_AS(f.read<float>("nope"), has("has no tensor 'nope'"), invalid_argument);
-  CHECK_THROWS_WITH_AS(f.read<float>("i32"), has("dtype I32 cannot load as floating point"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(f.read<float>("i32"), has("dtype I32 cannot load as floating point"), invalid_argument);
   CHECK_THROWS_WITH_AS(f.read<std::int16_t>("i64"), has("does not fit I16"), invalid_argument);
 }
 
@@ -336,8 +334,7 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
   fails_with(with_header(R"({"__metadata__":{"a":1}})", 0), "__metadata__[\"a\"] must be a string");
   fails_with(with_header(R"({"x":{"dtype":"F32","shape":[1]}})", 4), "data_offsets");
   CHECK_THROWS_WITH_AS(io::safetensors_file{dir / "missing.safetensors"},
-                       has("cannot open '" + (dir / "missing.safetensors").string() + "'"),
-                       invalid_argument);
+                       has("cannot open '" + (dir / "missing.safetensors").string() + "'"), invalid_argument);
 
   // A truncated file: a good one with its last bytes cut off.
   host_tensor<float> t({4});
@@ -347,8 +344,7 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
   w.write(file);
   const std::string good = slurp(file);
   spit(file, good.substr(0, good.size() - 3));
-  CHECK_THROWS_WITH_AS(io::safetensors_file{file}, has("truncated file or bad offsets"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(io::safetensors_file{file}, has("truncated file or bad offsets"), invalid_argument);
 }
 
 TEST_CASE("safetensors: a producer that fails midway leaves the previous file intact") {
@@ -375,8 +371,7 @@ TEST_CASE("safetensors: a producer that fails midway leaves the previous file in
 
   io::safetensors_writer short_writer;
   short_writer.add_bytes("v", io::st_dtype::F32, {4}, [](io::file_sink& out) { out.write("abc", 3); });
-  CHECK_THROWS_WITH_AS(short_writer.write(file), has("should have written 16 bytes, wrote 3"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(short_writer.write(file), has("should have written 16 bytes, wrote 3"), invalid_argument);
   CHECK(slurp(file) == before);
   CHECK(dir.listing() == std::vector<std::string>{"model.safetensors"});
 }
@@ -522,8 +517,8 @@ TEST_CASE("config.json: HF defaults fill optional fields, unsupported models are
   const auto parse = [](const std::string& text) { return io::llama_config_from_hf(json::parse(text), "cfg.json"); };
   const auto c = parse(R"({"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":512,
       "intermediate_size":1376,"num_hidden_layers":8,"num_attention_heads":8})");
-  CHECK(c.n_kv_heads == 8);                     // HF default: num_attention_heads
-  CHECK(c.norm_eps == doctest::Approx(1e-6));   // HF default
+  CHECK(c.n_kv_heads == 8);                    // HF default: num_attention_heads
+  CHECK(c.norm_eps == doctest::Approx(1e-6));  // HF default
   CHECK(c.rope.theta == 10000.0f);
   CHECK(c.max_seq == 2048);
   CHECK(!c.tied_embeddings);
@@ -531,16 +526,16 @@ TEST_CASE("config.json: HF defaults fill optional fields, unsupported models are
       "num_attention_heads":4,"num_key_value_heads":2)";
   CHECK_THROWS_WITH_AS(parse(R"({"architectures":["MistralForCausalLM"],)" + base + "}"),
                        has("cfg.json: \"architectures\" is [\"MistralForCausalLM\"] (expected "
-                                         "[\"LlamaForCausalLM\"])"),
+                           "[\"LlamaForCausalLM\"])"),
                        invalid_argument);
   CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama","hidden_act":"gelu",)" + base + "}"),
                        has("\"hidden_act\" is \"gelu\" (expected \"silu\")"), invalid_argument);
   CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama","head_dim":32,)" + base + "}"),
                        has("\"head_dim\" is 32 (expected hidden_size / num_attention_heads = 64 / 4)"),
                        invalid_argument);
-  CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama","rope_scaling":{"rope_type":"linear","factor":2.0},)" + base +
-                             "}"),
-                       has("rope_type \"linear\" (supported: \"llama3\", or null)"), invalid_argument);
+  CHECK_THROWS_WITH_AS(
+      parse(R"({"model_type":"llama","rope_scaling":{"rope_type":"linear","factor":2.0},)" + base + "}"),
+      has("rope_type \"linear\" (supported: \"llama3\", or null)"), invalid_argument);
   CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama","attention_bias":true,)" + base + "}"),
                        has("\"attention_bias\" is true"), invalid_argument);
   CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama","hidden_size":"64"})"),
@@ -568,10 +563,9 @@ TEST_CASE("config.json: HF defaults fill optional fields, unsupported models are
                               R"(,"rope_parameters":{"rope_theta":250000.0,"rope_type":"default"}})");
   CHECK(v5_plain.rope.theta == 250000.0f);
   CHECK(!v5_plain.rope.llama31_scaling);
-  CHECK_THROWS_WITH_AS(parse("{\"model_type\":\"llama\"," + base +
-                             R"(,"rope_parameters":{"rope_theta":1.0,"rope_type":"yarn"}})"),
-                       has("\"rope_parameters\" has rope_type \"yarn\" (supported: \"llama3\", \"default\")"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(
+      parse("{\"model_type\":\"llama\"," + base + R"(,"rope_parameters":{"rope_theta":1.0,"rope_type":"yarn"}})"),
+      has("\"rope_parameters\" has rope_type \"yarn\" (supported: \"llama3\", \"default\")"), invalid_argument);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -708,7 +702,6 @@ TEST_CASE("checkpoint: save and load a model with AdamW state, training continue
   adam_steps(opt, a, sa, 4, 2);
   adam_steps(opt, b, sb, 4, 2);
   for (std::size_t i = 0; i < a.names.size(); ++i) CHECK(bits_equal<float>(a.values[i].v(), b.values[i].v()));
-
 }
 
 TEST_CASE("checkpoint: with_values saves and restores other value tensors (fp32 masters) under the model's names") {
@@ -735,7 +728,8 @@ TEST_CASE("checkpoint: with_values saves and restores other value tensors (fp32 
   restored.pop_back();
   auto short_adapter = io::with_values(m, restored);
   CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, dir / "ckpt", cfg, short_adapter),
-                       has("with_values: " + std::to_string(restored.size()) + " values, but parameter "
+                       has("with_values: " + std::to_string(restored.size()) +
+                           " values, but parameter "
                            "'lm_head.weight' is number"),
                        invalid_argument);
 }
@@ -762,9 +756,8 @@ TEST_CASE("checkpoint: mismatches are reported with the tensor and both shapes")
                        has("was saved for a different model: hidden_size 16 vs 32"), invalid_argument);
   // Loading the weights alone: the first tensor whose shape differs, with both shapes.
   CHECK_THROWS_WITH_AS(io::load_weights(exec::host{}, ckpt, w),
-                       has("tensor 'model.embed_tokens.weight' in '" +
-                                         (ckpt / "model.safetensors").string() +
-                                         "': shape mismatch: the file has [32, 16], expected [32, 32]"),
+                       has("tensor 'model.embed_tokens.weight' in '" + (ckpt / "model.safetensors").string() +
+                           "': shape mismatch: the file has [32, 16], expected [32, 32]"),
                        invalid_argument);
   // A parameter the file lacks.
   fake_model extra(cfg, seed, /*extra_param=*/true);
@@ -784,25 +777,21 @@ TEST_CASE("checkpoint: mismatches are reported with the tensor and both shapes")
   io::load_options strict;
   strict.allow_unexpected = false;
   CHECK_THROWS_WITH_AS(io::load_weights(exec::host{}, ckpt, t, strict),
-                       has("1 tensor(s) that the model does not have: lm_head.weight"),
-                       invalid_argument);
+                       has("1 tensor(s) that the model does not have: lm_head.weight"), invalid_argument);
   // An untied model loading a tied checkpoint: the hint says what to do.
   io::save_model(exec::host{}, dir / "tied", tied, t);
   CHECK_THROWS_WITH_AS(io::load_weights(exec::host{}, dir / "tied", a),
-                       has("'lm_head.weight' (shape [32, 16]) (the checkpoint ties the LM head"),
-                       invalid_argument);
+                       has("'lm_head.weight' (shape [32, 16]) (the checkpoint ties the LM head"), invalid_argument);
   // Wrong number of optimizer states.
   sa.pop_back();
   CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a, sa),
-                       has("optimizer states, but parameter 'lm_head.weight' is number"),
-                       invalid_argument);
+                       has("optimizer states, but parameter 'lm_head.weight' is number"), invalid_argument);
   // Without optimizer state: the file holds states this run does not use.
   CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a),
-                       has("holds " + std::to_string(2 * a.names.size()) +
-                                         " optimizer tensors, this run uses 0"),
+                       has("holds " + std::to_string(2 * a.names.size()) + " optimizer tensors, this run uses 0"),
                        invalid_argument);
-  CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, dir / "nowhere", cfg, a),
-                       has("no trainer_state.json"), invalid_argument);
+  CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, dir / "nowhere", cfg, a), has("no trainer_state.json"),
+                       invalid_argument);
 }
 
 TEST_CASE("checkpoint: an interrupted save (files from two steps) is detected") {
@@ -818,7 +807,7 @@ TEST_CASE("checkpoint: an interrupted save (files from two steps) is detected") 
   io::save_model(exec::host{}, ckpt, cfg, a, {}, 200);
   CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a),
                        has("model.safetensors is from step 200, trainer_state.json from step 100 (a "
-                                         "save was interrupted"),
+                           "save was interrupted"),
                        invalid_argument);
 }
 
@@ -850,10 +839,9 @@ TEST_CASE("checkpoint: bf16 export converts on load, Hugging Face sharded checkp
   }
   w1.write(shard_dir / "model-00001-of-00002.safetensors");
   w2.write(shard_dir / "model-00002-of-00002.safetensors");
-  io::atomic_write_text(shard_dir / "model.safetensors.index.json",
-                        json::object({{"metadata", json::object({{"total_size", json(0)}})},
-                                      {"weight_map", weight_map}})
-                            .dump(2));
+  io::atomic_write_text(
+      shard_dir / "model.safetensors.index.json",
+      json::object({{"metadata", json::object({{"total_size", json(0)}})}, {"weight_map", weight_map}}).dump(2));
   fake_model c(cfg, seed + 8);
   const auto report = io::load_weights(exec::host{}, shard_dir, c);
   CHECK(report.loaded.size() == a.names.size());
@@ -889,8 +877,7 @@ TEST_CASE("metrics: one flushed JSON object per line with the standard fields an
     r.loss = std::nan("");
     r.val_loss = 4.75;
     m.write(r, {{"mfu", 0.375}, {"tokens_per_step", 512}});
-    CHECK_THROWS_WITH_AS(m.write(r, {{"loss", 1.0}}), has("extra field \"loss\" repeats"),
-                         invalid_argument);
+    CHECK_THROWS_WITH_AS(m.write(r, {{"loss", 1.0}}), has("extra field \"loss\" repeats"), invalid_argument);
   }
   const std::string text = slurp(path);
   CHECK(std::count(text.begin(), text.end(), '\n') == 2);

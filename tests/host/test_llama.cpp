@@ -65,11 +65,10 @@ TEST_CASE("llama: parameters carry Hugging Face names, shapes and decay flags, i
     CHECK(grad.shape() == info.shape);
     seen[name] = {info.shape, info.decay};
   });
-  const std::vector<std::string> layer = {"self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                          "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                          "mlp.gate_proj.weight",    "mlp.up_proj.weight",
-                                          "mlp.down_proj.weight",    "input_layernorm.weight",
-                                          "post_attention_layernorm.weight"};
+  const std::vector<std::string> layer = {
+      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+      "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
+      "mlp.down_proj.weight",    "input_layernorm.weight",  "post_attention_layernorm.weight"};
   std::vector<std::string> want = {"model.embed_tokens.weight"};
   for (int l = 0; l < 2; ++l)
     for (const auto& n : layer) want.push_back("model.layers." + std::to_string(l) + "." + n);
@@ -142,8 +141,8 @@ TEST_CASE("llama: init draws N(0, 0.02^2) (output projections / sqrt(2L)), norms
     const bool output = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
     const double want = output ? 0.02 / std::sqrt(6.0) : 0.02;
     CHECK(spec.init.std == doctest::Approx(want));
-    const double rms = std::sqrt(double(squared_norm(exec::host{}, view<const double, host_space>(value))) /
-                                 double(value.numel()));
+    const double rms =
+        std::sqrt(double(squared_norm(exec::host{}, view<const double, host_space>(value))) / double(value.numel()));
     CHECK(rms == doctest::Approx(want).epsilon(0.35));  // >= 128 draws per tensor
     // fill_initial reproduces the draws in another element type (an optimizer's fp32 master copy).
     host_tensor<float> master(value.shape());
@@ -209,9 +208,8 @@ TEST_CASE("llama: whole-model gradient check in double on presets::micro() (ever
       const std::int64_t samples = std::min<std::int64_t>(value.numel(), 10);
       double num = 0, den = 0;
       for (std::int64_t k = 0; k < samples; ++k) {
-        const std::int64_t i = value.numel() <= 10
-                                   ? k
-                                   : std::int64_t(rng::bits4(seed, 11, draw++).v[0] % std::uint32_t(value.numel()));
+        const std::int64_t i =
+            value.numel() <= 10 ? k : std::int64_t(rng::bits4(seed, 11, draw++).v[0] % std::uint32_t(value.numel()));
         double& w = value.data()[i];
         const double keep = w;
         w = keep + h;

@@ -30,7 +30,9 @@ void randomize(nn::parameter_store<double, double, host_space>& store, std::uint
   store.for_each([&](const std::string& name, auto value, auto, const parameter_info& info) {
     std::uint64_t stream = 0;
     for (const char c : name) stream = stream * 131 + std::uint64_t(c);
-    const double std = info.shape.rank == 1 ? 0.2 : name == "model.embed_tokens.weight" ? 1.0 : 1.0 / std::sqrt(double(info.shape[1]));
+    const double std = info.shape.rank == 1                  ? 0.2
+                       : name == "model.embed_tokens.weight" ? 1.0
+                                                             : 1.0 / std::sqrt(double(info.shape[1]));
     fill_normal(exec::host{}, value, seed, stream, info.shape.rank == 1 ? 1.0f : 0.0f, float(std));
   });
 }
@@ -98,9 +100,10 @@ TEST_CASE("llama stages: 2, 3 and 4 chained stages equal the whole model (loss a
       const float scales[2] = {1.0f, 0.5f};
       for (int mb = 0; mb < 2; ++mb)
         for (std::size_t k = 0; k < P; ++k) {
-          const model_t::stage_io io{data[mb]->tokens.v(), data[mb]->targets.v(),
-                                     k > 0 ? view<const double, host_space>(act(k - 1, mb)) : view<const double, host_space>{},
-                                     k + 1 < P ? act(k, mb) : view<double, host_space>{}};
+          const model_t::stage_io io{
+              data[mb]->tokens.v(), data[mb]->targets.v(),
+              k > 0 ? view<const double, host_space>(act(k - 1, mb)) : view<const double, host_space>{},
+              k + 1 < P ? act(k, mb) : view<double, host_space>{}};
           losses[mb] += stages[k].forward(std::size_t(mb), io, scales[mb]);
         }
       for (int mb = 1; mb >= 0; --mb)
@@ -159,13 +162,15 @@ TEST_CASE("llama stages: bad layouts and boundaries fail clearly") {
     }
     return std::string("(no exception)");
   };
-  CHECK(message([&] { nn::llama<exec::host, float>(cfg, exec::host{}, nn::llama_stage{1, 1}); })
-            .find("must be a non-empty range") != std::string::npos);
+  CHECK(message([&] {
+          nn::llama<exec::host, float>(cfg, exec::host{}, nn::llama_stage{1, 1});
+        }).find("must be a non-empty range") != std::string::npos);
   CHECK(message([&] { nn::llama_stage::split(cfg, {0}); }).find("cut 0 must lie in") != std::string::npos);
   auto tied = cfg;
   tied.tied_embeddings = true;
-  CHECK(message([&] { nn::llama<exec::host, float>(tied, exec::host{}, nn::llama_stage{0, 1}); })
-            .find("both must be on one stage") != std::string::npos);
+  CHECK(message([&] {
+          nn::llama<exec::host, float>(tied, exec::host{}, nn::llama_stage{0, 1});
+        }).find("both must be on one stage") != std::string::npos);
 
   nn::llama<exec::host, float> last(cfg, exec::host{}, nn::llama_stage{1, 2});
   last.init(1);
@@ -176,6 +181,7 @@ TEST_CASE("llama stages: bad layouts and boundaries fail clearly") {
         }).find("in has shape [8, 17], expected [8, 16]") != std::string::npos);
   CHECK(message([&] { last.forward(data.tokens.v(), data.targets.v()); }).find("this model is a stage") !=
         std::string::npos);
-  CHECK(message([&] { last.backward(3, {}, {}, [](std::size_t, std::size_t) {}); }).find("call forward() on this slot") !=
-        std::string::npos);
+  CHECK(message([&] {
+          last.backward(3, {}, {}, [](std::size_t, std::size_t) {});
+        }).find("call forward() on this slot") != std::string::npos);
 }

@@ -132,7 +132,8 @@ TEST_CASE("lm_head_cross_entropy (host): chunked equals unchunked, dh and dweigh
   for (std::int64_t i = 0; i < dw_all.numel(); ++i) dw_all.data()[i] = 0;
   lm_head_cross_entropy(exec::host{}, cv(h), cv(w), cv(targets), l_all.v(), dh_all.v(), dw_all.v(), 1.5f,
                         {n, std::size_t(0)});  // one chunk
-  for (const lm_head_options opt : {lm_head_options{3}, lm_head_options{7}, lm_head_options{0, 1}, lm_head_options{0, 2000}}) {
+  for (const lm_head_options opt :
+       {lm_head_options{3}, lm_head_options{7}, lm_head_options{0, 1}, lm_head_options{0, 2000}}) {
     CAPTURE(opt.chunk_rows);
     CAPTURE(opt.chunk_bytes);
     host_tensor<double> l({n}), dh({n, d}), dw({vocab, d});
@@ -165,7 +166,8 @@ TEST_CASE("lm_head_cross_entropy (host): bad targets and shapes name the operand
   CHECK_NOTHROW(run(h, w, targets, losses, dh.v(), dw.v()));
   targets(2) = 10;
   CHECK_THROWS_WITH_AS(run(h, w, targets, losses, dh.v(), dw.v()),
-                       doctest::Contains("lm_head_cross_entropy: targets[2] = 10 is outside [0, 10)"), invalid_argument);
+                       doctest::Contains("lm_head_cross_entropy: targets[2] = 10 is outside [0, 10)"),
+                       invalid_argument);
   targets(2) = -2;
   CHECK_THROWS_WITH_AS(run(h, w, targets, losses, dh.v(), dw.v()), doctest::Contains("targets[2] = -2"),
                        invalid_argument);

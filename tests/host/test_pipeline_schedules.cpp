@@ -238,29 +238,17 @@ TEST_CASE("pipeline schedules: bad arguments raise invalid_argument naming the v
   fails([] { return pipeline::gpipe{0, 2}; }, "pipeline::gpipe: the micro-batch count must be >= 1, got 0");
   fails([] { return pipeline::one_f_one_b{4, 0}; }, "pipeline::one_f_one_b: the stage count must be >= 1, got 0");
   fails([] { return pipeline::zero_bubble_h1{-3, 2}; }, "the micro-batch count must be >= 1, got -3");
-  fails(
-      [] {
-        return pipeline::interleaved_1f1b{4, 2, 0};
-      },
-      "pipeline::interleaved_1f1b: the chunk count per rank must be >= 1, got 0");
-  fails(
-      [] {
-        return pipeline::interleaved_1f1b{6, 4, 2};
-      },
-      "the micro-batch count m = 6 must be a multiple of the stage count p = 4");
+  fails([] { return pipeline::interleaved_1f1b{4, 2, 0}; },
+        "pipeline::interleaved_1f1b: the chunk count per rank must be >= 1, got 0");
+  fails([] { return pipeline::interleaved_1f1b{6, 4, 2}; },
+        "the micro-batch count m = 6 must be a multiple of the stage count p = 4");
   fails([] { return pipeline::interleaved_1f1b{2, 4, 1}; }, "m = 2 must be a multiple of the stage count p = 4");
-  fails(
-      [] {
-        return pipeline::one_f_one_b{4, 2}.plan(-1, 0);
-      },
-      "pipeline::one_f_one_b::plan: step must be >= 0, got -1");
+  fails([] { return pipeline::one_f_one_b{4, 2}.plan(-1, 0); },
+        "pipeline::one_f_one_b::plan: step must be >= 0, got -1");
   fails([] { return pipeline::gpipe{4, 2}.plan(0, 2); }, "pipeline::gpipe::plan: rank 2 outside [0, 2)");
   fails([] { return pipeline::interleaved_1f1b{4, 2, 2}.plan(0, -1); }, "rank -1 outside [0, 2)");
-  fails(
-      [] {
-        return pipeline::zero_bubble_h1{4, 3}.plan(0, 3);
-      },
-      "pipeline::zero_bubble_h1::plan: rank 3 outside [0, 3)");
+  fails([] { return pipeline::zero_bubble_h1{4, 3}.plan(0, 3); },
+        "pipeline::zero_bubble_h1::plan: rank 3 outside [0, 3)");
 }
 
 TEST_CASE("simulate_pipeline: plans that break the format are reported, not run") {

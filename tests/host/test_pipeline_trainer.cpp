@@ -88,8 +88,9 @@ double whole_model_gradients(const nn::llama_config& cfg, std::uint64_t seed, da
   stages[0].zero_grad();
   compress::identity none;
   train::plan_engine<Model, compress::identity> engine(stages, none, {});
-  const double loss = engine.run(schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader},
-                                 [](std::size_t, std::size_t) {}, [] {});
+  const double loss = engine.run(
+      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader}, [](std::size_t, std::size_t) {},
+      [] {});
   out.add(stages[0].parameters());
   return loss;
 }
@@ -120,8 +121,9 @@ void on_pipeline(const nn::llama_config& cfg, Scheduler scheduler, int v, int re
 
 }  // namespace
 
-TEST_CASE("pipeline (identity): GPipe, 1F1B and interleaved over 2-4 stages equal the whole model (fp64 loss and "
-          "every gradient)") {
+TEST_CASE(
+    "pipeline (identity): GPipe, 1F1B and interleaved over 2-4 stages equal the whole model (fp64 loss and "
+    "every gradient)") {
   using model = nn::llama<exec::host, double>;
   const genesis text;
   const nn::llama_config cfg = eight_layers();
@@ -331,8 +333,8 @@ TEST_CASE("pipeline: bad layouts fail clearly") {
   const nn::llama_config cfg = eight_layers();
   CHECK_THROWS_WITH_AS(pipeline::even_cuts(3, 4), doctest::Contains("4 stages for 3 layers"), invalid_argument);
   CHECK(pipeline::even_cuts(8, 3) == std::vector<std::int64_t>{3, 6});
-  CHECK_THROWS_WITH_AS(pipeline::llama_chunks<model>(cfg, exec::host{1}, 4, 3, 0), doctest::Contains("need at least 12 layers"),
-                       invalid_argument);
+  CHECK_THROWS_WITH_AS(pipeline::llama_chunks<model>(cfg, exec::host{1}, 4, 3, 0),
+                       doctest::Contains("need at least 12 layers"), invalid_argument);
   comm::local_options lo;
   lo.timeout = std::chrono::seconds(20);
   comm::local::run_ranks(

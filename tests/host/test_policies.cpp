@@ -43,9 +43,7 @@ struct identity_fixture {
 
 struct gradient_accumulation_fixture {
   using scheduler = schedule::gradient_accumulation;
-  static std::vector<scheduler> make() {
-    return {scheduler{}, scheduler{4}, scheduler{3, 4}, scheduler{1, 8}};
-  }
+  static std::vector<scheduler> make() { return {scheduler{}, scheduler{4}, scheduler{3, 4}, scheduler{1, 8}}; }
 };
 
 struct adamw_fixture {
@@ -189,10 +187,10 @@ TEST_CASE("schedule::gradient_accumulation: forward/backward per micro-batch, th
   const schedule::gradient_accumulation ga{3};
   CHECK(ga.microbatches() == 3);
   CHECK(ga.world_size() == 1);
-  const std::vector<action> expected{
-      {action_kind::forward, 0, -1},  {action_kind::backward, 0, -1}, {action_kind::forward, 1, -1},
-      {action_kind::backward, 1, -1}, {action_kind::forward, 2, -1},  {action_kind::backward, 2, -1},
-      {action_kind::optimizer_step, -1, -1}};
+  const std::vector<action> expected{{action_kind::forward, 0, -1},        {action_kind::backward, 0, -1},
+                                     {action_kind::forward, 1, -1},        {action_kind::backward, 1, -1},
+                                     {action_kind::forward, 2, -1},        {action_kind::backward, 2, -1},
+                                     {action_kind::optimizer_step, -1, -1}};
   CHECK(ga.plan(0, 0) == expected);
   CHECK(ga.plan(12345, 0) == expected);
   CHECK(schedule::to_string(expected[3]) == "backward(1)");
@@ -248,8 +246,8 @@ struct no_state_bytes {  // an optimizer missing state_bytes
 struct fp32_only {  // an optimizer that rejects bf16 gradients
   struct state {};
   state init(const exec::host&, const parameter_info&) const { return {}; }
-  void step(const exec::host&, view<float, host_space>, view<const float, host_space>, state&,
-            const optim::param_info&, const optim::step_context&, view<bf16, host_space> = {}) const {}
+  void step(const exec::host&, view<float, host_space>, view<const float, host_space>, state&, const optim::param_info&,
+            const optim::step_context&, view<bf16, host_space> = {}) const {}
   std::size_t state_bytes(const state&) const { return 0; }
 };
 

@@ -21,8 +21,8 @@ using testing::same_bits;
 
 /// Checks every element of v, in row-major order, against the reference draw at its flat index.
 template <class T>
-void check_against_reference(view<T, host_space> v, std::uint64_t seed, std::uint64_t offset, bool normal,
-                             float a, float b) {
+void check_against_reference(view<T, host_space> v, std::uint64_t seed, std::uint64_t offset, bool normal, float a,
+                             float b) {
   std::uint64_t i = 0;
   bool all_equal = true;
   std::uint64_t first_bad = 0;
@@ -40,12 +40,12 @@ void check_against_reference(view<T, host_space> v, std::uint64_t seed, std::uin
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("fill_uniform and fill_normal equal the reference draws element for element", T, float, double,
-                   bf16, fp16) {
+TEST_CASE_TEMPLATE("fill_uniform and fill_normal equal the reference draws element for element", T, float, double, bf16,
+                   fp16) {
   const exec::host ex;
   const std::uint64_t seed = testing::fresh_seed();
-  for (std::uint64_t offset : {std::uint64_t(0), std::uint64_t(12345), std::uint64_t(0x1234567890ull),
-                               ~std::uint64_t(0)}) {
+  for (std::uint64_t offset :
+       {std::uint64_t(0), std::uint64_t(12345), std::uint64_t(0x1234567890ull), ~std::uint64_t(0)}) {
     for (std::int64_t n : {0, 1, 2, 3, 4, 5, 7, 8, 13, 4097}) {
       CAPTURE(seed);
       CAPTURE(offset);

@@ -97,8 +97,8 @@ TEST_CASE_TEMPLATE("max propagates NaN from any position and handles infinities"
   CAPTURE(seed);
   const exec::host ex;
   const std::int64_t n = 1001;
-  for (std::int64_t pos : {std::int64_t(0), std::int64_t(500), n - 1,
-                           std::int64_t(rng::uniform_at(seed, 1, 0) * float(n - 1))}) {
+  for (std::int64_t pos :
+       {std::int64_t(0), std::int64_t(500), n - 1, std::int64_t(rng::uniform_at(seed, 1, 0) * float(n - 1))}) {
     CAPTURE(pos);
     auto t = testing::random_tensor<T>({n}, seed);
     t(pos) = T(std::nanf(""));

@@ -17,13 +17,13 @@ TEST_CASE("lr_schedule: linear warmup, then cosine or linear decay to min_lr") {
   s.warmup_steps = 10;
   s.total_steps = 110;
   s.decay = optim::decay_kind::cosine;
-  CHECK(s.at(1) == doctest::Approx(1e-4));   // peak / warmup
+  CHECK(s.at(1) == doctest::Approx(1e-4));  // peak / warmup
   CHECK(s.at(5) == doctest::Approx(5e-4));
-  CHECK(s.at(10) == 1e-3f);                   // the peak at the end of warmup
-  CHECK(s.at(60) == doctest::Approx(5.5e-4)); // halfway: (peak + min) / 2
+  CHECK(s.at(10) == 1e-3f);                    // the peak at the end of warmup
+  CHECK(s.at(60) == doctest::Approx(5.5e-4));  // halfway: (peak + min) / 2
   CHECK(s.at(35) == doctest::Approx(1e-4 + 0.9e-3 * 0.5 * (1 + std::cos(M_PI * 0.25))));
-  CHECK(s.at(110) == 1e-4f);                  // min at the last step
-  CHECK(s.at(500) == 1e-4f);                  // and after it
+  CHECK(s.at(110) == 1e-4f);                                              // min at the last step
+  CHECK(s.at(500) == 1e-4f);                                              // and after it
   for (std::int64_t t = 11; t < 110; ++t) CHECK(s.at(t + 1) <= s.at(t));  // monotone decay
 
   s.decay = optim::decay_kind::linear;

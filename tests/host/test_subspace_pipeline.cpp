@@ -89,13 +89,15 @@ struct genesis {
 template <class T>
 double unpipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks, std::uint64_t seed,
                    data::batch_loader& loader, int m, named& out) {
-  std::vector<ssn_model<T>> whole = train::as_stages(ssn_model<T>(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks));
+  std::vector<ssn_model<T>> whole =
+      train::as_stages(ssn_model<T>(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks));
   whole[0].init(seed);
   whole[0].zero_grad();
   compress::identity none;
   train::plan_engine<ssn_model<T>, compress::identity> engine(whole, none, {});
-  const double loss = engine.run(schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader},
-                                 [](std::size_t, std::size_t) {}, [] {});
+  const double loss = engine.run(
+      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader}, [](std::size_t, std::size_t) {},
+      [] {});
   out.add(whole[0].parameters());
   return loss;
 }
@@ -113,12 +115,11 @@ double pipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks,
   comm::local::run_ranks(
       p,
       [&](comm::local& world) {
-        pipeline::pipeline_trainer t(pipeline::llama_chunks<ssn_model<T>>(cfg, exec::host{1}, p, 1, world.rank(), blocks),
-                                     subspace::stack{.communicator = world,
-                                                     .compressor = codec,
-                                                     .scheduler = scheduler,
-                                                     .optimizer = optim::adamw{}},
-                                     pipeline::trainer_options{});
+        pipeline::pipeline_trainer t(
+            pipeline::llama_chunks<ssn_model<T>>(cfg, exec::host{1}, p, 1, world.rank(), blocks),
+            subspace::stack{
+                .communicator = world, .compressor = codec, .scheduler = scheduler, .optimizer = optim::adamw{}},
+            pipeline::trainer_options{});
         t.init(seed);
         auto data = text.train(batch, seq);
         const double l = t.compute_gradients(data);
@@ -151,9 +152,10 @@ TEST_CASE("subspace pipeline: GPipe and 1F1B over 2-4 stages equal the unpipelin
     for (const bool one_f_one_b : {false, true}) {
       CAPTURE(one_f_one_b);
       named piped;
-      const double loss = one_f_one_b
-                              ? pipelined<double>(cfg, blocks, codec, pipeline::one_f_one_b{m, p}, seed, text, batch, seq, piped)
-                              : pipelined<double>(cfg, blocks, codec, pipeline::gpipe{m, p}, seed, text, batch, seq, piped);
+      const double loss =
+          one_f_one_b
+              ? pipelined<double>(cfg, blocks, codec, pipeline::one_f_one_b{m, p}, seed, text, batch, seq, piped)
+              : pipelined<double>(cfg, blocks, codec, pipeline::gpipe{m, p}, seed, text, batch, seq, piped);
       CHECK(std::abs(loss - whole_loss) <= 1e-12 * whole_loss);
       REQUIRE(piped.grads.size() == whole.grads.size());
       for (const auto& [name, g] : whole.grads) {
@@ -183,7 +185,8 @@ TEST_CASE("subspace pipeline: after every constrained stage the stream is E_fix 
     const nn::subspace_blocks blocks(codec, 3);
     auto store = std::make_shared<typename ssn_model<T>::store_type>();
     std::vector<ssn_model<T>> stages;
-    for (const auto& s : nn::llama_stage::split(cfg, {1, 2, 3})) stages.emplace_back(cfg, exec::host{1}, s, store, blocks);
+    for (const auto& s : nn::llama_stage::split(cfg, {1, 2, 3}))
+      stages.emplace_back(cfg, exec::host{1}, s, store, blocks);
     for (auto& s : stages) s.init(seed);
     const testing::token_batch batch_data(batch, seq, cfg.vocab, seed + 7);
     const host_tensor<std::int32_t>& tokens = batch_data.tokens;
@@ -216,8 +219,9 @@ TEST_CASE("subspace pipeline: after every constrained stage the stream is E_fix 
   check.operator()<float>(3e-5);
 }
 
-TEST_CASE("subspace pipeline: the boundary gradient dL/dc = (dL/dX)·U and the gradients of E and Z match "
-          "finite differences (d 16, k 3)") {
+TEST_CASE(
+    "subspace pipeline: the boundary gradient dL/dc = (dL/dX)·U and the gradients of E and Z match "
+    "finite differences (d 16, k 3)") {
   const nn::llama_config cfg = four_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -235,8 +239,8 @@ TEST_CASE("subspace pipeline: the boundary gradient dL/dc = (dL/dX)·U and the g
   auto& params = *store;
 
   // The forward through the boundary: stage 0 -> encode -> c -> decode -> stage 1.
-  host_tensor<double> out({n, cfg.d_model}), in({n, cfg.d_model}), c({n, k}), grad_in({n, cfg.d_model}),
-      grad_c({n, k}), grad_out({n, cfg.d_model});
+  host_tensor<double> out({n, cfg.d_model}), in({n, cfg.d_model}), c({n, k}), grad_in({n, cfg.d_model}), grad_c({n, k}),
+      grad_out({n, cfg.d_model});
   host_tensor<std::int32_t> ids({n});
   const auto loss_from_c = [&] {
     boundary.decode(exec::host{}, compress::payload<const double, host_space>{c.v(), ids.v()}, in.v(), params);
@@ -280,9 +284,10 @@ TEST_CASE("subspace pipeline: the boundary gradient dL/dc = (dL/dX)·U and the g
     const double want = fd(c.data()[i], loss_from_c), got = grad_c.data()[i];
     CHECK(std::abs(got - want) <= 1e-7 * std::abs(want));
   }
-  for (const std::string name : {"model.embed_tokens.subspace_weight", "model.layers.0.self_attn.o_proj.subspace_weight",
-                           "model.layers.1.mlp.down_proj.subspace_weight", "model.layers.1.self_attn.q_proj.weight",
-                           "model.layers.3.mlp.down_proj.weight"}) {
+  for (const std::string name :
+       {"model.embed_tokens.subspace_weight", "model.layers.0.self_attn.o_proj.subspace_weight",
+        "model.layers.1.mlp.down_proj.subspace_weight", "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.3.mlp.down_proj.weight"}) {
     CAPTURE(name);
     const std::size_t p = *store->find(name);
     const auto v = store->value(p);
@@ -297,8 +302,9 @@ TEST_CASE("subspace pipeline: the boundary gradient dL/dc = (dL/dX)·U and the g
   }
 }
 
-TEST_CASE("subspace blocks: the projected variant with W equals the reparameterised one with Z = UᵀW; "
-          "re-projection is idempotent; the last stage stays dense") {
+TEST_CASE(
+    "subspace blocks: the projected variant with W equals the reparameterised one with Z = UᵀW; "
+    "re-projection is idempotent; the last stage stays dense") {
   const nn::llama_config cfg = four_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -329,7 +335,8 @@ TEST_CASE("subspace blocks: the projected variant with W equals the reparameteri
   CHECK(!rs.find("model.layers.2.self_attn.o_proj.weight").has_value());
   CHECK(rs.info(*rs.find("model.layers.2.self_attn.o_proj.subspace_weight")).shape == shape{k, cfg.d_model});
   const testing::token_batch batch_data(2, 8, cfg.vocab, seed + 3);
-  const double a = reparam.evaluate(batch_data.tok(), batch_data.tgt()), b = projected.evaluate(batch_data.tok(), batch_data.tgt());
+  const double a = reparam.evaluate(batch_data.tok(), batch_data.tgt()),
+               b = projected.evaluate(batch_data.tok(), batch_data.tgt());
   CHECK(std::abs(a - b) <= 1e-12 * std::abs(a));
 
   projected.after_step();
@@ -341,8 +348,9 @@ TEST_CASE("subspace blocks: the projected variant with W equals the reparameteri
   CHECK(std::abs(projected.evaluate(batch_data.tok(), batch_data.tgt()) - b) <= 1e-12 * std::abs(b));  // same function
 }
 
-TEST_CASE("subspace pipeline: the wire carries B·S·(4k+2) bytes forward and B·S·4k backward per boundary; "
-          "a bf16 wire trains; ranks with other tables are named") {
+TEST_CASE(
+    "subspace pipeline: the wire carries B·S·(4k+2) bytes forward and B·S·4k backward per boundary; "
+    "a bf16 wire trains; ranks with other tables are named") {
   using model = ssn_model<float>;
   const genesis text;
   const nn::llama_config cfg = four_layers();

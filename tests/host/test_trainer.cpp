@@ -5,17 +5,17 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <subspace/data/loader.hpp>
 #include <subspace/data/text.hpp>
-#include <subspace/optim/galore.hpp>
 #include <subspace/nn/llama.hpp>
+#include <subspace/optim/galore.hpp>
 #include <subspace/optim/golore.hpp>
 #include <subspace/train/trainer.hpp>
 
@@ -118,8 +118,8 @@ TEST_CASE_TEMPLATE("trainer: a resumed run is bit-identical to an uninterrupted 
 
   Optimizer opt{};
   if constexpr (!std::is_same_v<Optimizer, optim::adamw>) {
-    opt.rank = 8;             // the 32 x 32 attention and 96 x 32 MLP matrices are projected
-    opt.refresh_period = 2;   // refreshes before and after the resume point
+    opt.rank = 8;            // the 32 x 32 attention and 96 x 32 MLP matrices are projected
+    opt.refresh_period = 2;  // refreshes before and after the resume point
   }
   if constexpr (std::is_same_v<Optimizer, optim::golore<>>) {
     opt.random_percent = 50;  // GaLore's SVD projectors first, random ones after the switch
@@ -227,7 +227,8 @@ TEST_CASE("trainer: resuming with another optimizer or model fails with a clear 
   optim::galore<> galore;
   galore.rank = 8;
   train::trainer g(host_llama(cfg, exec::host{}), subspace::stack{.optimizer = galore}, o);
-  CHECK_THROWS_WITH_AS(g.resume(dir.path / "ckpt", data), doctest::Contains("q_proj.weight.exp_avg' in"), invalid_argument);
+  CHECK_THROWS_WITH_AS(g.resume(dir.path / "ckpt", data), doctest::Contains("q_proj.weight.exp_avg' in"),
+                       invalid_argument);
 
   auto other = cfg;
   other.d_model = 64;

@@ -30,9 +30,7 @@ struct attention_case {
   shape q_shape() const { return {batch, seq, heads, head_dim}; }
   shape kv_shape() const { return {batch, seq_kv, kv_heads, head_dim}; }
   shape lse_shape() const { return {batch, heads, seq}; }
-  attention_params params() const {
-    return {float(1.0 / std::sqrt(double(head_dim))), causal, q_pos0, kv_pos0};
-  }
+  attention_params params() const { return {float(1.0 / std::sqrt(double(head_dim))), causal, q_pos0, kv_pos0}; }
   std::string text() const {
     char buf[200];
     std::snprintf(buf, sizeof buf, "B=%lld S=%lld Skv=%lld Hq=%lld Hkv=%lld hd=%lld %s q_pos0=%lld kv_pos0=%lld",
@@ -97,7 +95,8 @@ attention_result naive_attention(view<const TQ, host_space> q, view<const TK, ho
           x = m == neg_inf ? 0.0 : std::exp(x - m);
           sum += x;
         }
-        for (std::int64_t j = 0; j < Skv; ++j) P[std::size_t(i * Skv + j)] = sum > 0 ? P[std::size_t(i * Skv + j)] / sum : 0.0;
+        for (std::int64_t j = 0; j < Skv; ++j)
+          P[std::size_t(i * Skv + j)] = sum > 0 ? P[std::size_t(i * Skv + j)] / sum : 0.0;
         r.lse(b, h, i) = sum > 0 ? m + std::log(sum) : neg_inf;
       }
       for (std::int64_t i = 0; i < S; ++i)

@@ -20,9 +20,8 @@ inline subspace::data::shards_written genesis_shards(const std::filesystem::path
 }
 
 /// A loader over the `part` ("train" or "val") shards genesis_shards wrote into `dir`.
-inline subspace::data::batch_loader loader_for(const std::filesystem::path& dir, const char* part,
-                                               std::int64_t batch, std::int64_t seq, bool shuffle,
-                                               std::uint64_t seed = 7) {
+inline subspace::data::batch_loader loader_for(const std::filesystem::path& dir, const char* part, std::int64_t batch,
+                                               std::int64_t seq, bool shuffle, std::uint64_t seed = 7) {
   subspace::data::loader_options o;
   o.batch = batch;
   o.seq = seq;

@@ -28,8 +28,7 @@ inline nn::llama_config gpu_check_config(std::string name) {
 }
 
 /// `count` text-like bytes (a repeating pattern with Philox noise) written to the llm.c shard `path` (once).
-inline data::token_dataset text_like_tokens(const std::filesystem::path& path, std::uint64_t seed,
-                                            std::size_t count) {
+inline data::token_dataset text_like_tokens(const std::filesystem::path& path, std::uint64_t seed, std::size_t count) {
   if (!std::filesystem::exists(path)) {
     std::vector<std::int32_t> tokens(count);
     for (std::size_t i = 0; i < tokens.size(); ++i) {

@@ -89,7 +89,8 @@ class toy_model {
     const T* w1 = store_->value(1).data();
     const T* w2 = store_->value(2).data();
     const double g = s.counted > 0 ? double(s.scale) / double(s.counted) : 0.0;
-    std::vector<double> p(static_cast<std::size_t>(V)), dh(static_cast<std::size_t>(d)), dz(static_cast<std::size_t>(d));
+    std::vector<double> p(static_cast<std::size_t>(V)), dh(static_cast<std::size_t>(d)),
+        dz(static_cast<std::size_t>(d));
     for (std::size_t i = 0; i < s.tokens.size(); ++i) {
       if (s.targets[i] < 0) continue;
       const T* h = &s.h[i * std::size_t(d)];
@@ -102,7 +103,8 @@ class toy_model {
           dh[std::size_t(k)] += g * p[std::size_t(v)] * double(w2[v * d + k]);
         }
       const T* x = store_->value(0).data() + std::int64_t(s.tokens[i]) * d;
-      for (std::int64_t k = 0; k < d; ++k) dz[std::size_t(k)] = dh[std::size_t(k)] * (1.0 - double(h[k]) * double(h[k]));
+      for (std::int64_t k = 0; k < d; ++k)
+        dz[std::size_t(k)] = dh[std::size_t(k)] * (1.0 - double(h[k]) * double(h[k]));
       for (std::int64_t a = 0; a < d; ++a)
         for (std::int64_t b = 0; b < d; ++b) {
           dw1[a * d + b] += T(dz[std::size_t(a)] * double(x[b]));

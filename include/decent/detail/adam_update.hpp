@@ -35,8 +35,8 @@ namespace detail {
 struct adam_coefficients {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
-  float step_size;     // lr / (1 − beta1^k)
-  float sqrt_bias2;    // sqrt(1 − beta2^k)
+  float step_size;   // lr / (1 − beta1^k)
+  float sqrt_bias2;  // sqrt(1 − beta2^k)
   float eps;
   float l2;            // wd under weight_decay_rule::l2 on a decayed parameter, else 0
   float decay_factor;  // 1 − lr·wd under weight_decay_rule::decoupled on a decayed parameter, else 1
@@ -106,9 +106,8 @@ struct adam_impl<subspace::exec::host> {
 
   /// `mixed` may alias `master` (the plain step); `working` may be empty.
   template <class G>
-  static void dadam(const subspace::exec::host&, hview<const float> mixed, hview<float> master,
-                    hview<const G> grad, hview<float> m, hview<float> v, hview<subspace::bf16> working,
-                    const adam_coefficients& c) {
+  static void dadam(const subspace::exec::host&, hview<const float> mixed, hview<float> master, hview<const G> grad,
+                    hview<float> m, hview<float> v, hview<subspace::bf16> working, const adam_coefficients& c) {
     const std::int64_t n = master.numel();
     for (std::int64_t i = 0; i < n; ++i) {
       const float x = dadam_update(mixed.data()[i], float(grad.data()[i]), m.data()[i], v.data()[i], c);
@@ -118,13 +117,13 @@ struct adam_impl<subspace::exec::host> {
   }
 
   template <class G>
-  static void accum(const subspace::exec::host&, hview<const float> mixed, hview<float> master,
-                    hview<const G> grad, hview<float> M, hview<float> V, hview<float> acc,
-                    hview<subspace::bf16> working, const adam_coefficients& c, const accum_coefficients& a) {
+  static void accum(const subspace::exec::host&, hview<const float> mixed, hview<float> master, hview<const G> grad,
+                    hview<float> M, hview<float> V, hview<float> acc, hview<subspace::bf16> working,
+                    const adam_coefficients& c, const accum_coefficients& a) {
     const std::int64_t n = master.numel();
     for (std::int64_t i = 0; i < n; ++i) {
-      const float x = accum_adam_update(mixed.data()[i], float(grad.data()[i]), M.data()[i], V.data()[i],
-                                        acc.data()[i], c, a);
+      const float x =
+          accum_adam_update(mixed.data()[i], float(grad.data()[i]), M.data()[i], V.data()[i], acc.data()[i], c, a);
       master.data()[i] = x;
       if (working.data()) working.data()[i] = subspace::bf16(x);
     }
@@ -133,9 +132,8 @@ struct adam_impl<subspace::exec::host> {
 
 /// The step's scalars for bias-correction count k (DAdam: the step s; AccumAdam: the window ⌈s/K⌉), computed in
 /// double and rounded once to float.
-inline adam_coefficients coefficients(float beta1, float beta2, float eps, float weight_decay,
-                                      weight_decay_rule rule, const subspace::optim::param_info& info, float lr,
-                                      std::int64_t k) {
+inline adam_coefficients coefficients(float beta1, float beta2, float eps, float weight_decay, weight_decay_rule rule,
+                                      const subspace::optim::param_info& info, float lr, std::int64_t k) {
   const double bias1 = 1.0 - std::pow(double(beta1), double(k));
   const double bias2 = 1.0 - std::pow(double(beta2), double(k));
   const bool decays = info.decay && weight_decay != 0.0f;
@@ -155,40 +153,48 @@ inline adam_coefficients coefficients(float beta1, float beta2, float eps, float
 /// The hyper-parameter checks both optimizers share; `who` starts the message.
 inline void check_hyper(const std::string& who, float beta1, float beta2, float eps, float weight_decay,
                         const subspace::optim::step_context& ctx) {
-  subspace::require(0.0f <= beta1 && beta1 < 1.0f && 0.0f <= beta2 && beta2 < 1.0f,
-                    [&] { return who + "beta1 and beta2 must lie in [0, 1), got " + std::to_string(beta1) + " and " +
-                        std::to_string(beta2); });
+  subspace::require(0.0f <= beta1 && beta1 < 1.0f && 0.0f <= beta2 && beta2 < 1.0f, [&] {
+    return who + "beta1 and beta2 must lie in [0, 1), got " + std::to_string(beta1) + " and " + std::to_string(beta2);
+  });
   subspace::require(eps > 0.0f, [&] { return who + "eps must be positive, got " + std::to_string(eps); });
-  subspace::require(weight_decay >= 0.0f, [&] { return who + "weight_decay must be >= 0, got " + std::to_string(weight_decay); });
-  subspace::require(ctx.step >= 1, [&] { return who + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
+  subspace::require(weight_decay >= 0.0f,
+                    [&] { return who + "weight_decay must be >= 0, got " + std::to_string(weight_decay); });
+  subspace::require(ctx.step >= 1,
+                    [&] { return who + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
 }
 
 /// Shapes and layout of the views one step touches: all shaped info.shape and contiguous; `working` may be
 /// empty (no working copy).
 template <class S, class G>
-void check_views(const std::string& who, const subspace::optim::param_info& info,
-                 subspace::view<const float, S> mixed, subspace::view<float, S> master, subspace::view<G, S> grad,
-                 const subspace::shape& state_shape, subspace::view<subspace::bf16, S> working) {
+void check_views(const std::string& who, const subspace::optim::param_info& info, subspace::view<const float, S> mixed,
+                 subspace::view<float, S> master, subspace::view<G, S> grad, const subspace::shape& state_shape,
+                 subspace::view<subspace::bf16, S> working) {
   using subspace::to_string;
   const auto& want = info.shape;
-  subspace::require(master.shape() == want,
-                    [&] { return who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(want); });
-  subspace::require(mixed.shape() == want,
-                    [&] { return who + "mixed has shape " + to_string(mixed.shape()) + ", the parameter " + to_string(want); });
-  subspace::require(grad.shape() == want,
-                    [&] { return who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(want); });
-  subspace::require(state_shape == want, [&] { return who + "state has shape " + to_string(state_shape) + ", the parameter " +
-                                             to_string(want) + " (init it with this parameter's info)"; });
-  subspace::require(working.data() == nullptr || working.shape() == want,
-                    [&] { return who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(want); });
-  subspace::require(
-      master.is_contiguous() && mixed.is_contiguous() && grad.is_contiguous() && working.is_contiguous(),
-      [&] { return who + "master, mixed, grad and working must be contiguous"; });
+  subspace::require(master.shape() == want, [&] {
+    return who + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(want);
+  });
+  subspace::require(mixed.shape() == want, [&] {
+    return who + "mixed has shape " + to_string(mixed.shape()) + ", the parameter " + to_string(want);
+  });
+  subspace::require(grad.shape() == want, [&] {
+    return who + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(want);
+  });
+  subspace::require(state_shape == want, [&] {
+    return who + "state has shape " + to_string(state_shape) + ", the parameter " + to_string(want) +
+           " (init it with this parameter's info)";
+  });
+  subspace::require(working.data() == nullptr || working.shape() == want, [&] {
+    return who + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(want);
+  });
+  subspace::require(master.is_contiguous() && mixed.is_contiguous() && grad.is_contiguous() && working.is_contiguous(),
+                    [&] { return who + "master, mixed, grad and working must be contiguous"; });
   // The kernels read element i of mixed just before writing element i of master: the same view, or disjoint ones.
   const auto m = reinterpret_cast<std::uintptr_t>(mixed.data());
   const auto p = reinterpret_cast<std::uintptr_t>(master.data());
   const auto bytes = std::uintptr_t(master.bytes());
-  subspace::require(m == p || m + bytes <= p || p + bytes <= m, [&] { return who + "mixed must be master itself or not overlap it"; });
+  subspace::require(m == p || m + bytes <= p || p + bytes <= m,
+                    [&] { return who + "mixed must be master itself or not overlap it"; });
 }
 
 }  // namespace detail

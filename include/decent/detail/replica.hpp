@@ -25,15 +25,13 @@ namespace decent::detail {
 
 /// Whether optimizer O fuses the mixing copy into its update (decent_adam, accum_adam: step_from_mixed).
 template <class O, class Exec, class G>
-concept steps_from_mixed =
-    requires(const O& o, const Exec& ex, subspace::view<const float, subspace::space_of_t<Exec>> mixed,
-             subspace::view<float, subspace::space_of_t<Exec>> master,
-             subspace::view<const G, subspace::space_of_t<Exec>> grad,
-             subspace::optim::state_t<O, Exec>& st, const subspace::optim::param_info& info,
-             const subspace::optim::step_context& ctx,
-             subspace::view<subspace::bf16, subspace::space_of_t<Exec>> working) {
-      o.step_from_mixed(ex, mixed, master, grad, st, info, ctx, working);
-    };
+concept steps_from_mixed = requires(
+    const O& o, const Exec& ex, subspace::view<const float, subspace::space_of_t<Exec>> mixed,
+    subspace::view<float, subspace::space_of_t<Exec>> master, subspace::view<const G, subspace::space_of_t<Exec>> grad,
+    subspace::optim::state_t<O, Exec>& st, const subspace::optim::param_info& info,
+    const subspace::optim::step_context& ctx, subspace::view<subspace::bf16, subspace::space_of_t<Exec>> working) {
+  o.step_from_mixed(ex, mixed, master, grad, st, info, ctx, working);
+};
 
 /// One optimizer step of parameter i of replica `r` from the mixed point `mixed` (shaped like the parameter):
 /// fused for optimizers with step_from_mixed (decent_adam, accum_adam), else the mixed point is copied into the

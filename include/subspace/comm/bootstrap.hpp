@@ -29,7 +29,7 @@ struct launch_info {
   int local_world_size = 1;  // ranks on this host
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
-  int rendezvous_port = 29500;  // where rank 0's rendezvous listens (see the top of this file)
+  int rendezvous_port = 29500;    // where rank 0's rendezvous listens (see the top of this file)
   std::string launcher = "none";  // "torchrun" (RANK/WORLD_SIZE), "mpirun" (OMPI_COMM_WORLD_*) or "none"
 };
 
@@ -122,8 +122,8 @@ inline launch_info launch_from_env(const env_lookup& env = process_environment) 
   if (env_set(env, "SUBSPACE_RENDEZVOUS_PORT")) {
     li.rendezvous_port = env_int(env, "SUBSPACE_RENDEZVOUS_PORT", li.master_port);
     if (li.rendezvous_port < lowest || li.rendezvous_port > 65535)
-      throw invalid_argument(pre + "SUBSPACE_RENDEZVOUS_PORT=" + std::to_string(li.rendezvous_port) +
-                             " outside [" + std::to_string(lowest) + ", 65535]");
+      throw invalid_argument(pre + "SUBSPACE_RENDEZVOUS_PORT=" + std::to_string(li.rendezvous_port) + " outside [" +
+                             std::to_string(lowest) + ", 65535]");
   } else if (detail::env_true(env, "TORCHELASTIC_USE_AGENT_STORE") && li.master_port < 65535) {
     li.rendezvous_port = li.master_port + 1;
   }

@@ -119,8 +119,7 @@ template <class C>
 concept Communicator = std::movable<C> && comm::requirement::ranks<C> && comm::requirement::point_to_point<C> &&
                        comm::requirement::all_reduce<C> && comm::requirement::all_gather<C> &&
                        comm::requirement::reduce_scatter<C> && comm::requirement::broadcast<C> &&
-                       comm::requirement::barrier<C> && comm::requirement::groups<C> &&
-                       comm::requirement::split<C>;
+                       comm::requirement::barrier<C> && comm::requirement::groups<C> && comm::requirement::split<C>;
 
 /// static_assert(check_communicator<C>()) names the first requirement C misses, in one readable message
 /// (the compiler's "in instantiation of ... [with C = ...]" line names the type).

@@ -149,10 +149,8 @@ struct nccl_state {
         std::this_thread::sleep_for(std::chrono::microseconds(100));
         ncclCommGetAsyncError(comm, &r);
       }
-      if (r == ncclSuccess)
-        ncclCommDestroy(comm);
-      else
-        ncclCommAbort(comm);
+      if (r == ncclSuccess) ncclCommDestroy(comm);
+      else ncclCommAbort(comm);
     }
     if (barrier_value != nullptr) cudaFree(barrier_value);
     if (staging != nullptr) cudaStreamDestroy(staging);
@@ -180,8 +178,8 @@ struct nccl_state {
     if (r == ncclSuccess && c != nullptr) ncclCommGetAsyncError(c, &r);
     while (r == ncclInProgress) {
       if (std::chrono::steady_clock::now() > deadline) {
-        const std::string m = "comm::nccl: " + who() + ": " + what + " did not finish within " +
-                              nccl_seconds(timeout) + "; the communicator was aborted (is every rank calling it?)";
+        const std::string m = "comm::nccl: " + who() + ": " + what + " did not finish within " + nccl_seconds(timeout) +
+                              "; the communicator was aborted (is every rank calling it?)";
         abort(m);
         throw timeout_error(m);
       }
@@ -189,8 +187,8 @@ struct nccl_state {
       ncclCommGetAsyncError(c, &r);
     }
     if (r != ncclSuccess) {
-      const std::string m = "comm::nccl: " + who() + ": " + what + " failed: " + ncclGetErrorString(r) + " (" +
-                            ncclGetLastError(c) + ")";
+      const std::string m =
+          "comm::nccl: " + who() + ": " + what + " failed: " + ncclGetErrorString(r) + " (" + ncclGetLastError(c) + ")";
       abort(m);
       throw aborted_error(m);
     }
@@ -274,10 +272,8 @@ class nccl {
           st.abort(m);
           throw timeout_error(m);
         }
-        if (spins < 2000)
-          std::this_thread::yield();
-        else
-          std::this_thread::sleep_for(std::chrono::microseconds(50));
+        if (spins < 2000) std::this_thread::yield();
+        else std::this_thread::sleep_for(std::chrono::microseconds(50));
       }
       complete();
     }
@@ -309,8 +305,8 @@ class nccl {
       ncclResult_t a = ncclSuccess;
       ncclCommGetAsyncError(st.comm, &a);
       if (a != ncclSuccess && a != ncclInProgress) {
-        const std::string m = "comm::nccl: " + op_->what + " on " + st.who() + " failed asynchronously: " +
-                              ncclGetErrorString(a) + " (" + ncclGetLastError(st.comm) +
+        const std::string m = "comm::nccl: " + op_->what + " on " + st.who() +
+                              " failed asynchronously: " + ncclGetErrorString(a) + " (" + ncclGetLastError(st.comm) +
                               "); the communicator was aborted";
         st.abort(m);
         throw aborted_error(m);
@@ -445,8 +441,8 @@ class nccl {
     auto o = start("all_reduce(" + std::string(to_string(op)) + ") of " + count_text(buf));
     T* p = output(*o, buf, true);
     return issue(o, [&] {
-      return ncclAllReduce(p, p, std::size_t(buf.numel()), detail::nccl_type<T>(), detail::nccl_op(op),
-                           state_->comm, state_->stream);
+      return ncclAllReduce(p, p, std::size_t(buf.numel()), detail::nccl_type<T>(), detail::nccl_op(op), state_->comm,
+                           state_->stream);
     });
   }
 
@@ -498,8 +494,7 @@ class nccl {
     auto o = start("broadcast from root " + std::to_string(root) + " of " + count_text(buf));
     T* p = output(*o, buf, true);
     return issue(o, [&] {
-      return ncclBroadcast(p, p, std::size_t(buf.numel()), detail::nccl_type<T>(), root, state_->comm,
-                           state_->stream);
+      return ncclBroadcast(p, p, std::size_t(buf.numel()), detail::nccl_type<T>(), root, state_->comm, state_->stream);
     });
   }
 
@@ -527,8 +522,9 @@ class nccl {
     const ncclResult_t r = ncclGroupEnd();
     --g.depth;
     if (r != ncclSuccess && r != ncclInProgress) {
-      const std::string m = "comm::nccl: " + st.who() + ": a group of operations (ncclGroupEnd) failed: " +
-                            ncclGetErrorString(r) + " (" + ncclGetLastError(st.comm) + ")";
+      const std::string m = "comm::nccl: " + st.who() +
+                            ": a group of operations (ncclGroupEnd) failed: " + ncclGetErrorString(r) + " (" +
+                            ncclGetLastError(st.comm) + ")";
       for (auto& [owner, op] : g.ops) owner->abort(m);
       st.abort(m);
       g.ops.clear();
@@ -568,8 +564,9 @@ class nccl {
       const auto deadline = std::chrono::steady_clock::now() + st.timeout;
       while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) == nullptr) {
         if (std::chrono::steady_clock::now() > deadline) {
-          const std::string m = "comm::nccl: " + st.who() + ": " + what + " did not deliver the new communicator within " +
-                                detail::nccl_seconds(st.timeout) + "; the communicator was aborted";
+          const std::string m = "comm::nccl: " + st.who() + ": " + what +
+                                " did not deliver the new communicator within " + detail::nccl_seconds(st.timeout) +
+                                "; the communicator was aborted";
           st.abort(m);
           throw timeout_error(m);
         }
@@ -653,8 +650,7 @@ class nccl {
       return v.data();
     } else {
       void* p = scratch(op, v.bytes());
-      if (v.numel() > 0)
-        cuda_check(cudaMemcpyAsync(p, v.data(), v.bytes(), cudaMemcpyHostToDevice, state_->stream));
+      if (v.numel() > 0) cuda_check(cudaMemcpyAsync(p, v.data(), v.bytes(), cudaMemcpyHostToDevice, state_->stream));
       return static_cast<const std::remove_const_t<T>*>(p);
     }
   }

@@ -76,8 +76,12 @@ struct self_pending {
 
 template <class T, class Space>
 self_pending make_pending(std::shared_ptr<self_op_state> st, view<T, Space> v) {
-  return self_pending{std::move(st), &typeid(std::remove_const_t<T>), std::is_same_v<Space, device_space>,
-                      const_cast<std::remove_const_t<T>*>(v.data()), v.shape(), v.strides()};
+  return self_pending{std::move(st),
+                      &typeid(std::remove_const_t<T>),
+                      std::is_same_v<Space, device_space>,
+                      const_cast<std::remove_const_t<T>*>(v.data()),
+                      v.shape(),
+                      v.strides()};
 }
 
 /// Calls f with the pending buffer as a view<U, its space>.

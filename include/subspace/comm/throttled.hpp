@@ -343,8 +343,7 @@ class throttled {
   };
 
   /// Wraps `inner`; its ranks name the network's links.
-  throttled(C inner, network net)
-      : inner_(std::move(inner)), state_(std::make_shared<detail::throttle_state>()) {
+  throttled(C inner, network net) : inner_(std::move(inner)), state_(std::make_shared<detail::throttle_state>()) {
     state_->net = std::move(net);
     require(state_->net.default_link.bits_per_second > 0, "comm::throttled: link bandwidth must be positive");
     for (const auto& [pair, l] : state_->net.overrides)
@@ -518,10 +517,8 @@ class throttled {
   /// Counts a point-to-point message between network ranks; returns its time.
   double point_to_point(op_kind k, int from, int to, std::uint64_t bytes) {
     op_traffic& o = state_->t.by_op[std::size_t(k)];
-    if (k == op_kind::send)
-      count_sent(o, to, bytes, 1);
-    else
-      count_received(o, from, bytes, 1);
+    if (k == op_kind::send) count_sent(o, to, bytes, 1);
+    else count_received(o, from, bytes, 1);
     return state_->net.between(from, to).seconds(bytes);
   }
 

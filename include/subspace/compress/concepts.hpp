@@ -163,17 +163,17 @@ concept shapes = requires(const C& c, const shape& s, std::size_t element_bytes)
 template <class C>
 concept parameters = requires(C& c, store_probe& store) { c.declare_parameters(store); };
 template <class C>
-concept forward = requires(C& c, const exec::host& ex, boundary_t x, payload_out_t p_out, payload_in_t p_in,
-                           out_t out, store_probe& params) {
+concept forward = requires(C& c, const exec::host& ex, boundary_t x, payload_out_t p_out, payload_in_t p_in, out_t out,
+                           store_probe& params) {
   c.encode(ex, x, p_out, params);
   c.decode(ex, p_in, out, params);
 };
 template <class C>
-concept backward = requires(C& c, const exec::host& ex, boundary_t x, payload_in_t p, in_t in, out_t out,
-                            store_probe& params) {
-  c.decode_backward(ex, p, in, out, params);
-  c.encode_backward(ex, x, in, out, params);
-};
+concept backward =
+    requires(C& c, const exec::host& ex, boundary_t x, payload_in_t p, in_t in, out_t out, store_probe& params) {
+      c.decode_backward(ex, p, in, out, params);
+      c.encode_backward(ex, x, in, out, params);
+    };
 }  // namespace requirement
 }  // namespace compress
 

@@ -58,8 +58,10 @@ struct identity {
  private:
   template <class Exec, class In, class T, class S>
   static void pass(const Exec& ex, view<In, S> in, view<T, S> out, const char* op) {
-    require(in.shape() == out.shape(), [&] { return std::string("compress::identity::") + op + ": shapes differ: " +
-                                           to_string(in.shape()) + " vs " + to_string(out.shape()); });
+    require(in.shape() == out.shape(), [&] {
+      return std::string("compress::identity::") + op + ": shapes differ: " + to_string(in.shape()) + " vs " +
+             to_string(out.shape());
+    });
     copy(ex, in, out);
   }
 };

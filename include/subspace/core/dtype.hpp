@@ -40,7 +40,7 @@ SUBSPACE_HD inline float bits_float(std::uint32_t u) {
 /// double would (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
 /// rounding to odd", 2008).
 SUBSPACE_HD inline float to_float_round_odd(double d) {
-  const float nearest = float(d);  // round to nearest even
+  const float nearest = float(d);                      // round to nearest even
   if (double(nearest) == d || d != d) return nearest;  // exact, or NaN
   std::uint32_t bits = float_bits(nearest);
   const double abs_nearest = nearest < 0 ? -double(nearest) : double(nearest);
@@ -98,7 +98,7 @@ struct fp16 {
     const std::uint32_t abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);   // NaN
     if (abs >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // rounds to infinity (>= 65520)
-    if (abs < 0x38800000u) {                                      // subnormal or zero in half
+    if (abs < 0x38800000u) {                                       // subnormal or zero in half
       // value = abs_float; half subnormal unit is 2^-24. Round abs / 2^-24 to nearest even.
       const float scaled = detail::bits_float(abs) * 16777216.0f;  // exact: multiply by 2^24
       std::uint32_t q = std::uint32_t(scaled);
@@ -134,8 +134,8 @@ static_assert(std::is_trivially_copyable_v<bf16> && std::is_trivially_copyable_v
 
 /// True for the element types the kernels accept.
 template <class T>
-inline constexpr bool is_element_v = std::is_same_v<T, float> || std::is_same_v<T, double> ||
-                                     std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+inline constexpr bool is_element_v =
+    std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
 
 /// The type arithmetic on T accumulates in: float for the 16-bit types and float, double for double.
 template <class T>

@@ -49,9 +49,9 @@ SUBSPACE_HD inline u32x4 philox4x32_10(u32x4 ctr, std::uint32_t k0, std::uint32_
 
 /// The four raw 32-bit words of block `block` of stream (seed, offset).
 SUBSPACE_HD inline u32x4 bits4(std::uint64_t seed, std::uint64_t offset, std::uint64_t block) {
-  return philox4x32_10(u32x4{{std::uint32_t(block), std::uint32_t(block >> 32), std::uint32_t(offset),
-                              std::uint32_t(offset >> 32)}},
-                       std::uint32_t(seed), std::uint32_t(seed >> 32));
+  return philox4x32_10(
+      u32x4{{std::uint32_t(block), std::uint32_t(block >> 32), std::uint32_t(offset), std::uint32_t(offset >> 32)}},
+      std::uint32_t(seed), std::uint32_t(seed >> 32));
 }
 
 namespace detail {
@@ -134,10 +134,22 @@ SUBSPACE_HD inline void cossin_2pi_det(double v, double& c, double& s) {
   pc = exact::fma(pc, t2, -0.5);
   const double cos_t = exact::fma(t2, pc, 1.0);
   switch (quadrant) {
-    case 0: c = cos_t; s = sin_t; break;
-    case 1: c = -sin_t; s = cos_t; break;
-    case 2: c = -cos_t; s = -sin_t; break;
-    default: c = sin_t; s = -cos_t; break;
+    case 0:
+      c = cos_t;
+      s = sin_t;
+      break;
+    case 1:
+      c = -sin_t;
+      s = cos_t;
+      break;
+    case 2:
+      c = -cos_t;
+      s = -sin_t;
+      break;
+    default:
+      c = sin_t;
+      s = -cos_t;
+      break;
   }
 }
 

@@ -186,8 +186,8 @@ class tensor {
 
   view<T, Space> v() { return view<T, Space>(data(), shape_); }
   view<const T, Space> v() const { return view<const T, Space>(data(), shape_); }
-  operator view<T, Space>() { return v(); }               // NOLINT
-  operator view<const T, Space>() const { return v(); }   // NOLINT
+  operator view<T, Space>() { return v(); }              // NOLINT
+  operator view<const T, Space>() const { return v(); }  // NOLINT
 
   /// Host tensors only: element access.
   template <class... I>

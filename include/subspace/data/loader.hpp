@@ -31,13 +31,13 @@ namespace subspace::data {
 inline constexpr std::uint64_t shuffle_stream = std::uint64_t(0xD47A) << 48;
 
 struct loader_options {
-  std::int64_t batch = 8;           // rows per batch (B)
-  std::int64_t seq = 256;           // tokens per row (S)
-  std::int64_t vocab = 256;         // every token must be below this
-  bool shuffle = false;             // window order: sequential or a seeded permutation per epoch
-  std::uint64_t seed = 0;           // the permutation's Philox seed
-  bool check_all_tokens = true;     // scan every token against vocab at construction (else while batching)
-  std::string name = "train";       // for messages ("train", "val")
+  std::int64_t batch = 8;        // rows per batch (B)
+  std::int64_t seq = 256;        // tokens per row (S)
+  std::int64_t vocab = 256;      // every token must be below this
+  bool shuffle = false;          // window order: sequential or a seeded permutation per epoch
+  std::uint64_t seed = 0;        // the permutation's Philox seed
+  bool check_all_tokens = true;  // scan every token against vocab at construction (else while batching)
+  std::string name = "train";    // for messages ("train", "val")
 };
 
 /// Where a loader continues; saved in checkpoints.

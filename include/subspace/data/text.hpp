@@ -22,11 +22,11 @@
 namespace subspace::data {
 
 struct text_to_shards_options {
-  std::string prefix = "corpus";              // file names: <prefix>_{train,val}_NNNNNN.bin
-  std::int64_t shard_tokens = 100'000'000;    // at most this many tokens per shard
-  double val_fraction = 0.1;                  // the last fraction of the tokens, 0 <= f < 1
-  int version = 1;                            // llm.c version: 1 (uint16 tokens) or 7 (uint32)
-  std::string separator;                      // inserted between consecutive input files
+  std::string prefix = "corpus";            // file names: <prefix>_{train,val}_NNNNNN.bin
+  std::int64_t shard_tokens = 100'000'000;  // at most this many tokens per shard
+  double val_fraction = 0.1;                // the last fraction of the tokens, 0 <= f < 1
+  int version = 1;                          // llm.c version: 1 (uint16 tokens) or 7 (uint32)
+  std::string separator;                    // inserted between consecutive input files
 };
 
 struct shards_written {

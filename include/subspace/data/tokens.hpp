@@ -84,8 +84,7 @@ class token_file {
     require(size >= llmc_header_bytes, [&] {
       return where + ": " + std::to_string(size) + " bytes is shorter than the llm.c header (1024 bytes): truncated?";
     });
-    const std::int32_t magic = detail::load_i32(p), version = detail::load_i32(p + 4),
-                       count = detail::load_i32(p + 8);
+    const std::int32_t magic = detail::load_i32(p), version = detail::load_i32(p + 4), count = detail::load_i32(p + 8);
     if (magic == llmc_magic_u16) {
       require(version == 1, [&] {
         return where + ": magic 20240520 (uint16 tokens) needs version 1, the header says " + std::to_string(version);
@@ -186,7 +185,8 @@ inline void write_llmc_tokens(const std::filesystem::path& path, std::span<const
   io::atomic_write(path, [&](io::file_sink& out) {
     unsigned char h[llmc_header_bytes];
     for (std::size_t i = 0; i < llmc_header_ints; ++i)
-      for (int b = 0; b < 4; ++b) h[4 * i + std::size_t(b)] = static_cast<unsigned char>(std::uint32_t(header[i]) >> (8 * b));
+      for (int b = 0; b < 4; ++b)
+        h[4 * i + std::size_t(b)] = static_cast<unsigned char>(std::uint32_t(header[i]) >> (8 * b));
     out.write(h, sizeof h);
     const int width = version == 1 ? 2 : 4;
     std::vector<unsigned char> buf;

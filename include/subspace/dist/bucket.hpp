@@ -49,7 +49,8 @@ struct trainer_options : train::trainer_options {
   /// Throws invalid_argument naming the field and the expected value.
   void validate() const {
     train::trainer_options::validate();
-    require(bucket_bytes >= 1, [&] { return "trainer_options: bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
+    require(bucket_bytes >= 1,
+            [&] { return "trainer_options: bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
   }
 };
 
@@ -88,20 +89,23 @@ class bucket_plan {
   bucket_plan(std::vector<tensor_entry> tensors, std::int64_t total, std::int64_t bucket_bytes)
       : tensors_(std::move(tensors)), total_(total), bucket_bytes_(bucket_bytes) {
     const std::string who = "dist::bucket_plan: ";
-    subspace::require(bucket_bytes >= 1, [&] { return who + "bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
+    subspace::require(bucket_bytes >= 1,
+                      [&] { return who + "bucket_bytes must be >= 1, got " + std::to_string(bucket_bytes); });
     subspace::require(!tensors_.empty(), [&] { return who + "the model has no parameters"; });
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
       const tensor_entry& t = tensors_[i];
       const std::int64_t next = i + 1 < tensors_.size() ? tensors_[i + 1].offset : total_;
-      subspace::require(t.offset % alignment == 0, [&] { return who + "tensor '" + t.name + "' starts at element " +
-                                                       std::to_string(t.offset) + ", not a multiple of " +
-                                                       std::to_string(alignment); });
-      subspace::require(t.offset >= 0 && t.offset + t.shape.numel() <= next,
-                        [&] { return who + "tensor '" + t.name + "' of shape " + subspace::to_string(t.shape) + " at element " +
-                            std::to_string(t.offset) + " overlaps the next tensor or the end (" +
-                            std::to_string(next) + ")"; });
+      subspace::require(t.offset % alignment == 0, [&] {
+        return who + "tensor '" + t.name + "' starts at element " + std::to_string(t.offset) + ", not a multiple of " +
+               std::to_string(alignment);
+      });
+      subspace::require(t.offset >= 0 && t.offset + t.shape.numel() <= next, [&] {
+        return who + "tensor '" + t.name + "' of shape " + subspace::to_string(t.shape) + " at element " +
+               std::to_string(t.offset) + " overlaps the next tensor or the end (" + std::to_string(next) + ")";
+      });
     }
-    subspace::require(tensors_.front().offset == 0, [&] { return who + "the first tensor must start the flat storage"; });
+    subspace::require(tensors_.front().offset == 0,
+                      [&] { return who + "the first tensor must start the flat storage"; });
 
     // Walk the ready order (last tensor first); close a bucket when the next tensor would push it over the size.
     const auto span = [&](std::size_t i) {
@@ -334,8 +338,9 @@ void check_same_plan(C& comm, const bucket_plan& plan, const std::string& who) {
       }
 
   // Everyone describes that tensor; every rank builds the same message.
-  const std::string mine =
-      first == most ? std::string("(all tensors agree)") : first < count ? plan.describe(first) : std::string("(none)");
+  const std::string mine = first == most   ? std::string("(all tensors agree)")
+                           : first < count ? plan.describe(first)
+                                           : std::string("(none)");
   const std::vector<std::uint64_t> texts = detail::all_gather_host(comm, detail::pack_text(mine));
   std::string message = who + ": the ranks' models or bucket plans differ";
   if (first < most) {

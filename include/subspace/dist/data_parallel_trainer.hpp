@@ -206,8 +206,8 @@ class data_parallel_trainer {
   /// Starts the mean over the ranks of bucket k's gradients, in place.
   void launch(std::size_t k) {
     const bucket& b = plan_[k];
-    pending_.push_back(stack_.communicator.all_reduce(replica_.store().flat_grads().slice(b.begin, b.end),
-                                                      comm::reduce_op::avg));
+    pending_.push_back(
+        stack_.communicator.all_reduce(replica_.store().flat_grads().slice(b.begin, b.end), comm::reduce_op::avg));
   }
   void wait_all() {
     for (request_type& req : pending_) req.wait();

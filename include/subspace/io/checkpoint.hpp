@@ -43,8 +43,8 @@
 #include "../nn/config.hpp"
 #include "../optim/concepts.hpp"
 #include "../util/file.hpp"
-#include "hf_config.hpp"
 #include "../util/json.hpp"
+#include "hf_config.hpp"
 #include "safetensors.hpp"
 
 namespace subspace::io {
@@ -57,12 +57,12 @@ inline constexpr const char* state_json_file_name = "trainer_state.json";
 
 /// What a trainer needs besides the weights and the optimizer state to continue exactly where it stopped.
 struct trainer_state {
-  std::int64_t step = 0;                 // optimizer steps completed
-  std::int64_t tokens = 0;               // training tokens consumed
-  std::uint64_t seed = 0;                // the run's base seed
-  std::uint64_t rng_offset = 0;          // the next unused Philox offset
-  data::loader_position train_data{};    // where the training loader continues
-  json extra = json::object();           // trainer-specific values (wall time, best val loss, ...)
+  std::int64_t step = 0;               // optimizer steps completed
+  std::int64_t tokens = 0;             // training tokens consumed
+  std::uint64_t seed = 0;              // the run's base seed
+  std::uint64_t rng_offset = 0;        // the next unused Philox offset
+  data::loader_position train_data{};  // where the training loader continues
+  json extra = json::object();         // trainer-specific values (wall time, best val loss, ...)
 };
 
 /// Names the tensors of an optimizer state, for checkpoints: for_each(state, f) calls f(name, view) for each.
@@ -149,10 +149,14 @@ decltype(auto) state_for(States& states, const std::string& name, std::size_t in
     auto it = states.find(name);
     require(it != states.end(), [&] { return "checkpoint: no optimizer state for parameter '" + name + "'"; });
     return (it->second);
-  } else if constexpr (requires { states[index]; states.size(); }) {
-    require(index < states.size(), [&] { return "checkpoint: " + std::to_string(states.size()) +
-                                       " optimizer states, but parameter '" + name + "' is number " +
-                                       std::to_string(index + 1) + " (one state per parameter, in order)"; });
+  } else if constexpr (requires {
+                         states[index];
+                         states.size();
+                       }) {
+    require(index < states.size(), [&] {
+      return "checkpoint: " + std::to_string(states.size()) + " optimizer states, but parameter '" + name +
+             "' is number " + std::to_string(index + 1) + " (one state per parameter, in order)";
+    });
     return (states[index]);
   } else {
     return states(name, index);
@@ -256,8 +260,9 @@ struct weight_files {
       return;
     }
     const fs::path single = path / model_file_name;
-    require(fs::exists(single), [&] { return "checkpoint " + where + ": no " + model_file_name + " or " + model_index_file_name +
-                                    " in the directory"; });
+    require(fs::exists(single), [&] {
+      return "checkpoint " + where + ": no " + model_file_name + " or " + model_index_file_name + " in the directory";
+    });
     add(single);
   }
 
@@ -265,7 +270,8 @@ struct weight_files {
     files.push_back(std::make_unique<safetensors_file>(file));
     const safetensors_file& f = *files.back();
     for (const auto& t : f.tensors()) {
-      require(!tensors.count(t.name), [&] { return "checkpoint " + where + ": tensor '" + t.name + "' appears in two files"; });
+      require(!tensors.count(t.name),
+              [&] { return "checkpoint " + where + ": tensor '" + t.name + "' appears in two files"; });
       tensors[t.name] = {&f, &t};
     }
     return f;
@@ -284,8 +290,7 @@ inline std::string list_names(const std::vector<std::string>& names, std::size_t
 /// Loads every parameter of `model` from a safetensors file, or a directory holding model.safetensors or a
 /// sharded model.safetensors.index.json (Hugging Face layout), converting dtypes; see the top of this file.
 template <class Exec, class Model>
-load_report load_weights(const Exec& ex, const std::filesystem::path& path, Model& model,
-                         const load_options& o = {}) {
+load_report load_weights(const Exec& ex, const std::filesystem::path& path, Model& model, const load_options& o = {}) {
   detail::ckpt::weight_files w(path);
   load_report report;
   std::vector<std::string> missing_detail;
@@ -308,14 +313,16 @@ load_report load_weights(const Exec& ex, const std::filesystem::path& path, Mode
     std::string hint;
     for (const auto& m : report.missing)
       if (m == "lm_head.weight" && w.tensors.count("model.embed_tokens.weight"))
-        hint = " (the checkpoint ties the LM head to model.embed_tokens.weight: build the model with tied "
-               "embeddings, as its config.json says)";
+        hint =
+            " (the checkpoint ties the LM head to model.embed_tokens.weight: build the model with tied "
+            "embeddings, as its config.json says)";
     throw invalid_argument("checkpoint " + w.where + ": " + std::to_string(report.missing.size()) +
                            " parameter(s) missing: " + detail::ckpt::list_names(missing_detail) + hint);
   }
-  require(o.allow_unexpected || report.unexpected.empty(),
-          [&] { return "checkpoint " + w.where + ": " + std::to_string(report.unexpected.size()) +
-              " tensor(s) that the model does not have: " + detail::ckpt::list_names(report.unexpected); });
+  require(o.allow_unexpected || report.unexpected.empty(), [&] {
+    return "checkpoint " + w.where + ": " + std::to_string(report.unexpected.size()) +
+           " tensor(s) that the model does not have: " + detail::ckpt::list_names(report.unexpected);
+  });
   return report;
 }
 
@@ -358,8 +365,8 @@ void save_model(const Exec& ex, const std::filesystem::path& dir, const Config& 
 /// vector in for_each_parameter order, a map from hf_name, or a callable (name, index) -> State&) and the
 /// trainer state; see the top of this file.
 template <class Exec, class Config, class Model, class States>
-void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
-                     States& states, const trainer_state& ts, const hf_config_options& config = {}) {
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model, States& states,
+                     const trainer_state& ts, const hf_config_options& config = {}) {
   save_options so;
   so.config = config;
   save_model(ex, dir, cfg, model, so, ts.step);
@@ -403,8 +410,10 @@ void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Con
 inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
   const fs::path p = dir / state_json_file_name;
-  require(fs::exists(p), [&] { return "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
-                             " (not a checkpoint directory, or its first save was interrupted)"; });
+  require(fs::exists(p), [&] {
+    return "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
+           " (not a checkpoint directory, or its first save was interrupted)";
+  });
   const std::string where = detail::quoted(p);
   const json j = json::parse(read_text(p, "trainer state"), where);
   require(j.is_object() && j.find("format") && j.at("format").is_string() &&
@@ -415,7 +424,8 @@ inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
   trainer_state ts;
   const auto i64 = [&](const char* key) {
     const json* v = j.find(key);
-    require(v && v->is_int() && v->as_int() >= 0, [&] { return where + ": \"" + key + "\" must be a non-negative integer"; });
+    require(v && v->is_int() && v->as_int() >= 0,
+            [&] { return where + ": \"" + key + "\" must be a non-negative integer"; });
     return v->as_int();
   };
   ts.step = i64("step");
@@ -436,23 +446,25 @@ inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
 /// parameters) and returns the trainer state. Strict: the architecture, every tensor name and shape, and the
 /// step recorded in each file must match.
 template <class Exec, class Config, class Model, class States>
-trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg,
-                              Model& model, States& states) {
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
+                              States& states) {
   const std::string where = "checkpoint " + detail::quoted(dir);
   trainer_state ts = read_trainer_state(dir);
   const std::filesystem::path config_path = dir / config_file_name;
   const std::string config_where = "config.json " + detail::quoted(config_path);
-  const Config saved = config_io<Config>::from_json(json::parse(read_text(config_path, "config.json"), config_where),
-                                                    config_where);
+  const Config saved =
+      config_io<Config>::from_json(json::parse(read_text(config_path, "config.json"), config_where), config_where);
   const std::string diff = config_io<Config>::difference(saved, cfg);
-  require(diff.empty(), [&] { return where + " was saved for a different model: " + diff + " (checkpoint vs this run)"; });
+  require(diff.empty(),
+          [&] { return where + " was saved for a different model: " + diff + " (checkpoint vs this run)"; });
 
   const auto check_step = [&](const safetensors_file& f) {
     const auto s = f.metadata("step");
-    require(s && *s == std::to_string(ts.step),
-            [&] { return where + ": " + f.path().filename().string() + " is from step " + (s ? *s : std::string("(unknown)")) +
-                ", " + state_json_file_name + " from step " + std::to_string(ts.step) +
-                " (a save was interrupted; use an older checkpoint)"; });
+    require(s && *s == std::to_string(ts.step), [&] {
+      return where + ": " + f.path().filename().string() + " is from step " + (s ? *s : std::string("(unknown)")) +
+             ", " + state_json_file_name + " from step " + std::to_string(ts.step) +
+             " (a save was interrupted; use an older checkpoint)";
+    });
   };
   {
     const safetensors_file mf(dir / model_file_name);
@@ -472,23 +484,24 @@ trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, 
       for_each_state_tensor(state, [&](const std::string& sname, auto v) {
         const std::string tname = name + "." + sname;
         const st_tensor* t = sf.find(tname);
-        require(t != nullptr, [&] { return where + ": " + state_tensors_file_name + " has no optimizer state tensor '" + tname +
-                                  "' (expected shape " + to_string(v.shape()) +
-                                  "; saved with another optimizer?)"; });
+        require(t != nullptr, [&] {
+          return where + ": " + state_tensors_file_name + " has no optimizer state tensor '" + tname +
+                 "' (expected shape " + to_string(v.shape()) + "; saved with another optimizer?)";
+        });
         detail::ckpt::read_view(sf, *t, ex, v);
         ++used;
       });
     });
   }
-  require(used == sf.tensors().size(), [&] { return where + ": " + state_tensors_file_name + " holds " +
-                                           std::to_string(sf.tensors().size()) + " optimizer tensors, this run uses " +
-                                           std::to_string(used) + " (saved with another optimizer?)"; });
+  require(used == sf.tensors().size(), [&] {
+    return where + ": " + state_tensors_file_name + " holds " + std::to_string(sf.tensors().size()) +
+           " optimizer tensors, this run uses " + std::to_string(used) + " (saved with another optimizer?)";
+  });
   return ts;
 }
 
 template <class Exec, class Config, class Model>
-trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg,
-                              Model& model) {
+trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model) {
   no_optimizer_state none;
   return load_checkpoint(ex, dir, cfg, model, none);
 }

@@ -21,12 +21,11 @@
 
 #include "../core/error.hpp"
 #include "../nn/config.hpp"
-#include "config_io.hpp"
 #include "../util/file.hpp"
 #include "../util/json.hpp"
+#include "config_io.hpp"
 
 namespace subspace::io {
-
 
 /// config.json content for `cfg` (a LlamaForCausalLM).
 inline json to_hf_config(const nn::llama_config& cfg, const hf_config_options& o = {}) {

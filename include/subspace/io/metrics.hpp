@@ -31,10 +31,10 @@ struct metrics_record {
   double loss = 0;
   std::optional<double> val_loss;  // written only when set
   double lr = 0;
-  std::int64_t tokens = 0;         // training tokens consumed so far
+  std::int64_t tokens = 0;  // training tokens consumed so far
   double tok_per_s = 0;
-  double wall_s = 0;               // seconds since the start of the run
-  double grad_norm = 0;            // before clipping
+  double wall_s = 0;     // seconds since the start of the run
+  double grad_norm = 0;  // before clipping
 };
 
 class metrics_writer {

@@ -46,9 +46,9 @@ static_assert(std::endian::native == std::endian::little, "safetensors I/O assum
 enum class st_dtype { BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, F8_E4M3, F8_E5M2 };
 
 inline constexpr std::pair<st_dtype, const char*> st_dtype_names[] = {
-    {st_dtype::BOOL, "BOOL"}, {st_dtype::U8, "U8"},     {st_dtype::I8, "I8"},           {st_dtype::I16, "I16"},
-    {st_dtype::U16, "U16"},   {st_dtype::F16, "F16"},   {st_dtype::BF16, "BF16"},       {st_dtype::I32, "I32"},
-    {st_dtype::U32, "U32"},   {st_dtype::F32, "F32"},   {st_dtype::F64, "F64"},         {st_dtype::I64, "I64"},
+    {st_dtype::BOOL, "BOOL"}, {st_dtype::U8, "U8"},           {st_dtype::I8, "I8"},          {st_dtype::I16, "I16"},
+    {st_dtype::U16, "U16"},   {st_dtype::F16, "F16"},         {st_dtype::BF16, "BF16"},      {st_dtype::I32, "I32"},
+    {st_dtype::U32, "U32"},   {st_dtype::F32, "F32"},         {st_dtype::F64, "F64"},        {st_dtype::I64, "I64"},
     {st_dtype::U64, "U64"},   {st_dtype::F8_E4M3, "F8_E4M3"}, {st_dtype::F8_E5M2, "F8_E5M2"}};
 
 inline const char* name_of(st_dtype d) {
@@ -63,11 +63,21 @@ inline std::optional<st_dtype> st_dtype_from_name(std::string_view name) {
 }
 inline std::size_t element_size(st_dtype d) {
   switch (d) {
-    case st_dtype::BOOL: case st_dtype::U8: case st_dtype::I8: case st_dtype::F8_E4M3: case st_dtype::F8_E5M2:
-      return 1;
-    case st_dtype::I16: case st_dtype::U16: case st_dtype::F16: case st_dtype::BF16: return 2;
-    case st_dtype::I32: case st_dtype::U32: case st_dtype::F32: return 4;
-    case st_dtype::F64: case st_dtype::I64: case st_dtype::U64: return 8;
+    case st_dtype::BOOL:
+    case st_dtype::U8:
+    case st_dtype::I8:
+    case st_dtype::F8_E4M3:
+    case st_dtype::F8_E5M2: return 1;
+    case st_dtype::I16:
+    case st_dtype::U16:
+    case st_dtype::F16:
+    case st_dtype::BF16: return 2;
+    case st_dtype::I32:
+    case st_dtype::U32:
+    case st_dtype::F32: return 4;
+    case st_dtype::F64:
+    case st_dtype::I64:
+    case st_dtype::U64: return 8;
   }
   return 0;
 }
@@ -411,7 +421,9 @@ class safetensors_file {
   }
 
   /// The raw little-endian bytes of `t` (t.bytes() of them) into dst.
-  void read_bytes(const st_tensor& t, void* dst) const { file_.read(data_start_ + t.begin, dst, std::size_t(t.bytes())); }
+  void read_bytes(const st_tensor& t, void* dst) const {
+    file_.read(data_start_ + t.begin, dst, std::size_t(t.bytes()));
+  }
 
   /// Loads tensor `name` into dst, converting the dtype; dst must have the tensor's shape.
   template <class T>

@@ -18,12 +18,12 @@
 #include <type_traits>
 
 #include <boost/hana/accessors.hpp>
+#include <boost/hana/concept/struct.hpp>
+#include <boost/hana/core/to.hpp>
 #include <boost/hana/first.hpp>
 #include <boost/hana/for_each.hpp>
 #include <boost/hana/second.hpp>
 #include <boost/hana/string.hpp>
-#include <boost/hana/core/to.hpp>
-#include <boost/hana/concept/struct.hpp>
 
 #include "../core/error.hpp"
 #include "../util/json.hpp"
@@ -36,9 +36,8 @@ template <class Config>
 struct config_io<Config> {
   static json to_json(const Config& cfg, const hf_config_options& o) {
     json j = json::object();
-    boost::hana::for_each(boost::hana::accessors<Config>(), [&](auto member) {
-      j.set(name_of(member), json(boost::hana::second(member)(cfg)));
-    });
+    boost::hana::for_each(boost::hana::accessors<Config>(),
+                          [&](auto member) { j.set(name_of(member), json(boost::hana::second(member)(cfg))); });
     j.set("torch_dtype", json(o.torch_dtype));
     return j;
   }
@@ -58,15 +57,15 @@ struct config_io<Config> {
       } else if constexpr (std::is_integral_v<F>) {
         require(v->is_int(), [&] { return std::string(source) + ": \"" + name + "\" must be an integer"; });
         const std::int64_t x = v->as_int();
-        require(x >= std::int64_t(std::numeric_limits<F>::min()) && std::uint64_t(x) <= std::uint64_t(std::numeric_limits<F>::max()),
+        require(x >= std::int64_t(std::numeric_limits<F>::min()) &&
+                    std::uint64_t(x) <= std::uint64_t(std::numeric_limits<F>::max()),
                 [&] { return std::string(source) + ": \"" + name + "\" = " + std::to_string(x) + " is out of range"; });
         field = F(x);
       } else if constexpr (std::is_floating_point_v<F>) {
         require(v->is_number(), [&] { return std::string(source) + ": \"" + name + "\" must be a number"; });
         const double x = v->as_double();
-        require(std::isfinite(x) && std::abs(x) <= double(std::numeric_limits<F>::max()), [&] {
-          return std::string(source) + ": \"" + name + "\" must be a finite number within range";
-        });
+        require(std::isfinite(x) && std::abs(x) <= double(std::numeric_limits<F>::max()),
+                [&] { return std::string(source) + ": \"" + name + "\" must be a finite number within range"; });
         field = F(x);
       } else {
         static_assert(std::is_same_v<F, std::string>,

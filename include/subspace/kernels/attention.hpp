@@ -18,8 +18,9 @@
 //
 // Host (this file): the readable reference, templated on the element type T (float, double, bf16, fp16; compute
 // in A = accum_t<T>, lse in A), any strides; (batch, head) pairs are spread over at most ex.concurrency() threads
-// (core/parallel.hpp), and the result does not depend on the thread count. CUDA (detail/cuda/attention.cuh): bf16 q/k/v/out/dout/dq/
-// dk/dv, fp32 lse and fp32 math, head dims 16, 32, 64 and 128, a fused flash-attention-style kernel for each pass.
+// (core/parallel.hpp), and the result does not depend on the thread count. CUDA (detail/cuda/attention.cuh): bf16
+// q/k/v/out/dout/dq/ dk/dv, fp32 lse and fp32 math, head dims 16, 32, 64 and 128, a fused flash-attention-style kernel
+// for each pass.
 
 #include <algorithm>
 #include <cmath>
@@ -120,8 +121,7 @@ A dot(const X* x, std::int64_t sx, const Y* y, std::int64_t sy, std::int64_t n) 
 /// out = softmax(scale * q k^T, masked) v and lse = the rows' log-sum-exp, on the host (see the top of the file).
 template <class Q>
   requires is_element_v<std::remove_const_t<Q>>
-void attention_forward(const exec::host& ex, view<Q, host_space> q,
-                       view<const std::remove_const_t<Q>, host_space> k,
+void attention_forward(const exec::host& ex, view<Q, host_space> q, view<const std::remove_const_t<Q>, host_space> k,
                        view<const std::remove_const_t<Q>, host_space> v, view<std::remove_const_t<Q>, host_space> out,
                        view<accum_t<std::remove_const_t<Q>>, host_space> lse, const attention_params& p) {
   using T = std::remove_const_t<Q>;
@@ -166,8 +166,7 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q,
 /// dq, dk, dv (overwritten) of attention_forward given dout, from the out and lse passed in (see the top).
 template <class Q>
   requires is_element_v<std::remove_const_t<Q>>
-void attention_backward(const exec::host& ex, view<Q, host_space> q,
-                        view<const std::remove_const_t<Q>, host_space> k,
+void attention_backward(const exec::host& ex, view<Q, host_space> q, view<const std::remove_const_t<Q>, host_space> k,
                         view<const std::remove_const_t<Q>, host_space> v,
                         view<const std::remove_const_t<Q>, host_space> out,
                         view<const accum_t<std::remove_const_t<Q>>, host_space> lse,

@@ -2,8 +2,9 @@
 // Element-wise kernels: fill, axpy, scale and cast.
 //
 // The host versions below are the readable reference: they accept any strided views, walk them in row-major
-// order with for_each_offset, and run on the calling thread (they ignore exec::host::threads). The CUDA versions (detail/cuda/elementwise.cuh, compiled only by nvcc)
-// take exec::cuda and device_space views, which must be contiguous.
+// order with for_each_offset, and run on the calling thread (they ignore exec::host::threads). The CUDA versions
+// (detail/cuda/elementwise.cuh, compiled only by nvcc) take exec::cuda and device_space views, which must be
+// contiguous.
 //
 // Arithmetic happens in accum_t<T> (float for the 16-bit types and float, double for double) and is written
 // with explicit fused multiply-adds, so the host and the device round identically: for the same inputs, the
@@ -21,8 +22,8 @@
 
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
-#include "../core/executor.hpp"
 #include "../core/exact.hpp"
+#include "../core/executor.hpp"
 #include "../core/tensor.hpp"
 
 namespace subspace {
@@ -57,8 +58,7 @@ struct fill_op {
 /// The CUDA kernels address flat arrays: throws invalid_argument naming the operation and the shape unless `v`
 /// is contiguous.
 template <class V>
-void require_contiguous(const V& v, const char* op,
-                        const std::source_location& loc = std::source_location::current()) {
+void require_contiguous(const V& v, const char* op, const std::source_location& loc = std::source_location::current()) {
   require(
       v.is_contiguous(),
       [&] {

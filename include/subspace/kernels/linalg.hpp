@@ -259,10 +259,8 @@ void svd(const exec::host&, view<TA, host_space> a, view<T, host_space> s, view<
   for (std::int64_t i = 0; i < m; ++i)
     for (std::int64_t j = 0; j < n; ++j) {
       const double x = convert<double>(std::remove_const_t<TA>(a(i, j)));
-      if (tall)
-        w(i, j) = x;
-      else
-        w(j, i) = x;
+      if (tall) w(i, j) = x;
+      else w(j, i) = x;
     }
   colmajor rot(count, count);  // the short-side singular vectors (V when tall, U otherwise)
   detail::linalg_host::hestenes(w, rot);
@@ -288,8 +286,7 @@ void svd(const exec::host&, view<TA, host_space> a, view<T, host_space> s, view<
     const double sj = sigma[std::size_t(j)];
     if (sj > 0.0)
       for (std::int64_t i = 0; i < len; ++i) longv(i, jj) = sign * w.col(j)[i] / sj;
-    else
-      detail::linalg_host::complete_column(longv, jj);
+    else detail::linalg_host::complete_column(longv, jj);
   }
   // tall: U = longv (m x k), V = shortv (n x k); wide: U = shortv (m x k), V = longv (n x k).
   const colmajor& uu = tall ? longv : shortv;

@@ -106,8 +106,9 @@ void lm_head_cross_entropy(const exec::host& ex, view<H, host_space> h,
                            view<const std::remove_const_t<H>, host_space> weight,
                            view<const std::int32_t, host_space> targets,
                            view<accum_t<std::remove_const_t<H>>, host_space> losses,
-                           view<std::remove_const_t<H>, host_space> dh, view<std::remove_const_t<H>, host_space> dweight,
-                           float grad_scale, const lm_head_options& options = {}) {
+                           view<std::remove_const_t<H>, host_space> dh,
+                           view<std::remove_const_t<H>, host_space> dweight, float grad_scale,
+                           const lm_head_options& options = {}) {
   using T = std::remove_const_t<H>;
   using A = accum_t<T>;
   const char* name = "lm_head_cross_entropy";

@@ -92,8 +92,7 @@ void rmsnorm_backward(const exec::host&, std::type_identity_t<view<const T, host
       dw[std::size_t(j)] += AG(A(dyr[j]) * xhat);
     }
   }
-  for (std::int64_t j = 0; j < d; ++j)
-    dweight.data()[j] = convert<G>(AG(dweight.data()[j]) + dw[std::size_t(j)]);
+  for (std::int64_t j = 0; j < d; ++j) dweight.data()[j] = convert<G>(AG(dweight.data()[j]) + dw[std::size_t(j)]);
 }
 
 }  // namespace subspace

@@ -55,16 +55,16 @@ void fill_random(view<T, host_space> x, std::uint64_t seed, std::uint64_t offset
 /// Element i (row-major) of x <- T(rng::uniform_at(seed, offset, i, lo, hi)).
 template <class T>
   requires is_element_v<T>
-void fill_uniform(const exec::host&, view<T, host_space> x, std::uint64_t seed, std::uint64_t offset,
-                  float lo = 0.0f, float hi = 1.0f) {
+void fill_uniform(const exec::host&, view<T, host_space> x, std::uint64_t seed, std::uint64_t offset, float lo = 0.0f,
+                  float hi = 1.0f) {
   detail::random::fill_random(x, seed, offset, detail::random::uniform_draw{lo, hi});
 }
 
 /// Element i (row-major) of x <- T(rng::normal_at(seed, offset, i, mean, std)).
 template <class T>
   requires is_element_v<T>
-void fill_normal(const exec::host&, view<T, host_space> x, std::uint64_t seed, std::uint64_t offset,
-                 float mean = 0.0f, float std = 1.0f) {
+void fill_normal(const exec::host&, view<T, host_space> x, std::uint64_t seed, std::uint64_t offset, float mean = 0.0f,
+                 float std = 1.0f) {
   detail::random::fill_random(x, seed, offset, detail::random::normal_draw{mean, std});
 }
 

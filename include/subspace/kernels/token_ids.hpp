@@ -17,7 +17,8 @@ namespace subspace {
 
 namespace detail::token_ids {
 inline void check(std::int64_t ids, std::int64_t bytes, int width, const char* op) {
-  require(width == 2 || width == 4, [&] { return std::string(op) + ": width must be 2 or 4 bytes, got " + std::to_string(width); });
+  require(width == 2 || width == 4,
+          [&] { return std::string(op) + ": width must be 2 or 4 bytes, got " + std::to_string(width); });
   require(bytes == ids * width, [&] {
     return std::string(op) + ": " + std::to_string(ids) + " ids need " + std::to_string(ids * width) + " bytes, got " +
            std::to_string(bytes);

@@ -51,8 +51,8 @@
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
 #include "../kernels/attention.hpp"
-#include "../kernels/embedding.hpp"
 #include "../kernels/elementwise.hpp"
+#include "../kernels/embedding.hpp"
 #include "../kernels/gemm.hpp"
 #include "../kernels/rope.hpp"
 #include "config.hpp"
@@ -122,8 +122,7 @@ struct dense_attention {
     const attention_params p = params(a.q.dim(3), a.positions);
     apply_rope(ex, a.q, a.inv_freq, a.positions, false);
     apply_rope(ex, a.k, a.inv_freq, a.positions, false);
-    attention_forward(ex, view<const T, space_t<Exec>>(a.q), view<const T, space_t<Exec>>(a.k), a.v, a.out, a.lse,
-                      p);
+    attention_forward(ex, view<const T, space_t<Exec>>(a.q), view<const T, space_t<Exec>>(a.k), a.v, a.out, a.lse, p);
   }
 
   template <class Exec, class T>
@@ -184,8 +183,8 @@ struct stream_site {
 /// The plain residual stream: out = x + y.
 struct dense_residual {
   template <class Exec, class T>
-  void forward(const Exec& ex, const stream_site<space_t<Exec>>&,
-               std::type_identity_t<view<const T, space_t<Exec>>> x, view<T, space_t<Exec>> y) const {
+  void forward(const Exec& ex, const stream_site<space_t<Exec>>&, std::type_identity_t<view<const T, space_t<Exec>>> x,
+               view<T, space_t<Exec>> y) const {
     axpy(ex, 1.0f, x, y);
   }
   template <class Exec, class T>
@@ -248,8 +247,8 @@ concept AttentionPolicy = requires(P& p, const Exec& ex, const attention_forward
 
 /// P can be an output projection of a block running on Exec, activations and weights T, weight gradients G.
 template <class P, class Exec, class T, class G>
-concept ProjectionPolicy = requires(P& p, const Exec& ex, view<const T, space_t<Exec>> in,
-                                    view<T, space_t<Exec>> out, view<G, space_t<Exec>> grad) {
+concept ProjectionPolicy = requires(P& p, const Exec& ex, view<const T, space_t<Exec>> in, view<T, space_t<Exec>> out,
+                                    view<G, space_t<Exec>> grad) {
   p.forward(ex, in, in, out);
   p.backward(ex, in, in, in, out, grad);
 };
@@ -264,11 +263,11 @@ concept ResidualPolicy = requires(P& p, const Exec& ex, const stream_site<space_
 
 /// P can be the token embedding of a model on Exec with weights T and weight gradients G.
 template <class P, class Exec, class T, class G>
-concept EmbeddingPolicy = requires(P& p, const Exec& ex, const stream_site<space_t<Exec>>& site,
-                                   view<const T, space_t<Exec>> in, view<T, space_t<Exec>> out,
-                                   view<G, space_t<Exec>> grad) {
-  p.forward(ex, site, in, out);
-  p.backward(ex, site, in, grad);
-};
+concept EmbeddingPolicy =
+    requires(P& p, const Exec& ex, const stream_site<space_t<Exec>>& site, view<const T, space_t<Exec>> in,
+             view<T, space_t<Exec>> out, view<G, space_t<Exec>> grad) {
+      p.forward(ex, site, in, out);
+      p.backward(ex, site, in, grad);
+    };
 
 }  // namespace subspace::nn

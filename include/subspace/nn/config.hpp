@@ -60,9 +60,7 @@ struct llama_config {
     const std::int64_t norms = 2 * d_model;
     return n_layers * (attn + mlp + norms) + d_model + vocab * d_model;  // + final norm + LM head
   }
-  std::int64_t parameters() const {
-    return non_embedding_parameters() + (tied_embeddings ? 0 : vocab * d_model);
-  }
+  std::int64_t parameters() const { return non_embedding_parameters() + (tied_embeddings ? 0 : vocab * d_model); }
   /// Training FLOP per token at sequence length t: 6 N + 12 L d t (attention scores and values, fwd + bwd).
   double flops_per_token(std::int64_t t) const {
     return 6.0 * double(non_embedding_parameters()) + 12.0 * double(n_layers * d_model * t);
@@ -72,9 +70,7 @@ struct llama_config {
 namespace presets {
 
 /// A few thousand parameters: gradient checks in double on the host.
-inline llama_config micro() {
-  return {"micro", 32, 16, 2, 4, 2, 24, 16, 1e-5f, false, {10000.0f}};
-}
+inline llama_config micro() { return {"micro", 32, 16, 2, 4, 2, 24, 16, 1e-5f, false, {10000.0f}}; }
 /// Byte-level vocabulary, small enough for the CPU demo and CI.
 inline llama_config tiny() { return {"tiny", 256, 128, 4, 4, 2, 344, 256, 1e-5f, false, {500000.0f}}; }
 /// GaLore/GoLore's 60M comparison model (hidden 512, FFN 1376, 8 layers, 8 heads, 32k vocabulary, T 256).

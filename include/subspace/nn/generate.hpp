@@ -45,11 +45,13 @@ namespace detail::gen {
 
 /// Throws unless `s` is usable.
 inline void check_sampling(const sampling& s, const char* op) {
-  require(s.temperature >= 0.0f && std::isfinite(s.temperature),
-          [&] { return std::string(op) + ": sampling.temperature must be a finite number >= 0 (0 = greedy), got " +
-              std::to_string(s.temperature); });
-  require(s.top_k >= 0, [&] { return std::string(op) + ": sampling.top_k must be >= 0 (0 = the whole vocabulary), got " +
-                            std::to_string(s.top_k); });
+  require(s.temperature >= 0.0f && std::isfinite(s.temperature), [&] {
+    return std::string(op) + ": sampling.temperature must be a finite number >= 0 (0 = greedy), got " +
+           std::to_string(s.temperature);
+  });
+  require(s.top_k >= 0, [&] {
+    return std::string(op) + ": sampling.top_k must be >= 0 (0 = the whole vocabulary), got " + std::to_string(s.top_k);
+  });
 }
 
 /// A uniform double on [0, 1) with 53 random bits: Philox block `index` of stream (seed, 0), words 0 and 1.
@@ -92,9 +94,10 @@ inline std::int32_t sample_token(std::span<const double> logits, const sampling&
   detail::gen::check_sampling(s, "sample_token");
   require(!logits.empty(), "sample_token: no logits (the vocabulary is empty)");
   for (std::size_t i = 0; i < logits.size(); ++i)
-    require(std::isfinite(logits[i]), [&] { return "sample_token: logit of token " + std::to_string(i) + " is " +
-                                          std::to_string(logits[i]) +
-                                          " (expected finite values; has the model diverged?)"; });
+    require(std::isfinite(logits[i]), [&] {
+      return "sample_token: logit of token " + std::to_string(i) + " is " + std::to_string(logits[i]) +
+             " (expected finite values; has the model diverged?)";
+    });
   const auto vocab = std::int64_t(logits.size());
   const detail::gen::more_likely order{logits};
 
@@ -156,15 +159,17 @@ std::vector<std::int32_t> generate(Model& model, std::span<const std::int32_t> p
   const llama_config& cfg = model.config();
   require(!prompt.empty(), "nn::generate: the prompt is empty (expected at least one token to condition on)");
   for (std::size_t i = 0; i < prompt.size(); ++i)
-    require(prompt[i] >= 0 && prompt[i] < cfg.vocab,
-            [&] { return "nn::generate: prompt token " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
-                " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ") of '" + cfg.name + "'"; });
+    require(prompt[i] >= 0 && prompt[i] < cfg.vocab, [&] {
+      return "nn::generate: prompt token " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
+             " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ") of '" + cfg.name + "'";
+    });
   require(new_tokens >= 0, [&] { return "nn::generate: new_tokens must be >= 0, got " + std::to_string(new_tokens); });
   detail::gen::check_sampling(s, "nn::generate");
   if constexpr (requires { model.position_offset(); })
-    require(model.position_offset() == 0,
-            [&] { return "nn::generate: the model has position offset " + std::to_string(model.position_offset()) +
-                " (expected 0: generation starts its window at position 0)"; });
+    require(model.position_offset() == 0, [&] {
+      return "nn::generate: the model has position offset " + std::to_string(model.position_offset()) +
+             " (expected 0: generation starts its window at position 0)";
+    });
 
   std::vector<std::int32_t> context(prompt.begin(), prompt.end());
   context.reserve(prompt.size() + std::size_t(new_tokens));
@@ -187,9 +192,10 @@ std::vector<std::int32_t> generate(Model& model, std::span<const std::int32_t> p
     }
     for (std::size_t v = 0; v < row.size(); ++v) {
       row[v] = double(values[v]);
-      require(std::isfinite(row[v]), [&] { return "nn::generate: new token " + std::to_string(i) + ": the logit of token " +
-                                         std::to_string(v) + " is " + std::to_string(row[v]) +
-                                         " (expected finite values; has the model diverged?)"; });
+      require(std::isfinite(row[v]), [&] {
+        return "nn::generate: new token " + std::to_string(i) + ": the logit of token " + std::to_string(v) + " is " +
+               std::to_string(row[v]) + " (expected finite values; has the model diverged?)";
+      });
     }
     context.push_back(sample_token(row, s, std::uint64_t(i)));
   }

@@ -168,7 +168,9 @@ void convert_into(const Exec& ex, view<const X, Space> x, view<Y, Space> y) {
 /// The tensor a Blocks factory declares in place of the dense `info` (factory.parameter, when it has one).
 template <class Blocks, class Site>
 parameter_info parameter_for(const Blocks& blocks, const Site& site, const parameter_info& info) {
-  if constexpr (requires { { blocks.parameter(site, info) } -> std::convertible_to<parameter_info>; })
+  if constexpr (requires {
+                  { blocks.parameter(site, info) } -> std::convertible_to<parameter_info>;
+                })
     return blocks.parameter(site, info);
   else return info;
 }
@@ -210,7 +212,7 @@ class llama_block {
   using site_type = block_site<store_type>;
   using attention_type = decltype(std::declval<const Blocks&>().attention(std::declval<const site_type&>()));
   using projection_type = decltype(std::declval<const Blocks&>().projection(std::declval<const site_type&>(),
-                                                                             projection_site::attention_output));
+                                                                            projection_site::attention_output));
   using residual_type = decltype(std::declval<const Blocks&>().residual(std::declval<const site_type&>()));
 
   static_assert(AttentionPolicy<attention_type, Exec, T>,
@@ -231,31 +233,31 @@ class llama_block {
 
   /// What one layer saves in forward for its backward pass. N = B·S rows.
   struct activations {
-    view<T, space> ln1;               // [N, d] input_layernorm(x)
-    view<stat_type, space> rstd1;     // [N]
-    view<T, space> q, k, v;           // [B, S, Hq | Hkv, hd], q and k after RoPE
-    view<T, space> att;               // [B, S, Hq, hd] attention output (o_proj's input)
-    view<stat_type, space> lse;       // [B, Hq, S]
-    view<T, space> mid;               // [N, d] x + attention branch
-    view<T, space> ln2;               // [N, d] post_attention_layernorm(mid)
-    view<stat_type, space> rstd2;     // [N]
-    view<T, space> gate, up, hact;    // [N, f] gate_proj, up_proj, silu(gate) * up
+    view<T, space> ln1;             // [N, d] input_layernorm(x)
+    view<stat_type, space> rstd1;   // [N]
+    view<T, space> q, k, v;         // [B, S, Hq | Hkv, hd], q and k after RoPE
+    view<T, space> att;             // [B, S, Hq, hd] attention output (o_proj's input)
+    view<stat_type, space> lse;     // [B, Hq, S]
+    view<T, space> mid;             // [N, d] x + attention branch
+    view<T, space> ln2;             // [N, d] post_attention_layernorm(mid)
+    view<stat_type, space> rstd2;   // [N]
+    view<T, space> gate, up, hact;  // [N, f] gate_proj, up_proj, silu(gate) * up
   };
 
   /// Backward scratch, shared by every layer (overwritten layer by layer).
   struct scratch {
-    view<T, space> dx, dln;           // [N, d]
-    view<T, space> dq, datt;          // [B, S, Hq, hd]
-    view<T, space> dk, dv;            // [B, S, Hkv, hd]
-    view<T, space> dgate, dup, dhact; // [N, f]
+    view<T, space> dx, dln;            // [N, d]
+    view<T, space> dq, datt;           // [B, S, Hq, hd]
+    view<T, space> dk, dv;             // [B, S, Hkv, hd]
+    view<T, space> dgate, dup, dhact;  // [N, f]
   };
 
   /// The batch geometry, positions, RoPE table and token ids of one call.
   struct context {
     std::int64_t batch = 0, seq = 0;
-    std::size_t slot = 0;                     // the micro-batch's activation slot
+    std::size_t slot = 0;  // the micro-batch's activation slot
     std::span<const position_chunk> positions;
-    view<const float, space> inv_freq;        // [hd / 2]
+    view<const float, space> inv_freq;       // [hd / 2]
     view<const std::int32_t, space> tokens;  // [N]
   };
 
@@ -273,9 +275,9 @@ class llama_block {
 
   /// Views of the block's tensors from `store` (after it allocated) and the policies' bind.
   void bind(store_type& store) {
-    param* const slots[per_layer] = {&q_proj,  &k_proj,   &v_proj,          &o_proj,
-                                     &gate_proj, &up_proj, &down_proj, &input_layernorm,
-                                     &post_attention_layernorm};
+    param* const slots[per_layer] = {&q_proj,    &k_proj,          &v_proj,
+                                     &o_proj,    &gate_proj,       &up_proj,
+                                     &down_proj, &input_layernorm, &post_attention_layernorm};
     for (std::size_t i = 0; i < per_layer; ++i) *slots[i] = store[first_ + i];
     detail::bind_policy(attention, store);
     detail::bind_policy(o_projection, store);
@@ -313,8 +315,7 @@ class llama_block {
   residual_type residual;
 
   /// y = x + attention branch + MLP branch, saving what backward needs in `a`.
-  void forward(const Exec& ex, const context& c, const activations& a, view<const T, space> x,
-               view<T, space> y) {
+  void forward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> y) {
     using detail::ro;
     const std::int64_t n = c.batch * c.seq;
     rmsnorm_forward(ex, x, ro(input_layernorm.value), size.eps, a.ln1, a.rstd1);
@@ -334,8 +335,8 @@ class llama_block {
   }
 
   /// On entry dres = dL/dy; on return dres = dL/dx. Weight gradients accumulate.
-  void backward(const Exec& ex, const context& c, const activations& a, view<const T, space> x,
-                view<T, space> dres, const scratch& s) {
+  void backward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> dres,
+                const scratch& s) {
     using detail::ro;
     const std::int64_t n = c.batch * c.seq;
     // MLP branch: y = mid + down(silu(gate(n2)) * up(n2)).
@@ -519,9 +520,8 @@ class llama {
   }
   /// One chunk starting at global position pos0 (a later piece of every sequence).
   void set_position_offset(std::int64_t pos0) {
-    require(pos0 >= 0, [&] {
-      return "llama::set_position_offset: the offset must be non-negative, got " + std::to_string(pos0);
-    });
+    require(pos0 >= 0,
+            [&] { return "llama::set_position_offset: the offset must be non-negative, got " + std::to_string(pos0); });
     pos0_ = pos0;
     positions_.clear();
   }
@@ -561,8 +561,9 @@ class llama {
   void backward(std::size_t slot, view<const boundary_type, space> grad_out, view<boundary_type, space> grad_in,
                 Ready&& ready) {
     slot_state& st = slot_at(slot, "backward");
-    require(st.backward_ready, "llama::backward: call forward() on this slot first (evaluate() and logits() save "
-                               "no gradient state, and backward runs once per forward)");
+    require(st.backward_ready,
+            "llama::backward: call forward() on this slot first (evaluate() and logits() save "
+            "no gradient state, and backward runs once per forward)");
     st.backward_ready = false;
     bind();
     const std::int64_t n = st.batch * st.seq, d = cfg_.d_model;
@@ -690,8 +691,7 @@ class llama {
     return slots_[slot];
   }
 
-  std::pair<std::int64_t, std::int64_t> check_batch(view<const std::int32_t, host_space> tokens,
-                                                    const char* op) const {
+  std::pair<std::int64_t, std::int64_t> check_batch(view<const std::int32_t, host_space> tokens, const char* op) const {
     require(tokens.rank() == 2 && tokens.dim(0) > 0 && tokens.dim(1) > 0, [&] {
       return std::string("llama::") + op + ": tokens must be a non-empty [B, S] view, got shape " +
              to_string(tokens.shape());
@@ -726,8 +726,8 @@ class llama {
 
   typename block_type::context context_of(const slot_state& st, std::size_t slot) {
     if (positions_.empty()) default_positions_ = {position_chunk{st.seq, pos0_}};
-    const std::span<const position_chunk> p =
-        positions_.empty() ? std::span<const position_chunk>(default_positions_) : std::span<const position_chunk>(positions_);
+    const std::span<const position_chunk> p = positions_.empty() ? std::span<const position_chunk>(default_positions_)
+                                                                 : std::span<const position_chunk>(positions_);
     return {st.batch, st.seq, slot, p, inv_freq_.v(), view<const std::int32_t, space>(st.tokens)};
   }
   /// The site of the embedding and the stage boundaries (layer -1).
@@ -784,8 +784,8 @@ class llama {
   void prepare_scratch(std::int64_t b, std::int64_t s) {
     if (b == scratch_batch_ && s == scratch_seq_) return;
     const auto carve_all = [&](auto& a) {
-      const std::int64_t n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads,
-                         hkv = cfg_.n_kv_heads, hd = cfg_.head_dim();
+      const std::int64_t n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads, hkv = cfg_.n_kv_heads,
+                         hd = cfg_.head_dim();
       dres_ = a.template take<T>({n, d});
       scratch_.dx = a.template take<T>({n, d});
       scratch_.dln = a.template take<T>({n, d});
@@ -861,8 +861,8 @@ class llama {
     if (gradients)
       lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, st.losses, st.dlnf, head_.grad, grad_scale);
     else
-      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, st.losses, view<T, space>{},
-                            view<grad_type, space>{}, grad_scale);
+      lm_head_cross_entropy(ex_, h, detail::ro(head_.value), tg, st.losses, view<T, space>{}, view<grad_type, space>{},
+                            grad_scale);
     const double total = double(sum(ex_, detail::ro(st.losses)));
     return counted > 0 ? total / double(counted) : 0.0;
   }

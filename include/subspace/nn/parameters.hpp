@@ -47,10 +47,8 @@ void fill_initial(const Exec& ex, view<U, space_of_t<Exec>> x, const parameter_i
     return "fill_initial: " + info.name + " has shape " + to_string(info.shape) + ", the view has shape " +
            to_string(x.shape());
   });
-  if (info.init.std > 0.0f)
-    fill_normal(ex, x, seed, info.init.stream, 0.0f, info.init.std);
-  else
-    fill(ex, x, U(info.init.constant));
+  if (info.init.std > 0.0f) fill_normal(ex, x, seed, info.init.stream, 0.0f, info.init.std);
+  else fill(ex, x, U(info.init.constant));
 }
 
 template <class T, class G, class Space>

@@ -118,7 +118,7 @@ class subspace_projection_policy {
     require(index.has_value(), [&] { return "nn::subspace_blocks: no tensor '" + weight_name_ + "' in the store"; });
     const view<T, Space> w = store.value(*index);  // [d, in]
     const view<T, Space> wt = detail::subspace::sized(wide_, shape{w.dim(1), w.dim(0)});
-    copy(ex, detail::subspace::ro(w).transposed(), wt);                  // Wᵀ [in, d]
+    copy(ex, detail::subspace::ro(w).transposed(), wt);  // Wᵀ [in, d]
     const view<T, Space> c = detail::subspace::sized(narrow_, shape{w.dim(1), codec_.k()});
     subspace_coefficients(ex, detail::subspace::ro(wt), basis(ex), c);  // Wᵀ·U
     subspace_expand(ex, detail::subspace::ro(c), basis(ex), wt);        // Wᵀ·U·Uᵀ
@@ -185,8 +185,8 @@ class subspace_residual_policy {
   void leave(const Exec& ex, const stream_site<Space>& site, view<const T, Space> x, view<boundary_type, Space> out) {
     if (!constrained_) return convert(ex, x, out);
     const view<boundary_type, Space> c = coefficients(site, x.dim(0));
-    subspace_rebuild(ex, codec_.fixed_embedding_on(ex), site.tokens, detail::subspace::ro(c),
-                     basis<boundary_type>(ex), out);
+    subspace_rebuild(ex, codec_.fixed_embedding_on(ex), site.tokens, detail::subspace::ro(c), basis<boundary_type>(ex),
+                     out);
   }
 
   const compress::subspace_projection& codec() const { return codec_; }
@@ -222,7 +222,7 @@ class subspace_residual_policy {
   compress::subspace_projection codec_;
   bool constrained_;
   std::shared_ptr<state_type> state_;
-  tensor<T, Space> narrow_;             // [N, k] scratch
+  tensor<T, Space> narrow_;              // [N, k] scratch
   tensor<boundary_type, Space> update_;  // [N, k] the update at boundary precision (T narrower than it)
 };
 
@@ -314,9 +314,9 @@ class subspace_blocks {
   template <class Store>
   subspace_projection_policy<typename Store::value_type, typename Store::space> projection(
       const block_site<Store>& site, projection_site which) const {
-    const std::string name = "model.layers." + std::to_string(site.layer) +
-                             (which == projection_site::attention_output ? ".self_attn.o_proj.weight"
-                                                                         : ".mlp.down_proj.weight");
+    const std::string name =
+        "model.layers." + std::to_string(site.layer) +
+        (which == projection_site::attention_output ? ".self_attn.o_proj.weight" : ".mlp.down_proj.weight");
     return {codec_, constrained(site.layer), variant_, name};
   }
   template <class Store>

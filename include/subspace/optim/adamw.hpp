@@ -26,8 +26,8 @@
 #include "../core/config.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
-#include "../core/executor.hpp"
 #include "../core/exact.hpp"
+#include "../core/executor.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
 
@@ -39,10 +39,10 @@ namespace detail {
 struct adamw_coefficients {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
-  float step_size;       // lr / (1 - beta1^t)
-  float sqrt_bias2;      // sqrt(1 - beta2^t)
+  float step_size;   // lr / (1 - beta1^t)
+  float sqrt_bias2;  // sqrt(1 - beta2^t)
   float eps;
-  float decay_factor;    // 1 - lr wd, or 1 without decay
+  float decay_factor;  // 1 - lr wd, or 1 without decay
 };
 
 /// One element of an AdamW step: updates p, m and v in place and returns the new p.
@@ -124,8 +124,8 @@ struct adamw {
     static_assert(std::is_same_v<S, space_of_t<Exec>>,
                   "optim::adamw::step: the views must live in the executor's memory space");
     check(master, grad, st, info, ctx, working);
-    detail::adamw_impl<Exec>::step(ex, master, view<const std::remove_const_t<GradIn>, S>(grad), st.m.v(),
-                                   st.v.v(), working, coefficients(info, ctx));
+    detail::adamw_impl<Exec>::step(ex, master, view<const std::remove_const_t<GradIn>, S>(grad), st.m.v(), st.v.v(),
+                                   working, coefficients(info, ctx));
   }
 
   /// Bytes of m and v.

@@ -49,8 +49,8 @@ inline param_info param_info_for(std::string name, const shape& s) {
 
 /// What changes from one optimizer step to the next.
 struct step_context {
-  float lr = 0.0f;         // the learning rate of this step (after any schedule)
-  std::int64_t step = 1;   // 1-based count of optimizer steps taken, this one included (bias correction)
+  float lr = 0.0f;        // the learning rate of this step (after any schedule)
+  std::int64_t step = 1;  // 1-based count of optimizer steps taken, this one included (bias correction)
 };
 
 /// The state type O::init returns for executor Exec.
@@ -69,13 +69,12 @@ concept init = requires(O& o, const exec::host& ex, const param_info& info) {
 };
 template <class O, class G>
 concept step = init<O> && requires(O& o, const exec::host& ex, master_t master, grad_t<G> grad,
-                                   state_t<O, exec::host>& state, const param_info& info, const step_context& ctx) {
-  o.step(ex, master, grad, state, info, ctx);
-};
+                                   state_t<O, exec::host>& state, const param_info& info,
+                                   const step_context& ctx) { o.step(ex, master, grad, state, info, ctx); };
 template <class O>
 concept working_copy =
-    init<O> && requires(O& o, const exec::host& ex, master_t master, grad_t<float> grad,
-                        state_t<O, exec::host>& state, const param_info& info, const step_context& ctx,
+    init<O> && requires(O& o, const exec::host& ex, master_t master, grad_t<float> grad, state_t<O, exec::host>& state,
+                        const param_info& info, const step_context& ctx,
                         working_t working) { o.step(ex, master, grad, state, info, ctx, working); };
 template <class O>
 concept state_bytes = init<O> && requires(O& o, const state_t<O, exec::host>& state) {
@@ -86,9 +85,9 @@ concept state_bytes = init<O> && requires(O& o, const state_t<O, exec::host>& st
 
 /// Creates per-parameter state and updates fp32 master weights from gradients; see optim/concepts.hpp.
 template <class O>
-concept Optimizer = optim::requirement::init<O> && optim::requirement::step<O, float> &&
-                    optim::requirement::step<O, bf16> && optim::requirement::working_copy<O> &&
-                    optim::requirement::state_bytes<O>;
+concept Optimizer =
+    optim::requirement::init<O> && optim::requirement::step<O, float> && optim::requirement::step<O, bf16> &&
+    optim::requirement::working_copy<O> && optim::requirement::state_bytes<O>;
 
 /// static_assert(check_optimizer<O>()) names the first requirement O misses, in one readable message.
 template <class O>

@@ -42,11 +42,11 @@ template <class Inner = adamw>
 struct galore {
   static_assert(Optimizer<Inner>, "optim::galore<Inner>: Inner must satisfy subspace::Optimizer");
 
-  Inner inner = subspace_rule<Inner>::reference();  // runs the parameters that are not projected
-  std::int64_t rank = 128;                          // r
-  std::int64_t refresh_period = 200;                // tau, in steps of each matrix
-  float scale = 1.0f;                               // alpha (GaLore's 60M recipe: 0.25)
-  bool reproject_moments = false;                   // map M into each new basis (galore_torch: off)
+  Inner inner = subspace_rule<Inner>::reference();               // runs the parameters that are not projected
+  std::int64_t rank = 128;                                       // r
+  std::int64_t refresh_period = 200;                             // tau, in steps of each matrix
+  float scale = 1.0f;                                            // alpha (GaLore's 60M recipe: 0.25)
+  bool reproject_moments = false;                                // map M into each new basis (galore_torch: off)
   bool (*target)(const param_info&) = &attention_or_mlp_matrix;  // which parameters to project
   bool require_projection = false;  // a target with min(m, n) <= rank: error instead of falling back to Inner
 
@@ -66,9 +66,8 @@ struct galore {
     requires(std::is_same_v<std::remove_const_t<GradIn>, float> || std::is_same_v<std::remove_const_t<GradIn>, bf16>)
   void step(const Exec& ex, view<float, S> master, view<GradIn, S> grad, low_rank_state<IS, S>& st,
             const param_info& info, const step_context& ctx, view<bf16, S> working = {}) const {
-    detail::step(inner, settings(), ex, master, grad, st, info, ctx, working, [&](std::int64_t) {
-      return detail::refresh_decision{false, reproject_moments, 0};
-    });
+    detail::step(inner, settings(), ex, master, grad, st, info, ctx, working,
+                 [&](std::int64_t) { return detail::refresh_decision{false, reproject_moments, 0}; });
   }
 
   /// Bytes of the state: M, V and P of a projected matrix, Inner's state otherwise.

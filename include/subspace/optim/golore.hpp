@@ -65,9 +65,8 @@ struct golore {
   void step(const Exec& ex, view<float, S> master, view<GradIn, S> grad, low_rank_state<IS, S>& st,
             const param_info& info, const step_context& ctx, view<bf16, S> working = {}) const {
     if (!st.inner) check_schedule();
-    detail::step(inner, settings(), ex, master, grad, st, info, ctx, working, [&](std::int64_t s) {
-      return detail::refresh_decision{uses_random_projector(s), true, seed};
-    });
+    detail::step(inner, settings(), ex, master, grad, st, info, ctx, working,
+                 [&](std::int64_t s) { return detail::refresh_decision{uses_random_projector(s), true, seed}; });
   }
 
   /// Whether a refresh at step s (0-based) draws a random projector: x > 0 and s >= (1 - x/100) total_steps,

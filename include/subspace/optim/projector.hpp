@@ -162,10 +162,8 @@ void galore_projector(const Exec& ex, const projection& p, view<G, space_of_t<Ex
            std::to_string(p.rows) + " x " + std::to_string(p.cols);
   });
   detail::require_projector_shape(p, P, "galore_projector");
-  if (p.side == projection_side::right)
-    svd(ex, grad, view<T, S>{}, view<T, S>{}, P);
-  else
-    svd(ex, grad, view<T, S>{}, P, view<T, S>{});
+  if (p.side == projection_side::right) svd(ex, grad, view<T, S>{}, view<T, S>{}, P);
+  else svd(ex, grad, view<T, S>{}, P, view<T, S>{});
 }
 
 /// R <- G P^T (right, m x r) or P^T G (left, r x n).
@@ -175,10 +173,8 @@ void project(const Exec& ex, const projection& p, view<G, space_of_t<Exec>> grad
   detail::require_projector_shape(p, P, "project");
   require(R.shape() == p.moment_shape(),
           [&] { return "project: R has shape " + to_string(R.shape()) + ", expected " + to_string(p.moment_shape()); });
-  if (p.side == projection_side::right)
-    gemm(ex, op::none, op::transpose, 1.0f, grad, P, 0.0f, R);
-  else
-    gemm(ex, op::transpose, op::none, 1.0f, P, grad, 0.0f, R);
+  if (p.side == projection_side::right) gemm(ex, op::none, op::transpose, 1.0f, grad, P, 0.0f, R);
+  else gemm(ex, op::transpose, op::none, 1.0f, P, grad, 0.0f, R);
 }
 
 /// W <- W + N P (right) or W + P N (left): the back-projection of N (moment-shaped), added to W.
@@ -193,10 +189,8 @@ void back_project_add(const Exec& ex, const projection& p, view<TN, space_of_t<E
     return "back_project_add: W has shape " + to_string(W.shape()) + ", the projection is " + std::to_string(p.rows) +
            " x " + std::to_string(p.cols);
   });
-  if (p.side == projection_side::right)
-    gemm(ex, op::none, op::none, 1.0f, N, P, 1.0f, W);
-  else
-    gemm(ex, op::none, op::none, 1.0f, P, N, 1.0f, W);
+  if (p.side == projection_side::right) gemm(ex, op::none, op::none, 1.0f, N, P, 1.0f, W);
+  else gemm(ex, op::none, op::none, 1.0f, P, N, 1.0f, W);
 }
 
 /// Maps the first moment M into a new basis (docs/galore.md, "The projector refresh"): M <- M (P_old P_new^T) on the

@@ -250,12 +250,13 @@ class pipeline_trainer {
     const auto ready = [&](std::size_t first, std::size_t last) {
       if (replicas_ > 1) cursor.ready(first, last, [&](std::size_t k) { launch(k); });
     };
-    const double loss = engine_.run(stack_.scheduler.plan(step_, stage_), train::loader_source{loader}, ready,
-                                    [&] {
-                                      wait_all();
-                                      update();
-                                    },
-                                    transport_);
+    const double loss = engine_.run(
+        stack_.scheduler.plan(step_, stage_), train::loader_source{loader}, ready,
+        [&] {
+          wait_all();
+          update();
+        },
+        transport_);
     transport_.finish();
     wait_all();
     return over_replicas(sum_over_pipeline(loss));

@@ -24,10 +24,13 @@ class gradient_accumulation {
   /// `microbatches` >= 1 micro-batches per optimizer step, on each of `world_size` >= 1 ranks.
   explicit gradient_accumulation(int microbatches = 1, int world_size = 1)
       : microbatches_(microbatches), world_size_(world_size) {
-    require(microbatches >= 1, [&] { return "schedule::gradient_accumulation: needs at least 1 micro-batch per step, got " +
-                                   std::to_string(microbatches); });
-    require(world_size >= 1,
-            [&] { return "schedule::gradient_accumulation: world_size must be >= 1, got " + std::to_string(world_size); });
+    require(microbatches >= 1, [&] {
+      return "schedule::gradient_accumulation: needs at least 1 micro-batch per step, got " +
+             std::to_string(microbatches);
+    });
+    require(world_size >= 1, [&] {
+      return "schedule::gradient_accumulation: world_size must be >= 1, got " + std::to_string(world_size);
+    });
   }
 
   int microbatches() const { return microbatches_; }
@@ -35,9 +38,12 @@ class gradient_accumulation {
 
   /// The same plan for every step and rank; step and rank are checked.
   plan_type plan(std::int64_t step, int rank) const {
-    require(step >= 0, [&] { return "schedule::gradient_accumulation::plan: step must be >= 0, got " + std::to_string(step); });
-    require(0 <= rank && rank < world_size_, [&] { return "schedule::gradient_accumulation::plan: rank " + std::to_string(rank) +
-                                                 " outside [0, " + std::to_string(world_size_) + ")"; });
+    require(step >= 0,
+            [&] { return "schedule::gradient_accumulation::plan: step must be >= 0, got " + std::to_string(step); });
+    require(0 <= rank && rank < world_size_, [&] {
+      return "schedule::gradient_accumulation::plan: rank " + std::to_string(rank) + " outside [0, " +
+             std::to_string(world_size_) + ")";
+    });
     plan_type p;
     p.reserve(std::size_t(2 * microbatches_ + 1));
     for (int mb = 0; mb < microbatches_; ++mb) {

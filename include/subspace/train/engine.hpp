@@ -296,7 +296,9 @@ class plan_engine {
     return io;
   }
 
-  double forward_stage(flight& f, std::size_t k, float scale) { return (*stages_)[k].forward(f.slot, io_of(f, k), scale); }
+  double forward_stage(flight& f, std::size_t k, float scale) {
+    return (*stages_)[k].forward(f.slot, io_of(f, k), scale);
+  }
   double evaluate_stage(flight& f, std::size_t k) { return (*stages_)[k].evaluate(f.slot, io_of(f, k)); }
 
   double forward_all(flight& f, float scale) {
@@ -421,7 +423,8 @@ class plan_engine {
   void size_payload(payload_buffer& p, const shape& x) {
     if (p.values.data() != nullptr && p.values.shape() == compressor_->payload_shape(x)) return;
     p.values = tensor<value_type, space>(compressor_->payload_shape(x));
-    if constexpr (compress::sends_tokens_v<Compressor>) p.tokens = tensor<std::int32_t, space>(shape{compress::rows(x)});
+    if constexpr (compress::sends_tokens_v<Compressor>)
+      p.tokens = tensor<std::int32_t, space>(shape{compress::rows(x)});
   }
   static void size_tensor(tensor<value_type, space>& t, const shape& s) {
     if (t.data() == nullptr || t.shape() != s) t = tensor<value_type, space>(s);

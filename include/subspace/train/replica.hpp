@@ -131,8 +131,7 @@ class replica {
     for (Model& m : stages_) m.init(seed);
     store().init(executor(), seed, compressor_parameters_.first, compressor_parameters_.last);
     if constexpr (separate_masters) {
-      for (std::size_t i = 0; i < parameters(); ++i)
-        nn::fill_initial(executor(), master(i), info(i), seed);
+      for (std::size_t i = 0; i < parameters(); ++i) nn::fill_initial(executor(), master(i), info(i), seed);
     }
   }
 
@@ -161,20 +160,17 @@ class replica {
 
   /// The model's working copy from the masters (after the masters changed outside the optimizer).
   void sync_model() {
-    if constexpr (separate_masters)
-      cast(executor(), view<const float, space>(own_.v()), store().flat_values());
+    if constexpr (separate_masters) cast(executor(), view<const float, space>(own_.v()), store().flat_values());
   }
   /// Elements [begin, end) of the working copy from the masters.
   void sync_model(std::int64_t begin, std::int64_t end) {
     if constexpr (separate_masters)
-      cast(executor(), view<const float, space>(own_.v().slice(begin, end)),
-                     store().flat_values().slice(begin, end));
+      cast(executor(), view<const float, space>(own_.v().slice(begin, end)), store().flat_values().slice(begin, end));
   }
 
   /// One optimizer step of parameter i from its master and gradient.
   void step(std::size_t i, const optim::step_context& ctx) {
-    optimizer_.step(executor(), master(i), view<const grad_type, space>(grad(i)), states_[i],
-                    info(i), ctx, working(i));
+    optimizer_.step(executor(), master(i), view<const grad_type, space>(grad(i)), states_[i], info(i), ctx, working(i));
   }
   /// The next batch of `loader` into the trainer's buffers (sized on first use or when the loader's shape changes).
   void next_batch(data::batch_loader& loader) {
@@ -191,14 +187,12 @@ class replica {
   /// The mean loss over the first `batches` batches of `loader`
   /// (at most one epoch): the same batches every call. The loader is left at its start.
   double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who) {
-    return evaluate_local(loader, batches, who, [&](auto tokens, auto targets) {
-      return model().evaluate(tokens, targets);
-    });
+    return evaluate_local(loader, batches, who,
+                          [&](auto tokens, auto targets) { return model().evaluate(tokens, targets); });
   }
   /// The same, with the loss of one batch computed by evaluate(tokens, targets) (a chain of stages).
   template <class Evaluate>
-  double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who,
-                        Evaluate&& evaluate) {
+  double evaluate_local(data::batch_loader& loader, std::int64_t batches, const std::string& who, Evaluate&& evaluate) {
     require(batches >= 1, [&] { return who + "::evaluate: batches must be >= 1, got " + std::to_string(batches); });
     const auto per_epoch = std::int64_t(loader.batches_per_epoch());
     const std::int64_t n = std::min(batches, per_epoch);

@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "../comm/self.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
@@ -47,12 +48,11 @@
 #include "../data/loader.hpp"
 #include "../io/checkpoint.hpp"
 #include "../kernels/elementwise.hpp"
-#include "../comm/self.hpp"
 #include "../nn/concepts.hpp"
-#include "../policies.hpp"
-#include "../schedule/gradient_accumulation.hpp"
 #include "../optim/concepts.hpp"
 #include "../optim/schedule.hpp"
+#include "../policies.hpp"
+#include "../schedule/gradient_accumulation.hpp"
 #include "engine.hpp"
 #include "replica.hpp"
 
@@ -71,12 +71,12 @@ struct trainer_options {
 
 /// What one optimizer step did.
 struct step_result {
-  std::int64_t step = 0;     // 1-based: the step just taken
-  double loss = 0;           // mean training loss over the step's micro-batches
-  double grad_norm = 0;      // global L2 norm before clipping
-  float lr = 0;              // the learning rate used
-  std::int64_t tokens = 0;   // tokens in this step (batch · seq · accumulation)
-  bool skipped = false;      // the gradient norm was not finite: no update
+  std::int64_t step = 0;    // 1-based: the step just taken
+  double loss = 0;          // mean training loss over the step's micro-batches
+  double grad_norm = 0;     // global L2 norm before clipping
+  float lr = 0;             // the learning rate used
+  std::int64_t tokens = 0;  // tokens in this step (batch · seq · accumulation)
+  bool skipped = false;     // the gradient norm was not finite: no update
 };
 
 template <class Model, class Stack>
@@ -170,15 +170,15 @@ class trainer {
     r.lr = o_.schedule.at(r.step);
     r.tokens = replica_type::batch_tokens(loader) * accumulation();
     r_.store().zero_grad(r_.executor());
-    r.loss = engine_.run(stack_.scheduler.plan(step_, 0), loader_source{loader}, [](std::size_t, std::size_t) {},
-                         [&] {
-                           r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
-                           r.skipped = !std::isfinite(r.grad_norm);
-                           if (r.skipped) return;
-                           for (std::size_t i = 0; i < r_.parameters(); ++i)
-                             r_.step(i, optim::step_context{r.lr, r.step});
-                           for (Model& m : r_.stages()) m.after_step();
-                         });
+    r.loss = engine_.run(
+        stack_.scheduler.plan(step_, 0), loader_source{loader}, [](std::size_t, std::size_t) {},
+        [&] {
+          r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
+          r.skipped = !std::isfinite(r.grad_norm);
+          if (r.skipped) return;
+          for (std::size_t i = 0; i < r_.parameters(); ++i) r_.step(i, optim::step_context{r.lr, r.step});
+          for (Model& m : r_.stages()) m.after_step();
+        });
     step_ = r.step;
     tokens_ += r.tokens;
     return r;
@@ -210,9 +210,8 @@ class trainer {
   /// run stopped, and returns the saved trainer state (its extra values, seed, ...).
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     io::trainer_state ts;
-    r_.with_checkpoint_parameters([&](auto& params) {
-      ts = io::load_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states());
-    });
+    r_.with_checkpoint_parameters(
+        [&](auto& params) { ts = io::load_checkpoint(r_.executor(), dir, r_.model().config(), params, r_.states()); });
     r_.sync_model();
     loader.seek(ts.train_data);
     step_ = ts.step;

@@ -86,8 +86,8 @@ void atomic_write(const std::filesystem::path& path, Fill&& fill) {
   const fs::path dir = path.parent_path();
   ensure_directory(dir);
   static std::atomic<std::uint64_t> counter{0};
-  const fs::path tmp = fs::path(path.string() + ".tmp." + std::to_string(::getpid()) + "." +
-                                std::to_string(counter.fetch_add(1)));
+  const fs::path tmp =
+      fs::path(path.string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1)));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   require(fd >= 0, [&, err = errno] {
     return "cannot create " + detail::quoted(tmp) + " (to write " + detail::quoted(path) +

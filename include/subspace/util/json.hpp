@@ -19,9 +19,9 @@
 #include <charconv>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstdint>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -44,15 +44,15 @@ class json {
   enum class kind { null, boolean, integer, number, string, array, object };
 
   json() = default;
-  json(std::nullptr_t) {}                                           // NOLINT
-  json(bool b) : v_(b) {}                                           // NOLINT
-  json(double d) : v_(d) {}                                         // NOLINT
-  json(float f) : v_(shortest_double(f)) {}                         // NOLINT
-  json(const char* s) : v_(std::string(s)) {}                       // NOLINT
-  json(std::string s) : v_(std::move(s)) {}                         // NOLINT
-  json(std::string_view s) : v_(std::string(s)) {}                  // NOLINT
-  json(array_t a) : v_(std::move(a)) {}                             // NOLINT
-  json(object_t o) : v_(std::move(o)) {}                            // NOLINT
+  json(std::nullptr_t) {}                           // NOLINT
+  json(bool b) : v_(b) {}                           // NOLINT
+  json(double d) : v_(d) {}                         // NOLINT
+  json(float f) : v_(shortest_double(f)) {}         // NOLINT
+  json(const char* s) : v_(std::string(s)) {}       // NOLINT
+  json(std::string s) : v_(std::move(s)) {}         // NOLINT
+  json(std::string_view s) : v_(std::string(s)) {}  // NOLINT
+  json(array_t a) : v_(std::move(a)) {}             // NOLINT
+  json(object_t o) : v_(std::move(o)) {}            // NOLINT
   template <class I>
     requires(std::is_integral_v<I> && !std::is_same_v<I, bool>)
   json(I i) : v_(to_int64(i)) {}  // NOLINT

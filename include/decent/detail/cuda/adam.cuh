@@ -35,10 +35,9 @@ __global__ void dadam_kernel(const float* mixed, float* master, const G* __restr
 }
 
 template <class G>
-__global__ void accum_adam_kernel(const float* mixed, float* master, const G* __restrict__ grad,
-                                  float* __restrict__ M, float* __restrict__ V, float* __restrict__ acc,
-                                  subspace::bf16* __restrict__ working, std::int64_t n, adam_coefficients c,
-                                  accum_coefficients a) {
+__global__ void accum_adam_kernel(const float* mixed, float* master, const G* __restrict__ grad, float* __restrict__ M,
+                                  float* __restrict__ V, float* __restrict__ acc, subspace::bf16* __restrict__ working,
+                                  std::int64_t n, adam_coefficients c, accum_coefficients a) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     float Mi = M[i], Vi = V[i], ai = acc[i];
@@ -62,9 +61,8 @@ struct adam_impl<subspace::exec::cuda> {
   }
 
   template <class G>
-  static void dadam(const subspace::exec::cuda& ex, dview<const float> mixed, dview<float> master,
-                    dview<const G> grad, dview<float> m, dview<float> v, dview<subspace::bf16> working,
-                    const adam_coefficients& c) {
+  static void dadam(const subspace::exec::cuda& ex, dview<const float> mixed, dview<float> master, dview<const G> grad,
+                    dview<float> m, dview<float> v, dview<subspace::bf16> working, const adam_coefficients& c) {
     const std::int64_t n = master.numel();
     if (n == 0) return;
     dadam_kernel<G><<<subspace::cuda_detail::grid_for(n), subspace::cuda_detail::block_threads, 0, ex.stream>>>(
@@ -73,14 +71,13 @@ struct adam_impl<subspace::exec::cuda> {
   }
 
   template <class G>
-  static void accum(const subspace::exec::cuda& ex, dview<const float> mixed, dview<float> master,
-                    dview<const G> grad, dview<float> M, dview<float> V, dview<float> acc,
-                    dview<subspace::bf16> working, const adam_coefficients& c, const accum_coefficients& a) {
+  static void accum(const subspace::exec::cuda& ex, dview<const float> mixed, dview<float> master, dview<const G> grad,
+                    dview<float> M, dview<float> V, dview<float> acc, dview<subspace::bf16> working,
+                    const adam_coefficients& c, const accum_coefficients& a) {
     const std::int64_t n = master.numel();
     if (n == 0) return;
-    accum_adam_kernel<G>
-        <<<subspace::cuda_detail::grid_for(n), subspace::cuda_detail::block_threads, 0, ex.stream>>>(
-            mixed.data(), master.data(), grad.data(), M.data(), V.data(), acc.data(), working.data(), n, c, a);
+    accum_adam_kernel<G><<<subspace::cuda_detail::grid_for(n), subspace::cuda_detail::block_threads, 0, ex.stream>>>(
+        mixed.data(), master.data(), grad.data(), M.data(), V.data(), acc.data(), working.data(), n, c, a);
     subspace::cuda_check_launch();
   }
 };

@@ -97,7 +97,7 @@ template <class T, class S>
 local_buffer make_buffer(view<T, S> v) {
   using U = std::remove_const_t<T>;
   return local_buffer{&typeid(U), element_name<U>(), std::is_same_v<S, device_space>, const_cast<U*>(v.data()),
-                      v.shape(), v.strides()};
+                      v.shape(),  v.strides()};
 }
 
 /// The view of a buffer, as U (which may be const) in space S.
@@ -124,8 +124,7 @@ template <class T>
 using local_accum_t =
     std::conditional_t<std::is_same_v<T, double>, double,
                        std::conditional_t<std::is_integral_v<T>,
-                                          std::conditional_t<std::is_signed_v<T>, std::int64_t, std::uint64_t>,
-                                          float>>;
+                                          std::conditional_t<std::is_signed_v<T>, std::int64_t, std::uint64_t>, float>>;
 
 template <class T>
 inline constexpr bool local_reducible_v = is_element_v<T> || (std::is_integral_v<T> && !std::is_same_v<T, bool>);
@@ -386,19 +385,19 @@ inline void post_p2p(local_world& w, local_p2p_entry e) {
   local_op& other = *partner.op;
   const local_p2p_entry& send = is_send ? e : partner;
   const local_p2p_entry& recv = is_send ? partner : e;
-  const std::string head = "comm::local: " + describe(*send.op) + " meets " + describe(*recv.op) + " in " +
-                           world_text(w) + ", but ";
+  const std::string head =
+      "comm::local: " + describe(*send.op) + " meets " + describe(*recv.op) + " in " + world_text(w) + ", but ";
   if (other.status == local_status::failed) {  // abandoned after a timeout
     fail(op, local_failure::aborted,
-         "comm::local: " + describe(op) + " in " + world_text(w) + " matched " + describe(other) +
-             ", which rank " + std::to_string(other.rank) + " abandoned when its wait timed out");
+         "comm::local: " + describe(op) + " in " + world_text(w) + " matched " + describe(other) + ", which rank " +
+             std::to_string(other.rank) + " abandoned when its wait timed out");
   } else if (send.buf.device != recv.buf.device) {
     const std::string m = head + "one is in host memory and the other in device memory";
     fail(op, local_failure::mismatch, m);
     fail(other, local_failure::mismatch, m);
   } else if (*send.buf.element != *recv.buf.element) {
-    const std::string m = head + "their element types differ (" + send.buf.element_name + " vs " +
-                          recv.buf.element_name + ")";
+    const std::string m =
+        head + "their element types differ (" + send.buf.element_name + " vs " + recv.buf.element_name + ")";
     fail(op, local_failure::mismatch, m);
     fail(other, local_failure::mismatch, m);
   } else if (send.buf.numel() != recv.buf.numel()) {
@@ -438,10 +437,8 @@ inline std::string collective_mismatch(const local_world& w, const std::vector<l
     else if (a.kind == local_kind::barrier || a.kind == local_kind::split) continue;
     else if (*e.out.element != *es[0].out.element || e.out.device != es[0].out.device || b.numel != a.numel)
       same = false;
-    else if ((a.kind == local_kind::all_reduce || a.kind == local_kind::reduce_scatter) && b.rop != a.rop)
-      same = false;
-    else if (a.kind == local_kind::broadcast && b.peer != a.peer)
-      same = false;
+    else if ((a.kind == local_kind::all_reduce || a.kind == local_kind::reduce_scatter) && b.rop != a.rop) same = false;
+    else if (a.kind == local_kind::broadcast && b.peer != a.peer) same = false;
   }
   if (same) return {};
   std::string s = "comm::local: collective #" + std::to_string(a.index + 1) + " of " + world_text(w) +
@@ -511,8 +508,8 @@ inline void post_collective(const std::shared_ptr<local_world>& wp, local_coll_e
     try {
       event = es[std::size_t(op.rank)].run(w, es);
     } catch (const std::exception& ex) {
-      error = "comm::local: running " + describe_call(op) + " (collective #" + std::to_string(op.index + 1) +
-              " of " + world_text(w) + ") failed: " + ex.what();
+      error = "comm::local: running " + describe_call(op) + " (collective #" + std::to_string(op.index + 1) + " of " +
+              world_text(w) + ") failed: " + ex.what();
     }
     lock.lock();
     for (auto& x : es) {

@@ -39,7 +39,6 @@
 
 namespace subspace::comm::detail {
 
-
 inline constexpr std::uint32_t rendezvous_magic = 0x53535256u;  // "SSRV"
 inline constexpr std::uint32_t rendezvous_version = 1;
 
@@ -164,8 +163,7 @@ class rendezvous_server {
     addrinfo* res = nullptr;
     const std::string service = std::to_string(port);
     const int rc = ::getaddrinfo(address.empty() ? nullptr : address.c_str(), service.c_str(), &hints, &res);
-    if (rc != 0)
-      throw error("comm::rendezvous: cannot resolve " + endpoint(address, port) + ": " + ::gai_strerror(rc));
+    if (rc != 0) throw error("comm::rendezvous: cannot resolve " + endpoint(address, port) + ": " + ::gai_strerror(rc));
     int last = 0;
     for (addrinfo* ai = res; ai != nullptr && !fd_; ai = ai->ai_next) {
       socket_fd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
@@ -183,8 +181,7 @@ class rendezvous_server {
     }
     ::freeaddrinfo(res);
     if (!fd_)
-      throw error("comm::rendezvous: rank 0 cannot listen at " + endpoint(address, port) + ": " +
-                  errno_text(last) +
+      throw error("comm::rendezvous: rank 0 cannot listen at " + endpoint(address, port) + ": " + errno_text(last) +
                   (last == EADDRINUSE ? " (another program holds the port; under torchrun its agent's store may: set "
                                         "SUBSPACE_RENDEZVOUS_PORT to a free port, the same on every rank)"
                                       : ""));
@@ -213,9 +210,8 @@ class rendezvous_server {
     std::vector<client> clients;
     std::map<int, std::size_t> by_rank;  // rank -> index in clients
     const auto fail_all = [&](const std::string& message, bool mismatch) {
-      const auto answer = rendezvous_answer(
-          mismatch ? rendezvous_status::mismatch : rendezvous_status::timeout, message.data(),
-          message.size());
+      const auto answer = rendezvous_answer(mismatch ? rendezvous_status::mismatch : rendezvous_status::timeout,
+                                            message.data(), message.size());
       for (auto& c : clients)
         if (c.fd) {
           try {
@@ -236,9 +232,8 @@ class rendezvous_server {
         std::ostringstream s;
         s.precision(3);
         s << std::fixed << "comm::rendezvous: rank 0 waited " << double(timeout.count()) / 1000.0 << " s at "
-          << endpoint(address_, port_) << " for the other " << world_size - 1 << " rank(s) of a world of "
-          << world_size << "; rank(s) " << list
-          << " never reported (are they running, with the same MASTER_ADDR and MASTER_PORT?)";
+          << endpoint(address_, port_) << " for the other " << world_size - 1 << " rank(s) of a world of " << world_size
+          << "; rank(s) " << list << " never reported (are they running, with the same MASTER_ADDR and MASTER_PORT?)";
         fail_all(s.str(), false);
       }
       std::vector<pollfd> fds{{fd_.get(), POLLIN, 0}};
@@ -259,8 +254,7 @@ class rendezvous_server {
         }
         c.got += std::size_t(k);
         if (c.got < sizeof c.hello) continue;
-        if (get_u32(c.hello) != rendezvous_magic ||
-            get_u32(c.hello + 4) != rendezvous_version) {
+        if (get_u32(c.hello) != rendezvous_magic || get_u32(c.hello + 4) != rendezvous_version) {
           c.fd.reset();  // not one of ours
           continue;
         }
@@ -287,7 +281,7 @@ class rendezvous_server {
     const auto answer = rendezvous_answer(rendezvous_status::ok, payload.data(), payload.size());
     for (auto& [rank, i] : by_rank)
       send_all(clients[i].fd.get(), answer.data(), answer.size(),
-                       "sending rank " + std::to_string(rank) + " its answer");
+               "sending rank " + std::to_string(rank) + " its answer");
   }
 
  private:

@@ -31,8 +31,7 @@ inline void cuda_check_launch(const std::source_location& loc = std::source_loca
 }
 
 /// Throws cuda_error naming the call site and cuBLAS's status unless `status` is CUBLAS_STATUS_SUCCESS.
-inline void cublas_check(cublasStatus_t status,
-                         const std::source_location& loc = std::source_location::current()) {
+inline void cublas_check(cublasStatus_t status, const std::source_location& loc = std::source_location::current()) {
   if (status != CUBLAS_STATUS_SUCCESS)
     throw cuda_error(detail::where(loc) + ": cuBLAS error " + std::to_string(int(status)) + ": " +
                      cublasLtGetStatusString(status));

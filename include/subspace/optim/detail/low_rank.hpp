@@ -89,12 +89,9 @@ enum class projector_source { none, svd, random };
 
 inline const char* to_string(projector_source s) {
   switch (s) {
-    case projector_source::none:
-      return "none";
-    case projector_source::svd:
-      return "svd";
-    case projector_source::random:
-      return "random";
+    case projector_source::none: return "none";
+    case projector_source::svd: return "svd";
+    case projector_source::random: return "random";
   }
   return "?";
 }
@@ -369,10 +366,8 @@ void step(const Inner& inner, const low_rank_settings& s, const Exec& ex, view<f
     const bool reproject = d.reproject && st.steps > 0;
     tensor<float, S> fresh;
     const view<float, S> target = reproject ? (fresh = tensor<float, S>(p.projector_shape())).v() : st.p.v();
-    if (d.random)
-      golore_projector(ex, p, d.seed, st.param_id, refresh_id, target);
-    else
-      galore_projector(ex, p, g, target);
+    if (d.random) golore_projector(ex, p, d.seed, st.param_id, refresh_id, target);
+    else galore_projector(ex, p, g, target);
     if (reproject) {
       reproject_first_moment(ex, p, view<const float, S>(st.p.v()), view<const float, S>(fresh.v()), st.m.v());
       st.p = std::move(fresh);

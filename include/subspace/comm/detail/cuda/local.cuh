@@ -190,8 +190,8 @@ std::shared_ptr<void> collective(local_world& w, const std::vector<local_coll_en
     if (op.kind == local_kind::broadcast) {
       for (int r = 0; r < n; ++r)
         if (r != op.peer)
-          cuda_check(cudaMemcpyAsync(outs.p[r], outs.p[op.peer], std::size_t(m) * sizeof(T),
-                                     cudaMemcpyDeviceToDevice, s));
+          cuda_check(
+              cudaMemcpyAsync(outs.p[r], outs.p[op.peer], std::size_t(m) * sizeof(T), cudaMemcpyDeviceToDevice, s));
     } else if (op.kind == local_kind::all_gather) {
       const std::int64_t total = std::int64_t(n) * n * m;
       all_gather_kernel<T><<<cuda_detail::grid_for(total), cuda_detail::block_threads, 0, s>>>(ins, outs, n, m);
@@ -201,8 +201,8 @@ std::shared_ptr<void> collective(local_world& w, const std::vector<local_coll_en
         all_reduce_kernel<T><<<cuda_detail::grid_for(m), cuda_detail::block_threads, 0, s>>>(outs, n, m, op.rop);
         cuda_check_launch();
       } else if (op.kind == local_kind::reduce_scatter) {
-        reduce_scatter_kernel<T><<<cuda_detail::grid_for(std::int64_t(n) * m), cuda_detail::block_threads, 0, s>>>(
-            ins, outs, n, m, op.rop);
+        reduce_scatter_kernel<T>
+            <<<cuda_detail::grid_for(std::int64_t(n) * m), cuda_detail::block_threads, 0, s>>>(ins, outs, n, m, op.rop);
         cuda_check_launch();
       }
     }

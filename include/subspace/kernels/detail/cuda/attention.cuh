@@ -31,8 +31,8 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
-#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../attention.hpp"
 
 namespace subspace {
@@ -40,22 +40,17 @@ namespace cuda_detail::attention {
 
 // ---- PTX wrappers ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-  return unsigned(__cvta_generic_to_shared(p));
-}
+__device__ __forceinline__ unsigned smem_address(const void* p) { return unsigned(__cvta_generic_to_shared(p)); }
 
 /// 16 bytes global -> shared (a shared-window address), asynchronously; zero-filled (nothing read) when !valid.
 __device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
-               "r"(valid ? 16 : 0)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
                : "memory");
 }
 
 /// 4 bytes global -> shared, asynchronously; zero-filled when !valid.
 __device__ __forceinline__ void cp_async4(unsigned smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem),
-               "r"(valid ? 4 : 0)
-               : "memory");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -204,8 +199,8 @@ struct backward_params {
   const __nv_bfloat16* v;
   const __nv_bfloat16* dout;
   const float* lse;
-  float* d;          // [B, Hq, S], rowsum(dout * out)
-  float* dq_accum;   // [B, Hq, S, hd]
+  float* d;         // [B, Hq, S], rowsum(dout * out)
+  float* dq_accum;  // [B, Hq, S, hd]
   __nv_bfloat16* dk;
   __nv_bfloat16* dv;
   bsh_strides qs, ks, vs, dos, dks, dvs;
@@ -262,7 +257,7 @@ __global__ void __launch_bounds__(forward_shape<HD>::warps * 32, forward_shape<H
   float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
   unsigned qf[KT][4];
   const int r0 = i0 + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
-  int last_key[2];                     // the last key each of them sees (-1: none)
+  int last_key[2];                    // the last key each of them sees (-1: none)
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) last_key[rh] = key_end(p.causal, r0 + 8 * rh + 1, p.delta, p.seq_kv) - 1;
 
@@ -310,7 +305,7 @@ __global__ void __launch_bounds__(forward_shape<HD>::warps * 32, forward_shape<H
         s[nt][e] = x;
       }
 
-    // Online softmax, per row half (rh = 0: row r0, rh = 1: row r0 + 8); a row's 4 threads share a quad.
+      // Online softmax, per row half (rh = 0: row r0, rh = 1: row r0 + 8); a row's 4 threads share a quad.
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       float mx = neg_inf;
@@ -617,8 +612,7 @@ __global__ void __launch_bounds__(backward_shape<HD>::warps * 32, backward_shape
     const int rg = warp % RG, c0 = (warp / RG) * CW;
     unsigned dsa[BN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      ldmatrix_x4_trans(dsa[kk], sds_a + off_s + kk * 16 * 2 * LDS + rg * 32);
+    for (int kk = 0; kk < BN / 16; ++kk) ldmatrix_x4_trans(dsa[kk], sds_a + off_s + kk * 16 * 2 * LDS + rg * 32);
     const int row_a = i0 + rg * 16 + g, row_b = row_a + 8;
     float* acc_base = p.dq_accum + (std::int64_t(b) * p.heads + h) * p.seq * std::int64_t(HD);
 #pragma unroll
@@ -660,8 +654,10 @@ __global__ void __launch_bounds__(backward_shape<HD>::warps * 32, backward_shape
     const int c = it * 32 + lane, r = warp * 16 + c / (HD / 8), col = (c % (HD / 8)) * 8;
     const int j = j0 + r;
     if (j < p.seq_kv) {
-      *reinterpret_cast<uint4*>(dkg + std::int64_t(j) * p.dks.s + col) = *reinterpret_cast<const uint4*>(sk + r * LD + col);
-      *reinterpret_cast<uint4*>(dvg + std::int64_t(j) * p.dvs.s + col) = *reinterpret_cast<const uint4*>(sv + r * LD + col);
+      *reinterpret_cast<uint4*>(dkg + std::int64_t(j) * p.dks.s + col) =
+          *reinterpret_cast<const uint4*>(sk + r * LD + col);
+      *reinterpret_cast<uint4*>(dvg + std::int64_t(j) * p.dvs.s + col) =
+          *reinterpret_cast<const uint4*>(sv + r * LD + col);
     }
   }
 }
@@ -678,8 +674,9 @@ void require_rows(const V& x, const char* op, const char* name) {
   if (ok) return;
   std::string s;
   for (int d = 0; d < x.rank(); ++d) s += (d ? ", " : "") + std::to_string(x.stride(d));
-  throw invalid_argument(std::string(op) + " (CUDA): " + name + " of shape " + to_string(x.shape()) + " with strides [" +
-                         s + "] needs unit stride in the head dim and 16-byte aligned rows (the other strides and " +
+  throw invalid_argument(std::string(op) + " (CUDA): " + name + " of shape " + to_string(x.shape()) +
+                         " with strides [" + s +
+                         "] needs unit stride in the head dim and 16-byte aligned rows (the other strides and " +
                          "the data address multiples of 8 elements)");
 }
 
@@ -728,8 +725,8 @@ void launch_backward(const backward_params& p, const __nv_bfloat16* out, bsh_str
     cuda_check_launch();
   }
 
-  backward_dq_kernel<HD><<<grid_for(rows * (HD / 8)), block_threads, 0, stream>>>(p.dq_accum, dq, dqs, p.heads, p.seq,
-                                                                                 rows, p.scale);
+  backward_dq_kernel<HD>
+      <<<grid_for(rows * (HD / 8)), block_threads, 0, stream>>>(p.dq_accum, dq, dqs, p.heads, p.seq, rows, p.scale);
   cuda_check_launch();
 }
 
@@ -756,9 +753,11 @@ __nv_bfloat16* raw(T* p) {
 
 /// attention_forward on ex.stream (see attention.hpp): bf16 q, k, v and out, fp32 lse; head dims 16, 32, 64, 128.
 template <class Q>
-void attention_forward(const exec::cuda& ex, view<Q, device_space> q, view<const std::remove_const_t<Q>, device_space> k,
-                       view<const std::remove_const_t<Q>, device_space> v, view<std::remove_const_t<Q>, device_space> out,
-                       view<float, device_space> lse, const attention_params& p) {
+void attention_forward(const exec::cuda& ex, view<Q, device_space> q,
+                       view<const std::remove_const_t<Q>, device_space> k,
+                       view<const std::remove_const_t<Q>, device_space> v,
+                       view<std::remove_const_t<Q>, device_space> out, view<float, device_space> lse,
+                       const attention_params& p) {
   static_assert(std::is_same_v<std::remove_const_t<Q>, bf16>,
                 "attention_forward (CUDA): q, k, v and out must hold bf16 (fp32 statistics in lse)");
   namespace at = detail::attention;
@@ -794,7 +793,8 @@ void attention_forward(const exec::cuda& ex, view<Q, device_space> q, view<const
   fp.causal = p.causal;
   fp.delta = p.q_pos0 - p.kv_pos0;
   fp.scale_log2 = p.scale * ca::log2e;
-  ca::dispatch_head_dim(d.head_dim, [&]<int HD>() { ca::launch_forward<HD>(fp, int(d.batch), int(d.heads), ex.stream); });
+  ca::dispatch_head_dim(d.head_dim,
+                        [&]<int HD>() { ca::launch_forward<HD>(fp, int(d.batch), int(d.heads), ex.stream); });
 }
 
 /// attention_backward on ex.stream (see attention.hpp): dq, dk, dv overwritten, in bf16; fp32 scratch of

@@ -78,7 +78,7 @@ template <class T>
 void fill(const exec::cuda& ex, view<T, device_space> x, std::type_identity_t<T> value) {
   detail::elementwise::require_contiguous(x, "fill");
   cuda_detail::elementwise::map<false, false>(ex, x.numel(), static_cast<const T*>(nullptr), x.data(),
-                                 detail::elementwise::fill_op<T>{value});
+                                              detail::elementwise::fill_op<T>{value});
 }
 
 /// y <- alpha * x + y (x, y contiguous), computed in accum_t<T>, on ex.stream.
@@ -89,7 +89,7 @@ void axpy(const exec::cuda& ex, float alpha, view<X, device_space> x, view<T, de
   detail::elementwise::require_contiguous(x, "axpy");
   detail::elementwise::require_contiguous(y, "axpy");
   cuda_detail::elementwise::map<true, true>(ex, y.numel(), static_cast<const T*>(x.data()), y.data(),
-                               detail::elementwise::axpy_op<T>{accum_t<T>(alpha)});
+                                            detail::elementwise::axpy_op<T>{accum_t<T>(alpha)});
 }
 
 /// x <- alpha * x (x contiguous), computed in accum_t<T>, on ex.stream.
@@ -98,7 +98,7 @@ template <class T>
 void scale(const exec::cuda& ex, float alpha, view<T, device_space> x) {
   detail::elementwise::require_contiguous(x, "scale");
   cuda_detail::elementwise::map<false, true>(ex, x.numel(), static_cast<const T*>(nullptr), x.data(),
-                                detail::elementwise::scale_op<T>{accum_t<T>(alpha)});
+                                             detail::elementwise::scale_op<T>{accum_t<T>(alpha)});
 }
 
 /// y <- x converted to To, rounded to nearest even (x, y contiguous), on ex.stream.
@@ -110,7 +110,7 @@ void cast(const exec::cuda& ex, view<X, device_space> x, view<To, device_space> 
   detail::elementwise::require_contiguous(x, "cast");
   detail::elementwise::require_contiguous(y, "cast");
   cuda_detail::elementwise::map<true, false>(ex, y.numel(), static_cast<const From*>(x.data()), y.data(),
-                                detail::elementwise::cast_op<To, From>{});
+                                             detail::elementwise::cast_op<To, From>{});
 }
 
 }  // namespace subspace

@@ -97,11 +97,11 @@ void embedding_forward(const exec::cuda& ex, view<const std::int32_t, device_spa
     const std::int64_t items = packed ? n * (d / P) : n * d;
     const unsigned grid = cuda_detail::grid_for(items);
     if (packed)
-      E::forward_kernel<P><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), table.data(),
-                                                                              out.data(), n, vocab, d, bad);
+      E::forward_kernel<P><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), table.data(), out.data(),
+                                                                               n, vocab, d, bad);
     else
-      E::forward_kernel<1><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), table.data(),
-                                                                              out.data(), n, vocab, d, bad);
+      E::forward_kernel<1><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), table.data(), out.data(),
+                                                                               n, vocab, d, bad);
     cuda_check_launch();
   });
 }
@@ -126,11 +126,11 @@ void embedding_backward(const exec::cuda& ex, view<const std::int32_t, device_sp
     const unsigned grid = cuda_detail::grid_for(items);
     const T* src = dout.data();
     if (packed)
-      E::backward_kernel<P><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), src, dtable.data(), n,
-                                                                               vocab, d, bad);
+      E::backward_kernel<P>
+          <<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), src, dtable.data(), n, vocab, d, bad);
     else
-      E::backward_kernel<1><<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), src, dtable.data(), n,
-                                                                               vocab, d, bad);
+      E::backward_kernel<1>
+          <<<grid, cuda_detail::block_threads, 0, ex.stream>>>(tokens.data(), src, dtable.data(), n, vocab, d, bad);
     cuda_check_launch();
   });
 }

@@ -213,18 +213,33 @@ inline void matmul(cudaStream_t stream, const call& c, float alpha, float beta) 
     cublas_check(cublasLtMatrixLayoutInit(layouts[i], o.type, std::uint64_t(o.rows), std::uint64_t(o.cols), o.ld));
     if (batch > 1) {
       const std::int32_t count = std::int32_t(batch);
-      cublas_check(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
-                                                    sizeof count));
+      cublas_check(
+          cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
       cublas_check(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                                                     &o.batch_stride, sizeof o.batch_stride));
     }
   }
 
-  const algo_key key{device,         std::int64_t(a.type), std::int64_t(b.type), std::int64_t(d.type),
-                     a.trans,        b.trans,              m,                    n,
-                     k,              batch,                a.rows,               a.ld,
-                     b.rows,         b.ld,                 d.ld,                 a.batch_stride,
-                     b.batch_stride, d.batch_stride,       a.align,              b.align,
+  const algo_key key{device,
+                     std::int64_t(a.type),
+                     std::int64_t(b.type),
+                     std::int64_t(d.type),
+                     a.trans,
+                     b.trans,
+                     m,
+                     n,
+                     k,
+                     batch,
+                     a.rows,
+                     a.ld,
+                     b.rows,
+                     b.ld,
+                     d.ld,
+                     a.batch_stride,
+                     b.batch_stride,
+                     d.batch_stride,
+                     a.align,
+                     b.align,
                      d.align};
   cublasLtMatmulAlgo_t algo;
   bool cached = false;
@@ -255,8 +270,8 @@ inline void matmul(cudaStream_t stream, const call& c, float alpha, float beta) 
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt, desc, layouts[0], layouts[1], layouts[2],
                                                                  layouts[2], pref, 1, &result, &found);
     if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0))
-      throw cuda_error("gemm (CUDA): cuBLASLt has no algorithm for m=" + std::to_string(m) +
-                       " n=" + std::to_string(n) + " k=" + std::to_string(k) + " batch=" + std::to_string(batch) +
+      throw cuda_error("gemm (CUDA): cuBLASLt has no algorithm for m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                       " k=" + std::to_string(k) + " batch=" + std::to_string(batch) +
                        " (column-major terms), lda=" + std::to_string(a.ld) + " ldb=" + std::to_string(b.ld) +
                        " ldc=" + std::to_string(d.ld) + ", alignments " + std::to_string(a.align) + "/" +
                        std::to_string(b.align) + "/" + std::to_string(d.align) + " bytes");

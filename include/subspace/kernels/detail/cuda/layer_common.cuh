@@ -10,8 +10,8 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
-#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../../core/dtype.hpp"
 #include "elementwise.cuh"
 
@@ -19,8 +19,7 @@ namespace subspace::cuda_detail::layer {
 
 /// The activation types the CUDA layer kernels take: bf16 (the training type), fp16 and fp32.
 template <class T>
-inline constexpr bool is_activation_v =
-    std::is_same_v<T, bf16> || std::is_same_v<T, fp16> || std::is_same_v<T, float>;
+inline constexpr bool is_activation_v = std::is_same_v<T, bf16> || std::is_same_v<T, fp16> || std::is_same_v<T, float>;
 
 /// Elements of T in one 16-byte pack.
 template <class T>

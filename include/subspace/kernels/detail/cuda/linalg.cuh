@@ -40,8 +40,7 @@
 namespace subspace {
 
 /// Throws cuda_error naming the call site and cuSOLVER's status unless it is CUSOLVER_STATUS_SUCCESS.
-inline void cusolver_check(cusolverStatus_t status,
-                           const std::source_location& loc = std::source_location::current()) {
+inline void cusolver_check(cusolverStatus_t status, const std::source_location& loc = std::source_location::current()) {
   if (status == CUSOLVER_STATUS_SUCCESS) return;
   const char* name = "unknown status";
   switch (status) {
@@ -96,7 +95,7 @@ inline solver& solver_for(cudaStream_t stream) {
     cusolver_check(cusolverDnCreate(&s.handle));
     cusolver_check(cusolverDnSetStream(s.handle, stream));
     cusolver_check(cusolverDnCreateGesvdjInfo(&s.gesvdj));
-    cusolver_check(cusolverDnXgesvdjSetSortEig(s.gesvdj, 1));  // descending singular values (the default, pinned)
+    cusolver_check(cusolverDnXgesvdjSetSortEig(s.gesvdj, 1));      // descending singular values (the default, pinned)
     cusolver_check(cusolverDnXgesvdjSetTolerance(s.gesvdj, 0.0));  // 0: machine accuracy of the precision (fp64)
     cusolver_check(cusolverDnXgesvdjSetMaxSweeps(s.gesvdj, 100));
     it = solvers.emplace(key, s).first;
@@ -207,9 +206,11 @@ __global__ void __launch_bounds__(svd_threads)
   const double sign = shortv[s_idx[0]] < 0.0 ? -1.0 : 1.0;
   if (threadIdx.x == 0 && j < s_count) s[j * s_stride] = convert<T>(sigma[j]);
   if (j < u_cols)
-    for (std::int64_t i = threadIdx.x; i < m; i += blockDim.x) u[i * u_s0 + j * u_s1] = convert<T>(sign * vl[j * m + i]);
+    for (std::int64_t i = threadIdx.x; i < m; i += blockDim.x)
+      u[i * u_s0 + j * u_s1] = convert<T>(sign * vl[j * m + i]);
   if (j < vt_rows)
-    for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) vt[j * vt_s0 + i * vt_s1] = convert<T>(sign * vr[j * n + i]);
+    for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      vt[j * vt_s0 + i * vt_s1] = convert<T>(sign * vr[j * n + i]);
 }
 
 }  // namespace cuda_detail::linalg

@@ -19,8 +19,8 @@
 
 #include "../../../core/cuda/error.cuh"
 #include "../../../core/cuda/executor.cuh"
-#include "../../../core/cuda/memory.cuh"
 #include "../../../core/cuda/launch.cuh"
+#include "../../../core/cuda/memory.cuh"
 #include "../../loss.hpp"
 #include "gemm.cuh"
 
@@ -57,9 +57,9 @@ __device__ __forceinline__ void store(G* p, const float (&g)[4]) {
 /// One block per row of logits[rows, vocab] (fp32): losses[row], and with `grads` the row's gradient in G over the
 /// row's own memory. VEC = 4: the vocabulary is a multiple of 4 and the rows 16-byte aligned (vector accesses).
 template <class G, int VEC>
-__global__ void __launch_bounds__(row_threads) softmax_cross_entropy_kernel(float* logits, std::int64_t vocab,
-                                                                             const std::int32_t* targets, float* losses,
-                                                                             float grad_scale, bool grads) {
+__global__ void __launch_bounds__(row_threads)
+    softmax_cross_entropy_kernel(float* logits, std::int64_t vocab, const std::int32_t* targets, float* losses,
+                                 float grad_scale, bool grads) {
   constexpr float neg_inf = -__builtin_huge_valf();
   constexpr int warps = row_threads / 32;
   __shared__ float red_m[warps], red_s[warps];
@@ -160,8 +160,7 @@ void lm_head_cross_entropy(const exec::cuda& ex, view<H, device_space> h,
                            float grad_scale, const lm_head_options& options = {}) {
   using T = std::remove_const_t<H>;
   namespace cl = cuda_detail::loss;
-  const detail::loss::dims d =
-      detail::loss::check("lm_head_cross_entropy", h, weight, targets, losses, dh, dweight);
+  const detail::loss::dims d = detail::loss::check("lm_head_cross_entropy", h, weight, targets, losses, dh, dweight);
   if (d.rows == 0) return;
   const bool want_dh = dh.data() != nullptr, want_dw = dweight.data() != nullptr, grads = want_dh || want_dw;
   const std::int64_t R = detail::loss::chunk_rows(d, sizeof(float), options);

@@ -112,8 +112,7 @@ void rmsnorm_forward(const exec::cuda& ex, std::type_identity_t<view<const T, de
   const unsigned threads = 32 * N::warps_per_block;
   if (d % P == 0 && cuda_detail::layer::all_aligned(x.data(), weight.data(), y.data()))
     N::forward_kernel<P><<<grid, threads, 0, ex.stream>>>(x.data(), weight.data(), y.data(), rstd.data(), n, d, eps);
-  else
-    N::forward_kernel<1><<<grid, threads, 0, ex.stream>>>(x.data(), weight.data(), y.data(), rstd.data(), n, d, eps);
+  else N::forward_kernel<1><<<grid, threads, 0, ex.stream>>>(x.data(), weight.data(), y.data(), rstd.data(), n, d, eps);
   cuda_check_launch();
 }
 
@@ -150,8 +149,8 @@ void rmsnorm_backward(const exec::cuda& ex, std::type_identity_t<view<const T, d
   }
   // Few blocks: each adds its d partial sums to dweight once.
   const unsigned grid = cuda_detail::layer::grid_for_rows(n, N::warps_per_block, 2);
-  kernel<<<grid, 32 * N::warps_per_block, smem, ex.stream>>>(x.data(), weight.data(), rstd.data(), dy.data(),
-                                                             dx.data(), dweight.data(), n, d);
+  kernel<<<grid, 32 * N::warps_per_block, smem, ex.stream>>>(x.data(), weight.data(), rstd.data(), dy.data(), dx.data(),
+                                                             dweight.data(), n, d);
   cuda_check_launch();
 }
 

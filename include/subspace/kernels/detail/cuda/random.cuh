@@ -46,8 +46,7 @@ void fill(const exec::cuda& ex, view<T, device_space> x, std::uint64_t seed, std
   const unsigned grid = grid_for((n + 3) / 4);
   if (elementwise::aligned_to(x.data(), 4 * sizeof(T)))
     fill_kernel<true><<<grid, block_threads, 0, ex.stream>>>(n, x.data(), seed, offset, draw);
-  else
-    fill_kernel<false><<<grid, block_threads, 0, ex.stream>>>(n, x.data(), seed, offset, draw);
+  else fill_kernel<false><<<grid, block_threads, 0, ex.stream>>>(n, x.data(), seed, offset, draw);
   cuda_check_launch();
 }
 

@@ -68,12 +68,11 @@ void transform_reduce_into(const exec::cuda& ex, view<X, device_space> x, view<A
   const T* in = x.data();
   const std::int64_t n = x.numel();
   std::size_t bytes = 0;
-  cuda_check(cub::DeviceReduce::TransformReduce(nullptr, bytes, in, out.data(), n, reduce, transform, init,
-                                                ex.stream));
+  cuda_check(cub::DeviceReduce::TransformReduce(nullptr, bytes, in, out.data(), n, reduce, transform, init, ex.stream));
   // Never null: CUB reads a null pointer as "query the size".
   cuda_detail::stream_scratch scratch(bytes > 0 ? bytes : 1, ex.stream);
-  cuda_check(cub::DeviceReduce::TransformReduce(scratch.get(), bytes, in, out.data(), n, reduce, transform, init,
-                                                ex.stream));
+  cuda_check(
+      cub::DeviceReduce::TransformReduce(scratch.get(), bytes, in, out.data(), n, reduce, transform, init, ex.stream));
 }
 
 /// Runs an *_into reduction into a stream-ordered device scalar and returns it (synchronizes ex.stream).

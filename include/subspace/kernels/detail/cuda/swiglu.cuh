@@ -79,8 +79,9 @@ void swiglu_forward(const exec::cuda& ex, std::type_identity_t<view<const T, dev
   if (n == 0) return;
   constexpr int P = cuda_detail::layer::pack_width<T>;
   if (cuda_detail::layer::all_aligned(gate.data(), up.data(), h.data()))
-    cuda_detail::swiglu::forward_kernel<P><<<cuda_detail::grid_for(n / P + n % P), cuda_detail::block_threads, 0,
-                                             ex.stream>>>(gate.data(), up.data(), h.data(), n);
+    cuda_detail::swiglu::forward_kernel<P>
+        <<<cuda_detail::grid_for(n / P + n % P), cuda_detail::block_threads, 0, ex.stream>>>(gate.data(), up.data(),
+                                                                                             h.data(), n);
   else
     cuda_detail::swiglu::forward_kernel<1>
         <<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, ex.stream>>>(gate.data(), up.data(), h.data(), n);
@@ -103,9 +104,9 @@ void swiglu_backward(const exec::cuda& ex, std::type_identity_t<view<const T, de
   if (n == 0) return;
   constexpr int P = cuda_detail::layer::pack_width<T>;
   if (cuda_detail::layer::all_aligned(gate.data(), up.data(), dh.data(), dgate.data(), dup.data()))
-    cuda_detail::swiglu::backward_kernel<P><<<cuda_detail::grid_for(n / P + n % P), cuda_detail::block_threads, 0,
-                                              ex.stream>>>(gate.data(), up.data(), dh.data(), dgate.data(),
-                                                           dup.data(), n);
+    cuda_detail::swiglu::backward_kernel<P>
+        <<<cuda_detail::grid_for(n / P + n % P), cuda_detail::block_threads, 0, ex.stream>>>(
+            gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), n);
   else
     cuda_detail::swiglu::backward_kernel<1><<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, ex.stream>>>(
         gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), n);

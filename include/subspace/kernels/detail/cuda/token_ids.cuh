@@ -21,7 +21,7 @@ namespace cuda_detail::token_ids {
 inline constexpr unsigned long long no_error = std::numeric_limits<unsigned long long>::max();
 
 __global__ void pack_kernel(const std::int32_t* ids, std::uint8_t* bytes, std::int64_t n, int width,
-                                   unsigned long long* bad) {
+                            unsigned long long* bad) {
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += std::int64_t(gridDim.x) * blockDim.x) {
     const std::int32_t t = ids[i];
@@ -48,9 +48,8 @@ inline void pack_token_ids(const exec::cuda& ex, view<const std::int32_t, device
   if (ids.numel() == 0) return;
   cuda_detail::stream_scratch flag(sizeof(unsigned long long), ex.stream);
   cuda_check(cudaMemsetAsync(flag.as<void>(), 0xff, sizeof(unsigned long long), ex.stream));  // no_error
-  cuda_detail::token_ids::pack_kernel<<<cuda_detail::grid_for(ids.numel()), cuda_detail::block_threads, 0,
-                                        ex.stream>>>(ids.data(), bytes.data(), ids.numel(), width,
-                                                     flag.as<unsigned long long>());
+  cuda_detail::token_ids::pack_kernel<<<cuda_detail::grid_for(ids.numel()), cuda_detail::block_threads, 0, ex.stream>>>(
+      ids.data(), bytes.data(), ids.numel(), width, flag.as<unsigned long long>());
   cuda_check_launch();
   unsigned long long first = cuda_detail::token_ids::no_error;
   cuda_check(cudaMemcpyAsync(&first, flag.as<void>(), sizeof first, cudaMemcpyDeviceToHost, ex.stream));
@@ -64,8 +63,9 @@ inline void unpack_token_ids(const exec::cuda& ex, view<const std::uint8_t, devi
                              view<std::int32_t, device_space> ids, int width) {
   detail::token_ids::check(ids.numel(), bytes.numel(), width, "unpack_token_ids");
   if (ids.numel() == 0) return;
-  cuda_detail::token_ids::unpack_kernel<<<cuda_detail::grid_for(ids.numel()), cuda_detail::block_threads, 0,
-                                          ex.stream>>>(bytes.data(), ids.data(), ids.numel(), width);
+  cuda_detail::token_ids::
+      unpack_kernel<<<cuda_detail::grid_for(ids.numel()), cuda_detail::block_threads, 0, ex.stream>>>(
+          bytes.data(), ids.data(), ids.numel(), width);
   cuda_check_launch();
 }
 

@@ -17,8 +17,7 @@ namespace subspace::optim::detail {
 /// Grid-stride loop over n elements. `working` may be null.
 template <class G>
 __global__ void adamw_kernel(float* __restrict__ master, const G* __restrict__ grad, float* __restrict__ m,
-                             float* __restrict__ v, bf16* __restrict__ working, std::int64_t n,
-                             adamw_coefficients c) {
+                             float* __restrict__ v, bf16* __restrict__ working, std::int64_t n, adamw_coefficients c) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     float p = master[i], mi = m[i], vi = v[i];
