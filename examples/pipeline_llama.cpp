@@ -74,7 +74,7 @@ struct options : examples::model_flags, examples::data_flags {
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
   std::int64_t eval_every = 50, eval_batches = 10, log_every = 1, checkpoint_every = 0;
-  std::string metrics, summary, checkpoint_dir, resume;
+  std::string metrics, summary, checkpoint_dir, resume, export_hf;
   std::int64_t samples = 1, sample_tokens = 200;
   std::string prompt = "And God said";
   float temperature = 0.8f;
@@ -459,16 +459,29 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
   return 0;
 }
 
-/// The whole model from the gathered stage tensors (the same blocks), sampling text.
-template <class Model, class Blocks>
-void print_samples(const options& o, const setup& s, const Blocks& blocks, gathered& g) {
-  if (o.samples == 0 || o.sample_tokens == 0) return;
-  nn::llama<exec::host, float, Blocks> whole(s.cfg, exec::host{s.threads_per_rank ? s.threads_per_rank : 1},
-                                             nn::llama_stage{}, nullptr, blocks);
+/// The whole model from the gathered stage tensors (the same blocks, on the host): --export-hf writes it as a plain
+/// Llama (a Subspace Network's constrained tensors multiplied out, nn::export_dense), then it samples text.
+template <class Blocks>
+void finish(const options& o, const setup& s, const Blocks& blocks, gathered& g) {
+  if (o.export_hf.empty() && (o.samples == 0 || o.sample_tokens == 0)) return;
+  const exec::host ex{s.threads_per_rank ? s.threads_per_rank : 1};
+  nn::llama<exec::host, float, Blocks> whole(s.cfg, ex, nn::llama_stage{}, nullptr, blocks);
   auto& store = whole.parameters();
-  store.allocate(exec::host{});
+  store.allocate(ex);
   for (std::size_t i = 0; i < store.size(); ++i)
-    copy(exec::host{}, view<const float, host_space>(g.tensors.at(store.info(i).name).v()), store.value(i));
+    copy(ex, view<const float, host_space>(g.tensors.at(store.info(i).name).v()), store.value(i));
+  if (!o.export_hf.empty()) {
+    if constexpr (std::is_same_v<Blocks, nn::subspace_blocks>) {
+      nn::llama<exec::host, float> plain(s.cfg, ex);
+      plain.parameters().allocate(ex);
+      nn::export_dense(ex, blocks, store, plain.parameters());
+      io::save_model(ex, o.export_hf, s.cfg, plain);
+    } else {
+      io::save_model(ex, o.export_hf, s.cfg, whole);
+    }
+    std::printf("exported the model as a Hugging Face Llama to %s\n", o.export_hf.c_str());
+  }
+  if (o.samples == 0 || o.sample_tokens == 0) return;
   const data::byte_tokenizer bytes;
   const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
   require(!s.src.bytes || !prompt.empty(), "--prompt must not be empty");
@@ -535,7 +548,7 @@ int run_local(const options& o, setup& s) {
         return run_rank<model_t>(execs[std::size_t(r)], world[std::size_t(r)], stats[std::size_t(r)], compressor,
                                  blocks, o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
       });
-      if (st == 0) print_samples<model_t>(o, s, blocks, g);
+      if (st == 0) finish(o, s, blocks, g);
       return st;
     });
   }
@@ -582,7 +595,8 @@ int run_nccl(const options& o) {
           using model_t = typename decltype(model_tag)::type;
           return run_rank<model_t>(ex, world, stats, compressor, blocks, o, s, nullptr, metrics ? &*metrics : nullptr);
         });
-    if (li.rank == 0 && o.samples > 0) std::printf("(samples: run with --launcher local, or load a checkpoint)\n");
+    if (li.rank == 0 && (o.samples > 0 || !o.export_hf.empty()))
+      std::printf("(samples and --export-hf: run with --launcher local)\n");
     cuda_check(cudaStreamSynchronize(st));
     return status;
   } catch (const std::exception& e) {
@@ -656,6 +670,8 @@ int main(int argc, char** argv) {
             "the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("resume", o.resume, "continue exactly from a checkpoint saved with the same layout (DIR/step_N)")
+      .flag("export-hf", o.export_hf, "at the end, write the model as a plain Hugging Face Llama directory (a "
+            "Subspace Network's E_fix + E Uᵀ and U Z multiplied out; --launcher local)")
       .flag("samples", o.samples, "text samples to print at the end (--launcher local)")
       .flag("sample-tokens", o.sample_tokens, "tokens per sample")
       .flag("prompt", o.prompt, "prompt of the samples")

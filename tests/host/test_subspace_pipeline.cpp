@@ -421,3 +421,28 @@ TEST_CASE(
       },
       lo);
 }
+
+TEST_CASE("subspace blocks: export_dense gives the plain Llama of the same function (both variants)") {
+  const nn::llama_config cfg = four_layers();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const testing::token_batch batch_data(2, 12, cfg.vocab, seed + 5);
+  const auto check = [&]<class T>(nn::subspace_variant variant, double tolerance) {
+    const auto codec = codec_for(cfg, 6, compress::wire_dtype::compute, seed);
+    const nn::subspace_blocks blocks(codec, 2, variant);
+    ssn_model<T> ssn(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks);
+    ssn.init(seed);
+    if (variant == nn::subspace_variant::projected) ssn.after_step();  // W in span(U), as after any step
+    nn::llama<exec::host, T> plain(cfg, exec::host{1});
+    plain.parameters().allocate(exec::host{});
+    nn::export_dense(exec::host{}, blocks, ssn.parameters(), plain.parameters());
+    const double a = ssn.evaluate(batch_data.tok(), batch_data.tgt()), b = plain.evaluate(batch_data.tok(), batch_data.tgt());
+    CAPTURE(a);
+    CAPTURE(b);
+    CHECK(std::abs(a - b) <= tolerance * std::abs(a));
+  };
+  check.operator()<double>(nn::subspace_variant::reparameterised, 1e-12);
+  check.operator()<double>(nn::subspace_variant::projected, 1e-12);
+  check.operator()<float>(nn::subspace_variant::reparameterised, 1e-5);
+  check.operator()<float>(nn::subspace_variant::projected, 1e-5);
+}

@@ -33,6 +33,7 @@
 #include "../core/tensor.hpp"
 #include "../kernels/elementwise.hpp"
 #include "../kernels/embedding.hpp"
+#include "../kernels/fixed_embedding.hpp"
 #include "../kernels/gemm.hpp"
 #include "../kernels/subspace_projection.hpp"
 #include "block_policies.hpp"
@@ -359,5 +360,50 @@ class subspace_blocks {
   subspace_variant variant_;
   mutable std::shared_ptr<void> state_;
 };
+
+/// Writes into `dense` (the parameter store of a plain nn::llama of the same configuration, allocated) the plain
+/// Llama that computes what the Subspace Network with `ssn`'s tensors computes (a store of the whole constrained
+/// model, or the union of its stages' tensors, made with `blocks`): the embedding E_fix + E·Uᵀ, each constrained
+/// projection U·Z (reparameterised) or U·Uᵀ·W (projected), every other tensor as it is. A checkpoint of the
+/// result is an ordinary Llama (Hugging Face's LlamaForCausalLM loads it). Host stores of float or double.
+template <class SsnStore, class DenseStore>
+void export_dense(const exec::host& ex, const subspace_blocks& blocks, SsnStore& ssn, DenseStore& dense) {
+  using T = typename DenseStore::value_type;
+  const compress::subspace_projection& codec = blocks.codec();
+  const auto basis = codec.basis_on<T>(ex);
+  const auto source = [&](const std::string& name) {
+    const auto i = ssn.find(name);
+    require(i.has_value(), [&] { return "nn::export_dense: the subspace model has no tensor '" + name + "'"; });
+    return view<const typename SsnStore::value_type, host_space>(ssn.value(*i));
+  };
+  const auto factor_name = [](const std::string& name) {
+    return name.substr(0, name.size() - std::string("weight").size()) + "subspace_weight";
+  };
+  for (std::size_t i = 0; i < dense.size(); ++i) {
+    const std::string& name = dense.info(i).name;
+    const view<T, host_space> out = dense.value(i);
+    const bool projection = name.ends_with(".self_attn.o_proj.weight") || name.ends_with(".mlp.down_proj.weight");
+    if (name == "model.embed_tokens.weight" && ssn.find(factor_name(name))) {
+      // Row t of the plain table is E_fix[t] + E[t]·Uᵀ: the rebuild of coefficients E at tokens 0 .. V-1.
+      const auto e = source(factor_name(name));
+      host_tensor<std::int32_t> ids({e.dim(0)});
+      for (std::int64_t t = 0; t < e.dim(0); ++t) ids.data()[t] = std::int32_t(t);
+      host_tensor<T> coefficients(e.shape());
+      cast(ex, e, coefficients.v());
+      subspace_rebuild(ex, codec.fixed_embedding_on(ex), view<const std::int32_t, host_space>(ids.v()),
+                       view<const T, host_space>(coefficients.v()), basis, out);
+    } else if (projection && ssn.find(factor_name(name))) {
+      gemm(ex, op::none, op::none, 1.0f, basis, source(factor_name(name)), 0.0f, out);  // U·Z
+    } else if (projection && blocks.variant() == subspace_variant::projected &&
+               blocks.constrained(std::stoll(name.substr(std::string("model.layers.").size())))) {
+      const auto w = source(name);  // U·(Uᵀ·W)
+      host_tensor<T> c({codec.k(), w.dim(1)});
+      gemm(ex, op::transpose, op::none, 1.0f, basis, w, 0.0f, c.v());
+      gemm(ex, op::none, op::none, 1.0f, basis, view<const T, host_space>(c.v()), 0.0f, out);
+    } else {
+      cast(ex, source(name), out);
+    }
+  }
+}
 
 }  // namespace subspace::nn
