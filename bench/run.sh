@@ -9,7 +9,8 @@
 # Phases: tests (ctest without the gpu label), gpu (the GPU suite: ctest -L gpu), main (the main job on
 # CUDA), hf (tests/hf: our checkpoints against transformers), gemm, attention, comm, llama_step, gossip (the
 # benchmarks; gossip: data-parallel all-reduce against each gossip topology, 8 ranks on the GPU, throttled 1 and
-# 25 Gbit/s), torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
+# 25 Gbit/s; pipeline: dense against Subspace Network boundaries — bytes, step times over modelled links, and the
+# fidelity of bench/pipeline/fidelity.sh), torch (bench/llama_step/torch_reference.py, skipped when python3 cannot import torch), galore60m
 # (bench/galore_60m: AdamW vs GaLore vs GoLore@20% on Llama-60M; SUBSPACE_GALORE_STEPS steps, default 1000).
 # The build covers only the targets the chosen phases need (all of them when `tests` is chosen; none for `torch`
 # alone).
@@ -20,7 +21,7 @@ commit="${SUBSPACE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo u
 jobs="$(nproc 2>/dev/null || echo 4)"
 status=0
 
-all_phases="tests gpu main hf gemm attention comm llama_step gossip torch galore60m"
+all_phases="tests gpu main hf gemm attention comm llama_step gossip pipeline torch galore60m"
 read -r -a chosen <<<"${SUBSPACE_BENCH_ONLY:-$all_phases}"
 for p in "${chosen[@]}"; do
   [[ " $all_phases " == *" $p "* ]] ||
@@ -44,7 +45,8 @@ if ! want tests; then
   want gpu && targets+=(subspace_cuda_tests)
   { want main || want galore60m; } && targets+=(train_llama)
   want hf && targets+=(llama_eval)
-  for b in gemm attention comm llama_step gossip; do want "$b" && targets+=("bench_$b"); done
+  for b in gemm attention comm llama_step gossip pipeline; do want "$b" && targets+=("bench_$b"); done
+  want pipeline && targets+=(pipeline_llama)
 fi
 if want tests || [ "${#targets[@]}" -gt 0 ]; then
   SUBSPACE_PRESET=cuda source scripts/setup.sh || exit 1
@@ -94,6 +96,14 @@ want llama_step && { echo "== bench_llama_step"; run_logged bench_llama_step.log
   build/cuda/bench/bench_llama_step --commit "$commit" --out "$out/llama_step.json"; }
 want gossip && { echo "== bench_gossip"; run_logged bench_gossip.log 900 20 \
   build/cuda/bench/bench_gossip --commit "$commit" --out "$out/gossip.json"; }
+if want pipeline; then
+  echo "== bench_pipeline: boundary bytes at the 2B width, step times over 80 Mbit/s .. 100 Gbit/s, fidelity"
+  run_logged bench_pipeline_bytes.log 900 8 build/cuda/bench/bench_pipeline --configs 2b --layers 4 --seq 1024 \
+    --bandwidths gbit100 --wires fp32,bf16 --bytes-only --commit "$commit" --out "$out/pipeline_bytes.json"
+  run_logged bench_pipeline.log 1800 16 build/cuda/bench/bench_pipeline --commit "$commit" --out "$out/pipeline.json"
+  run_logged pipeline_fidelity.log 1800 6 bash bench/pipeline/fidelity.sh build/cuda/examples/pipeline_llama \
+    "$out/pipeline_fidelity.json" "$commit"
+fi
 
 if want torch; then
   if python3 -c 'import torch' 2>/dev/null; then
