@@ -670,7 +670,8 @@ int main(int argc, char** argv) {
             "the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("resume", o.resume, "continue exactly from a checkpoint saved with the same layout (DIR/step_N)")
-      .flag("export-hf", o.export_hf, "at the end, write the model as a plain Hugging Face Llama directory (a "
+      .flag("export-hf", o.export_hf,
+            "at the end, write the model as a plain Hugging Face Llama directory (a "
             "Subspace Network's E_fix + E Uᵀ and U Z multiplied out; --launcher local)")
       .flag("samples", o.samples, "text samples to print at the end (--launcher local)")
       .flag("sample-tokens", o.sample_tokens, "tokens per sample")

@@ -436,7 +436,8 @@ TEST_CASE("subspace blocks: export_dense gives the plain Llama of the same funct
     nn::llama<exec::host, T> plain(cfg, exec::host{1});
     plain.parameters().allocate(exec::host{});
     nn::export_dense(exec::host{}, blocks, ssn.parameters(), plain.parameters());
-    const double a = ssn.evaluate(batch_data.tok(), batch_data.tgt()), b = plain.evaluate(batch_data.tok(), batch_data.tgt());
+    const double a = ssn.evaluate(batch_data.tok(), batch_data.tgt()),
+                 b = plain.evaluate(batch_data.tok(), batch_data.tgt());
     CAPTURE(a);
     CAPTURE(b);
     CHECK(std::abs(a - b) <= tolerance * std::abs(a));

@@ -1,0 +1,299 @@
+#pragma once
+// One pre-norm Llama layer (nn::llama_block) and what the model and its layers share: the gradient type, the
+// activation arena, the policy hooks. nn/llama.hpp builds the model from these; the narrative is at its top.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/executor.hpp"
+#include "../core/parameter.hpp"
+#include "../core/tensor.hpp"
+#include "../kernels/detail/layer_checks.hpp"
+#include "../kernels/elementwise.hpp"
+#include "../kernels/gemm.hpp"
+#include "../kernels/loss.hpp"
+#include "../kernels/norm.hpp"
+#include "../kernels/reduce.hpp"
+#include "../kernels/rope.hpp"
+#include "../kernels/swiglu.hpp"
+#include "block_policies.hpp"
+#include "config.hpp"
+#include "parameters.hpp"
+namespace subspace::nn {
+
+/// The weight-gradient type of a model on Exec with weights T: T on the host, fp32 in device memory.
+template <class Exec, class T>
+using grad_t = std::conditional_t<std::is_same_v<space_of_t<Exec>, device_space>, float, T>;
+namespace detail {
+
+/// Carves typed views out of one byte allocation, each 256-byte aligned. Measure with a null base, allocate
+/// bytes(), then carve the same sequence again from the real base.
+template <class Space>
+class arena {
+ public:
+  static constexpr std::size_t alignment = 256;
+  explicit arena(std::byte* base = nullptr) : base_(base) {}
+
+  template <class U>
+  view<U, Space> take(const shape& s) {
+    offset_ = (offset_ + alignment - 1) / alignment * alignment;
+    U* p = base_ ? reinterpret_cast<U*>(base_ + offset_) : nullptr;
+    offset_ += std::size_t(s.numel()) * sizeof(U);
+    return view<U, Space>(p, s);
+  }
+  std::size_t bytes() const { return offset_; }
+
+ private:
+  std::byte* base_;
+  std::size_t offset_ = 0;
+};
+
+/// The read-only view of v (what the policies' inputs are).
+template <class U, class Space>
+view<const U, Space> ro(view<U, Space> v) {
+  return v;
+}
+
+/// y <- x, converted when the element types differ.
+template <class Exec, class X, class Y, class Space>
+void convert_into(const Exec& ex, view<const X, Space> x, view<Y, Space> y) {
+  if constexpr (std::is_same_v<X, Y>) copy(ex, x, y);
+  else cast(ex, x, y);
+}
+
+/// The tensor a Blocks factory declares in place of the dense `info` (factory.parameter, when it has one).
+template <class Blocks, class Site>
+parameter_info parameter_for(const Blocks& blocks, const Site& site, const parameter_info& info) {
+  if constexpr (requires {
+                  { blocks.parameter(site, info) } -> std::convertible_to<parameter_info>;
+                })
+    return blocks.parameter(site, info);
+  else return info;
+}
+
+/// p.enter(ex, site, in, x) / p.leave(ex, site, x, out) when the residual policy has them, else conversions.
+template <class P, class Exec, class Site, class B, class T, class Space>
+void enter_stream(P& p, const Exec& ex, const Site& site, view<const B, Space> in, view<T, Space> x) {
+  if constexpr (requires { p.enter(ex, site, in, x); }) p.enter(ex, site, in, x);
+  else convert_into(ex, in, x);
+}
+template <class P, class Exec, class Site, class T, class B, class Space>
+void leave_stream(P& p, const Exec& ex, const Site& site, view<const T, Space> x, view<B, Space> out) {
+  if constexpr (requires { p.leave(ex, site, x, out); }) p.leave(ex, site, x, out);
+  else convert_into(ex, x, out);
+}
+
+/// Calls p.bind(store) / p.after_step(ex, store) when the policy has them.
+template <class P, class Store>
+void bind_policy(P& p, Store& store) {
+  if constexpr (requires { p.bind(store); }) p.bind(store);
+}
+template <class P, class Exec, class Store>
+void after_step_policy(P& p, const Exec& ex, Store& store) {
+  if constexpr (requires { p.after_step(ex, store); }) p.after_step(ex, store);
+}
+
+}  // namespace detail
+
+/// One pre-norm Llama layer: its parameters (indices into the store, and views bound from them), its policies,
+/// and its forward and backward passes over activations the model owns.
+template <class Exec, class T, class Blocks = dense_blocks>
+class llama_block {
+ public:
+  using space = space_of_t<Exec>;
+  using grad_type = grad_t<Exec, T>;
+  using stat_type = accum_t<T>;
+  using param = parameter<T, grad_type, space>;
+  using store_type = parameter_store<T, grad_type, space>;
+  using site_type = block_site<store_type>;
+  using attention_type = decltype(std::declval<const Blocks&>().attention(std::declval<const site_type&>()));
+  using projection_type = decltype(std::declval<const Blocks&>().projection(std::declval<const site_type&>(),
+                                                                            projection_site::attention_output));
+  using residual_type = decltype(std::declval<const Blocks&>().residual(std::declval<const site_type&>()));
+
+  static_assert(AttentionPolicy<attention_type, Exec, T>,
+                "llama: the attention policy must provide forward(ex, attention_forward_args) and backward(ex, "
+                "attention_backward_args) (see nn/block_policies.hpp)");
+  static_assert(ProjectionPolicy<projection_type, Exec, T, grad_type>,
+                "llama: the projection policy must provide forward(ex, x, w, y) and backward(ex, x, w, dy, dx, dw) "
+                "(see nn/block_policies.hpp)");
+  static_assert(ResidualPolicy<residual_type, Exec, T>,
+                "llama: the residual policy must provide forward(ex, site, x, y) and backward(ex, site, dy) (see "
+                "nn/block_policies.hpp)");
+
+  /// The sizes a block needs from the configuration.
+  struct dims {
+    std::int64_t d = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn = 0;
+    float eps = 1e-5f;
+  };
+
+  /// What one layer saves in forward for its backward pass. N = B·S rows.
+  struct activations {
+    view<T, space> ln1;             // [N, d] input_layernorm(x)
+    view<stat_type, space> rstd1;   // [N]
+    view<T, space> q, k, v;         // [B, S, Hq | Hkv, hd], q and k after RoPE
+    view<T, space> att;             // [B, S, Hq, hd] attention output (o_proj's input)
+    view<stat_type, space> lse;     // [B, Hq, S]
+    view<T, space> mid;             // [N, d] x + attention branch
+    view<T, space> ln2;             // [N, d] post_attention_layernorm(mid)
+    view<stat_type, space> rstd2;   // [N]
+    view<T, space> gate, up, hact;  // [N, f] gate_proj, up_proj, silu(gate) * up
+  };
+
+  /// Backward scratch, shared by every layer (overwritten layer by layer).
+  struct scratch {
+    view<T, space> dx, dln;            // [N, d]
+    view<T, space> dq, datt;           // [B, S, Hq, hd]
+    view<T, space> dk, dv;             // [B, S, Hkv, hd]
+    view<T, space> dgate, dup, dhact;  // [N, f]
+  };
+
+  /// The batch geometry, positions, RoPE table and token ids of one call.
+  struct context {
+    std::int64_t batch = 0, seq = 0;
+    std::size_t slot = 0;  // the micro-batch's activation slot
+    std::span<const position_chunk> positions;
+    view<const float, space> inv_freq;       // [hd / 2]
+    view<const std::int32_t, space> tokens;  // [N]
+  };
+
+  /// Layer `layer` of `cfg`: declares its nine tensors in `store` (their infos come from the whole model's list,
+  /// `infos`, starting at `first_info`) and makes its policies.
+  llama_block(const llama_config& cfg, std::int64_t layer, const std::vector<parameter_info>& infos,
+              std::size_t first_info, store_type& store, const Blocks& blocks)
+      : layer_(layer),
+        size{cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.ffn_hidden, cfg.norm_eps},
+        first_(declare(infos, first_info, store, blocks, site_type{layer, cfg, store})),
+        attention(blocks.attention(site_type{layer, cfg, store})),
+        o_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::attention_output)),
+        down_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::mlp_output)),
+        residual(blocks.residual(site_type{layer, cfg, store})) {}
+
+  /// Views of the block's tensors from `store` (after it allocated) and the policies' bind.
+  void bind(store_type& store) {
+    param* const slots[per_layer] = {&q_proj,    &k_proj,          &v_proj,
+                                     &o_proj,    &gate_proj,       &up_proj,
+                                     &down_proj, &input_layernorm, &post_attention_layernorm};
+    for (std::size_t i = 0; i < per_layer; ++i) *slots[i] = store[first_ + i];
+    detail::bind_policy(attention, store);
+    detail::bind_policy(o_projection, store);
+    detail::bind_policy(down_projection, store);
+    detail::bind_policy(residual, store);
+  }
+  void after_step(const Exec& ex, store_type& store) {
+    detail::after_step_policy(attention, ex, store);
+    detail::after_step_policy(o_projection, ex, store);
+    detail::after_step_policy(down_projection, ex, store);
+    detail::after_step_policy(residual, ex, store);
+  }
+
+  static constexpr std::size_t per_layer = 9;  // q, k, v, o, gate, up, down, two norms
+  /// The block's tensors are store indices [first_parameter(), first_parameter() + per_layer).
+  std::size_t first_parameter() const { return first_; }
+  std::int64_t layer() const { return layer_; }
+
+ private:
+  std::int64_t layer_;
+
+ public:
+  dims size{};
+
+ private:
+  std::size_t first_;
+
+ public:
+  // Parameters, in Hugging Face's order.
+  param q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm;
+
+  // Policies.
+  attention_type attention;
+  projection_type o_projection, down_projection;  // the two projections that write into the residual stream
+  residual_type residual;
+
+  /// y = x + attention branch + MLP branch, saving what backward needs in `a`.
+  void forward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> y) {
+    using detail::ro;
+    const std::int64_t n = c.batch * c.seq;
+    rmsnorm_forward(ex, x, ro(input_layernorm.value), size.eps, a.ln1, a.rstd1);
+    linear(ex, a.ln1, q_proj, a.q);
+    linear(ex, a.ln1, k_proj, a.k);
+    linear(ex, a.ln1, v_proj, a.v);
+    attention.forward(ex, attention_forward_args<T, space>{a.q, a.k, ro(a.v), a.att, a.lse, c.positions, c.inv_freq});
+    o_projection.forward(ex, ro(rows(a.att, n)), ro(o_proj.value), a.mid);
+    residual.forward(ex, site(c, sublayer::attention), x, a.mid);  // mid = x + o_proj(att)
+
+    rmsnorm_forward(ex, ro(a.mid), ro(post_attention_layernorm.value), size.eps, a.ln2, a.rstd2);
+    linear(ex, a.ln2, gate_proj, a.gate);
+    linear(ex, a.ln2, up_proj, a.up);
+    swiglu_forward(ex, ro(a.gate), ro(a.up), a.hact);
+    down_projection.forward(ex, ro(a.hact), ro(down_proj.value), y);
+    residual.forward(ex, site(c, sublayer::mlp), ro(a.mid), y);  // y = mid + down_proj(hact)
+  }
+
+  /// On entry dres = dL/dy; on return dres = dL/dx. Weight gradients accumulate.
+  void backward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> dres,
+                const scratch& s) {
+    using detail::ro;
+    const std::int64_t n = c.batch * c.seq;
+    // MLP branch: y = mid + down(silu(gate(n2)) * up(n2)).
+    residual.backward(ex, site(c, sublayer::mlp), dres);
+    down_projection.backward(ex, ro(a.hact), ro(down_proj.value), ro(dres), s.dhact, down_proj.grad);
+    swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
+    linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f);
+    linear_backward(ex, a.ln2, up_proj, s.dup, s.dln, 1.0f);
+    rmsnorm_backward(ex, ro(a.mid), ro(post_attention_layernorm.value), ro(a.rstd2), ro(s.dln), s.dx,
+                     post_attention_layernorm.grad);
+    axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dmid
+
+    // Attention branch: mid = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1))).
+    residual.backward(ex, site(c, sublayer::attention), dres);
+    const view<T, space> datt_rows = rows(s.datt, n);
+    o_projection.backward(ex, ro(rows(a.att, n)), ro(o_proj.value), ro(dres), datt_rows, o_proj.grad);
+    attention.backward(ex, attention_backward_args<T, space>{ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse),
+                                                             ro(s.datt), s.dq, s.dk, s.dv, c.positions, c.inv_freq});
+    linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f);
+    linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f);
+    linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f);
+    rmsnorm_backward(ex, x, ro(input_layernorm.value), ro(a.rstd1), ro(s.dln), s.dx, input_layernorm.grad);
+    axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dx
+  }
+
+ private:
+  static std::size_t declare(const std::vector<parameter_info>& infos, std::size_t first, store_type& store,
+                             const Blocks& blocks, const site_type& site) {
+    const std::size_t index = store.size();
+    for (std::size_t i = 0; i < per_layer; ++i) store.add(detail::parameter_for(blocks, site, infos[first + i]));
+    return index;
+  }
+
+  stream_site<space> site(const context& c, sublayer which) const { return {layer_, which, c.slot, c.tokens}; }
+
+  /// A [B, S, H, hd] buffer as its [N, H·hd] rows (or an [N, k] buffer as itself).
+  static view<T, space> rows(view<T, space> v, std::int64_t n) { return v.reshape(shape{n, v.numel() / n}); }
+
+  /// out = in · wᵀ, out of any contiguous shape with N rows.
+  static void linear(const Exec& ex, view<T, space> in, const param& w, view<T, space> out) {
+    const std::int64_t n = in.dim(0);
+    gemm(ex, op::none, op::transpose, 1.0f, detail::ro(in), detail::ro(w.value), 0.0f, rows(out, n));
+  }
+
+  /// din = beta · din + dout · w and w.grad += doutᵀ · in (dout of any contiguous shape with N rows).
+  static void linear_backward(const Exec& ex, view<T, space> in, const param& w, view<T, space> dout,
+                              view<T, space> din, float beta) {
+    const std::int64_t n = in.dim(0);
+    const view<const T, space> d = detail::ro(rows(dout, n));
+    gemm(ex, op::none, op::none, 1.0f, d, detail::ro(w.value), beta, din);
+    gemm(ex, op::transpose, op::none, 1.0f, d, detail::ro(in), 1.0f, w.grad);
+  }
+};
+
+}  // namespace subspace::nn
