@@ -19,6 +19,7 @@
 #include <subspace/nn/llama.hpp>
 #include <subspace/nn/subspace_blocks.hpp>
 #include <subspace/pipeline/gpipe.hpp>
+#include <subspace/pipeline/interleaved.hpp>
 #include <subspace/pipeline/layout.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
@@ -116,7 +117,7 @@ double pipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks,
       p,
       [&](comm::local& world) {
         pipeline::pipeline_trainer t(
-            pipeline::llama_chunks<ssn_model<T>>(cfg, exec::host{1}, p, 1, world.rank(), blocks),
+            pipeline::llama_chunks<ssn_model<T>>(cfg, exec::host{1}, p, scheduler.chunks(), world.rank(), blocks),
             subspace::stack{
                 .communicator = world, .compressor = codec, .scheduler = scheduler, .optimizer = optim::adamw{}},
             pipeline::trainer_options{});
@@ -161,6 +162,19 @@ TEST_CASE("subspace pipeline: GPipe and 1F1B over 2-4 stages equal the unpipelin
       for (const auto& [name, g] : whole.grads) {
         CAPTURE(name);
         CHECK(rel_diff(piped.grads.at(name), g) <= 1e-12);
+      }
+    }
+    if (p == 2) {  // interleaved: 2 ranks x 2 chunks, the 4 layers one per virtual stage, 3 of them constrained
+      const nn::subspace_blocks four(codec, last_stage_start(cfg, 4));
+      named whole4, piped4;
+      auto d4 = text.train(batch, seq);
+      const double want = unpipelined<double>(cfg, four, seed, d4, 4, whole4);
+      const double got = pipelined<double>(cfg, four, codec, pipeline::interleaved_1f1b{4, 2, 2}, seed, text, batch,
+                                           seq, piped4);
+      CHECK(std::abs(got - want) <= 1e-12 * want);
+      for (const auto& [name, g] : whole4.grads) {
+        CAPTURE(name);
+        CHECK(rel_diff(piped4.grads.at(name), g) <= 1e-12);
       }
     }
     // The default fp32 wire rounds the coefficients once per boundary and direction.
