@@ -290,6 +290,8 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
   to.clip = o.clip;
   to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
                  optim::parse_decay(o.decay)};
+  if constexpr (std::is_same_v<Compressor, compress::identity> && std::is_same_v<typename Model::value_type, bf16>)
+    to.wire_values = pipeline::wire_format::values_as::bf16;  // the dense bf16 stream, without loss
   pipeline::pipeline_trainer t(pipeline::llama_chunks<Model>(s.cfg, ex, o.stages, s.chunks, stage, blocks),
                                subspace::stack{.communicator = comm::throttled<Comm>(std::move(world), s.net),
                                                .compressor = std::move(compressor),

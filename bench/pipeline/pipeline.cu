@@ -75,6 +75,8 @@ measured run_rank(const options& o, const nn::llama_config& cfg, const Compresso
   const exec::cuda ex{stream};
   pipeline::trainer_options to;
   to.schedule = {3e-4f, 3e-4f, 0, steps + warmup, optim::decay_kind::constant};
+  if constexpr (std::is_same_v<Compressor, compress::identity>)
+    to.wire_values = pipeline::wire_format::values_as::bf16;  // the dense bf16 stream, without loss
   pipeline::pipeline_trainer t(pipeline::llama_chunks<Model>(cfg, ex, p, 1, r, blocks),
                                subspace::stack{.communicator = comm::throttled<comm::local>(std::move(world), net),
                                                .compressor = compressor,

@@ -256,7 +256,7 @@ TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the
   }
 }
 
-TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per micro-batch") {
+TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per micro-batch, in the wire type") {
   using model = nn::llama<exec::host, float>;
   const genesis text;
   const nn::llama_config cfg = eight_layers();
@@ -268,20 +268,24 @@ TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per
   std::vector<comm::throttled<comm::local>> links;
   for (comm::local& c : world) links.emplace_back(std::move(c), comm::network{});
   std::vector<std::uint64_t> sent(p);
+  pipeline::trainer_options o;
+  SUBCASE("as the boundary type") {}
+  SUBCASE("as bf16") { o.wire_values = pipeline::wire_format::values_as::bf16; }
   comm::local::run_ranks(links, [&](comm::throttled<comm::local>& c) {
     pipeline::pipeline_trainer t(pipeline::llama_chunks<model>(cfg, exec::host{1}, p, 1, c.rank()),
                                  subspace::stack{.communicator = c,
                                                  .compressor = compress::identity{},
                                                  .scheduler = pipeline::one_f_one_b{m, p},
                                                  .optimizer = optim::adamw{}},
-                                 pipeline::trainer_options{});
+                                 o);
     t.init(1);
     const std::uint64_t before = c.metrics()[comm::op_kind::send].bytes_sent;
     auto d = text.train(batch, seq);
-    t.compute_gradients(d);
+    CHECK(std::isfinite(t.compute_gradients(d)));
     sent[std::size_t(c.rank())] = c.metrics()[comm::op_kind::send].bytes_sent - before;
   });
-  const std::uint64_t boundary = std::uint64_t(batch * seq * cfg.d_model) * sizeof(float) * std::uint64_t(m);
+  const std::size_t value_bytes = o.wire_values ? 2 : sizeof(float);
+  const std::uint64_t boundary = std::uint64_t(batch * seq * cfg.d_model) * value_bytes * std::uint64_t(m);
   // Interior stages send activations forward and gradients backward; the ends one direction each. The scalars
   // of the loss and norm reductions are collectives, counted apart from the point-to-point bytes below.
   CHECK(sent[0] == boundary);

@@ -169,8 +169,8 @@ TEST_CASE("subspace pipeline: GPipe and 1F1B over 2-4 stages equal the unpipelin
       named whole4, piped4;
       auto d4 = text.train(batch, seq);
       const double want = unpipelined<double>(cfg, four, seed, d4, 4, whole4);
-      const double got = pipelined<double>(cfg, four, codec, pipeline::interleaved_1f1b{4, 2, 2}, seed, text, batch,
-                                           seq, piped4);
+      const double got =
+          pipelined<double>(cfg, four, codec, pipeline::interleaved_1f1b{4, 2, 2}, seed, text, batch, seq, piped4);
       CHECK(std::abs(got - want) <= 1e-12 * want);
       for (const auto& [name, g] : whole4.grads) {
         CAPTURE(name);

@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -47,8 +48,13 @@
 
 namespace subspace::pipeline {
 
-/// The data-parallel trainer's options (clip, learning-rate schedule, bucket size for the replica all-reduce).
-using trainer_options = dist::trainer_options;
+/// The data-parallel trainer's options (clip, learning-rate schedule, bucket size for the replica all-reduce) and
+/// how payload values travel: as the compressor asks (wire_format_of: the boundary type for compress::identity),
+/// or as bf16 / fp32. A dense bf16 model's stream holds bf16 values, so `values_as::bf16` sends it without loss
+/// at half the bytes of its fp32 boundary.
+struct trainer_options : dist::trainer_options {
+  std::optional<wire_format::values_as> wire_values;
+};
 
 template <class Model, class Stack>
 class pipeline_trainer {
@@ -85,7 +91,7 @@ class pipeline_trainer {
         group_(stack_.communicator.split(stage_, replica_index_)),
         replica_(std::move(chunks), stack_.optimizer, stack_.compressor),
         engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()),
-        transport_(pipe_, replica_.executor(), wire_format_of<boundary_type>(stack_.compressor)) {
+        transport_(pipe_, replica_.executor(), wire_of(stack_.compressor, o_)) {
     o_.validate();
     check_same_tables();
     if (replicas_ > 1) {
@@ -227,6 +233,12 @@ class pipeline_trainer {
                  std::to_string(mine[1]) + "): every rank needs the same d_model, vocab, k and seeds";
         });
     }
+  }
+
+  static wire_format wire_of(const compressor_type& c, const trainer_options& o) {
+    wire_format w = wire_format_of<boundary_type>(c);
+    if (o.wire_values) w.values = *o.wire_values;
+    return w;
   }
 
   static int replicas_of(communicator_type& world, int stages) {
