@@ -5,6 +5,7 @@
 # each run's validation-loss curve, final validation loss, its ratio to the dense run's, and the boundary bytes.
 #
 #   bash bench/pipeline/fidelity.sh PIPELINE_LLAMA OUT.json [COMMIT] [STEPS]
+#   SUBSPACE_CORPUS=kjv.txt bash bench/pipeline/fidelity.sh ...    # a text file instead of the default corpus
 #
 # The corpus is the King James Bible when its Debian package is installed, else tests/data/kjv_genesis.txt.
 set -euo pipefail
@@ -14,7 +15,9 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 text=()
 corpus="King James Bible (Debian bible-kjv-text)"
-if [ ! -e /usr/lib/bible.data ]; then
+if [ -n "${SUBSPACE_CORPUS:-}" ]; then
+  text=(--text "$SUBSPACE_CORPUS"); corpus="$(basename "$SUBSPACE_CORPUS")"
+elif [ ! -e /usr/lib/bible.data ]; then
   text=(--text "$here/../../tests/data/kjv_genesis.txt"); corpus="tests/data/kjv_genesis.txt (Genesis, KJV)"
 fi
 common=(--preset 60m --vocab 256 --stages 4 --schedule 1f1b --microbatches 4 --batch 4 --seq 256 --steps "$steps"

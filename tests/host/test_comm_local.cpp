@@ -159,7 +159,7 @@ TEST_CASE_TEMPLATE("comm::local: every collective on 1, 2, 3, 4 and 8 ranks and 
   }
 }
 
-TEST_CASE("comm::local::run_ranks: n ranks of a new world on n threads; the first failure reaches the caller") {
+TEST_CASE("comm::local::run_ranks: n ranks of a new world on n threads, the first failure reaches the caller") {
   std::vector<float> sums(4, 0.0f);
   comm::local::run_ranks(4, [&](comm::local& c) {
     host_tensor<float> x = filled<float>({3}, float(c.rank() + 1));

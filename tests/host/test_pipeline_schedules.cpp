@@ -94,7 +94,7 @@ TEST_CASE_TEMPLATE_APPLY(scheduler_conformance,
 
 // Bubble fractions are compared with the closed forms to 1e-12: every simulated time is a small integer.
 
-TEST_CASE("pipeline::gpipe: all forwards, then all backwards; bubble (p - 1)/m, all m micro-batches held") {
+TEST_CASE("pipeline::gpipe: all forwards, then all backwards, bubble (p - 1)/m, all m micro-batches held") {
   for (const int p : stage_counts)
     for (int m = 1; m <= max_microbatches; ++m) {
       CAPTURE(p);
@@ -123,7 +123,7 @@ TEST_CASE("pipeline::one_f_one_b: bubble (p - 1)/m as GPipe's, min(p - r, m) mic
     }
 }
 
-TEST_CASE("pipeline::interleaved_1f1b: bubble (p - 1)/(v m); chunks in flight per Megatron's warm-up") {
+TEST_CASE("pipeline::interleaved_1f1b: bubble (p - 1)/(v m), chunks in flight per Megatron's warm-up") {
   for (const int p : stage_counts)
     for (int v = 1; v <= 3; ++v)
       for (int m = p; m <= max_microbatches; m += p) {

@@ -164,7 +164,7 @@ TEST_CASE(
   check(pipeline::interleaved_1f1b{m, 4, 2}, 2, "interleaved, 4 ranks x 2 chunks");
 }
 
-TEST_CASE("pipeline (identity): evaluation equals the whole model's; fp32 steps track train::trainer") {
+TEST_CASE("pipeline (identity): evaluation equals the whole model's, fp32 steps track train::trainer") {
   using model = nn::llama<exec::host, float>;
   const genesis text;
   const nn::llama_config cfg = eight_layers();

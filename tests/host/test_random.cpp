@@ -120,7 +120,7 @@ TEST_CASE("random fills: a draw that rounds up to hi becomes the float below it 
   CHECK(rng::next_below(0.0f) < 0.0f);
 }
 
-TEST_CASE("portable normal: mean 0 and variance 1 over 10^7 draws; Kolmogorov-Smirnov against N(0, 1)") {
+TEST_CASE("portable normal: mean 0 and variance 1 over 10^7 draws, Kolmogorov-Smirnov against N(0, 1)") {
   // 10^7 draws: the standard errors of the mean and the variance are 3.2e-4 and 4.5e-4, so the bounds below sit
   // about 10 standard errors out and a fresh seed is safe.
   const std::uint64_t seed = testing::fresh_seed();
