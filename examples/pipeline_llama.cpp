@@ -28,10 +28,8 @@
 #endif
 
 #include <subspace/nn/subspace_blocks.hpp>
-#include <subspace/pipeline/gpipe.hpp>
-#include <subspace/pipeline/interleaved.hpp>
+#include <subspace/pipeline/any_schedule.hpp>
 #include <subspace/pipeline/layout.hpp>
-#include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
 
 #include <algorithm>
@@ -48,7 +46,6 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
-#include <variant>
 #include <vector>
 
 #include "common/cli.hpp"
@@ -83,42 +80,18 @@ struct options : examples::model_flags, examples::data_flags {
   std::uint64_t seed = 1;
 };
 
-/// The schedule --schedule names, as one Scheduler type (the plans are the same values whichever it holds).
-class chosen_schedule {
- public:
-  using plan_type = std::vector<schedule::action>;
-  explicit chosen_schedule(const options& o) : s_(make(o)) {}
-  plan_type plan(std::int64_t step, int rank) const {
-    return std::visit([&](const auto& s) { return s.plan(step, rank); }, s_);
+/// The schedule --schedule names (pipeline::any_schedule), or the flags that named a bad one.
+pipeline::any_schedule chosen_schedule(const options& o) {
+  const int v = o.schedule == "interleaved" ? o.virtual_stages : 1;
+  try {
+    return pipeline::any_schedule(o.schedule, int(o.microbatches), o.stages, v);
+  } catch (const subspace::invalid_argument& e) {
+    throw examples::cli_error("--schedule " + o.schedule + " --stages " + std::to_string(o.stages) +
+                              " --microbatches " + std::to_string(o.microbatches) +
+                              (v > 1 ? " --virtual-stages " + std::to_string(v) : std::string()) + ": " +
+                              examples::without_location(e.what()));
   }
-  int world_size() const {
-    return std::visit([](const auto& s) { return s.world_size(); }, s_);
-  }
-  /// The closed-form bubble fraction of the plan (idle time over compute time, backward twice the forward).
-  double bubble() const {
-    const double p = world_size(), m = double(std::visit([](const auto& s) { return s.microbatches(); }, s_));
-    const double v = double(std::visit([](const auto& s) { return s.chunks(); }, s_));
-    return (p - 1) / (v * m);
-  }
-
- private:
-  using any = std::variant<pipeline::gpipe, pipeline::one_f_one_b, pipeline::interleaved_1f1b>;
-  static any make(const options& o) {
-    const int m = int(o.microbatches), p = o.stages;
-    try {
-      if (o.schedule == "gpipe") return pipeline::gpipe{m, p};
-      if (o.schedule == "1f1b") return pipeline::one_f_one_b{m, p};
-      return pipeline::interleaved_1f1b{m, p, o.virtual_stages};
-    } catch (const subspace::invalid_argument& e) {
-      throw examples::cli_error(
-          "--schedule " + o.schedule + " --stages " + std::to_string(p) + " --microbatches " + std::to_string(m) +
-          (o.schedule == "interleaved" ? " --virtual-stages " + std::to_string(o.virtual_stages) : std::string()) +
-          ": " + examples::without_location(e.what()));
-    }
-  }
-  any s_;
-};
-static_assert(Scheduler<chosen_schedule>);
+}
 
 /// Everything the ranks share, decided before they start.
 struct setup {
@@ -226,11 +199,11 @@ void print_header(const options& o, const setup& s, std::size_t activation_bytes
     layout += (p ? " | " : "") + std::string("[") + std::to_string(first) + "," + std::to_string(last) + ")";
     first = last;
   }
-  const chosen_schedule sched(o);
+  const pipeline::any_schedule sched = chosen_schedule(o);
   std::printf("pipeline: %d stages%s x %d replica%s = %d ranks (%s) on %s | layers %s\n", o.stages,
               s.chunks > 1 ? (" x " + std::to_string(s.chunks) + " virtual").c_str() : "", o.dp, o.dp == 1 ? "" : "s",
               s.ranks, s.where.c_str(), s.device_name.c_str(), layout.c_str());
-  std::printf("schedule %s, %lld micro-batches of %lld x %lld tokens per step: bubble (p-1)/(v m) = %.3f\n",
+  std::printf("schedule %s, %lld micro-batches of %lld x %lld tokens per step: closed-form bubble %.3f\n",
               o.schedule.c_str(), (long long)o.microbatches, (long long)o.batch, (long long)s.seq, sched.bubble());
   const auto [fwd, bwd] = boundary_bytes_per_token(s, activation_bytes);
   const double dense = double(cfg.d_model) * double(activation_bytes);
@@ -625,8 +598,9 @@ int main(int argc, char** argv) {
       .flag("schedule", o.schedule,
             "gpipe: all forwards, then all backwards; 1f1b: one forward one backward "
             "(memory of <= stages micro-batches); interleaved: 1f1b over --virtual-stages chunks per rank (bubble / "
-            "virtual stages; --microbatches a multiple of --stages)",
-            {"gpipe", "1f1b", "interleaved"})
+            "virtual stages; --microbatches a multiple of --stages); zb: zero bubble (ZB-H1), the backward split "
+            "into its input and weight halves, the weight halves filling the bubbles",
+            {"gpipe", "1f1b", "interleaved", "zb"})
       .flag("virtual-stages", o.virtual_stages, "model chunks per rank with --schedule interleaved")
       .flag("microbatches", o.microbatches, "micro-batches per optimizer step")
       .flag("compressor", o.compressor,

@@ -5,8 +5,8 @@
 // --stages ranks (default 4) are threads of this process sharing the GPU through comm::local, each with its own
 // stream, each wrapped in comm::throttled at every --bandwidths link in --throttle mode (enforce by default: every
 // transfer completes only when the modelled link would have delivered it, so the step time includes the network).
-// Each rank trains its stage of llama<exec::cuda, bf16> with pipeline::pipeline_trainer, 1F1B, AdamW, on uniform
-// random tokens (a temporary llm.c shard).
+// Each rank trains its stage of llama<exec::cuda, bf16> with pipeline::pipeline_trainer (1F1B by default; --schedules
+// compares e.g. 1f1b,zb), AdamW, on uniform random tokens (a temporary llm.c shard).
 //
 // Reported per (config, compressor, bandwidth):
 //   * step_s: host clock per step, mean over --steps after --warmup (ranks start each step together);
@@ -36,8 +36,8 @@
 #include <vector>
 
 #include <subspace/nn/subspace_blocks.hpp>
+#include <subspace/pipeline/any_schedule.hpp>
 #include <subspace/pipeline/layout.hpp>
-#include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
 #include <subspace/subspace.hpp>
 
@@ -50,6 +50,7 @@ namespace {
 
 struct options {
   std::string configs = "124m,1b", bandwidths = "mbit80,gbit1,gbit100", wires = "fp32", throttle = "enforce";
+  std::string schedules = "1f1b";
   std::int64_t layers = 0, microbatches = 4, batch = 1, seq = 1024, k = 0;
   int stages = 4, steps = 3, warmup = 1;
   bool bytes_only = false;
@@ -66,9 +67,9 @@ constexpr std::uint64_t seed = 4321;
 
 /// Rank r's share of a scenario: trains its stage, then reports its timing and the bytes it sent to each neighbour.
 template <class Model, class Compressor, class Blocks>
-measured run_rank(const options& o, const nn::llama_config& cfg, const Compressor& compressor, const Blocks& blocks,
-                  const comm::network& net, const bench::random_shard& shard, comm::local world, cudaStream_t stream,
-                  std::barrier<>& sync) {
+measured run_rank(const options& o, const pipeline::any_schedule& schedule, const nn::llama_config& cfg,
+                  const Compressor& compressor, const Blocks& blocks, const comm::network& net,
+                  const bench::random_shard& shard, comm::local world, cudaStream_t stream, std::barrier<>& sync) {
   const int p = o.stages, r = world.rank();
   const int steps = o.bytes_only ? 1 : o.steps, warmup = o.bytes_only ? 0 : o.warmup;
   cuda_check(cudaSetDevice(0));
@@ -80,7 +81,7 @@ measured run_rank(const options& o, const nn::llama_config& cfg, const Compresso
   pipeline::pipeline_trainer t(pipeline::llama_chunks<Model>(cfg, ex, p, 1, r, blocks),
                                subspace::stack{.communicator = comm::throttled<comm::local>(std::move(world), net),
                                                .compressor = compressor,
-                                               .scheduler = pipeline::one_f_one_b{int(o.microbatches), p},
+                                               .scheduler = schedule,
                                                .optimizer = optim::adamw{}},
                                to);
   t.init(seed);
@@ -110,8 +111,9 @@ measured run_rank(const options& o, const nn::llama_config& cfg, const Compresso
 
 /// One scenario: `stages` ranks of the model on the GPU with `compressor` at the boundaries.
 template <class Model, class Compressor, class Blocks>
-measured run(const options& o, const nn::llama_config& cfg, const Compressor& compressor, const Blocks& blocks,
-             const comm::network& net, const bench::random_shard& shard) {
+measured run(const options& o, const pipeline::any_schedule& schedule, const nn::llama_config& cfg,
+             const Compressor& compressor, const Blocks& blocks, const comm::network& net,
+             const bench::random_shard& shard) {
   const int p = o.stages;
   std::vector<cudaStream_t> streams(static_cast<std::size_t>(p), nullptr);
   for (auto& st : streams) cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -122,8 +124,8 @@ measured run(const options& o, const nn::llama_config& cfg, const Compressor& co
   std::vector<measured> per_rank(static_cast<std::size_t>(p));
   std::barrier<> sync(p);
   bench::on_ranks(p, [&](int r) {
-    per_rank[std::size_t(r)] = run_rank<Model>(o, cfg, compressor, blocks, net, shard, std::move(world[std::size_t(r)]),
-                                               streams[std::size_t(r)], sync);
+    per_rank[std::size_t(r)] = run_rank<Model>(o, schedule, cfg, compressor, blocks, net, shard,
+                                               std::move(world[std::size_t(r)]), streams[std::size_t(r)], sync);
   });
   for (auto st : streams) cudaStreamDestroy(st);
   measured out = per_rank[0];
@@ -159,6 +161,7 @@ int main(int argc, char** argv) {
             {"enforce", "account"})
       .flag("k", o.k, "subspace dimension (0: the default rule, d/50 or d/100 from d 4096)")
       .flag("wires", o.wires, "subspace wire types, comma-separated: fp32, bf16")
+      .flag("schedules", o.schedules, "pipeline schedules, comma-separated: gpipe, 1f1b, zb (zero bubble)")
       .flag("steps", o.steps, "timed steps per scenario")
       .flag("warmup", o.warmup, "untimed steps per scenario")
       .toggle("bytes-only", o.bytes_only, "one step in account mode per scenario: the bytes, not the time");
@@ -181,61 +184,69 @@ int main(int argc, char** argv) {
       const bench::random_shard shard("pipeline." + name, tokens * std::uint64_t(o.steps + o.warmup + 1) + 1, cfg.vocab,
                                       seed);
       const std::int64_t uf = pipeline::even_cuts(cfg.n_layers, o.stages).back();
-      double dense_fastest = 0;
-      for (const std::string& bw : bench::split_list("--bandwidths", o.bandwidths)) {
-        const comm::network net(*examples::parse_bandwidth(bw), mode);
-        const measured d =
-            run<nn::llama<exec::cuda, bf16>>(o, cfg, compress::identity{}, nn::dense_blocks{}, net, shard);
-        dense_fastest = dense_fastest == 0 ? d.step_s : std::min(dense_fastest, d.step_s);
-        const auto report = [&](const char* compressor, const std::string& wire, std::int64_t k, const measured& m,
-                                double formula_fwd, double formula_bwd) {
-          std::printf(
-              "%-5s %-8s %-9s %-5s k %-3lld step %8.3f s  %9.0f tok/s  fwd %11llu B  bwd %11llu B  comm %8.3f s"
-              "  loss %.4f\n",
-              name.c_str(), bw.c_str(), compressor, wire.c_str(), (long long)k, m.step_s, m.tok_per_s,
-              (unsigned long long)m.forward_bytes, (unsigned long long)m.backward_bytes, m.comm_model_s, m.loss);
-          std::fflush(stdout);
-          io::json j = io::json::object({{"config", io::json(name)},
-                                         {"d_model", io::json(cfg.d_model)},
-                                         {"layers", io::json(cfg.n_layers)},
-                                         {"bandwidth", io::json(bw)},
-                                         {"compressor", io::json(compressor)},
-                                         {"wire", io::json(wire)},
-                                         {"k", io::json(k)},
-                                         {"step_s", io::json(m.step_s)},
-                                         {"tok_per_s", io::json(m.tok_per_s)},
-                                         {"boundary_bytes_forward_per_step", io::json(std::int64_t(m.forward_bytes))},
-                                         {"boundary_bytes_backward_per_step", io::json(std::int64_t(m.backward_bytes))},
-                                         {"formula_bytes_forward_per_step", io::json(formula_fwd)},
-                                         {"formula_bytes_backward_per_step", io::json(formula_bwd)},
-                                         {"comm_model_s_per_step", io::json(m.comm_model_s)},
-                                         {"final_loss", io::json(m.loss)}});
-          return j;
-        };
-        const double dense_bytes = double(tokens) * double(cfg.d_model) * 2;
-        results.push_back(report("identity", "bf16", 0, d, dense_bytes, dense_bytes));
-        for (const std::string& wire : bench::split_list("--wires", o.wires)) {
-          const compress::subspace_projection codec(
-              {cfg.d_model, cfg.vocab, o.k, seed + 1, seed + 2,
-               wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
-          const measured sm = run<nn::llama<exec::cuda, bf16, nn::subspace_blocks>>(
-              o, cfg, codec, nn::subspace_blocks(codec, uf), net, shard);
-          const double w = double(codec.wire_element_bytes(2)), kk = double(codec.k());
-          io::json j = report("subspace", wire, codec.k(), sm,
-                              double(tokens) * (kk * w + double(codec.token_id_bytes())), double(tokens) * kk * w);
-          j.set("bytes_ratio_forward", io::json(double(d.forward_bytes) / double(sm.forward_bytes)));
-          j.set("bytes_ratio_backward", io::json(double(d.backward_bytes) / double(sm.backward_bytes)));
-          j.set("step_speedup_vs_dense_same_link", io::json(d.step_s / sm.step_s));
-          results.push_back(j);
+      for (const std::string& schedule_name : bench::split_list("--schedules", o.schedules)) {
+        const pipeline::any_schedule schedule(schedule_name, int(o.microbatches), o.stages);
+        double dense_fastest = 0;
+        for (const std::string& bw : bench::split_list("--bandwidths", o.bandwidths)) {
+          const comm::network net(*examples::parse_bandwidth(bw), mode);
+          const measured d =
+              run<nn::llama<exec::cuda, bf16>>(o, schedule, cfg, compress::identity{}, nn::dense_blocks{}, net, shard);
+          dense_fastest = dense_fastest == 0 ? d.step_s : std::min(dense_fastest, d.step_s);
+          const auto report = [&](const char* compressor, const std::string& wire, std::int64_t k, const measured& m,
+                                  double formula_fwd, double formula_bwd) {
+            std::printf(
+                "%-5s %-5s %-8s %-9s %-5s k %-3lld step %8.3f s  %9.0f tok/s  fwd %11llu B  bwd %11llu B  comm %8.3f s"
+                "  loss %.4f\n",
+                name.c_str(), schedule_name.c_str(), bw.c_str(), compressor, wire.c_str(), (long long)k, m.step_s,
+                m.tok_per_s, (unsigned long long)m.forward_bytes, (unsigned long long)m.backward_bytes, m.comm_model_s,
+                m.loss);
+            std::fflush(stdout);
+            io::json j =
+                io::json::object({{"config", io::json(name)},
+                                  {"schedule", io::json(schedule_name)},
+                                  {"bubble_closed_form", io::json(schedule.bubble())},
+                                  {"d_model", io::json(cfg.d_model)},
+                                  {"layers", io::json(cfg.n_layers)},
+                                  {"bandwidth", io::json(bw)},
+                                  {"compressor", io::json(compressor)},
+                                  {"wire", io::json(wire)},
+                                  {"k", io::json(k)},
+                                  {"step_s", io::json(m.step_s)},
+                                  {"tok_per_s", io::json(m.tok_per_s)},
+                                  {"boundary_bytes_forward_per_step", io::json(std::int64_t(m.forward_bytes))},
+                                  {"boundary_bytes_backward_per_step", io::json(std::int64_t(m.backward_bytes))},
+                                  {"formula_bytes_forward_per_step", io::json(formula_fwd)},
+                                  {"formula_bytes_backward_per_step", io::json(formula_bwd)},
+                                  {"comm_model_s_per_step", io::json(m.comm_model_s)},
+                                  {"final_loss", io::json(m.loss)}});
+            return j;
+          };
+          const double dense_bytes = double(tokens) * double(cfg.d_model) * 2;
+          results.push_back(report("identity", "bf16", 0, d, dense_bytes, dense_bytes));
+          for (const std::string& wire : bench::split_list("--wires", o.wires)) {
+            const compress::subspace_projection codec(
+                {cfg.d_model, cfg.vocab, o.k, seed + 1, seed + 2,
+                 wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
+            const measured sm = run<nn::llama<exec::cuda, bf16, nn::subspace_blocks>>(
+                o, schedule, cfg, codec, nn::subspace_blocks(codec, uf), net, shard);
+            const double w = double(codec.wire_element_bytes(2)), kk = double(codec.k());
+            io::json j = report("subspace", wire, codec.k(), sm,
+                                double(tokens) * (kk * w + double(codec.token_id_bytes())), double(tokens) * kk * w);
+            j.set("bytes_ratio_forward", io::json(double(d.forward_bytes) / double(sm.forward_bytes)));
+            j.set("bytes_ratio_backward", io::json(double(d.backward_bytes) / double(sm.backward_bytes)));
+            j.set("step_speedup_vs_dense_same_link", io::json(d.step_s / sm.step_s));
+            results.push_back(j);
+          }
         }
+        // Subspace at each link against dense at the fastest link (the claim: slow links compressed ≈ fast dense).
+        for (io::json& j : results.as_array())
+          if (j.at("config").as_string() == name && j.at("schedule").as_string() == schedule_name &&
+              j.at("compressor").as_string() == "subspace")
+            j.set("step_ratio_vs_dense_fastest_link", io::json(j.at("step_s").as_double() / dense_fastest));
       }
-      // Subspace at each link against dense at the fastest link (the claim: slow links compressed ≈ fast dense).
-      for (io::json& j : results.as_array())
-        if (j.at("config").as_string() == name && j.at("compressor").as_string() == "subspace")
-          j.set("step_ratio_vs_dense_fastest_link", io::json(j.at("step_s").as_double() / dense_fastest));
     }
     doc.set("config", io::json::object({{"stages", io::json(o.stages)},
-                                        {"schedule", io::json("1f1b")},
+                                        {"schedules", io::json(o.schedules)},
                                         {"microbatches", io::json(o.microbatches)},
                                         {"batch", io::json(o.batch)},
                                         {"seq", io::json(o.seq)},

@@ -25,6 +25,7 @@
 #include <subspace/pipeline/layout.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
+#include <subspace/pipeline/zero_bubble.hpp>
 #include <subspace/schedule/gradient_accumulation.hpp>
 #include <subspace/train/engine.hpp>
 
@@ -56,11 +57,11 @@ struct named {
   std::map<std::string, host_tensor<double>> grads;
 };
 
-template <class Compressor>
-void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor, const data::token_dataset& data,
-                        std::uint64_t seed) {
+template <class Compressor, class Scheduler>
+void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor, Scheduler scheduler,
+                        const data::token_dataset& data, std::uint64_t seed) {
   const nn::llama_config cfg = testing::gpu_check_config("pipeline-gpu-check");
-  const int p = 2, m = 3;
+  const int p = scheduler.world_size(), m = 3;
   std::vector<cudaStream_t> streams(p);
   for (auto& s : streams) cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   comm::local_options lo;
@@ -78,7 +79,7 @@ void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor
       pipeline::pipeline_trainer t(pipeline::llama_chunks<device_model>(cfg, ex, p, 1, r, blocks),
                                    subspace::stack{.communicator = world[std::size_t(r)],
                                                    .compressor = compressor,
-                                                   .scheduler = pipeline::one_f_one_b{m, p},
+                                                   .scheduler = scheduler,
                                                    .optimizer = optim::adamw{}},
                                    pipeline::trainer_options{});
       t.init(seed);
@@ -133,7 +134,9 @@ void check_against_host(const nn::subspace_blocks& blocks, Compressor compressor
 
 }  // namespace
 
-TEST_CASE("pipeline (CUDA): plain and subspace pipelines of 2 stages on one GPU match the host model in double") {
+TEST_CASE(
+    "pipeline (CUDA): plain and subspace pipelines of 2 stages on one GPU (1F1B, zero bubble) match the host "
+    "model in double") {
   testing::scratch_dir dir;
   const auto data = testing::text_like_tokens(dir.path / "tokens_train_000000.bin", 9, 40'000);
   const nn::llama_config cfg = testing::gpu_check_config("pipeline-gpu-check");
@@ -141,6 +144,13 @@ TEST_CASE("pipeline (CUDA): plain and subspace pipelines of 2 stages on one GPU 
   CAPTURE(seed);
   const compress::subspace_projection codec(
       {cfg.d_model, cfg.vocab, 8, seed, seed + 1, compress::wire_dtype::fp32, false});
-  SUBCASE("plain") { check_against_host(nn::subspace_blocks(codec, 0), compress::identity{}, data, seed); }
-  SUBCASE("subspace") { check_against_host(nn::subspace_blocks(codec, 1), codec, data, seed); }
+  SUBCASE("plain") {
+    check_against_host(nn::subspace_blocks(codec, 0), compress::identity{}, pipeline::one_f_one_b{3, 2}, data, seed);
+  }
+  SUBCASE("subspace") {
+    check_against_host(nn::subspace_blocks(codec, 1), codec, pipeline::one_f_one_b{3, 2}, data, seed);
+  }
+  SUBCASE("subspace, zero bubble (split backward)") {
+    check_against_host(nn::subspace_blocks(codec, 1), codec, pipeline::zero_bubble_h1{3, 2}, data, seed);
+  }
 }

@@ -4,10 +4,13 @@
 // model's tensors; bad stage layouts and boundary shapes fail clearly.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <subspace/kernels/elementwise.hpp>
@@ -184,4 +187,55 @@ TEST_CASE("llama stages: bad layouts and boundaries fail clearly") {
   CHECK(message([&] {
           last.backward(3, {}, {}, [](std::size_t, std::size_t) {});
         }).find("call forward() on this slot") != std::string::npos);
+}
+
+TEST_CASE("llama stages: backward_input then backward_weight accumulate exactly what backward does") {
+  const auto check = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using model = nn::llama<exec::host, T>;
+    nn::llama_config cfg = nn::presets::micro();
+    cfg.vocab = 256;
+    cfg.n_layers = 4;
+    const std::uint64_t seed = testing::fresh_seed();
+    CAPTURE(seed);
+    const testing::token_batch b(2, 8, cfg.vocab, seed + 1);
+    const auto stages_of = [&] {
+      auto store = std::make_shared<typename model::store_type>();
+      std::vector<model> st;
+      for (const auto& s : nn::llama_stage::split(cfg, {2})) st.emplace_back(cfg, exec::host{1}, s, store);
+      for (auto& s : st) s.init(seed);
+      st[0].zero_grad();
+      return st;
+    };
+    std::vector<model> fused = stages_of(), split = stages_of();
+    static_assert(model::splits_backward);
+    const auto none = [](std::size_t, std::size_t) {};
+    host_tensor<T> x({16, cfg.d_model}), g({16, cfg.d_model}), xs({16, cfg.d_model}), gs({16, cfg.d_model});
+    // Two micro-batches in flight on the split stages: the weight halves run after both input halves.
+    fused[0].forward(0, {b.tok(), b.tgt(), {}, x.v()}, 1.0f);
+    fused[1].forward(0, {b.tok(), b.tgt(), x.v(), {}}, 1.0f);
+    fused[1].backward(0, {}, g.v(), none);
+    fused[0].backward(0, g.v(), {}, none);
+    split[0].forward(0, {b.tok(), b.tgt(), {}, xs.v()}, 1.0f);
+    split[1].forward(0, {b.tok(), b.tgt(), xs.v(), {}}, 1.0f);
+    std::vector<std::pair<std::size_t, std::size_t>> reported;
+    const auto note = [&](std::size_t first, std::size_t last) { reported.emplace_back(first, last); };
+    split[1].backward_input(0, {}, gs.v(), note);
+    split[0].backward_input(0, gs.v(), {}, note);
+    CHECK_THROWS_WITH_AS(split[1].backward_input(0, {}, gs.v(), note), doctest::Contains("call forward()"),
+                         invalid_argument);
+    split[1].backward_weight(0, note);
+    split[0].backward_weight(0, note);
+    CHECK_THROWS_WITH_AS(split[0].backward_weight(0, note),
+                         doctest::Contains("call backward_input() on this slot first"), invalid_argument);
+    std::vector<bool> seen(split[0].parameters().size(), false);
+    for (const auto& [first, last] : reported)
+      for (std::size_t i = first; i < last; ++i) seen[i] = true;
+    CHECK(std::all_of(seen.begin(), seen.end(), [](bool v) { return v; }));
+    const auto a = fused[0].parameters().flat_grads(), c = split[0].parameters().flat_grads();
+    CHECK(std::equal(a.data(), a.data() + a.numel(), c.data()));
+    CHECK(std::equal(g.data(), g.data() + g.numel(), gs.data()));
+  };
+  check(std::type_identity<float>{});
+  check(std::type_identity<double>{});
 }

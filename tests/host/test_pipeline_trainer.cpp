@@ -23,6 +23,7 @@
 #include <subspace/pipeline/layout.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
+#include <subspace/pipeline/zero_bubble.hpp>
 #include <subspace/schedule/gradient_accumulation.hpp>
 #include <subspace/train/engine.hpp>
 #include <subspace/train/trainer.hpp>
@@ -159,6 +160,7 @@ TEST_CASE(
   for (const int p : {2, 3, 4}) {
     check(pipeline::gpipe{m, p}, 1, "gpipe");
     check(pipeline::one_f_one_b{m, p}, 1, "1f1b");
+    check(pipeline::zero_bubble_h1{m, p}, 1, "zero bubble (split backward)");
   }
   check(pipeline::interleaved_1f1b{m, 2, 2}, 2, "interleaved, 2 ranks x 2 chunks");
   check(pipeline::interleaved_1f1b{m, 4, 2}, 2, "interleaved, 4 ranks x 2 chunks");

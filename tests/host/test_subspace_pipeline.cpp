@@ -23,6 +23,7 @@
 #include <subspace/pipeline/layout.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
+#include <subspace/pipeline/zero_bubble.hpp>
 #include <subspace/schedule/gradient_accumulation.hpp>
 #include <subspace/train/engine.hpp>
 
@@ -134,7 +135,9 @@ double pipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks,
 
 }  // namespace
 
-TEST_CASE("subspace pipeline: GPipe and 1F1B over 2-4 stages equal the unpipelined constrained model (fp64)") {
+TEST_CASE(
+    "subspace pipeline: GPipe, 1F1B and zero-bubble over 2-4 stages equal the unpipelined constrained model "
+    "(fp64)") {
   const genesis text;
   const nn::llama_config cfg = four_layers();
   const std::uint64_t seed = testing::fresh_seed();
@@ -150,13 +153,14 @@ TEST_CASE("subspace pipeline: GPipe and 1F1B over 2-4 stages equal the unpipelin
     const double whole_loss = unpipelined<double>(cfg, blocks, seed, data, m, whole);
     CHECK(whole.grads.count("model.embed_tokens.subspace_weight") == 1);
     CHECK(whole.grads.count("model.embed_tokens.weight") == 0);
-    for (const bool one_f_one_b : {false, true}) {
-      CAPTURE(one_f_one_b);
+    for (const int schedule : {0, 1, 2}) {  // GPipe, 1F1B, zero bubble (split backward)
+      CAPTURE(schedule);
       named piped;
       const double loss =
-          one_f_one_b
+          schedule == 0 ? pipelined<double>(cfg, blocks, codec, pipeline::gpipe{m, p}, seed, text, batch, seq, piped)
+          : schedule == 1
               ? pipelined<double>(cfg, blocks, codec, pipeline::one_f_one_b{m, p}, seed, text, batch, seq, piped)
-              : pipelined<double>(cfg, blocks, codec, pipeline::gpipe{m, p}, seed, text, batch, seq, piped);
+              : pipelined<double>(cfg, blocks, codec, pipeline::zero_bubble_h1{m, p}, seed, text, batch, seq, piped);
       CHECK(std::abs(loss - whole_loss) <= 1e-12 * whole_loss);
       REQUIRE(piped.grads.size() == whole.grads.size());
       for (const auto& [name, g] : whole.grads) {

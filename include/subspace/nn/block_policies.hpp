@@ -6,6 +6,8 @@
 //                p.backward(ex, attention_backward_args)      gradients w.r.t. the pre-RoPE q and k, and v
 //   projection   p.forward(ex, x[N, in], w, y[N, out])                 y = x · wᵀ (overwritten)
 //                p.backward(ex, x, w, dy, dx, dw)                       dx overwritten, dw += (in G)
+//                optional halves for a split backward (zero-bubble schedules):
+//                p.backward_input(ex, x, w, dy, dx), p.backward_weight(ex, x, dy, dw)
 //                (the attention o_proj and the MLP down_proj: the two products that write into the residual)
 //   residual     p.forward(ex, site, x, y)                    y ← x + y, the residual add after a sublayer
 //                p.backward(ex, site, dy)                     dy ← (∂out/∂y)ᵀ dy in place
@@ -163,8 +165,20 @@ struct dense_projection {
                 std::type_identity_t<view<const T, space_t<Exec>>> w,
                 std::type_identity_t<view<const T, space_t<Exec>>> dy, view<T, space_t<Exec>> dx,
                 view<G, space_t<Exec>> dw) const {
-    gemm(ex, op::none, op::none, 1.0f, dy, w, 0.0f, dx);       // dx = dy · w
-    gemm(ex, op::transpose, op::none, 1.0f, dy, x, 1.0f, dw);  // dw += dyᵀ · x
+    backward_input<Exec, T>(ex, x, w, dy, dx);
+    backward_weight<Exec, T, G>(ex, x, dy, dw);
+  }
+  /// The two halves of backward, for a split (zero-bubble) backward: dx = dy · w, and dw += dyᵀ · x.
+  template <class Exec, class T>
+  void backward_input(const Exec& ex, std::type_identity_t<view<const T, space_t<Exec>>>,
+                      std::type_identity_t<view<const T, space_t<Exec>>> w,
+                      std::type_identity_t<view<const T, space_t<Exec>>> dy, view<T, space_t<Exec>> dx) const {
+    gemm(ex, op::none, op::none, 1.0f, dy, w, 0.0f, dx);
+  }
+  template <class Exec, class T, class G>
+  void backward_weight(const Exec& ex, std::type_identity_t<view<const T, space_t<Exec>>> x,
+                       view<const T, space_t<Exec>> dy, view<G, space_t<Exec>> dw) const {
+    gemm(ex, op::transpose, op::none, 1.0f, dy, x, 1.0f, dw);
   }
 };
 

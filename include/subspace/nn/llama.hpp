@@ -226,7 +226,7 @@ class llama {
   /// Bytes of the activation allocations of every slot (0 before the first call), and of the backward scratch.
   std::size_t activation_bytes() const {
     std::size_t n = std::size_t(scratch_arena_.numel());
-    for (const auto& s : slots_) n += std::size_t(s.arena.numel());
+    for (const auto& s : slots_) n += std::size_t(s.arena.numel()) + std::size_t(s.keep_arena.numel());
     return n;
   }
 
@@ -294,35 +294,38 @@ class llama {
   template <class Ready>
   void backward(std::size_t slot, view<const boundary_type, space> grad_out, view<boundary_type, space> grad_in,
                 Ready&& ready) {
-    slot_state& st = slot_at(slot, "backward");
-    require(st.backward_ready,
-            "llama::backward: call forward() on this slot first (evaluate() and logits() save "
-            "no gradient state, and backward runs once per forward)");
-    st.backward_ready = false;
+    run_backward(slot, grad_out, grad_in, ready, false);
+  }
+
+  /// The layers' projection policies split their backward (dense_blocks and subspace_blocks do), so a zero-bubble
+  /// pipeline schedule can run backward_input and backward_weight apart.
+  static constexpr bool splits_backward = block_type::splits_backward;
+
+  /// The first half of a split backward: dL/d(in) (grad_in) and the gradients of the norm gains, the head and the
+  /// embedding, with ready() for those; the layers' weight products wait for backward_weight(slot, ready), which
+  /// the slot's activations (and the output gradients kept here) stay alive for. backward_input then
+  /// backward_weight accumulates exactly what backward accumulates.
+  template <class Ready>
+  void backward_input(std::size_t slot, view<const boundary_type, space> grad_out, view<boundary_type, space> grad_in,
+                      Ready&& ready)
+    requires splits_backward
+  {
+    run_backward(slot, grad_out, grad_in, ready, true);
+  }
+
+  /// The second half: every layer's weight products from what backward_input kept; ready() per layer.
+  template <class Ready>
+  void backward_weight(std::size_t slot, Ready&& ready)
+    requires splits_backward
+  {
+    slot_state& st = slot_at(slot, "backward_weight");
+    require(st.weights_pending, "llama::backward_weight: call backward_input() on this slot first");
+    st.weights_pending = false;
     bind();
-    const std::int64_t n = st.batch * st.seq, d = cfg_.d_model;
-    prepare_scratch(st.batch, st.seq);
     const typename block_type::context c = context_of(st, slot);
-    const std::size_t L = blocks_.size();
-    if (has_head()) {
-      rmsnorm_backward(ex_, detail::ro(st.x[L]), detail::ro(norm_.value), detail::ro(st.rstdf), detail::ro(st.dlnf),
-                       dres_, norm_.grad);
-      if (cfg_.tied_embeddings) ready(norm_index_, norm_index_ + 1);
-      else ready(norm_index_, head_index_ + 1);  // the head's gradient came from forward
-    } else {
-      check_boundary(grad_out, n, d, "backward", "grad_out");
-      detail::convert_into(ex_, grad_out, dres_);
-    }
-    for (std::size_t l = L; l-- > 0;) {
-      blocks_[l].backward(ex_, c, st.acts[l], detail::ro(st.x[l]), dres_, scratch_);
+    for (std::size_t l = blocks_.size(); l-- > 0;) {
+      blocks_[l].backward_weight(ex_, c, st.acts[l], st.keep[l]);
       ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
-    }
-    if (has_embedding()) {
-      embedding_->backward(ex_, boundary_site(c), detail::ro(dres_), embed_.grad);
-      ready(embed_index_, embed_index_ + 1);
-    } else {
-      check_boundary(grad_in, n, d, "backward", "grad_in");
-      detail::convert_into(ex_, detail::ro(dres_), grad_in);
     }
   }
 
@@ -381,6 +384,11 @@ class llama {
     view<loss_type, space> losses;  // [N] per-token cross-entropy (0 for ignored targets)
     view<T, space> dlnf;            // [N, d] dL/dlnf from the loss
     bool backward_ready = false;
+    // A split backward's kept output gradients, per layer (allocated on first use).
+    tensor<std::byte, space> keep_arena;
+    std::vector<typename block_type::deferred> keep;
+    std::int64_t keep_batch = 0, keep_seq = 0;
+    bool weights_pending = false;
   };
 
   std::size_t local_layer(std::int64_t l) const {
@@ -397,6 +405,71 @@ class llama {
              std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) +
              ")); call the slot form with the residual stream";
     });
+  }
+
+  /// backward, or its first half (split): see backward_input.
+  template <class Ready>
+  void run_backward(std::size_t slot, view<const boundary_type, space> grad_out, view<boundary_type, space> grad_in,
+                    Ready& ready, bool split) {
+    slot_state& st = slot_at(slot, split ? "backward_input" : "backward");
+    require(st.backward_ready,
+            "llama::backward: call forward() on this slot first (evaluate() and logits() save "
+            "no gradient state, and backward runs once per forward)");
+    require(!st.weights_pending, "llama::backward: the slot's backward_weight() is still due");
+    st.backward_ready = false;
+    bind();
+    const std::int64_t n = st.batch * st.seq, d = cfg_.d_model;
+    prepare_scratch(st.batch, st.seq);
+    if (split) prepare_keep(st);
+    const typename block_type::context c = context_of(st, slot);
+    const std::size_t L = blocks_.size();
+    if (has_head()) {
+      rmsnorm_backward(ex_, detail::ro(st.x[L]), detail::ro(norm_.value), detail::ro(st.rstdf), detail::ro(st.dlnf),
+                       dres_, norm_.grad);
+      if (cfg_.tied_embeddings) ready(norm_index_, norm_index_ + 1);
+      else ready(norm_index_, head_index_ + 1);  // the head's gradient came from forward
+    } else {
+      check_boundary(grad_out, n, d, "backward", "grad_out");
+      detail::convert_into(ex_, grad_out, dres_);
+    }
+    for (std::size_t l = L; l-- > 0;) {
+      blocks_[l].backward(ex_, c, st.acts[l], detail::ro(st.x[l]), dres_, scratch_, split ? &st.keep[l] : nullptr);
+      if (!split) ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
+    }
+    st.weights_pending = split;
+    if (has_embedding()) {
+      embedding_->backward(ex_, boundary_site(c), detail::ro(dres_), embed_.grad);
+      ready(embed_index_, embed_index_ + 1);
+    } else {
+      check_boundary(grad_in, n, d, "backward", "grad_in");
+      detail::convert_into(ex_, detail::ro(dres_), grad_in);
+    }
+  }
+
+  /// Sizes the slot's kept output gradients (a split backward) for its (batch, seq) and carves them.
+  void prepare_keep(slot_state& st) {
+    if (st.keep_batch == st.batch && st.keep_seq == st.seq) return;
+    const auto carve_all = [&](auto& a) {
+      const std::int64_t b = st.batch, s = st.seq, n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads,
+                         hkv = cfg_.n_kv_heads, hd = cfg_.head_dim();
+      st.keep.assign(blocks_.size(), {});
+      for (auto& k : st.keep) {
+        k.d_down = a.template take<T>({n, d});
+        k.d_o = a.template take<T>({n, d});
+        k.dgate = a.template take<T>({n, f});
+        k.dup = a.template take<T>({n, f});
+        k.dq = a.template take<T>({b, s, hq, hd});
+        k.dk = a.template take<T>({b, s, hkv, hd});
+        k.dv = a.template take<T>({b, s, hkv, hd});
+      }
+    };
+    detail::arena<space> measure;
+    carve_all(measure);
+    st.keep_arena = tensor<std::byte, space>(shape{std::int64_t(measure.bytes())});
+    detail::arena<space> carve(st.keep_arena.data());
+    carve_all(carve);
+    st.keep_batch = st.batch;
+    st.keep_seq = st.seq;
   }
 
   /// Allocates the store when tensors were declared since, and re-reads every view when it moved.

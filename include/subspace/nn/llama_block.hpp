@@ -130,6 +130,14 @@ class llama_block {
                 "llama: the residual policy must provide forward(ex, site, x, y) and backward(ex, site, dy) (see "
                 "nn/block_policies.hpp)");
 
+  /// The projection policies split their backward (backward_input(ex, x, w, dy, dx), backward_weight(ex, x, dy,
+  /// dw)), so the layer can: a zero-bubble pipeline schedule runs the two halves apart.
+  static constexpr bool splits_backward = requires(projection_type& p, const Exec& ex, view<const T, space> in,
+                                                   view<T, space> out, view<grad_type, space> grad) {
+    p.backward_input(ex, in, in, in, out);
+    p.backward_weight(ex, in, in, grad);
+  };
+
   /// The sizes a block needs from the configuration.
   struct dims {
     std::int64_t d = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn = 0;
@@ -155,6 +163,15 @@ class llama_block {
     view<T, space> dq, datt;           // [B, S, Hq, hd]
     view<T, space> dk, dv;             // [B, S, Hkv, hd]
     view<T, space> dgate, dup, dhact;  // [N, f]
+  };
+
+  /// The gradients of the layer's weight products' outputs, kept by a split backward's first half
+  /// (backward_input) for its second (backward_weight): one set per micro-batch slot.
+  struct deferred {
+    view<T, space> d_down, d_o;  // [N, d] dL/d(output) of down_proj and o_proj
+    view<T, space> dgate, dup;   // [N, f]
+    view<T, space> dq;           // [B, S, Hq, hd]
+    view<T, space> dk, dv;       // [B, S, Hkv, hd]
   };
 
   /// The batch geometry, positions, RoPE table and token ids of one call.
@@ -239,17 +256,27 @@ class llama_block {
     residual.forward(ex, site(c, sublayer::mlp), ro(a.mid), y);  // y = mid + down_proj(hact)
   }
 
-  /// On entry dres = dL/dy; on return dres = dL/dx. Weight gradients accumulate.
+  /// On entry dres = dL/dy; on return dres = dL/dx. Weight gradients accumulate — unless `keep` is given: then
+  /// only the input gradient (and the norm gains') is computed, and what the weight products need is written to
+  /// *keep for backward_weight (a split backward, for zero-bubble pipeline schedules).
   void backward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> dres,
-                const scratch& s) {
+                scratch s, const deferred* keep = nullptr) {
     using detail::ro;
     const std::int64_t n = c.batch * c.seq;
+    if (keep) {  // the products' output gradients land in the kept buffers
+      s.dgate = keep->dgate;
+      s.dup = keep->dup;
+      s.dq = keep->dq;
+      s.dk = keep->dk;
+      s.dv = keep->dv;
+    }
     // MLP branch: y = mid + down(silu(gate(n2)) * up(n2)).
     residual.backward(ex, site(c, sublayer::mlp), dres);
-    down_projection.backward(ex, ro(a.hact), ro(down_proj.value), ro(dres), s.dhact, down_proj.grad);
+    if (keep) copy(ex, ro(dres), keep->d_down);
+    project_backward(ex, down_projection, ro(a.hact), down_proj, ro(dres), s.dhact, keep != nullptr);
     swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
-    linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f);
-    linear_backward(ex, a.ln2, up_proj, s.dup, s.dln, 1.0f);
+    linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f, keep == nullptr);
+    linear_backward(ex, a.ln2, up_proj, s.dup, s.dln, 1.0f, keep == nullptr);
     rmsnorm_backward(ex, ro(a.mid), ro(post_attention_layernorm.value), ro(a.rstd2), ro(s.dln), s.dx,
                      post_attention_layernorm.grad);
     axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dmid
@@ -257,14 +284,31 @@ class llama_block {
     // Attention branch: mid = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1))).
     residual.backward(ex, site(c, sublayer::attention), dres);
     const view<T, space> datt_rows = rows(s.datt, n);
-    o_projection.backward(ex, ro(rows(a.att, n)), ro(o_proj.value), ro(dres), datt_rows, o_proj.grad);
+    if (keep) copy(ex, ro(dres), keep->d_o);
+    project_backward(ex, o_projection, ro(rows(a.att, n)), o_proj, ro(dres), datt_rows, keep != nullptr);
     attention.backward(ex, attention_backward_args<T, space>{ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse),
                                                              ro(s.datt), s.dq, s.dk, s.dv, c.positions, c.inv_freq});
-    linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f);
-    linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f);
-    linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f);
+    linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f, keep == nullptr);
+    linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f, keep == nullptr);
+    linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f, keep == nullptr);
     rmsnorm_backward(ex, x, ro(input_layernorm.value), ro(a.rstd1), ro(s.dln), s.dx, input_layernorm.grad);
     axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dx
+  }
+
+  /// The second half of a split backward: the weight products' gradients from what backward kept, accumulated
+  /// in the order the fused backward accumulates them.
+  void backward_weight(const Exec& ex, const context& c, const activations& a, const deferred& keep)
+    requires splits_backward
+  {
+    using detail::ro;
+    const std::int64_t n = c.batch * c.seq;
+    down_projection.backward_weight(ex, ro(a.hact), ro(keep.d_down), down_proj.grad);
+    weight_product(ex, a.ln2, gate_proj, keep.dgate);
+    weight_product(ex, a.ln2, up_proj, keep.dup);
+    o_projection.backward_weight(ex, ro(rows(a.att, n)), ro(keep.d_o), o_proj.grad);
+    weight_product(ex, a.ln1, q_proj, keep.dq);
+    weight_product(ex, a.ln1, k_proj, keep.dk);
+    weight_product(ex, a.ln1, v_proj, keep.dv);
   }
 
  private:
@@ -286,13 +330,29 @@ class llama_block {
     gemm(ex, op::none, op::transpose, 1.0f, detail::ro(in), detail::ro(w.value), 0.0f, rows(out, n));
   }
 
-  /// din = beta · din + dout · w and w.grad += doutᵀ · in (dout of any contiguous shape with N rows).
+  /// din = beta · din + dout · w and, with `weights`, w.grad += doutᵀ · in (dout of any contiguous shape with N
+  /// rows).
   static void linear_backward(const Exec& ex, view<T, space> in, const param& w, view<T, space> dout,
-                              view<T, space> din, float beta) {
+                              view<T, space> din, float beta, bool weights) {
     const std::int64_t n = in.dim(0);
-    const view<const T, space> d = detail::ro(rows(dout, n));
-    gemm(ex, op::none, op::none, 1.0f, d, detail::ro(w.value), beta, din);
-    gemm(ex, op::transpose, op::none, 1.0f, d, detail::ro(in), 1.0f, w.grad);
+    gemm(ex, op::none, op::none, 1.0f, detail::ro(rows(dout, n)), detail::ro(w.value), beta, din);
+    if (weights) weight_product(ex, in, w, dout);
+  }
+  /// dx = (d projection / dx)ᵀ dy, and the weight gradient unless it is deferred (input_only).
+  static void project_backward(const Exec& ex, projection_type& p, view<const T, space> x, const param& w,
+                               view<const T, space> dy, view<T, space> dx, bool input_only) {
+    if constexpr (splits_backward) {
+      if (input_only) return p.backward_input(ex, x, detail::ro(w.value), dy, dx);
+    } else {
+      require(!input_only, "llama: the projection policy has no split backward (backward_input / backward_weight)");
+    }
+    p.backward(ex, x, detail::ro(w.value), dy, dx, w.grad);
+  }
+
+  /// w.grad += doutᵀ · in.
+  static void weight_product(const Exec& ex, view<T, space> in, const param& w, view<T, space> dout) {
+    const std::int64_t n = in.dim(0);
+    gemm(ex, op::transpose, op::none, 1.0f, detail::ro(rows(dout, n)), detail::ro(in), 1.0f, w.grad);
   }
 };
 

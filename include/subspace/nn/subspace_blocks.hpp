@@ -96,19 +96,21 @@ class subspace_projection_policy {
   template <class Exec, class G>
   void backward(const Exec& ex, view<const T, Space> x, view<const T, Space> w, view<const T, Space> dy,
                 view<T, Space> dx, view<G, Space> dw) {
-    if (!constrained_) return dense_projection{}.backward<Exec, T, G>(ex, x, w, dy, dx, dw);
-    const view<T, Space> dz = detail::subspace::sized(narrow_, shape{x.dim(0), codec_.k()});
-    subspace_coefficients(ex, dy, basis(ex), dz);  // dz = dy·U
-    if (variant_ == subspace_variant::reparameterised) {
-      gemm(ex, op::none, op::none, 1.0f, detail::subspace::ro(dz), w, 0.0f, dx);       // dx = dz·Z
-      gemm(ex, op::transpose, op::none, 1.0f, detail::subspace::ro(dz), x, 1.0f, dw);  // dZ += dzᵀ·x
-    } else {
-      // y = (x·Wᵀ)·U·Uᵀ: dL/d(x·Wᵀ) = dz·Uᵀ.
-      const view<T, Space> dyp = detail::subspace::sized(wide_, dy.shape());
-      subspace_expand(ex, detail::subspace::ro(dz), basis(ex), dyp);
-      gemm(ex, op::none, op::none, 1.0f, detail::subspace::ro(dyp), w, 0.0f, dx);
-      gemm(ex, op::transpose, op::none, 1.0f, detail::subspace::ro(dyp), x, 1.0f, dw);
-    }
+    backward_input(ex, x, w, dy, dx);
+    backward_weight(ex, x, dy, dw);
+  }
+  /// dx: reparameterised dz·Z with dz = dy·U; projected (dz·Uᵀ)·W.
+  template <class Exec>
+  void backward_input(const Exec& ex, view<const T, Space> x, view<const T, Space> w, view<const T, Space> dy,
+                      view<T, Space> dx) {
+    if (!constrained_) return dense_projection{}.backward_input<Exec, T>(ex, x, w, dy, dx);
+    gemm(ex, op::none, op::none, 1.0f, product_gradient(ex, dy), w, 0.0f, dx);
+  }
+  /// dZ += dzᵀ·x (reparameterised) or dW += (dz·Uᵀ)ᵀ·x (projected).
+  template <class Exec, class G>
+  void backward_weight(const Exec& ex, view<const T, Space> x, view<const T, Space> dy, view<G, Space> dw) {
+    if (!constrained_) return dense_projection{}.backward_weight<Exec, T, G>(ex, x, dy, dw);
+    gemm(ex, op::transpose, op::none, 1.0f, product_gradient(ex, dy), x, 1.0f, dw);
   }
 
   /// Projected variant: W ← U·(Uᵀ·W) on the store's values after every optimizer step.
@@ -130,6 +132,17 @@ class subspace_projection_policy {
   template <class Exec>
   auto basis(const Exec& ex) const {
     return codec_.basis_on<T>(ex);
+  }
+  /// dL/d(the product with the parameter): dz = dy·U [N, k] (reparameterised), or dz·Uᵀ [N, d] (projected: y =
+  /// (x·Wᵀ)·U·Uᵀ).
+  template <class Exec>
+  view<const T, Space> product_gradient(const Exec& ex, view<const T, Space> dy) {
+    const view<T, Space> dz = detail::subspace::sized(narrow_, shape{dy.dim(0), codec_.k()});
+    subspace_coefficients(ex, dy, basis(ex), dz);
+    if (variant_ == subspace_variant::reparameterised) return dz;
+    const view<T, Space> dyp = detail::subspace::sized(wide_, dy.shape());
+    subspace_expand(ex, detail::subspace::ro(dz), basis(ex), dyp);
+    return dyp;
   }
 
   compress::subspace_projection codec_;

@@ -14,7 +14,10 @@
 // send_activation encodes the chunk's output and hands the payload to the transport, and recv_gradient /
 // send_gradient do the same for dL/d(payload) backward (encode_backward on the sender's side, decode_backward on
 // the receiver's). The transport (pipeline/transport.hpp) moves payloads between ranks; a receive returns once
-// the data arrived, a send may still be in flight when it returns (the transport keeps its own copy).
+// the data arrived, a send may still be in flight when it returns (the transport keeps its own copy). A
+// zero-bubble plan splits a backward into backward_input (the input gradient: what the previous stage waits for)
+// and backward_weight (the layers' weight products, run later in a bubble), for models that can
+// (Model::splits_backward; nn::llama with its dense or subspace blocks).
 //
 // In both modes:
 //   - The micro-batches of the step are read from the source at the start of run(), in id order, so every rank of
@@ -23,9 +26,10 @@
 //   - The loss of a micro-batch is scaled by 1/M, M the plan's micro-batches, so the accumulated gradients are
 //     those of the mean loss over the step's micro-batches; run() returns that mean loss on the rank that holds
 //     the head, 0 on the others.
-//   - ready(first, last) is called during the last backward of each stage in the plan with the store indices whose
-//     gradients are complete (data-parallel trainers launch buckets there); the compressor's tensors are reported
-//     once every boundary's backward of the step is done. optimizer_step calls the trainer's step hook.
+//   - ready(first, last) is called during the last backward (or backward_weight, and for the tensors it completes,
+//     backward_input) of each stage in the plan with the store indices whose gradients are complete (data-parallel
+//     trainers launch buckets there); the compressor's tensors are reported once every boundary's backward of the
+//     step is done. optimizer_step calls the trainer's step hook.
 //
 // The compressor sees the micro-batch's token ids (one per row of the residual stream, in the executor's memory)
 // and the rank's parameter store.
@@ -107,6 +111,7 @@ class plan_engine {
                       : running(a);
       const std::size_t k = std::size_t(a.chunk);
       const bool last_backward = i == sum.last_backward[pipelined ? k : 0];
+      const bool last_input = i == sum.last_backward_input[pipelined ? k : 0];
       switch (a.kind) {
         case schedule::action_kind::forward:
           if constexpr (pipelined) loss += forward_stage(f, k, scale);
@@ -120,12 +125,20 @@ class plan_engine {
             if (last_backward) backward_all(f, ready);
             else backward_all(f, noop);
           }
-          if (i == sum.last_any_backward) report_compressor(ready);
+          break;
+        case schedule::action_kind::backward_input:
+          if (last_input) backward_stage(f, k, ready, split::input);
+          else backward_stage(f, k, noop, split::input);
+          break;
+        case schedule::action_kind::backward_weight:
+          if (last_backward) backward_stage(f, k, ready, split::weight);
+          else backward_stage(f, k, noop, split::weight);
           break;
         default:
           if constexpr (pipelined) move(a, f, transport);
           else reject(a, "moves data between ranks; only the pipeline trainer runs such plans");
       }
+      if (i == sum.compressor_ready_at) report_compressor(ready);
       if (--f.remaining == 0) f.microbatch = -1;  // the slot is free
     }
     return loss / double(sum.microbatches);
@@ -201,31 +214,47 @@ class plan_engine {
   /// What run() needs to know about a plan before it starts.
   struct plan_summary {
     int microbatches = 0;
-    std::vector<std::size_t> actions_of;     // per micro-batch: actions naming it
-    std::vector<std::size_t> last_backward;  // per chunk (one entry in local mode): its last backward's index
-    std::size_t last_any_backward = 0;
+    std::vector<std::size_t> actions_of;  // per micro-batch: actions naming it
+    // Per chunk (one entry in local mode): the index of its last backward or backward_weight (the layers'
+    // gradients are final there), and of its last backward_input (the norms', head's and embedding's).
+    std::vector<std::size_t> last_backward, last_backward_input;
+    std::size_t compressor_ready_at = 0;  // the last action that touches a boundary's gradients
   };
+
+  /// Which half of a split backward a call runs.
+  enum class split { none, input, weight };
+  /// The model runs backward_input and backward_weight apart (Model::splits_backward).
+  static constexpr bool splits_backward = [] {
+    if constexpr (requires { Model::splits_backward; }) return bool(Model::splits_backward);
+    else return false;
+  }();
 
   plan_summary summarise(const std::vector<schedule::action>& plan, bool pipelined) const {
     plan_summary s;
     const std::size_t chunks = pipelined ? stages_->size() : 1;
     s.last_backward.assign(chunks, plan.size());
-    s.last_any_backward = plan.size();
+    s.last_backward_input.assign(chunks, plan.size());
+    s.compressor_ready_at = plan.size();
     for (std::size_t i = 0; i < plan.size(); ++i) {
       const schedule::action& a = plan[i];
       if (a.kind == schedule::action_kind::optimizer_step) continue;
-      if (a.kind == schedule::action_kind::backward_input || a.kind == schedule::action_kind::backward_weight)
-        reject(a, "splits the backward, which this engine does not run yet (use a schedule with whole backwards)");
+      const bool split_kind =
+          a.kind == schedule::action_kind::backward_input || a.kind == schedule::action_kind::backward_weight;
+      if (split_kind && !splits_backward)
+        reject(a, "splits the backward, which this model cannot (its layers need backward_input / backward_weight)");
+      if (split_kind && !pipelined) reject(a, "splits the backward, which only pipelined plans do");
       if (a.microbatch < 0) reject(a, "names no micro-batch");
       if (a.chunk < 0 || std::size_t(a.chunk) >= chunks)
         reject(a, pipelined ? "names a chunk this rank does not hold (it holds " + std::to_string(chunks) + ")"
                             : std::string("names a chunk, which only pipelined plans do"));
       if (std::size_t(a.microbatch) >= s.actions_of.size()) s.actions_of.resize(std::size_t(a.microbatch) + 1, 0);
       ++s.actions_of[std::size_t(a.microbatch)];
-      if (a.kind == schedule::action_kind::backward) {
+      if (a.kind == schedule::action_kind::backward || a.kind == schedule::action_kind::backward_weight)
         s.last_backward[std::size_t(a.chunk)] = i;
-        s.last_any_backward = i;
-      }
+      if (a.kind == schedule::action_kind::backward_input) s.last_backward_input[std::size_t(a.chunk)] = i;
+      if (a.kind == schedule::action_kind::backward || split_kind || a.kind == schedule::action_kind::send_gradient ||
+          a.kind == schedule::action_kind::recv_gradient)
+        s.compressor_ready_at = i;
     }
     s.microbatches = int(s.actions_of.size());
     require(s.microbatches > 0, "train::plan_engine: the plan names no micro-batch");
@@ -313,12 +342,16 @@ class plan_engine {
 
   /// Stage k's backward from dL/d(output) (already in grad_out unless the stage has the head) to dL/d(input).
   template <class Ready>
-  void backward_stage(flight& f, std::size_t k, Ready&& ready) {
+  void backward_stage(flight& f, std::size_t k, Ready&& ready, split half = split::none) {
     Model& m = (*stages_)[k];
     view<const value_type, space> grad_out{};
     view<value_type, space> grad_in{};
     if (!m.has_head()) grad_out = f.stage[k].grad_out.v();
     if (!m.has_embedding()) grad_in = f.stage[k].grad_in.v();
+    if constexpr (splits_backward) {
+      if (half == split::input) return m.backward_input(f.slot, grad_out, grad_in, ready);
+      if (half == split::weight) return m.backward_weight(f.slot, ready);
+    }
     m.backward(f.slot, grad_out, grad_in, ready);
   }
 
