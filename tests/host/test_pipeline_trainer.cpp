@@ -29,6 +29,7 @@
 #include <subspace/train/trainer.hpp>
 
 #include "support/genesis.hpp"
+#include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -44,46 +45,10 @@ nn::llama_config eight_layers() {
   return c;
 }
 
-/// Every tensor of a store by name: its values and its gradients, copied out (host).
-struct named_tensors {
-  std::map<std::string, std::vector<double>> values, grads;
-
-  template <class Store>
-  void add(Store& store) {
-    for (std::size_t i = 0; i < store.size(); ++i) {
-      const auto v = store.value(i);
-      const auto g = store.grad(i);
-      values[store.info(i).name].assign(v.data(), v.data() + v.numel());
-      grads[store.info(i).name].assign(g.data(), g.data() + g.numel());
-    }
-  }
-};
-
-double rel_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  REQUIRE(a.size() == b.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
-
-struct genesis {
-  testing::scratch_dir dir;
-  genesis() { testing::genesis_shards(dir.path); }
-  data::batch_loader train(std::int64_t batch, std::int64_t seq) const {
-    return testing::loader_for(dir.path, "train", batch, seq, true);
-  }
-  data::batch_loader val(std::int64_t batch, std::int64_t seq) const {
-    return testing::loader_for(dir.path, "val", batch, seq, false);
-  }
-};
-
 /// The whole model's loss and gradients over M micro-batches of `loader`, one device.
 template <class Model>
 double whole_model_gradients(const nn::llama_config& cfg, std::uint64_t seed, data::batch_loader& loader, int m,
-                             named_tensors& out) {
+                             testing::named_tensors& out) {
   std::vector<Model> stages = train::as_stages(Model(cfg, exec::host{1}));
   stages[0].init(seed);
   stages[0].zero_grad();
@@ -126,13 +91,13 @@ TEST_CASE(
     "pipeline (identity): GPipe, 1F1B and interleaved over 2-4 stages equal the whole model (fp64 loss and "
     "every gradient)") {
   using model = nn::llama<exec::host, double>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
   const std::int64_t batch = 2, seq = 16;
   const int m = 4;
-  named_tensors whole;
+  testing::named_tensors whole;
   auto reference_data = text.train(batch, seq);
   const double whole_loss = whole_model_gradients<model>(cfg, seed, reference_data, m, whole);
 
@@ -140,7 +105,7 @@ TEST_CASE(
     CAPTURE(what);
     CAPTURE(scheduler.world_size());
     std::mutex mu;
-    named_tensors piped;
+    testing::named_tensors piped;
     std::vector<double> losses;
     on_pipeline<model>(cfg, scheduler, v, 1, seed, {}, [&](auto& t) {
       auto data = text.train(batch, seq);
@@ -153,8 +118,8 @@ TEST_CASE(
     REQUIRE(piped.grads.size() == whole.grads.size());  // the stages hold every tensor once
     for (const auto& [name, g] : whole.grads) {
       CAPTURE(name);
-      CHECK(rel_diff(piped.values.at(name), whole.values.at(name)) == 0.0);  // the same initial weights
-      CHECK(rel_diff(piped.grads.at(name), g) <= 1e-12);
+      CHECK(testing::rel_diff(piped.values.at(name), whole.values.at(name)) == 0.0);  // the same initial weights
+      CHECK(testing::rel_diff(piped.grads.at(name), g) <= 1e-12);
     }
   };
   for (const int p : {2, 3, 4}) {
@@ -168,7 +133,7 @@ TEST_CASE(
 
 TEST_CASE("pipeline (identity): evaluation equals the whole model's, fp32 steps track train::trainer") {
   using model = nn::llama<exec::host, float>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -187,11 +152,11 @@ TEST_CASE("pipeline (identity): evaluation equals the whole model's, fp32 steps 
   std::vector<train::step_result> want;
   for (std::int64_t s = 0; s < steps; ++s) want.push_back(whole.step(data));
   const double want_val = whole.evaluate(val, 3);
-  named_tensors whole_tensors;
+  testing::named_tensors whole_tensors;
   whole_tensors.add(whole.model().parameters());
 
   std::mutex mu;
-  named_tensors piped;
+  testing::named_tensors piped;
   on_pipeline<model>(cfg, pipeline::one_f_one_b{m, 4}, 1, 1, seed, o, [&](auto& t) {
     auto d = text.train(batch, seq);
     auto v = text.val(batch, seq);
@@ -209,13 +174,13 @@ TEST_CASE("pipeline (identity): evaluation equals the whole model's, fp32 steps 
   });
   for (const auto& [name, w] : whole_tensors.values) {
     CAPTURE(name);
-    CHECK(rel_diff(piped.values.at(name), w) <= 1e-5);
+    CHECK(testing::rel_diff(piped.values.at(name), w) <= 1e-5);
   }
 }
 
 TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the pipeline on each replica's data") {
   using model = nn::llama<exec::host, double>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -225,7 +190,7 @@ TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the
   const auto data_of = [&](int replica) {
     return testing::loader_for(text.dir.path, "train", batch, seq, true, std::uint64_t(7 + replica));
   };
-  std::vector<named_tensors> single(2);
+  std::vector<testing::named_tensors> single(2);
   std::vector<double> single_loss(2, 0.0);
   for (int r = 0; r < 2; ++r) {
     std::mutex mu;
@@ -238,7 +203,7 @@ TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the
     });
   }
   std::mutex mu;
-  std::vector<named_tensors> both(2);
+  std::vector<testing::named_tensors> both(2);
   pipeline::trainer_options o;
   o.bucket_bytes = 2000;  // several buckets, launched as the backward goes
   on_pipeline<model>(cfg, pipeline::one_f_one_b{m, 2}, 1, 2, seed, o, [&](auto& t) {
@@ -253,14 +218,14 @@ TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the
     CAPTURE(name);
     std::vector<double> mean(g0.size());
     for (std::size_t i = 0; i < g0.size(); ++i) mean[i] = 0.5 * (g0[i] + single[1].grads.at(name)[i]);
-    CHECK(rel_diff(both[0].grads.at(name), mean) <= 1e-12);
+    CHECK(testing::rel_diff(both[0].grads.at(name), mean) <= 1e-12);
     CHECK(both[0].grads.at(name) == both[1].grads.at(name));  // every replica holds the mean
   }
 }
 
 TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per micro-batch, in the wire type") {
   using model = nn::llama<exec::host, float>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
   const std::int64_t batch = 2, seq = 16;
   const int m = 3, p = 4;
@@ -298,7 +263,7 @@ TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per
 
 TEST_CASE("pipeline: a checkpoint of every stage resumes exactly") {
   using model = nn::llama<exec::host, float>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -308,7 +273,7 @@ TEST_CASE("pipeline: a checkpoint of every stage resumes exactly") {
   o.schedule = {3e-3f, 3e-3f, 0, 10, optim::decay_kind::constant};
   testing::scratch_dir dir;
   std::mutex mu;
-  named_tensors straight, resumed;
+  testing::named_tensors straight, resumed;
   on_pipeline<model>(cfg, pipeline::one_f_one_b{m, p}, 1, 1, seed, o, [&](auto& t) {
     auto d = text.train(batch, seq);
     for (int s = 0; s < 2; ++s) t.step(d);

@@ -28,6 +28,7 @@
 #include <subspace/train/engine.hpp>
 
 #include "support/genesis.hpp"
+#include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 #include "support/token_batch.hpp"
@@ -56,41 +57,10 @@ std::int64_t last_stage_start(const nn::llama_config& cfg, int stages) {
 template <class T>
 using ssn_model = nn::llama<exec::host, T, nn::subspace_blocks>;
 
-struct named {
-  std::map<std::string, std::vector<double>> values, grads;
-  template <class Store>
-  void add(Store& store) {
-    for (std::size_t i = 0; i < store.size(); ++i) {
-      const auto v = store.value(i);
-      const auto g = store.grad(i);
-      values[store.info(i).name].assign(v.data(), v.data() + v.numel());
-      grads[store.info(i).name].assign(g.data(), g.data() + g.numel());
-    }
-  }
-};
-
-double rel_diff(const std::vector<double>& a, const std::vector<double>& b) {
-  REQUIRE(a.size() == b.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
-
-struct genesis {
-  testing::scratch_dir dir;
-  genesis() { testing::genesis_shards(dir.path); }
-  data::batch_loader train(std::int64_t batch, std::int64_t seq) const {
-    return testing::loader_for(dir.path, "train", batch, seq, true);
-  }
-};
-
 /// The constrained model whole on one device: loss and gradients of M micro-batches.
 template <class T>
 double unpipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks, std::uint64_t seed,
-                   data::batch_loader& loader, int m, named& out) {
+                   data::batch_loader& loader, int m, testing::named_tensors& out) {
   std::vector<ssn_model<T>> whole =
       train::as_stages(ssn_model<T>(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks));
   whole[0].init(seed);
@@ -108,7 +78,7 @@ double unpipelined(const nn::llama_config& cfg, const nn::subspace_blocks& block
 template <class T, class Scheduler>
 double pipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks,
                  const compress::subspace_projection& codec, Scheduler scheduler, std::uint64_t seed,
-                 const genesis& text, std::int64_t batch, std::int64_t seq, named& out) {
+                 const testing::genesis_data& text, std::int64_t batch, std::int64_t seq, testing::named_tensors& out) {
   const int p = scheduler.world_size();
   std::mutex mu;
   double loss = 0;
@@ -138,7 +108,7 @@ double pipelined(const nn::llama_config& cfg, const nn::subspace_blocks& blocks,
 TEST_CASE(
     "subspace pipeline: GPipe, 1F1B and zero-bubble over 2-4 stages equal the unpipelined constrained model "
     "(fp64)") {
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = four_layers();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -148,14 +118,14 @@ TEST_CASE(
     CAPTURE(p);
     const auto codec = codec_for(cfg, k, compress::wire_dtype::compute, seed);
     const nn::subspace_blocks blocks(codec, last_stage_start(cfg, p));
-    named whole;
+    testing::named_tensors whole;
     auto data = text.train(batch, seq);
     const double whole_loss = unpipelined<double>(cfg, blocks, seed, data, m, whole);
     CHECK(whole.grads.count("model.embed_tokens.subspace_weight") == 1);
     CHECK(whole.grads.count("model.embed_tokens.weight") == 0);
     for (const int schedule : {0, 1, 2}) {  // GPipe, 1F1B, zero bubble (split backward)
       CAPTURE(schedule);
-      named piped;
+      testing::named_tensors piped;
       const double loss =
           schedule == 0 ? pipelined<double>(cfg, blocks, codec, pipeline::gpipe{m, p}, seed, text, batch, seq, piped)
           : schedule == 1
@@ -165,12 +135,12 @@ TEST_CASE(
       REQUIRE(piped.grads.size() == whole.grads.size());
       for (const auto& [name, g] : whole.grads) {
         CAPTURE(name);
-        CHECK(rel_diff(piped.grads.at(name), g) <= 1e-12);
+        CHECK(testing::rel_diff(piped.grads.at(name), g) <= 1e-12);
       }
     }
     if (p == 2) {  // interleaved: 2 ranks x 2 chunks, the 4 layers one per virtual stage, 3 of them constrained
       const nn::subspace_blocks four(codec, last_stage_start(cfg, 4));
-      named whole4, piped4;
+      testing::named_tensors whole4, piped4;
       auto d4 = text.train(batch, seq);
       const double want = unpipelined<double>(cfg, four, seed, d4, 4, whole4);
       const double got =
@@ -178,17 +148,17 @@ TEST_CASE(
       CHECK(std::abs(got - want) <= 1e-12 * want);
       for (const auto& [name, g] : whole4.grads) {
         CAPTURE(name);
-        CHECK(rel_diff(piped4.grads.at(name), g) <= 1e-12);
+        CHECK(testing::rel_diff(piped4.grads.at(name), g) <= 1e-12);
       }
     }
     // The default fp32 wire rounds the coefficients once per boundary and direction.
-    named fp32_wire;
+    testing::named_tensors fp32_wire;
     const double loss32 = pipelined<double>(cfg, blocks, codec_for(cfg, k, compress::wire_dtype::fp32, seed),
                                             pipeline::one_f_one_b{m, p}, seed, text, batch, seq, fp32_wire);
     CHECK(std::abs(loss32 - whole_loss) <= 1e-6 * whole_loss);
     for (const auto& [name, g] : whole.grads) {
       CAPTURE(name);
-      CHECK(rel_diff(fp32_wire.grads.at(name), g) <= 1e-6);
+      CHECK(testing::rel_diff(fp32_wire.grads.at(name), g) <= 1e-6);
     }
   }
 }
@@ -362,15 +332,15 @@ TEST_CASE(
   const std::vector<double> once(w.data(), w.data() + w.numel());
   projected.after_step();
   const std::vector<double> twice(w.data(), w.data() + w.numel());
-  CHECK(rel_diff(twice, once) <= 1e-14);
+  CHECK(testing::rel_diff(twice, once) <= 1e-14);
   CHECK(std::abs(projected.evaluate(batch_data.tok(), batch_data.tgt()) - b) <= 1e-12 * std::abs(b));  // same function
 }
 
 TEST_CASE(
     "subspace pipeline: the wire carries B·S·(4k+2) bytes forward and B·S·4k backward per boundary; "
-    "a bf16 wire trains; ranks with other tables are named") {
+    "a bf16 wire trains; ranks with other tables are testing::named_tensors") {
   using model = ssn_model<float>;
-  const genesis text;
+  const testing::genesis_data text;
   const nn::llama_config cfg = four_layers();
   const std::int64_t batch = 2, seq = 16, k = 6;
   const int m = 3, p = 4;
