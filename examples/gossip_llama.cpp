@@ -545,27 +545,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
 /// --launcher local: the ranks as threads, through comm::local (host memory, or device memory on one GPU).
 template <class Exec>
 int run_local(const options& o, setup& s) {
-  comm::local_options lo;
-  lo.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
-  std::vector<Exec> execs;
-#if defined(__CUDACC__)
-  std::vector<cudaStream_t> streams;
-  if constexpr (std::is_same_v<Exec, exec::cuda>) {
-    // Each rank computes on its own stream, and comm::local orders the rank's operations on that same stream: the
-    // data moves on the world's streams, so communication still overlaps the rank's computation.
-    for (int r = 0; r < s.ranks; ++r) {
-      cudaStream_t st = nullptr;
-      cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-      streams.push_back(st);
-      execs.push_back(exec::cuda{st});
-      lo.streams.push_back(st);
-    }
-  }
-#endif
-  if constexpr (std::is_same_v<Exec, exec::host>)
-    for (int r = 0; r < s.ranks; ++r) execs.push_back(exec::host{s.threads_per_rank});
-  comm::local_options stats_options;
-  stats_options.timeout = lo.timeout;
+  const examples::local_ranks<Exec> ranks(s.ranks, o.comm_timeout, s.threads_per_rank);
   // The loaders and the metrics file first, here, so that a shard too small for one batch or an unwritable file
   // fails before any rank starts.
   std::optional<io::metrics_writer> metrics;
@@ -576,67 +556,44 @@ int run_local(const options& o, setup& s) {
     train.push_back(rank_loader(o, s, r));
     val.push_back(val_loader(o, s));
   }
-  int status = 0;
-  {
-    std::vector<comm::local> world = comm::local::world(s.ranks, lo);
-    std::vector<comm::local> stats = comm::local::world(s.ranks, stats_options);
-    status = with_optimizer(o, s, [&](auto gossip, const auto& opt) {
-      return on_threads(s.ranks, [&](int r) {
-        return run_rank<decltype(gossip)::value>(
-            execs[std::size_t(r)], world[std::size_t(r)], stats[std::size_t(r)], opt, o, s,
-            std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]), r == 0 && metrics ? &*metrics : nullptr);
-      });
+  std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
+  return with_optimizer(o, s, [&](auto gossip, const auto& opt) {
+    return on_threads(s.ranks, [&](int r) {
+      return run_rank<decltype(gossip)::value>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], opt, o, s,
+                                               std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]),
+                                               r == 0 && metrics ? &*metrics : nullptr);
     });
-  }
-#if defined(__CUDACC__)
-  for (cudaStream_t st : streams) cudaStreamDestroy(st);
-#endif
-  return status;
+  });
 }
 
 #if defined(__CUDACC__)
 /// --launcher nccl: this process is one rank of the launcher's world, on GPU LOCAL_RANK.
 int run_nccl(const options& o) {
-  const comm::launch_info li = comm::launch_from_env();
+  examples::nccl_process proc = examples::nccl_process::connect(o.comm_timeout);
+  const comm::launch_info& li = proc.info;
   if (o.ranks != 0 && o.ranks != li.world_size)
     throw examples::cli_error("--ranks " + std::to_string(o.ranks) + " differs from the launcher's world of " +
                               std::to_string(li.world_size) + " ranks (" + li.launcher + "); leave --ranks at 0");
-  const int local_ranks = o.local_ranks ? o.local_ranks : li.local_world_size;
-  setup s = decide(o, li.world_size, local_ranks);
-  // The trainers need the communicator's operations ordered on the model's stream: one stream for both.
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
-    throw examples::cli_error("--launcher nccl: no CUDA device is present");
-  cuda_check(cudaSetDevice(li.local_rank % devices));
-  cudaStream_t st = nullptr;  // kept until the process exits: the communicators use it to their end
-  cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  comm::nccl_options no;
-  no.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
-  no.stream = st;
-  comm::nccl world = comm::nccl::connect(li, no);
-  comm::nccl stats = world.split(0, world.rank());
+  setup s = decide(o, li.world_size, o.local_ranks ? o.local_ranks : li.local_world_size);
   try {
     // Rank 0 converts --text into the shard cache first; the others then find it there.
     if (li.rank == 0) load_model_and_data(o, s);
-    stats.barrier().wait();
+    proc.stats.barrier().wait();
     if (li.rank != 0) load_model_and_data(o, s);
-    cudaDeviceProp prop{};
-    cuda_check(cudaGetDeviceProperties(&prop, world.device()));
-    s.device_name = prop.name;
+    s.device_name = proc.device_name;
     s.where = "NCCL processes, " + li.launcher + " launch";
     if (li.rank == 0) print_header(o, s);
     std::optional<io::metrics_writer> metrics;
     if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
     const int status = with_optimizer(o, s, [&](auto gossip, const auto& opt) {
-      return run_rank<decltype(gossip)::value>(exec::cuda{st}, world, stats, opt, o, s, rank_loader(o, s, li.rank),
-                                               val_loader(o, s), metrics ? &*metrics : nullptr);
+      return run_rank<decltype(gossip)::value>(exec::cuda{proc.stream}, proc.world, proc.stats, opt, o, s,
+                                               rank_loader(o, s, li.rank), val_loader(o, s),
+                                               metrics ? &*metrics : nullptr);
     });
-    cuda_check(cudaStreamSynchronize(st));
+    cuda_check(cudaStreamSynchronize(proc.stream));
     return status;
   } catch (const std::exception& e) {
-    const std::string why = std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what();
-    stats.abort(why);
-    world.abort(why);
+    proc.abort(std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what());
     throw;
   }
 }

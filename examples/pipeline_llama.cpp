@@ -491,93 +491,54 @@ int with_compressor(const options& o, const setup& s, F&& f) {
 /// --launcher local: the ranks as threads, through comm::local (host memory, or device memory on one GPU).
 template <class Exec>
 int run_local(const options& o, setup& s) {
-  comm::local_options lo;
-  lo.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
-  std::vector<Exec> execs;
-#if defined(__CUDACC__)
-  std::vector<cudaStream_t> streams;
-  if constexpr (std::is_same_v<Exec, exec::cuda>) {
-    for (int r = 0; r < s.ranks; ++r) {  // each rank computes and communicates on its own stream
-      cudaStream_t st = nullptr;
-      cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-      streams.push_back(st);
-      execs.push_back(exec::cuda{st});
-      lo.streams.push_back(st);
-    }
-  }
-#endif
-  if constexpr (std::is_same_v<Exec, exec::host>)
-    for (int r = 0; r < s.ranks; ++r) execs.push_back(exec::host{s.threads_per_rank});
-  comm::local_options stats_options;
-  stats_options.timeout = lo.timeout;
+  const examples::local_ranks<Exec> ranks(s.ranks, o.comm_timeout, s.threads_per_rank);
   std::optional<io::metrics_writer> metrics;
   if (!o.metrics.empty()) metrics.emplace(o.metrics);
   gathered g;
-  int status = 0;
-  {
-    std::vector<comm::local> world = comm::local::world(s.ranks, lo);
-    std::vector<comm::local> stats = comm::local::world(s.ranks, stats_options);
-    status = with_compressor<Exec>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
-      using model_t = typename decltype(model_tag)::type;
-      const int st = examples::on_threads(s.ranks, [&](int r) {
-        return run_rank<model_t>(execs[std::size_t(r)], world[std::size_t(r)], stats[std::size_t(r)], compressor,
-                                 blocks, o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
-      });
-      if (st == 0) finish(o, s, blocks, g);
-      return st;
+  std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
+  return with_compressor<Exec>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
+    using model_t = typename decltype(model_tag)::type;
+    const int status = examples::on_threads(s.ranks, [&](int r) {
+      return run_rank<model_t>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor, blocks, o, s,
+                               &g, r == 0 && metrics ? &*metrics : nullptr);
     });
-  }
-#if defined(__CUDACC__)
-  for (cudaStream_t st : streams) cudaStreamDestroy(st);
-#endif
-  return status;
+    if (status == 0) finish(o, s, blocks, g);
+    return status;
+  });
 }
 
 #if defined(__CUDACC__)
 /// --launcher nccl: this process is one rank of the launcher's world, on GPU LOCAL_RANK.
 int run_nccl(const options& o) {
-  const comm::launch_info li = comm::launch_from_env();
+  examples::nccl_process proc = examples::nccl_process::connect(o.comm_timeout);
+  const comm::launch_info& li = proc.info;
   if (li.world_size != o.stages * o.dp)
     throw examples::cli_error("--stages " + std::to_string(o.stages) + " x --dp " + std::to_string(o.dp) + " = " +
                               std::to_string(o.stages * o.dp) + " ranks, but the launcher (" + li.launcher +
                               ") started " + std::to_string(li.world_size));
   setup s = decide(o, li.world_size);
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
-    throw examples::cli_error("--launcher nccl: no CUDA device is present");
-  cuda_check(cudaSetDevice(li.local_rank % devices));
-  cudaStream_t st = nullptr;  // kept until the process exits: the communicators use it to their end
-  cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  comm::nccl_options no;
-  no.timeout = std::chrono::milliseconds(std::int64_t(o.comm_timeout * 1e3));
-  no.stream = st;
-  comm::nccl world = comm::nccl::connect(li, no);
-  comm::nccl stats = world.split(0, world.rank());
   try {
     if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
-    stats.barrier().wait();
+    proc.stats.barrier().wait();
     if (li.rank != 0) load_data(o, s);
-    cudaDeviceProp prop{};
-    cuda_check(cudaGetDeviceProperties(&prop, world.device()));
-    s.device_name = prop.name;
+    s.device_name = proc.device_name;
     s.where = "NCCL processes, " + li.launcher + " launch";
     if (li.rank == 0) print_header(o, s, sizeof(bf16));
     std::optional<io::metrics_writer> metrics;
     if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
-    const exec::cuda ex{st};
+    const exec::cuda ex{proc.stream};
     const int status =
         with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
           using model_t = typename decltype(model_tag)::type;
-          return run_rank<model_t>(ex, world, stats, compressor, blocks, o, s, nullptr, metrics ? &*metrics : nullptr);
+          return run_rank<model_t>(ex, proc.world, proc.stats, compressor, blocks, o, s, nullptr,
+                                   metrics ? &*metrics : nullptr);
         });
     if (li.rank == 0 && (o.samples > 0 || !o.export_hf.empty()))
       std::printf("(samples and --export-hf: run with --launcher local)\n");
-    cuda_check(cudaStreamSynchronize(st));
+    cuda_check(cudaStreamSynchronize(proc.stream));
     return status;
   } catch (const std::exception& e) {
-    const std::string why = std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what();
-    stats.abort(why);
-    world.abort(why);
+    proc.abort(std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what());
     throw;
   }
 }

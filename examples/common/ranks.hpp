@@ -1,16 +1,26 @@
 #pragma once
 // What the multi-rank examples (gossip_llama, pipeline_llama) share: the --bandwidth presets, a link printed for
-// people, library messages without their source location, and running one body per rank on threads.
+// people, library messages without their source location, running one body per rank on threads, the executors
+// and communicator options of in-process ranks, and (CUDA builds) this process's rank of an NCCL launch.
 
 #include <algorithm>
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include <subspace/comm/local.hpp>
 #include <subspace/comm/throttled.hpp>
+#include <subspace/core/executor.hpp>
 #include <subspace/core/parallel.hpp>
+#if defined(__CUDACC__)
+#include <subspace/comm/nccl.cuh>
+#include <subspace/core/cuda/error.cuh>
+#endif
 
 #include "cli.hpp"
 
@@ -78,5 +88,86 @@ int on_threads(int n, Body&& body) {
       throw std::runtime_error("rank " + std::to_string(r) + ": " + errors[std::size_t(r)]);
   return *std::max_element(status.begin(), status.end());
 }
+
+/// The executors of n in-process ranks and the comm::local options that go with them: host executors of `threads`
+/// workers each, or, on one GPU, a stream per rank on which the rank computes and its communicator orders its
+/// operations (the data moves on the world's streams, so communication still overlaps computation). The streams
+/// are destroyed with this.
+template <class Exec>
+class local_ranks {
+ public:
+  local_ranks(int n, double timeout_seconds, int threads) {
+    options_.timeout = std::chrono::milliseconds(std::int64_t(timeout_seconds * 1e3));
+    for (int r = 0; r < n; ++r) {
+      if constexpr (std::is_same_v<Exec, subspace::exec::host>) {
+        execs_.push_back(subspace::exec::host{threads});
+      } else {
+#if defined(__CUDACC__)
+        cudaStream_t st = nullptr;
+        subspace::cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+        execs_.push_back(subspace::exec::cuda{st});
+        options_.streams.push_back(st);
+#endif
+      }
+    }
+  }
+  ~local_ranks() {
+#if defined(__CUDACC__)
+    for (void* st : options_.streams) cudaStreamDestroy(static_cast<cudaStream_t>(st));
+#endif
+  }
+  local_ranks(const local_ranks&) = delete;
+  local_ranks& operator=(const local_ranks&) = delete;
+
+  const Exec& exec(int r) const { return execs_[std::size_t(r)]; }
+  /// A world of the ranks (device operations on their streams).
+  std::vector<subspace::comm::local> world() const {
+    return subspace::comm::local::world(int(execs_.size()), options_);
+  }
+  /// A second world for the few host numbers the examples exchange after each step (not throttled).
+  std::vector<subspace::comm::local> stats_world() const {
+    subspace::comm::local_options o;
+    o.timeout = options_.timeout;
+    return subspace::comm::local::world(int(execs_.size()), o);
+  }
+
+ private:
+  subspace::comm::local_options options_;
+  std::vector<Exec> execs_;
+};
+
+#if defined(__CUDACC__)
+/// This process as one rank of a launcher's world (torchrun / mpirun variables): GPU LOCAL_RANK, a stream that
+/// the models and both communicators share (kept until the process exits: the communicators use it to their end),
+/// the world and a second communicator for statistics. abort(why) gives both up, so the peers fail fast.
+struct nccl_process {
+  subspace::comm::launch_info info;
+  cudaStream_t stream = nullptr;
+  subspace::comm::nccl world, stats;
+  std::string device_name;
+
+  static nccl_process connect(double timeout_seconds) {
+    const subspace::comm::launch_info li = subspace::comm::launch_from_env();
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+      throw cli_error("--launcher nccl: no CUDA device is present");
+    subspace::cuda_check(cudaSetDevice(li.local_rank % devices));
+    cudaStream_t st = nullptr;
+    subspace::cuda_check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    subspace::comm::nccl_options no;
+    no.timeout = std::chrono::milliseconds(std::int64_t(timeout_seconds * 1e3));
+    no.stream = st;
+    subspace::comm::nccl world = subspace::comm::nccl::connect(li, no);
+    subspace::comm::nccl stats = world.split(0, world.rank());
+    cudaDeviceProp prop{};
+    subspace::cuda_check(cudaGetDeviceProperties(&prop, world.device()));
+    return nccl_process{li, st, std::move(world), std::move(stats), prop.name};
+  }
+  void abort(const std::string& why) {
+    stats.abort(why);
+    world.abort(why);
+  }
+};
+#endif
 
 }  // namespace examples
