@@ -195,7 +195,7 @@ TEST_CASE_TEMPLATE("subspace maps (CUDA): rebuild, project and the gradient maps
   }
 }
 
-TEST_CASE("subspace maps (CUDA): a token id outside [0, V) raises naming its row, token_check::trust skips it") {
+TEST_CASE("subspace maps (CUDA): a token id outside 0 .. V-1 raises naming its row, token_check::trust skips it") {
   testing::stream_guard sg;
   const exec::cuda ex{sg.stream};
   const std::int64_t n = 40, d = 32, k = 4, vocab = 100;
