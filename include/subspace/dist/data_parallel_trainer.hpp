@@ -154,9 +154,7 @@ class data_parallel_trainer {
       r.grad_norm = optim::clip_grad_norm(replica_.executor(), replica_.grads(0, replica_.parameters()), o_.clip);
       r.skipped = !std::isfinite(r.grad_norm);
       if (r.skipped) return;
-      const optim::step_context ctx{r.lr, r.step};
-      for (std::size_t i = 0; i < replica_.parameters(); ++i) replica_.step(i, ctx);
-      for (Model& m : replica_.stages()) m.after_step();
+      replica_.step_all(optim::step_context{r.lr, r.step});
     });
     r.tokens = replica_type::batch_tokens(loader) * accumulation() * stack_.communicator.size();
     step_ = r.step;

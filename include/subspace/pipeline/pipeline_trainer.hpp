@@ -147,9 +147,7 @@ class pipeline_trainer {
       r.grad_norm = clip();
       r.skipped = !std::isfinite(r.grad_norm);
       if (r.skipped) return;
-      const optim::step_context ctx{r.lr, r.step};
-      for (std::size_t i = 0; i < replica_.parameters(); ++i) replica_.step(i, ctx);
-      for (Model& m : replica_.stages()) m.after_step();
+      replica_.step_all(optim::step_context{r.lr, r.step});
     });
     r.tokens = replica_type::batch_tokens(loader) * microbatches() * replicas_;
     step_ = r.step;

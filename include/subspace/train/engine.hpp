@@ -289,12 +289,20 @@ class plan_engine {
     flight& f = take_slot(microbatch);
     f.remaining = actions;
     const auto& [tokens, targets] = batches_[std::size_t(microbatch)];
-    f.tokens = host_tensor<std::int32_t>(tokens.shape());
-    f.targets = host_tensor<std::int32_t>(targets.shape());
-    copy(exec::host{}, view<const std::int32_t, host_space>(tokens.v()), f.tokens.v());
-    copy(exec::host{}, view<const std::int32_t, host_space>(targets.v()), f.targets.v());
-    stage_tokens(f);
+    load_batch(f, tokens.v(), targets.v());
     return f;
+  }
+
+  /// The flight's copy of a batch (its buffers reused while the batch shape stays), and its boundary token ids.
+  void load_batch(flight& f, view<const std::int32_t, host_space> tokens,
+                  view<const std::int32_t, host_space> targets) {
+    if (f.tokens.shape() != tokens.shape()) {
+      f.tokens = host_tensor<std::int32_t>(tokens.shape());
+      f.targets = host_tensor<std::int32_t>(tokens.shape());
+    }
+    copy(exec::host{}, tokens, f.tokens.v());
+    copy(exec::host{}, targets, f.targets.v());
+    stage_tokens(f);
   }
 
   flight& running(const schedule::action& a) {
@@ -305,13 +313,7 @@ class plan_engine {
 
   flight& evaluation_flight(view<const std::int32_t, host_space> tokens, view<const std::int32_t, host_space> targets) {
     flight& f = take_slot(-2);
-    if (f.tokens.shape() != tokens.shape()) {
-      f.tokens = host_tensor<std::int32_t>(tokens.shape());
-      f.targets = host_tensor<std::int32_t>(tokens.shape());
-    }
-    copy(exec::host{}, tokens, f.tokens.v());
-    copy(exec::host{}, targets, f.targets.v());
-    stage_tokens(f);
+    load_batch(f, tokens, targets);
     return f;
   }
 

@@ -172,6 +172,11 @@ class replica {
   void step(std::size_t i, const optim::step_context& ctx) {
     optimizer_.step(executor(), master(i), view<const grad_type, space>(grad(i)), states_[i], info(i), ctx, working(i));
   }
+  /// One optimizer step of every parameter, then the stages' after_step hooks (policies that constrain weights).
+  void step_all(const optim::step_context& ctx) {
+    for (std::size_t i = 0; i < parameters(); ++i) step(i, ctx);
+    for (Model& m : stages_) m.after_step();
+  }
   /// The next batch of `loader` into the trainer's buffers (sized on first use or when the loader's shape changes).
   void next_batch(data::batch_loader& loader) {
     size_buffers(loader);

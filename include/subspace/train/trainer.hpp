@@ -176,8 +176,7 @@ class trainer {
           r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
           r.skipped = !std::isfinite(r.grad_norm);
           if (r.skipped) return;
-          for (std::size_t i = 0; i < r_.parameters(); ++i) r_.step(i, optim::step_context{r.lr, r.step});
-          for (Model& m : r_.stages()) m.after_step();
+          r_.step_all(optim::step_context{r.lr, r.step});
         });
     step_ = r.step;
     tokens_ += r.tokens;
