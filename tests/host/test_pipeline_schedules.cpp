@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include <subspace/pipeline/any_schedule.hpp>
 #include <subspace/pipeline/gpipe.hpp>
 #include <subspace/pipeline/interleaved.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
@@ -78,6 +79,12 @@ struct interleaved_fixture {
   using scheduler = pipeline::interleaved_1f1b;
   static std::vector<scheduler> make() { return {{1, 1, 1}, {3, 1, 2}, {4, 2, 2}, {8, 4, 3}, {8, 8, 2}}; }
 };
+struct any_schedule_fixture {
+  using scheduler = pipeline::any_schedule;
+  static std::vector<scheduler> make() {
+    return {{"gpipe", 3, 2}, {"1f1b", 8, 4}, {"interleaved", 4, 2, 2}, {"zb", 8, 4}};
+  }
+};
 struct zero_bubble_fixture {
   using scheduler = pipeline::zero_bubble_h1;
   static std::vector<scheduler> make() { return {{1, 1}, {4, 1}, {3, 2}, {8, 4}, {2, 8}}; }
@@ -89,8 +96,27 @@ TYPE_TO_STRING(gpipe_fixture);
 TYPE_TO_STRING(one_f_one_b_fixture);
 TYPE_TO_STRING(interleaved_fixture);
 TYPE_TO_STRING(zero_bubble_fixture);
-TEST_CASE_TEMPLATE_APPLY(scheduler_conformance,
-                         std::tuple<gpipe_fixture, one_f_one_b_fixture, interleaved_fixture, zero_bubble_fixture>);
+TYPE_TO_STRING(any_schedule_fixture);
+TEST_CASE_TEMPLATE_APPLY(
+    scheduler_conformance,
+    std::tuple<gpipe_fixture, one_f_one_b_fixture, interleaved_fixture, zero_bubble_fixture, any_schedule_fixture>);
+
+TEST_CASE("pipeline::any_schedule: the plans of the schedule it names, and clear errors") {
+  for (std::int64_t step : {0, 3})
+    for (int r = 0; r < 4; ++r) {
+      CHECK(pipeline::any_schedule("gpipe", 8, 4).plan(step, r) == pipeline::gpipe{8, 4}.plan(step, r));
+      CHECK(pipeline::any_schedule("1f1b", 8, 4).plan(step, r) == pipeline::one_f_one_b{8, 4}.plan(step, r));
+      CHECK(pipeline::any_schedule("interleaved", 8, 4, 2).plan(step, r) ==
+            pipeline::interleaved_1f1b{8, 4, 2}.plan(step, r));
+      CHECK(pipeline::any_schedule("zb", 8, 4).plan(step, r) == pipeline::zero_bubble_h1{8, 4}.plan(step, r));
+    }
+  CHECK(pipeline::any_schedule("zb", 8, 4).bubble() == doctest::Approx(3.0 / 24));
+  CHECK(pipeline::any_schedule("interleaved", 8, 4, 2).bubble() == doctest::Approx(3.0 / 16));
+  CHECK_THROWS_WITH_AS(pipeline::any_schedule("zigzag", 8, 4), doctest::Contains("no schedule 'zigzag'"),
+                       invalid_argument);
+  CHECK_THROWS_WITH_AS(pipeline::any_schedule("1f1b", 8, 4, 2), doctest::Contains("need the interleaved schedule"),
+                       invalid_argument);
+}
 
 // Bubble fractions are compared with the closed forms to 1e-12: every simulated time is a small integer.
 
