@@ -18,7 +18,11 @@ without the scaling, and fail if that is not far above the tolerance (a check th
 proves nothing). Our own initialisation (N(0, 0.02^2)) gives near-uniform attention, so for the random-init cases
 of (b) the RoPE scaling is checked in the config transformers reads back instead.
 
-usage: check_transformers.py LLAMA_EVAL [--tolerance 1e-5] [--keep DIR]
+  (c) pipeline_llama -> transformers (with --pipeline-llama BIN --text FILE): a Subspace Network trained for a few
+      steps and written by `--export-hf DIR` loads in LlamaForCausalLM.from_pretrained as it is, with llama_eval's
+      loss and logits on the same rows.
+
+usage: check_transformers.py LLAMA_EVAL [--tolerance 1e-5] [--keep DIR] [--pipeline-llama BIN --text FILE]
 Exit status: 0 all cases agree, 1 a case disagrees or failed to run, 2 bad usage.
 """
 
@@ -289,13 +293,45 @@ def ours_to_hf(binary, workdir, results, hf_dirs):
             results.error(label, "%s: %s" % (type(e).__name__, e))
 
 
+def pipeline_export_to_hf(llama_eval, pipeline_llama, workdir, results, text):
+    """(c): a Subspace Network trained by pipeline_llama and written by --export-hf (E_fix + E Uᵀ and U Z multiplied
+    out) is a plain Llama: transformers loads the directory as it is and gives llama_eval's loss and logits."""
+    for variant in ("reparam", "projected"):
+        name = "c_" + variant
+        label = "(c) pipeline_llama --export-hf -> transformers: subspace, " + variant
+        try:
+            directory = os.path.join(workdir, name)
+            cmd = [pipeline_llama, "--device", "host", "--text", text, "--stages", "2", "--preset", "micro",
+                   "--vocab", "256", "--layers", "4", "--seq", "32", "--batch", "2", "--microbatches", "2",
+                   "--steps", "4", "--lr", "3e-3", "--warmup", "1", "--threads", "1", "--seed", "11",
+                   "--compressor", "subspace", "--k", "4", "--variant", variant, "--samples", "0",
+                   "--export-hf", directory]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=dict(os.environ, SUBSPACE_DATA_DIR=os.path.join(workdir, "cache")))
+            if proc.returncode != 0:
+                raise RuntimeError("pipeline_llama exited with %d: %s\n%s%s"
+                                   % (proc.returncode, " ".join(cmd), proc.stdout, proc.stderr))
+            rows = token_rows(256, 3, 32, seed=500)
+            ours = run_llama_eval(llama_eval, ["--model", directory, "--tokens", tokens_flag(rows)], workdir, name)
+            model = load_hf(directory)
+            ref_loss, ref_logits = reference(model, rows)
+            results.compare(label, ours, ref_loss, ref_logits)
+        except Exception as e:  # noqa: BLE001
+            results.error(label, "%s: %s" % (type(e).__name__, e))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("llama_eval", help="path of the llama_eval binary")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest relative error of the loss and of the logits (default 1e-5)")
     parser.add_argument("--keep", help="write the models and outputs here and keep them (default: a temp dir)")
+    parser.add_argument("--pipeline-llama", help="also check pipeline_llama --export-hf (this binary) on --text")
+    parser.add_argument("--text", help="training text of the --pipeline-llama case")
     args = parser.parse_args()
+    if args.pipeline_llama and not (os.access(args.pipeline_llama, os.X_OK) and args.text):
+        print("check_transformers: --pipeline-llama needs an executable binary and --text FILE")
+        return 2
     if not os.access(args.llama_eval, os.X_OK):
         print("check_transformers: llama_eval binary '%s' is not an executable file" % args.llama_eval)
         return 2
@@ -310,6 +346,8 @@ def main():
         os.makedirs(workdir, exist_ok=True)
         hf_dirs = hf_to_ours(args.llama_eval, workdir, results)
         ours_to_hf(args.llama_eval, workdir, results, hf_dirs)
+        if args.pipeline_llama:
+            pipeline_export_to_hf(args.llama_eval, args.pipeline_llama, workdir, results, args.text)
     print("%d passed, %d failed" % (results.passed, results.failed))
     return 0 if results.failed == 0 else 1
 
