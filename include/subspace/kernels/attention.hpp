@@ -14,7 +14,10 @@
 // when out and lse are the merged results over several blocks (context parallelism): the gradients of block b
 // are then exactly block b's share of the full attention's gradients. Two blocks' results merge as
 //
-//   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
+//   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2,
+//
+// which attention_merge(ex, out_part, lse_part, out_acc, lse_acc) applies to running accumulators in A (start
+// them at out 0, lse -inf; a part row that saw no key leaves its row as it is).
 //
 // Host (this file): the readable reference, templated on the element type T (float, double, bf16, fp16; compute
 // in A = accum_t<T>, lse in A), any strides; (batch, head) pairs are spread over at most ex.concurrency() threads
@@ -107,6 +110,18 @@ inline std::int64_t visible_keys(const dims& d, const attention_params& p, std::
 template <class V>
 auto row(const V& x, std::int64_t b, std::int64_t s, std::int64_t h) {
   return x.data() + b * x.stride(0) + s * x.stride(1) + h * x.stride(2);
+}
+
+/// One row of attention_merge: folds (o_part, l_part) into (o_acc, l_acc) through their log-sum-exp.
+template <class A, class O>
+SUBSPACE_HD void merge_row(const O* o_part, std::int64_t sp, A l_part, A* o_acc, std::int64_t sa, A& l_acc,
+                           std::int64_t hd) {
+  const A m = l_acc > l_part ? l_acc : l_part;
+  if (l_part == -std::numeric_limits<A>::infinity()) return;  // the part saw no key
+  const A l = m + std::log(std::exp(l_acc - m) + std::exp(l_part - m));
+  const A wa = std::exp(l_acc - l), wp = std::exp(l_part - l);
+  for (std::int64_t e = 0; e < hd; ++e) o_acc[e * sa] = wa * o_acc[e * sa] + wp * A(o_part[e * sp]);
+  l_acc = l;
 }
 
 template <class A, class X, class Y>
@@ -228,6 +243,30 @@ void attention_backward(const exec::host& ex, view<Q, host_space> q, view<const 
       }
     }
   });
+}
+
+/// Folds one block's attention result (out_part [B, S, H, hd], lse_part [B, H, S]) into the running accumulators
+/// out_acc and lse_acc (in A = accum_t<T>; any strides), as the top of the file says.
+template <class O>
+  requires is_element_v<std::remove_const_t<O>>
+void attention_merge(const exec::host&, view<O, host_space> out_part,
+                     view<const accum_t<std::remove_const_t<O>>, host_space> lse_part,
+                     view<accum_t<std::remove_const_t<O>>, host_space> out_acc,
+                     view<accum_t<std::remove_const_t<O>>, host_space> lse_acc) {
+  using A = accum_t<std::remove_const_t<O>>;
+  namespace at = detail::attention;
+  require(out_part.rank() == 4, [&] {
+    return "attention_merge: out_part must have rank 4 [B, S, H, hd], got shape " + to_string(out_part.shape());
+  });
+  const std::int64_t B = out_part.dim(0), S = out_part.dim(1), H = out_part.dim(2), hd = out_part.dim(3);
+  at::require_shape(out_acc, out_part.shape(), "attention_merge", "out_acc");
+  at::require_shape(lse_part, shape{B, H, S}, "attention_merge", "lse_part [B, H, S]");
+  at::require_shape(lse_acc, shape{B, H, S}, "attention_merge", "lse_acc [B, H, S]");
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t s = 0; s < S; ++s)
+      for (std::int64_t h = 0; h < H; ++h)
+        at::merge_row<A>(at::row(out_part, b, s, h), out_part.stride(3), lse_part(b, h, s), at::row(out_acc, b, s, h),
+                         out_acc.stride(3), lse_acc(b, h, s), hd);
 }
 
 }  // namespace subspace

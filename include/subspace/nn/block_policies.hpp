@@ -92,7 +92,8 @@ void apply_rope(const Exec& ex, view<T, space_t<Exec>> x, view<const float, spac
 }
 
 /// The operands of an attention forward: q, k [B, S, H(kv), hd] arrive before RoPE and are left rotated (they are
-/// what backward receives); out [B, S, Hq, hd] and lse [B, Hq, S] are overwritten.
+/// what backward receives); out [B, S, Hq, hd] and lse [B, Hq, S] are overwritten. `slot` is the micro-batch's
+/// activation slot: a policy that keeps state for backward (the K/V it received) keeps it per slot.
 template <class T, class Space>
 struct attention_forward_args {
   view<T, Space> q, k;
@@ -101,6 +102,7 @@ struct attention_forward_args {
   view<accum_t<T>, Space> lse;
   std::span<const position_chunk> positions;
   view<const float, Space> inv_freq;  // [hd / 2]
+  std::size_t slot = 0;
 };
 
 /// The operands of an attention backward: q, k as forward left them (rotated), the saved out and lse, and dout;
@@ -113,6 +115,7 @@ struct attention_backward_args {
   view<T, Space> dq, dk, dv;
   std::span<const position_chunk> positions;
   view<const float, Space> inv_freq;
+  std::size_t slot = 0;
 };
 
 /// Causal grouped-query attention of one sequence piece on one device, scale 1/sqrt(hd). Several chunks are

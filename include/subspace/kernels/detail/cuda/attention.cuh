@@ -877,4 +877,54 @@ void attention_backward(const exec::cuda& ex, view<Q, device_space> q,
   });
 }
 
+namespace cuda_detail::attention {
+
+/// One thread per (b, s, h) row: folds out_part/lse_part into the fp32 accumulators (detail::attention::merge_row).
+template <class O>
+__global__ void merge_kernel(const O* out_part, bsh_strides ps, const float* lse_part, std::int64_t lp_b,
+                             std::int64_t lp_h, std::int64_t lp_s, float* out_acc, bsh_strides as, float* lse_acc,
+                             std::int64_t la_b, std::int64_t la_h, std::int64_t la_s, int seq, int heads, int hd,
+                             std::int64_t rows) {
+  for (std::int64_t r = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t h = r % heads, s = (r / heads) % seq, b = r / (std::int64_t(heads) * seq);
+    float& l_acc = lse_acc[b * la_b + h * la_h + s * la_s];
+    detail::attention::merge_row<float>(out_part + b * ps.b + s * ps.s + h * ps.h, 1,
+                                        lse_part[b * lp_b + h * lp_h + s * lp_s], out_acc + b * as.b + s * as.s + h * as.h,
+                                        1, l_acc, hd);
+  }
+}
+
+}  // namespace cuda_detail::attention
+
+/// attention_merge on ex.stream (see attention.hpp): bf16 or fp32 out_part, fp32 lse and accumulators; any strides
+/// with unit stride in the head dim.
+template <class O>
+void attention_merge(const exec::cuda& ex, view<O, device_space> out_part, view<const float, device_space> lse_part,
+                     view<float, device_space> out_acc, view<float, device_space> lse_acc) {
+  using T = std::remove_const_t<O>;
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, float>,
+                "attention_merge (CUDA): out_part holds bf16 or fp32, the accumulators fp32");
+  namespace at = detail::attention;
+  namespace ca = cuda_detail::attention;
+  require(out_part.rank() == 4, [&] {
+    return "attention_merge: out_part must have rank 4 [B, S, H, hd], got shape " + to_string(out_part.shape());
+  });
+  const std::int64_t B = out_part.dim(0), S = out_part.dim(1), H = out_part.dim(2), hd = out_part.dim(3);
+  at::require_shape(out_acc, out_part.shape(), "attention_merge", "out_acc");
+  at::require_shape(lse_part, shape{B, H, S}, "attention_merge", "lse_part [B, H, S]");
+  at::require_shape(lse_acc, shape{B, H, S}, "attention_merge", "lse_acc [B, H, S]");
+  require((out_part.stride(3) == 1 || hd <= 1) && (out_acc.stride(3) == 1 || hd <= 1),
+          "attention_merge (CUDA): out_part and out_acc need unit stride in the head dim");
+  const std::int64_t rows = B * S * H;
+  if (rows == 0) return;
+  const auto* part = reinterpret_cast<const std::conditional_t<std::is_same_v<T, bf16>, __nv_bfloat16, float>*>(
+      out_part.data());
+  ca::merge_kernel<<<cuda_detail::grid_for(rows), cuda_detail::block_threads, 0, ex.stream>>>(
+      part, ca::strides_of(out_part), lse_part.data(), lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+      out_acc.data(), ca::strides_of(out_acc), lse_acc.data(), lse_acc.stride(0), lse_acc.stride(1), lse_acc.stride(2),
+      int(S), int(H), int(hd), rows);
+  cuda_check(cudaGetLastError());
+}
+
 }  // namespace subspace
