@@ -62,8 +62,7 @@ double context_parallel(std::vector<Comm>& world, const nn::llama_config& cfg, s
   comm::local::run_ranks(world, [&](Comm& c) {
     const int r = c.rank();
     context::blocks<Comm> blocks(how);
-    nn::llama<exec::host, double, context::blocks<Comm>> model(cfg, exec::host{1}, nn::llama_stage{}, nullptr,
-                                                               blocks);
+    nn::llama<exec::host, double, context::blocks<Comm>> model(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks);
     blocks.connect(c, lay);
     model.set_positions(lay.positions(r));
     model.init(seed);
@@ -108,8 +107,7 @@ TEST_CASE("context::layout: contiguous and zigzag chunks, owners, positions and 
   const context::layout ct(16, 4, context::placement::contiguous, 2);  // two chunks per rank, consecutive
   CHECK(ct.chunks_of(1) == std::vector<std::int64_t>{2, 3});
   CHECK(ct.owner(5) == 2);
-  CHECK(context::layout(16, 4, context::placement::contiguous).positions(2) ==
-        std::vector<nn::position_chunk>{{4, 8}});
+  CHECK(context::layout(16, 4, context::placement::contiguous).positions(2) == std::vector<nn::position_chunk>{{4, 8}});
 
   host_tensor<std::int32_t> full(shape{2, 16}), local(shape{2, 4});
   for (std::int64_t i = 0; i < full.numel(); ++i) full.data()[i] = std::int32_t(i);
@@ -182,7 +180,7 @@ TEST_CASE("context::attention: clear errors for a model that is not placed by th
   std::vector<comm::local> world = comm::local::world(1, quick_timeout());
   context::blocks<comm::local> blocks;
   nn::llama<exec::host, double, context::blocks<comm::local>> model(cfg, exec::host{1}, nn::llama_stage{}, nullptr,
-                                                                     blocks);
+                                                                    blocks);
   model.init(1);
   const host_tensor<std::int32_t> tokens = random_tokens(1, 8, cfg.vocab, 3);
   CHECK_THROWS_WITH_AS(model.forward(tokens.v(), tokens.v()), doctest::Contains("context::blocks::connect"),

@@ -268,20 +268,20 @@ class attention {
                     int owner) {
     const view<T, Space> blk = block(st, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g);
-    for_each_visible(g, owner, [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0,
-                                   std::int64_t k0) {
-      part_out_ = sized<T>(part_out_, shape{1, qc.rows, g.heads, g.head_dim});
-      part_lse_ = sized<accum_type>(part_lse_, shape{1, g.heads, qc.rows});
-      const view<T, Space> po(part_out_.data(), shape{1, qc.rows, g.heads, g.head_dim});
-      const view<accum_type, Space> pl(part_lse_.data(), shape{1, g.heads, qc.rows});
-      for (std::int64_t b = 0; b < g.batch; ++b) {
-        attention_forward(ex, view<const T, Space>(rows_of(a.q, b, q0, qc.rows)),
-                          view<const T, Space>(rows_of(k, b, k0, kc.rows)),
-                          view<const T, Space>(rows_of(v, b, k0, kc.rows)), po, pl, params_of(g, qc, kc));
-        attention_merge(ex, view<const T, Space>(po), view<const accum_type, Space>(pl),
-                        rows_of(out_acc_.v(), b, q0, qc.rows), stat_rows(a.lse, b, q0, qc.rows));
-      }
-    });
+    for_each_visible(
+        g, owner, [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0, std::int64_t k0) {
+          part_out_ = sized<T>(part_out_, shape{1, qc.rows, g.heads, g.head_dim});
+          part_lse_ = sized<accum_type>(part_lse_, shape{1, g.heads, qc.rows});
+          const view<T, Space> po(part_out_.data(), shape{1, qc.rows, g.heads, g.head_dim});
+          const view<accum_type, Space> pl(part_lse_.data(), shape{1, g.heads, qc.rows});
+          for (std::int64_t b = 0; b < g.batch; ++b) {
+            attention_forward(ex, view<const T, Space>(rows_of(a.q, b, q0, qc.rows)),
+                              view<const T, Space>(rows_of(k, b, k0, kc.rows)),
+                              view<const T, Space>(rows_of(v, b, k0, kc.rows)), po, pl, params_of(g, qc, kc));
+            attention_merge(ex, view<const T, Space>(po), view<const accum_type, Space>(pl),
+                            rows_of(out_acc_.v(), b, q0, qc.rows), stat_rows(a.lse, b, q0, qc.rows));
+          }
+        });
   }
 
   /// Adds the local queries' gradients w.r.t. `owner`'s (rotated) keys and values into `into` [2, B, S, Hkv, hd],
@@ -291,24 +291,24 @@ class attention {
                           slot_state& st, int owner, view<T, Space> into) {
     const view<T, Space> blk = block(st, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g), dk = key_of(into, g), dv = value_of(into, g);
-    for_each_visible(g, owner, [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0,
-                                   std::int64_t k0) {
-      part_dq_ = sized<T>(part_dq_, shape{1, qc.rows, g.heads, g.head_dim});
-      part_dkv_ = sized<T>(part_dkv_, shape{2, kc.rows, g.kv_heads, g.head_dim});
-      const view<T, Space> pdq(part_dq_.data(), shape{1, qc.rows, g.heads, g.head_dim});
-      const view<T, Space> pdk(part_dkv_.data(), shape{1, kc.rows, g.kv_heads, g.head_dim});
-      const view<T, Space> pdv(part_dkv_.data() + kc.rows * g.kv_heads * g.head_dim,
-                               shape{1, kc.rows, g.kv_heads, g.head_dim});
-      for (std::int64_t b = 0; b < g.batch; ++b) {
-        attention_backward(ex, rows_of(a.q, b, q0, qc.rows), view<const T, Space>(rows_of(k, b, k0, kc.rows)),
-                           view<const T, Space>(rows_of(v, b, k0, kc.rows)), rows_of(a.out, b, q0, qc.rows),
-                           stat_rows(a.lse, b, q0, qc.rows), rows_of(a.dout, b, q0, qc.rows), pdq, pdk, pdv,
-                           params_of(g, qc, kc));
-        axpy(ex, 1.0f, view<const T, Space>(pdq), rows_of(a.dq, b, q0, qc.rows));
-        axpy(ex, 1.0f, view<const T, Space>(pdk), rows_of(dk, b, k0, kc.rows));
-        axpy(ex, 1.0f, view<const T, Space>(pdv), rows_of(dv, b, k0, kc.rows));
-      }
-    });
+    for_each_visible(
+        g, owner, [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0, std::int64_t k0) {
+          part_dq_ = sized<T>(part_dq_, shape{1, qc.rows, g.heads, g.head_dim});
+          part_dkv_ = sized<T>(part_dkv_, shape{2, kc.rows, g.kv_heads, g.head_dim});
+          const view<T, Space> pdq(part_dq_.data(), shape{1, qc.rows, g.heads, g.head_dim});
+          const view<T, Space> pdk(part_dkv_.data(), shape{1, kc.rows, g.kv_heads, g.head_dim});
+          const view<T, Space> pdv(part_dkv_.data() + kc.rows * g.kv_heads * g.head_dim,
+                                   shape{1, kc.rows, g.kv_heads, g.head_dim});
+          for (std::int64_t b = 0; b < g.batch; ++b) {
+            attention_backward(ex, rows_of(a.q, b, q0, qc.rows), view<const T, Space>(rows_of(k, b, k0, kc.rows)),
+                               view<const T, Space>(rows_of(v, b, k0, kc.rows)), rows_of(a.out, b, q0, qc.rows),
+                               stat_rows(a.lse, b, q0, qc.rows), rows_of(a.dout, b, q0, qc.rows), pdq, pdk, pdv,
+                               params_of(g, qc, kc));
+            axpy(ex, 1.0f, view<const T, Space>(pdq), rows_of(a.dq, b, q0, qc.rows));
+            axpy(ex, 1.0f, view<const T, Space>(pdk), rows_of(dk, b, k0, kc.rows));
+            axpy(ex, 1.0f, view<const T, Space>(pdv), rows_of(dv, b, k0, kc.rows));
+          }
+        });
   }
 
   /// dk, dv from this rank's summed block gradients, and dq, dk back through RoPE.

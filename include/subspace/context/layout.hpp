@@ -41,8 +41,8 @@ class layout {
     require(seq > 0 && chunk_rows_ > 0 && seq % (chunk_rows_ * ranks) == 0, [&] {
       return "context::layout: a sequence of " + std::to_string(seq) + " tokens does not split into chunks of " +
              std::to_string(chunk_rows_) + " rows, an equal number per rank over " + std::to_string(ranks) +
-             " ranks (the sequence must be a multiple of " + std::to_string(per_rank * ranks) + (chunk_rows > 0 ? " chunks" : "") +
-             ")";
+             " ranks (the sequence must be a multiple of " + std::to_string(per_rank * ranks) +
+             (chunk_rows > 0 ? " chunks" : "") + ")";
     });
     require(kind != placement::zigzag || seq == 2 * ranks * chunk_rows_, [&] {
       return "context::layout: zigzag places exactly two chunks on each rank, so chunk_rows must be seq / (2 · "

@@ -244,8 +244,8 @@ class llama_block {
     linear(ex, a.ln1, q_proj, a.q);
     linear(ex, a.ln1, k_proj, a.k);
     linear(ex, a.ln1, v_proj, a.v);
-    attention.forward(ex, attention_forward_args<T, space>{a.q, a.k, ro(a.v), a.att, a.lse, c.positions, c.inv_freq,
-                                                                   c.slot});
+    attention.forward(
+        ex, attention_forward_args<T, space>{a.q, a.k, ro(a.v), a.att, a.lse, c.positions, c.inv_freq, c.slot});
     o_projection.forward(ex, ro(rows(a.att, n)), ro(o_proj.value), a.mid);
     residual.forward(ex, site(c, sublayer::attention), x, a.mid);  // mid = x + o_proj(att)
 
@@ -287,9 +287,9 @@ class llama_block {
     const view<T, space> datt_rows = rows(s.datt, n);
     if (keep) copy(ex, ro(dres), keep->d_o);
     project_backward(ex, o_projection, ro(rows(a.att, n)), o_proj, ro(dres), datt_rows, keep != nullptr);
-    attention.backward(ex, attention_backward_args<T, space>{ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse),
-                                                             ro(s.datt), s.dq, s.dk, s.dv, c.positions, c.inv_freq,
-                                                             c.slot});
+    attention.backward(
+        ex, attention_backward_args<T, space>{ro(a.q), ro(a.k), ro(a.v), ro(a.att), ro(a.lse), ro(s.datt), s.dq, s.dk,
+                                              s.dv, c.positions, c.inv_freq, c.slot});
     linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f, keep == nullptr);
     linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f, keep == nullptr);
     linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f, keep == nullptr);

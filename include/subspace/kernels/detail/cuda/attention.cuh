@@ -890,8 +890,8 @@ __global__ void merge_kernel(const O* out_part, bsh_strides ps, const float* lse
     const std::int64_t h = r % heads, s = (r / heads) % seq, b = r / (std::int64_t(heads) * seq);
     float& l_acc = lse_acc[b * la_b + h * la_h + s * la_s];
     detail::attention::merge_row<float>(out_part + b * ps.b + s * ps.s + h * ps.h, 1,
-                                        lse_part[b * lp_b + h * lp_h + s * lp_s], out_acc + b * as.b + s * as.s + h * as.h,
-                                        1, l_acc, hd);
+                                        lse_part[b * lp_b + h * lp_h + s * lp_s],
+                                        out_acc + b * as.b + s * as.s + h * as.h, 1, l_acc, hd);
   }
 }
 
@@ -918,8 +918,8 @@ void attention_merge(const exec::cuda& ex, view<O, device_space> out_part, view<
           "attention_merge (CUDA): out_part and out_acc need unit stride in the head dim");
   const std::int64_t rows = B * S * H;
   if (rows == 0) return;
-  const auto* part = reinterpret_cast<const std::conditional_t<std::is_same_v<T, bf16>, __nv_bfloat16, float>*>(
-      out_part.data());
+  const auto* part =
+      reinterpret_cast<const std::conditional_t<std::is_same_v<T, bf16>, __nv_bfloat16, float>*>(out_part.data());
   ca::merge_kernel<<<cuda_detail::grid_for(rows), cuda_detail::block_threads, 0, ex.stream>>>(
       part, ca::strides_of(out_part), lse_part.data(), lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
       out_acc.data(), ca::strides_of(out_acc), lse_acc.data(), lse_acc.stride(0), lse_acc.stride(1), lse_acc.stride(2),

@@ -1,0 +1,331 @@
+#pragma once
+// context::context_trainer<Model, Stack>: context parallelism (every sequence spread over the C ranks of a
+// context group, docs/context.md), with data parallelism over the groups, on the plan engine.
+//
+//   // rank r of a world of C·D ranks: place r % C of context group r / C
+//   context::trainer_options o;
+//   o.context_ranks = C;
+//   o.seq = 4096;                                   // the loader's sequence length, spread over the group
+//   context::context_trainer<nn::llama<exec::host, float>, decltype(stack)> t(cfg, std::move(stack), o);
+//   t.init(seed);
+//   auto res = t.step(loader);   // the ranks of a group read the same batches; the groups read their shards
+//
+// Model is the single-device model type (nn::llama<Exec, T>); the trainer builds it with context::blocks, so its
+// attention is context::attention over the group (ring or all-gather exchange, contiguous or zigzag placement),
+// and gives it the global positions of its rows. The stack: the communicator is the whole world (split here into
+// context groups of consecutive ranks and replica groups); the scheduler is schedule::gradient_accumulation{M,
+// world size}; the compressor is compress::identity (K/V cross the wire as they are); the optimizer steps every
+// tensor.
+//
+// One step: every rank reads the step's full batches [B, seq] and keeps its rows of each (context::layout::take);
+// forward and backward run on them, the attention layers exchanging K/V and dK/dV within the group; each bucket of
+// gradients is averaged over the whole world as soon as the backward completes it. A rank's gradient is that of
+// the mean loss over its rows, and every rank holds as many rows, so the average over the group is the gradient
+// of the mean over the whole sequence, and over the world the mean over the replicas too. Every rank then takes
+// the same clipped optimizer step: the weights stay identical on every rank, so one checkpoint (rank 0's, a
+// whole model's) resumes any layout.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../comm/concepts.hpp"
+#include "../compress/identity.hpp"
+#include "../core/error.hpp"
+#include "../data/loader.hpp"
+#include "../dist/bucket.hpp"
+#include "../io/checkpoint.hpp"
+#include "../nn/concepts.hpp"
+#include "../nn/llama.hpp"
+#include "../optim/schedule.hpp"
+#include "../policies.hpp"
+#include "../schedule/gradient_accumulation.hpp"
+#include "../train/engine.hpp"
+#include "../train/replica.hpp"
+#include "../train/trainer.hpp"
+#include "attention.hpp"
+#include "layout.hpp"
+
+namespace subspace::context {
+
+/// The data-parallel trainer's options (clip, learning-rate schedule, bucket size) and the context-parallel
+/// layout: ranks per sequence, the sequence length, the placement of chunks and the K/V exchange.
+struct trainer_options : dist::trainer_options {
+  int context_ranks = 1;  // C: ranks per sequence (the world is C · replicas)
+  std::int64_t seq = 0;   // tokens per sequence: the loaders' seq, a multiple of C (zigzag: of 2C)
+  placement layout = placement::zigzag;
+  exchange kv_exchange = exchange::ring;
+
+  void validate() const {
+    dist::trainer_options::validate();
+    require(context_ranks >= 1, [&] {
+      return "context::trainer_options: context_ranks must be >= 1, got " + std::to_string(context_ranks);
+    });
+    require(seq >= 1, [&] { return "context::trainer_options: seq must be >= 1, got " + std::to_string(seq); });
+  }
+};
+
+/// The model type the trainer builds from the single-device Model: its attention context parallel over Comm.
+template <class Model, class Comm>
+struct with_context_attention;
+template <class Exec, class T, class Blocks, class Comm>
+struct with_context_attention<nn::llama<Exec, T, Blocks>, Comm> {
+  static_assert(std::is_same_v<Blocks, nn::dense_blocks>,
+                "context::context_trainer: Model is the plain single-device Llama (nn::llama<Exec, T>); the trainer "
+                "puts context::blocks in it");
+  using type = nn::llama<Exec, T, blocks<Comm>>;
+};
+
+template <class Model, class Stack>
+class context_trainer {
+  static_assert(check_stack<Stack>());
+  static_assert(nn::check_model<Model>());
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::scheduler)>, schedule::gradient_accumulation>,
+                "context::context_trainer: the scheduler is schedule::gradient_accumulation{M, world size} (every "
+                "rank runs M micro-batches, then the all-reduced step)");
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::compressor)>, compress::identity>,
+                "context::context_trainer: the compressor is compress::identity (K and V cross the wire as they "
+                "are)");
+
+ public:
+  using communicator_type = std::remove_cvref_t<decltype(Stack::communicator)>;
+  using model_type = typename with_context_attention<Model, communicator_type>::type;
+  using optimizer_type = std::remove_cvref_t<decltype(Stack::optimizer)>;
+  using compressor_type = compress::identity;
+  using replica_type = train::replica<model_type, optimizer_type>;
+  using executor_type = typename replica_type::executor_type;
+  using space = typename replica_type::space;
+  using grad_type = typename replica_type::grad_type;
+  using request_type = dist::detail::all_reduce_request_t<communicator_type, grad_type, space>;
+
+  /// Collective over the stack's communicator (it is split into context groups and replica groups): builds the
+  /// model of `cfg` on `ex` for this rank's place.
+  context_trainer(const nn::llama_config& cfg, Stack stack, trainer_options o, executor_type ex = {})
+      : stack_(std::move(stack)),
+        o_(checked(std::move(o), stack_.communicator)),
+        layout_(o_.seq, o_.context_ranks, o_.layout),
+        place_(stack_.communicator.rank() % o_.context_ranks),
+        replica_index_(stack_.communicator.rank() / o_.context_ranks),
+        group_(stack_.communicator.split(replica_index_, place_)),
+        replicas_(stack_.communicator.split(place_, replica_index_)),
+        blocks_(o_.kv_exchange),
+        replica_(train::as_stages(build(cfg, ex)), stack_.optimizer, stack_.compressor),
+        engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()) {
+    require(stack_.scheduler.world_size() == stack_.communicator.size(), [&] {
+      return std::string(who) + ": the scheduler is written for " + std::to_string(stack_.scheduler.world_size()) +
+             " ranks, the communicator has " + std::to_string(stack_.communicator.size());
+    });
+    plan_ = dist::bucket_plan::of(replica_.store(), o_.bucket_bytes);
+    dist::check_same_plan(stack_.communicator, plan_, who);
+  }
+  context_trainer(context_trainer&&) = delete;  // the model's attention and the engine point into this object
+  ~context_trainer() {
+    for (request_type& req : pending_) try {
+        req.wait();
+      } catch (...) {
+      }
+  }
+
+  model_type& model() { return replica_.model(); }
+  const trainer_options& options() const { return o_; }
+  const context::layout& layout() const { return layout_; }
+  /// This rank's place in its context group, and its group's index among the replicas.
+  int place() const { return place_; }
+  int replica() const { return replica_index_; }
+  int replicas() const { return stack_.communicator.size() / o_.context_ranks; }
+  /// The whole world, this rank's context group and its replica group (the ranks at the same place).
+  communicator_type& communicator() { return stack_.communicator; }
+  communicator_type& context_communicator() { return group_; }
+  communicator_type& replica_communicator() { return replicas_; }
+  std::int64_t accumulation() const { return stack_.scheduler.microbatches(); }
+  std::int64_t steps_done() const { return step_; }
+  std::int64_t tokens_done() const { return tokens_; }
+  std::size_t optimizer_state_bytes() const { return replica_.optimizer_state_bytes(); }
+  std::vector<typename replica_type::state_type>& states() { return replica_.states(); }
+
+  /// Initialises the weights from `seed` and makes every rank hold rank 0's (collective).
+  void init(std::uint64_t seed) {
+    replica_.init(seed);
+    replica_.broadcast_from_rank0(stack_.communicator);
+  }
+
+  /// One optimizer step on the plan's batches of `loader` (see the top of this file). loss: the mean over every
+  /// token of the step's sequences on every replica; tokens: every replica's (each sequence counted once).
+  train::step_result step(data::batch_loader& loader) {
+    static_assert(replica_type::has_masters,
+                  "context::context_trainer::step: the model's weights must be fp32 or bf16 (an fp64 model can "
+                  "only compute_gradients)");
+    train::step_result r;
+    r.step = step_ + 1;
+    r.lr = o_.schedule.at(r.step);
+    r.loss = run(loader, [&] {
+      r.grad_norm = optim::clip_grad_norm(replica_.executor(), replica_.grads(0, replica_.parameters()), o_.clip);
+      r.skipped = !std::isfinite(r.grad_norm);
+      if (r.skipped) return;
+      replica_.step_all(optim::step_context{r.lr, r.step});
+    });
+    r.tokens = replica_type::batch_tokens(loader) * accumulation() * replicas();
+    step_ = r.step;
+    tokens_ += r.tokens;
+    return r;
+  }
+
+  /// The forward and backward passes of a step without the update: leaves the mean gradient in the store and
+  /// returns the step's loss. Tests call it alone (also on fp64 models).
+  double compute_gradients(data::batch_loader& loader) {
+    return run(loader, [] {});
+  }
+
+  /// The mean loss over `batches` batches of `loader` (every rank of a group the same loader, read from its start
+  /// and left there), averaged over the world. Collective.
+  double evaluate(data::batch_loader& loader, std::int64_t batches) {
+    check_loader(loader);
+    const double local = replica_.evaluate_local(loader, batches, who, [&](auto tokens, auto targets) {
+      source_.take(layout_, place_, tokens, targets);
+      return engine_.evaluate(source_.tokens.v(), source_.targets.v());
+    });
+    return dist::detail::mean_over_ranks(stack_.communicator, local);
+  }
+
+  /// Writes the whole model's checkpoint (rank 0; every rank holds the same state) into `dir`. Collective.
+  void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
+            io::json extra = io::json::object()) {
+    if (stack_.communicator.rank() == 0) {
+      io::trainer_state ts;
+      ts.step = step_;
+      ts.tokens = tokens_;
+      ts.seed = seed;
+      ts.train_data = train_position;
+      ts.extra = std::move(extra);
+      replica_.with_checkpoint_parameters([&](auto& params) {
+        io::save_checkpoint(replica_.executor(), dir, replica_.model().config(), params, replica_.states(), ts);
+      });
+    }
+    stack_.communicator.barrier().wait();
+  }
+
+  /// Restores a checkpoint written by save() (any context layout), positions `loader` where the saved run stopped
+  /// and returns the saved state. Collective.
+  io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
+    io::trainer_state ts;
+    replica_.with_checkpoint_parameters([&](auto& params) {
+      ts = io::load_checkpoint(replica_.executor(), dir, replica_.model().config(), params, replica_.states());
+    });
+    replica_.sync_model();
+    loader.seek(ts.train_data);
+    step_ = ts.step;
+    tokens_ = ts.tokens;
+    stack_.communicator.barrier().wait();
+    return ts;
+  }
+
+ private:
+  static constexpr const char* who = "context::context_trainer";
+
+  /// A full batch of the loader and this rank's rows of it.
+  struct rows_source {
+    data::batch_loader* loader = nullptr;
+    const context::layout* layout = nullptr;
+    int place = 0;
+    host_tensor<std::int32_t> full_tokens, full_targets, tokens, targets;
+
+    shape batch_shape() const { return shape{loader->options().batch, layout->rows_per_rank()}; }
+    void next(view<std::int32_t, host_space> tok, view<std::int32_t, host_space> tgt) {
+      const shape full{loader->options().batch, layout->seq()};
+      if (full_tokens.shape() != full) {
+        full_tokens = host_tensor<std::int32_t>(full);
+        full_targets = host_tensor<std::int32_t>(full);
+      }
+      loader->next(full_tokens.v(), full_targets.v());
+      layout->take<std::int32_t>(place, full_tokens.v(), tok);
+      layout->take<std::int32_t>(place, full_targets.v(), tgt);
+    }
+    /// This rank's rows of one full batch, into `tokens` / `targets`.
+    void take(const context::layout& lay, int p, view<const std::int32_t, host_space> tok,
+              view<const std::int32_t, host_space> tgt) {
+      const shape local{tok.dim(0), lay.rows_per_rank()};
+      if (tokens.shape() != local) {
+        tokens = host_tensor<std::int32_t>(local);
+        targets = host_tensor<std::int32_t>(local);
+      }
+      lay.take<std::int32_t>(p, tok, tokens.v());
+      lay.take<std::int32_t>(p, tgt, targets.v());
+    }
+  };
+
+  static trainer_options checked(trainer_options o, communicator_type& world) {
+    o.validate();
+    require(world.size() % o.context_ranks == 0, [&] {
+      return std::string(who) + ": context_ranks " + std::to_string(o.context_ranks) +
+             " must divide the communicator's " + std::to_string(world.size()) + " ranks";
+    });
+    return o;
+  }
+
+  model_type build(const nn::llama_config& cfg, executor_type ex) {
+    require(o_.seq <= cfg.max_seq, [&] {
+      return std::string(who) + ": seq " + std::to_string(o_.seq) + " exceeds max_seq " + std::to_string(cfg.max_seq) +
+             " of '" + cfg.name + "'";
+    });
+    blocks_.connect(group_, layout_);
+    model_type m(cfg, ex, nn::llama_stage{}, nullptr, blocks_);
+    m.set_positions(layout_.positions(place_));
+    return m;
+  }
+
+  void check_loader(const data::batch_loader& loader) const {
+    require(loader.options().seq == o_.seq, [&] {
+      return std::string(who) + ": the loader reads sequences of " + std::to_string(loader.options().seq) +
+             " tokens; the trainer spreads sequences of seq = " + std::to_string(o_.seq) + " over its ranks";
+    });
+  }
+
+  template <class Update>
+  double run(data::batch_loader& loader, Update&& update) {
+    check_loader(loader);
+    replica_.store().zero_grad(replica_.executor());
+    source_.loader = &loader;
+    source_.layout = &layout_;
+    source_.place = place_;
+    dist::bucket_cursor cursor(plan_);
+    const double loss = engine_.run(
+        stack_.scheduler.plan(step_, stack_.communicator.rank()), source_,
+        [&](std::size_t first, std::size_t last) { cursor.ready(first, last, [&](std::size_t k) { launch(k); }); },
+        [&] {
+          wait_all();
+          update();
+        });
+    wait_all();
+    return dist::detail::mean_over_ranks(stack_.communicator, loss);
+  }
+
+  void launch(std::size_t k) {
+    const dist::bucket& b = plan_[k];
+    pending_.push_back(
+        stack_.communicator.all_reduce(replica_.store().flat_grads().slice(b.begin, b.end), comm::reduce_op::avg));
+  }
+  void wait_all() {
+    for (request_type& req : pending_) req.wait();
+    pending_.clear();
+  }
+
+  Stack stack_;
+  trainer_options o_;
+  context::layout layout_;
+  int place_, replica_index_;
+  communicator_type group_, replicas_;
+  blocks<communicator_type> blocks_;
+  replica_type replica_;
+  train::plan_engine<model_type, compressor_type> engine_;
+  dist::bucket_plan plan_;
+  std::vector<request_type> pending_;
+  rows_source source_;
+  std::int64_t step_ = 0, tokens_ = 0;
+};
+
+}  // namespace subspace::context
