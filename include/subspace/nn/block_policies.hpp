@@ -1,6 +1,7 @@
 #pragma once
 // The seams of a Llama model: the policies a block calls where a trainer may need something else than the
-// dense computation. docs/architecture.md ("The model layer") says which trainer replaces which.
+// dense computation: Subspace Networks replace the projections, residual adds and embedding (nn/subspace_blocks.hpp,
+// docs/pipeline.md), context parallelism the attention (context/attention.hpp, docs/context.md).
 //
 //   attention    p.forward(ex, attention_forward_args)       RoPE on q and k (in place), then attention
 //                p.backward(ex, attention_backward_args)      gradients w.r.t. the pre-RoPE q and k, and v
