@@ -92,8 +92,9 @@ void apply_rope(const Exec& ex, view<T, space_t<Exec>> x, view<const float, spac
   }
 }
 
-/// The operands of an attention forward: q, k [B, S, H(kv), hd] arrive before RoPE and are left rotated (they are
-/// what backward receives); out [B, S, Hq, hd] and lse [B, Hq, S] are overwritten. `slot` is the micro-batch's
+/// The operands of an attention forward: q, k [B, S, H(kv), hd] arrive before RoPE; the policy may rotate them in
+/// place (dense_attention does), and backward receives them as forward left them; out [B, S, Hq, hd] and lse
+/// [B, Hq, S] are overwritten. `slot` is the micro-batch's
 /// activation slot: a policy that keeps state for backward (the K/V it received) keeps it per slot.
 template <class T, class Space>
 struct attention_forward_args {
@@ -106,7 +107,7 @@ struct attention_forward_args {
   std::size_t slot = 0;
 };
 
-/// The operands of an attention backward: q, k as forward left them (rotated), the saved out and lse, and dout;
+/// The operands of an attention backward: q, k as forward left them, the saved out and lse, and dout;
 /// dq, dk (w.r.t. the pre-RoPE q and k) and dv are overwritten.
 template <class T, class Space>
 struct attention_backward_args {
