@@ -73,6 +73,13 @@ class attention {
       : group_(std::move(g)), how_(how), codec_(std::move(codec)) {}
 
   const Codec& codec() const { return codec_; }
+  Codec& codec() { return codec_; }
+
+  /// Views of the codec's tensors (when it declared any) after the store allocated.
+  template <class Store>
+  void bind(Store& store) {
+    if constexpr (requires { codec_.bind(store); }) codec_.bind(store);
+  }
 
   /// Leaves q rotated and k as it came (the codec compresses K before RoPE); backward expects them so.
   template <class Exec>

@@ -325,7 +325,7 @@ class llama {
     const typename block_type::context c = context_of(st, slot);
     for (std::size_t l = blocks_.size(); l-- > 0;) {
       blocks_[l].backward_weight(ex_, c, st.acts[l], st.keep[l]);
-      ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
+      ready(blocks_[l].first_parameter(), blocks_[l].last_parameter());
     }
   }
 
@@ -434,7 +434,7 @@ class llama {
     }
     for (std::size_t l = L; l-- > 0;) {
       blocks_[l].backward(ex_, c, st.acts[l], detail::ro(st.x[l]), dres_, scratch_, split ? &st.keep[l] : nullptr);
-      if (!split) ready(blocks_[l].first_parameter(), blocks_[l].first_parameter() + block_type::per_layer);
+      if (!split) ready(blocks_[l].first_parameter(), blocks_[l].last_parameter());
     }
     st.weights_pending = split;
     if (has_embedding()) {

@@ -193,7 +193,8 @@ class llama_block {
         attention(blocks.attention(site_type{layer, cfg, store})),
         o_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::attention_output)),
         down_projection(blocks.projection(site_type{layer, cfg, store}, projection_site::mlp_output)),
-        residual(blocks.residual(site_type{layer, cfg, store})) {}
+        residual(blocks.residual(site_type{layer, cfg, store})),
+        last_(store.size()) {}
 
   /// Views of the block's tensors from `store` (after it allocated) and the policies' bind.
   void bind(store_type& store) {
@@ -214,8 +215,10 @@ class llama_block {
   }
 
   static constexpr std::size_t per_layer = 9;  // q, k, v, o, gate, up, down, two norms
-  /// The block's tensors are store indices [first_parameter(), first_parameter() + per_layer).
+  /// The block's tensors are store indices [first_parameter(), last_parameter()): its nine, then any its policies
+  /// declared (e.g. a K/V codec's).
   std::size_t first_parameter() const { return first_; }
+  std::size_t last_parameter() const { return last_; }
   std::int64_t layer() const { return layer_; }
 
  private:
@@ -236,6 +239,10 @@ class llama_block {
   projection_type o_projection, down_projection;  // the two projections that write into the residual stream
   residual_type residual;
 
+ private:
+  std::size_t last_;
+
+ public:
   /// y = x + attention branch + MLP branch, saving what backward needs in `a`.
   void forward(const Exec& ex, const context& c, const activations& a, view<const T, space> x, view<T, space> y) {
     using detail::ro;
