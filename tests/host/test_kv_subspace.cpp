@@ -318,7 +318,7 @@ TEST_CASE("kv_subspace: finite differences of the compressed model (k and v proj
       std::vector<double> fd, analytic;
       for (std::int64_t e = 0; e < std::min<std::int64_t>(value.numel(), 12); ++e) {
         const std::int64_t i = (e * 7919) % value.numel();
-        const double x0 = value.data()[i], h = 1e-4;
+        const double x0 = value.data()[i], h = 5e-5;
         const auto at = [&](double x) {
           value.data()[i] = x;
           return model.evaluate(data.tok(), data.tgt());
@@ -329,8 +329,13 @@ TEST_CASE("kv_subspace: finite differences of the compressed model (k and v proj
         analytic.push_back(grad.data()[i]);
       }
       REQUIRE(norm_of(analytic) > 0);
-      MESSAGE(what << ": |g| " << norm_of(analytic) << ", rel " << testing::rel_diff(analytic, fd));
-      CHECK(testing::rel_diff(analytic, fd) <= 1e-7);
+      // Relative to the gradient's norm, or to 1e-3 when a draw makes it smaller: the differences' rounding floor
+      // (~1e-11) would otherwise dominate a gradient that happens to nearly cancel.
+      std::vector<double> diff(analytic.size());
+      for (std::size_t i = 0; i < diff.size(); ++i) diff[i] = analytic[i] - fd[i];
+      const double err = norm_of(diff) / std::max(norm_of(fd), 1e-3);
+      MESSAGE(what << ": |g| " << norm_of(analytic) << ", error " << err);
+      CHECK(err <= 1e-7);
     }
   }
 }
