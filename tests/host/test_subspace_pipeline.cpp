@@ -270,7 +270,7 @@ TEST_CASE(
   for (const std::int64_t i : {std::int64_t(0), n * k / 2 + 1, n * k - 1}) {
     CAPTURE(i);
     const double want = fd(c.data()[i], loss_from_c), got = grad_c.data()[i];
-    CHECK(std::abs(got - want) <= 1e-7 * std::abs(want));
+    CHECK(std::abs(got - want) <= 1e-7 * std::abs(want) + 3e-12);  // + the difference's rounding (~1e-12)
   }
   for (const std::string name :
        {"model.embed_tokens.subspace_weight", "model.layers.0.self_attn.o_proj.subspace_weight",

@@ -23,6 +23,7 @@
 //
 // A codec keeps no state between calls beyond its tables, so the backward functions receive the forward's inputs.
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -91,6 +92,13 @@ struct kv_identity {
     return view<U, S>(values.data() + r.elements(), r.kv_shape());
   }
 };
+
+/// C can compress the K/V of context-parallel attention: compress::identity (dense), or a compressor tagged
+/// `static constexpr bool compresses_kv = true` with kv_codec<T, Space>(site).
+template <class C>
+concept KVCompressor = std::is_same_v<C, identity> || requires {
+  { C::compresses_kv } -> std::convertible_to<bool>;
+} && bool(C::compresses_kv);
 
 /// The codec `compressor` gives the attention of the layer at `site`: kv_identity for compress::identity, else
 /// compressor.kv_codec<T, Space>(site).

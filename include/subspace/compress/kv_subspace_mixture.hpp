@@ -124,7 +124,8 @@ struct kv_tables {
   const float* q(std::int64_t j, std::int64_t l) const { return data.data() + (1 + m + j * m + l) * block(); }
   std::uint64_t hash() const {
     fnv1a_64 h;
-    for (std::int64_t i = 0; i < data.numel(); ++i) h.add_float(data.data()[i]);
+    const std::int64_t n = data.data() ? data.numel() : 0;
+    for (std::int64_t i = 0; i < n; ++i) h.add_float(data.data()[i]);
     return h.value();
   }
 
@@ -230,8 +231,10 @@ class kv_subspace_codec {
   }
   /// After the step's forwards: evaluation does not add to Σ.
   void end_step() { state_->accumulating = false; }
-  /// Σ Zᵀ Z of part p so far (the d_kv × d_kv sum over this rank's rows; empty before accumulation).
+  /// Σ Zᵀ Z of part p so far (the d_kv × d_kv sum over this rank's rows; has_second_moment false before the
+  /// first accumulating forward).
   host_tensor<double>& second_moment(kv_part p) { return state_->sigma[int(p)]; }
+  bool has_second_moment(kv_part p) const { return state_->sigma[int(p)].shape() == shape{o_.kv_dim, o_.kv_dim}; }
   /// Installs the shared tables of both parts (every rank the same bits); compression starts at the next
   /// begin_step after the warm-up.
   void set_tables(kv_tables key, kv_tables value) {
@@ -410,7 +413,7 @@ class kv_subspace_codec {
   void accumulate(const exec::host& ex, const kv_rows& r, view<const T, host_space> z, kv_part p) {
     host_tensor<double>& s = state_->sigma[int(p)];
     const std::int64_t d = r.kv_dim();
-    if (s.numel() == 0) {
+    if (s.shape() != shape{d, d}) {
       s = host_tensor<double>(shape{d, d});
       fill(exec::host{}, s.v(), 0.0);
     }
@@ -433,6 +436,7 @@ class kv_subspace_codec {
 /// The compressor a context-parallel stack names: options, and a codec per attention layer (kv_codec).
 class kv_subspace_mixture {
  public:
+  static constexpr bool compresses_kv = true;
   explicit kv_subspace_mixture(kv_subspace_options o) : o_(std::move(o)) { o_.validate(); }
   const kv_subspace_options& options() const { return o_; }
 

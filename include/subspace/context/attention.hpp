@@ -127,7 +127,7 @@ class attention {
   template <class Exec>
   void backward(const Exec& ex, const nn::attention_backward_args<T, Space>& a) {
     const geometry g = geometry_of(a.q, a.k, a.positions, "backward");
-    require(a.slot < slots_.size() && slots_[a.slot].kv.numel() > 0,
+    require(a.slot < slots_.size() && slots_[a.slot].kv.data() != nullptr,
             "context::attention::backward: no forward kept K/V in this activation slot");
     slot_state& st = slots_[a.slot];
     fill(ex, a.dq, T(0.0f));

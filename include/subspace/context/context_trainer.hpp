@@ -14,8 +14,10 @@
 // attention is context::attention over the group (ring or all-gather exchange, contiguous or zigzag placement),
 // and gives it the global positions of its rows. The stack: the communicator is the whole world (split here into
 // context groups of consecutive ranks and replica groups); the scheduler is schedule::gradient_accumulation{M,
-// world size}; the compressor is compress::identity (K/V cross the wire as they are); the optimizer steps every
-// tensor.
+// world size}; the compressor compresses the attention's K/V — compress::identity (they cross the wire as they
+// are) or compress::kv_subspace_mixture (Mixture of Subspaces: dense warm-up steps, then after the last one the
+// switch of context/kv_phases.hpp — U_0 from the world's summed second moments, checked equal on every rank — and
+// compressed steps; its ψ heads are tensors of the store like the model's); the optimizer steps every tensor.
 //
 // One step: every rank reads the step's full batches [B, seq] and keeps its rows of each (context::layout::take);
 // forward and backward run on them, the attention layers exchanging K/V and dK/dV within the group; each bucket of
@@ -23,7 +25,7 @@
 // the mean loss over its rows, and every rank holds as many rows, so the average over the group is the gradient
 // of the mean over the whole sequence, and over the world the mean over the replicas too. Every rank then takes
 // the same clipped optimizer step: the weights stay identical on every rank, so one checkpoint (rank 0's, a
-// whole model's) resumes any layout.
+// whole model's, with the K/V tables of a compressing model beside it) resumes any layout.
 
 #include <cmath>
 #include <cstddef>
@@ -36,6 +38,7 @@
 
 #include "../comm/concepts.hpp"
 #include "../compress/identity.hpp"
+#include "../compress/kv.hpp"
 #include "../core/error.hpp"
 #include "../data/loader.hpp"
 #include "../dist/bucket.hpp"
@@ -49,6 +52,7 @@
 #include "../train/replica.hpp"
 #include "../train/trainer.hpp"
 #include "attention.hpp"
+#include "kv_phases.hpp"
 #include "layout.hpp"
 
 namespace subspace::context {
@@ -71,32 +75,36 @@ struct trainer_options : dist::trainer_options {
 };
 
 /// The model type the trainer builds from the single-device Model: its attention context parallel over Comm.
-template <class Model, class Comm>
+template <class Model, class Comm, class Compressor>
 struct with_context_attention;
-template <class Exec, class T, class Blocks, class Comm>
-struct with_context_attention<nn::llama<Exec, T, Blocks>, Comm> {
+template <class Exec, class T, class Blocks, class Comm, class Compressor>
+struct with_context_attention<nn::llama<Exec, T, Blocks>, Comm, Compressor> {
   static_assert(std::is_same_v<Blocks, nn::dense_blocks>,
                 "context::context_trainer: Model is the plain single-device Llama (nn::llama<Exec, T>); the trainer "
                 "puts context::blocks in it");
-  using type = nn::llama<Exec, T, blocks<Comm>>;
+  using type = nn::llama<Exec, T, blocks<Comm, Compressor>>;
 };
 
 template <class Model, class Stack>
 class context_trainer {
-  static_assert(check_stack<Stack>());
+  using policy_types = typename subspace::detail::policy_types<Stack>::type;
+  // The communicator, scheduler and optimizer as any trainer checks them; the compressor compresses K/V.
+  static_assert(subspace::detail::check_stack_communicator<policy_types>() &&
+                subspace::detail::check_stack_scheduler<policy_types>() &&
+                subspace::detail::check_stack_optimizer<policy_types>());
+  static_assert(compress::KVCompressor<std::remove_cvref_t<decltype(Stack::compressor)>>,
+                "context::context_trainer: the compressor compresses the attention's K/V: compress::identity (dense) "
+                "or compress::kv_subspace_mixture (Mixture of Subspaces)");
   static_assert(nn::check_model<Model>());
   static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::scheduler)>, schedule::gradient_accumulation>,
                 "context::context_trainer: the scheduler is schedule::gradient_accumulation{M, world size} (every "
                 "rank runs M micro-batches, then the all-reduced step)");
-  static_assert(std::is_same_v<std::remove_cvref_t<decltype(Stack::compressor)>, compress::identity>,
-                "context::context_trainer: the compressor is compress::identity (K and V cross the wire as they "
-                "are)");
 
  public:
   using communicator_type = std::remove_cvref_t<decltype(Stack::communicator)>;
-  using model_type = typename with_context_attention<Model, communicator_type>::type;
+  using compressor_type = std::remove_cvref_t<decltype(Stack::compressor)>;
+  using model_type = typename with_context_attention<Model, communicator_type, compressor_type>::type;
   using optimizer_type = std::remove_cvref_t<decltype(Stack::optimizer)>;
-  using compressor_type = compress::identity;
   using replica_type = train::replica<model_type, optimizer_type>;
   using executor_type = typename replica_type::executor_type;
   using space = typename replica_type::space;
@@ -113,9 +121,9 @@ class context_trainer {
         replica_index_(stack_.communicator.rank() / o_.context_ranks),
         group_(stack_.communicator.split(replica_index_, place_)),
         replicas_(stack_.communicator.split(place_, replica_index_)),
-        blocks_(o_.kv_exchange),
-        replica_(train::as_stages(build(cfg, ex)), stack_.optimizer, stack_.compressor),
-        engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()) {
+        blocks_(o_.kv_exchange, stack_.compressor),
+        replica_(train::as_stages(build(cfg, ex)), stack_.optimizer),
+        engine_(replica_.stages(), boundary_, {}) {
     require(stack_.scheduler.world_size() == stack_.communicator.size(), [&] {
       return std::string(who) + ": the scheduler is written for " + std::to_string(stack_.scheduler.world_size()) +
              " ranks, the communicator has " + std::to_string(stack_.communicator.size());
@@ -152,6 +160,14 @@ class context_trainer {
   void init(std::uint64_t seed) {
     replica_.init(seed);
     replica_.broadcast_from_rank0(stack_.communicator);
+    set_kv_phase(model(), 1);
+  }
+
+  /// Whether the attention layers send compressed K/V at the next step (Mixture of Subspaces after its warm-up).
+  bool compressing_kv() {
+    bool any = false;
+    for_each_mos_codec(model(), [&](auto& c) { any = any || c.compressing(); });
+    return any;
   }
 
   /// One optimizer step on the plan's batches of `loader` (see the top of this file). loss: the mean over every
@@ -172,6 +188,10 @@ class context_trainer {
     r.tokens = replica_type::batch_tokens(loader) * accumulation() * replicas();
     step_ = r.step;
     tokens_ += r.tokens;
+    if constexpr (!std::is_same_v<compressor_type, compress::identity>)
+      if (step_ == stack_.compressor.options().warmup_steps)
+        switch_to_compressed(model(), stack_.communicator, stack_.compressor.options());
+    set_kv_phase(model(), step_ + 1);
     return r;
   }
 
@@ -192,9 +212,12 @@ class context_trainer {
     return dist::detail::mean_over_ranks(stack_.communicator, local);
   }
 
-  /// Writes the whole model's checkpoint (rank 0; every rank holds the same state) into `dir`. Collective.
+  /// Writes the whole model's checkpoint into `dir` (rank 0; every rank holds the same weights) with the K/V
+  /// codecs' state beside it (every rank its own partial second moments inside the PCA window). Collective.
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
             io::json extra = io::json::object()) {
+    save_kv_state(model(), dir, stack_.communicator.rank());
+    stack_.communicator.barrier().wait();  // every rank's part is on disk before the checkpoint is complete
     if (stack_.communicator.rank() == 0) {
       io::trainer_state ts;
       ts.step = step_;
@@ -209,17 +232,21 @@ class context_trainer {
     stack_.communicator.barrier().wait();
   }
 
-  /// Restores a checkpoint written by save() (any context layout), positions `loader` where the saved run stopped
-  /// and returns the saved state. Collective.
+  /// Restores a checkpoint written by save() (any context layout; one saved inside a Mixture-of-Subspaces PCA
+  /// window continues each rank's partial second moment, so it needs the same ranks), positions `loader` where
+  /// the saved run stopped and returns the saved state. Collective.
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     io::trainer_state ts;
     replica_.with_checkpoint_parameters([&](auto& params) {
       ts = io::load_checkpoint(replica_.executor(), dir, replica_.model().config(), params, replica_.states());
     });
     replica_.sync_model();
+    if constexpr (!std::is_same_v<compressor_type, compress::identity>)
+      load_kv_state(model(), dir, stack_.communicator.rank(), stack_.communicator.size(), stack_.compressor.options());
     loader.seek(ts.train_data);
     step_ = ts.step;
     tokens_ = ts.tokens;
+    set_kv_phase(model(), step_ + 1);
     stack_.communicator.barrier().wait();
     return ts;
   }
@@ -293,6 +320,7 @@ class context_trainer {
     source_.layout = &layout_;
     source_.place = place_;
     dist::bucket_cursor cursor(plan_);
+    begin_kv_step(model(), step_ + 1);
     const double loss = engine_.run(
         stack_.scheduler.plan(step_, stack_.communicator.rank()), source_,
         [&](std::size_t first, std::size_t last) { cursor.ready(first, last, [&](std::size_t k) { launch(k); }); },
@@ -301,6 +329,7 @@ class context_trainer {
           update();
         });
     wait_all();
+    end_kv_step(model());
     return dist::detail::mean_over_ranks(stack_.communicator, loss);
   }
 
@@ -319,9 +348,10 @@ class context_trainer {
   context::layout layout_;
   int place_, replica_index_;
   communicator_type group_, replicas_;
-  blocks<communicator_type> blocks_;
+  blocks<communicator_type, compressor_type> blocks_;
   replica_type replica_;
-  train::plan_engine<model_type, compressor_type> engine_;
+  compress::identity boundary_;  // the engine's (one stage: no boundary)
+  train::plan_engine<model_type, compress::identity> engine_;
   dist::bucket_plan plan_;
   std::vector<request_type> pending_;
   rows_source source_;
