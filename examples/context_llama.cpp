@@ -14,9 +14,14 @@
 // layer), its gradient all-reduce bytes and the modelled communication time. --metrics writes one JSON line per
 // step; --checkpoint-dir saves the whole model's checkpoint (DIR/step_N) for --resume, which any --cp can resume.
 //
+// --compressor mos sends each chunk's K and V in a learned rotation of a shared low-rank basis (Mixture of
+// Subspaces, compress::kv_subspace_mixture; host only so far): dense for --warmup-pca steps, whose last
+// --pca-steps give the basis, then compressed on every layer but the last.
+//
 // This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host and one GPU).
 #include <subspace/subspace.hpp>
 
+#include <subspace/compress/kv_subspace_mixture.hpp>
 #include <subspace/context/context_trainer.hpp>
 
 #include <algorithm>
@@ -48,7 +53,8 @@ namespace fs = std::filesystem;
 
 struct options : examples::model_flags, examples::data_flags {
   int cp = 4, dp = 1;
-  std::string layout = "zigzag", attention = "ring";
+  std::string layout = "zigzag", attention = "ring", compressor = "identity";
+  std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
   std::string bandwidth = "none", throttle = "account";
   double comm_timeout = 300.0;
   std::int64_t seq = 1024, batch = 1, microbatches = 1, steps = 100, warmup = 10;
@@ -67,6 +73,7 @@ struct setup {
   comm::network net;
   bool modelled = false;
   nn::llama_config cfg;
+  std::optional<compress::kv_subspace_options> mos;  // --compressor mos
   examples::data_source src;
   data::token_dataset train, val;
   std::string device_name, where;
@@ -102,6 +109,13 @@ void check(const options& o) {
                               (o.layout == "zigzag" ? "2 x --cp: zigzag gives every rank two equal chunks"
                                                     : "--cp: every rank holds as many rows") +
                               ")");
+  need(o.rank_k >= 0 && o.rank_v >= 0, "--rank-k and --rank-v must be >= 0 (0: 2% and 5% of the K/V width)");
+  need(o.generators >= 1, "--generators must be >= 1");
+  need(o.warmup_pca >= 1 && o.pca_steps >= 1, "--warmup-pca and --pca-steps must be >= 1");
+  need(o.unplug_at >= 0, "--unplug-at must be >= 0 (0: never)");
+  need(o.compressor != "mos" || o.warmup_pca < o.steps, "--warmup-pca " + std::to_string(o.warmup_pca) +
+                                                            " must be shorter than --steps " + std::to_string(o.steps) +
+                                                            " (compression starts after the uncompressed warm-up)");
   examples::parse_bandwidth(o.bandwidth);
 }
 
@@ -113,6 +127,30 @@ setup decide(const options& o) {
   s.net = comm::network(l ? *l : comm::link{1e30, 0.0},
                         o.throttle == "enforce" && l ? comm::throttle_mode::enforce : comm::throttle_mode::account);
   s.cfg = examples::model_config(o, o.seq);
+  if (o.compressor == "mos") {
+    compress::kv_subspace_options m;
+    m.layers = s.cfg.n_layers;
+    m.kv_dim = s.cfg.kv_dim();
+    m.rank_k = o.rank_k;
+    m.rank_v = o.rank_v;
+    m.generators = o.generators;
+    m.generator_seed = o.seed * 2 + 301;
+    m.warmup_steps = o.warmup_pca;
+    m.pca_steps = std::min(o.pca_steps, o.warmup_pca);
+    m.unplug_at_step = o.unplug_at;
+    if (m.k_rank() >= m.kv_dim || m.v_rank() >= m.kv_dim)
+      throw examples::cli_error("--rank-k " + std::to_string(m.k_rank()) + " / --rank-v " + std::to_string(m.v_rank()) +
+                                ": each rank must be below the K/V width " + std::to_string(m.kv_dim) +
+                                " (KV heads x head dim of '" + s.cfg.name + "')");
+    if (s.cfg.n_layers < 2)
+      throw examples::cli_error("--compressor mos: the last layer stays dense, so the model needs at least 2 layers");
+    try {
+      m.validate();
+    } catch (const subspace::invalid_argument& e) {
+      throw examples::cli_error("--compressor mos: " + examples::without_location(e.what()));
+    }
+    s.mos = m;
+  }
   return s;
 }
 
@@ -127,10 +165,15 @@ void load_data(const options& o, setup& s) {
                               std::to_string(s.train.tokens()) + ") hold no sequence that long");
 }
 
-/// K/V bytes one rank sends per layer and micro-batch: (C − 1) blocks of its rows' K and V, each way.
-double kv_bytes_per_layer(const options& o, const setup& s, std::size_t element_bytes) {
-  const double block = 2.0 * double(o.batch) * double(o.seq / o.cp) * double(s.cfg.kv_dim()) * double(element_bytes);
-  return 2.0 * double(o.cp - 1) * block;
+/// K/V bytes one rank sends per layer and micro-batch, forward and backward: (C − 1) blocks of its rows' K and V
+/// each way; compressed, (C − 1) payloads of n (r_K + r_V) coefficients per chunk and 2m fp32 rotation coefficients.
+double kv_bytes_per_layer(const options& o, const setup& s, std::size_t element_bytes, bool compressed) {
+  const double rows = double(o.batch) * double(o.seq / o.cp);
+  if (!compressed) return 2.0 * double(o.cp - 1) * 2.0 * rows * double(s.cfg.kv_dim()) * double(element_bytes);
+  const double chunks = double(o.batch) * (o.layout == "zigzag" ? 2.0 : 1.0);
+  const double payload = rows * double(s.mos->k_rank() + s.mos->v_rank()) * double(element_bytes) +
+                         chunks * 2.0 * double(s.mos->generators) * 4.0;
+  return 2.0 * double(o.cp - 1) * payload;
 }
 
 void print_header(const options& o, const setup& s, std::size_t element_bytes) {
@@ -144,8 +187,17 @@ void print_header(const options& o, const setup& s, std::size_t element_bytes) {
   std::printf("sequence %lld tokens, %s placement (%lld rows per rank), %s exchange; %lld x %lld sequences per step\n",
               (long long)o.seq, o.layout.c_str(), (long long)(o.seq / o.cp), o.attention.c_str(),
               (long long)o.microbatches, (long long)o.batch);
-  std::printf("K/V on the wire: %sB per rank per layer and micro-batch (forward + backward)\n",
-              human(kv_bytes_per_layer(o, s, element_bytes)).c_str());
+  const double dense = kv_bytes_per_layer(o, s, element_bytes, false);
+  std::printf("K/V on the wire: %sB per rank per layer and micro-batch (forward + backward)\n", human(dense).c_str());
+  if (s.mos) {
+    const double mixed = kv_bytes_per_layer(o, s, element_bytes, true);
+    std::printf(
+        "compressor: Mixture of Subspaces, r_K %lld, r_V %lld, m %lld: dense for %lld warm-up steps (the last %lld "
+        "gather the K/V second moments), then %sB per compressed layer (%.1f%% fewer), the last layer dense%s\n",
+        (long long)s.mos->k_rank(), (long long)s.mos->v_rank(), (long long)s.mos->generators,
+        (long long)s.mos->warmup_steps, (long long)s.mos->pca_steps, human(mixed).c_str(), 100.0 * (1 - mixed / dense),
+        s.mos->unplug_at_step ? (", dense again from step " + std::to_string(s.mos->unplug_at_step)).c_str() : "");
+  }
   if (s.modelled)
     std::printf("network: every link %s, %s mode\n", examples::link_text(s.net.default_link).c_str(),
                 s.net.mode == comm::throttle_mode::enforce ? "enforce" : "account");
@@ -157,8 +209,9 @@ void print_header(const options& o, const setup& s, std::size_t element_bytes) {
 enum field : int { f_kv_bytes, f_grad_bytes, f_comm_s, f_count };
 
 /// Trains rank `world.rank()`; rank 0 prints. Returns the exit status (the same on every rank).
-template <class Model, class Exec, class Comm>
-int run_rank(const Exec& ex, Comm world, Comm stats, const options& o, const setup& s, io::metrics_writer* metrics) {
+template <class Model, class Exec, class Comm, class Compressor>
+int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, const options& o, const setup& s,
+             io::metrics_writer* metrics) {
   const int rank = world.rank(), n = world.size(), replica = rank / o.cp;
   const bool lead = rank == 0;
   context::trainer_options to;
@@ -170,7 +223,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const options& o, const set
   to.layout = placement_of(o);
   to.kv_exchange = o.attention == "ring" ? context::exchange::ring : context::exchange::all_gather;
   auto stack = subspace::stack{.communicator = comm::throttled<Comm>(std::move(world), s.net),
-                               .compressor = compress::identity{},
+                               .compressor = std::move(compressor),
                                .scheduler = schedule::gradient_accumulation{int(o.microbatches), n},
                                .optimizer = optim::adamw{}};
   context::context_trainer<Model, decltype(stack)> t(s.cfg, std::move(stack), to, ex);
@@ -209,6 +262,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const options& o, const set
   for (std::int64_t step = first_step; step <= o.steps; ++step) {
     const double t0 = seconds();
     const comm::traffic before = t.communicator().metrics();
+    const bool compressed = t.compressing_kv();
     const train::step_result r = t.step(train_data);
     const comm::traffic& after = t.communicator().metrics();
     const double dt = seconds() - t0;
@@ -270,6 +324,11 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const options& o, const set
       std::printf("%s\n", line.c_str());
       std::fflush(stdout);
     }
+    if (!compressed && t.compressing_kv())
+      std::printf(
+          "switched to Mixture of Subspaces after step %lld (loss %.4f): U_0 from the K/V of the last %lld "
+          "warm-up steps, the same tables on every rank\n",
+          (long long)step, r.loss, (long long)s.mos->pca_steps);
     if (metrics) {
       io::json j = io::json::object({{"step", io::json(step)}, {"loss", io::json(r.loss)}});
       if (val) j.set("val_loss", io::json(*val));
@@ -283,6 +342,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const options& o, const set
       j.set("kv_bytes_sent", kv);
       j.set("kv_bytes_per_layer", io::json(per_layer));
       j.set("grad_bytes_sent", io::json(grad_max));
+      j.set("kv_compressed", io::json(compressed));
       j.set("comm_model_s", io::json(comm_max));
       metrics->write(j);
     }
@@ -306,10 +366,17 @@ int run_local(const options& o, setup& s) {
   std::optional<io::metrics_writer> metrics;
   if (!o.metrics.empty()) metrics.emplace(o.metrics);
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
-  return examples::on_threads(s.ranks, [&](int r) {
-    return run_rank<nn::llama<Exec, T>>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], o, s,
-                                        r == 0 && metrics ? &*metrics : nullptr);
-  });
+  const auto run = [&](auto compressor) {
+    return examples::on_threads(s.ranks, [&](int r) {
+      return run_rank<nn::llama<Exec, T>>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor, o, s,
+                                          r == 0 && metrics ? &*metrics : nullptr);
+    });
+  };
+  if (!s.mos) return run(compress::identity{});
+  if constexpr (std::is_same_v<Exec, exec::host>) return run(compress::kv_subspace_mixture(*s.mos));
+  else
+    throw examples::cli_error(
+        "--compressor mos: the Mixture-of-Subspaces codec runs on the host so far (--device host)");
 }
 
 }  // namespace
@@ -333,6 +400,17 @@ int main(int argc, char** argv) {
             "ring: K/V blocks passed from rank to rank, each hop overlapped with attention to the previous "
             "block; all_gather: one all-gather forward, one reduce-scatter backward",
             {"ring", "all_gather"})
+      .flag("compressor", o.compressor,
+            "identity: K and V cross the wire as they are; mos: Mixture of Subspaces, each chunk's K and V in a "
+            "learned rotation of a shared low-rank basis (after --warmup-pca dense steps; the last layer stays "
+            "dense; host only so far)",
+            {"identity", "mos"})
+      .flag("rank-k", o.rank_k, "rank of the compressed K (0: 2% of the K/V width, at least 1)")
+      .flag("rank-v", o.rank_v, "rank of the compressed V (0: 5% of the K/V width, at least 1)")
+      .flag("generators", o.generators, "rotation coefficients per chunk (m)")
+      .flag("warmup-pca", o.warmup_pca, "dense steps before compression starts (its basis comes from their K/V)")
+      .flag("pca-steps", o.pca_steps, "the last warm-up steps whose K/V second moments give the basis")
+      .flag("unplug-at", o.unplug_at, "from this step on send dense K/V again (0: never)")
       .flag("bandwidth", o.bandwidth,
             "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
             "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")

@@ -5,6 +5,8 @@
 # (C − 1) K/V blocks forward and (C − 1) dK/dV blocks backward per layer and micro-batch (a block: 2 · B · S/C ·
 # d_kv fp32 values). The all-gather exchange trains to the same loss (up to fp32 rounding). A run stopped after 3 steps with a
 # checkpoint and resumed to 6 ends with the uninterrupted run's final loss; the checkpoint also resumes on 2 ranks.
+# With --compressor mos the first steps send dense K/V, the later ones compressed payloads of exactly the
+# expected size, and a resume after the switch repeats the uninterrupted run.
 #
 #   context_llama_run.sh CONTEXT_LLAMA TEXT_FILE
 set -euo pipefail
@@ -52,4 +54,25 @@ got=$(grep -o 'step 6/6 | loss [0-9.]*' "$work/resumed.log")
 "$bin" "${common[@]}" --cp 2 --layout contiguous --resume "$work/ckpt/step_000000003" >"$work/resumed2.log" 2>&1 ||
   fail "the resume on 2 ranks exited $?"
 grep -q "step 6/6 | loss " "$work/resumed2.log" || fail "the resume on 2 ranks printed no final step"
+# Mixture of Subspaces: 3 dense warm-up steps, then compressed K/V on layers 0 and 1 (the last stays dense). Per
+# layer and micro-batch a payload holds 2 x 8 rows x (2 + 3) fp32 coefficients and 4 chunks x 2 fp32 rotation
+# coefficients: 352 B, 3 of them each way; the last layer's dense blocks as before.
+mos=(--compressor mos --warmup-pca 3 --pca-steps 2 --rank-k 2 --rank-v 3)
+"$bin" "${common[@]}" --cp 4 "${mos[@]}" --metrics "$work/mos.jsonl" --checkpoint-dir "$work/mos_ckpt" \
+  --checkpoint-every 4 >"$work/mos.log" 2>&1 || fail "the Mixture-of-Subspaces run exited $?"
+grep -q "switched to Mixture of Subspaces after step 3" "$work/mos.log" || fail "no switch line"
+dense_step=$((2 * 3 * 2 * 3 * (2 * 2 * 8 * 8 * 4)))
+mos_step=$((2 * (2 * 2 * 3 * 352 + 2 * 3 * (2 * 2 * 8 * 8 * 4))))
+for s in 1 2 4 5 6; do
+  line=$(grep "\"step\":$s," "$work/mos.jsonl")
+  sent=$(echo "$line" | sed -E 's/.*"kv_bytes_sent":\[([0-9,]+)\].*/\1/' | tr ',' '\n' | sort -u)
+  [ "$s" -le 2 ] && want_mos=$dense_step || want_mos=$mos_step
+  [ "$sent" = "$want_mos" ] || fail "mos step $s: the ranks sent '$sent' K/V bytes, expected $want_mos"
+done
+[ -f "$work/mos_ckpt/step_000000004/kv_subspace.safetensors" ] || fail "no K/V tables beside the step-4 checkpoint"
+"$bin" "${common[@]}" --cp 4 "${mos[@]}" --resume "$work/mos_ckpt/step_000000004" >"$work/mos_resumed.log" 2>&1 ||
+  fail "the Mixture-of-Subspaces resume exited $?"
+want=$(grep -o 'step 6/6 | loss [0-9.]*' "$work/mos.log")
+got=$(grep -o 'step 6/6 | loss [0-9.]*' "$work/mos_resumed.log")
+[ -n "$want" ] && [ "$want" = "$got" ] || fail "mos resumed '$got' differs from uninterrupted '$want'"
 echo "ok"
