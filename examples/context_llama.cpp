@@ -53,6 +53,7 @@ namespace fs = std::filesystem;
 
 struct options : examples::model_flags, examples::data_flags {
   int cp = 4, dp = 1;
+  std::int64_t sync_every = 1;
   std::string layout = "zigzag", attention = "ring", compressor = "identity";
   std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
   std::string bandwidth = "none", throttle = "account";
@@ -104,6 +105,7 @@ void check(const options& o) {
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
   need(o.threads >= 0, "--threads must be >= 0");
+  need(o.sync_every >= 1, "--sync-every must be >= 1, got " + std::to_string(o.sync_every));
   const std::int64_t unit = o.layout == "zigzag" ? 2 * std::int64_t(o.cp) : std::int64_t(o.cp);
   need(o.seq % unit == 0, "--seq " + std::to_string(o.seq) + " must be a multiple of " + std::to_string(unit) + " (" +
                               (o.layout == "zigzag" ? "2 x --cp: zigzag gives every rank two equal chunks"
@@ -222,6 +224,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
   to.seq = o.seq;
   to.layout = placement_of(o);
   to.kv_exchange = o.attention == "ring" ? context::exchange::ring : context::exchange::all_gather;
+  to.sync_every = o.sync_every;
   auto stack = subspace::stack{.communicator = comm::throttled<Comm>(std::move(world), s.net),
                                .compressor = std::move(compressor),
                                .scheduler = schedule::gradient_accumulation{int(o.microbatches), n},
@@ -400,6 +403,9 @@ int main(int argc, char** argv) {
             "ring: K/V blocks passed from rank to rank, each hop overlapped with attention to the previous "
             "block; all_gather: one all-gather forward, one reduce-scatter backward",
             {"ring", "all_gather"})
+      .flag("sync-every", o.sync_every,
+            "1: gradients averaged over every rank each step; c > 1: each rank steps on its own rows' gradient "
+            "and the weights are averaged every c steps (checkpoints then hold one directory per rank)")
       .flag("compressor", o.compressor,
             "identity: K and V cross the wire as they are; mos: Mixture of Subspaces, each chunk's K and V in a "
             "learned rotation of a shared low-rank basis (after --warmup-pca dense steps; the last layer stays "
@@ -436,7 +442,9 @@ int main(int argc, char** argv) {
       .flag("metrics", o.metrics, "write one JSON line per step to this file")
       .flag("checkpoint-dir", o.checkpoint_dir, "save the model's checkpoint to DIR/step_NNNNNNNNN (and at the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
-      .flag("resume", o.resume, "continue exactly from a checkpoint DIR/step_N (any --cp and --layout)")
+      .flag("resume", o.resume,
+            "continue exactly from a checkpoint DIR/step_N (any --cp and --layout; with --sync-every > 1 the "
+            "ranks that saved it)")
       .flag("device", o.device,
             "where the in-process ranks train: host, or one GPU shared by all ranks (cuda); auto picks cuda "
             "when a GPU is present",

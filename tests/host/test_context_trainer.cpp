@@ -239,3 +239,44 @@ TEST_CASE("context trainer: clear errors for a layout the world or the loader ca
   CHECK_THROWS_WITH_AS(make(1, options_for(1, 32, context::placement::zigzag, context::exchange::ring)),
                        doctest::Contains("the loader reads sequences of 16 tokens"), invalid_argument);
 }
+
+TEST_CASE("context trainer: sync_every = 4 averages the weights every 4 steps; per-rank checkpoints resume exactly") {
+  const testing::genesis_data text;
+  const nn::llama_config cfg = small();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const std::int64_t batch = 2, seq = 32;
+  context::trainer_options o = options_for(2, seq, context::placement::zigzag, context::exchange::ring);
+  o.sync_every = 4;
+  o.schedule = {2e-3f, 2e-4f, 1, 10, optim::decay_kind::cosine};
+  const testing::scratch_dir dir;
+  std::mutex mu;
+  // weights[s][r]: rank r's tensors after step s + 1.
+  std::vector<std::vector<testing::named_tensors>> weights(8, std::vector<testing::named_tensors>(2));
+  std::vector<std::vector<double>> losses(2), resumed(2);
+  on_context<nn::llama<exec::host, float>>(cfg, 1, 1, seed, o, [&](auto& t, int r) {
+    auto data = text.train(batch, seq);
+    for (int s = 0; s < 8; ++s) {
+      losses[std::size_t(r)].push_back(t.step(data).loss);
+      if (s + 1 == 4) t.save(dir.path / "ckpt", data.position(), seed);
+      std::lock_guard lock(mu);
+      weights[std::size_t(s)][std::size_t(r)].add(t.model().parameters());
+    }
+  });
+  for (int s = 0; s < 8; ++s) {
+    CAPTURE(s + 1);
+    bool same = true;
+    for (const auto& [name, v] : weights[std::size_t(s)][0].values)
+      same = same && weights[std::size_t(s)][1].values.at(name) == v;
+    CHECK(same == ((s + 1) % 4 == 0));  // equal right after each average, apart between them
+  }
+  CHECK(std::filesystem::exists(dir.path / "ckpt" / "rank-1" / "model.safetensors"));
+  on_context<nn::llama<exec::host, float>>(cfg, 1, 1, seed + 1, o, [&](auto& t, int r) {
+    auto data = text.train(batch, seq);
+    CHECK(t.resume(dir.path / "ckpt", data).step == 4);
+    for (int s = 4; s < 8; ++s) resumed[std::size_t(r)].push_back(t.step(data).loss);
+  });
+  for (int r = 0; r < 2; ++r)
+    for (int s = 4; s < 8; ++s)
+      CHECK(resumed[std::size_t(r)][std::size_t(s - 4)] == losses[std::size_t(r)][std::size_t(s)]);
+}

@@ -26,6 +26,9 @@
 // of the mean over the whole sequence, and over the world the mean over the replicas too. Every rank then takes
 // the same clipped optimizer step: the weights stay identical on every rank, so one checkpoint (rank 0's, a
 // whole model's, with the K/V tables of a compressing model beside it) resumes any layout.
+//
+// With sync_every = c > 1 the gradients are not averaged: each rank steps on the gradient of its own rows, and
+// every c steps the weights (fp32 masters) are averaged over the world; the optimizer moments stay each rank's.
 
 #include <cmath>
 #include <cstddef>
@@ -64,9 +67,14 @@ struct trainer_options : dist::trainer_options {
   std::int64_t seq = 0;   // tokens per sequence: the loaders' seq, a multiple of C (zigzag: of 2C)
   placement layout = placement::zigzag;
   exchange kv_exchange = exchange::ring;
+  // c: 1 averages the gradients over the world every step (one optimizer step, the same on every rank); c > 1
+  // lets each rank step on its own gradient and averages the weights every c steps (optimizer moments stay local).
+  std::int64_t sync_every = 1;
 
   void validate() const {
     dist::trainer_options::validate();
+    require(sync_every >= 1,
+            [&] { return "context::trainer_options: sync_every must be >= 1, got " + std::to_string(sync_every); });
     require(context_ranks >= 1, [&] {
       return "context::trainer_options: context_ranks must be >= 1, got " + std::to_string(context_ranks);
     });
@@ -188,6 +196,10 @@ class context_trainer {
     r.tokens = replica_type::batch_tokens(loader) * accumulation() * replicas();
     step_ = r.step;
     tokens_ += r.tokens;
+    if (o_.sync_every > 1 && step_ % o_.sync_every == 0) {  // the weights' average over the world
+      stack_.communicator.all_reduce(replica_.masters(), comm::reduce_op::avg).wait();
+      replica_.sync_model();
+    }
     if constexpr (!std::is_same_v<compressor_type, compress::identity>)
       if (step_ == stack_.compressor.options().warmup_steps)
         switch_to_compressed(model(), stack_.communicator, stack_.compressor.options());
@@ -195,8 +207,9 @@ class context_trainer {
     return r;
   }
 
-  /// The forward and backward passes of a step without the update: leaves the mean gradient in the store and
-  /// returns the step's loss. Tests call it alone (also on fp64 models).
+  /// The forward and backward passes of a step without the update: leaves the mean gradient over the world in the
+  /// store (this rank's own with sync_every > 1) and returns the step's loss. Tests call it alone (also on fp64
+  /// models).
   double compute_gradients(data::batch_loader& loader) {
     return run(loader, [] {});
   }
@@ -212,13 +225,18 @@ class context_trainer {
     return dist::detail::mean_over_ranks(stack_.communicator, local);
   }
 
-  /// Writes the whole model's checkpoint into `dir` (rank 0; every rank holds the same weights) with the K/V
-  /// codecs' state beside it (every rank its own partial second moments inside the PCA window). Collective.
+  /// Writes the checkpoint into `dir` with the K/V codecs' state beside it (every rank its own partial second
+  /// moments inside the PCA window). With sync_every = 1 every rank holds the same weights and optimizer state, and
+  /// rank 0 writes one whole-model checkpoint; with sync_every > 1 they differ between averages, and every rank
+  /// writes its own into dir/rank-<r>. Collective.
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
             io::json extra = io::json::object()) {
-    save_kv_state(model(), dir, stack_.communicator.rank());
+    const int rank = stack_.communicator.rank();
+    const bool per_rank = o_.sync_every > 1;
+    const std::filesystem::path where = per_rank ? rank_directory(dir, rank) : dir;
+    save_kv_state(model(), where, rank);
     stack_.communicator.barrier().wait();  // every rank's part is on disk before the checkpoint is complete
-    if (stack_.communicator.rank() == 0) {
+    if (per_rank || rank == 0) {
       io::trainer_state ts;
       ts.step = step_;
       ts.tokens = tokens_;
@@ -226,29 +244,42 @@ class context_trainer {
       ts.train_data = train_position;
       ts.extra = std::move(extra);
       replica_.with_checkpoint_parameters([&](auto& params) {
-        io::save_checkpoint(replica_.executor(), dir, replica_.model().config(), params, replica_.states(), ts);
+        io::save_checkpoint(replica_.executor(), where, replica_.model().config(), params, replica_.states(), ts);
       });
     }
     stack_.communicator.barrier().wait();
   }
 
-  /// Restores a checkpoint written by save() (any context layout; one saved inside a Mixture-of-Subspaces PCA
-  /// window continues each rank's partial second moment, so it needs the same ranks), positions `loader` where
-  /// the saved run stopped and returns the saved state. Collective.
+  /// Restores a checkpoint written by save(): a whole-model one with any context layout (one saved inside a
+  /// Mixture-of-Subspaces PCA window continues each rank's partial second moment, so it needs the same ranks), a
+  /// per-rank one (sync_every > 1) with the ranks that wrote it. Positions `loader` where the saved run stopped
+  /// and returns the saved state. Collective.
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
+    const int rank = stack_.communicator.rank();
+    const bool per_rank = std::filesystem::exists(rank_directory(dir, 0));
+    require(!per_rank || std::filesystem::exists(rank_directory(dir, rank)), [&] {
+      return std::string(who) + ": " + dir.string() +
+             " holds one checkpoint per rank (sync_every > 1) and none for rank " + std::to_string(rank) +
+             "; resume it with the ranks that saved it";
+    });
+    const std::filesystem::path where = per_rank ? rank_directory(dir, rank) : dir;
     io::trainer_state ts;
     replica_.with_checkpoint_parameters([&](auto& params) {
-      ts = io::load_checkpoint(replica_.executor(), dir, replica_.model().config(), params, replica_.states());
+      ts = io::load_checkpoint(replica_.executor(), where, replica_.model().config(), params, replica_.states());
     });
     replica_.sync_model();
     if constexpr (!std::is_same_v<compressor_type, compress::identity>)
-      load_kv_state(model(), dir, stack_.communicator.rank(), stack_.communicator.size(), stack_.compressor.options());
+      load_kv_state(model(), where, rank, stack_.communicator.size(), stack_.compressor.options());
     loader.seek(ts.train_data);
     step_ = ts.step;
     tokens_ = ts.tokens;
     set_kv_phase(model(), step_ + 1);
     stack_.communicator.barrier().wait();
     return ts;
+  }
+
+  static std::filesystem::path rank_directory(const std::filesystem::path& dir, int rank) {
+    return dir / ("rank-" + std::to_string(rank));
   }
 
  private:
@@ -323,7 +354,9 @@ class context_trainer {
     begin_kv_step(model(), step_ + 1);
     const double loss = engine_.run(
         stack_.scheduler.plan(step_, stack_.communicator.rank()), source_,
-        [&](std::size_t first, std::size_t last) { cursor.ready(first, last, [&](std::size_t k) { launch(k); }); },
+        [&](std::size_t first, std::size_t last) {
+          if (o_.sync_every == 1) cursor.ready(first, last, [&](std::size_t k) { launch(k); });
+        },
         [&] {
           wait_all();
           update();
