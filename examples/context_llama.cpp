@@ -2,8 +2,12 @@
 // (context::context_trainer; docs/context.md): every attention layer exchanges K/V forward and dK/dV backward
 // within the group, by a ring or an all-gather, with the chunks of each sequence placed contiguously or zigzag.
 //
-// Ranks: --cp C ranks per sequence × --dp D replicas = C·D ranks as threads of this process (comm::local), on the
-// host (fp32) or, in a CUDA build, on one GPU (bf16 weights, fp32 masters; each rank its own stream). Every rank's
+// Ranks: --cp C ranks per sequence × --dp D replicas = C·D ranks.
+//   --launcher local (default)  the ranks as threads of this process through comm::local: on the host (fp32) or,
+//                               in a CUDA build, on one GPU (bf16 weights, fp32 masters; each rank its own stream).
+//   --launcher nccl (CUDA)      one process per GPU through comm::nccl; the launcher's environment names the ranks
+//                               (RANK / WORLD_SIZE / LOCAL_RANK, or mpirun's OMPI_COMM_WORLD_*, and MASTER_ADDR /
+//                               MASTER_PORT; see the README's "Communicators and launching"). Every rank's
 // communicator is wrapped in comm::throttled: --bandwidth models the links (account mode adds the modelled time to
 // a virtual clock; enforce mode also delays completion), and its counters give the bytes sent.
 //
@@ -56,7 +60,7 @@ struct options : examples::model_flags, examples::data_flags {
   std::int64_t sync_every = 1;
   std::string layout = "zigzag", attention = "ring", compressor = "identity";
   std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
-  std::string bandwidth = "none", throttle = "account";
+  std::string launcher = "local", bandwidth = "none", throttle = "account";
   double comm_timeout = 300.0;
   std::int64_t seq = 1024, batch = 1, microbatches = 1, steps = 100, warmup = 10;
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
@@ -382,6 +386,39 @@ int run_local(const options& o, setup& s) {
         "--compressor mos: the Mixture-of-Subspaces codec runs on the host so far (--device host)");
 }
 
+#if defined(__CUDACC__)
+/// --launcher nccl: this process is one rank of the launcher's world, on GPU LOCAL_RANK.
+int run_nccl(const options& o, setup& s) {
+  examples::nccl_process proc = examples::nccl_process::connect(o.comm_timeout);
+  const comm::launch_info& li = proc.info;
+  if (li.world_size != s.ranks)
+    throw examples::cli_error("--cp " + std::to_string(o.cp) + " x --dp " + std::to_string(o.dp) + " = " +
+                              std::to_string(s.ranks) + " ranks, but the launcher (" + li.launcher + ") started " +
+                              std::to_string(li.world_size));
+  if (s.mos)
+    throw examples::cli_error(
+        "--compressor mos: the Mixture-of-Subspaces codec runs on the host so far (use "
+        "--launcher local --device host)");
+  try {
+    if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
+    proc.stats.barrier().wait();
+    if (li.rank != 0) load_data(o, s);
+    s.device_name = proc.device_name;
+    s.where = "NCCL processes, " + li.launcher + " launch";
+    if (li.rank == 0) print_header(o, s, sizeof(bf16));
+    std::optional<io::metrics_writer> metrics;
+    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
+    const int status = run_rank<nn::llama<exec::cuda, bf16>>(exec::cuda{proc.stream}, proc.world, proc.stats,
+                                                             compress::identity{}, o, s, metrics ? &*metrics : nullptr);
+    cuda_check(cudaStreamSynchronize(proc.stream));
+    return status;
+  } catch (const std::exception& e) {
+    proc.abort(std::string("rank ") + std::to_string(li.rank) + " failed: " + e.what());
+    throw;
+  }
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -417,6 +454,10 @@ int main(int argc, char** argv) {
       .flag("warmup-pca", o.warmup_pca, "dense steps before compression starts (its basis comes from their K/V)")
       .flag("pca-steps", o.pca_steps, "the last warm-up steps whose K/V second moments give the basis")
       .flag("unplug-at", o.unplug_at, "from this step on send dense K/V again (0: never)")
+      .flag("launcher", o.launcher,
+            "local: ranks as threads of this process (comm::local); nccl: one process per GPU, ranks from "
+            "RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
+            {"local", "nccl"})
       .flag("bandwidth", o.bandwidth,
             "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
             "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
@@ -455,6 +496,13 @@ int main(int argc, char** argv) {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
     setup s = decide(o);
+    if (o.launcher == "nccl") {
+#if defined(__CUDACC__)
+      return run_nccl(o, s);
+#else
+      throw examples::cli_error("--launcher nccl: this build has no CUDA path (configure with the cuda preset)");
+#endif
+    }
     const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
     if (d.cuda) {
