@@ -28,6 +28,7 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -403,16 +404,26 @@ class parser {
       ++i_;
       return json(std::move(members));
     }
+    // Keys seen so far: a scan while the object is small, a hash set once it is not (linear in the keys, so a
+    // header of many keys cannot make the parse quadratic).
+    std::unordered_set<std::string> seen;
     for (;;) {
       skip_ws();
       if (peek() != '"') fail("expected a string key in an object, got " + show(peek()));
       const std::size_t key_at = i_;
       std::string key = string();
-      for (const auto& m : members)
-        if (m.first == key) {
-          i_ = key_at;
-          fail("duplicate key \"" + key + "\"");
-        }
+      bool duplicate = false;
+      if (members.size() < 16) {
+        for (const auto& m : members) duplicate = duplicate || m.first == key;
+      } else {
+        if (seen.empty())
+          for (const auto& m : members) seen.insert(m.first);
+        duplicate = !seen.insert(key).second;
+      }
+      if (duplicate) {
+        i_ = key_at;
+        fail("duplicate key \"" + key + "\"");
+      }
       skip_ws();
       if (peek() != ':') fail("expected ':' after the key \"" + key + "\", got " + show(peek()));
       ++i_;
