@@ -55,13 +55,11 @@ using examples::duration;
 using examples::human;
 namespace fs = std::filesystem;
 
-struct options : examples::model_flags, examples::data_flags {
+struct options : examples::model_flags, examples::data_flags, examples::network_flags {
   int cp = 4, dp = 1;
   std::int64_t sync_every = 1;
   std::string layout = "zigzag", attention = "ring", compressor = "identity";
   std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
-  std::string launcher = "local", bandwidth = "none", throttle = "account";
-  double comm_timeout = 300.0;
   std::int64_t seq = 1024, batch = 1, microbatches = 1, steps = 100, warmup = 10;
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
@@ -128,10 +126,9 @@ void check(const options& o) {
 setup decide(const options& o) {
   setup s;
   s.ranks = o.cp * o.dp;
-  const std::optional<comm::link> l = examples::parse_bandwidth(o.bandwidth);
-  s.modelled = l.has_value();
-  s.net = comm::network(l ? *l : comm::link{1e30, 0.0},
-                        o.throttle == "enforce" && l ? comm::throttle_mode::enforce : comm::throttle_mode::account);
+  const examples::modelled_network m = examples::network_of(o);
+  s.net = m.net;
+  s.modelled = m.modelled;
   s.cfg = examples::model_config(o, o.seq);
   if (o.compressor == "mos") {
     compress::kv_subspace_options m;
@@ -453,19 +450,8 @@ int main(int argc, char** argv) {
       .flag("generators", o.generators, "rotation coefficients per chunk (m)")
       .flag("warmup-pca", o.warmup_pca, "dense steps before compression starts (its basis comes from their K/V)")
       .flag("pca-steps", o.pca_steps, "the last warm-up steps whose K/V second moments give the basis")
-      .flag("unplug-at", o.unplug_at, "from this step on send dense K/V again (0: never)")
-      .flag("launcher", o.launcher,
-            "local: ranks as threads of this process (comm::local); nccl: one process per GPU, ranks from "
-            "RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
-            {"local", "nccl"})
-      .flag("bandwidth", o.bandwidth,
-            "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
-            "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
-      .flag("throttle", o.throttle,
-            "account: add the modelled time to a virtual clock; enforce: also delay each "
-            "operation's completion until then",
-            {"account", "enforce"})
-      .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
+      .flag("unplug-at", o.unplug_at, "from this step on send dense K/V again (0: never)");
+  examples::declare_network_flags(cli, o);
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);
   cli.flag("seq", o.seq, "tokens per sequence, spread over the --cp ranks (raises the preset's context if longer)")

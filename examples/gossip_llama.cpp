@@ -64,16 +64,12 @@ using examples::on_threads;
 using examples::parse_bandwidth;
 using examples::without_location;
 
-struct options : examples::model_flags, examples::data_flags {
+struct options : examples::model_flags, examples::data_flags, examples::network_flags {
   // ranks, topology, network
   int ranks = 0;  // 0: 4 with --launcher local, WORLD_SIZE with --launcher nccl
-  std::string launcher = "local";
   std::string topology = "alternating_exp_ring";
   int local_ranks = 0;  // 0: 1 with --launcher local, LOCAL_WORLD_SIZE with nccl
-  std::string bandwidth = "none";
-  std::string throttle = "account";
   double bucket_mb = 25.0;
-  double comm_timeout = 300.0;
   // optimizer
   std::string optimizer = "auto";
   std::int64_t accum_window = 8;
@@ -188,11 +184,9 @@ setup decide(const options& o, int ranks, int local_ranks) {
   s.gossip = o.topology != "allreduce";
   s.optimizer = o.optimizer != "auto" ? o.optimizer : s.gossip ? "accum_adamw" : "adamw";
   if (s.gossip) s.schedule.emplace(make_schedule(o, ranks, local_ranks));
-  const std::optional<comm::link> l = parse_bandwidth(o.bandwidth);
-  s.modelled = l.has_value();
-  // --bandwidth none: counted, never delayed; the clock is not reported.
-  s.net = comm::network(l ? *l : comm::link{1e30, 0.0},
-                        o.throttle == "enforce" && l ? comm::throttle_mode::enforce : comm::throttle_mode::account);
+  const examples::modelled_network m = examples::network_of(o);  // none: counted, never delayed
+  s.net = m.net;
+  s.modelled = m.modelled;
   return s;
 }
 
@@ -626,15 +620,9 @@ int main(int argc, char** argv) {
             "auto: accum_adamw for gossip, adamw for allreduce. Gossip: decent_adam, "
             "decent_adamw, accum_adam, accum_adamw; allreduce: adamw, galore, golore",
             {"auto", "adamw", "decent_adam", "decent_adamw", "accum_adam", "accum_adamw", "galore", "golore"})
-      .flag("accum-window", o.accum_window, "AccumAdam(W) window K: the moments see the mean gradient of K steps")
-      .flag("bandwidth", o.bandwidth,
-            "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
-            "gbit100 (comm::links presets) or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
-      .flag("throttle", o.throttle,
-            "account: add the modelled time to a virtual clock; enforce: also delay each "
-            "operation's completion until then",
-            {"account", "enforce"})
-      .flag("bucket-mb", o.bucket_mb, "bucket size in MB (1e6 bytes) of the bucketed all-reduce / gossip")
+      .flag("accum-window", o.accum_window, "AccumAdam(W) window K: the moments see the mean gradient of K steps");
+  examples::declare_link_flags(cli, o);
+  cli.flag("bucket-mb", o.bucket_mb, "bucket size in MB (1e6 bytes) of the bucketed all-reduce / gossip")
       .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);

@@ -61,12 +61,10 @@ using examples::duration;
 using examples::human;
 namespace fs = std::filesystem;
 
-struct options : examples::model_flags, examples::data_flags {
+struct options : examples::model_flags, examples::data_flags, examples::network_flags {
   int stages = 4, dp = 1, virtual_stages = 2;
   std::string schedule = "1f1b", compressor = "subspace", variant = "reparam", wire = "fp32";
   std::int64_t k = 0;
-  std::string launcher = "local", bandwidth = "none", throttle = "account";
-  double comm_timeout = 300.0;
   std::int64_t seq = 0, batch = 4, microbatches = 8, steps = 200, warmup = 20;
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
@@ -142,10 +140,9 @@ setup decide(const options& o, int ranks) {
   setup s;
   s.ranks = ranks;
   s.chunks = o.schedule == "interleaved" ? o.virtual_stages : 1;
-  const std::optional<comm::link> l = examples::parse_bandwidth(o.bandwidth);
-  s.modelled = l.has_value();
-  s.net = comm::network(l ? *l : comm::link{1e30, 0.0},
-                        o.throttle == "enforce" && l ? comm::throttle_mode::enforce : comm::throttle_mode::account);
+  const examples::modelled_network m = examples::network_of(o);
+  s.net = m.net;
+  s.modelled = m.modelled;
   s.cfg = examples::model_config(o, o.seq);
   s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
   const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
@@ -574,19 +571,8 @@ int main(int argc, char** argv) {
             "re-projected onto span(U) after each step",
             {"reparam", "projected"})
       .flag("wire", o.wire, "element type of the coefficients on the wire", {"fp32", "bf16"})
-      .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)")
-      .flag("launcher", o.launcher,
-            "local: ranks as threads of this process (comm::local); nccl: one process per "
-            "GPU, ranks from RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
-            {"local", "nccl"})
-      .flag("bandwidth", o.bandwidth,
-            "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, "
-            "gbit100 or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
-      .flag("throttle", o.throttle,
-            "account: add the modelled time to a virtual clock; enforce: also delay each "
-            "operation's completion until then",
-            {"account", "enforce"})
-      .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for its peers before failing");
+      .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)");
+  examples::declare_network_flags(cli, o);
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);
   cli.flag("seq", o.seq, "tokens per sequence (0: the preset's context, at most 256)")

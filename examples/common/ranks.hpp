@@ -1,7 +1,8 @@
 #pragma once
-// What the multi-rank examples (gossip_llama, pipeline_llama) share: the --bandwidth presets, a link printed for
-// people, library messages without their source location, running one body per rank on threads, the executors
-// and communicator options of in-process ranks, and (CUDA builds) this process's rank of an NCCL launch.
+// What the multi-rank examples (gossip_llama, pipeline_llama, context_llama) share: the network flags and the
+// --bandwidth presets, a link printed for people, library messages without their source location, running one
+// body per rank on threads, the executors and communicator options of in-process ranks, and (CUDA builds) this
+// process's rank of an NCCL launch.
 
 #include <algorithm>
 #include <chrono>
@@ -67,6 +68,47 @@ inline std::string link_text(const subspace::comm::link& l) {
   std::string s = buf;
   std::snprintf(buf, sizeof buf, ", %g us latency", l.latency_seconds * 1e6);
   return s + buf;
+}
+
+/// How a multi-rank example starts its ranks and which network it models: --launcher, --bandwidth, --throttle,
+/// --comm-timeout.
+struct network_flags {
+  std::string launcher = "local", bandwidth = "none", throttle = "account";
+  double comm_timeout = 300.0;
+};
+
+/// Declares --bandwidth and --throttle alone (for an example that orders its flags otherwise).
+inline void declare_link_flags(cli& c, network_flags& n) {
+  c.flag("bandwidth", n.bandwidth,
+         "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, gbit100 (comm::links "
+         "presets) or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
+      .flag("throttle", n.throttle,
+            "account: add the modelled time to a virtual clock; enforce: also delay each operation's completion "
+            "until then",
+            {"account", "enforce"});
+}
+
+/// Declares --launcher, --bandwidth, --throttle and --comm-timeout.
+inline void declare_network_flags(cli& c, network_flags& n) {
+  c.flag("launcher", n.launcher,
+         "local: ranks as threads of this process (comm::local); nccl: one process per GPU, ranks from "
+         "RANK/WORLD_SIZE/LOCAL_RANK or OMPI_COMM_WORLD_* (CUDA builds)",
+         {"local", "nccl"});
+  declare_link_flags(c, n);
+  c.flag("comm-timeout", n.comm_timeout, "seconds a rank waits for its peers before failing");
+}
+
+/// The network --bandwidth and --throttle model (comm::throttled's): with --bandwidth none, a link so fast that
+/// nothing is delayed (the bytes are still counted) and modelled = false.
+struct modelled_network {
+  subspace::comm::network net;
+  bool modelled = false;
+};
+inline modelled_network network_of(const network_flags& n) {
+  const std::optional<subspace::comm::link> l = parse_bandwidth(n.bandwidth);
+  const auto mode =
+      n.throttle == "enforce" && l ? subspace::comm::throttle_mode::enforce : subspace::comm::throttle_mode::account;
+  return {subspace::comm::network(l ? *l : subspace::comm::link{1e30, 0.0}, mode), l.has_value()};
 }
 
 /// Runs body(r) on a thread per rank; returns the highest exit status, or rethrows the first failure (lowest rank)
