@@ -350,6 +350,13 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
   fails_with(with_header(R"({"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4), "non-negative");
   fails_with(with_header(R"({"__metadata__":{"a":1}})", 0), "__metadata__[\"a\"] must be a string");
   fails_with(with_header(R"({"x":{"dtype":"F32","shape":[1]}})", 4), "data_offsets");
+  // Counts that would wrap a 64-bit size (each passed validation before, and a later read asked for 2^63 bytes).
+  fails_with(with_header(R"({"x":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,0]}})", 0),
+             "shape [2305843009213693952] of F64 holds more bytes than a 64-bit size can count");
+  fails_with(with_header(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0),
+             "holds more bytes than a 64-bit size can count");
+  spit(file, with_header(R"({"x":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}})", 0));
+  CHECK(io::safetensors_file{file}.at("x").numel() == 0);  // empty, whatever its other extents
   CHECK_THROWS_WITH_AS(io::safetensors_file{dir / "missing.safetensors"},
                        has("cannot open '" + (dir / "missing.safetensors").string() + "'"), invalid_argument);
 

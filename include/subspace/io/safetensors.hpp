@@ -119,6 +119,8 @@ inline std::vector<std::int64_t> dims_of(const shape& s) {
   return std::vector<std::int64_t>(s.dims.begin(), s.dims.begin() + s.rank);
 }
 inline std::int64_t numel_of(const std::vector<std::int64_t>& dims) {
+  for (const auto d : dims)
+    if (d == 0) return 0;  // before any product: [2^32, 2^32, 0] is empty, not an overflow
   std::int64_t n = 1;
   for (const auto d : dims) n *= d;
   return n;
@@ -490,6 +492,23 @@ class safetensors_file {
       require(d.is_int() && d.as_int() >= 0, [&] { return who + ": shape entries must be non-negative integers"; });
       t.shape.push_back(d.as_int());
     }
+    // The element and byte counts must fit in 63 bits before anything multiplies them (a shape of [2^32, 2^32],
+    // or [2^61] of F64, would wrap and then match small data_offsets).
+    const std::uint64_t limit = std::uint64_t(std::numeric_limits<std::int64_t>::max());
+    const bool empty = std::find(t.shape.begin(), t.shape.end(), 0) != t.shape.end();  // whatever the rest
+    std::uint64_t n = empty ? 0 : 1;
+    bool fits = true;
+    for (const auto d : t.shape) {
+      if (empty || !fits) break;
+      if (n > limit / std::uint64_t(d)) fits = false;
+      else n *= std::uint64_t(d);
+    }
+    const std::uint64_t element = element_size(*dtype);
+    fits = fits && n <= limit / element;
+    require(fits, [&] {
+      return who + ": shape " + to_string(t.shape) + " of " + name_of(*dtype) +
+             " holds more bytes than a 64-bit size can count";
+    });
     const json& b = off->at(0);
     const json& en = off->at(1);
     require(b.is_int() && en.is_int() && b.as_int() >= 0 && b.as_int() <= en.as_int(),
