@@ -28,6 +28,7 @@
 // Host implementation (the reference); the CUDA kernels are not written yet, so a codec for device memory does
 // not compile.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -202,17 +203,15 @@ void contract_basis_gradient(const kv_tables& t, const G* g, const A* theta, A* 
   }
 }
 
-/// One layer's K/V codec (compress/kv.hpp) on the host: compressed, or dense (warm-up, unplugged, the last layer).
-template <class T, class G>
-class kv_subspace_codec {
-  using A = accum_t<T>;
-
+/// What a layer's Mixture-of-Subspaces codec keeps whatever its memory space: the options, the layer, its phase
+/// (dense warm-up, compressed, unplugged; whether training forwards add to Σ), the shared tables once switched, the
+/// partial second moments, and where ψ lives in the store. Copies share it (the attention policy moves its codec).
+class kv_subspace_phase {
  public:
-  using value_type = T;
-
-  kv_subspace_codec(const kv_subspace_options& o, std::int64_t layer, std::size_t psi_first)
+  kv_subspace_phase(const kv_subspace_options& o, std::int64_t layer, std::size_t psi_first)
       : o_(o), layer_(layer), psi_first_(psi_first), state_(std::make_shared<state>()) {}
 
+  const kv_subspace_options& options() const { return o_; }
   std::int64_t layer() const { return layer_; }
   /// The last layer sends dense K/V at every step.
   bool is_final() const { return layer_ == o_.layers - 1; }
@@ -231,8 +230,8 @@ class kv_subspace_codec {
   }
   /// After the step's forwards: evaluation does not add to Σ.
   void end_step() { state_->accumulating = false; }
-  /// Σ Zᵀ Z of part p so far (the d_kv × d_kv sum over this rank's rows; has_second_moment false before the
-  /// first accumulating forward).
+  /// Σ Zᵀ Z of part p so far (the d_kv × d_kv sum over this rank's rows, in double on the host;
+  /// has_second_moment false before the first accumulating forward).
   host_tensor<double>& second_moment(kv_part p) { return state_->sigma[int(p)]; }
   bool has_second_moment(kv_part p) const { return state_->sigma[int(p)].shape() == shape{o_.kv_dim, o_.kv_dim}; }
   /// Installs the shared tables of both parts (every rank the same bits); compression starts at the next
@@ -243,8 +242,64 @@ class kv_subspace_codec {
     state_->switched = true;
     state_->sigma[0] = host_tensor<double>();
     state_->sigma[1] = host_tensor<double>();
+    ++state_->tables_version;
   }
   bool switched() const { return state_->switched; }
+
+  kv_payload_size payload_size(const kv_rows& r) const {
+    if (!compressing()) return {2 * r.elements(), 0};
+    const std::int64_t units = r.batch * r.chunks;
+    return {units * r.chunk_rows * (o_.k_rank() + o_.v_rank()), 2 * units * o_.generators};
+  }
+
+ protected:
+  struct state {
+    bool accumulating = false, compressing = false, switched = false;
+    kv_tables tables[2];
+    host_tensor<double> sigma[2];
+    std::uint64_t tables_version = 0;  // bumped by set_tables (a device copy knows when to refresh)
+  };
+  bool accumulating() const { return state_->accumulating; }
+  std::uint64_t tables_version() const { return state_->tables_version; }
+  /// Σ of part p, allocated at zero on first use.
+  host_tensor<double>& sigma(kv_part p) {
+    host_tensor<double>& s = state_->sigma[int(p)];
+    if (s.shape() != shape{o_.kv_dim, o_.kv_dim}) {
+      s = host_tensor<double>(shape{o_.kv_dim, o_.kv_dim});
+      std::fill(s.data(), s.data() + s.numel(), 0.0);
+    }
+    return s;
+  }
+
+  /// Calls f(part, unit, rows of Z, offset of C in values, offset of θ in side) for every (part, sequence, chunk):
+  /// unit = b · chunks + c indexes the chunk's rows in [B, S, Hkv, hd]; the rows of Z are those of zk or zv (null
+  /// when the caller has none).
+  template <class Z, class F>
+  void for_each_unit(const kv_rows& r, Z* zk, Z* zv, F&& f) const {
+    const std::int64_t units = r.batch * r.chunks, n = r.chunk_rows, m = o_.generators;
+    for (int p = 0; p < 2; ++p) {
+      const std::int64_t rk = rank(kv_part(p));
+      const std::int64_t c_base = p == 0 ? 0 : units * n * o_.k_rank(), t_base = p == 0 ? 0 : units * m;
+      Z* base = p == 0 ? zk : zv;
+      for (std::int64_t u = 0; u < units; ++u)
+        f(kv_part(p), u, base ? base + u * n * r.kv_dim() : nullptr, c_base + u * n * rk, t_base + u * m);
+    }
+  }
+
+  kv_subspace_options o_;
+  std::int64_t layer_;
+  std::size_t psi_first_;
+  std::shared_ptr<state> state_;
+};
+
+/// One layer's K/V codec (compress/kv.hpp) on the host: compressed, or dense (warm-up, unplugged, the last layer).
+template <class T, class G>
+class kv_subspace_codec : public kv_subspace_phase {
+  using A = accum_t<T>;
+
+ public:
+  using value_type = T;
+  using kv_subspace_phase::kv_subspace_phase;
 
   template <class Store>
   void bind(Store& store) {
@@ -257,15 +312,9 @@ class kv_subspace_codec {
     }
   }
 
-  kv_payload_size payload_size(const kv_rows& r) const {
-    if (!compressing()) return {2 * r.elements(), 0};
-    const std::int64_t units = r.batch * r.chunks;
-    return {units * r.chunk_rows * (o_.k_rank() + o_.v_rank()), 2 * units * o_.generators};
-  }
-
   void encode(const exec::host& ex, const kv_rows& r, view<const T, host_space> k, view<const T, host_space> v,
               view<T, host_space> values, view<A, host_space> side) {
-    if (state_->accumulating) {
+    if (accumulating()) {
       accumulate(ex, r, k, kv_part::key);
       accumulate(ex, r, v, kv_part::value);
     }
@@ -281,7 +330,7 @@ class kv_subspace_codec {
   void decode(const exec::host& ex, const kv_rows& r, view<const T, host_space> values, view<const A, host_space> side,
               view<T, host_space> k_hat, view<T, host_space> v_hat) {
     if (!compressing()) return dense_.decode(ex, r, values, side, k_hat, v_hat);
-    for_each_unit(r, nullptr, nullptr, [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
+    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
       basis_of(p, side.data() + t0);
       T* out = (p == kv_part::key ? k_hat : v_hat).data() + unit * r.chunk_rows * r.kv_dim();
       gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f,
@@ -294,7 +343,7 @@ class kv_subspace_codec {
                        view<const T, host_space> dv_hat, view<T, host_space> grad_values,
                        view<A, host_space> grad_side) {
     if (!compressing()) return dense_.decode_backward(ex, r, values, side, dk_hat, dv_hat, grad_values, grad_side);
-    for_each_unit(r, nullptr, nullptr, [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
+    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
       const A* theta = side.data() + t0;
       basis_of(p, theta);
       const T* dz = (p == kv_part::key ? dk_hat : dv_hat).data() + unit * r.chunk_rows * r.kv_dim();
@@ -348,11 +397,6 @@ class kv_subspace_codec {
   }
 
  private:
-  struct state {
-    bool accumulating = false, compressing = false, switched = false;
-    kv_tables tables[2];
-    host_tensor<double> sigma[2];
-  };
 
   template <class U>
   static view<const U, host_space> ro(view<U, host_space> x) {
@@ -369,21 +413,6 @@ class kv_subspace_codec {
   template <class U>
   view<U, host_space> coefficients(U* at, const kv_rows& r, kv_part p) const {
     return view<U, host_space>(at, shape{r.chunk_rows, rank(p)});
-  }
-
-  /// Calls f(part, unit, rows of Z, offset of C in values, offset of θ in side) for every (part, sequence, chunk):
-  /// unit = b · chunks + c indexes the chunk's rows in [B, S, Hkv, hd]; the rows of Z are those of zk or zv (null
-  /// when the caller has none).
-  template <class F>
-  void for_each_unit(const kv_rows& r, const T* zk, const T* zv, F&& f) const {
-    const std::int64_t units = r.batch * r.chunks, n = r.chunk_rows, m = o_.generators;
-    for (int p = 0; p < 2; ++p) {
-      const std::int64_t rk = rank(kv_part(p));
-      const std::int64_t c_base = p == 0 ? 0 : units * n * o_.k_rank(), t_base = p == 0 ? 0 : units * m;
-      const T* base = p == 0 ? zk : zv;
-      for (std::int64_t u = 0; u < units; ++u)
-        f(kv_part(p), u, base ? base + u * n * r.kv_dim() : nullptr, c_base + u * n * rk, t_base + u * m);
-    }
   }
 
   static std::vector<A> row_mean(const T* z, std::int64_t n, std::int64_t d) {
@@ -411,22 +440,14 @@ class kv_subspace_codec {
     rotated_basis(t, theta, u_.data());
   }
   void accumulate(const exec::host& ex, const kv_rows& r, view<const T, host_space> z, kv_part p) {
-    host_tensor<double>& s = state_->sigma[int(p)];
+    host_tensor<double>& s = sigma(p);
     const std::int64_t d = r.kv_dim();
-    if (s.shape() != shape{d, d}) {
-      s = host_tensor<double>(shape{d, d});
-      fill(exec::host{}, s.v(), 0.0);
-    }
     const view<const T, host_space> all(z.data(), shape{r.batch * r.rows(), d});
     zz_ = sized(zz_, shape{d, d});
     gemm(ex, op::transpose, op::none, 1.0f, all, all, 0.0f, zz_.v());
     for (std::int64_t i = 0; i < d * d; ++i) s.data()[i] += double(zz_.data()[i]);
   }
 
-  kv_subspace_options o_;
-  std::int64_t layer_;
-  std::size_t psi_first_;
-  std::shared_ptr<state> state_;
   kv_identity dense_;
   view<T, host_space> psi_w_[2], psi_b_[2];
   view<G, host_space> psi_dw_[2], psi_db_[2];
