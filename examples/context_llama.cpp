@@ -19,10 +19,10 @@
 // step; --checkpoint-dir saves the whole model's checkpoint (DIR/step_N) for --resume, which any --cp can resume.
 //
 // --compressor mos sends each chunk's K and V in a learned rotation of a shared low-rank basis (Mixture of
-// Subspaces, compress::kv_subspace_mixture; host only so far): dense for --warmup-pca steps, whose last
+// Subspaces, compress::kv_subspace_mixture): dense for --warmup-pca steps, whose last
 // --pca-steps give the basis, then compressed on every layer but the last.
 //
-// This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host and one GPU).
+// This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host, one GPU, and NCCL).
 #include <subspace/subspace.hpp>
 
 #include <subspace/compress/kv_subspace_mixture.hpp>
@@ -377,10 +377,7 @@ int run_local(const options& o, setup& s) {
     });
   };
   if (!s.mos) return run(compress::identity{});
-  if constexpr (std::is_same_v<Exec, exec::host>) return run(compress::kv_subspace_mixture(*s.mos));
-  else
-    throw examples::cli_error(
-        "--compressor mos: the Mixture-of-Subspaces codec runs on the host so far (--device host)");
+  return run(compress::kv_subspace_mixture(*s.mos));
 }
 
 #if defined(__CUDACC__)
@@ -392,10 +389,6 @@ int run_nccl(const options& o, setup& s) {
     throw examples::cli_error("--cp " + std::to_string(o.cp) + " x --dp " + std::to_string(o.dp) + " = " +
                               std::to_string(s.ranks) + " ranks, but the launcher (" + li.launcher + ") started " +
                               std::to_string(li.world_size));
-  if (s.mos)
-    throw examples::cli_error(
-        "--compressor mos: the Mixture-of-Subspaces codec runs on the host so far (use "
-        "--launcher local --device host)");
   try {
     if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
     proc.stats.barrier().wait();
@@ -405,8 +398,11 @@ int run_nccl(const options& o, setup& s) {
     if (li.rank == 0) print_header(o, s, sizeof(bf16));
     std::optional<io::metrics_writer> metrics;
     if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
-    const int status = run_rank<nn::llama<exec::cuda, bf16>>(exec::cuda{proc.stream}, proc.world, proc.stats,
-                                                             compress::identity{}, o, s, metrics ? &*metrics : nullptr);
+    const auto run = [&](auto compressor) {
+      return run_rank<nn::llama<exec::cuda, bf16>>(exec::cuda{proc.stream}, proc.world, proc.stats, compressor, o, s,
+                                                   metrics ? &*metrics : nullptr);
+    };
+    const int status = s.mos ? run(compress::kv_subspace_mixture(*s.mos)) : run(compress::identity{});
     cuda_check(cudaStreamSynchronize(proc.stream));
     return status;
   } catch (const std::exception& e) {
@@ -443,7 +439,7 @@ int main(int argc, char** argv) {
       .flag("compressor", o.compressor,
             "identity: K and V cross the wire as they are; mos: Mixture of Subspaces, each chunk's K and V in a "
             "learned rotation of a shared low-rank basis (after --warmup-pca dense steps; the last layer stays "
-            "dense; host only so far)",
+            "dense)",
             {"identity", "mos"})
       .flag("rank-k", o.rank_k, "rank of the compressed K (0: 2% of the K/V width, at least 1)")
       .flag("rank-v", o.rank_v, "rank of the compressed V (0: 5% of the K/V width, at least 1)")

@@ -25,8 +25,8 @@
 // Q_l'l). The payload: values = C^K then C^V for every (sequence, chunk), in the activation type; side = θ^K then
 // θ^V, in its accumulation type.
 //
-// Host implementation (the reference); the CUDA kernels are not written yet, so a codec for device memory does
-// not compile.
+// Host (this file, the reference, float or double) and CUDA (detail/cuda/kv_subspace.cuh, nvcc: bf16 K/V, fp32 θ,
+// tables and accumulation).
 
 #include <algorithm>
 #include <cmath>
@@ -330,12 +330,13 @@ class kv_subspace_codec : public kv_subspace_phase {
   void decode(const exec::host& ex, const kv_rows& r, view<const T, host_space> values, view<const A, host_space> side,
               view<T, host_space> k_hat, view<T, host_space> v_hat) {
     if (!compressing()) return dense_.decode(ex, r, values, side, k_hat, v_hat);
-    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
-      basis_of(p, side.data() + t0);
-      T* out = (p == kv_part::key ? k_hat : v_hat).data() + unit * r.chunk_rows * r.kv_dim();
-      gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f,
-           view<T, host_space>(out, shape{r.chunk_rows, r.kv_dim()}));
-    });
+    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                  [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
+                    basis_of(p, side.data() + t0);
+                    T* out = (p == kv_part::key ? k_hat : v_hat).data() + unit * r.chunk_rows * r.kv_dim();
+                    gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f,
+                         view<T, host_space>(out, shape{r.chunk_rows, r.kv_dim()}));
+                  });
   }
 
   void decode_backward(const exec::host& ex, const kv_rows& r, view<const T, host_space> values,
@@ -343,19 +344,21 @@ class kv_subspace_codec : public kv_subspace_phase {
                        view<const T, host_space> dv_hat, view<T, host_space> grad_values,
                        view<A, host_space> grad_side) {
     if (!compressing()) return dense_.decode_backward(ex, r, values, side, dk_hat, dv_hat, grad_values, grad_side);
-    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
-      const A* theta = side.data() + t0;
-      basis_of(p, theta);
-      const T* dz = (p == kv_part::key ? dk_hat : dv_hat).data() + unit * r.chunk_rows * r.kv_dim();
-      const view<const T, host_space> dzv(dz, shape{r.chunk_rows, r.kv_dim()});
-      const view<const T, host_space> c = coefficients(values.data() + c0, r, p);
-      gemm(ex, op::none, op::none, 1.0f, dzv, ro(u_.v()), 0.0f, coefficients(grad_values.data() + c0, r, p));
-      g_ = sized(g_, shape{r.kv_dim(), rank(p)});
-      gemm(ex, op::transpose, op::none, 1.0f, dzv, c, 0.0f, g_.v());  // dẐᵀ C
-      A* dtheta = grad_side.data() + t0;
-      for (std::int64_t l = 0; l < o_.generators; ++l) dtheta[l] = A(0);
-      contract_basis_gradient(tables(p), g_.data(), theta, dtheta);
-    });
+    for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                  [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
+                    const A* theta = side.data() + t0;
+                    basis_of(p, theta);
+                    const T* dz = (p == kv_part::key ? dk_hat : dv_hat).data() + unit * r.chunk_rows * r.kv_dim();
+                    const view<const T, host_space> dzv(dz, shape{r.chunk_rows, r.kv_dim()});
+                    const view<const T, host_space> c = coefficients(values.data() + c0, r, p);
+                    gemm(ex, op::none, op::none, 1.0f, dzv, ro(u_.v()), 0.0f,
+                         coefficients(grad_values.data() + c0, r, p));
+                    g_ = sized(g_, shape{r.kv_dim(), rank(p)});
+                    gemm(ex, op::transpose, op::none, 1.0f, dzv, c, 0.0f, g_.v());  // dẐᵀ C
+                    A* dtheta = grad_side.data() + t0;
+                    for (std::int64_t l = 0; l < o_.generators; ++l) dtheta[l] = A(0);
+                    contract_basis_gradient(tables(p), g_.data(), theta, dtheta);
+                  });
   }
 
   void encode_backward(const exec::host& ex, const kv_rows& r, view<const T, host_space> k, view<const T, host_space> v,
@@ -397,7 +400,6 @@ class kv_subspace_codec : public kv_subspace_phase {
   }
 
  private:
-
   template <class U>
   static view<const U, host_space> ro(view<U, host_space> x) {
     return x;
@@ -454,6 +456,9 @@ class kv_subspace_codec : public kv_subspace_phase {
   host_tensor<T> u_, g_, zz_;
 };
 
+template <class G>
+class kv_subspace_codec_cuda;  // compress/detail/cuda/kv_subspace.cuh (nvcc)
+
 /// The compressor a context-parallel stack names: options, and a codec per attention layer (kv_codec).
 class kv_subspace_mixture {
  public:
@@ -465,9 +470,6 @@ class kv_subspace_mixture {
   /// zero, no weight decay) unless it is the last layer.
   template <class T, class Space, class Site>
   auto kv_codec(const Site& site) const {
-    static_assert(std::is_same_v<Space, host_space>,
-                  "compress::kv_subspace_mixture: the Mixture-of-Subspaces codec runs on the host so far (its CUDA "
-                  "kernels are not written yet)");
     using store_type = std::remove_reference_t<decltype(site.parameters)>;
     using G = typename store_type::grad_type;
     const std::int64_t l = site.layer;
@@ -486,7 +488,14 @@ class kv_subspace_mixture {
         if (part[0] == 'k') first = w;
       }
     }
-    return kv_subspace_codec<T, G>(o_, l, first);
+    if constexpr (std::is_same_v<Space, host_space>) {
+      return kv_subspace_codec<T, G>(o_, l, first);
+    } else {
+      static_assert(std::is_same_v<T, bf16>,
+                    "compress::kv_subspace_mixture: in device memory the codec compresses bf16 K/V (fp32 tables, θ "
+                    "and accumulation), as the CUDA Llama holds them");
+      return kv_subspace_codec_cuda<G>(o_, l, first);
+    }
   }
 
  private:
@@ -494,3 +503,7 @@ class kv_subspace_mixture {
 };
 
 }  // namespace subspace::compress
+
+#if defined(__CUDACC__)
+#include "detail/cuda/kv_subspace.cuh"
+#endif
