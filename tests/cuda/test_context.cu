@@ -267,7 +267,7 @@ TEST_CASE("context parallel (CUDA): Mixture of Subspaces over 2 ranks on one GPU
 
   // The compressed model on the host in double, one rank holding every chunk (the same chunks), the device's
   // weights, the same tables and ψ.
-  auto one = comm::local::world(1, lo);
+  auto one = comm::local::world(1);  // host memory: no streams
   blocks_t blocks(context::exchange::ring, compress::kv_subspace_mixture(o));
   nn::llama<exec::host, double, blocks_t> host(cfg, exec::host{1}, nn::llama_stage{}, nullptr, blocks);
   const context::layout whole(seq, 1, context::placement::contiguous, lay.chunk_rows());
