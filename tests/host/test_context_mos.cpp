@@ -45,8 +45,9 @@ compress::kv_subspace_options mos(const nn::llama_config& cfg) {
   return o;
 }
 
-context::trainer_options options() {
+context::trainer_options options(std::int64_t sync_every = 1) {
   context::trainer_options o;
+  o.sync_every = sync_every;
   o.context_ranks = 2;
   o.seq = 32;
   o.layout = context::placement::zigzag;
@@ -64,11 +65,13 @@ struct rank_run {
   bool compressing_after_warmup = false;
 };
 
-/// Trains `steps` steps (from `resume` when given; saving at `save_at` into `save_dir`) on 2 ranks.
+/// Trains `steps` steps (from `resume` when given; saving at `save_at` into `save_dir`) on 2 ranks, the weights
+/// averaged every `sync_every` steps.
 template <class Compressor>
 std::vector<rank_run> train_on_two(const nn::llama_config& cfg, Compressor compressor, std::uint64_t seed, int steps,
                                    const testing::genesis_data& text, const std::filesystem::path& save_dir = {},
-                                   int save_at = 0, const std::filesystem::path& resume = {}) {
+                                   int save_at = 0, const std::filesystem::path& resume = {},
+                                   std::int64_t sync_every = 1) {
   std::vector<rank_run> out(2);
   std::mutex mu;
   comm::local_options lo;
@@ -80,8 +83,8 @@ std::vector<rank_run> train_on_two(const nn::llama_config& cfg, Compressor compr
                                      .compressor = compressor,
                                      .scheduler = schedule::gradient_accumulation{2, 2},
                                      .optimizer = optim::adamw{}};
-        context::context_trainer<nn::llama<exec::host, float>, decltype(stack)> t(cfg, std::move(stack), options(),
-                                                                                  exec::host{1});
+        context::context_trainer<nn::llama<exec::host, float>, decltype(stack)> t(cfg, std::move(stack),
+                                                                                  options(sync_every), exec::host{1});
         auto data = text.train(2, 32);
         if (resume.empty()) t.init(seed);
         else t.resume(resume, data);
@@ -162,6 +165,28 @@ TEST_CASE("context trainer with Mixture of Subspaces: exact resume inside the PC
     for (int r = 0; r < 2; ++r) {
       REQUIRE(resumed[std::size_t(r)].losses.size() == std::size_t(5 - at));
       for (int s = at; s < 5; ++s)
+        CHECK(resumed[std::size_t(r)].losses[std::size_t(s - at)] == whole[std::size_t(r)].losses[std::size_t(s)]);
+      CHECK(resumed[std::size_t(r)].hashes == whole[std::size_t(r)].hashes);
+    }
+  }
+}
+
+TEST_CASE("context trainer with Mixture of Subspaces and sync_every = 2: per-rank checkpoints resume exactly") {
+  const testing::genesis_data text;
+  const nn::llama_config cfg = small();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const compress::kv_subspace_mixture c(mos(cfg));
+  const testing::scratch_dir dir;
+  const std::vector<rank_run> whole = train_on_two(cfg, c, seed, 6, text, dir.path / "at1", 1, {}, 2);
+  train_on_two(cfg, c, seed, 6, text, dir.path / "at4", 4, {}, 2);
+  for (const int at : {1, 4}) {
+    CAPTURE(at);
+    const std::vector<rank_run> resumed =
+        train_on_two(cfg, c, seed + 1, 6, text, {}, 0, dir.path / (at == 1 ? "at1" : "at4"), 2);
+    for (int r = 0; r < 2; ++r) {
+      REQUIRE(resumed[std::size_t(r)].losses.size() == std::size_t(6 - at));
+      for (int s = at; s < 6; ++s)
         CHECK(resumed[std::size_t(r)].losses[std::size_t(s - at)] == whole[std::size_t(r)].losses[std::size_t(s)]);
       CHECK(resumed[std::size_t(r)].hashes == whole[std::size_t(r)].hashes);
     }

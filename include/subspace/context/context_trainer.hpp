@@ -234,7 +234,7 @@ class context_trainer {
     const int rank = stack_.communicator.rank();
     const bool per_rank = o_.sync_every > 1;
     const std::filesystem::path where = per_rank ? rank_directory(dir, rank) : dir;
-    save_kv_state(model(), where, rank);
+    save_kv_state(model(), where, rank, per_rank || rank == 0);
     stack_.communicator.barrier().wait();  // every rank's part is on disk before the checkpoint is complete
     if (per_rank || rank == 0) {
       io::trainer_state ts;
@@ -269,7 +269,7 @@ class context_trainer {
     });
     replica_.sync_model();
     if constexpr (!std::is_same_v<compressor_type, compress::identity>)
-      load_kv_state(model(), where, rank, stack_.communicator.size(), stack_.compressor.options());
+      load_kv_state(model(), where, rank, stack_.communicator.size(), !per_rank, stack_.compressor.options());
     loader.seek(ts.train_data);
     step_ = ts.step;
     tokens_ = ts.tokens;

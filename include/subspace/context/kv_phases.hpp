@@ -116,12 +116,13 @@ inline void write_atomically(const io::safetensors_writer& w, const std::filesys
 }
 }  // namespace detail
 
-/// Writes this rank's part of the codecs' state into `dir`: rank 0 the tables (once switched) to
-/// kv_subspace.safetensors; every rank its partial second moments (inside the PCA window: each rank's own sum,
+/// Writes this rank's part of the codecs' state into `dir`: the tables (once switched, when write_tables: rank 0
+/// of a shared checkpoint, every rank of per-rank ones) to kv_subspace.safetensors; every rank its partial second
+/// moments (inside the PCA window: each rank's own sum,
 /// so a resume continues them exactly) to kv_subspace_sigma.rank-<r>.safetensors. Nothing without compressing
 /// codecs.
 template <class Model>
-void save_kv_state(Model& model, const std::filesystem::path& dir, int rank) {
+void save_kv_state(Model& model, const std::filesystem::path& dir, int rank, bool write_tables) {
   io::safetensors_writer tables, sigmas;
   bool any_tables = false, any_sigma = false;
   for_each_mos_codec(model, [&](auto& c) {
@@ -137,25 +138,31 @@ void save_kv_state(Model& model, const std::filesystem::path& dir, int rank) {
       }
     }
   });
-  if (any_tables && rank == 0) detail::write_atomically(tables, dir / kv_state_file_name);
+  if (any_tables && write_tables) detail::write_atomically(tables, dir / kv_state_file_name);
   if (any_sigma) detail::write_atomically(sigmas, dir / kv_sigma_file_name(rank));
 }
 
 /// Restores what save_kv_state wrote for `rank` of `ranks` (a checkpoint from before the PCA window restores
-/// nothing; one from inside it needs as many ranks as saved it).
+/// nothing; a shared one from inside it needs as many ranks as saved it, each its own partial second moment).
 template <class Model>
-void load_kv_state(Model& model, const std::filesystem::path& dir, int rank, int ranks,
+void load_kv_state(Model& model, const std::filesystem::path& dir, int rank, int ranks, bool shared,
                    const compress::kv_subspace_options& o) {
   bool any = false;
   for_each_mos_codec(model, [&](auto&) { any = true; });
   if (!any) return;
-  int saved = 0;
-  while (std::filesystem::exists(dir / kv_sigma_file_name(saved))) ++saved;
-  require(saved == 0 || saved == ranks, [&] {
-    return "context::load_kv_state: " + dir.string() + " was saved inside the Mixture-of-Subspaces PCA window by " +
-           std::to_string(saved) + " ranks, each with its own partial second moment; resume it with " +
-           std::to_string(saved) + " ranks, not " + std::to_string(ranks);
-  });
+  if (shared) {
+    int saved = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      saved += name.rfind("kv_subspace_sigma.rank-", 0) == 0 && name.size() > 12 &&
+               name.compare(name.size() - 12, 12, ".safetensors") == 0;
+    }
+    require(saved == 0 || saved == ranks, [&] {
+      return "context::load_kv_state: " + dir.string() + " was saved inside the Mixture-of-Subspaces PCA window by " +
+             std::to_string(saved) + " ranks, each with its own partial second moment; resume it with " +
+             std::to_string(saved) + " ranks, not " + std::to_string(ranks);
+    });
+  }
   std::optional<io::safetensors_file> tables, sigmas;
   if (std::filesystem::exists(dir / kv_state_file_name)) tables.emplace(dir / kv_state_file_name);
   if (std::filesystem::exists(dir / kv_sigma_file_name(rank))) sigmas.emplace(dir / kv_sigma_file_name(rank));
