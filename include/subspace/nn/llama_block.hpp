@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/arena.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
@@ -35,33 +36,8 @@ template <class Exec, class T>
 using grad_t = std::conditional_t<std::is_same_v<space_of_t<Exec>, device_space>, float, T>;
 namespace detail {
 
-/// Carves typed views out of one byte allocation, each 256-byte aligned. Measure with a null base, allocate
-/// bytes(), then carve the same sequence again from the real base.
-template <class Space>
-class arena {
- public:
-  static constexpr std::size_t alignment = 256;
-  explicit arena(std::byte* base = nullptr) : base_(base) {}
-
-  template <class U>
-  view<U, Space> take(const shape& s) {
-    offset_ = (offset_ + alignment - 1) / alignment * alignment;
-    U* p = base_ ? reinterpret_cast<U*>(base_ + offset_) : nullptr;
-    offset_ += std::size_t(s.numel()) * sizeof(U);
-    return view<U, Space>(p, s);
-  }
-  std::size_t bytes() const { return offset_; }
-
- private:
-  std::byte* base_;
-  std::size_t offset_ = 0;
-};
-
-/// The read-only view of v (what the policies' inputs are).
-template <class U, class Space>
-view<const U, Space> ro(view<U, Space> v) {
-  return v;
-}
+using subspace::arena;
+using subspace::ro;
 
 /// y <- x, converted when the element types differ.
 template <class Exec, class X, class Y, class Space>
