@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/checkpoints.hpp"
 #include "common/cli.hpp"
 #include "common/device.hpp"
 #include "common/format.hpp"
@@ -58,29 +59,6 @@ struct options : examples::model_flags, examples::data_flags {
   double peak_tflops = 0;
 };
 
-/// Checkpoint directories under `root` ("step_NNNNNNN"), oldest first.
-std::vector<fs::path> checkpoints_in(const fs::path& root) {
-  std::vector<fs::path> out;
-  if (!fs::is_directory(root)) return out;
-  for (const auto& e : fs::directory_iterator(root))
-    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0 &&
-        fs::exists(e.path() / io::state_json_file_name))
-      out.push_back(e.path());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-/// --resume names a checkpoint, or a --checkpoint-dir whose latest checkpoint is taken.
-fs::path resolve_resume(const fs::path& p) {
-  if (fs::exists(p / io::state_json_file_name)) return p;
-  const auto all = checkpoints_in(p);
-  require(!all.empty(), [&] {
-    return "--resume " + p.string() + ": neither a checkpoint (no " + io::state_json_file_name +
-           ") nor a directory of step_* checkpoints";
-  });
-  return all.back();
-}
-
 template <class Optimizer, class Exec>
 int train(const Exec& ex, const options& o, const Optimizer& optimizer, const std::string& device_name) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
@@ -110,7 +88,7 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
       subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = optimizer}, to);
 
   if (!o.resume.empty()) {
-    const fs::path from = resolve_resume(o.resume);
+    const fs::path from = examples::resolve_resume(o.resume);
     const io::trainer_state ts = t.resume(from, train_data);
     std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
     if (const io::json* planned = ts.extra.find("steps"); planned && planned->is_int() && planned->as_int() != o.steps)
@@ -154,7 +132,7 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
     const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
     t.save(dir, train_data.position(), o.seed,
            io::json::object({{"device", io::json(device_name)}, {"steps", io::json(o.steps)}}));
-    auto all = checkpoints_in(o.checkpoint_dir);
+    auto all = examples::checkpoints_in(o.checkpoint_dir);
     while (o.keep_checkpoints > 0 && std::int64_t(all.size()) > o.keep_checkpoints) {
       fs::remove_all(all.front());
       all.erase(all.begin());

@@ -53,51 +53,9 @@
 #include "detail/bptt_host.hpp"
 #include "engines.hpp"
 #include "kernels/scan.hpp"
+#include "layout.hpp"
 
 namespace adjoint {
-
-/// The parameters of `cfg` in store order, with shapes, decay flags and initialisation (see the top of the file).
-inline std::vector<subspace::parameter_info> ssm_parameter_infos(const ssm_config& cfg) {
-  cfg.validate();
-  const std::int64_t V = cfg.vocab, P = cfg.d_model, N = cfg.state;
-  const float std_out = float(double(cfg.init_std) / std::sqrt(2.0 * double(cfg.layers)));
-  std::vector<subspace::parameter_info> infos;
-  const auto add = [&](std::string name, subspace::shape s, bool decay, float init_std, float constant) {
-    const auto stream = std::uint64_t(infos.size());
-    infos.push_back({std::move(name), s, decay, subspace::parameter_init{init_std, constant, stream}});
-  };
-  add("embedding.weight", {V, P}, false, cfg.init_std, 0.0f);
-  for (std::int64_t k = 0; k < cfg.layers; ++k) {
-    const std::string p = "layers." + std::to_string(k) + ".";
-    add(p + "a_proj.weight", {N, P}, true, cfg.init_std, 0.0f);
-    add(p + "a_proj.bias", {N}, false, 0.0f, cfg.gate_bias);
-    add(p + "b_proj.weight", {N * P, P}, true, cfg.init_std, 0.0f);
-    add(p + "b_proj.bias", {N * P}, false, 0.0f, 0.0f);
-    add(p + "c_proj.weight", {P * N, P}, true, std_out, 0.0f);
-    add(p + "c_proj.bias", {P * N}, false, 0.0f, 0.0f);
-  }
-  add("norm.weight", {P}, false, 0.0f, 1.0f);
-  add("head.weight", {V, P}, true, cfg.init_std, 0.0f);
-  return infos;
-}
-
-/// Which layers a model instance computes.
-struct ssm_stage {
-  std::int64_t first_layer = 0;
-  std::int64_t last_layer = -1;  // -1: every layer of the configuration
-
-  /// The paper's sharding: `ranks` contiguous blocks of ⌊K / ranks⌋ layers, the last rank taking the remainder.
-  static std::vector<ssm_stage> shard(const ssm_config& cfg, int ranks) {
-    subspace::require(ranks > 0 && ranks <= cfg.layers, [&] {
-      return "ssm_stage::shard: " + std::to_string(ranks) + " ranks for " + std::to_string(cfg.layers) +
-             " layers (expected 1 to " + std::to_string(cfg.layers) + " ranks)";
-    });
-    const std::int64_t per = cfg.layers / ranks;
-    std::vector<ssm_stage> out;
-    for (int r = 0; r < ranks; ++r) out.push_back({r * per, r + 1 == ranks ? cfg.layers : (r + 1) * per});
-    return out;
-  }
-};
 
 template <class Exec, class T, class Engine = exact_adjoint>
 class selective_ssm {
@@ -206,7 +164,8 @@ class selective_ssm {
   kept_layer kept(std::size_t slot, std::int64_t k) const
     requires(!std::is_same_v<Engine, bptt>)
   {
-    subspace::require(slot < slots_.size() && !slots_[slot].acts.empty(), "selective_ssm::kept: no forward in this slot");
+    subspace::require(slot < slots_.size() && !slots_[slot].acts.empty(),
+                      "selective_ssm::kept: no forward in this slot");
     const auto& a = slots_[slot].acts[local(k)];
     return {a.yhat, a.a, a.h, a.c, a.rstd};
   }
@@ -234,6 +193,27 @@ class selective_ssm {
   void backward() {
     require_whole("backward");
     backward(0, view<const boundary_type>{}, view<boundary_type>{}, [](std::size_t, std::size_t) {});
+  }
+
+  /// The logits at the last position of every sequence: out [B, V] (float or T, the executor's space) for tokens
+  /// [B, S] (host int32). Overwrites slot 0's activations.
+  template <class U>
+  void logits(hview tokens, view<U> out) {
+    require_whole("logits");
+    check_tokens(tokens, "logits");
+    slot_state& st = slot_at(0);
+    st.backward_ready = false;
+    const std::int64_t b = tokens.dim(0), s = tokens.dim(1), P = cfg_.d_model;
+    subspace::require(out.shape() == subspace::shape{b, cfg_.vocab}, [&] {
+      return "selective_ssm::logits: out has shape " + subspace::to_string(out.shape()) + ", expected [" +
+             std::to_string(b) + ", " + std::to_string(cfg_.vocab) + "]";
+    });
+    run_layers(st, stage_io{tokens, {}, {}, {}}, "logits");
+    const view<T> last(st.y.data() + (s - 1) * P, subspace::shape{b, P}, {s * P, 1, 0, 0});
+    const view<T> gathered = rows(st.dlnf, 0, b), lnf = rows(delta_, 0, b);  // both free outside a backward
+    subspace::copy(ex_, ro(last), gathered);
+    subspace::rmsnorm_forward(ex_, ro(gathered), ro(norm_.value), cfg_.norm_eps, lnf, st.rstdf.slice(0, b));
+    subspace::gemm(ex_, subspace::op::none, subspace::op::transpose, 1.0f, ro(lnf), ro(head_.value), 0.0f, out);
   }
 
   /// Accumulates the gradients of loss_scale · loss for the forward of `slot` (the engine's gradients): grad_out
@@ -295,7 +275,7 @@ class selective_ssm {
     view<T> y;  // the stream; after the forward, the last layer's output
     std::vector<layer_acts> acts;
     std::vector<detail::bptt_tape<T, stat_type>> tape;  // bptt only
-    view<T> dlnf;  // dL/d(final norm's output), from the loss
+    view<T> dlnf;                                       // dL/d(final norm's output), from the loss
     view<stat_type> rstdf, losses;
     bool backward_ready = false;
   };
@@ -343,9 +323,9 @@ class selective_ssm {
   std::vector<detail::layer_refs<T, grad_type>> layer_refs() const {
     std::vector<detail::layer_refs<T, grad_type>> r;
     for (const layer_params& p : layers_)
-      r.push_back({p.a_w.value.data(), p.a_b.value.data(), p.b_w.value.data(), p.b_b.value.data(),
-                   p.c_w.value.data(), p.c_b.value.data(), p.a_w.grad.data(), p.a_b.grad.data(), p.b_w.grad.data(),
-                   p.b_b.grad.data(), p.c_w.grad.data(), p.c_b.grad.data()});
+      r.push_back({p.a_w.value.data(), p.a_b.value.data(), p.b_w.value.data(), p.b_b.value.data(), p.c_w.value.data(),
+                   p.c_b.value.data(), p.a_w.grad.data(), p.a_b.grad.data(), p.b_w.grad.data(), p.b_b.grad.data(),
+                   p.c_w.grad.data(), p.c_b.grad.data()});
     return r;
   }
 
@@ -540,19 +520,9 @@ class selective_ssm {
       subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, dout, ro(w.value), 1.0f, dyhat);
   }
 
-  double run(std::size_t slot, const stage_io& io, bool gradients, float loss_scale) {
-    const char* op = gradients ? "forward" : "evaluate";
-    slot_state& st = slot_at(slot);
-    st.backward_ready = false;
-    subspace::require(io.tokens.rank() == 2 && io.tokens.dim(0) > 0 && io.tokens.dim(1) > 0 && io.tokens.is_contiguous(),
-                      [&] {
-                        return std::string("selective_ssm::") + op +
-                               ": tokens must be a contiguous non-empty [B, S] view, got shape " +
-                               subspace::to_string(io.tokens.shape());
-                      });
+  /// The embedding (or the incoming stream) and every layer: st.y holds this stage's output.
+  void run_layers(slot_state& st, const stage_io& io, const char* op) {
     const std::int64_t b = io.tokens.dim(0), s = io.tokens.dim(1), n = b * s;
-    std::int64_t counted = 0;
-    if (has_head()) counted = count_targets(io, op);
     bind();
     prepare(st, b, s);
     prepare_scratch(b, s);
@@ -569,6 +539,23 @@ class selective_ssm {
       detail::bptt_forward(b, s, cfg_.d_model, cfg_.state, stat_type(cfg_.norm_eps), layer_refs(), st.tape,
                            st.y.data());
     }
+  }
+
+  void check_tokens(hview tokens, const char* op) const {
+    subspace::require(tokens.rank() == 2 && tokens.dim(0) > 0 && tokens.dim(1) > 0 && tokens.is_contiguous(), [&] {
+      return std::string("selective_ssm::") + op + ": tokens must be a contiguous non-empty [B, S] view, got shape " +
+             subspace::to_string(tokens.shape());
+    });
+  }
+
+  double run(std::size_t slot, const stage_io& io, bool gradients, float loss_scale) {
+    const char* op = gradients ? "forward" : "evaluate";
+    slot_state& st = slot_at(slot);
+    st.backward_ready = false;
+    check_tokens(io.tokens, op);
+    const std::int64_t n = io.tokens.numel();
+    const std::int64_t counted = has_head() ? count_targets(io, op) : 0;
+    run_layers(st, io, op);
     st.backward_ready = gradients;
     if (!has_head()) {
       check_boundary(io.out, n, op, "out");
@@ -580,8 +567,8 @@ class selective_ssm {
     subspace::copy(ex_, io.targets.flat(), st.targets);
     const float grad_scale = counted > 0 ? float(double(loss_scale) / double(counted)) : 0.0f;
     if (gradients)
-      subspace::lm_head_cross_entropy(ex_, ro(lnf), ro(head_.value), ro(st.targets), st.losses, st.dlnf,
-                                      head_.grad, grad_scale);
+      subspace::lm_head_cross_entropy(ex_, ro(lnf), ro(head_.value), ro(st.targets), st.losses, st.dlnf, head_.grad,
+                                      grad_scale);
     else
       subspace::lm_head_cross_entropy(ex_, ro(lnf), ro(head_.value), ro(st.targets), st.losses, view<T>{},
                                       view<grad_type>{}, grad_scale);

@@ -108,8 +108,8 @@ TEST_CASE("ssm exact adjoint equals bptt: every gradient to 1e-12 (fp64, K in 1 
       double reference_loss = 0, loss = 0, recomputed_loss = 0;
       const auto reference = gradients_of(cfg, adjoint::bptt{}, seed, batch, &reference_loss);
       const auto exact = gradients_of(cfg, adjoint::exact_adjoint{}, seed, batch, &loss);
-      const auto recomputed = gradients_of(cfg, adjoint::exact_adjoint{.recompute_c = true}, seed, batch,
-                                           &recomputed_loss);
+      const auto recomputed =
+          gradients_of(cfg, adjoint::exact_adjoint{.recompute_c = true}, seed, batch, &recomputed_loss);
       CHECK(std::abs(loss - reference_loss) <= 1e-13 * reference_loss);
       CHECK(recomputed_loss == loss);
       for (const auto& [name, g] : reference.grads) {
@@ -124,7 +124,8 @@ TEST_CASE("ssm scans equal their explicit sums and products (fp64, windows 1, 5,
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
   const std::int64_t seqs = 2, S = 37, N = 3, n = seqs * S;
-  host_tensor<double> a = testing::random_tensor<double>({n, N}, seed), w = testing::random_tensor<double>({n, N}, seed + 1);
+  host_tensor<double> a = testing::random_tensor<double>({n, N}, seed),
+                      w = testing::random_tensor<double>({n, N}, seed + 1);
   for (std::int64_t i = 0; i < a.numel(); ++i) a.data()[i] = 1 / (1 + std::exp(-a.data()[i]));  // in (0, 1)
   host_tensor<double> h({n, N}), mu({n, N});
   adjoint::scan_forward(exec::host{}, a.v(), w.v(), h.v(), S);
@@ -183,8 +184,9 @@ TEST_CASE("ssm sharded adjoint equals the paper's literal double sums and counts
     for (std::int64_t k = 0; k < cfg.layers; ++k) {
       CAPTURE(k);
       const auto kept = model.kept(0, k);
-      std::vector<double> dWa(static_cast<std::size_t>(N * P)), dba(static_cast<std::size_t>(N)), dWb(static_cast<std::size_t>(N * P * P)),
-          dbb(static_cast<std::size_t>(N * P)), dWc(static_cast<std::size_t>(P * N * P)), dbc(static_cast<std::size_t>(P * N));
+      std::vector<double> dWa(static_cast<std::size_t>(N * P)), dba(static_cast<std::size_t>(N)),
+          dWb(static_cast<std::size_t>(N * P * P)), dbb(static_cast<std::size_t>(N * P)),
+          dWc(static_cast<std::size_t>(P * N * P)), dbc(static_cast<std::size_t>(P * N));
       std::int64_t vjps_a = 0, vjps_b = 0, vjps_c = 0;
       const double *yh = kept.yhat.data(), *a = kept.a.data(), *h = kept.h.data(), *C = kept.c.data();
       for (std::int64_t t = 0; t < T; ++t) {
@@ -269,8 +271,9 @@ TEST_CASE("ssm stages: exact and sharded engines over 1, 2 and 4 in-process rank
       train::plan_engine<model, compress::identity> run(stages, none, {});
       stages[0].init(seed);
       auto data = text.train(batch, seq);
-      run.run(schedule::gradient_accumulation{1}.plan(0, 0), train::loader_source{data},
-              [](std::size_t, std::size_t) {}, [] {});
+      run.run(
+          schedule::gradient_accumulation{1}.plan(0, 0), train::loader_source{data}, [](std::size_t, std::size_t) {},
+          [] {});
       whole.add(stages[0].parameters());
     }
     for (const int ranks : {2, 4}) {

@@ -83,8 +83,8 @@ void bptt_backward(std::int64_t seqs, std::int64_t seq, std::int64_t P, std::int
                    const std::vector<layer_refs<T, G>>& layers, const std::vector<bptt_tape<T, A>>& tape, T* dy) {
   const std::int64_t NP = N * P;
   const std::size_t L = layers.size();
-  std::vector<A> carry(L * static_cast<std::size_t>(N)), dh(static_cast<std::size_t>(N)), dyh(static_cast<std::size_t>(P)),
-      d(static_cast<std::size_t>(P));
+  std::vector<A> carry(L * static_cast<std::size_t>(N)), dh(static_cast<std::size_t>(N)),
+      dyh(static_cast<std::size_t>(P)), d(static_cast<std::size_t>(P));
   for (std::int64_t s = 0; s < seqs; ++s) {
     std::fill(carry.begin(), carry.end(), A(0));  // dL/dh_l^{t} from token t + 1, already multiplied by a^{t+1}
     for (std::int64_t t = seq; t-- > 0;) {

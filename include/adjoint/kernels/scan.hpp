@@ -110,8 +110,7 @@ void add_rows(const subspace::exec::host& ex, std::type_identity_t<view<const T,
 
 template <class T, class G>
 void column_sums(const subspace::exec::host&, view<const T, host_space> dx, view<G, host_space> db) {
-  using A = std::conditional_t<std::is_same_v<accum_t<T>, double> || std::is_same_v<accum_t<G>, double>, double,
-                               float>;
+  using A = std::conditional_t<std::is_same_v<accum_t<T>, double> || std::is_same_v<accum_t<G>, double>, double, float>;
   const std::int64_t n = dx.dim(0), m = dx.dim(1);
   detail::scan::require_rows(dx, n, m, "column_sums", "dx");
   subspace::require(db.numel() == m, "column_sums: db must hold one value per column");
@@ -204,7 +203,8 @@ void scan_window(const subspace::exec::host& ex, std::type_identity_t<view<const
   detail::scan::require_sequences(a, seq, "scan_window");
   detail::scan::require_rows(w, n, N, "scan_window", "w");
   detail::scan::require_rows(mu, n, N, "scan_window", "mu");
-  subspace::require(window > 0, [&] { return "scan_window: the window must be positive, got " + std::to_string(window); });
+  subspace::require(window > 0,
+                    [&] { return "scan_window: the window must be positive, got " + std::to_string(window); });
   for_each_channel(ex, n / seq, N, [&](std::int64_t b, std::int64_t c) {
     const auto at = [&](std::int64_t t) { return (b * seq + t) * N + c; };
     for (std::int64_t i = 0; i < seq; ++i) {

@@ -1,13 +1,15 @@
 #pragma once
-// Text generation from a language model with the llama interface (nn::llama on exec::host or exec::cuda).
+// Text generation from a language model with logits() (nn::llama on exec::host or exec::cuda, or a recurrent
+// model such as adjoint::selective_ssm).
 //
 //   nn::sampling s{.temperature = 0.8f, .top_k = 40, .seed = 7};
 //   std::vector<std::int32_t> next = nn::generate(model, prompt, 200, s);   // the 200 new tokens only
 //
-// Each new token comes from model.logits() on the last max_seq tokens of prompt + tokens generated so far, at
-// batch 1. There is no KV cache: the whole window is recomputed for every token, so a token costs a full forward
-// pass over up to max_seq positions (and the model's activation buffer is resized while the window grows). That
-// is the simple, obviously-correct reference; it is meant for samples and checks, not for serving.
+// Each new token comes from model.logits() on the last max_seq tokens of prompt + tokens generated so far (all of
+// them for a model without max_seq), at batch 1. There is no KV cache or carried state: the whole window is
+// recomputed for every token, so a token costs a full forward pass over the window (and the model's activation buffer
+// is resized while the window grows). That is the simple, obviously-correct reference; it is meant for samples and
+// checks, not for serving.
 //
 // Sampling runs on the host in double: the logits are divided by the temperature, restricted to the top_k
 // largest (ties broken towards the lower token id), soft-maxed, and token i of the output is drawn by inverse CDF
@@ -20,6 +22,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <span>
 #include <string>
@@ -134,12 +137,12 @@ inline std::int32_t sample_token(std::span<const double> logits, const sampling&
   return ids.back();  // unreachable: the most likely candidate has weight 1
 }
 
-/// What generate() needs of a model: its configuration (vocab, max_seq), its executor, and the last-position
+/// What generate() needs of a model: its configuration (vocab; max_seq if bounded), its executor, and the last-position
 /// logits of a [B, S] host token view into a [B, V] view of its memory space.
 template <class Model>
 concept generative_model = requires(Model& m, view<const std::int32_t, host_space> tokens,
                                     view<detail::gen::logit_t<Model>, typename Model::space> out) {
-  { m.config() } -> std::convertible_to<const llama_config&>;
+  { m.config().vocab } -> std::convertible_to<std::int64_t>;
   m.executor().synchronize();
   m.logits(tokens, out);
 };
@@ -151,12 +154,18 @@ template <class Model>
 std::vector<std::int32_t> generate(Model& model, std::span<const std::int32_t> prompt, std::int64_t new_tokens,
                                    const sampling& s = {}) {
   static_assert(generative_model<Model>,
-                "nn::generate: the model must provide config() (an nn::llama_config), executor() and "
+                "nn::generate: the model must provide config() (with vocab, and max_seq when its context is bounded), "
+                "executor() and "
                 "logits(tokens [B, S] host int32 view, out [B, V] view in the model's memory space), like nn::llama");
   using space = typename Model::space;
   using L = detail::gen::logit_t<Model>;
 
-  const llama_config& cfg = model.config();
+  const auto& cfg = model.config();
+  // A model with a bounded context (max_seq) sees the last max_seq tokens; a recurrent one sees them all.
+  const auto window_limit = [&] {
+    if constexpr (requires { cfg.max_seq; }) return std::int64_t(cfg.max_seq);
+    else return std::numeric_limits<std::int64_t>::max();
+  }();
   require(!prompt.empty(), "nn::generate: the prompt is empty (expected at least one token to condition on)");
   for (std::size_t i = 0; i < prompt.size(); ++i)
     require(prompt[i] >= 0 && prompt[i] < cfg.vocab, [&] {
@@ -179,7 +188,7 @@ std::vector<std::int32_t> generate(Model& model, std::span<const std::int32_t> p
   std::vector<double> row(std::size_t(cfg.vocab));
 
   for (std::int64_t i = 0; i < new_tokens; ++i) {
-    const auto window = std::min<std::int64_t>(std::int64_t(context.size()), cfg.max_seq);
+    const auto window = std::min<std::int64_t>(std::int64_t(context.size()), window_limit);
     const view<const std::int32_t, host_space> tokens(context.data() + (std::int64_t(context.size()) - window),
                                                       shape{1, window});
     model.logits(tokens, logits.v());

@@ -1,0 +1,321 @@
+// train_ssm: trains the selective state-space language model (adjoint::selective_ssm, docs/ssm.md) on the host,
+// with the gradient engine chosen by --engine:
+//
+//   exact    the exact adjoint (default): one reverse scan per layer, the maps' gradients as GEMMs; equals bptt
+//   bptt     the reference: token-by-token forward and backward over every stored intermediate
+//   sharded  the paper's adjoint sharding: every layer driven by the head's cotangent alone (--window T̄ truncates)
+//
+// --ranks R shards the layers over R in-process ranks (threads, comm::local) and trains them with the pipeline
+// trainer: the exact engine hands δ down from rank to rank, the sharded one hands g down unchanged and each rank
+// computes its layers' gradients on its own. Data, schedule, checkpoints (--checkpoint-dir, --resume), metrics
+// JSONL and the progress line follow train_llama; the progress line adds the activation memory, measured beside
+// the engine's formula. Samples at the end (--ranks 1).
+#include <adjoint/adjoint.hpp>
+#include <subspace/pipeline/one_f_one_b.hpp>
+#include <subspace/pipeline/pipeline_trainer.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "common/checkpoints.hpp"
+#include "common/cli.hpp"
+#include "common/device.hpp"
+#include "common/format.hpp"
+#include "common/llama_data.hpp"
+#include "common/ranks.hpp"
+
+namespace {
+
+using namespace subspace;
+namespace fs = std::filesystem;
+using examples::human;
+
+struct options : examples::data_flags {
+  std::string preset = "tiny";
+  std::int64_t d_model = 0, state = 0, layers = 0, vocab = 0;
+  std::string engine = "exact";
+  std::int64_t window = 0;
+  bool recompute_c = false;
+  int ranks = 1;
+  std::int64_t seq = 256, batch = 8, accumulation = 1, steps = 200, stop_at = 0, warmup = 20;
+  float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
+  std::string decay = "cosine";
+  std::int64_t eval_every = 50, eval_batches = 10, checkpoint_every = 0, keep_checkpoints = 2, log_every = 1;
+  std::string checkpoint_dir, resume, metrics;
+  std::int64_t samples = 2, sample_tokens = 200;
+  std::string prompt = "And God said";
+  float temperature = 0.8f;
+  int threads = 0;
+  std::uint64_t seed = 1;
+};
+
+adjoint::ssm_config model_config(const options& o) {
+  adjoint::ssm_config c = adjoint::presets::by_name(o.preset);
+  if (o.d_model) c.d_model = o.d_model;
+  if (o.state) c.state = o.state;
+  if (o.layers) c.layers = o.layers;
+  if (o.vocab) c.vocab = o.vocab;
+  c.validate();
+  return c;
+}
+
+/// The step loop shared by one device and every rank of a sharded run; `lead` prints and writes the metrics.
+template <class Trainer, class Model>
+int train_loop(Trainer& t, Model& model, const options& o, const adjoint::ssm_config& cfg, data::batch_loader& train,
+               std::optional<data::batch_loader>& val, bool lead, double formula_bytes) {
+  if (!o.resume.empty()) {
+    const fs::path from = examples::resolve_resume(o.resume);
+    const io::trainer_state ts = t.resume(from, train);
+    if (lead) std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
+  } else {
+    t.init(o.seed);
+  }
+  const std::int64_t first = t.steps_done() + 1, last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
+  require(first <= last, [&] {
+    return "--steps " + std::to_string(o.steps) + ": the checkpoint is already at step " + std::to_string(first - 1);
+  });
+  std::optional<io::metrics_writer> metrics;
+  if (lead && !o.metrics.empty())
+    metrics.emplace(o.metrics,
+                    o.resume.empty() ? io::metrics_writer::open_mode::truncate : io::metrics_writer::open_mode::append);
+  const auto save = [&](std::int64_t step) {
+    const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
+    t.save(dir, train.position(), o.seed,
+           io::json::object({{"engine", io::json(o.engine)}, {"steps", io::json(o.steps)}}));
+    if (!lead) return;
+    auto all = examples::checkpoints_in(o.checkpoint_dir);
+    while (o.keep_checkpoints > 0 && std::int64_t(all.size()) > o.keep_checkpoints) {
+      fs::remove_all(all.front());
+      all.erase(all.begin());
+    }
+    std::printf("saved checkpoint %s\n", dir.c_str());
+  };
+  const auto start = std::chrono::steady_clock::now();
+  const auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  double last_val = NAN, timed = 0;
+  std::int64_t timed_tokens = 0;
+  for (std::int64_t step = first; step <= last; ++step) {
+    const double t0 = seconds();
+    const train::step_result r = t.step(train);
+    const double dt = seconds() - t0;
+    if (!std::isfinite(r.loss) || r.skipped) {
+      if (lead)
+        std::fprintf(stderr, "train_ssm: step %lld: loss %g, gradient norm %g — training diverged (lower --lr)\n",
+                     (long long)step, r.loss, r.grad_norm);
+      return 1;
+    }
+    if (step > first || last == first) {
+      timed += dt;
+      timed_tokens += r.tokens;
+    }
+    const double tok_s = timed_tokens > 0 ? double(timed_tokens) / timed : double(r.tokens) / dt;
+    std::optional<double> v;
+    if (val && (step % o.eval_every == 0 || step == last)) v = last_val = t.evaluate(*val, o.eval_batches);
+    if (lead && (step % o.log_every == 0 || step == first || step == last || v)) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "step %lld/%lld | loss %.4f | lr %.2e | norm %.3f | %s tok/s | act %sB (formula %sB)",
+                    (long long)step, (long long)o.steps, r.loss, double(r.lr), r.grad_norm, human(tok_s).c_str(),
+                    human(double(model.activation_bytes())).c_str(), human(formula_bytes).c_str());
+      std::string line = buf;
+      if (v) {
+        std::snprintf(buf, sizeof buf, " | val %.4f", *v);
+        line += buf;
+      }
+      std::printf("%s | ETA %s\n", line.c_str(),
+                  examples::duration(double(last - step) * double(r.tokens) / tok_s).c_str());
+      std::fflush(stdout);
+    }
+    if (metrics)
+      metrics->write(io::metrics_record{step, r.loss, v, double(r.lr), t.tokens_done(), tok_s, seconds(), r.grad_norm},
+                     {{"step_ms", 1e3 * dt}, {"activation_bytes", double(model.activation_bytes())}});
+    if (!o.checkpoint_dir.empty() && o.checkpoint_every > 0 && step % o.checkpoint_every == 0 && step < last)
+      save(step);
+  }
+  if (!o.checkpoint_dir.empty()) save(t.steps_done());
+  if (lead)
+    std::printf("done: %lld steps, %s tokens, %s; final val loss %.4f\n", (long long)t.steps_done(),
+                human(double(t.tokens_done())).c_str(), examples::duration(seconds()).c_str(), last_val);
+  (void)cfg;
+  return 0;
+}
+
+template <class Engine>
+int train_with(const options& o, Engine engine) {
+  using model = adjoint::selective_ssm<exec::host, float, Engine>;
+  const adjoint::ssm_config cfg = model_config(o);
+  const examples::data_source src = examples::choose_data(o);
+  require(!src.bytes || cfg.vocab >= 256, [&] {
+    return "--vocab " + std::to_string(cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
+  });
+  require(o.ranks <= cfg.layers, [&] {
+    return "--ranks " + std::to_string(o.ranks) + ": the model has " + std::to_string(cfg.layers) +
+           " layers (at most one rank per layer)";
+  });
+  auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
+  const data::loader_options lo{o.batch, o.seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
+  const auto loaders = [&] {
+    std::pair<data::batch_loader, std::optional<data::batch_loader>> l{data::batch_loader(train_tokens, lo), {}};
+    if (!val_tokens.empty()) {
+      data::loader_options vo = lo;
+      vo.shuffle = false;
+      vo.name = "val";
+      l.second.emplace(val_tokens, vo);
+    }
+    return l;
+  };
+  train::trainer_options to;
+  to.clip = o.clip;
+  to.schedule = {o.lr, o.min_lr >= 0 ? o.min_lr : o.lr / 10, std::min(o.warmup, o.steps), o.steps,
+                 optim::parse_decay(o.decay)};
+  optim::adamw adam;
+  adam.weight_decay = o.weight_decay;
+  const std::int64_t per_rank = (cfg.layers / o.ranks) + (cfg.layers % o.ranks);  // the last rank's share
+  const double formula =
+      adjoint::activation_values(engine, o.batch * o.seq, o.ranks > 1 ? per_rank : cfg.layers, cfg.d_model, cfg.state) *
+      sizeof(float);
+
+  std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers, vocab %lld) | engine %s%s%s\n", cfg.name.c_str(),
+              human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,
+              (long long)cfg.layers, (long long)cfg.vocab, o.engine.c_str(),
+              o.window > 0 ? (", window " + std::to_string(o.window)).c_str() : "",
+              o.recompute_c ? ", C recomputed" : "");
+  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
+              human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
+  std::printf("host, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n", o.ranks,
+              o.ranks > 1 ? "s (layers sharded, in-process)" : "", (long long)o.batch, (long long)o.seq,
+              (long long)o.accumulation, (long long)(o.batch * o.seq * o.accumulation), (long long)o.steps);
+  std::fflush(stdout);
+
+  if (o.ranks == 1) {
+    auto [train_data, val_data] = loaders();
+    train::trainer t(
+        model(cfg, exec::host{o.threads}, engine),
+        subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = adam}, to);
+    if (const int rc = train_loop(t, t.model(), o, cfg, train_data, val_data, true, formula); rc != 0) return rc;
+    if (o.samples > 0 && o.sample_tokens > 0 && src.bytes) {
+      const data::byte_tokenizer bytes;
+      const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
+      require(!prompt.empty(), "--prompt must not be empty");
+      for (std::int64_t i = 0; i < o.samples; ++i) {
+        nn::sampling s;
+        s.temperature = o.temperature;
+        s.seed = o.seed + std::uint64_t(i);
+        const std::vector<std::int32_t> out = nn::generate(t.model(), prompt, o.sample_tokens, s);
+        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+      }
+    }
+    return 0;
+  }
+  // Layers sharded over in-process ranks: one stage each, the pipeline trainer hands the cotangent down.
+  const std::vector<adjoint::ssm_stage> stages = adjoint::ssm_stage::shard(cfg, o.ranks);
+  std::vector<int> codes(std::size_t(o.ranks), 0);
+  comm::local::run_ranks(o.ranks, [&](comm::local& world) {
+    auto [train_data, val_data] = loaders();
+    std::vector<model> chunk;
+    chunk.emplace_back(cfg, exec::host{std::max(1, o.threads / o.ranks)}, engine, stages[std::size_t(world.rank())]);
+    pipeline::trainer_options po;
+    static_cast<train::trainer_options&>(po) = to;
+    pipeline::pipeline_trainer t(std::move(chunk),
+                                 subspace::stack{.communicator = world,
+                                                 .compressor = compress::identity{},
+                                                 .scheduler = pipeline::one_f_one_b{int(o.accumulation), o.ranks},
+                                                 .optimizer = adam},
+                                 po);
+    codes[std::size_t(world.rank())] =
+        train_loop(t, t.chunks()[0], o, cfg, train_data, val_data, world.rank() == 0, formula);
+  });
+  if (o.samples > 0) std::printf("(samples: run with --ranks 1)\n");
+  for (const int c : codes)
+    if (c != 0) return c;
+  return 0;
+}
+
+void check(const options& o) {
+  const auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw examples::cli_error(what);
+  };
+  need(o.steps >= 1, "--steps must be >= 1, got " + std::to_string(o.steps));
+  need(o.stop_at >= 0, "--stop-at must be >= 0 (0: run to --steps)");
+  need(o.seq >= 1, "--seq must be >= 1, got " + std::to_string(o.seq));
+  need(o.batch >= 1 && o.accumulation >= 1, "--batch and --accumulation must be >= 1");
+  need(o.warmup >= 0, "--warmup must be >= 0, got " + std::to_string(o.warmup));
+  need(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number");
+  need(o.min_lr < 0 || o.min_lr <= o.lr, "--min-lr must not exceed --lr");
+  need(o.window >= 0, "--window must be >= 0 (0: no truncation), got " + std::to_string(o.window));
+  need(o.window == 0 || o.engine == "sharded", "--window truncates the sharded engine only (use --engine sharded)");
+  need(!o.recompute_c || o.engine != "bptt", "--recompute-c applies to the exact and sharded engines (bptt stores C)");
+  need(o.ranks >= 1, "--ranks must be >= 1, got " + std::to_string(o.ranks));
+  need(o.ranks == 1 || o.engine != "bptt", "--ranks > 1 shards the exact or sharded engine (bptt runs on one rank)");
+  need(o.eval_every >= 1 && o.eval_batches >= 1 && o.log_every >= 1,
+       "--eval-every, --eval-batches and --log-every must be >= 1");
+  need(o.checkpoint_every >= 0 && o.keep_checkpoints >= 0, "--checkpoint-every and --keep-checkpoints must be >= 0");
+  need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
+  need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
+  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
+  need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
+  need(o.threads >= 0, "--threads must be >= 0");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  examples::cli cli("train_ssm",
+                    "Trains a selective state-space language model on the host with the chosen gradient engine,\n"
+                    "printing a progress line per step (with the activation memory beside its formula), the\n"
+                    "validation loss every --eval-every steps and text samples at the end. With no data flags it\n"
+                    "trains on the King James Bible (Debian bible-kjv-text), byte-tokenized.");
+  cli.flag("preset", o.preset, "model preset (micro, tiny, bench, paper); the size flags below override it",
+           adjoint::presets::names())
+      .flag("d-model", o.d_model, "residual width P (0: the preset's)")
+      .flag("state", o.state, "state size N per layer (0: the preset's)")
+      .flag("layers", o.layers, "SSM layers K (0: the preset's)")
+      .flag("vocab", o.vocab, "vocabulary size, > every token id (0: the preset's; byte-level text needs >= 256)");
+  examples::declare_data_flags(cli, o);
+  cli.flag("engine", o.engine, "gradient engine: exact adjoint, bptt reference, or the paper's sharded adjoint",
+           {"exact", "bptt", "sharded"})
+      .flag("window", o.window, "sharded engine: keep only token pairs less than T̄ apart in the adjoint (0: all)")
+      .toggle("recompute-c", o.recompute_c, "exact/sharded: recompute C in the backward instead of storing it")
+      .flag("ranks", o.ranks, "shard the layers over this many in-process ranks (exact or sharded engine)")
+      .flag("seq", o.seq, "tokens per sequence")
+      .flag("batch", o.batch, "sequences per micro-batch")
+      .flag("accumulation", o.accumulation, "micro-batches per optimizer step")
+      .flag("steps", o.steps, "optimizer steps to train to (a resumed run continues to this step)")
+      .flag("stop-at", o.stop_at, "end this run after this step (saving a checkpoint); resume later (0: --steps)")
+      .flag("lr", o.lr, "peak learning rate")
+      .flag("min-lr", o.min_lr, "final learning rate of the decay (negative: --lr / 10)")
+      .flag("warmup", o.warmup, "linear warm-up steps")
+      .flag("decay", o.decay, "learning-rate decay after warm-up", {"cosine", "linear", "constant"})
+      .flag("weight-decay", o.weight_decay, "AdamW weight decay, on the projection matrices and the head")
+      .flag("clip", o.clip, "global gradient-norm clip (<= 0: off)")
+      .flag("eval-every", o.eval_every, "validation loss every N steps (and at the end)")
+      .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
+      .flag("checkpoint-dir", o.checkpoint_dir, "save checkpoints to DIR/step_NNNNNNNNN (and at the end)")
+      .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
+      .flag("keep-checkpoints", o.keep_checkpoints, "keep the newest N checkpoints (0: all)")
+      .flag("resume", o.resume, "continue exactly from a checkpoint (or the newest one in a --checkpoint-dir)")
+      .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
+      .flag("metrics", o.metrics, "write one JSON line per step to this file (appended to on --resume)")
+      .flag("samples", o.samples, "text samples to print at the end (--ranks 1)")
+      .flag("sample-tokens", o.sample_tokens, "tokens per sample")
+      .flag("prompt", o.prompt, "prompt of the samples")
+      .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
+      .flag("threads", o.threads, "host worker threads (0: all cores)")
+      .flag("seed", o.seed, "seed of the initial weights, the data order and the samples");
+  return examples::guarded_main("train_ssm", [&] {
+    if (!cli.parse(argc, argv)) return 0;
+    check(o);
+    if (o.engine == "bptt") return train_with(o, adjoint::bptt{});
+    if (o.engine == "sharded") return train_with(o, adjoint::sharded_adjoint{o.window, o.recompute_c});
+    return train_with(o, adjoint::exact_adjoint{o.recompute_c});
+  });
+}
