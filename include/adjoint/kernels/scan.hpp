@@ -233,3 +233,7 @@ void shifted_product(const subspace::exec::host&, std::type_identity_t<view<cons
 }
 
 }  // namespace adjoint
+
+#if defined(__CUDACC__)
+#include "detail/cuda/scan.cuh"
+#endif
