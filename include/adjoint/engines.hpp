@@ -1,9 +1,10 @@
 #pragma once
 // The gradient engines of adjoint::selective_ssm, a policy of the model (docs/ssm.md):
 //
-//   adjoint::bptt            the reference: the forward runs token by token (all layers of token t, then t + 1)
-//                            and stores every intermediate; the backward walks the exact reverse program order.
-//                            Host only.
+//   adjoint::bptt            backpropagation through a stored graph. On the host, the reference: the forward runs
+//                            token by token (all layers of token t, then t + 1), storing every intermediate, and
+//                            the backward walks the exact reverse program order. On a device the same graph (B
+//                            and C of every token and layer included) is kept and walked layer by layer.
 //   adjoint::exact_adjoint   layer by layer: one reverse scan per layer for the adjoint state μ, then every
 //                            token's cotangents at once and the maps' vector-Jacobian products as GEMMs. Exact
 //                            (equals bptt); stores a, h, ŷ, 1/rms and C per token and layer (recompute_c: C is

@@ -62,8 +62,6 @@ class selective_ssm {
   static_assert(std::is_same_v<Engine, bptt> || std::is_same_v<Engine, exact_adjoint> ||
                     std::is_same_v<Engine, sharded_adjoint>,
                 "selective_ssm: the engine is adjoint::bptt, adjoint::exact_adjoint or adjoint::sharded_adjoint");
-  static_assert(!std::is_same_v<Engine, bptt> || std::is_same_v<Exec, subspace::exec::host>,
-                "selective_ssm: the bptt engine is the host reference (use exact_adjoint on CUDA)");
 
  public:
   using executor_type = Exec;
@@ -162,7 +160,7 @@ class selective_ssm {
     view<const stat_type> rstd;
   };
   kept_layer kept(std::size_t slot, std::int64_t k) const
-    requires(!std::is_same_v<Engine, bptt>)
+    requires(!(std::is_same_v<Engine, bptt> && std::is_same_v<Exec, subspace::exec::host>))
   {
     subspace::require(slot < slots_.size() && !slots_[slot].acts.empty(),
                       "selective_ssm::kept: no forward in this slot");
@@ -203,15 +201,15 @@ class selective_ssm {
     check_tokens(tokens, "logits");
     slot_state& st = slot_at(0);
     st.backward_ready = false;
-    const std::int64_t b = tokens.dim(0), s = tokens.dim(1), P = cfg_.d_model;
+    const std::int64_t b = tokens.dim(0), s = tokens.dim(1);
     subspace::require(out.shape() == subspace::shape{b, cfg_.vocab}, [&] {
       return "selective_ssm::logits: out has shape " + subspace::to_string(out.shape()) + ", expected [" +
              std::to_string(b) + ", " + std::to_string(cfg_.vocab) + "]";
     });
     run_layers(st, stage_io{tokens, {}, {}, {}}, "logits");
-    const view<T> last(st.y.data() + (s - 1) * P, subspace::shape{b, P}, {s * P, 1, 0, 0});
     const view<T> gathered = rows(st.dlnf, 0, b), lnf = rows(delta_, 0, b);  // both free outside a backward
-    subspace::copy(ex_, ro(last), gathered);
+    for (std::int64_t i = 0; i < b; ++i)                                     // the last row of each sequence
+      subspace::copy(ex_, ro(rows(st.y, i * s + s - 1, 1)), rows(gathered, i, 1));
     subspace::rmsnorm_forward(ex_, ro(gathered), ro(norm_.value), cfg_.norm_eps, lnf, st.rstdf.slice(0, b));
     subspace::gemm(ex_, subspace::op::none, subspace::op::transpose, 1.0f, ro(lnf), ro(head_.value), 0.0f, out);
   }
@@ -236,7 +234,7 @@ class selective_ssm {
       check_boundary(grad_out, n, "backward", "grad_out");
       subspace::nn::detail::convert_into(ex_, grad_out, delta_);
     }
-    if constexpr (std::is_same_v<Engine, bptt>) {
+    if constexpr (token_major) {
       detail::bptt_backward(st.batch, st.seq, P, cfg_.state, layer_refs(), st.tape, delta_.data());
       for (std::size_t l = layer_indices_.size(); l-- > 0;) ready(layer_indices_[l], layer_indices_[l] + per_layer);
     } else {
@@ -256,17 +254,23 @@ class selective_ssm {
 
  private:
   static constexpr std::size_t per_layer = 6;  // a, b, c maps: weight and bias each
-  static constexpr bool adjoint_engine = !std::is_same_v<Engine, bptt>;
+  // bptt on the host walks token by token (detail/bptt_host.hpp); on a device it keeps the whole graph and walks
+  // it layer by layer. The exact engine and bptt hand δ down; the sharded engine hands g.
+  static constexpr bool token_major = std::is_same_v<Engine, bptt> && std::is_same_v<Exec, subspace::exec::host>;
+  static constexpr bool keeps_graph = std::is_same_v<Engine, bptt> && !token_major;
+  static constexpr bool propagates = !std::is_same_v<Engine, sharded_adjoint>;
   using subspace_arena = subspace::arena<space>;
 
   /// One layer's parameters, bound to the store.
   struct layer_params {
     param a_w, a_b, b_w, b_b, c_w, c_b;
   };
-  /// What the adjoint engines keep of one layer per token.
+  /// What a layer-major engine keeps of one layer per token; the graph (bptt on a device) adds the layer's input
+  /// and output, the gate's pre-activation and B.
   struct layer_acts {
     view<T> yhat, a, h, c;  // c: [rows, P·N] when stored
     view<stat_type> rstd;
+    view<T> y_in, out, u, b;  // keeps_graph only
   };
   struct slot_state {
     subspace::tensor<std::byte, space> arena;
@@ -339,12 +343,14 @@ class selective_ssm {
     return slots_[slot];
   }
 
-  /// Rows per chunk of the B and C products: a sixteenth of the rows, or 2^18 values when that is more (GEMMs
-  /// worth running), at least one row and at most every row. The two chunk buffers then cost at most 1/8 of one
-  /// layer's stored C.
+  /// Rows per chunk of the B and C products: the two [rows, N·P] chunk buffers stay within 1/16 of what one
+  /// layer stores for the batch, and hold at least 2^18 values (GEMMs worth running); at least one row, at most
+  /// every row.
   std::int64_t chunk_rows(std::int64_t n) const {
-    const std::int64_t by_size = (std::int64_t(1) << 18) / (cfg_.state * cfg_.d_model);
-    return std::clamp<std::int64_t>(std::max((n + 15) / 16, by_size), 1, n);
+    const std::int64_t NP = cfg_.state * cfg_.d_model;
+    const std::int64_t stored = 2 * cfg_.state + cfg_.d_model + 1 + (stores_c(engine_) ? NP : 0);  // per token
+    const std::int64_t by_share = n / 16 * stored / (2 * NP), by_size = (std::int64_t(1) << 18) / NP;
+    return std::clamp<std::int64_t>(std::max(by_share, by_size), 1, n);
   }
 
   template <class Arena>
@@ -353,15 +359,21 @@ class selective_ssm {
     st.tokens = a.template take<std::int32_t>({n});
     st.targets = a.template take<std::int32_t>({n});
     st.y = a.template take<T>({n, P});
-    st.acts.assign(adjoint_engine ? layer_indices_.size() : 0, {});
+    st.acts.assign(token_major ? 0 : layer_indices_.size(), {});
     for (layer_acts& l : st.acts) {
       l.yhat = a.template take<T>({n, P});
       l.rstd = a.template take<stat_type>({n});
       l.a = a.template take<T>({n, N});
       l.h = a.template take<T>({n, N});
       if (stores_c(engine_)) l.c = a.template take<T>({n, NP});
+      if constexpr (keeps_graph) {
+        l.y_in = a.template take<T>({n, P});
+        l.out = a.template take<T>({n, P});
+        l.u = a.template take<T>({n, N});
+        l.b = a.template take<T>({n, NP});
+      }
     }
-    st.tape.assign(adjoint_engine ? 0 : layer_indices_.size(), {});
+    st.tape.assign(token_major ? layer_indices_.size() : 0, {});
     for (auto& l : st.tape) {
       l.y = a.template take<T>({n, P}).data();
       l.yhat = a.template take<T>({n, P}).data();
@@ -395,9 +407,10 @@ class selective_ssm {
   void prepare_scratch(std::int64_t b, std::int64_t s) {
     if (b == scratch_batch_ && s == scratch_seq_) return;
     const auto carve_all = [&](auto& a) {
-      const std::int64_t n = b * s, P = cfg_.d_model, N = cfg_.state, c = chunk_rows(n);
+      const std::int64_t n = b * s, P = cfg_.d_model;
       delta_ = a.template take<T>({n, P});
-      if constexpr (adjoint_engine) {
+      if constexpr (!token_major) {
+        const std::int64_t N = cfg_.state, c = chunk_rows(n);
         w_ = a.template take<T>({n, N});
         mu_ = a.template take<T>({n, N});
         dyhat_ = a.template take<T>({c, P});
@@ -435,14 +448,16 @@ class selective_ssm {
     const std::int64_t n = st.batch * st.seq, P = cfg_.d_model, N = cfg_.state, cr = chunk_rows(n);
     const layer_params& p = layers_[l];
     layer_acts& act = st.acts[l];
+    if constexpr (keeps_graph) subspace::copy(ex_, ro(st.y), act.y_in);
     unit_rmsnorm_forward(ex_, ro(st.y), cfg_.norm_eps, act.yhat, act.rstd);
-    // a = sigmoid(W_a ŷ + b_a), with w_ holding u
-    subspace::gemm(ex_, subspace::op::none, subspace::op::transpose, 1.0f, ro(act.yhat), ro(p.a_w.value), 0.0f, w_);
-    sigmoid_rows(ex_, ro(w_), ro(p.a_b.value), act.a);
+    // a = sigmoid(W_a ŷ + b_a), with u in w_ (or kept)
+    const view<T> u = keeps_graph ? act.u : w_;
+    subspace::gemm(ex_, subspace::op::none, subspace::op::transpose, 1.0f, ro(act.yhat), ro(p.a_w.value), 0.0f, u);
+    sigmoid_rows(ex_, ro(u), ro(p.a_b.value), act.a);
     // x_t = B_t ŷ_t (into w_), then h = scan
     for (std::int64_t r0 = 0; r0 < n; r0 += cr) {
       const std::int64_t c = std::min(cr, n - r0);
-      const view<T> bm = rows(bm_, 0, c);
+      const view<T> bm = keeps_graph ? rows(act.b, r0, c) : rows(bm_, 0, c);
       map_rows(ro(rows(act.yhat, r0, c)), p.b_w, p.b_b, bm);
       subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, ro(per_token(bm, N, P)),
                      ro(per_token(rows(act.yhat, r0, c), P, 1)), 0.0f, per_token(rows(w_, r0, c), N, 1));
@@ -453,15 +468,17 @@ class selective_ssm {
       const std::int64_t c = std::min(cr, n - r0);
       const view<T> cm = stores_c(engine_) ? rows(act.c, r0, c) : rows(cm_, 0, c);
       map_rows(ro(rows(act.yhat, r0, c)), p.c_w, p.c_b, cm);
+      const view<T> target = keeps_graph ? rows(act.out, r0, c) : rows(st.y, r0, c);
       subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, ro(per_token(cm, P, N)),
-                     ro(per_token(rows(act.h, r0, c), N, 1)), 1.0f, per_token(rows(st.y, r0, c), P, 1));
+                     ro(per_token(rows(act.h, r0, c), N, 1)), keeps_graph ? 0.0f : 1.0f, per_token(target, P, 1));
     }
+    if constexpr (keeps_graph) subspace::axpy(ex_, 1.0f, ro(act.out), st.y);
   }
 
-  /// One layer of the adjoint engines (docs/ssm.md): delta_ holds the cotangent of the layer's output — δ_k
-  /// (exact, left holding δ_{k−1}) or g (sharded, left unchanged).
+  /// One layer, layer-major (docs/ssm.md): delta_ holds the cotangent of the layer's output — δ_k (exact and
+  /// bptt, left holding δ_{k−1}) or g (sharded, left unchanged).
   void layer_backward(slot_state& st, std::size_t l) {
-    constexpr bool exact = std::is_same_v<Engine, exact_adjoint>;
+    constexpr bool exact = propagates;
     const std::int64_t n = st.batch * st.seq, P = cfg_.d_model, N = cfg_.state, cr = chunk_rows(n);
     const layer_params& p = layers_[l];
     const layer_acts& act = st.acts[l];
@@ -495,10 +512,11 @@ class selective_ssm {
       if constexpr (exact) {
         subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, ro(rows(w_, r0, c)), ro(p.a_w.value), 0.0f,
                        dyh);
-        // the direct term ŷ̄ += μ_t B_t, with B recomputed
-        map_rows(yh, p.b_w, p.b_b, bm);
+        // the direct term ŷ̄ += μ_t B_t, with B recomputed (or kept)
+        if constexpr (!keeps_graph) map_rows(yh, p.b_w, p.b_b, bm);
+        const view<T> b = keeps_graph ? rows(act.b, r0, c) : bm;
         subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, ro(per_token(rows(mu_, r0, c), 1, N)),
-                       ro(per_token(bm, N, P)), 1.0f, per_token(dyh, 1, P));
+                       ro(per_token(b, N, P)), 1.0f, per_token(dyh, 1, P));
       }
       // B̄_t = μ_tᵀ ŷ_tᵀ, then its map's vjp
       subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, ro(per_token(rows(mu_, r0, c), N, 1)),
@@ -512,11 +530,11 @@ class selective_ssm {
     }
   }
 
-  /// A map's vjp for a chunk: dW += dOutᵀ ŷ, db += Σ dOut, and (exact engine) dŷ += dOut W.
+  /// A map's vjp for a chunk: dW += dOutᵀ ŷ, db += Σ dOut, and (engines that hand δ down) dŷ += dOut W.
   void map_backward(view<const T> yhat, view<const T> dout, const param& w, const param& bias, view<T> dyhat) {
     subspace::gemm(ex_, subspace::op::transpose, subspace::op::none, 1.0f, dout, yhat, 1.0f, w.grad);
     column_sums(ex_, dout, bias.grad);
-    if constexpr (std::is_same_v<Engine, exact_adjoint>)
+    if constexpr (propagates)
       subspace::gemm(ex_, subspace::op::none, subspace::op::none, 1.0f, dout, ro(w.value), 1.0f, dyhat);
   }
 
@@ -533,7 +551,7 @@ class selective_ssm {
       check_boundary(io.in, n, op, "in");
       subspace::nn::detail::convert_into(ex_, io.in, st.y);
     }
-    if constexpr (adjoint_engine) {
+    if constexpr (!token_major) {
       for (std::size_t l = 0; l < layers_.size(); ++l) layer_forward(st, l);
     } else {
       detail::bptt_forward(b, s, cfg_.d_model, cfg_.state, stat_type(cfg_.norm_eps), layer_refs(), st.tape,

@@ -345,7 +345,8 @@ TEST_CASE("ssm: each engine's activation bytes are within 5% of its formula (K 8
     model.backward();
     const double formula = adjoint::activation_values(engine, T, cfg.layers, cfg.d_model, cfg.state) * sizeof(float);
     const double measured = double(model.activation_bytes());
-    CAPTURE(decltype(engine)::name);
+    const std::string engine_name = decltype(engine)::name;
+    CAPTURE(engine_name);
     CAPTURE(measured / formula);
     CHECK(std::abs(measured / formula - 1.0) <= 0.05);
   };
