@@ -1,5 +1,5 @@
-// train_ssm: trains the selective state-space language model (adjoint::selective_ssm, docs/ssm.md) on the host,
-// with the gradient engine chosen by --engine:
+// train_ssm: trains the selective state-space language model (adjoint::selective_ssm, docs/ssm.md) on the host
+// (fp32) or a CUDA GPU (bf16 weights and activations, fp32 masters), with the gradient engine chosen by --engine:
 //
 //   exact    the exact adjoint (default): one reverse scan per layer, the maps' gradients as GEMMs; equals bptt
 //   bptt     the reference: token-by-token forward and backward over every stored intermediate
@@ -10,6 +10,11 @@
 // computes its layers' gradients on its own. Data, schedule, checkpoints (--checkpoint-dir, --resume), metrics
 // JSONL and the progress line follow train_llama; the progress line adds the activation memory, measured beside
 // the engine's formula. Samples at the end (--ranks 1).
+//
+// --max-context (CUDA) trains nothing: it finds the longest sequence (batch 1) one forward and backward of the
+// chosen engine fits in the GPU's memory at this model size, doubling from 4096 tokens and then bisecting.
+//
+// This file compiles as C++ (host only) or, in a CUDA build, as CUDA (host and --device cuda).
 #include <adjoint/adjoint.hpp>
 #include <subspace/pipeline/one_f_one_b.hpp>
 #include <subspace/pipeline/pipeline_trainer.hpp>
@@ -52,6 +57,9 @@ struct options : examples::data_flags {
   std::int64_t samples = 2, sample_tokens = 200;
   std::string prompt = "And God said";
   float temperature = 0.8f;
+  std::string device = "auto";
+  bool max_context = false;
+  std::int64_t max_context_limit = std::int64_t(1) << 24;
   int threads = 0;
   std::uint64_t seed = 1;
 };
@@ -147,9 +155,63 @@ int train_loop(Trainer& t, Model& model, const options& o, const adjoint::ssm_co
   return 0;
 }
 
-template <class Engine>
-int train_with(const options& o, Engine engine) {
-  using model = adjoint::selective_ssm<exec::host, float, Engine>;
+/// Whether one forward and backward of batch 1 and `seq` tokens fits (false when the device runs out of memory).
+template <class Exec, class Engine>
+bool fits(const Exec& ex, const adjoint::ssm_config& cfg, Engine engine, std::int64_t seq) {
+  using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
+  try {
+    adjoint::selective_ssm<Exec, T, Engine> model(cfg, ex, engine);
+    model.init(1);
+    host_tensor<std::int32_t> tokens({1, seq});
+    for (std::int64_t i = 0; i < seq; ++i) tokens.data()[i] = std::int32_t(i % cfg.vocab);
+    model.forward(tokens.v(), tokens.v());
+    model.backward();
+    ex.synchronize();
+    return true;
+  } catch (const std::exception& e) {
+    if (std::string(e.what()).find("out of memory") == std::string::npos) throw;
+#if defined(__CUDACC__)
+    cudaGetLastError();  // the failed allocation leaves the device usable
+#endif
+    return false;
+  }
+}
+
+/// --max-context: doubling from 4096 tokens, then bisecting to within 1%.
+template <class Exec, class Engine>
+int probe(const Exec& ex, const options& o, Engine engine, const std::string& device_name) {
+  const adjoint::ssm_config cfg = model_config(o);
+  std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers) | engine %s | %s\n", cfg.name.c_str(),
+              human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,
+              (long long)cfg.layers, o.engine.c_str(), device_name.c_str());
+  std::int64_t good = 0, bad = 0;
+  for (std::int64_t T = 4096; T <= o.max_context_limit; T *= 2) {
+    const bool ok = fits(ex, cfg, engine, T);
+    std::printf("  %lld tokens: %s\n", (long long)T, ok ? "fits" : "out of memory");
+    std::fflush(stdout);
+    if (!ok) {
+      bad = T;
+      break;
+    }
+    good = T;
+  }
+  while (bad > 0 && good > 0 && double(bad - good) > 0.01 * double(good)) {
+    const std::int64_t mid = (good + bad) / 2;
+    (fits(ex, cfg, engine, mid) ? good : bad) = mid;
+  }
+  if (bad == 0) std::printf("longest context: at least %lld tokens (the --max-context-limit)\n", (long long)good);
+  else if (good == 0) std::printf("longest context: below 4096 tokens (4096 do not fit)\n");
+  else
+    std::printf("longest context: %lld tokens (activations %.1f GiB by the formula)\n", (long long)good,
+                adjoint::activation_values(engine, good, cfg.layers, cfg.d_model, cfg.state) * 2 / 1073741824.0);
+  return 0;
+}
+
+template <class Exec, class Engine>
+int train_with(const Exec& ex, const options& o, Engine engine, const std::string& device_name) {
+  if (o.max_context) return probe(ex, o, engine, device_name);
+  using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
+  using model = adjoint::selective_ssm<Exec, T, Engine>;
   const adjoint::ssm_config cfg = model_config(o);
   const examples::data_source src = examples::choose_data(o);
   require(!src.bytes || cfg.vocab >= 256, [&] {
@@ -189,15 +251,20 @@ int train_with(const options& o, Engine engine) {
               o.recompute_c ? ", C recomputed" : "");
   std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
               human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
-  std::printf("host, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n", o.ranks,
-              o.ranks > 1 ? "s (layers sharded, in-process)" : "", (long long)o.batch, (long long)o.seq,
-              (long long)o.accumulation, (long long)(o.batch * o.seq * o.accumulation), (long long)o.steps);
+  std::printf("%s, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
+              device_name.c_str(), o.ranks, o.ranks > 1 ? "s (layers sharded, in-process)" : "", (long long)o.batch,
+              (long long)o.seq, (long long)o.accumulation, (long long)(o.batch * o.seq * o.accumulation),
+              (long long)o.steps);
   std::fflush(stdout);
+  const auto rank_executor = [&](int ranks) {
+    if constexpr (std::is_same_v<Exec, exec::host>) return exec::host{std::max(1, o.threads / ranks)};
+    else return ex;  // in-process ranks share the GPU (and its stream: they take turns)
+  };
 
   if (o.ranks == 1) {
     auto [train_data, val_data] = loaders();
     train::trainer t(
-        model(cfg, exec::host{o.threads}, engine),
+        model(cfg, ex, engine),
         subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = adam}, to);
     if (const int rc = train_loop(t, t.model(), o, cfg, train_data, val_data, true, formula); rc != 0) return rc;
     if (o.samples > 0 && o.sample_tokens > 0 && src.bytes) {
@@ -220,7 +287,7 @@ int train_with(const options& o, Engine engine) {
   comm::local::run_ranks(o.ranks, [&](comm::local& world) {
     auto [train_data, val_data] = loaders();
     std::vector<model> chunk;
-    chunk.emplace_back(cfg, exec::host{std::max(1, o.threads / o.ranks)}, engine, stages[std::size_t(world.rank())]);
+    chunk.emplace_back(cfg, rank_executor(o.ranks), engine, stages[std::size_t(world.rank())]);
     pipeline::trainer_options po;
     static_cast<train::trainer_options&>(po) = to;
     pipeline::pipeline_trainer t(std::move(chunk),
@@ -263,6 +330,7 @@ void check(const options& o) {
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(o.threads >= 0, "--threads must be >= 0");
+  need(o.max_context_limit >= 4096, "--max-context-limit must be >= 4096");
 }
 
 }  // namespace
@@ -270,10 +338,10 @@ void check(const options& o) {
 int main(int argc, char** argv) {
   options o;
   examples::cli cli("train_ssm",
-                    "Trains a selective state-space language model on the host with the chosen gradient engine,\n"
-                    "printing a progress line per step (with the activation memory beside its formula), the\n"
-                    "validation loss every --eval-every steps and text samples at the end. With no data flags it\n"
-                    "trains on the King James Bible (Debian bible-kjv-text), byte-tokenized.");
+                    "Trains a selective state-space language model on the host (fp32) or a GPU (bf16, fp32 masters)\n"
+                    "with the chosen gradient engine, printing a progress line per step (with the activation memory\n"
+                    "beside its formula), the validation loss every --eval-every steps and text samples at the end.\n"
+                    "With no data flags it trains on the King James Bible (Debian bible-kjv-text), byte-tokenized.");
   cli.flag("preset", o.preset, "model preset (micro, tiny, bench, paper); the size flags below override it",
            adjoint::presets::names())
       .flag("d-model", o.d_model, "residual width P (0: the preset's)")
@@ -309,13 +377,26 @@ int main(int argc, char** argv) {
       .flag("sample-tokens", o.sample_tokens, "tokens per sample")
       .flag("prompt", o.prompt, "prompt of the samples")
       .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
+      .flag("device", o.device, "where to train: auto picks cuda when a GPU is present", {"auto", "host", "cuda"})
+      .toggle("max-context", o.max_context,
+              "train nothing: find the longest sequence (batch 1) this engine fits on the GPU at this model size")
+      .flag("max-context-limit", o.max_context_limit, "the longest sequence --max-context tries")
       .flag("threads", o.threads, "host worker threads (0: all cores)")
       .flag("seed", o.seed, "seed of the initial weights, the data order and the samples");
   return examples::guarded_main("train_ssm", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
-    if (o.engine == "bptt") return train_with(o, adjoint::bptt{});
-    if (o.engine == "sharded") return train_with(o, adjoint::sharded_adjoint{o.window, o.recompute_c});
-    return train_with(o, adjoint::exact_adjoint{o.recompute_c});
+    const examples::device_choice d = examples::choose_device(o.device);
+    if (o.max_context && !d.cuda)
+      throw examples::cli_error("--max-context probes a GPU's memory: it needs --device cuda (or auto with a GPU)");
+    const auto with = [&](const auto& ex) {
+      if (o.engine == "bptt") return train_with(ex, o, adjoint::bptt{}, d.name);
+      if (o.engine == "sharded") return train_with(ex, o, adjoint::sharded_adjoint{o.window, o.recompute_c}, d.name);
+      return train_with(ex, o, adjoint::exact_adjoint{o.recompute_c}, d.name);
+    };
+#if defined(__CUDACC__)
+    if (d.cuda) return with(exec::cuda{});
+#endif
+    return with(exec::host{o.threads});
   });
 }
