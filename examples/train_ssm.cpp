@@ -242,7 +242,7 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
   const std::int64_t per_rank = (cfg.layers / o.ranks) + (cfg.layers % o.ranks);  // the last rank's share
   const double formula =
       adjoint::activation_values(engine, o.batch * o.seq, o.ranks > 1 ? per_rank : cfg.layers, cfg.d_model, cfg.state) *
-      sizeof(float);
+      sizeof(T);
 
   std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers, vocab %lld) | engine %s%s%s\n", cfg.name.c_str(),
               human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,

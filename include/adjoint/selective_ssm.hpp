@@ -344,12 +344,13 @@ class selective_ssm {
   }
 
   /// Rows per chunk of the B and C products: the two [rows, N·P] chunk buffers stay within 1/16 of what one
-  /// layer stores for the batch, and hold at least 2^18 values (GEMMs worth running); at least one row, at most
-  /// every row.
+  /// layer stores for the batch, or hold 2^18 values on the host and 2^22 on a device when that is more (a GPU's
+  /// GEMMs need rows to fill it); at least one row, at most every row.
   std::int64_t chunk_rows(std::int64_t n) const {
     const std::int64_t NP = cfg_.state * cfg_.d_model;
     const std::int64_t stored = 2 * cfg_.state + cfg_.d_model + 1 + (stores_c(engine_) ? NP : 0);  // per token
-    const std::int64_t by_share = n / 16 * stored / (2 * NP), by_size = (std::int64_t(1) << 18) / NP;
+    const std::int64_t floor_values = std::int64_t(1) << (std::is_same_v<space, subspace::host_space> ? 18 : 22);
+    const std::int64_t by_share = n / 16 * stored / (2 * NP), by_size = floor_values / NP;
     return std::clamp<std::int64_t>(std::max(by_share, by_size), 1, n);
   }
 

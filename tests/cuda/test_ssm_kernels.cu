@@ -108,21 +108,28 @@ TEST_CASE_TEMPLATE("ssm kernels (CUDA) equal the fp64 host reference", T, float,
     CHECK(testing::rel_error(back(ex, du), du_ref) <= tol);
     CHECK(testing::rel_error(back(ex, db), db_ref) <= 1e-5);  // fp32 sums of rounded inputs
   }
-  SUBCASE("scans, the windowed accumulation and the shifted product") {
-    const operand<T> a(gates({n, N}, seed), ex), w(testing::random_tensor<double>({n, N}, seed + 1), ex);
-    tensor<T, device_space> h({n, N}), mu({n, N}), win({n, N}), shifted({n, N});
-    adjoint::scan_forward<T>(ex, a.in(), w.in(), h.v(), seq);
-    adjoint::scan_reverse<T>(ex, a.in(), w.in(), mu.v(), seq);
-    adjoint::scan_window<T>(ex, a.in(), w.in(), win.v(), seq, 7);
-    adjoint::shifted_product<T>(ex, w.in(), a.in(), shifted.v(), seq);
-    host_tensor<double> h_ref({n, N}), mu_ref({n, N}), win_ref({n, N}), shifted_ref({n, N});
-    adjoint::scan_forward<double>(hx, a.exact.v(), w.exact.v(), h_ref.v(), seq);
-    adjoint::scan_reverse<double>(hx, a.exact.v(), w.exact.v(), mu_ref.v(), seq);
-    adjoint::scan_window<double>(hx, a.exact.v(), w.exact.v(), win_ref.v(), seq, 7);
-    adjoint::shifted_product<double>(hx, w.exact.v(), a.exact.v(), shifted_ref.v(), seq);
-    CHECK(testing::rel_error(back(ex, h), h_ref) <= tol);
-    CHECK(testing::rel_error(back(ex, mu), mu_ref) <= tol);
-    CHECK(testing::rel_error(back(ex, win), win_ref) <= tol);
-    CHECK(testing::rel_error(back(ex, shifted), shifted_ref) <= tol);
+  SUBCASE("scans (one chunk group, and many), the windowed accumulation and the shifted product") {
+    struct sizes {
+      std::int64_t seqs, seq, N;
+    };
+    for (const sizes z : {sizes{seqs, seq, N}, sizes{2, 5000, 3}, sizes{1, 70001, 40}}) {
+      CAPTURE(z.seq);
+      const std::int64_t rows = z.seqs * z.seq;
+      const operand<T> a(gates({rows, z.N}, seed), ex), w(testing::random_tensor<double>({rows, z.N}, seed + 1), ex);
+      tensor<T, device_space> h({rows, z.N}), mu({rows, z.N}), win({rows, z.N}), shifted({rows, z.N});
+      adjoint::scan_forward<T>(ex, a.in(), w.in(), h.v(), z.seq);
+      adjoint::scan_reverse<T>(ex, a.in(), w.in(), mu.v(), z.seq);
+      adjoint::scan_window<T>(ex, a.in(), w.in(), win.v(), z.seq, 7);
+      adjoint::shifted_product<T>(ex, w.in(), a.in(), shifted.v(), z.seq);
+      host_tensor<double> h_ref({rows, z.N}), mu_ref({rows, z.N}), win_ref({rows, z.N}), shifted_ref({rows, z.N});
+      adjoint::scan_forward<double>(hx, a.exact.v(), w.exact.v(), h_ref.v(), z.seq);
+      adjoint::scan_reverse<double>(hx, a.exact.v(), w.exact.v(), mu_ref.v(), z.seq);
+      adjoint::scan_window<double>(hx, a.exact.v(), w.exact.v(), win_ref.v(), z.seq, 7);
+      adjoint::shifted_product<double>(hx, w.exact.v(), a.exact.v(), shifted_ref.v(), z.seq);
+      CHECK(testing::rel_error(back(ex, h), h_ref) <= tol);
+      CHECK(testing::rel_error(back(ex, mu), mu_ref) <= tol);
+      CHECK(testing::rel_error(back(ex, win), win_ref) <= tol);
+      CHECK(testing::rel_error(back(ex, shifted), shifted_ref) <= tol);
+    }
   }
 }

@@ -13,6 +13,7 @@
 
 #include <adjoint/selective_ssm.hpp>
 #include <subspace/comm/local.hpp>
+#include <subspace/comm/throttled.hpp>
 #include <subspace/compress/identity.hpp>
 #include <subspace/io/struct_config.hpp>
 #include <subspace/optim/adamw.hpp>
@@ -309,6 +310,44 @@ TEST_CASE("ssm stages: exact and sharded engines over 1, 2 and 4 in-process rank
   check(adjoint::exact_adjoint{});
   check(adjoint::sharded_adjoint{});
   check(adjoint::sharded_adjoint{.window = 5});
+}
+
+TEST_CASE("ssm stages: the wire carries y forward and δ or g backward, P values per token and boundary") {
+  const testing::genesis_data text;
+  const adjoint::ssm_config cfg = sized(8, 256, 4, 3);
+  const std::int64_t batch = 2, seq = 16;
+  const int ranks = 4;
+  const auto check = [&](auto engine) {
+    using model = ssm<decltype(engine), float>;
+    comm::local_options lo;
+    lo.timeout = std::chrono::seconds(60);
+    std::vector<comm::local> world = comm::local::world(ranks, lo);
+    std::vector<comm::throttled<comm::local>> links;
+    for (comm::local& c : world) links.emplace_back(std::move(c), comm::network{});
+    std::vector<std::uint64_t> sent(ranks);
+    comm::local::run_ranks(links, [&](comm::throttled<comm::local>& c) {
+      std::vector<model> chunks;
+      chunks.emplace_back(cfg, exec::host{1}, engine, adjoint::ssm_stage::shard(cfg, ranks)[std::size_t(c.rank())]);
+      pipeline::pipeline_trainer t(std::move(chunks),
+                                   subspace::stack{.communicator = c,
+                                                   .compressor = compress::identity{},
+                                                   .scheduler = pipeline::gpipe{1, ranks},
+                                                   .optimizer = optim::adamw{}},
+                                   pipeline::trainer_options{});
+      t.init(1);
+      const std::uint64_t before = c.metrics()[comm::op_kind::send].bytes_sent;
+      auto d = text.train(batch, seq);
+      CHECK(std::isfinite(t.compute_gradients(d)));
+      sent[std::size_t(c.rank())] = c.metrics()[comm::op_kind::send].bytes_sent - before;
+    });
+    // fp32 on the host: y_k forward at each boundary, δ (exact) or g (sharded) backward, 4P bytes per token each.
+    const std::uint64_t boundary = std::uint64_t(batch * seq * cfg.d_model) * sizeof(float);
+    CHECK(sent[0] == boundary);  // y up; nothing comes back from the embedding
+    for (int r = 1; r + 1 < ranks; ++r) CHECK(sent[std::size_t(r)] == 2 * boundary);
+    CHECK(sent[ranks - 1] == boundary);  // the cotangent down
+  };
+  check(adjoint::exact_adjoint{});
+  check(adjoint::sharded_adjoint{});
 }
 
 TEST_CASE("ssm: no engine produces NaN or Inf at T = 100000 (fp32, random tokens)") {

@@ -5,11 +5,13 @@
 //   norms               one warp per row
 //   element-wise        grid-stride over the elements
 //   column_sums         one thread per column, walking the rows (adjacent threads read adjacent columns)
-//   scan_forward,       one thread per (sequence, channel), walking the tokens; adjacent threads hold adjacent
-//   scan_reverse        channels of one token, so each step reads one coalesced row
+//   scan_forward,       three passes over chunks of the sequence (chunk_tokens long, enough of them to fill the
+//   scan_reverse        GPU): each (sequence, chunk, channel) thread composes its chunk into one affine map
+//                       s ↦ A s + X (fp32); one warp per (sequence, channel) scans those maps across the chunks
+//                       with shuffles, giving the state entering each chunk; then every chunk is scanned again from
+//                       its entering state. Adjacent threads hold adjacent channels of one token, so every step
+//                       reads coalesced rows. The inputs are read twice: 5 units of traffic for the 3 of one pass.
 //   scan_window         one thread per (sequence, token, channel): its window of at most W terms
-//
-// The scans are one pass per channel: no chunking across the sequence yet.
 
 #include <cuda_runtime.h>
 
@@ -17,6 +19,7 @@
 #include <string>
 
 #include <subspace/core/cuda/error.cuh>
+#include <subspace/core/cuda/memory.cuh>
 #include <subspace/kernels/detail/cuda/layer_common.cuh>
 
 namespace adjoint {
@@ -100,31 +103,154 @@ __global__ void shifted_product(const T* mu, const T* h, T* out, std::int64_t n,
     out[i] = (i / N) % seq == 0 ? T(0.0f) : T(float(mu[i]) * float(h[i - N]));
 }
 
+/// Rows each scan thread loads before it computes (memory-level parallelism).
+inline constexpr int unroll = 8;
+
+/// Tokens per chunk of the chunked scans: enough chunks that sequences × chunks × channels give about 2^17
+/// threads, at least 16 tokens a chunk, at most the sequence.
+inline std::int64_t chunk_tokens(std::int64_t seqs, std::int64_t seq, std::int64_t N) {
+  const std::int64_t want = (seqs * seq * N) >> 17;
+  return want < 16 ? (seq < 16 ? seq : 16) : (want > seq ? seq : want);
+}
+
+/// Pass 1 of the forward scan: per (sequence, chunk, channel), the chunk's product of a and its end state from
+/// zero, at index (b · chunks + j) · N + c.
 template <class T>
-__global__ void scan_forward(const T* a, const T* x, T* h, std::int64_t seqs, std::int64_t seq, std::int64_t N) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * N;
+__global__ void forward_aggregate(const T* a, const T* x, float* A, float* X, std::int64_t seqs, std::int64_t seq,
+                                  std::int64_t N, std::int64_t len, std::int64_t chunks) {
+  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
        k += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
+    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
+    float prod = 1, state = 0;
+    for (std::int64_t t = t0; t < t1; t += unroll) {
+      float av[unroll], xv[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {  // the loads first: `unroll` rows in flight
+        const bool in = t + u < t1;
+        av[u] = in ? float(a[(b * seq + t + u) * N + c]) : 1.0f;
+        xv[u] = in ? float(x[(b * seq + t + u) * N + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        state = av[u] * state + xv[u];
+        prod *= av[u];
+      }
+    }
+    A[k] = prod;
+    X[k] = state;
+  }
+}
+
+/// Pass 1 of the reverse scan: per chunk [t0, t1), μ at t0 from μ_{t1} = 0, and Π_{i=t0+1}^{t1} a_i (a_seq = 0).
+template <class T>
+__global__ void reverse_aggregate(const T* a, const T* w, float* A, float* M, std::int64_t seqs, std::int64_t seq,
+                                  std::int64_t N, std::int64_t len, std::int64_t chunks) {
+  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
+       k += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
+    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
+    float prod = 1, m = 0;
+    for (std::int64_t top = t1; top > t0; top -= unroll) {  // tokens top - 1 down to top - unroll
+      float nv[unroll], wv[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t t = top - 1 - u;
+        const bool in = t >= t0;
+        nv[u] = in && t + 1 < seq ? float(a[(b * seq + t + 1) * N + c]) : 0.0f;  // a_{t+1}
+        wv[u] = in ? float(w[(b * seq + t) * N + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t t = top - 1 - u;
+        if (t < t0) break;
+        m = wv[u] + (t + 1 < t1 ? nv[u] * m : 0.0f);
+        prod *= nv[u];
+      }
+    }
+    A[k] = prod;
+    M[k] = m;
+  }
+}
+
+/// Pass 2: one warp per (sequence, channel) scans the chunks' (A, X) pairs, 32 at a time (in reverse order for
+/// the reverse scan), composing s ↦ A s + X; X[chunk] is replaced by the state entering the chunk.
+static __global__ void chunk_carries(const float* A, float* X, std::int64_t seqs, std::int64_t N, std::int64_t chunks,
+                                     bool reverse) {
+  const int lane = int(threadIdx.x % 32);
+  for (std::int64_t k = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; k < seqs * N;
+       k += std::int64_t(gridDim.x) * blockDim.x / 32) {
     const std::int64_t b = k / N, c = k % N;
-    float state = 0;
-    for (std::int64_t t = 0; t < seq; ++t) {
-      const std::int64_t i = (b * seq + t) * N + c;
-      state = float(a[i]) * state + float(x[i]);
-      h[i] = T(state);
+    float carry = 0;  // the state entering this group of 32 chunks
+    for (std::int64_t j0 = 0; j0 < chunks; j0 += 32) {
+      const std::int64_t step = j0 + lane, j = reverse ? chunks - 1 - step : step;
+      const std::int64_t idx = (b * chunks + j) * N + c;
+      float Aj = step < chunks ? A[idx] : 1.0f, Xj = step < chunks ? X[idx] : 0.0f;
+      for (int off = 1; off < 32; off <<= 1) {  // inclusive: lane l composes steps j0..j0+l
+        const float Ap = __shfl_up_sync(0xffffffffu, Aj, off), Xp = __shfl_up_sync(0xffffffffu, Xj, off);
+        if (lane >= off) {
+          Xj = Aj * Xp + Xj;
+          Aj = Aj * Ap;
+        }
+      }
+      const float Ae = __shfl_up_sync(0xffffffffu, Aj, 1), Xe = __shfl_up_sync(0xffffffffu, Xj, 1);
+      if (step < chunks) X[idx] = lane == 0 ? carry : Ae * carry + Xe;
+      carry = __shfl_sync(0xffffffffu, Aj * carry + Xj, 31);
     }
   }
 }
 
+/// Pass 3 of the forward scan: each chunk again, from the state entering it.
 template <class T>
-__global__ void scan_reverse(const T* a, const T* w, T* mu, std::int64_t seqs, std::int64_t seq, std::int64_t N) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * N;
+__global__ void forward_final(const T* a, const T* x, T* h, const float* entering, std::int64_t seqs, std::int64_t seq,
+                              std::int64_t N, std::int64_t len, std::int64_t chunks) {
+  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
        k += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t b = k / N, c = k % N;
-    float state = 0;
-    for (std::int64_t t = seq; t-- > 0;) {
-      const std::int64_t i = (b * seq + t) * N + c;
-      const float m = float(w[i]) + state;
-      mu[i] = T(m);
-      state = m * float(a[i]);
+    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
+    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
+    float state = entering[k];
+    for (std::int64_t t = t0; t < t1; t += unroll) {
+      float av[unroll], xv[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const bool in = t + u < t1;
+        av[u] = in ? float(a[(b * seq + t + u) * N + c]) : 1.0f;
+        xv[u] = in ? float(x[(b * seq + t + u) * N + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        state = av[u] * state + xv[u];
+        if (t + u < t1) h[(b * seq + t + u) * N + c] = T(state);
+      }
+    }
+  }
+}
+
+/// Pass 3 of the reverse scan: each chunk again, from μ at its end.
+template <class T>
+__global__ void reverse_final(const T* a, const T* w, T* mu, const float* entering, std::int64_t seqs, std::int64_t seq,
+                              std::int64_t N, std::int64_t len, std::int64_t chunks) {
+  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
+       k += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
+    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
+    float m = entering[k];
+    for (std::int64_t top = t1; top > t0; top -= unroll) {
+      float nv[unroll], wv[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t t = top - 1 - u;
+        const bool in = t >= t0;
+        nv[u] = in && t + 1 < seq ? float(a[(b * seq + t + 1) * N + c]) : 0.0f;
+        wv[u] = in ? float(w[(b * seq + t) * N + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t t = top - 1 - u;
+        if (t < t0) break;
+        m = wv[u] + nv[u] * m;
+        mu[(b * seq + t) * N + c] = T(m);
+      }
     }
   }
 }
@@ -228,6 +354,31 @@ void gate_backward(const subspace::exec::cuda& ex, std::type_identity_t<view<con
   subspace::cuda_check_launch();
 }
 
+/// The three passes of a chunked scan (forward or reverse) on [seqs · seq, N].
+template <class T>
+void chunked_scan(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
+                  std::int64_t N, bool reverse) {
+  namespace S = cuda_detail::scan;
+  const std::int64_t seqs = n / seq, len = S::chunk_tokens(seqs, seq, N), chunks = (seq + len - 1) / len;
+  const std::size_t count = std::size_t(seqs * chunks * N);
+  const subspace::cuda_detail::stream_scratch A(count * sizeof(float), ex.stream), X(count * sizeof(float), ex.stream);
+  const unsigned grid = S::blocks_for(seqs * chunks * N);
+  if (reverse)
+    S::reverse_aggregate<<<grid, S::threads, 0, ex.stream>>>(a, x, A.as<float>(), X.as<float>(), seqs, seq, N, len,
+                                                             chunks);
+  else
+    S::forward_aggregate<<<grid, S::threads, 0, ex.stream>>>(a, x, A.as<float>(), X.as<float>(), seqs, seq, N, len,
+                                                             chunks);
+  subspace::cuda_check_launch();
+  S::chunk_carries<<<S::blocks_for(seqs * N * 32), S::threads, 0, ex.stream>>>(A.as<float>(), X.as<float>(), seqs, N,
+                                                                               chunks, reverse);
+  subspace::cuda_check_launch();
+  if (reverse)
+    S::reverse_final<<<grid, S::threads, 0, ex.stream>>>(a, x, out, X.as<float>(), seqs, seq, N, len, chunks);
+  else S::forward_final<<<grid, S::threads, 0, ex.stream>>>(a, x, out, X.as<float>(), seqs, seq, N, len, chunks);
+  subspace::cuda_check_launch();
+}
+
 template <class T>
 void scan_forward(const subspace::exec::cuda& ex, std::type_identity_t<view<const T, device_space>> a,
                   std::type_identity_t<view<const T, device_space>> x, view<T, device_space> h, std::int64_t seq) {
@@ -236,10 +387,7 @@ void scan_forward(const subspace::exec::cuda& ex, std::type_identity_t<view<cons
   detail::scan::require_rows(x, n, N, "scan_forward", "x");
   detail::scan::require_rows(h, n, N, "scan_forward", "h");
   if (n == 0) return;
-  namespace S = cuda_detail::scan;
-  S::scan_forward<<<S::blocks_for(n / seq * N), S::threads, 0, ex.stream>>>(a.data(), x.data(), h.data(), n / seq, seq,
-                                                                            N);
-  subspace::cuda_check_launch();
+  chunked_scan<T>(ex, a.data(), x.data(), h.data(), n, seq, N, false);
 }
 
 template <class T>
@@ -250,10 +398,7 @@ void scan_reverse(const subspace::exec::cuda& ex, std::type_identity_t<view<cons
   detail::scan::require_rows(w, n, N, "scan_reverse", "w");
   detail::scan::require_rows(mu, n, N, "scan_reverse", "mu");
   if (n == 0) return;
-  namespace S = cuda_detail::scan;
-  S::scan_reverse<<<S::blocks_for(n / seq * N), S::threads, 0, ex.stream>>>(a.data(), w.data(), mu.data(), n / seq, seq,
-                                                                            N);
-  subspace::cuda_check_launch();
+  chunked_scan<T>(ex, a.data(), w.data(), mu.data(), n, seq, N, true);
 }
 
 template <class T>
