@@ -36,8 +36,8 @@ template <class Exec, class T>
 using grad_t = std::conditional_t<std::is_same_v<space_of_t<Exec>, device_space>, float, T>;
 namespace detail {
 
-using subspace::arena;
-using subspace::ro;
+using ::subspace::arena;
+using ::subspace::ro;
 
 /// y <- x, converted when the element types differ.
 template <class Exec, class X, class Y, class Space>
