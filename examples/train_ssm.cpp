@@ -5,11 +5,12 @@
 //   bptt     the reference: token-by-token forward and backward over every stored intermediate
 //   sharded  the paper's adjoint sharding: every layer driven by the head's cotangent alone (--window T̄ truncates)
 //
-// --ranks R shards the layers over R in-process ranks (threads, comm::local) and trains them with the pipeline
-// trainer: the exact engine hands δ down from rank to rank, the sharded one hands g down unchanged and each rank
-// computes its layers' gradients on its own. Data, schedule, checkpoints (--checkpoint-dir, --resume), metrics
-// JSONL and the progress line follow train_llama; the progress line adds the activation memory, measured beside
-// the engine's formula. Samples at the end (--ranks 1).
+// --ranks R shards the layers over R ranks — threads of this process (comm::local), or with --launcher nccl one
+// process per GPU (comm::nccl; torchrun or mpirun sets the ranks) — and trains them with the pipeline trainer: the
+// exact engine hands δ down from rank to rank, the sharded one hands g down unchanged and each rank computes its
+// layers' gradients on its own. Data, schedule, checkpoints (--checkpoint-dir, --resume), metrics JSONL and the
+// progress line follow train_llama; the progress line adds the activation memory, measured beside the engine's formula.
+// Samples at the end (--ranks 1).
 //
 // --max-context (CUDA) trains nothing: it finds the longest sequence (batch 1) one forward and backward of the
 // chosen engine fits in the GPU's memory at this model size, doubling from 4096 tokens and then bisecting.
@@ -57,7 +58,8 @@ struct options : examples::data_flags {
   std::int64_t samples = 2, sample_tokens = 200;
   std::string prompt = "And God said";
   float temperature = 0.8f;
-  std::string device = "auto";
+  std::string device = "auto", launcher = "local";
+  double comm_timeout = 300;
   bool max_context = false;
   std::int64_t max_context_limit = std::int64_t(1) << 24;
   int threads = 0;
@@ -207,13 +209,55 @@ int probe(const Exec& ex, const options& o, Engine engine, const std::string& de
   return 0;
 }
 
+/// The run's banner: model, data, device and batch.
+void print_header(const options& o, const adjoint::ssm_config& cfg, const examples::data_source& src,
+                  std::int64_t train_tokens, std::int64_t val_tokens, const std::string& device_name, bool nccl) {
+  std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers, vocab %lld) | engine %s%s%s\n", cfg.name.c_str(),
+              human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,
+              (long long)cfg.layers, (long long)cfg.vocab, o.engine.c_str(),
+              o.window > 0 ? (", window " + std::to_string(o.window)).c_str() : "",
+              o.recompute_c ? ", C recomputed" : "");
+  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(), human(double(train_tokens)).c_str(),
+              human(double(val_tokens)).c_str());
+  std::printf("%s, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
+              device_name.c_str(), o.ranks,
+              o.ranks == 1 ? "" : (nccl ? "s (layers sharded, NCCL processes)" : "s (layers sharded, in-process)"),
+              (long long)o.batch, (long long)o.seq, (long long)o.accumulation,
+              (long long)(o.batch * o.seq * o.accumulation), (long long)o.steps);
+  std::fflush(stdout);
+}
+
+/// This process's place in an NCCL launch (--launcher nccl), or nothing (the ranks are threads here).
+#if defined(__CUDACC__)
+using nccl_launch = examples::nccl_process;
+#else
+struct nccl_launch {};
+#endif
+
+int launch_rank([[maybe_unused]] nccl_launch* launch) {
+#if defined(__CUDACC__)
+  if (launch) return launch->info.rank;
+#endif
+  return 0;
+}
+void launch_barrier([[maybe_unused]] nccl_launch* launch) {
+#if defined(__CUDACC__)
+  if (launch) launch->stats.barrier().wait();
+#endif
+}
+
 template <class Exec, class Engine>
-int train_with(const Exec& ex, const options& o, Engine engine, const std::string& device_name) {
+int train_with(const Exec& ex, const options& o, Engine engine, const std::string& device_name,
+               nccl_launch* launch = nullptr) {
   if (o.max_context) return probe(ex, o, engine, device_name);
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
   using model = adjoint::selective_ssm<Exec, T, Engine>;
   const adjoint::ssm_config cfg = model_config(o);
+  // In an NCCL launch, rank 0 converts --text into the shard cache before the others read it.
+  const bool lead_process = launch_rank(launch) == 0;
+  if (!lead_process) launch_barrier(launch);
   const examples::data_source src = examples::choose_data(o);
+  if (lead_process) launch_barrier(launch);
   require(!src.bytes || cfg.vocab >= 256, [&] {
     return "--vocab " + std::to_string(cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
   });
@@ -244,23 +288,35 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
       adjoint::activation_values(engine, o.batch * o.seq, o.ranks > 1 ? per_rank : cfg.layers, cfg.d_model, cfg.state) *
       sizeof(T);
 
-  std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers, vocab %lld) | engine %s%s%s\n", cfg.name.c_str(),
-              human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,
-              (long long)cfg.layers, (long long)cfg.vocab, o.engine.c_str(),
-              o.window > 0 ? (", window " + std::to_string(o.window)).c_str() : "",
-              o.recompute_c ? ", C recomputed" : "");
-  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
-              human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
-  std::printf("%s, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
-              device_name.c_str(), o.ranks, o.ranks > 1 ? "s (layers sharded, in-process)" : "", (long long)o.batch,
-              (long long)o.seq, (long long)o.accumulation, (long long)(o.batch * o.seq * o.accumulation),
-              (long long)o.steps);
-  std::fflush(stdout);
+  if (lead_process)
+    print_header(o, cfg, src, train_tokens.tokens(), val_tokens.tokens(), device_name, launch != nullptr);
   const auto rank_executor = [&](int ranks) {
     if constexpr (std::is_same_v<Exec, exec::host>) return exec::host{std::max(1, o.threads / ranks)};
     else return ex;  // in-process ranks share the GPU (and its stream: they take turns)
   };
-
+  // One rank of the sharded model: its stage on the pipeline trainer over `world`.
+  const auto run_rank = [&](auto& world, const auto& rank_ex) {
+    const std::vector<adjoint::ssm_stage> stages = adjoint::ssm_stage::shard(cfg, o.ranks);
+    auto [train_data, val_data] = loaders();
+    std::vector<model> chunk;
+    chunk.emplace_back(cfg, rank_ex, engine, stages[std::size_t(world.rank())]);
+    pipeline::trainer_options po;
+    static_cast<train::trainer_options&>(po) = to;
+    pipeline::pipeline_trainer t(std::move(chunk),
+                                 subspace::stack{.communicator = world,
+                                                 .compressor = compress::identity{},
+                                                 .scheduler = pipeline::one_f_one_b{int(o.accumulation), o.ranks},
+                                                 .optimizer = adam},
+                                 po);
+    return train_loop(t, t.chunks()[0], o, cfg, train_data, val_data, world.rank() == 0, formula);
+  };
+#if defined(__CUDACC__)
+  if (launch != nullptr) {
+    const int rc = run_rank(launch->world, ex);
+    cuda_check(cudaStreamSynchronize(launch->stream));
+    return rc;
+  }
+#endif
   if (o.ranks == 1) {
     auto [train_data, val_data] = loaders();
     train::trainer t(
@@ -282,23 +338,9 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
     return 0;
   }
   // Layers sharded over in-process ranks: one stage each, the pipeline trainer hands the cotangent down.
-  const std::vector<adjoint::ssm_stage> stages = adjoint::ssm_stage::shard(cfg, o.ranks);
   std::vector<int> codes(std::size_t(o.ranks), 0);
-  comm::local::run_ranks(o.ranks, [&](comm::local& world) {
-    auto [train_data, val_data] = loaders();
-    std::vector<model> chunk;
-    chunk.emplace_back(cfg, rank_executor(o.ranks), engine, stages[std::size_t(world.rank())]);
-    pipeline::trainer_options po;
-    static_cast<train::trainer_options&>(po) = to;
-    pipeline::pipeline_trainer t(std::move(chunk),
-                                 subspace::stack{.communicator = world,
-                                                 .compressor = compress::identity{},
-                                                 .scheduler = pipeline::one_f_one_b{int(o.accumulation), o.ranks},
-                                                 .optimizer = adam},
-                                 po);
-    codes[std::size_t(world.rank())] =
-        train_loop(t, t.chunks()[0], o, cfg, train_data, val_data, world.rank() == 0, formula);
-  });
+  comm::local::run_ranks(
+      o.ranks, [&](comm::local& world) { codes[std::size_t(world.rank())] = run_rank(world, rank_executor(o.ranks)); });
   if (o.samples > 0) std::printf("(samples: run with --ranks 1)\n");
   for (const int c : codes)
     if (c != 0) return c;
@@ -331,6 +373,8 @@ void check(const options& o) {
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(o.threads >= 0, "--threads must be >= 0");
   need(o.max_context_limit >= 4096, "--max-context-limit must be >= 4096");
+  need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
+  need(o.launcher == "local" || !o.max_context, "--max-context runs in one process (--launcher local)");
 }
 
 }  // namespace
@@ -353,7 +397,12 @@ int main(int argc, char** argv) {
            {"exact", "bptt", "sharded"})
       .flag("window", o.window, "sharded engine: keep only token pairs less than T̄ apart in the adjoint (0: all)")
       .toggle("recompute-c", o.recompute_c, "exact/sharded: recompute C in the backward instead of storing it")
-      .flag("ranks", o.ranks, "shard the layers over this many in-process ranks (exact or sharded engine)")
+      .flag("ranks", o.ranks, "shard the layers over this many ranks (exact or sharded engine)")
+      .flag("launcher", o.launcher,
+            "local: the ranks as threads of this process; nccl (CUDA): this process is one rank of a torchrun or "
+            "mpirun launch of --ranks processes, one GPU each",
+            {"local", "nccl"})
+      .flag("comm-timeout", o.comm_timeout, "seconds a rank waits for the others before failing")
       .flag("seq", o.seq, "tokens per sequence")
       .flag("batch", o.batch, "sequences per micro-batch")
       .flag("accumulation", o.accumulation, "micro-batches per optimizer step")
@@ -389,14 +438,31 @@ int main(int argc, char** argv) {
     const examples::device_choice d = examples::choose_device(o.device);
     if (o.max_context && !d.cuda)
       throw examples::cli_error("--max-context probes a GPU's memory: it needs --device cuda (or auto with a GPU)");
-    const auto with = [&](const auto& ex) {
-      if (o.engine == "bptt") return train_with(ex, o, adjoint::bptt{}, d.name);
-      if (o.engine == "sharded") return train_with(ex, o, adjoint::sharded_adjoint{o.window, o.recompute_c}, d.name);
-      return train_with(ex, o, adjoint::exact_adjoint{o.recompute_c}, d.name);
+    const auto with = [&](const auto& ex, const std::string& name, nccl_launch* launch) {
+      if (o.engine == "bptt") return train_with(ex, o, adjoint::bptt{}, name, launch);
+      if (o.engine == "sharded")
+        return train_with(ex, o, adjoint::sharded_adjoint{o.window, o.recompute_c}, name, launch);
+      return train_with(ex, o, adjoint::exact_adjoint{o.recompute_c}, name, launch);
     };
+    if (o.launcher == "nccl") {
 #if defined(__CUDACC__)
-    if (d.cuda) return with(exec::cuda{});
+      examples::nccl_process proc = examples::nccl_process::connect(o.comm_timeout);
+      if (proc.info.world_size != o.ranks)
+        throw examples::cli_error("--ranks " + std::to_string(o.ranks) + ", but the launcher (" + proc.info.launcher +
+                                  ") started " + std::to_string(proc.info.world_size) + " processes");
+      try {
+        return with(exec::cuda{proc.stream}, proc.device_name, &proc);
+      } catch (const std::exception& e) {
+        proc.abort("rank " + std::to_string(proc.info.rank) + " failed: " + e.what());
+        throw;
+      }
+#else
+      throw examples::cli_error("--launcher nccl: this build has no CUDA path (configure with the cuda preset)");
 #endif
-    return with(exec::host{o.threads});
+    }
+#if defined(__CUDACC__)
+    if (d.cuda) return with(exec::cuda{}, d.name, nullptr);
+#endif
+    return with(exec::host{o.threads}, d.name, nullptr);
   });
 }
