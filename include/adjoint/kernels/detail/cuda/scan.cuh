@@ -22,6 +22,8 @@
 #include <subspace/core/cuda/memory.cuh>
 #include <subspace/kernels/detail/cuda/layer_common.cuh>
 
+#include "../../scan.hpp"
+
 namespace adjoint {
 namespace cuda_detail::scan {
 
