@@ -568,6 +568,13 @@ TEST_CASE("config.json: HF defaults fill optional fields, unsupported models are
       "num_hidden_layers":2,"num_attention_heads":5})"),
                        has("cfg.json: the configuration is not usable"), invalid_argument);
   CHECK_THROWS_WITH_AS(parse(R"({"vocab_size":1})"), has("names a Llama model"), invalid_argument);
+  // Out of range: an integer of 2^63 or more has no int64 value, a float above FLT_MAX would become inf.
+  for (const std::string big : {"9223372036854775808", "18446744073709551616", "1e300"})
+    CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama",)" + base + R"(,"max_position_embeddings":)" + big + "}"),
+                         has("\"max_position_embeddings\" must be a positive integer below 2^63"), invalid_argument);
+  CHECK_THROWS_WITH_AS(parse(R"({"model_type":"llama",)" + base + R"(,"rms_norm_eps":1e39})"),
+                       has("\"rms_norm_eps\" must be a positive number within float range, got 1e+39"),
+                       invalid_argument);
 
   // transformers 5 writes rope_parameters (as saved by LlamaConfig.save_pretrained, transformers 5.23).
   const auto v5 = parse(R"({"architectures":["LlamaForCausalLM"],"attention_bias":false,"attention_dropout":0.0,

@@ -13,8 +13,10 @@
 // file, the field and the expected value. transformers 5's "rope_parameters" (rope_theta and the scaling in one
 // object, rope_type "default" or "llama3") is read as well; we write the older form, which both versions read.
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -83,8 +85,9 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
     }
     require(v->is_number(), [&] { return field(key) + " must be a positive integer, got " + v->kind_name(); });
     const double d = v->as_double();
-    require(d >= 1 && d == double(std::int64_t(d)),
-            [&] { return field(key) + " must be a positive integer, got " + v->dump(); });
+    // Bounded before the conversion: a double at or above 2^63 has no int64 value.
+    require(d >= 1 && d < 9.2233720368547758e18 && d == std::floor(d),
+            [&] { return field(key) + " must be a positive integer below 2^63, got " + v->dump(); });
     return v->as_int();
   };
   const auto number = [&](const json& parent, const char* key, std::optional<double> fallback) -> float {
@@ -93,8 +96,9 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
       require(fallback.has_value(), [&] { return field(key) + " is missing (expected a positive number)"; });
       return float(*fallback);
     }
-    require(v->is_number() && v->as_double() > 0,
-            [&] { return field(key) + " must be a positive number, got " + v->dump(); });
+    // Within float's range: a larger value would become inf and be written back as null.
+    require(v->is_number() && v->as_double() > 0 && v->as_double() <= double(std::numeric_limits<float>::max()),
+            [&] { return field(key) + " must be a positive number within float range, got " + v->dump(); });
     return float(v->as_double());
   };
   const auto boolean = [&](const char* key, bool fallback) {
