@@ -78,7 +78,7 @@ adjoint::ssm_config model_config(const options& o) {
 
 /// The step loop shared by one device and every rank of a sharded run; `lead` prints and writes the metrics.
 template <class Trainer, class Model>
-int train_loop(Trainer& t, Model& model, const options& o, const adjoint::ssm_config& cfg, data::batch_loader& train,
+int train_loop(Trainer& t, Model& model, const options& o, data::batch_loader& train,
                std::optional<data::batch_loader>& val, bool lead, double formula_bytes) {
   if (!o.resume.empty()) {
     const fs::path from = examples::resolve_resume(o.resume);
@@ -153,7 +153,6 @@ int train_loop(Trainer& t, Model& model, const options& o, const adjoint::ssm_co
   if (lead)
     std::printf("done: %lld steps, %s tokens, %s; final val loss %.4f\n", (long long)t.steps_done(),
                 human(double(t.tokens_done())).c_str(), examples::duration(seconds()).c_str(), last_val);
-  (void)cfg;
   return 0;
 }
 
@@ -308,7 +307,7 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
                                                  .scheduler = pipeline::one_f_one_b{int(o.accumulation), o.ranks},
                                                  .optimizer = adam},
                                  po);
-    return train_loop(t, t.chunks()[0], o, cfg, train_data, val_data, world.rank() == 0, formula);
+    return train_loop(t, t.chunks()[0], o, train_data, val_data, world.rank() == 0, formula);
   };
 #if defined(__CUDACC__)
   if (launch != nullptr) {
@@ -322,7 +321,7 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
     train::trainer t(
         model(cfg, ex, engine),
         subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = adam}, to);
-    if (const int rc = train_loop(t, t.model(), o, cfg, train_data, val_data, true, formula); rc != 0) return rc;
+    if (const int rc = train_loop(t, t.model(), o, train_data, val_data, true, formula); rc != 0) return rc;
     if (o.samples > 0 && o.sample_tokens > 0 && src.bytes) {
       const data::byte_tokenizer bytes;
       const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);

@@ -48,8 +48,6 @@ struct ssm_config {
   std::int64_t layer_parameters() const { return (state + 2 * state * d_model) * (d_model + 1); }
   /// Every parameter: embedding, layers, final norm gain and the untied head.
   std::int64_t parameters() const { return 2 * vocab * d_model + layers * layer_parameters() + d_model; }
-  /// Training FLOP per token: 6 per weight of the layers and the head (the scans and norms are O(P + N)).
-  double flops_per_token() const { return 6.0 * double(layers * layer_parameters() + vocab * d_model); }
 };
 
 namespace presets {

@@ -21,8 +21,9 @@
 // N(0, (init_std / sqrt(2K))²), b_a = gate_bias, the other biases 0, the norm gain 1.
 //
 // Memory: a forward keeps its activations in its slot (several micro-batches may be in flight); the B and C
-// products and their gradients are formed in chunks of rows, so no [rows, N·P] tensor exists at once beyond the
-// stored C (exact and sharded engines, unless recompute_c). activation_bytes() reports what is allocated.
+// products and their gradients are formed in chunks of rows, so no [rows, N·P] tensor exists at once beyond what
+// the engine keeps (C for the adjoint engines unless recompute_c; B and C for bptt). activation_bytes() reports
+// what is allocated.
 
 #include <algorithm>
 #include <cmath>
@@ -283,11 +284,6 @@ class selective_ssm {
     view<stat_type> rstdf, losses;
     bool backward_ready = false;
   };
-
-  template <class U>
-  static view<const U> ro(view<U> v) {
-    return v;
-  }
 
   std::size_t local(std::int64_t k) const {
     subspace::require(stage_.first_layer <= k && k < stage_.last_layer, [&] {

@@ -35,6 +35,9 @@ using namespace subspace;
 
 template <class Engine, class T = double>
 using ssm = adjoint::selective_ssm<exec::host, T, Engine>;
+static_assert(nn::check_model<ssm<adjoint::bptt>>());
+static_assert(nn::check_model<ssm<adjoint::exact_adjoint, float>>());
+static_assert(nn::check_model<ssm<adjoint::sharded_adjoint, float>>());
 
 adjoint::ssm_config sized(std::int64_t layers, std::int64_t vocab = 11, std::int64_t P = 3, std::int64_t N = 4) {
   adjoint::ssm_config c = adjoint::presets::micro();

@@ -274,17 +274,13 @@ __global__ void scan_window(const T* a, const T* w, T* mu, std::int64_t n, std::
 
 }  // namespace cuda_detail::scan
 
-namespace detail::scan {
-template <class T>
-inline constexpr bool cuda_value_v = std::is_same_v<T, float> || std::is_same_v<T, subspace::bf16>;
-}
-
 using subspace::device_space;
 
 template <class T>
 void unit_rmsnorm_forward(const subspace::exec::cuda& ex, std::type_identity_t<view<const T, device_space>> y,
                           float eps, view<T, device_space> yhat, std::type_identity_t<view<float, device_space>> rstd) {
-  static_assert(detail::scan::cuda_value_v<T>, "unit_rmsnorm_forward (CUDA): T must be bf16 or float");
+  static_assert(subspace::cuda_detail::layer::is_activation_v<T>,
+                "unit_rmsnorm_forward (CUDA): T must be bf16, fp16 or float");
   const std::int64_t n = y.dim(0), P = y.dim(1);
   detail::scan::require_rows(y, n, P, "unit_rmsnorm_forward", "y");
   detail::scan::require_rows(yhat, n, P, "unit_rmsnorm_forward", "yhat");
