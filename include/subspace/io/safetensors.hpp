@@ -158,19 +158,29 @@ void convert_elements(const std::byte* raw, st_dtype src, std::size_t n, To* out
   const auto load = [&](auto tag) {
     using From = decltype(tag);
     for (std::size_t i = 0; i < n; ++i) {
-      From v;
-      std::memcpy(&v, raw + i * sizeof(From), sizeof(From));
-      if constexpr (std::is_floating_point_v<From> || std::is_same_v<From, bf16> || std::is_same_v<From, fp16>) {
-        out[i] = convert<To>(v);
+      if constexpr (std::is_same_v<From, bool>) {
+        // A byte other than 0 or 1 is no bool: copied into one, it would be undefined behaviour to read.
+        const auto byte = std::to_integer<unsigned>(raw[i]);
+        require(byte <= 1, [&] {
+          return who + ": BOOL value " + std::to_string(byte) + " at element " + std::to_string(i) +
+                 " is neither 0 nor 1";
+        });
+        out[i] = To(byte);
       } else {
-        if constexpr (std::is_same_v<From, bool> || std::is_same_v<To, bool>) {
-          out[i] = To(v);
+        From v;
+        std::memcpy(&v, raw + i * sizeof(From), sizeof(From));
+        if constexpr (std::is_floating_point_v<From> || std::is_same_v<From, bf16> || std::is_same_v<From, fp16>) {
+          out[i] = convert<To>(v);
         } else {
-          require(std::in_range<To>(v), [&] {
-            return who + ": value " + std::to_string(v) + " at element " + std::to_string(i) + " does not fit " +
-                   name_of(st_dtype_of<To>());
-          });
-          out[i] = To(v);
+          if constexpr (std::is_same_v<To, bool>) {
+            out[i] = To(v);
+          } else {
+            require(std::in_range<To>(v), [&] {
+              return who + ": value " + std::to_string(v) + " at element " + std::to_string(i) + " does not fit " +
+                     name_of(st_dtype_of<To>());
+            });
+            out[i] = To(v);
+          }
         }
       }
     }
@@ -447,7 +457,7 @@ class safetensors_file {
       return;
     }
     const std::size_t esize = element_size(t.dtype);
-    if (t.dtype == st_dtype_of<T>()) {
+    if (t.dtype == st_dtype_of<T>() && !std::is_same_v<T, bool>) {  // bools are checked byte by byte
       read_bytes(t, dst.data());
       return;
     }
