@@ -16,6 +16,7 @@
 //
 // util/ sits under data/ and io/, which both read and write JSON; the names are subspace::io's (io::json).
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstddef>
@@ -182,10 +183,18 @@ class json {
     if (a.type() != b.type()) return false;
     if (a.is_object()) {
       if (a.size() != b.size()) return false;
-      for (const auto& m : a.as_object()) {
-        const json* other = b.find(m.first);
-        if (!other || !(*other == m.second)) return false;
-      }
+      // Members matched by key through sorted lists (keys are unique), not a lookup each: an object of many keys
+      // compares in n log n.
+      const auto by_key = [](const object_t& o) {
+        std::vector<const member*> sorted;
+        sorted.reserve(o.size());
+        for (const auto& m : o) sorted.push_back(&m);
+        std::sort(sorted.begin(), sorted.end(), [](const member* x, const member* y) { return x->first < y->first; });
+        return sorted;
+      };
+      const auto x = by_key(a.as_object()), y = by_key(b.as_object());
+      for (std::size_t i = 0; i < x.size(); ++i)
+        if (x[i]->first != y[i]->first || !(x[i]->second == y[i]->second)) return false;
       return true;
     }
     return a.v_ == b.v_;
