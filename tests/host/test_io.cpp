@@ -834,11 +834,10 @@ TEST_CASE("checkpoint: an interrupted save (files from two steps) is detected") 
   const auto ckpt = dir / "ckpt";
   io::save_checkpoint(exec::host{}, ckpt, cfg, a, ts);
   CHECK(io::load_checkpoint(exec::host{}, ckpt, cfg, a).step == 100);
-  // The next save got as far as model.safetensors, then died.
+  // A save that wrote into the directory in place got as far as model.safetensors, then died.
   io::save_model(exec::host{}, ckpt, cfg, a, {}, 200);
-  CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a),
-                       has("model.safetensors is from step 200, trainer_state.json from step 100 (a "
-                           "save was interrupted"),
+  CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a), has("model.safetensors ("), invalid_argument);
+  CHECK_THROWS_WITH_AS(io::load_checkpoint(exec::host{}, ckpt, cfg, a), has("mixes files of different saves"),
                        invalid_argument);
 }
 

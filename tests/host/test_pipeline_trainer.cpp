@@ -299,6 +299,48 @@ TEST_CASE("pipeline: a checkpoint of every stage resumes exactly") {
   }
 }
 
+TEST_CASE("pipeline: a checkpoint is published whole, and stages of two saves are refused") {
+  using model = nn::llama<exec::host, float>;
+  const testing::genesis_data text;
+  const nn::llama_config cfg = eight_layers();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  pipeline::trainer_options o;
+  o.schedule = {3e-3f, 3e-3f, 0, 10, optim::decay_kind::constant};
+  testing::scratch_dir dir;
+  const std::filesystem::path ckpt = dir / "step", later = dir / "later";
+  on_pipeline<model>(cfg, pipeline::one_f_one_b{2, 2}, 1, 1, seed, o, [&](auto& t) {
+    auto d = text.train(2, 16);
+    t.step(d);
+    t.save(ckpt, d.position(), seed);
+    t.step(d);
+    t.save(ckpt, d.position(), seed);  // a re-save of the same directory replaces it whole
+    t.save(later, d.position(), seed);
+  });
+  CHECK(dir.listing() == std::vector<std::string>{"later", "step"});
+  // Stage 1 of another save (each stage's files are consistent in themselves): every rank refuses.
+  std::filesystem::remove_all(later / "stage-1");
+  on_pipeline<model>(cfg, pipeline::one_f_one_b{2, 2}, 1, 1, seed, o, [&](auto& t) {
+    auto d = text.train(2, 16);
+    t.step(d);
+    t.save(dir / "earlier", d.position(), seed);
+  });
+  std::filesystem::rename(dir / "earlier" / "stage-1", later / "stage-1");
+  std::mutex mu;
+  std::vector<std::string> errors;
+  on_pipeline<model>(cfg, pipeline::one_f_one_b{2, 2}, 1, 1, seed, o, [&](auto& t) {
+    auto d = text.train(2, 16);
+    try {
+      t.resume(later, d);
+    } catch (const subspace::invalid_argument& e) {
+      std::lock_guard lock(mu);
+      errors.push_back(e.what());
+    }
+  });
+  REQUIRE(errors.size() == 2);
+  for (const auto& e : errors) CHECK(e.find("the stages' checkpoints are of different saves") != std::string::npos);
+}
+
 TEST_CASE("pipeline: bad layouts fail clearly") {
   using model = nn::llama<exec::host, float>;
   const nn::llama_config cfg = eight_layers();

@@ -225,17 +225,22 @@ class context_trainer {
     return dist::detail::mean_over_ranks(stack_.communicator, local);
   }
 
-  /// Writes the checkpoint into `dir` with the K/V codecs' state beside it (every rank its own partial second
-  /// moments inside the PCA window). With sync_every = 1 every rank holds the same weights and optimizer state, and
-  /// rank 0 writes one whole-model checkpoint; with sync_every > 1 they differ between averages, and every rank
-  /// writes its own into dir/rank-<r>. Collective.
+  /// Writes the checkpoint `dir` with the K/V codecs' state beside it (every rank its own partial second moments
+  /// inside the PCA window). With sync_every = 1 every rank holds the same weights and optimizer state, and rank 0
+  /// writes one whole-model checkpoint; with sync_every > 1 they differ between averages, and every rank writes its
+  /// own into dir/rank-<r>. The ranks write into one staging directory, which rank 0 publishes whole once every
+  /// part is on disk (util/directory.hpp). Collective.
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
             io::json extra = io::json::object()) {
     const int rank = stack_.communicator.rank();
     const bool per_rank = o_.sync_every > 1;
-    const std::filesystem::path where = per_rank ? rank_directory(dir, rank) : dir;
+    io::check_replaceable(dir);  // on every rank, so that all of them fail alike
+    if (rank == 0) io::prepare_staging(dir);
+    stack_.communicator.barrier().wait();  // the staging directory exists before any rank writes into it
+    const std::filesystem::path staging = io::staging_directory(dir);
+    const std::filesystem::path where = per_rank ? rank_directory(staging, rank) : staging;
     save_kv_state(model(), where, rank, per_rank || rank == 0);
-    stack_.communicator.barrier().wait();  // every rank's part is on disk before the checkpoint is complete
+    stack_.communicator.barrier().wait();  // every rank's part is on disk before the sidecar fingerprints it
     if (per_rank || rank == 0) {
       io::trainer_state ts;
       ts.step = step_;
@@ -244,16 +249,18 @@ class context_trainer {
       ts.train_data = train_position;
       ts.extra = std::move(extra);
       replica_.with_checkpoint_parameters([&](auto& params) {
-        io::save_checkpoint(replica_.executor(), where, replica_.model().config(), params, replica_.states(), ts);
+        io::write_checkpoint(replica_.executor(), where, replica_.model().config(), params, replica_.states(), ts);
       });
     }
+    stack_.communicator.barrier().wait();  // the checkpoint is complete before it is published
+    if (rank == 0) io::publish_staging(dir);
     stack_.communicator.barrier().wait();
   }
 
   /// Restores a checkpoint written by save(): a whole-model one with any context layout (one saved inside a
   /// Mixture-of-Subspaces PCA window continues each rank's partial second moment, so it needs the same ranks), a
-  /// per-rank one (sync_every > 1) with the ranks that wrote it. Positions `loader` where the saved run stopped
-  /// and returns the saved state. Collective.
+  /// per-rank one (sync_every > 1) with the ranks that wrote it, every rank's from the same step. Positions
+  /// `loader` where the saved run stopped and returns the saved state. Collective.
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     const int rank = stack_.communicator.rank();
     const bool per_rank = std::filesystem::exists(rank_directory(dir, 0));
@@ -267,6 +274,14 @@ class context_trainer {
     replica_.with_checkpoint_parameters([&](auto& params) {
       ts = io::load_checkpoint(replica_.executor(), where, replica_.model().config(), params, replica_.states());
     });
+    const std::vector<std::uint64_t> steps =
+        dist::detail::all_gather_host(stack_.communicator, {std::uint64_t(ts.step)});
+    for (int r = 0; r < stack_.communicator.size(); ++r)
+      require(steps[std::size_t(r)] == std::uint64_t(ts.step), [&] {
+        return std::string(who) + ": " + dir.string() + ": rank " + std::to_string(r) + " restored step " +
+               std::to_string(steps[std::size_t(r)]) + ", rank " + std::to_string(rank) + " step " +
+               std::to_string(ts.step) + " (the ranks' checkpoints are of different saves)";
+      });
     replica_.sync_model();
     if constexpr (!std::is_same_v<compressor_type, compress::identity>)
       load_kv_state(model(), where, rank, stack_.communicator.size(), !per_rank, stack_.compressor.options());

@@ -10,14 +10,18 @@
 //                              Hugging Face LlamaConfig for nn::llama_config (io/hf_config.hpp)
 //   trainer_state.safetensors  the optimizer state tensors, named "<hf_name>.<state name>" (adamw: exp_avg,
 //                              exp_avg_sq); __metadata__ step
-//   trainer_state.json         step, tokens, seed and RNG offset, the training data position and trainer extras
-// Every file is written atomically, trainer_state.json last; each carries the step, and loading checks that they
-// agree, so an interrupted save is reported instead of resuming from a mixture of two steps.
+//   trainer_state.json         the trainer state and the size and fingerprint of every other file
+//                              (io/checkpoint_state.hpp), written last
+// save_checkpoint builds the directory under a hidden staging name and publishes it whole with one rename
+// (util/directory.hpp), replacing a checkpoint of the same name only once the new one is complete; a trainer whose
+// ranks write parts of one checkpoint fills the staging directory with write_checkpoint and publishes it itself.
+// load_checkpoint first checks every file against the sidecar's fingerprints, so files of two saves are refused.
 //
 // Loading checks every tensor: a missing tensor, a shape mismatch (naming the tensor and both shapes), a
 // checkpoint saved for another architecture (naming the differing config.json fields). Floating-point tensors
 // convert on load (F32/BF16/F16/F64 into the parameter's dtype). load_weights also reads Hugging Face Llama
-// checkpoints (one model.safetensors, or shards listed by model.safetensors.index.json) as initial weights.
+// checkpoints (one model.safetensors, or shards listed by model.safetensors.index.json, each a file inside the
+// directory) as initial weights.
 //
 // Views may live on the device: they are copied through host memory with copy(ex, ...) (an nvcc translation
 // unit, exec::cuda), one tensor at a time. A trainer that keeps fp32 master weights beside a bf16 model saves
@@ -42,28 +46,14 @@
 #include "../data/loader.hpp"
 #include "../nn/config.hpp"
 #include "../optim/concepts.hpp"
+#include "../util/directory.hpp"
 #include "../util/file.hpp"
 #include "../util/json.hpp"
+#include "checkpoint_state.hpp"
 #include "hf_config.hpp"
 #include "safetensors.hpp"
 
 namespace subspace::io {
-
-inline constexpr const char* model_file_name = "model.safetensors";
-inline constexpr const char* model_index_file_name = "model.safetensors.index.json";
-inline constexpr const char* config_file_name = "config.json";
-inline constexpr const char* state_tensors_file_name = "trainer_state.safetensors";
-inline constexpr const char* state_json_file_name = "trainer_state.json";
-
-/// What a trainer needs besides the weights and the optimizer state to continue exactly where it stopped.
-struct trainer_state {
-  std::int64_t step = 0;               // optimizer steps completed
-  std::int64_t tokens = 0;             // training tokens consumed
-  std::uint64_t seed = 0;              // the run's base seed
-  std::uint64_t rng_offset = 0;        // the next unused Philox offset
-  data::loader_position train_data{};  // where the training loader continues
-  json extra = json::object();         // trainer-specific values (wall time, best val loss, ...)
-};
 
 /// Names the tensors of an optimizer state, for checkpoints: for_each(state, f) calls f(name, view) for each.
 /// A state with a member for_each_tensor(f) (adamw's, galore/golore's) needs nothing more; specialise this for a
@@ -212,25 +202,6 @@ void for_each_parameter(Params& params, F&& f) {
   }
 }
 
-inline std::string u64_string(std::uint64_t v) { return std::to_string(v); }
-inline std::uint64_t parse_u64(const json& j, const std::string& where, const char* key) {
-  const json* v = j.find(key);
-  require(v && (v->is_string() || (v->is_int() && v->as_int() >= 0)),
-          [&] { return where + ": \"" + key + "\" must be a non-negative integer (as a decimal string)"; });
-  if (v->is_int()) return std::uint64_t(v->as_int());
-  const std::string& s = v->as_string();
-  std::size_t used = 0;
-  std::uint64_t out = 0;
-  try {
-    out = std::stoull(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  require(!s.empty() && used == s.size() && s[0] != '-',
-          [&] { return where + ": \"" + key + "\" must be a decimal string, got \"" + s + "\""; });
-  return out;
-}
-
 /// Files of a weights checkpoint: a .safetensors file, or a directory with model.safetensors or a sharded index.
 struct weight_files {
   std::vector<std::unique_ptr<safetensors_file>> files;
@@ -253,7 +224,15 @@ struct weight_files {
       std::map<std::string, const safetensors_file*> opened;
       for (const auto& [name, file] : map->as_object()) {
         require(file.is_string(), [&] { return iw + ": weight_map[\"" + name + "\"] must be a file name"; });
-        if (!opened.count(file.as_string())) opened[file.as_string()] = &add(path / file.as_string());
+        // Shards live in the model directory: a name that climbs out of it (or is absolute) is refused, while
+        // symbolic links inside it (a Hugging Face cache's snapshot links to its blobs) are followed.
+        const std::filesystem::path shard = std::filesystem::path(file.as_string()).lexically_normal();
+        const bool inside = !file.as_string().empty() && shard.is_relative() && !shard.has_root_name() &&
+                            !shard.empty() && *shard.begin() != ".." && shard != ".";
+        if (!inside)
+          throw invalid_argument(iw + ": weight_map[\"" + name + "\"] names '" + file.as_string() +
+                                 "', which is not a file inside the model directory " + where);
+        if (!opened.count(file.as_string())) opened[file.as_string()] = &add(path / shard);
         require(opened[file.as_string()]->find(name) != nullptr,
                 [&] { return iw + ": tensor '" + name + "' is not in " + file.as_string(); });
       }
@@ -361,12 +340,13 @@ void save_model(const Exec& ex, const std::filesystem::path& dir, const Config& 
   atomic_write_text(dir / config_file_name, config_io<Config>::to_json(cfg, co).dump(2) + "\n");
 }
 
-/// Writes a full checkpoint into `dir`: weights (native dtype), config.json, optimizer states (`states`: a
-/// vector in for_each_parameter order, a map from hf_name, or a callable (name, index) -> State&) and the
-/// trainer state; see the top of this file.
+/// Fills `dir`, a staging directory that the caller publishes (util/directory.hpp), with a full checkpoint:
+/// weights (native dtype), config.json, optimizer states (`states`: a vector in for_each_parameter order, a map
+/// from hf_name, or a callable (name, index) -> State&) and, last, trainer_state.json, which fingerprints every
+/// file then in `dir` (so files other ranks wrote there before belong to the checkpoint); see the top of this file.
 template <class Exec, class Config, class Model, class States>
-void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model, States& states,
-                     const trainer_state& ts, const hf_config_options& config = {}) {
+void write_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model, States& states,
+                      const trainer_state& ts, const hf_config_options& config = {}) {
   save_options so;
   so.config = config;
   save_model(ex, dir, cfg, model, so, ts.step);
@@ -386,17 +366,19 @@ void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Con
     });
   }
   w.write(dir / state_tensors_file_name);
+  write_trainer_state(dir, ts, n_state);
+}
 
-  json j = json::object({{"format", json("subspace-trainer-state")},
-                         {"version", json(1)},
-                         {"step", json(ts.step)},
-                         {"tokens", json(ts.tokens)},
-                         {"seed", json(detail::ckpt::u64_string(ts.seed))},
-                         {"rng_offset", json(detail::ckpt::u64_string(ts.rng_offset))},
-                         {"train_data", ts.train_data.to_json()},
-                         {"optimizer_tensors", json(n_state)},
-                         {"extra", ts.extra}});
-  atomic_write_text(dir / state_json_file_name, j.dump(2) + "\n");
+/// Writes a full checkpoint as the directory `dir`, published whole (replacing a previous checkpoint `dir` only once
+/// the new one is complete; any other existing, non-empty `dir` is refused): write_checkpoint into its staging
+/// directory, then one rename.
+template <class Exec, class Config, class Model, class States>
+void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model, States& states,
+                     const trainer_state& ts, const hf_config_options& config = {}) {
+  check_replaceable(dir);
+  atomic_write_directory(dir, [&](const std::filesystem::path& staging) {
+    write_checkpoint(ex, staging, cfg, model, states, ts, config);
+  });
 }
 
 template <class Exec, class Config, class Model>
@@ -406,50 +388,14 @@ void save_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Con
   save_checkpoint(ex, dir, cfg, model, none, ts, config);
 }
 
-/// Reads dir/trainer_state.json.
-inline trainer_state read_trainer_state(const std::filesystem::path& dir) {
-  namespace fs = std::filesystem;
-  const fs::path p = dir / state_json_file_name;
-  require(fs::exists(p), [&] {
-    return "checkpoint " + detail::quoted(dir) + ": no " + state_json_file_name +
-           " (not a checkpoint directory, or its first save was interrupted)";
-  });
-  const std::string where = detail::quoted(p);
-  const json j = json::parse(read_text(p, "trainer state"), where);
-  require(j.is_object() && j.find("format") && j.at("format").is_string() &&
-              j.at("format").as_string() == "subspace-trainer-state",
-          [&] { return where + ": \"format\" must be \"subspace-trainer-state\""; });
-  require(j.find("version") && j.at("version").is_int() && j.at("version").as_int() == 1,
-          [&] { return where + ": unsupported \"version\" (expected 1)"; });
-  trainer_state ts;
-  const auto i64 = [&](const char* key) {
-    const json* v = j.find(key);
-    require(v && v->is_int() && v->as_int() >= 0,
-            [&] { return where + ": \"" + key + "\" must be a non-negative integer"; });
-    return v->as_int();
-  };
-  ts.step = i64("step");
-  ts.tokens = i64("tokens");
-  ts.seed = detail::ckpt::parse_u64(j, where, "seed");
-  ts.rng_offset = detail::ckpt::parse_u64(j, where, "rng_offset");
-  require(j.find("train_data") != nullptr, [&] { return where + ": missing \"train_data\""; });
-  try {
-    ts.train_data = data::loader_position::from_json(j.at("train_data"));
-  } catch (const invalid_argument& e) {
-    throw invalid_argument(where + ": \"train_data\": " + e.what());
-  }
-  if (const json* e = j.find("extra")) ts.extra = *e;
-  return ts;
-}
-
 /// Loads a checkpoint written by save_checkpoint into `model` and `states` (initialised for the same
-/// parameters) and returns the trainer state. Strict: the architecture, every tensor name and shape, and the
-/// step recorded in each file must match.
+/// parameters) and returns the trainer state. Strict: every file must be the one trainer_state.json fingerprints,
+/// and the architecture, every tensor name and shape, and the step recorded in each file must match.
 template <class Exec, class Config, class Model, class States>
 trainer_state load_checkpoint(const Exec& ex, const std::filesystem::path& dir, const Config& cfg, Model& model,
                               States& states) {
   const std::string where = "checkpoint " + detail::quoted(dir);
-  trainer_state ts = read_trainer_state(dir);
+  trainer_state ts = verify_checkpoint_files(dir);
   const std::filesystem::path config_path = dir / config_file_name;
   const std::string config_where = "config.json " + detail::quoted(config_path);
   const Config saved =

@@ -8,6 +8,10 @@
 //   io::metrics_writer m("run/metrics.jsonl");           // truncates; open_mode::append continues a resumed run
 //   m.write({.step = 10, .loss = 2.31, .lr = 3e-4, ...});
 //   m.write(record, {{"mfu", 0.41}});
+//
+// A run resumed from a checkpoint of step s first calls truncate_metrics_after(path, s): the lines the
+// interrupted run wrote after step s (which the resumed run writes again) and a line torn by a crash or a full disk
+// are dropped, so the file holds each step once.
 
 #include <algorithm>
 #include <cerrno>
@@ -101,6 +105,42 @@ inline std::vector<json> read_jsonl(const std::filesystem::path& path) {
     out.push_back(json::parse(s, detail::quoted(path) + " line " + std::to_string(line)));
   }
   return out;
+}
+
+/// Drops the lines of the JSON Lines file `path` that a run resumed at step `step` writes again: every line whose
+/// "step" exceeds `step`, and every line that is not a complete JSON object (the torn last line of a run killed or
+/// out of disk space while writing); the other lines keep their bytes and order. The file is rewritten atomically;
+/// a missing file is left missing. Returns the number of lines dropped.
+inline std::size_t truncate_metrics_after(const std::filesystem::path& path, std::int64_t step) {
+  if (!std::filesystem::exists(path)) return 0;
+  const std::string text = read_text(path, "metrics file");
+  std::string kept;
+  std::size_t dropped = 0;
+  for (std::size_t at = 0; at < text.size();) {
+    const std::size_t eol = text.find('\n', at);
+    const bool complete = eol != std::string::npos;
+    const std::string_view line(text.data() + at, (complete ? eol : text.size()) - at);
+    at = complete ? eol + 1 : text.size();
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    bool keep = false;
+    if (complete) {
+      try {
+        const json j = json::parse(line, detail::quoted(path));
+        const json* s = j.is_object() ? j.find("step") : nullptr;
+        keep = j.is_object() && !(s && s->is_int() && s->as_int() > step);
+      } catch (const invalid_argument&) {
+        keep = false;
+      }
+    }
+    if (!keep) {
+      ++dropped;
+      continue;
+    }
+    kept.append(line);
+    kept.push_back('\n');
+  }
+  if (dropped > 0) atomic_write_text(path, kept);
+  return dropped;
 }
 
 }  // namespace subspace::io

@@ -172,10 +172,16 @@ class pipeline_trainer {
     return over_replicas(sum_over_pipeline(local));
   }
 
-  /// Writes this stage's checkpoint into dir/stage-<s> (replica 0 writes; the others hold the same state). Every
-  /// stage's directory is a checkpoint of its tensors with the whole model's names (io/checkpoint.hpp).
+  /// Writes the checkpoint `dir`: every stage's directory dir/stage-<s> (replica 0 writes it; the others hold the
+  /// same state) is a checkpoint of its tensors with the whole model's names (io/checkpoint.hpp). The stages write
+  /// into one staging directory, which rank 0 publishes whole once every stage is on disk (util/directory.hpp), so
+  /// `dir` never holds stages of two saves. Collective.
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
             io::json extra = io::json::object()) {
+    const bool lead = stack_.communicator.rank() == 0;
+    io::check_replaceable(dir);  // on every rank, so that all of them fail alike
+    if (lead) io::prepare_staging(dir);
+    stack_.communicator.barrier().wait();  // the staging directory exists before any stage writes into it
     if (replica_index_ == 0) {
       io::trainer_state ts;
       ts.step = step_;
@@ -184,21 +190,33 @@ class pipeline_trainer {
       ts.train_data = train_position;
       ts.extra = std::move(extra);
       replica_.with_checkpoint_parameters([&](auto& params) {
-        io::save_checkpoint(replica_.executor(), stage_directory(dir, stage_), replica_.model().config(), params,
-                            replica_.states(), ts);
+        io::write_checkpoint(replica_.executor(), stage_directory(io::staging_directory(dir), stage_),
+                             replica_.model().config(), params, replica_.states(), ts);
       });
     }
-    stack_.communicator.barrier().wait();  // every stage is on disk before anyone goes on
+    stack_.communicator.barrier().wait();  // every stage is on disk before the checkpoint is published
+    if (lead) io::publish_staging(dir);
+    stack_.communicator.barrier().wait();
   }
 
   /// Restores this stage from dir/stage-<s> (written by save() with the same layout), positions `loader` where the
-  /// saved run stopped and returns the saved state. Collective.
+  /// saved run stopped and returns the saved state; every stage must be from the same step. Collective.
   io::trainer_state resume(const std::filesystem::path& dir, data::batch_loader& loader) {
     io::trainer_state ts;
     replica_.with_checkpoint_parameters([&](auto& params) {
       ts = io::load_checkpoint(replica_.executor(), stage_directory(dir, stage_), replica_.model().config(), params,
                                replica_.states());
     });
+    const std::vector<std::uint64_t> all =
+        dist::detail::all_gather_host(stack_.communicator, {std::uint64_t(ts.step), std::uint64_t(ts.tokens)});
+    for (int r = 0; r < stack_.communicator.size(); ++r)
+      require(
+          all[std::size_t(2 * r)] == std::uint64_t(ts.step) && all[std::size_t(2 * r + 1)] == std::uint64_t(ts.tokens),
+          [&] {
+            return std::string(who) + ": " + dir.string() + ": rank " + std::to_string(r) + " restored step " +
+                   std::to_string(all[std::size_t(2 * r)]) + ", stage " + std::to_string(stage_) + " step " +
+                   std::to_string(ts.step) + " (the stages' checkpoints are of different saves)";
+          });
     replica_.sync_model();
     loader.seek(ts.train_data);
     step_ = ts.step;

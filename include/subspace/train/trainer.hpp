@@ -190,7 +190,8 @@ class trainer {
                              [&](auto tokens, auto targets) { return engine_.evaluate(tokens, targets); });
   }
 
-  /// Writes a checkpoint of everything exact resume needs (io/checkpoint.hpp) into `dir`; `extra` is kept in
+  /// Writes a checkpoint of everything exact resume needs (io/checkpoint.hpp) as the directory `dir`, published
+  /// whole (a previous checkpoint `dir` is replaced once the new one is complete); `extra` is kept in
   /// trainer_state.json for the caller (e.g. wall time).
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
             io::json extra = io::json::object(), const io::hf_config_options& config = {}) {
