@@ -8,12 +8,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <boost/hana/define_struct.hpp>
 
+#include <subspace/core/checked.hpp>
 #include <subspace/core/error.hpp>
 
 namespace adjoint {
@@ -24,24 +25,28 @@ struct ssm_config {
                            (float, init_std));
 
   /// Throws invalid_argument naming the field and the expected value when the configuration is unusable,
-  /// including sizes whose parameter counts overflow.
+  /// including sizes whose parameter counts pass subspace::max_elements (core/checked.hpp).
   void validate() const {
-    const auto need = [&](bool ok, const std::string& what) {
-      subspace::require(ok, [&] { return "ssm_config '" + name + "': " + what; });
+    const auto need = [&](bool ok, auto&& what) {  // what: a callable building the text, called on failure
+      subspace::require(ok, [&] { return "ssm_config '" + name + "': " + what(); });
     };
-    need(vocab > 0, "vocab must be positive, got " + std::to_string(vocab));
-    need(d_model > 0, "d_model must be positive, got " + std::to_string(d_model));
-    need(state > 0, "state must be positive, got " + std::to_string(state));
-    need(layers > 0, "layers must be positive, got " + std::to_string(layers));
-    // Every tensor's element count, and the whole model's, must stay far inside int64 (bytes included).
-    constexpr std::int64_t limit = std::int64_t(1) << 48;
-    const auto bounded = [&](std::int64_t a, std::int64_t b) { return a <= limit / b; };
-    need(bounded(vocab, d_model), "vocab · d_model exceeds 2^48 elements");
-    need(bounded(state, d_model) && bounded(state * d_model, d_model), "state · d_model² exceeds 2^48 elements");
-    need(bounded(layers, 3 * state * d_model * (d_model + 1)), "the layers' parameters exceed 2^48 elements");
-    need(std::isfinite(norm_eps) && norm_eps > 0, "norm_eps must be a positive number");
-    need(std::isfinite(gate_bias), "gate_bias must be a finite number");
-    need(std::isfinite(init_std) && init_std > 0, "init_std must be a positive number");
+    const auto positive = [&](const char* field, std::int64_t value) {
+      need(value > 0, [&] { return std::string(field) + " must be positive, got " + std::to_string(value); });
+    };
+    positive("vocab", vocab);
+    positive("d_model", d_model);
+    positive("state", state);
+    positive("layers", layers);
+    const auto within = [&](std::optional<std::int64_t> elements, const char* what) {
+      need(elements.has_value(), [&] { return std::string(what) + " exceeds 2^48 elements"; });
+    };
+    within(subspace::checked_product(vocab, d_model), "vocab · d_model");
+    within(subspace::checked_product(state, d_model, d_model), "state · d_model²");
+    within(subspace::checked_product(layers, 3, state, d_model, d_model + 1), "the layers' parameters");
+    within(subspace::checked_add(2 * vocab * d_model + layers * layer_parameters(), d_model), "the parameters");
+    need(std::isfinite(norm_eps) && norm_eps > 0, [] { return "norm_eps must be a positive number"; });
+    need(std::isfinite(gate_bias), [] { return "gate_bias must be a finite number"; });
+    need(std::isfinite(init_std) && init_std > 0, [] { return "init_std must be a positive number"; });
   }
 
   /// Parameters of one layer: the gate map P → N, the B map P → N·P and the C map P → P·N, with biases.

@@ -7,16 +7,22 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
+#include <span>
 #include <sstream>
 #include <string>
 #include <type_traits>
 
+#include "checked.hpp"
 #include "error.hpp"
 #include "memory.hpp"
 
 namespace subspace {
 
 inline constexpr int max_rank = 4;
+
+struct shape;
+inline std::string to_string(const shape& s);
 
 /// Extents of a tensor of rank 0..4, row-major.
 struct shape {
@@ -29,8 +35,15 @@ struct shape {
     rank = int(d.size());
     std::copy(d.begin(), d.end(), dims.begin());
     for (int i = 0; i < rank; ++i) require(dims[std::size_t(i)] >= 0, "shape: negative extent");
+    require(checked_numel().has_value(), [&] { return "shape " + to_string(*this) + ": more than 2^48 elements"; });
+  }
+  /// numel() when it is at most max_elements (core/checked.hpp), else nullopt: for shapes built from untrusted
+  /// extents, before anything multiplies them.
+  std::optional<std::int64_t> checked_numel() const {
+    return checked_product(std::span<const std::int64_t>(dims.data(), std::size_t(rank)));
   }
   SUBSPACE_HD std::int64_t operator[](int i) const { return dims[std::size_t(i)]; }
+  /// The element count (unchecked: the host code that makes a shape from untrusted extents uses checked_numel).
   SUBSPACE_HD std::int64_t numel() const {
     std::int64_t n = 1;
     for (int i = 0; i < rank; ++i) n *= dims[std::size_t(i)];
@@ -172,8 +185,7 @@ class tensor {
   using space = Space;
 
   tensor() = default;
-  explicit tensor(const subspace::shape& s)
-      : data_(static_cast<T*>(space_memory<Space>::allocate(std::size_t(s.numel()) * sizeof(T)))), shape_(s) {}
+  explicit tensor(const subspace::shape& s) : data_(allocate(s)), shape_(s) {}
 
   T* data() { return data_.get(); }
   const T* data() const { return data_.get(); }
@@ -205,6 +217,12 @@ class tensor {
   struct release {
     void operator()(T* p) const noexcept { space_memory<Space>::deallocate(p); }
   };
+  /// Storage for `s`; its extents may come from anywhere (a file header), so the count is checked first.
+  static T* allocate(const subspace::shape& s) {
+    const std::optional<std::int64_t> n = s.checked_numel();
+    require(n.has_value(), [&] { return "tensor: shape " + to_string(s) + " holds more than 2^48 elements"; });
+    return static_cast<T*>(space_memory<Space>::allocate(std::size_t(*n) * sizeof(T)));
+  }
   std::unique_ptr<T, release> data_;
   subspace::shape shape_{};
 };

@@ -2,10 +2,12 @@
 // Llama 3 model configuration and the named presets (tests, benchmarks, the papers' models).
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../kernels/rope_config.hpp"
 
@@ -48,17 +50,39 @@ struct llama_config {
              std::to_string(n_kv_heads) + ")";
     });
     need(head_dim() % 2 == 0, [&] { return "head_dim (" + std::to_string(head_dim()) + ") must be even for RoPE"; });
+    // Every tensor, one sequence's activations and the whole model stay within max_elements (core/checked.hpp),
+    // so nothing downstream multiplies sizes into an overflow.
+    const auto within = [&](std::optional<std::int64_t> elements, const char* product, auto... factors) {
+      need(elements.has_value(), [&] {
+        std::string values;
+        for (const std::int64_t f : {std::int64_t(factors)...})
+          values += (values.empty() ? "" : " · ") + std::to_string(f);
+        return std::string(product) + " = " + values + " exceeds 2^48 elements";
+      });
+    };
+    within(checked_product(vocab, d_model), "vocab · d_model", vocab, d_model);
+    within(checked_product(ffn_hidden, d_model), "ffn_hidden · d_model", ffn_hidden, d_model);
+    within(checked_product(max_seq, d_model), "max_seq · d_model", max_seq, d_model);
+    within(checked_product(d_model, d_model), "d_model · d_model", d_model, d_model);
+    within(checked_product(n_layers, layer_parameters()), "n_layers · (parameters per layer)", n_layers,
+           layer_parameters());
+    need(checked_add(n_layers * layer_parameters(), (tied_embeddings ? 1 : 2) * vocab * d_model + d_model).has_value(),
+         [&] { return "the parameters exceed 2^48 elements"; });
     need(norm_eps > 0, "norm_eps must be positive");
     need(rope.theta > 0, "rope.theta must be positive");
   }
 
-  /// Parameters in the transformer blocks, the final norm and the LM head — everything but the token
-  /// embedding (an untied LM head counts; a tied one is the embedding). The N of FLOP/token = 6N + 12 L d T.
-  std::int64_t non_embedding_parameters() const {
+  /// Parameters of one transformer block: q, o, k, v, the SwiGLU's three matrices and two norm gains.
+  std::int64_t layer_parameters() const {
     const std::int64_t attn = d_model * d_model * 2 + d_model * kv_dim() * 2;  // q, o, k, v
     const std::int64_t mlp = 3 * d_model * ffn_hidden;
     const std::int64_t norms = 2 * d_model;
-    return n_layers * (attn + mlp + norms) + d_model + vocab * d_model;  // + final norm + LM head
+    return attn + mlp + norms;
+  }
+  /// Parameters in the transformer blocks, the final norm and the LM head — everything but the token
+  /// embedding (an untied LM head counts; a tied one is the embedding). The N of FLOP/token = 6N + 12 L d T.
+  std::int64_t non_embedding_parameters() const {
+    return n_layers * layer_parameters() + d_model + vocab * d_model;  // + final norm + LM head
   }
   std::int64_t parameters() const { return non_embedding_parameters() + (tied_embeddings ? 0 : vocab * d_model); }
   /// Training FLOP per token at sequence length t: 6 N + 12 L d t (attention scores and values, fwd + bwd).

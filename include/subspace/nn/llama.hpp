@@ -57,6 +57,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "../core/tensor.hpp"
 #include "../kernels/detail/layer_checks.hpp"
@@ -158,13 +159,15 @@ class llama {
   llama(const llama_config& cfg, Exec ex, llama_stage stage, std::shared_ptr<store_type> store = nullptr,
         Blocks blocks = {})
       : cfg_(cfg), ex_(ex), blocks_factory_(std::move(blocks)) {
-    const std::vector<parameter_info> infos = llama_parameter_infos(cfg_);
+    cfg_.validate();
     if (stage.last_layer < 0) stage.last_layer = cfg_.n_layers;
     require(0 <= stage.first_layer && stage.first_layer < stage.last_layer && stage.last_layer <= cfg_.n_layers, [&] {
       return "llama: stage layers [" + std::to_string(stage.first_layer) + ", " + std::to_string(stage.last_layer) +
              ") must be a non-empty range inside [0, " + std::to_string(cfg_.n_layers) + ")";
     });
     stage_ = stage;
+    require_memory();
+    const std::vector<parameter_info> infos = llama_parameter_infos(cfg_);
     require(!cfg_.tied_embeddings || (has_embedding() && has_head()), [&] {
       return "llama: '" + cfg_.name + "' ties the LM head to the embedding, so both must be on one stage (layers [" +
              std::to_string(stage.first_layer) + ", " + std::to_string(stage.last_layer) + ") of " +
@@ -390,6 +393,21 @@ class llama {
     std::int64_t keep_batch = 0, keep_seq = 0;
     bool weights_pending = false;
   };
+
+  /// Checks, before the layers' descriptions are built, that this stage's values and gradients fit the memory of
+  /// the executor's space: a configuration too large for the machine fails here, naming its sizes.
+  void require_memory() const {
+    const std::int64_t layers = stage_.last_layer - stage_.first_layer;
+    const std::int64_t embedding = cfg_.vocab * cfg_.d_model;  // validated: no overflow
+    const std::int64_t count = layers * cfg_.layer_parameters() + (has_embedding() ? embedding : 0) +
+                               (has_head() ? cfg_.d_model + (cfg_.tied_embeddings ? 0 : embedding) : 0);
+    require_capacity<space>(std::uint64_t(count) * (sizeof(T) + sizeof(grad_type)), [&] {
+      return "llama_config '" + cfg_.name + "' (vocab " + std::to_string(cfg_.vocab) + ", d_model " +
+             std::to_string(cfg_.d_model) + ", n_layers " + std::to_string(cfg_.n_layers) + ", ffn_hidden " +
+             std::to_string(cfg_.ffn_hidden) + "): the " + std::to_string(count) + " parameters of layers [" +
+             std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) + ") with their gradients";
+    });
+  }
 
   std::size_t local_layer(std::int64_t l) const {
     require(stage_.first_layer <= l && l < stage_.last_layer, [&] {

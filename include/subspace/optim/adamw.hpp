@@ -133,6 +133,10 @@ struct adamw {
   std::size_t state_bytes(const state<Space>& st) const {
     return st.m.bytes() + st.v.bytes();
   }
+  /// The bytes init(ex, info) would allocate, without allocating: for memory plans of whole models.
+  std::size_t state_bytes_for(const param_info& info) const {
+    return std::size_t(2 * info.shape.numel()) * sizeof(float);
+  }
 
   /// The step's scalars, computed in double and rounded once to float.
   detail::adamw_coefficients coefficients(const param_info& info, const step_context& ctx) const {

@@ -27,6 +27,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/memory.hpp"
 #include "../core/tensor.hpp"
 #include "../data/loader.hpp"
 #include "../io/checkpoint.hpp"
@@ -74,6 +75,7 @@ class replica {
     const executor_type& ex = executor();
     auto& store = stages_[0].parameters();
     compressor_parameters_ = compress::declare(compressor, store);
+    require_memory(store);
     store.allocate(ex);
     for (std::size_t i = 0; i < store.size(); ++i) states_.push_back(optimizer_.init(ex, store.info(i)));
     if constexpr (separate_masters) {
@@ -216,6 +218,23 @@ class replica {
   template <class T>
   view<T, space> at(view<T, space> flat, std::size_t i) const {
     return view<T, space>(flat.data() + offset(i), info(i).shape);
+  }
+
+  /// Checks, before anything is allocated, that the training state fits the memory of the executor's space:
+  /// values and gradients, fp32 masters, and the optimizer's states where it can tell their size up front.
+  template <class Store>
+  void require_memory(const Store& store) const {
+    const auto elements = std::uint64_t(store.total());
+    const std::uint64_t weights = elements * (sizeof(value_type) + sizeof(grad_type));
+    const std::uint64_t masters = separate_masters ? elements * sizeof(float) : 0;
+    std::uint64_t states = 0;
+    if constexpr (requires(const Optimizer& o, const optim::param_info& i) { o.state_bytes_for(i); })
+      for (const auto& i : store.infos()) states += std::uint64_t(optimizer_.state_bytes_for(i));
+    require_capacity<space>(weights + masters + states, [&] {
+      return "train::replica: the training state of " + std::to_string(store.numel()) + " parameters (values and " +
+             "gradients " + std::to_string(weights) + " bytes, fp32 masters " + std::to_string(masters) +
+             ", optimizer states " + std::to_string(states) + ")";
+    });
   }
 
   void size_buffers(const data::batch_loader& loader) {

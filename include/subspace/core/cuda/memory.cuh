@@ -10,8 +10,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <string>
 
 #include "../memory.hpp"
 #include "error.cuh"
@@ -28,6 +30,17 @@ struct space_memory<device_space> {
   }
   static void deallocate(void* p) noexcept {
     if (p) cudaFree(p);  // a destructor must not throw; a failed free leaves nothing to recover
+  }
+  /// The current device's memory in bytes.
+  static std::uint64_t capacity() {
+    std::size_t free = 0, total = 0;
+    cuda_check(cudaMemGetInfo(&free, &total));
+    return total;
+  }
+  static std::string name() {
+    int device = 0;
+    cuda_check(cudaGetDevice(&device));
+    return "CUDA device " + std::to_string(device) + "'s memory";
   }
 };
 

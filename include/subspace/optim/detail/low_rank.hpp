@@ -77,9 +77,7 @@ struct subspace_rule<adamw> {
   /// The AdamW of the GaLore and GoLore reference recipes: beta (0.9, 0.999), eps 1e-6, no weight decay.
   static adamw reference() { return adamw{0.9f, 0.999f, 1e-6f, 0.0f}; }
   static subspace_adam hyper(const adamw& a) { return {a.beta1, a.beta2, a.eps, a.weight_decay}; }
-  static std::size_t state_bytes_for(const adamw&, const param_info& info) {
-    return std::size_t(2 * info.shape.numel()) * sizeof(float);
-  }
+  static std::size_t state_bytes_for(const adamw& a, const param_info& info) { return a.state_bytes_for(info); }
 };
 
 // --- state ----------------------------------------------------------------------------------------------------------
