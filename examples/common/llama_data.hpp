@@ -3,10 +3,11 @@
 //
 //   * model_flags: --preset and the size flags, declared once (declare_model_flags) and turned into an
 //     nn::llama_config by model_config;
-//   * data_flags: --text / --data / --val-data / --val-fraction / --shuffle (declare_data_flags), and choose_data:
-//     token shards as given by --data, or a plain-text file (--text, default the King James Bible) converted once
-//     into byte-level llm.c shards in the data cache (keyed by the file's path, size, time and the split), then
-//     open_tokens: the {train, validation} token datasets.
+//   * data_flags: --text / --data / --data-format / --val-data / --val-fraction / --shuffle (declare_data_flags),
+//     and choose_data: token files as given by --data (llm.c shards, or nanoGPT's headerless uint16 .bin only with
+//     --data-format raw-u16: a file is never guessed to be raw), or a plain-text file (--text, default the King
+//     James Bible) converted once into byte-level llm.c shards in the data cache (keyed by the file's path, size,
+//     time and the split), then open_tokens: the {train, validation} token datasets.
 //
 // The flags keep their names, help texts and defaults in both programs.
 
@@ -36,7 +37,7 @@ struct model_flags {
 
 /// Where the tokens come from.
 struct data_flags {
-  std::string text, data, val_data;
+  std::string text, data, data_format = "llmc", val_data;
   double val_fraction = 0.1;
   bool shuffle = true;
 };
@@ -56,7 +57,11 @@ inline void declare_model_flags(cli& c, model_flags& m) {
 
 inline void declare_data_flags(cli& c, data_flags& d) {
   c.flag("text", d.text, "plain-text file to train on, byte-tokenized (none: the King James Bible)")
-      .flag("data", d.data, "token files instead of text: llm.c shards or nanoGPT .bin (file, glob or directory)")
+      .flag("data", d.data, "token files instead of text (file, glob or directory of .bin), in --data-format")
+      .flag("data-format", d.data_format,
+            "format of --data and --val-data: llm.c shards (a bad header is an error), or nanoGPT's headerless "
+            "uint16 .bin",
+            {"llmc", "raw-u16"})
       .flag("val-data", d.val_data, "validation token files for --data (none: the last --val-fraction of --data)")
       .flag("val-fraction", d.val_fraction, "fraction of the tokens held out for validation")
       .flag("shuffle", d.shuffle, "visit training windows in a seeded random order per epoch (else in order)");
@@ -82,6 +87,7 @@ struct data_source {
   std::string train, val;  // token-file specs; val empty: split off the end of train
   bool bytes = false;      // byte-level tokens (samples decode as text)
   std::string described;
+  subspace::data::token_format format = subspace::data::token_format::llmc;
 };
 
 /// A plain-text file as byte-level shards, converted once into the data cache (keyed by path, size and time).
@@ -109,20 +115,26 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
     subspace::io::atomic_write_text(done, abs.string() + "\n");
   }
   return {(dir / "text_train_*.bin").string(), val_fraction > 0 ? (dir / "text_val_*.bin").string() : "", true,
-          abs.string() + " (byte-level)"};
+          abs.string() + " (byte-level)", subspace::data::token_format::llmc};
 }
 
 /// --data as given, or --text (default: the King James Bible) as cached byte-level shards.
 inline data_source choose_data(const data_flags& d) {
-  if (!d.data.empty()) return {d.data, d.val_data, false, d.data};
+  if (!d.data.empty()) {
+    const bool raw = d.data_format == "raw-u16";
+    return {d.data, d.val_data, false, d.data + (raw ? " (raw uint16)" : ""),
+            raw ? subspace::data::token_format::raw_u16 : subspace::data::token_format::llmc};
+  }
+  if (d.data_format != "llmc")
+    throw cli_error("--data-format " + d.data_format + " applies to --data (--text becomes llm.c shards)");
   return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text), d.val_fraction);
 }
 
 /// {train, validation} tokens of a source: its validation files, or the last val_fraction of its training files.
 inline std::pair<subspace::data::token_dataset, subspace::data::token_dataset> open_tokens(const data_source& src,
                                                                                            double val_fraction) {
-  subspace::data::token_dataset train = subspace::data::token_dataset::open(src.train), val;
-  if (!src.val.empty()) val = subspace::data::token_dataset::open(src.val);
+  subspace::data::token_dataset train = subspace::data::token_dataset::open(src.train, src.format), val;
+  if (!src.val.empty()) val = subspace::data::token_dataset::open(src.val, src.format);
   else std::tie(train, val) = train.split(val_fraction);
   return {std::move(train), std::move(val)};
 }

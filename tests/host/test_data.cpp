@@ -1,6 +1,6 @@
-// data/: llm.c shards and nanoGPT .bin files, datasets of several shards, the batch loader (sequential, shuffled,
-// exact resume), the byte tokenizer, the text-to-shards converter, and the examples' default corpus
-// (examples/common/default_corpus.hpp).
+// data/: llm.c shards and nanoGPT .bin files (raw uint16 only when asked for), datasets of several shards, the
+// batch loader (sequential, shuffled, exact resume), the byte tokenizer, the text-to-shards converter, and the
+// examples' default corpus (examples/common/default_corpus.hpp).
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -97,16 +97,62 @@ TEST_CASE("token files: llm.c version 1 and 7 and raw uint16 round-trip, with th
   const auto raw = iota_tokens(777, 0, 65536);
   data::write_raw_u16_tokens(dir / "train.bin", raw);
   CHECK(slurp(dir / "train.bin").size() == 2 * 777);
-  const data::token_file fr(dir / "train.bin");  // detected: no llm.c magic
+  const data::token_file fr(dir / "train.bin", data::token_format::raw_u16);  // raw only when asked for
   CHECK(fr.version() == 0);
+  CHECK(fr.size() == 777);
   CHECK(all_tokens(fr) == raw);
-  const data::token_file fr2(dir / "train.bin", data::token_format::raw_u16);
-  CHECK(fr2.size() == 777);
   // an llm.c file read as raw is just numbers (the header included)
   CHECK(data::token_file(dir / "v1.bin", data::token_format::raw_u16).size() == 512 + 1000);
 
   data::write_llmc_tokens(dir / "empty.bin", std::vector<std::int32_t>{}, 1);
   CHECK(data::token_file(dir / "empty.bin").size() == 0);
+}
+
+TEST_CASE("token files: a damaged llm.c header is an error, never read as raw uint16 tokens") {
+  scratch_dir dir;
+  const auto p = dir / "shard.bin";
+  data::write_llmc_tokens(p, iota_tokens(300, 0, 256), 1);
+  std::string bytes = slurp(p);
+  bytes[0] = char(bytes[0] ^ 0x01);  // one flipped bit of the magic
+  spit(p, bytes);
+  const std::string magic = std::to_string(20240520 ^ 1);
+  for (const auto format : {data::token_format::llmc, data::token_format{}}) {  // asked for, and the default
+    CHECK_THROWS_WITH_AS(data::token_file(p, format),
+                         has("token file '" + p.string() + "': bad magic " + magic +
+                             " in the llm.c header (int32 at byte 0; expected 20240520 for uint16 tokens or 20240801 "
+                             "for uint32 tokens)"),
+                         invalid_argument);
+  }
+  CHECK_THROWS_WITH_AS(data::token_dataset::open(p.string()), has("bad magic " + magic), invalid_argument);
+  // A real nanoGPT file is read when raw uint16 is asked for, and refused otherwise.
+  data::write_raw_u16_tokens(dir / "train.bin", iota_tokens(600, 0, 256));
+  CHECK(data::token_dataset::open((dir / "train.bin").string(), data::token_format::raw_u16).tokens() == 600);
+  CHECK_THROWS_WITH_AS(data::token_dataset::open((dir / "train.bin").string()), has("bad magic"), invalid_argument);
+}
+
+TEST_CASE("token files: a shard truncated while open is an error naming the file, not a signal") {
+  scratch_dir dir;
+  const auto p = dir / "shard.bin";
+  data::write_llmc_tokens(p, iota_tokens(100000, 0, 256), 1);
+  const auto file = std::make_shared<const data::token_file>(p);
+  data::loader_options o;
+  o.batch = 4;
+  o.seq = 64;
+  o.shuffle = false;
+  data::batch_loader loader(data::token_dataset({{file, 0, file->size()}}), o);
+  loader.next();
+  fs::resize_file(p, 1024 + 2 * 1000);  // another process cuts the shard short
+  std::vector<std::int32_t> tail(10);
+  CHECK_THROWS_WITH_AS(file->read(99990, tail.size(), tail.data(), 256),
+                       has("reading '" + p.string() +
+                           "': unexpected end of file at byte 201004 (the file had 201024 "
+                           "bytes when opened: truncated since?)"),
+                       invalid_argument);
+  CHECK_THROWS_WITH_AS(file->check_vocab(256), has("unexpected end of file"), invalid_argument);
+  for (int i = 0; i < 2; ++i) loader.next();  // windows still inside the first 1000 tokens
+  CHECK_THROWS_WITH_AS(loader.next(), has("reading '" + p.string() + "': unexpected end of file"), invalid_argument);
+  // Opened again, the shorter file no longer matches its header.
+  CHECK_THROWS_WITH_AS(data::token_file{p}, has("the file has 3024 bytes (truncated)"), invalid_argument);
 }
 
 TEST_CASE("token files: bad input names the file and the expected value") {
@@ -120,17 +166,18 @@ TEST_CASE("token files: bad input names the file and the expected value") {
   };
   const std::string payload(200, '\x01');
   fails(header(12345, 1, 100) + payload, data::token_format::llmc,
-        "bad magic 12345 (expected 20240520 for uint16 tokens or 20240801 for uint32 tokens)");
-  fails(header(20240520, 7, 100) + payload, data::token_format::detect,
+        "bad magic 12345 in the llm.c header (int32 at byte 0; expected 20240520 for uint16 tokens or 20240801 for "
+        "uint32 tokens)");
+  fails(header(20240520, 7, 100) + payload, data::token_format::llmc,
         "magic 20240520 (uint16 tokens) needs version 1, the header says 7");
-  fails(header(20240801, 1, 50) + payload, data::token_format::detect,
+  fails(header(20240801, 1, 50) + payload, data::token_format::llmc,
         "magic 20240801 (uint32 tokens) needs version 7, the header says 1");
-  fails(header(20240520, 1, 150) + payload, data::token_format::detect,
+  fails(header(20240520, 1, 150) + payload, data::token_format::llmc,
         "the header says 150 tokens of 2 bytes (1324 bytes with the header), the file has 1224 bytes (truncated)");
-  fails(header(20240520, 1, 50) + payload, data::token_format::detect,
+  fails(header(20240520, 1, 50) + payload, data::token_format::llmc,
         "the header says 50 tokens of 2 bytes (1124 bytes with the header), the file has 1224 bytes");
-  fails(header(20240520, 1, -5), data::token_format::detect, "negative token count -5");
-  fails(header(20240520, 1, 10).substr(0, 500), data::token_format::detect,
+  fails(header(20240520, 1, -5), data::token_format::llmc, "negative token count -5");
+  fails(header(20240520, 1, 10).substr(0, 500), data::token_format::llmc,
         "500 bytes is shorter than the llm.c header (1024 bytes)");
   fails("abc", data::token_format::raw_u16, "3 bytes is not a whole number of uint16 tokens");
   CHECK_THROWS_WITH_AS(data::token_file(dir / "missing.bin"),
@@ -355,6 +402,18 @@ TEST_CASE("batch_loader: a saved position resumes exactly, across epochs, sequen
   CHECK_THROWS_WITH_AS(l.seek(p), has("cursor 1000 beyond 124 windows"), invalid_argument);
   CHECK_THROWS_WITH_AS(data::loader_position::from_json(io::json::parse(R"({"epoch":1})")),
                        has("missing key \"cursor\""), invalid_argument);
+  // The seed is unsigned: a negative, signed or padded string is refused, not wrapped to 2^64 - 1.
+  for (const char* seed : {"-1", " -1", "+5", " 5", "18446744073709551616", ""}) {
+    CAPTURE(seed);
+    const std::string j =
+        std::string(R"({"epoch":0,"cursor":0,"windows":124,"shuffle":true,"seed":")") + seed + "\"}";
+    CHECK_THROWS_WITH_AS(data::loader_position::from_json(io::json::parse(j)),
+                         has("\"seed\" must be a decimal string of an unsigned 64-bit integer, got \"" +
+                             std::string(seed) + "\""),
+                         invalid_argument);
+  }
+  const std::string max_seed = R"({"epoch":0,"cursor":0,"windows":124,"shuffle":true,"seed":"18446744073709551615"})";
+  CHECK(data::loader_position::from_json(io::json::parse(max_seed)).seed == ~std::uint64_t(0));
 }
 
 // ---------------------------------------------------------------------------------------------------------------

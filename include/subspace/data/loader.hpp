@@ -13,9 +13,11 @@
 // position() is everything needed to continue exactly: (epoch, cursor) plus the seed, the shuffle flag and the
 // window count, which seek() checks so that a resume on different data or settings fails clearly.
 
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -71,15 +73,12 @@ struct loader_position {
     p.cursor = u64("cursor");
     p.windows = u64("windows");
     p.shuffle = j.at("shuffle").as_bool();
+    // Digits only: stoull would take "-1" (as 2^64 - 1), a sign or leading blanks.
     const std::string& s = j.at("seed").as_string();
-    std::size_t used = 0;
-    try {
-      p.seed = std::stoull(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    require(!s.empty() && used == s.size(),
-            [&] { return "loader_position: \"seed\" must be a decimal string, got \"" + s + "\""; });
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), p.seed);
+    require(!s.empty() && ec == std::errc{} && end == s.data() + s.size(), [&] {
+      return "loader_position: \"seed\" must be a decimal string of an unsigned 64-bit integer, got \"" + s + "\"";
+    });
     return p;
   }
 };

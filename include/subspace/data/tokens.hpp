@@ -1,16 +1,18 @@
 #pragma once
 // Token files and datasets made of them.
 //
-// Formats:
-//   llm.c shard   a header of 256 little-endian int32: [0] magic, [1] version, [2] token count; then the tokens.
-//                 magic 20240520 + version 1: uint16 tokens; magic 20240801 + version 7: uint32 tokens.
-//                 The file holds exactly 1024 + count * width bytes.
-//   raw uint16    nanoGPT's train.bin / val.bin: little-endian uint16 tokens, no header.
-// token_format::detect reads an llm.c header when the file starts with one of the two magics, else raw uint16.
+// Formats (the caller names one; nothing is guessed):
+//   llm.c shard   token_format::llmc, the default. A header of 256 little-endian int32: [0] magic, [1] version,
+//                 [2] token count; then the tokens. magic 20240520 + version 1: uint16 tokens; magic 20240801 +
+//                 version 7: uint32 tokens. The file holds exactly 1024 + count * width bytes.
+//   raw uint16    token_format::raw_u16: nanoGPT's train.bin / val.bin, little-endian uint16 tokens, no header.
+// A file that does not start with an llm.c magic is an error when llm.c is asked for, never raw tokens: one
+// damaged header byte must not turn a shard (header included) into a run on garbage.
 //
 // A token_dataset is an ordered list of segments (a file and a token range in it): several shards named by a
-// list or a glob, and train/validation splits of them. Files are memory-mapped read-only and shared between
-// the datasets that use them.
+// list or a glob, and train/validation splits of them. Files are read with positioned reads (pread), shared
+// between the datasets that use them: a file truncated while a run reads it is an error naming the file, not a
+// SIGBUS as a memory map would give.
 //
 // Bad input throws invalid_argument naming the file and what was expected: a missing file, a bad magic or
 // version, a truncated (or overlong) file, a token outside the vocabulary.
@@ -41,7 +43,7 @@ inline constexpr std::int32_t llmc_magic_u32 = 20240801;  // version 7, uint32 t
 inline constexpr std::size_t llmc_header_ints = 256;
 inline constexpr std::size_t llmc_header_bytes = llmc_header_ints * 4;
 
-enum class token_format { detect, llmc, raw_u16 };
+enum class token_format { llmc, raw_u16 };
 
 namespace detail {
 inline std::string quoted(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
@@ -58,20 +60,14 @@ inline std::int32_t load_i32(const std::byte* p) {
 }
 }  // namespace detail
 
-/// One token file, validated and memory-mapped.
+/// One token file, validated at open and read with positioned reads.
 class token_file {
  public:
-  explicit token_file(std::filesystem::path path, token_format format = token_format::detect)
+  explicit token_file(std::filesystem::path path, token_format format = token_format::llmc)
       : file_(std::move(path), "token file") {
     const std::string where = "token file " + detail::quoted(file_.path());
-    const std::byte* p = file_.map();
     const std::uint64_t size = file_.size();
-    bool llmc = format == token_format::llmc;
-    if (format == token_format::detect && size >= 4) {
-      const std::int32_t magic = detail::load_i32(p);
-      llmc = magic == llmc_magic_u16 || magic == llmc_magic_u32;
-    }
-    if (!llmc) {
+    if (format == token_format::raw_u16) {
       require(size % 2 == 0, [&] {
         return where + ": " + std::to_string(size) +
                " bytes is not a whole number of uint16 tokens (raw nanoGPT .bin expected)";
@@ -82,9 +78,13 @@ class token_file {
       return;
     }
     require(size >= llmc_header_bytes, [&] {
-      return where + ": " + std::to_string(size) + " bytes is shorter than the llm.c header (1024 bytes): truncated?";
+      return where + ": " + std::to_string(size) +
+             " bytes is shorter than the llm.c header (1024 bytes): truncated, or not an llm.c shard?";
     });
-    const std::int32_t magic = detail::load_i32(p), version = detail::load_i32(p + 4), count = detail::load_i32(p + 8);
+    std::byte header[12];
+    file_.read(0, header, sizeof header);
+    const std::int32_t magic = detail::load_i32(header), version = detail::load_i32(header + 4),
+                       count = detail::load_i32(header + 8);
     if (magic == llmc_magic_u16) {
       require(version == 1, [&] {
         return where + ": magic 20240520 (uint16 tokens) needs version 1, the header says " + std::to_string(version);
@@ -96,10 +96,10 @@ class token_file {
       });
       width_ = 4;
     } else {
-      require(false, [&] {
-        return where + ": bad magic " + std::to_string(magic) +
-               " (expected 20240520 for uint16 tokens or 20240801 for uint32 tokens)";
-      });
+      throw invalid_argument(where + ": bad magic " + std::to_string(magic) +
+                             " in the llm.c header (int32 at byte 0; expected 20240520 for uint16 tokens or 20240801 "
+                             "for uint32 tokens); a headerless nanoGPT file is read only as raw uint16 when asked "
+                             "for (token_format::raw_u16; the examples' --data-format raw-u16)");
     }
     version_ = version;
     require(count >= 0, [&] { return where + ": negative token count " + std::to_string(count) + " in the header"; });
@@ -121,41 +121,60 @@ class token_file {
   /// The llm.c version (1 or 7), or 0 for a raw uint16 file.
   int version() const { return version_; }
 
+  /// Token i.
   std::uint32_t operator[](std::uint64_t i) const {
-    const std::byte* p = data() + i * std::uint64_t(width_);
-    if (width_ == 2) return std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8);
-    return std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8) | (std::uint32_t(p[2]) << 16) | (std::uint32_t(p[3]) << 24);
+    std::uint32_t t = 0;
+    for_each_token(i, i + 1, [&](std::uint64_t, std::uint32_t v) { t = v; });
+    return t;
   }
 
   /// Copies tokens [begin, begin + n) into out; invalid_argument naming the file and position for a token
   /// that is not below `vocab`.
   void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const {
-    require(begin + n <= count_, [&] {
+    require(begin <= count_ && n <= count_ - begin, [&] {
       return "token file " + detail::quoted(path()) + ": tokens [" + std::to_string(begin) + ", " +
              std::to_string(begin + n) + ") outside its " + std::to_string(count_) + " tokens";
     });
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::uint32_t t = (*this)[begin + i];
-      if (std::int64_t(t) >= vocab) bad_token(begin + i, t, vocab);
-      out[i] = std::int32_t(t);
-    }
+    for_each_token(begin, begin + n, [&](std::uint64_t i, std::uint32_t t) {
+      if (std::int64_t(t) >= vocab) bad_token(i, t, vocab);
+      out[i - begin] = std::int32_t(t);
+    });
   }
   /// Throws for the first token in [begin, end) that is not below `vocab`.
   void check_vocab(std::int64_t vocab, std::uint64_t begin = 0, std::uint64_t end = ~std::uint64_t(0)) const {
     end = std::min(end, count_);
-    for (std::uint64_t i = begin; i < end; ++i)
-      if (std::int64_t((*this)[i]) >= vocab) bad_token(i, (*this)[i], vocab);
+    if (begin >= end) return;
+    for_each_token(begin, end, [&](std::uint64_t i, std::uint32_t t) {
+      if (std::int64_t(t) >= vocab) bad_token(i, t, vocab);
+    });
   }
 
  private:
-  const std::byte* data() const { return file_map_ + offset_; }
+  /// Calls f(i, token i) for i in [begin, end), reading the file in chunks (a stack buffer: concurrent readers of
+  /// one file need no lock).
+  template <class F>
+  void for_each_token(std::uint64_t begin, std::uint64_t end, F&& f) const {
+    constexpr std::size_t chunk_bytes = 16384;
+    std::byte buf[chunk_bytes];
+    const auto width = std::uint64_t(width_);
+    for (std::uint64_t at = begin; at < end;) {
+      const std::uint64_t n = std::min<std::uint64_t>(end - at, chunk_bytes / width);
+      file_.read(offset_ + at * width, buf, std::size_t(n * width));
+      for (std::uint64_t k = 0; k < n; ++k) {
+        const std::byte* p = buf + k * width;
+        std::uint32_t t = std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8);
+        if (width == 4) t |= (std::uint32_t(p[2]) << 16) | (std::uint32_t(p[3]) << 24);
+        f(at + k, t);
+      }
+      at += n;
+    }
+  }
   [[noreturn]] void bad_token(std::uint64_t at, std::uint32_t t, std::int64_t vocab) const {
     throw invalid_argument("token file " + detail::quoted(path()) + ": token " + std::to_string(t) + " at position " +
                            std::to_string(at) + " is not below the vocabulary size " + std::to_string(vocab));
   }
 
   io::read_file file_;
-  const std::byte* file_map_ = file_.map();
   std::uint64_t offset_ = 0, count_ = 0;
   int width_ = 2, version_ = 0;
 };
@@ -268,7 +287,7 @@ class token_dataset {
   token_dataset() = default;
   explicit token_dataset(std::vector<token_segment> segments) : segments_(std::move(segments)) {}
   /// Every token of every file, in order.
-  explicit token_dataset(const std::vector<std::filesystem::path>& files, token_format format = token_format::detect) {
+  explicit token_dataset(const std::vector<std::filesystem::path>& files, token_format format = token_format::llmc) {
     for (const auto& f : files) {
       auto tf = std::make_shared<const token_file>(f, format);
       const std::uint64_t n = tf->size();
@@ -276,7 +295,7 @@ class token_dataset {
     }
   }
   /// The files named by expand_paths(spec).
-  static token_dataset open(std::string_view spec, token_format format = token_format::detect) {
+  static token_dataset open(std::string_view spec, token_format format = token_format::llmc) {
     return token_dataset(expand_paths(spec), format);
   }
 

@@ -1,7 +1,7 @@
 #pragma once
-// Files: atomic writes (temporary file + fsync + rename), and a read-only file with exact positioned reads and
-// an optional read-only memory map. POSIX (Linux); every failure is an invalid_argument naming the file, the
-// operation and the system's reason.
+// Files: atomic writes (temporary file + fsync + rename), and a read-only file with exact positioned reads (no
+// memory map: a file truncated by someone else while mapped would kill the process with SIGBUS). POSIX (Linux);
+// every failure is an invalid_argument naming the file, the operation and the system's reason.
 //
 // atomic_write(path, fill) creates path's directory when needed, writes into "<path>.tmp.<pid>.<n>" in the same
 // directory, fsyncs it, renames it over `path` and fsyncs the directory. If `fill` throws (or any write fails)
@@ -11,7 +11,6 @@
 // util/ sits under data/ and io/, which both read and write files; the names are subspace::io's (io::read_file).
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -126,7 +125,7 @@ inline void atomic_write_text(const std::filesystem::path& path, std::string_vie
   atomic_write(path, [&](file_sink& out) { out.write(text); });
 }
 
-/// A read-only file: size, exact positioned reads, and an optional read-only memory map of the whole file.
+/// A read-only file: its size when opened, and exact positioned reads.
 class read_file {
  public:
   read_file() = default;
@@ -157,7 +156,6 @@ class read_file {
   read_file(const read_file&) = delete;
   read_file& operator=(const read_file&) = delete;
   ~read_file() {
-    if (map_) ::munmap(const_cast<std::byte*>(map_), std::size_t(size_));
     if (fd_ >= 0) ::close(fd_);
   }
 
@@ -177,7 +175,7 @@ class read_file {
       });
       require(n > 0, [&] {
         return "reading " + detail::quoted(path_) + ": unexpected end of file at byte " + std::to_string(at) +
-               " (the file has " + std::to_string(size_) + " bytes)";
+               " (the file had " + std::to_string(size_) + " bytes when opened: truncated since?)";
       });
       p += n;
       at += std::uint64_t(n);
@@ -190,27 +188,16 @@ class read_file {
     read(0, s.data(), s.size());
     return s;
   }
-  /// The whole file, memory-mapped read-only (nullptr for an empty file); valid while this object lives.
-  const std::byte* map() {
-    if (map_ || size_ == 0) return map_;
-    void* p = ::mmap(nullptr, std::size_t(size_), PROT_READ, MAP_PRIVATE, fd_, 0);
-    require(p != MAP_FAILED,
-            [&, err = errno] { return "cannot memory-map " + detail::quoted(path_) + ": " + detail::sys_reason(err); });
-    map_ = static_cast<const std::byte*>(p);
-    return map_;
-  }
 
  private:
   void swap(read_file& o) noexcept {
     std::swap(path_, o.path_);
     std::swap(fd_, o.fd_);
     std::swap(size_, o.size_);
-    std::swap(map_, o.map_);
   }
   std::filesystem::path path_;
   int fd_ = -1;
   std::uint64_t size_ = 0;
-  const std::byte* map_ = nullptr;
 };
 
 /// The content of a text file; invalid_argument naming the file (and `what` it is) when it cannot be read.
