@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -123,11 +124,20 @@ class cli {
       if (v == "false" || v == "0" || v == "off") return false;
       throw cli_error("--" + name + ": got '" + std::string(v) + "', expected true or false");
     } else {
+      const auto bad = [&](const std::string& expected) {
+        return cli_error("--" + name + ": got '" + std::string(v) + "', expected " + expected);
+      };
+      // from_chars refuses a sign for unsigned types; say why rather than "not an integer".
+      if (std::is_unsigned_v<T> && !v.empty() && v[0] == '-') throw bad("a non-negative integer");
       T out{};
       const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
-      if (ec != std::errc{} || end != v.data() + v.size())
-        throw cli_error("--" + name + ": got '" + std::string(v) + "', expected " +
-                        (std::is_integral_v<T> ? "an integer" : "a number"));
+      if (ec == std::errc::result_out_of_range && end == v.data() + v.size()) {
+        if constexpr (std::is_integral_v<T>)
+          throw bad("an integer in [" + std::to_string(std::numeric_limits<T>::min()) + ", " +
+                    std::to_string(std::numeric_limits<T>::max()) + "]");
+        else throw bad("a number within ±" + show(std::numeric_limits<T>::max()));
+      }
+      if (ec != std::errc{} || end != v.data() + v.size()) throw bad(std::is_integral_v<T> ? "an integer" : "a number");
       return out;
     }
   }
