@@ -60,7 +60,8 @@ struct options : examples::model_flags, examples::data_flags, examples::network_
   std::int64_t sync_every = 1;
   std::string layout = "zigzag", attention = "ring", compressor = "identity";
   std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
-  std::int64_t seq = 1024, batch = 1, microbatches = 1, steps = 100, warmup = 10;
+  std::int64_t seq = 1024, batch = 1, steps = 100, warmup = 10;
+  int microbatches = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
   std::int64_t eval_every = 50, eval_batches = 4, log_every = 1, checkpoint_every = 0;

@@ -72,13 +72,14 @@ struct options : examples::model_flags, examples::data_flags, examples::network_
   double bucket_mb = 25.0;
   // optimizer
   std::string optimizer = "auto";
-  std::int64_t accum_window = 8;
+  int accum_window = 8;  // an int, as the scheduler takes it: a larger value fails at parsing
   float weight_decay = -1.0f, beta1 = -1.0f, beta2 = -1.0f;
   std::int64_t rank = 128, refresh = 200;
   float galore_scale = 0.25f;
   double golore_percent = 20.0;
   // batch and schedule
-  std::int64_t seq = 0, batch = 8, accumulation = 1, steps = 300, warmup = 30;
+  std::int64_t seq = 0, batch = 8, steps = 300, warmup = 30;
+  int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
   // evaluation and output

@@ -65,7 +65,8 @@ struct options : examples::model_flags, examples::data_flags, examples::network_
   int stages = 4, dp = 1, virtual_stages = 2;
   std::string schedule = "1f1b", compressor = "subspace", variant = "reparam", wire = "fp32";
   std::int64_t k = 0;
-  std::int64_t seq = 0, batch = 4, microbatches = 8, steps = 200, warmup = 20;
+  std::int64_t seq = 0, batch = 4, steps = 200, warmup = 20;
+  int microbatches = 8;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
   std::string decay = "cosine";
   std::int64_t eval_every = 50, eval_batches = 10, log_every = 1, checkpoint_every = 0;

@@ -38,7 +38,8 @@ using examples::human;
 // common/llama_data.hpp.
 struct options : examples::model_flags, examples::data_flags {
   // batch and schedule
-  std::int64_t seq = 0, batch = 8, accumulation = 1, steps = 300, stop_at = 0, warmup = 30;
+  std::int64_t seq = 0, batch = 8, steps = 300, stop_at = 0, warmup = 30;
+  int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
   std::string decay = "cosine";
   // optimizer

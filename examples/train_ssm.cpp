@@ -50,7 +50,8 @@ struct options : examples::data_flags {
   std::int64_t window = 0;
   bool recompute_c = false;
   int ranks = 1;
-  std::int64_t seq = 256, batch = 8, accumulation = 1, steps = 200, stop_at = 0, warmup = 20;
+  std::int64_t seq = 256, batch = 8, steps = 200, stop_at = 0, warmup = 20;
+  int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
   std::string decay = "cosine";
   std::int64_t eval_every = 50, eval_batches = 10, checkpoint_every = 0, keep_checkpoints = 2, log_every = 1;
