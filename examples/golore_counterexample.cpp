@@ -14,6 +14,7 @@
 // Prints the final f and f - f* of full-rank AdamW, GaLore, GoLore, GoLore@50% and GaLore with batch 100, and
 // exits 1 unless the expected outcome holds (AdamW and the GoLores converge, GaLore stalls at 0.25 <= gap <= 3,
 // batch-100 GaLore's gap is at least ten times smaller).
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -23,6 +24,7 @@
 
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/golore_problem.hpp"
 
 namespace {
@@ -62,6 +64,10 @@ int main(int argc, char** argv) {
       .flag("seed", o.seed, "seed of B and of the noise signs (GoLore's projectors use seed + 1)");
   return examples::guarded_main("golore_counterexample", [&] {
     if (!cli.parse(argc, argv)) return 0;
+    examples::need(o.steps >= 1 && o.rank >= 1 && o.period >= 1 && o.batch >= 1,
+                   "--steps, --rank, --period and --batch must be >= 1");
+    examples::need(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number");
+    examples::need_finite_non_negative("sigma", o.sigma);
     const golore::problem pb(o.seed, o.sigma);
     const double fstar = pb.optimum();
     const optim::adamw adam = optim::subspace_rule<optim::adamw>::reference();

@@ -27,6 +27,7 @@
 
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 
 namespace {
 
@@ -271,6 +272,9 @@ void check_options(const options& o) {
   } else {
     parse_seed("init-random", o.init_random);
   }
+  examples::need_finite("rope-scaling-factor", o.rope_scaling_factor);
+  examples::need_finite("rope-low-freq-factor", o.rope_low_freq_factor);
+  examples::need_finite("rope-high-freq-factor", o.rope_high_freq_factor);
   if (o.rope_scaling_factor < 0.0f || o.rope_low_freq_factor <= 0.0f || o.rope_high_freq_factor <= 0.0f ||
       o.rope_original_max < 1)
     throw cli_error(
@@ -286,6 +290,9 @@ void check_options(const options& o) {
   if (!o.out.empty() && o.tokens.empty()) throw cli_error("--out needs --tokens (the rows to evaluate)");
   if (o.tokens.empty() && o.generate == 0 && o.save.empty())
     throw cli_error("nothing to do: give --tokens, --prompt with --generate, or --save (see --help)");
+  // Last, as they create directories: every path the run writes.
+  if (!o.save.empty()) examples::need_writable_directory("save", o.save);
+  if (!o.out.empty()) examples::need_writable_file("out", o.out);
 }
 
 }  // namespace

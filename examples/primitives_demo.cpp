@@ -13,6 +13,7 @@
 
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 
 namespace {
 
@@ -124,8 +125,9 @@ int main(int argc, char** argv) {
       .flag("log-every", o.log_every, "print a progress line every N steps");
   return examples::guarded_main("primitives_demo", [&] {
     if (!cli.parse(argc, argv)) return 0;
-    if (o.steps < 1 || o.rows < 1 || o.in < 1 || o.out < 1 || o.log_every < 1 || !(o.lr > 0))
+    if (o.steps < 1 || o.rows < 1 || o.in < 1 || o.out < 1 || o.log_every < 1 || !(o.lr > 0) || !std::isfinite(o.lr))
       throw examples::cli_error("--steps, --rows, --in, --out and --log-every must be >= 1 and --lr > 0");
+    examples::need_finite_non_negative("noise", o.noise);
     const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
     if (d.cuda) return run(exec::cuda{}, o, d.name.c_str());
