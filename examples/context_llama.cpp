@@ -42,8 +42,10 @@
 #include <utility>
 #include <vector>
 
+#include "common/checkpoints.hpp"
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 #include "common/ranks.hpp"
@@ -99,6 +101,7 @@ void check(const options& o) {
   need(o.steps >= 1, "--steps must be >= 1, got " + std::to_string(o.steps));
   need(o.warmup >= 0, "--warmup must be >= 0");
   need(std::isfinite(o.lr) && o.lr > 0, "--lr must be a positive number");
+  need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
   need(o.min_lr < 0 || o.min_lr <= o.lr, "--min-lr must not exceed --lr");
   need(o.eval_every >= 1 && o.eval_batches >= 1 && o.log_every >= 1,
        "--eval-every, --eval-batches and --log-every must be >= 1");
@@ -122,6 +125,9 @@ void check(const options& o) {
                                                             " must be shorter than --steps " + std::to_string(o.steps) +
                                                             " (compression starts after the uncompressed warm-up)");
   examples::parse_bandwidth(o.bandwidth);
+  // Last, as they create directories: every path the run writes.
+  if (!o.checkpoint_dir.empty()) examples::need_writable_directory("checkpoint-dir", o.checkpoint_dir);
+  if (!o.metrics.empty()) examples::need_writable_file("metrics", o.metrics);
 }
 
 setup decide(const options& o) {
@@ -248,8 +254,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
     t.init(o.seed);
   }
   const auto save = [&](std::int64_t step) {
-    char name[32];
-    std::snprintf(name, sizeof name, "step_%09lld", (long long)step);
+    const std::string name = examples::checkpoint_name(step);
     t.save(fs::path(o.checkpoint_dir) / name, train_data.position(), o.seed);
     if (lead) std::printf("saved checkpoint %s\n", (fs::path(o.checkpoint_dir) / name).c_str());
   };
@@ -369,7 +374,7 @@ int run_local(const options& o, setup& s) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
   const examples::local_ranks<Exec> ranks(s.ranks, o.comm_timeout, s.threads_per_rank);
   std::optional<io::metrics_writer> metrics;
-  if (!o.metrics.empty()) metrics.emplace(o.metrics);
+  if (!o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
   const auto run = [&](auto compressor) {
     return examples::on_threads(s.ranks, [&](int r) {
@@ -391,14 +396,17 @@ int run_nccl(const options& o, setup& s) {
                               std::to_string(s.ranks) + " ranks, but the launcher (" + li.launcher + ") started " +
                               std::to_string(li.world_size));
   try {
-    if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
+    if (li.rank == 0) {  // rank 0 converts --text into the shard cache and cleans the checkpoints first
+      load_data(o, s);
+      examples::clean_before_run(o.checkpoint_dir, o.resume);
+    }
     proc.stats.barrier().wait();
     if (li.rank != 0) load_data(o, s);
     s.device_name = proc.device_name;
     s.where = "NCCL processes, " + li.launcher + " launch";
     if (li.rank == 0) print_header(o, s, sizeof(bf16));
     std::optional<io::metrics_writer> metrics;
-    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
+    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
     const auto run = [&](auto compressor) {
       return run_rank<nn::llama<exec::cuda, bf16>>(exec::cuda{proc.stream}, proc.world, proc.stats, compressor, o, s,
                                                    metrics ? &*metrics : nullptr);
@@ -478,6 +486,7 @@ int main(int argc, char** argv) {
   return examples::guarded_main("context_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
+    if (o.launcher == "local") examples::clean_before_run(o.checkpoint_dir, o.resume);
     setup s = decide(o);
     if (o.launcher == "nccl") {
 #if defined(__CUDACC__)

@@ -50,6 +50,7 @@
 
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 #include "common/ranks.hpp"
@@ -155,7 +156,10 @@ void check(const options& o) {
        "--eval-every, --eval-batches and --log-every must be >= 1");
   need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
   need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
-  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
+  need(std::isfinite(o.weight_decay), "--weight-decay must be a finite number (negative: the optimizer's default)");
+  need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
+  examples::need_finite("galore-scale", o.galore_scale);
   need(o.rank >= 1 && o.refresh >= 1, "--rank and --refresh must be >= 1");
   need(o.golore_percent >= 0 && o.golore_percent <= 100, "--golore-percent must lie in [0, 100]");
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
@@ -175,6 +179,9 @@ void check(const options& o) {
              "golore; " +
              o.optimizer + " needs a gossip topology (complete, ring, one_peer_exp, alternating_exp_ring)");
   parse_bandwidth(o.bandwidth);
+  // Last, as they create directories: every path the run writes.
+  if (!o.metrics.empty()) examples::need_writable_file("metrics", o.metrics);
+  if (!o.summary.empty()) examples::need_writable_file("summary", o.summary);
 }
 
 /// The shared part of the setup once the world size and local size are known: topology, optimizer, network.

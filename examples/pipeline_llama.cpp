@@ -48,8 +48,10 @@
 #include <utility>
 #include <vector>
 
+#include "common/checkpoints.hpp"
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 #include "common/ranks.hpp"
@@ -127,7 +129,8 @@ void check(const options& o) {
   need(o.checkpoint_every == 0 || !o.checkpoint_dir.empty(), "--checkpoint-every needs --checkpoint-dir");
   need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
   need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
-  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
+  need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
   need(o.threads >= 0, "--threads must be >= 0");
@@ -135,6 +138,11 @@ void check(const options& o) {
        "--virtual-stages applies to --schedule interleaved only");
   examples::parse_bandwidth(o.bandwidth);
   (void)chosen_schedule(o);  // --schedule's own rules (e.g. interleaved needs --microbatches a multiple of --stages)
+  // Last, as they create directories: every path the run writes.
+  if (!o.checkpoint_dir.empty()) examples::need_writable_directory("checkpoint-dir", o.checkpoint_dir);
+  if (!o.metrics.empty()) examples::need_writable_file("metrics", o.metrics);
+  if (!o.summary.empty()) examples::need_writable_file("summary", o.summary);
+  if (!o.export_hf.empty()) examples::need_writable_directory("export-hf", o.export_hf);
 }
 
 setup decide(const options& o, int ranks) {
@@ -284,8 +292,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
     std::fflush(stdout);
   }
   const auto save = [&](std::int64_t step) {
-    char name[32];
-    std::snprintf(name, sizeof name, "step_%09lld", (long long)step);
+    const std::string name = examples::checkpoint_name(step);
     t.save(fs::path(o.checkpoint_dir) / name, train_data.position(), o.seed);
     if (lead) std::printf("saved checkpoint %s\n", (fs::path(o.checkpoint_dir) / name).c_str());
   };
@@ -491,7 +498,7 @@ template <class Exec>
 int run_local(const options& o, setup& s) {
   const examples::local_ranks<Exec> ranks(s.ranks, o.comm_timeout, s.threads_per_rank);
   std::optional<io::metrics_writer> metrics;
-  if (!o.metrics.empty()) metrics.emplace(o.metrics);
+  if (!o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
   gathered g;
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
   return with_compressor<Exec>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
@@ -516,14 +523,17 @@ int run_nccl(const options& o) {
                               ") started " + std::to_string(li.world_size));
   setup s = decide(o, li.world_size);
   try {
-    if (li.rank == 0) load_data(o, s);  // rank 0 converts --text into the shard cache first
+    if (li.rank == 0) {  // rank 0 converts --text into the shard cache and cleans the checkpoints first
+      load_data(o, s);
+      examples::clean_before_run(o.checkpoint_dir, o.resume);
+    }
     proc.stats.barrier().wait();
     if (li.rank != 0) load_data(o, s);
     s.device_name = proc.device_name;
     s.where = "NCCL processes, " + li.launcher + " launch";
     if (li.rank == 0) print_header(o, s, sizeof(bf16));
     std::optional<io::metrics_writer> metrics;
-    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics);
+    if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
     const exec::cuda ex{proc.stream};
     const int status =
         with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
@@ -619,6 +629,7 @@ int main(int argc, char** argv) {
       throw examples::cli_error("--launcher nccl: this build has no CUDA path (configure with the cuda preset)");
 #endif
     }
+    examples::clean_before_run(o.checkpoint_dir, o.resume);
     const int ranks = o.stages * o.dp;
     setup s = decide(o, ranks);
     const examples::device_choice d = examples::choose_device(o.device);

@@ -22,6 +22,7 @@
 #include "common/checkpoints.hpp"
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 
@@ -92,6 +93,8 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
     const fs::path from = examples::resolve_resume(o.resume);
     const io::trainer_state ts = t.resume(from, train_data);
     std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
+    // The interrupted run may have logged steps after this checkpoint (and torn its last line): they come again.
+    if (!o.metrics.empty()) io::truncate_metrics_after(o.metrics, ts.step);
     if (const io::json* planned = ts.extra.find("steps"); planned && planned->is_int() && planned->as_int() != o.steps)
       std::printf("note: the learning-rate schedule now ends at step %lld (the checkpoint's run planned %lld)\n",
                   (long long)o.steps, (long long)planned->as_int());
@@ -130,14 +133,10 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
                     o.resume.empty() ? io::metrics_writer::open_mode::truncate : io::metrics_writer::open_mode::append);
 
   const auto save = [&](std::int64_t step) {
-    const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
+    const fs::path dir = fs::path(o.checkpoint_dir) / examples::checkpoint_name(step);
     t.save(dir, train_data.position(), o.seed,
            io::json::object({{"device", io::json(device_name)}, {"steps", io::json(o.steps)}}));
-    auto all = examples::checkpoints_in(o.checkpoint_dir);
-    while (o.keep_checkpoints > 0 && std::int64_t(all.size()) > o.keep_checkpoints) {
-      fs::remove_all(all.front());
-      all.erase(all.begin());
-    }
+    examples::keep_newest_checkpoints(o.checkpoint_dir, o.keep_checkpoints);
     std::printf("saved checkpoint %s\n", dir.c_str());
   };
 
@@ -289,13 +288,21 @@ void check(const options& o) {
   need(o.checkpoint_every >= 0 && o.keep_checkpoints >= 0, "--checkpoint-every and --keep-checkpoints must be >= 0");
   need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
   need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
-  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
+  examples::need_finite_non_negative("weight-decay", o.weight_decay);
+  need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
+  examples::need_finite("galore-scale", o.galore_scale);
+  examples::need_finite_non_negative("peak-tflops", o.peak_tflops);
   need(o.rank >= 1 && o.refresh >= 1, "--rank and --refresh must be >= 1");
   need(o.golore_percent >= 0 && o.golore_percent <= 100, "--golore-percent must lie in [0, 100]");
   need(o.resume.empty() || o.init_from.empty(), "--resume and --init-from exclude each other");
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(o.threads >= 0, "--threads must be >= 0");
+  // Last, as they create directories: every path the run writes.
+  if (!o.checkpoint_dir.empty()) examples::need_writable_directory("checkpoint-dir", o.checkpoint_dir);
+  if (!o.metrics.empty()) examples::need_writable_file("metrics", o.metrics);
+  if (!o.summary.empty()) examples::need_writable_file("summary", o.summary);
 }
 
 }  // namespace
@@ -349,6 +356,7 @@ int main(int argc, char** argv) {
   return examples::guarded_main("train_llama", [&] {
     if (!cli.parse(argc, argv)) return 0;
     check(o);
+    examples::clean_before_run(o.checkpoint_dir, o.resume);
     const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
     if (d.cuda) return train_with(exec::cuda{}, o, d.name);
