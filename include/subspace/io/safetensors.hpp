@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/checked.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
@@ -504,18 +505,9 @@ class safetensors_file {
     }
     // The element and byte counts must fit in 63 bits before anything multiplies them (a shape of [2^32, 2^32],
     // or [2^61] of F64, would wrap and then match small data_offsets).
-    const std::uint64_t limit = std::uint64_t(std::numeric_limits<std::int64_t>::max());
-    const bool empty = std::find(t.shape.begin(), t.shape.end(), 0) != t.shape.end();  // whatever the rest
-    std::uint64_t n = empty ? 0 : 1;
-    bool fits = true;
-    for (const auto d : t.shape) {
-      if (empty || !fits) break;
-      if (n > limit / std::uint64_t(d)) fits = false;
-      else n *= std::uint64_t(d);
-    }
-    const std::uint64_t element = element_size(*dtype);
-    fits = fits && n <= limit / element;
-    require(fits, [&] {
+    constexpr std::int64_t limit = std::numeric_limits<std::int64_t>::max();
+    const std::optional<std::int64_t> elements = checked_product(t.shape, limit);
+    require(elements && checked_mul(*elements, std::int64_t(element_size(*dtype)), limit), [&] {
       return who + ": shape " + to_string(t.shape) + " of " + name_of(*dtype) +
              " holds more bytes than a 64-bit size can count";
     });
