@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cmath>
 #include <filesystem>
+#include <random>
 #include <string>
 #include <system_error>
 
@@ -47,7 +48,9 @@ inline std::string unwritable_directory(const std::filesystem::path& dir) {
   std::filesystem::create_directories(dir, ec);
   if (ec || !std::filesystem::is_directory(dir))
     return "cannot create the directory " + dir.string() + ": " + (ec ? ec.message() : "a file of that name exists");
-  const std::filesystem::path probe = dir / (".write-probe." + std::to_string(::getpid()));
+  // Processes of one launch may probe one shared directory at once: a name of their own each.
+  const std::filesystem::path probe =
+      dir / (".write-probe." + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}()));
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) {
     const int err = errno;
