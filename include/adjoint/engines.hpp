@@ -17,8 +17,8 @@
 //
 // Sharding: a model is built as one stage (a contiguous range of layers) per rank and trained by
 // pipeline::pipeline_trainer; exact_adjoint hands δ down from stage to stage like any pipeline backward, and
-// sharded_adjoint hands g down unchanged. The model does not split its backward yet, so a rank hands g on after
-// its own layers' work: the ranks' backwards of one micro-batch still run one after another.
+// sharded_adjoint hands g down unchanged, and splits its backward (backward_input hands g on, backward_weight does
+// the layers), so under a zero-bubble schedule the ranks work on their layers at the same time.
 
 #include <cstdint>
 #include <type_traits>

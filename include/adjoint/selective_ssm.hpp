@@ -39,7 +39,6 @@
 #include <subspace/core/dtype.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/core/executor.hpp>
-#include <subspace/core/memory.hpp>
 #include <subspace/core/parameter.hpp>
 #include <subspace/core/tensor.hpp>
 #include <subspace/kernels/elementwise.hpp>
@@ -96,7 +95,7 @@ class selective_ssm {
   selective_ssm(const ssm_config& cfg, Exec ex, Engine engine, ssm_stage stage,
                 std::shared_ptr<store_type> store = nullptr)
       : cfg_(cfg), ex_(ex), engine_(engine) {
-    cfg_.validate();
+    const std::vector<subspace::parameter_info> infos = ssm_parameter_infos(cfg_);
     if (stage.last_layer < 0) stage.last_layer = cfg_.layers;
     subspace::require(0 <= stage.first_layer && stage.first_layer < stage.last_layer && stage.last_layer <= cfg_.layers,
                       [&] {
@@ -109,8 +108,6 @@ class selective_ssm {
         return "sharded_adjoint: window must be 0 (none) or positive, got " + std::to_string(engine_.window);
       });
     stage_ = stage;
-    require_memory();
-    const std::vector<subspace::parameter_info> infos = ssm_parameter_infos(cfg_);
     store_ = store ? std::move(store) : std::make_shared<store_type>();
     first_param_ = store_->size();
     if (has_embedding()) embed_index_ = store_->add(infos[0]);
@@ -223,37 +220,43 @@ class selective_ssm {
   /// the head's tensors, then each layer's from the top, then the embedding.
   template <class Ready>
   void backward(std::size_t slot, view<const boundary_type> grad_out, view<boundary_type> grad_in, Ready&& ready) {
-    slot_state& st = slot_at(slot);
-    subspace::require(st.backward_ready,
-                      "selective_ssm::backward: call forward() on this slot first (evaluate() keeps no gradient "
-                      "state, and backward runs once per forward)");
-    st.backward_ready = false;
-    bind();
-    const std::int64_t n = st.batch * st.seq, P = cfg_.d_model;
-    prepare_scratch(st.batch, st.seq);
-    if (has_head()) {
-      subspace::rmsnorm_backward(ex_, ro(st.y), ro(norm_.value), ro(st.rstdf), ro(st.dlnf), delta_, norm_.grad);
-      ready(norm_index_, head_index_ + 1);
-    } else {
-      check_boundary(grad_out, n, "backward", "grad_out");
-      subspace::nn::detail::convert_into(ex_, grad_out, delta_);
-    }
+    slot_state& st = begin_backward(slot, grad_out, ready, "backward");
     if constexpr (token_major) {
-      detail::bptt_backward(st.batch, st.seq, P, cfg_.state, layer_refs(), st.tape, delta_.data());
+      detail::bptt_backward(st.batch, st.seq, cfg_.d_model, cfg_.state, layer_refs(), st.tape, delta_.data());
       for (std::size_t l = layer_indices_.size(); l-- > 0;) ready(layer_indices_[l], layer_indices_[l] + per_layer);
     } else {
-      for (std::size_t l = layer_indices_.size(); l-- > 0;) {
-        layer_backward(st, l);
-        ready(layer_indices_[l], layer_indices_[l] + per_layer);
-      }
+      layers_backward(st, ready);
     }
-    if (has_embedding()) {
-      subspace::embedding_backward(ex_, ro(st.tokens), ro(delta_), embed_.grad);
-      ready(embed_index_, embed_index_ + 1);
-    } else {
-      check_boundary(grad_in, n, "backward", "grad_in");
-      subspace::nn::detail::convert_into(ex_, ro(delta_), grad_in);
-    }
+    hand_down(st, grad_in, ready, "backward");
+  }
+
+  /// The sharded engine splits its backward, so a zero-bubble pipeline schedule can run the halves apart: its
+  /// layers need only g, so backward_input hands g on (and fills the head's, the final norm's and the embedding's
+  /// gradients) and backward_weight does the layers' work. The ranks of a sharded model then compute their
+  /// layers' gradients at the same time instead of one after another.
+  static constexpr bool splits_backward = std::is_same_v<Engine, sharded_adjoint>;
+
+  template <class Ready>
+  void backward_input(std::size_t slot, view<const boundary_type> grad_out, view<boundary_type> grad_in, Ready&& ready)
+    requires splits_backward
+  {
+    slot_state& st = begin_backward(slot, grad_out, ready, "backward_input");
+    hand_down(st, grad_in, ready, "backward_input");
+    subspace::nn::detail::convert_into(ex_, ro(delta_), st.y);  // the stream is dead now: it keeps g
+    st.weights_pending = true;
+  }
+
+  template <class Ready>
+  void backward_weight(std::size_t slot, Ready&& ready)
+    requires splits_backward
+  {
+    slot_state& st = slot_at(slot);
+    subspace::require(st.weights_pending, "selective_ssm::backward_weight: call backward_input() on this slot first");
+    st.weights_pending = false;
+    bind();
+    prepare_scratch(st.batch, st.seq);
+    subspace::nn::detail::convert_into(ex_, ro(st.y), delta_);
+    layers_backward(st, ready);
   }
 
  private:
@@ -264,21 +267,6 @@ class selective_ssm {
   static constexpr bool keeps_graph = std::is_same_v<Engine, bptt> && !token_major;
   static constexpr bool propagates = !std::is_same_v<Engine, sharded_adjoint>;
   using subspace_arena = subspace::arena<space>;
-
-  /// Checks, before the layers' descriptions are built, that this stage's values and gradients fit the memory of
-  /// the executor's space: a configuration too large for the machine fails here, naming its sizes.
-  void require_memory() const {
-    const std::int64_t layers = stage_.last_layer - stage_.first_layer;
-    const std::int64_t embedding = cfg_.vocab * cfg_.d_model;  // validated: no overflow
-    const std::int64_t count = layers * cfg_.layer_parameters() + (has_embedding() ? embedding : 0) +
-                               (has_head() ? cfg_.d_model + embedding : 0);
-    subspace::require_capacity<space>(std::uint64_t(count) * (sizeof(T) + sizeof(grad_type)), [&] {
-      return "ssm_config '" + cfg_.name + "' (vocab " + std::to_string(cfg_.vocab) + ", d_model " +
-             std::to_string(cfg_.d_model) + ", state " + std::to_string(cfg_.state) + ", layers " +
-             std::to_string(cfg_.layers) + "): the " + std::to_string(count) + " parameters of layers [" +
-             std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) + ") with their gradients";
-    });
-  }
 
   /// One layer's parameters, bound to the store.
   struct layer_params {
@@ -301,6 +289,7 @@ class selective_ssm {
     view<T> dlnf;                                       // dL/d(final norm's output), from the loss
     view<stat_type> rstdf, losses;
     bool backward_ready = false;
+    bool weights_pending = false;  // backward_input ran, backward_weight not yet
   };
 
   std::size_t local(std::int64_t k) const {
@@ -355,6 +344,49 @@ class selective_ssm {
       slots_.resize(slot + 1);
     }
     return slots_[slot];
+  }
+
+  /// The head's (or the next stage's) cotangent into delta_: the start of every backward.
+  template <class Ready>
+  slot_state& begin_backward(std::size_t slot, view<const boundary_type> grad_out, Ready& ready, const char* op) {
+    slot_state& st = slot_at(slot);
+    subspace::require(st.backward_ready, [&] {
+      return std::string("selective_ssm::") + op +
+             ": call forward() on this slot first (evaluate() keeps no gradient state, and a backward runs once "
+             "per forward)";
+    });
+    st.backward_ready = false;
+    bind();
+    prepare_scratch(st.batch, st.seq);
+    if (has_head()) {
+      subspace::rmsnorm_backward(ex_, ro(st.y), ro(norm_.value), ro(st.rstdf), ro(st.dlnf), delta_, norm_.grad);
+      ready(norm_index_, head_index_ + 1);
+    } else {
+      check_boundary(grad_out, st.batch * st.seq, op, "grad_out");
+      subspace::nn::detail::convert_into(ex_, grad_out, delta_);
+    }
+    return st;
+  }
+
+  /// The layers from the top, each reporting its gradients ready.
+  template <class Ready>
+  void layers_backward(slot_state& st, Ready& ready) {
+    for (std::size_t l = layer_indices_.size(); l-- > 0;) {
+      layer_backward(st, l);
+      ready(layer_indices_[l], layer_indices_[l] + per_layer);
+    }
+  }
+
+  /// delta_ to the embedding, or down to the previous stage: the end of every backward.
+  template <class Ready>
+  void hand_down(slot_state& st, view<boundary_type> grad_in, Ready& ready, const char* op) {
+    if (has_embedding()) {
+      subspace::embedding_backward(ex_, ro(st.tokens), ro(delta_), embed_.grad);
+      ready(embed_index_, embed_index_ + 1);
+    } else {
+      check_boundary(grad_in, st.batch * st.seq, op, "grad_in");
+      subspace::nn::detail::convert_into(ex_, ro(delta_), grad_in);
+    }
   }
 
   /// Rows per chunk of the B and C products: the two [rows, N·P] chunk buffers stay within 1/16 of what one
