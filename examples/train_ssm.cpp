@@ -34,6 +34,7 @@
 #include "common/checkpoints.hpp"
 #include "common/cli.hpp"
 #include "common/device.hpp"
+#include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 #include "common/ranks.hpp"
@@ -51,7 +52,8 @@ struct options : examples::data_flags {
   std::int64_t window = 0;
   bool recompute_c = false;
   int ranks = 1;
-  std::int64_t seq = 256, batch = 8, accumulation = 1, steps = 200, stop_at = 0, warmup = 20;
+  std::int64_t seq = 256, batch = 8, steps = 200, stop_at = 0, warmup = 20;
+  int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
   std::string decay = "cosine";
   std::int64_t eval_every = 50, eval_batches = 10, checkpoint_every = 0, keep_checkpoints = 2, log_every = 1;
@@ -93,19 +95,18 @@ int train_loop(Trainer& t, Model& model, const options& o, data::batch_loader& t
     return "--steps " + std::to_string(o.steps) + ": the checkpoint is already at step " + std::to_string(first - 1);
   });
   std::optional<io::metrics_writer> metrics;
-  if (lead && !o.metrics.empty())
+  if (lead && !o.metrics.empty()) {
+    // The interrupted run may have logged steps after the checkpoint (and torn its last line): they come again.
+    if (!o.resume.empty()) io::truncate_metrics_after(o.metrics, t.steps_done());
     metrics.emplace(o.metrics,
                     o.resume.empty() ? io::metrics_writer::open_mode::truncate : io::metrics_writer::open_mode::append);
+  }
   const auto save = [&](std::int64_t step) {
-    const fs::path dir = fs::path(o.checkpoint_dir) / ("step_" + std::to_string(1000000000 + step).substr(1));
+    const fs::path dir = fs::path(o.checkpoint_dir) / examples::checkpoint_name(step);
     t.save(dir, train.position(), o.seed,
            io::json::object({{"engine", io::json(o.engine)}, {"steps", io::json(o.steps)}}));
     if (!lead) return;
-    auto all = examples::checkpoints_in(o.checkpoint_dir);
-    while (o.keep_checkpoints > 0 && std::int64_t(all.size()) > o.keep_checkpoints) {
-      fs::remove_all(all.front());
-      all.erase(all.begin());
-    }
+    examples::keep_newest_checkpoints(o.checkpoint_dir, o.keep_checkpoints);
     std::printf("saved checkpoint %s\n", dir.c_str());
   };
   const auto start = std::chrono::steady_clock::now();
@@ -256,6 +257,7 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
   // In an NCCL launch, rank 0 converts --text into the shard cache before the others read it.
   const bool lead_process = launch_rank(launch) == 0;
   if (!lead_process) launch_barrier(launch);
+  if (lead_process) examples::clean_before_run(o.checkpoint_dir, o.resume);  // before any rank reads checkpoints
   const examples::data_source src = examples::choose_data(o);
   if (lead_process) launch_barrier(launch);
   require(!src.bytes || cfg.vocab >= 256, [&] {
@@ -373,13 +375,18 @@ void check(const options& o) {
   need(o.checkpoint_every >= 0 && o.keep_checkpoints >= 0, "--checkpoint-every and --keep-checkpoints must be >= 0");
   need(o.val_fraction > 0 && o.val_fraction < 1, "--val-fraction must lie in (0, 1)");
   need(o.samples >= 0 && o.sample_tokens >= 0, "--samples and --sample-tokens must be >= 0");
-  need(o.temperature >= 0, "--temperature must be >= 0 (0: greedy)");
+  examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
+  examples::need_finite_non_negative("weight-decay", o.weight_decay);
+  need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(o.threads >= 0, "--threads must be >= 0");
   need(o.max_context_limit >= 4096, "--max-context-limit must be >= 4096");
   need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
   need(o.launcher == "local" || !o.max_context, "--max-context runs in one process (--launcher local)");
+  // Last, as they create directories: every path the run writes.
+  if (!o.checkpoint_dir.empty()) examples::need_writable_directory("checkpoint-dir", o.checkpoint_dir);
+  if (!o.metrics.empty()) examples::need_writable_file("metrics", o.metrics);
 }
 
 }  // namespace

@@ -39,6 +39,7 @@
 #include <subspace/core/dtype.hpp>
 #include <subspace/core/error.hpp>
 #include <subspace/core/executor.hpp>
+#include <subspace/core/memory.hpp>
 #include <subspace/core/parameter.hpp>
 #include <subspace/core/tensor.hpp>
 #include <subspace/kernels/elementwise.hpp>
@@ -95,7 +96,7 @@ class selective_ssm {
   selective_ssm(const ssm_config& cfg, Exec ex, Engine engine, ssm_stage stage,
                 std::shared_ptr<store_type> store = nullptr)
       : cfg_(cfg), ex_(ex), engine_(engine) {
-    const std::vector<subspace::parameter_info> infos = ssm_parameter_infos(cfg_);
+    cfg_.validate();
     if (stage.last_layer < 0) stage.last_layer = cfg_.layers;
     subspace::require(0 <= stage.first_layer && stage.first_layer < stage.last_layer && stage.last_layer <= cfg_.layers,
                       [&] {
@@ -108,6 +109,8 @@ class selective_ssm {
         return "sharded_adjoint: window must be 0 (none) or positive, got " + std::to_string(engine_.window);
       });
     stage_ = stage;
+    require_memory();
+    const std::vector<subspace::parameter_info> infos = ssm_parameter_infos(cfg_);
     store_ = store ? std::move(store) : std::make_shared<store_type>();
     first_param_ = store_->size();
     if (has_embedding()) embed_index_ = store_->add(infos[0]);
@@ -261,12 +264,21 @@ class selective_ssm {
 
  private:
   static constexpr std::size_t per_layer = 6;  // a, b, c maps: weight and bias each
-  // bptt on the host walks token by token (detail/bptt_host.hpp); on a device it keeps the whole graph and walks
-  // it layer by layer. The exact engine and bptt hand δ down; the sharded engine hands g.
-  static constexpr bool token_major = std::is_same_v<Engine, bptt> && std::is_same_v<Exec, subspace::exec::host>;
-  static constexpr bool keeps_graph = std::is_same_v<Engine, bptt> && !token_major;
-  static constexpr bool propagates = !std::is_same_v<Engine, sharded_adjoint>;
-  using subspace_arena = subspace::arena<space>;
+
+  /// Checks, before the layers' descriptions are built, that this stage's values and gradients fit the memory of
+  /// the executor's space: a configuration too large for the machine fails here, naming its sizes.
+  void require_memory() const {
+    const std::int64_t layers = stage_.last_layer - stage_.first_layer;
+    const std::int64_t embedding = cfg_.vocab * cfg_.d_model;  // validated: no overflow
+    const std::int64_t count = layers * cfg_.layer_parameters() + (has_embedding() ? embedding : 0) +
+                               (has_head() ? cfg_.d_model + embedding : 0);
+    subspace::require_capacity<space>(std::uint64_t(count) * (sizeof(T) + sizeof(grad_type)), [&] {
+      return "ssm_config '" + cfg_.name + "' (vocab " + std::to_string(cfg_.vocab) + ", d_model " +
+             std::to_string(cfg_.d_model) + ", state " + std::to_string(cfg_.state) + ", layers " +
+             std::to_string(cfg_.layers) + "): the " + std::to_string(count) + " parameters of layers [" +
+             std::to_string(stage_.first_layer) + ", " + std::to_string(stage_.last_layer) + ") with their gradients";
+    });
+  }
 
   /// One layer's parameters, bound to the store.
   struct layer_params {
@@ -388,6 +400,13 @@ class selective_ssm {
       subspace::nn::detail::convert_into(ex_, ro(delta_), grad_in);
     }
   }
+
+  // bptt on the host walks token by token (detail/bptt_host.hpp); on a device it keeps the whole graph and walks
+  // it layer by layer. The exact engine and bptt hand δ down; the sharded engine hands g.
+  static constexpr bool token_major = std::is_same_v<Engine, bptt> && std::is_same_v<Exec, subspace::exec::host>;
+  static constexpr bool keeps_graph = std::is_same_v<Engine, bptt> && !token_major;
+  static constexpr bool propagates = !std::is_same_v<Engine, sharded_adjoint>;
+  using subspace_arena = subspace::arena<space>;
 
   /// Rows per chunk of the B and C products: the two [rows, N·P] chunk buffers stay within 1/16 of what one
   /// layer stores for the batch, or hold 2^18 values on the host and 2^22 on a device when that is more (a GPU's
