@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -107,18 +108,11 @@ host_tensor<std::int32_t> parse_token_rows(const std::string& text) {
   return out;
 }
 
-/// A non-negative integer seed from a flag value.
+/// A non-negative integer seed from a flag value (decimal digits only: " -1" is no seed).
 std::uint64_t parse_seed(const std::string& flag, const std::string& text) {
-  std::size_t used = 0;
-  std::uint64_t v = 0;
-  try {
-    v = std::stoull(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (text.empty() || used != text.size() || text[0] == '-')
-    throw examples::cli_error("--" + flag + ": got '" + text + "', expected a non-negative integer seed");
-  return v;
+  const std::optional<std::uint64_t> v = parse_unsigned(text);
+  if (!v) throw examples::cli_error("--" + flag + ": got '" + text + "', expected a non-negative integer seed");
+  return *v;
 }
 
 /// The configuration of the model to run: config.json of --model, or --preset with the --init-random overrides.
@@ -281,6 +275,7 @@ void check_options(const options& o) {
         "--rope-scaling-factor must be >= 0 (0: off), --rope-low-freq-factor and "
         "--rope-high-freq-factor > 0, --rope-original-max >= 1");
   if (o.generate < 0) throw cli_error("--generate: got " + std::to_string(o.generate) + ", expected N >= 0");
+  examples::need_sample_tokens("generate", o.generate);
   if (o.generate > 0 && o.prompt.empty())
     throw cli_error("--generate needs a non-empty --prompt (the text the sample continues)");
   if (!o.prompt.empty() && o.generate == 0) throw cli_error("--prompt needs --generate N > 0 (tokens to sample)");

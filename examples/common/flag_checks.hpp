@@ -1,8 +1,8 @@
 #pragma once
 // Checks every example makes on its flags before any work, so that a bad value fails at start (exit 2, naming the
-// flag) and not after hours of training: numbers that must be finite or non-negative, the sampling flags, and
-// every path a run writes (created and probed now: a read-only or misspelled --checkpoint-dir fails before the
-// first step, not at the first save).
+// flag) and not after hours of training: numbers that must be finite or non-negative, the sampling flags (a sample
+// of at most max_sample_tokens new tokens), and every path a run writes (created and probed now: a read-only or
+// misspelled --checkpoint-dir fails before the first step, not at the first save).
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -34,9 +34,21 @@ inline void need_finite_non_negative(const std::string& flag, double value) {
     throw cli_error("--" + flag + " must be a finite number >= 0, got " + std::to_string(value));
 }
 
+/// The most tokens one sample may ask for: every new token runs the model over its window again (a recurrent
+/// model's window is the whole text so far), so a longer sample is a typing mistake, not a request.
+inline constexpr long long max_sample_tokens = 65536;
+
+/// --flag, the new tokens of one sample, must lie in [0, max_sample_tokens].
+inline void need_sample_tokens(const std::string& flag, long long tokens) {
+  if (tokens < 0 || tokens > max_sample_tokens)
+    throw cli_error("--" + flag + " must lie in [0, " + std::to_string(max_sample_tokens) +
+                    "] (new tokens per sample), got " + std::to_string(tokens));
+}
+
 /// The sampling flags of a run that prints `samples` samples of `tokens` tokens each after training.
 inline void need_sampling(double temperature, const std::string& prompt, long long samples, long long tokens) {
   need_finite_non_negative("temperature", temperature);
+  need_sample_tokens("sample-tokens", tokens);
   if (samples > 0 && tokens > 0 && prompt.empty())
     throw cli_error("--prompt must not be empty (it is the text the samples continue; --samples 0 prints none)");
 }

@@ -223,6 +223,33 @@ TEST_CASE("checkpoint files: the sidecar's counts are bounded, and its version a
   CHECK(dir.listing() == std::vector<std::string>{"ckpt"});
 }
 
+TEST_CASE("checkpoint files: the sidecar's seed and rng_offset are decimal digits of an unsigned 64-bit integer") {
+  testing::scratch_dir dir;
+  small_model a(1);
+  a.save(dir / "ckpt", 3);
+  const fs::path sidecar = dir / "ckpt" / "trainer_state.json";
+  const std::string good = slurp(sidecar);
+  for (const char* key : {"seed", "rng_offset"}) {
+    const std::string field = "\"" + std::string(key) + "\": \"0\"";
+    REQUIRE(good.find(field) != std::string::npos);
+    // A blank, a sign or a value past 2^64 - 1 is refused, not read as 2^64 - 1 or 5.
+    for (const char* value : {" -1", "-1", "+5", " 5", "5 ", "18446744073709551616", "0x10", ""}) {
+      const std::string shown = std::string(key) + " = \"" + value + "\"";
+      CAPTURE(shown);
+      std::string s = good;
+      spit(sidecar, s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"" + value + "\""));
+      CHECK_THROWS_WITH_AS(io::read_trainer_state(dir / "ckpt"),
+                           has("\"" + std::string(key) +
+                               "\" must be a decimal string of an unsigned 64-bit integer, got \"" + value + "\""),
+                           invalid_argument);
+    }
+    std::string s = good;
+    spit(sidecar, s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"18446744073709551615\""));
+    const io::trainer_state ts = io::read_trainer_state(dir / "ckpt");
+    CHECK((std::string(key) == "seed" ? ts.seed : ts.rng_offset) == ~std::uint64_t(0));
+  }
+}
+
 TEST_CASE("checkpoint files: a sharded index may name only files inside the model directory") {
   testing::scratch_dir dir;
   small_model a(1);

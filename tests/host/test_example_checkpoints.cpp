@@ -86,6 +86,10 @@ TEST_CASE("example flags: output paths that cannot be written and non-finite num
                        examples::cli_error);
   CHECK_THROWS_WITH_AS(examples::need_sampling(0.8, "", 1, 1), has("--prompt must not be empty"), examples::cli_error);
   examples::need_sampling(0.8, "", 0, 1);  // no samples: no prompt needed
+  examples::need_sampling(0.8, "x", 1, examples::max_sample_tokens);
+  CHECK_THROWS_WITH_AS(examples::need_sampling(0.8, "x", 1, 1000000000000000LL),
+                       has("--sample-tokens must lie in [0, 65536] (new tokens per sample), got 1000000000000000"),
+                       examples::cli_error);
   CHECK_THROWS_WITH_AS(examples::need_finite_non_negative("weight-decay", NAN),
                        has("--weight-decay must be a finite number >= 0, got nan"), examples::cli_error);
 }

@@ -109,6 +109,10 @@ TEST_CASE("io::config_io from Boost.Hana: a config.json with a missing or mistyp
   bad.set("vocab", io::json("many"));
   CHECK_THROWS_WITH_AS(io::config_io<toy_config>::from_json(bad, "cfg.json"),
                        doctest::Contains("cfg.json: \"vocab\" must be an integer"), invalid_argument);
+  // A negative integer is in range for a signed field: reading keeps it, the model's validation judges it.
+  io::json negative = good;
+  negative.set("d_model", io::json(-3));
+  CHECK(io::config_io<toy_config>::from_json(negative, "cfg.json").d_model == -3);
   io::json missing = io::json::object({{"vocab", io::json(3)}});
   CHECK_THROWS_WITH_AS(io::config_io<toy_config>::from_json(missing, "cfg.json"),
                        doctest::Contains("missing field \"d_model\""), invalid_argument);

@@ -35,6 +35,17 @@ TEST_CASE("checked sizes: products and sums within a limit, nullopt past it or f
   CHECK_FALSE(checked_product(4, -1).has_value());
 }
 
+TEST_CASE("parse_unsigned: decimal digits within the type's range, nothing else") {
+  CHECK(parse_unsigned("0") == 0u);
+  CHECK(parse_unsigned("18446744073709551615") == std::numeric_limits<std::uint64_t>::max());
+  CHECK(parse_unsigned<std::uint32_t>("4294967295") == std::numeric_limits<std::uint32_t>::max());
+  CHECK_FALSE(parse_unsigned<std::uint32_t>("4294967296").has_value());
+  for (const char* text : {"", " -1", "-1", "+5", " 5", "5 ", "0x10", "1e3", "18446744073709551616"}) {
+    CAPTURE(std::string(text));
+    CHECK_FALSE(parse_unsigned(text).has_value());
+  }
+}
+
 TEST_CASE("shapes and tensors refuse element counts past 2^48 instead of wrapping") {
   CHECK_THROWS_WITH_AS(shape({two_62_plus_1, 128}), has("shape [4611686018427387905, 128]: more than 2^48 elements"),
                        invalid_argument);

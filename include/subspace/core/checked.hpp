@@ -1,13 +1,17 @@
 #pragma once
 // Overflow-checked sizes: element counts computed from untrusted extents (configuration files, flags, file
-// headers) before anything multiplies them unchecked or allocates.
+// headers) before anything multiplies them unchecked or allocates; and unsigned numbers read from untrusted text.
 //
 // max_elements bounds every tensor and every model's parameter count: 2^48 elements, beyond any memory, so that
 // a count times an element size (8 bytes at most), or a sum of a few such counts, still fits in int64.
 
+#include <charconv>
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
 
 namespace subspace {
 
@@ -52,6 +56,17 @@ template <class... I>
 constexpr std::optional<std::int64_t> checked_product(std::int64_t first, I... rest) {
   const std::int64_t extents[] = {first, std::int64_t(rest)...};
   return checked_product(std::span<const std::int64_t>(extents));
+}
+
+/// The unsigned integer that `text` spells in decimal digits, when it fits in T; nullopt for anything else: empty
+/// text, a blank, a sign, a prefix, a trailing character or a larger value (std::stoull reads " -1" as 2^64 - 1).
+template <class T = std::uint64_t>
+  requires(std::is_unsigned_v<T> && !std::is_same_v<T, bool>)
+std::optional<T> parse_unsigned(std::string_view text) {
+  T value{};
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || ec != std::errc{} || end != text.data() + text.size()) return std::nullopt;
+  return value;
 }
 
 }  // namespace subspace

@@ -13,14 +13,14 @@
 // position() is everything needed to continue exactly: (epoch, cursor) plus the seed, the shuffle flag and the
 // window count, which seek() checks so that a resume on different data or settings fails clearly.
 
-#include <charconv>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../core/rng.hpp"
 #include "../core/tensor.hpp"
@@ -73,12 +73,12 @@ struct loader_position {
     p.cursor = u64("cursor");
     p.windows = u64("windows");
     p.shuffle = j.at("shuffle").as_bool();
-    // Digits only: stoull would take "-1" (as 2^64 - 1), a sign or leading blanks.
     const std::string& s = j.at("seed").as_string();
-    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), p.seed);
-    require(!s.empty() && ec == std::errc{} && end == s.data() + s.size(), [&] {
+    const std::optional<std::uint64_t> seed = parse_unsigned(s);
+    require(seed.has_value(), [&] {
       return "loader_position: \"seed\" must be a decimal string of an unsigned 64-bit integer, got \"" + s + "\"";
     });
+    p.seed = *seed;
     return p;
   }
 };

@@ -14,10 +14,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "../core/checked.hpp"
 #include "../core/error.hpp"
 #include "../core/hash.hpp"
 #include "../data/loader.hpp"
@@ -93,16 +95,11 @@ inline std::uint64_t parse_u64(const json& j, const std::string& where, const ch
           [&] { return where + ": \"" + key + "\" must be a non-negative integer (as a decimal string)"; });
   if (v->is_int()) return std::uint64_t(v->as_int());
   const std::string& s = v->as_string();
-  std::size_t used = 0;
-  std::uint64_t out = 0;
-  try {
-    out = std::stoull(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  require(!s.empty() && used == s.size() && s[0] != '-',
-          [&] { return where + ": \"" + key + "\" must be a decimal string, got \"" + s + "\""; });
-  return out;
+  const std::optional<std::uint64_t> out = parse_unsigned(s);
+  require(out.has_value(), [&] {
+    return where + ": \"" + key + "\" must be a decimal string of an unsigned 64-bit integer, got \"" + s + "\"";
+  });
+  return *out;
 }
 
 /// The sidecar as read: the trainer state and the files it vouches for.

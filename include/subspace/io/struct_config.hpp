@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include <boost/hana/accessors.hpp>
 #include <boost/hana/concept/struct.hpp>
@@ -57,9 +58,11 @@ struct config_io<Config> {
       } else if constexpr (std::is_integral_v<F>) {
         require(v->is_int(), [&] { return std::string(source) + ": \"" + name + "\" must be an integer"; });
         const std::int64_t x = v->as_int();
-        require(x >= std::int64_t(std::numeric_limits<F>::min()) &&
-                    std::uint64_t(x) <= std::uint64_t(std::numeric_limits<F>::max()),
-                [&] { return std::string(source) + ": \"" + name + "\" = " + std::to_string(x) + " is out of range"; });
+        require(std::in_range<F>(x), [&] {
+          return std::string(source) + ": \"" + name + "\" = " + std::to_string(x) + " is out of range [" +
+                 std::to_string(std::numeric_limits<F>::min()) + ", " + std::to_string(std::numeric_limits<F>::max()) +
+                 "]";
+        });
         field = F(x);
       } else if constexpr (std::is_floating_point_v<F>) {
         require(v->is_number(), [&] { return std::string(source) + ": \"" + name + "\" must be a number"; });
