@@ -49,9 +49,11 @@
 #include "nn/generate.hpp"
 #include "nn/llama.hpp"
 
+#include "data/bpe_tokenizer.hpp"
 #include "data/loader.hpp"
 #include "data/text.hpp"
 #include "data/tokenizer.hpp"
+#include "data/tokenizer_json.hpp"
 #include "data/tokens.hpp"
 
 #include "io/checkpoint.hpp"
