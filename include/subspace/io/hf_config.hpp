@@ -96,8 +96,9 @@ inline nn::llama_config llama_config_from_hf(const json& j, std::string_view sou
       require(fallback.has_value(), [&] { return field(key) + " is missing (expected a positive number)"; });
       return float(*fallback);
     }
-    // Within float's range: a larger value would become inf and be written back as null.
-    require(v->is_number() && v->as_double() > 0 && v->as_double() <= double(std::numeric_limits<float>::max()),
+    // Within float's range: a larger value would become inf and be written back as null, a smaller one (below
+    // the least subnormal) would become 0 and be refused when read back.
+    require(v->is_number() && v->as_double() <= double(std::numeric_limits<float>::max()) && float(v->as_double()) > 0,
             [&] { return field(key) + " must be a positive number within float range, got " + v->dump(); });
     return float(v->as_double());
   };
