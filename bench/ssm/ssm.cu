@@ -182,6 +182,8 @@ io::json scan_bandwidth(const options& o, const exec::cuda& ex) {
   return io::json::object({{"batch", io::json(o.scan_batch)},
                            {"seq", io::json(o.scan_seq)},
                            {"state", io::json(N)},
+                           {"forward_ms", io::json(fwd.ours_ms)},
+                           {"reverse_ms", io::json(rev.ours_ms)},
                            {"forward_gb_s", io::json(fwd_bw / 1e9)},
                            {"reverse_gb_s", io::json(rev_bw / 1e9)},
                            {"copy_gb_s", io::json(copy_bw / 1e9)},

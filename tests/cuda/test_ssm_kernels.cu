@@ -108,11 +108,12 @@ TEST_CASE_TEMPLATE("ssm kernels (CUDA) equal the fp64 host reference", T, float,
     CHECK(testing::rel_error(back(ex, du), du_ref) <= tol);
     CHECK(testing::rel_error(back(ex, db), db_ref) <= 1e-5);  // fp32 sums of rounded inputs
   }
-  SUBCASE("scans (one chunk group, and many), the windowed accumulation and the shifted product") {
+  SUBCASE("scans (one tile, many tiles, several channel groups, single channels), the window, the shifted product") {
     struct sizes {
       std::int64_t seqs, seq, N;
     };
-    for (const sizes z : {sizes{seqs, seq, N}, sizes{2, 5000, 3}, sizes{1, 70001, 40}}) {
+    for (const sizes z :
+         {sizes{seqs, seq, N}, sizes{2, 5000, 3}, sizes{1, 70001, 40}, sizes{3, 1, 8}, sizes{2, 3001, 136}}) {
       CAPTURE(z.seq);
       const std::int64_t rows = z.seqs * z.seq;
       const operand<T> a(gates({rows, z.N}, seed), ex), w(testing::random_tensor<double>({rows, z.N}, seed + 1), ex);

@@ -5,15 +5,16 @@
 //   norms               one warp per row
 //   element-wise        grid-stride over the elements
 //   column_sums         one thread per column, walking the rows (adjacent threads read adjacent columns)
-//   scan_forward,       three passes over chunks of the sequence (chunk_tokens long, enough of them to fill the
-//   scan_reverse        GPU): each (sequence, chunk, channel) thread composes its chunk into one affine map
-//                       s ↦ A s + X (fp32); one warp per (sequence, channel) scans those maps across the chunks
-//                       with shuffles, giving the state entering each chunk; then every chunk is scanned again from
-//                       its entering state. Adjacent threads hold adjacent channels of one token, so every step
-//                       reads coalesced rows. The inputs are read twice: 5 units of traffic for the 3 of one pass.
+//   scan_forward,       one pass: a block takes a tile of one sequence, 16 channels by 512 tokens (4-channel
+//   scan_reverse        vectors); each thread loads 8 rows of one vector into registers and composes them into an
+//                       affine map s ↦ A s + X (fp32); the block scans its segments' maps and finds the state
+//                       entering the tile by decoupled look-back over the tiles before it, 32 at a time (tile
+//                       numbers come from a ticket, so a tile waits only on running tiles); every thread then
+//                       rescans its registers. Each input is read once and each output written once.
 //   scan_window         one thread per (sequence, token, channel): its window of at most W terms
 
 #include <cuda_runtime.h>
+#include <cuda/atomic>
 
 #include <cstdint>
 #include <string>
@@ -105,156 +106,219 @@ __global__ void shifted_product(const T* mu, const T* h, T* out, std::int64_t n,
     out[i] = (i / N) % seq == 0 ? T(0.0f) : T(float(mu[i]) * float(h[i - N]));
 }
 
-/// Rows each scan thread loads before it computes (memory-level parallelism).
-inline constexpr int unroll = 8;
+/// Vector columns (of 4 channels) per tile. Narrow tiles are long: each tile's look-back reads every channel's map
+/// of the tiles still unresolved before it, as many as run at once, so it costs about as much as the tile's own
+/// data unless tiles are hundreds of tokens long. On an H100 (N 64 and 256) 4 columns beat 2, 8, 16 and 32 in
+/// both directions and dtypes; 1 column, less than a 32-byte sector of each row, falls behind.
+inline constexpr int tile_columns = 4;
 
-/// Tokens per chunk of the chunked scans: enough chunks that sequences × chunks × channels give about 2^17
-/// threads, at least 16 tokens a chunk, at most the sequence.
-inline std::int64_t chunk_tokens(std::int64_t seqs, std::int64_t seq, std::int64_t N) {
-  const std::int64_t want = (seqs * seq * N) >> 17;
-  return want < 16 ? (seq < 16 ? seq : 16) : (want > seq ? seq : want);
+/// Tiles whose flags one look-back round reads at once (a warp's lanes).
+inline constexpr int lookback = 32;
+
+/// Rows each scan thread holds in registers: a thread scans `rows_per_thread` consecutive tokens of `V` channels.
+inline constexpr int rows_per_thread = 8;
+
+/// V values loaded or stored as one vector.
+template <class T, int V>
+struct alignas(sizeof(T) * V) pack {
+  T v[V];
+};
+
+/// How the single-pass scan tiles [seqs · seq, N]: a tile is `segments() · rows_per_thread` tokens of one sequence
+/// and `cols · V` channels (one channel group). The tiles of one (sequence, group) form a chain along the sequence;
+/// the status slots are numbered (chain, tile along the sequence), the last fastest.
+struct scan_tiling {
+  std::int64_t seqs, seq, N;
+  int cols;                    // vector columns per tile, at most 32
+  std::int64_t groups;         // channel groups across N
+  std::int64_t tiles_per_seq;  // tiles along one sequence
+  __host__ __device__ int segments() const { return int(threads) / cols; }
+  __host__ __device__ std::int64_t tile_tokens() const { return std::int64_t(segments()) * rows_per_thread; }
+  __host__ __device__ std::int64_t tiles() const { return seqs * groups * tiles_per_seq; }
+};
+
+/// What the decoupled look-back reads: per tile, `flag` 0 (nothing yet), 1 (the tile's own maps, per channel, in
+/// `aggregate`) or 2 (also the states leaving the tile, from the sequence's start, in `inclusive`); the ticket
+/// hands out tile numbers in the order blocks start, so every tile waits only on tiles already running.
+struct scan_status {
+  int* flag;
+  float2* aggregate;
+  float* inclusive;
+  unsigned* ticket;
+};
+
+__device__ inline void publish(int& flag, int value) {
+  cuda::atomic_ref<int, cuda::thread_scope_device>(flag).store(value, cuda::memory_order_release);
 }
 
-/// Pass 1 of the forward scan: per (sequence, chunk, channel), the chunk's product of a and its end state from
-/// zero, at index (b · chunks + j) · N + c.
-template <class T>
-__global__ void forward_aggregate(const T* a, const T* x, float* A, float* X, std::int64_t seqs, std::int64_t seq,
-                                  std::int64_t N, std::int64_t len, std::int64_t chunks) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
-       k += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
-    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
-    float prod = 1, state = 0;
-    for (std::int64_t t = t0; t < t1; t += unroll) {
-      float av[unroll], xv[unroll];
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {  // the loads first: `unroll` rows in flight
-        const bool in = t + u < t1;
-        av[u] = in ? float(a[(b * seq + t + u) * N + c]) : 1.0f;
-        xv[u] = in ? float(x[(b * seq + t + u) * N + c]) : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        state = av[u] * state + xv[u];
-        prod *= av[u];
-      }
-    }
-    A[k] = prod;
-    X[k] = state;
+__device__ inline int await(int& flag) {
+  const cuda::atomic_ref<int, cuda::thread_scope_device> f(flag);
+  int value;
+  while ((value = f.load(cuda::memory_order_acquire)) == 0) {
   }
+  return value;
 }
 
-/// Pass 1 of the reverse scan: per chunk [t0, t1), μ at t0 from μ_{t1} = 0, and Π_{i=t0+1}^{t1} a_i (a_seq = 0).
-template <class T>
-__global__ void reverse_aggregate(const T* a, const T* w, float* A, float* M, std::int64_t seqs, std::int64_t seq,
-                                  std::int64_t N, std::int64_t len, std::int64_t chunks) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
-       k += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
-    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
-    float prod = 1, m = 0;
-    for (std::int64_t top = t1; top > t0; top -= unroll) {  // tokens top - 1 down to top - unroll
-      float nv[unroll], wv[unroll];
+/// The single-pass scan. Forward: h_t = a_t h_{t−1} + x_t from h_{−1} = 0. Reverse: μ_t = x_t + a_{t+1} μ_{t+1}
+/// from μ_{seq} = 0, walked as a forward scan over the reversed sequence whose coefficients are `a` one token later.
+/// Each thread loads its rows once into registers and composes them into one affine map s ↦ A s + X; the block
+/// scans its segments' maps in shared memory; the block then finds the state entering the tile by decoupled
+/// look-back over the tiles before it; and every thread rescans its registers from its entering state.
+template <class T, int V, bool Reverse>
+__global__ void __launch_bounds__(threads, 2)
+    scan_tiles(const T* a, const T* x, T* out, scan_tiling z, scan_status st) {
+  using vec = pack<T, V>;
+  constexpr int R = rows_per_thread;
+  __shared__ unsigned tile_number;
+  __shared__ float seg_A[threads * V], seg_X[threads * V];  // per (segment, channel): its map, then its prefix
+  __shared__ float tile_A[32 * V], tile_X[32 * V], entering[32 * V];
+  __shared__ vec last_row[Reverse ? threads : 1];  // Reverse: each segment's last `a` row, for the next segment
+  __shared__ float2 window_maps[lookback * 32 * V];
+  __shared__ int window;  // tiles in the look-back window, negated while none of them knows its leaving state
+
+  if (threadIdx.x == 0) tile_number = atomicAdd(st.ticket, 1u);
+  __syncthreads();
+  // Tickets go round the chains (sequence, group) first, so the tiles running at once spread over all of them
+  // and each look-back passes fewer tiles still unresolved.
+  const std::int64_t chains = z.seqs * z.groups, chain = tile_number % chains, j = tile_number / chains,
+                     g = chain % z.groups, b = chain / z.groups, tile = chain * z.tiles_per_seq + j;
+  const int S = z.segments(), CG = z.cols * V, col = int(threadIdx.x) % z.cols, s = int(threadIdx.x) / z.cols;
+  const std::int64_t channel = (g * z.cols + col) * V, p0 = j * z.tile_tokens() + std::int64_t(s) * R;
+  const bool active = s < S && channel < z.N;
+  const auto at = [&](std::int64_t p) {  // this thread's channels of position p of the walk
+    return (b * z.seq + (Reverse ? z.seq - 1 - p : p)) * z.N + channel;
+  };
+
+  vec coef[R], in[R];  // rows past the sequence (and idle threads) are the identity map
 #pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const std::int64_t t = top - 1 - u;
-        const bool in = t >= t0;
-        nv[u] = in && t + 1 < seq ? float(a[(b * seq + t + 1) * N + c]) : 0.0f;  // a_{t+1}
-        wv[u] = in ? float(w[(b * seq + t) * N + c]) : 0.0f;
-      }
+  for (int r = 0; r < R; ++r) {
+    if (active && p0 + r < z.seq) {
+      coef[r] = *reinterpret_cast<const vec*>(a + at(p0 + r));
+      in[r] = *reinterpret_cast<const vec*>(x + at(p0 + r));
+    } else {
 #pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const std::int64_t t = top - 1 - u;
-        if (t < t0) break;
-        m = wv[u] + (t + 1 < t1 ? nv[u] * m : 0.0f);
-        prod *= nv[u];
-      }
+      for (int v = 0; v < V; ++v) coef[r].v[v] = T(1.0f), in[r].v[v] = T(0.0f);
     }
-    A[k] = prod;
-    M[k] = m;
   }
-}
+  if constexpr (Reverse) {  // coefficient of walk position p is `a` at position p − 1 (zero at p = 0)
+    last_row[threadIdx.x] = coef[R - 1];
+    __syncthreads();
+    vec before;
+#pragma unroll
+    for (int v = 0; v < V; ++v) before.v[v] = T(0.0f);
+    if (s > 0) before = last_row[threadIdx.x - z.cols];
+    else if (active && p0 > 0 && p0 <= z.seq) before = *reinterpret_cast<const vec*>(a + at(p0 - 1));
+#pragma unroll
+    for (int r = R - 1; r > 0; --r)
+      if (p0 + r < z.seq) coef[r] = coef[r - 1];  // a row past the sequence keeps the identity
+    coef[0] = before;
+  }
 
-/// Pass 2: one warp per (sequence, channel) scans the chunks' (A, X) pairs, 32 at a time (in reverse order for
-/// the reverse scan), composing s ↦ A s + X; X[chunk] is replaced by the state entering the chunk.
-static __global__ void chunk_carries(const float* A, float* X, std::int64_t seqs, std::int64_t N, std::int64_t chunks,
-                                     bool reverse) {
-  const int lane = int(threadIdx.x % 32);
-  for (std::int64_t k = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; k < seqs * N;
-       k += std::int64_t(gridDim.x) * blockDim.x / 32) {
-    const std::int64_t b = k / N, c = k % N;
-    float carry = 0;  // the state entering this group of 32 chunks
-    for (std::int64_t j0 = 0; j0 < chunks; j0 += 32) {
-      const std::int64_t step = j0 + lane, j = reverse ? chunks - 1 - step : step;
-      const std::int64_t idx = (b * chunks + j) * N + c;
-      float Aj = step < chunks ? A[idx] : 1.0f, Xj = step < chunks ? X[idx] : 0.0f;
-      for (int off = 1; off < 32; off <<= 1) {  // inclusive: lane l composes steps j0..j0+l
-        const float Ap = __shfl_up_sync(0xffffffffu, Aj, off), Xp = __shfl_up_sync(0xffffffffu, Xj, off);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float A = 1, X = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float c = float(coef[r].v[v]);
+      X = c * X + float(in[r].v[v]);
+      A *= c;
+    }
+    if (s < S) {
+      seg_A[s * CG + col * V + v] = A;
+      seg_X[s * CG + col * V + v] = X;
+    }
+  }
+  __syncthreads();
+
+  // Each warp scans the segments of some channels, 32 segments a round; the prefix of segment s is the map of
+  // segments 0 .. s − 1 (composition: the later map applied after the earlier).
+  const int lane = int(threadIdx.x) % 32;
+  for (int ch = int(threadIdx.x) / 32; ch < CG; ch += int(threads) / 32) {
+    float carry_A = 1, carry_X = 0;
+    for (int s0 = 0; s0 < S; s0 += 32) {
+      const int seg = s0 + lane;
+      float A = seg < S ? seg_A[seg * CG + ch] : 1.0f, X = seg < S ? seg_X[seg * CG + ch] : 0.0f;
+      for (int off = 1; off < 32; off <<= 1) {
+        const float Ap = __shfl_up_sync(0xffffffffu, A, off), Xp = __shfl_up_sync(0xffffffffu, X, off);
         if (lane >= off) {
-          Xj = Aj * Xp + Xj;
-          Aj = Aj * Ap;
+          X = A * Xp + X;
+          A = A * Ap;
         }
       }
-      const float Ae = __shfl_up_sync(0xffffffffu, Aj, 1), Xe = __shfl_up_sync(0xffffffffu, Xj, 1);
-      if (step < chunks) X[idx] = lane == 0 ? carry : Ae * carry + Xe;
-      carry = __shfl_sync(0xffffffffu, Aj * carry + Xj, 31);
+      float before_A = __shfl_up_sync(0xffffffffu, A, 1), before_X = __shfl_up_sync(0xffffffffu, X, 1);
+      if (lane == 0) before_A = 1, before_X = 0;
+      if (seg < S) {
+        seg_A[seg * CG + ch] = before_A * carry_A;
+        seg_X[seg * CG + ch] = before_A * carry_X + before_X;
+      }
+      const float last_A = __shfl_sync(0xffffffffu, A, 31), last_X = __shfl_sync(0xffffffffu, X, 31);
+      carry_X = last_A * carry_X + last_X;
+      carry_A = last_A * carry_A;
     }
+    if (lane == 0) tile_A[ch] = carry_A, tile_X[ch] = carry_X;
   }
-}
+  __syncthreads();
 
-/// Pass 3 of the forward scan: each chunk again, from the state entering it.
-template <class T>
-__global__ void forward_final(const T* a, const T* x, T* h, const float* entering, std::int64_t seqs, std::int64_t seq,
-                              std::int64_t N, std::int64_t len, std::int64_t chunks) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
-       k += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
-    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
-    float state = entering[k];
-    for (std::int64_t t = t0; t < t1; t += unroll) {
-      float av[unroll], xv[unroll];
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const bool in = t + u < t1;
-        av[u] = in ? float(a[(b * seq + t + u) * N + c]) : 1.0f;
-        xv[u] = in ? float(x[(b * seq + t + u) * N + c]) : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        state = av[u] * state + xv[u];
-        if (t + u < t1) h[(b * seq + t + u) * N + c] = T(state);
-      }
-    }
+  // Decoupled look-back. The tile's own maps go out first, so later tiles can pass over it; then warp 0 reads the
+  // flags of the 32 tiles before the nearest one not yet composed, all at once, and the block composes their
+  // maps up to the nearest tile whose leaving state is known (a tile before the sequence's first leaves zero).
+  const int t = int(threadIdx.x);  // the channel this thread composes, where t < CG
+  if (j > 0) {
+    if (t < CG) st.aggregate[tile * CG + t] = make_float2(tile_A[t], tile_X[t]);
+    __threadfence();
+    __syncthreads();
+    if (t == 0) publish(st.flag[tile], 1);
   }
-}
+  const std::int64_t first = tile - j;  // the slot of the chain's first tile
+  float acc_A = 1, acc_X = 0;           // the maps composed so far, the nearest tile's applied last
+  for (std::int64_t newest = tile - 1; j > 0; newest -= lookback) {
+    if (t < 32) {
+      const std::int64_t q = newest - lane;
+      const unsigned known = __ballot_sync(0xffffffffu, q < first || await(st.flag[q]) == 2);
+      if (lane == 0) window = known ? __ffs(int(known)) : -lookback;  // negative: no known state yet
+    }
+    __syncthreads();
+    const int count = window < 0 ? -window : window;
+    for (int i = t; i < count * CG; i += int(threads)) {  // the window's maps; a known state s is the map (0, s)
+      const int k = i / CG, c = i % CG;
+      const std::int64_t q = newest - k;
+      window_maps[i] = window > 0 && k == count - 1
+                           ? make_float2(0.0f, q < first ? 0.0f : __ldcg(st.inclusive + q * CG + c))
+                           : __ldcg(st.aggregate + q * CG + c);
+    }
+    __syncthreads();
+    if (t < CG)
+      for (int k = 0; k < count; ++k) {
+        const float2 m = window_maps[k * CG + t];
+        acc_X = acc_A * m.y + acc_X;
+        acc_A = acc_A * m.x;
+      }
+    const bool done = window > 0;
+    __syncthreads();  // window and window_maps are rewritten by the next round
+    if (done) break;
+  }
+  if (t < CG) {
+    entering[t] = acc_X;
+    st.inclusive[tile * CG + t] = tile_A[t] * acc_X + tile_X[t];
+  }
+  __threadfence();
+  __syncthreads();
+  if (t == 0) publish(st.flag[tile], 2);
 
-/// Pass 3 of the reverse scan: each chunk again, from μ at its end.
-template <class T>
-__global__ void reverse_final(const T* a, const T* w, T* mu, const float* entering, std::int64_t seqs, std::int64_t seq,
-                              std::int64_t N, std::int64_t len, std::int64_t chunks) {
-  for (std::int64_t k = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < seqs * chunks * N;
-       k += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t c = k % N, j = (k / N) % chunks, b = k / (N * chunks);
-    const std::int64_t t0 = j * len, t1 = min(seq, t0 + len);
-    float m = entering[k];
-    for (std::int64_t top = t1; top > t0; top -= unroll) {
-      float nv[unroll], wv[unroll];
+  if (!active) return;
 #pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const std::int64_t t = top - 1 - u;
-        const bool in = t >= t0;
-        nv[u] = in && t + 1 < seq ? float(a[(b * seq + t + 1) * N + c]) : 0.0f;
-        wv[u] = in ? float(w[(b * seq + t) * N + c]) : 0.0f;
-      }
+  for (int v = 0; v < V; ++v) {
+    const int ch = col * V + v;
+    float state = seg_A[s * CG + ch] * entering[ch] + seg_X[s * CG + ch];
 #pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const std::int64_t t = top - 1 - u;
-        if (t < t0) break;
-        m = wv[u] + nv[u] * m;
-        mu[(b * seq + t) * N + c] = T(m);
-      }
+    for (int r = 0; r < R; ++r) {
+      state = float(coef[r].v[v]) * state + float(in[r].v[v]);
+      in[r].v[v] = T(state);
     }
   }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (p0 + r < z.seq) *reinterpret_cast<vec*>(out + at(p0 + r)) = in[r];
 }
 
 template <class T>
@@ -352,29 +416,43 @@ void gate_backward(const subspace::exec::cuda& ex, std::type_identity_t<view<con
   subspace::cuda_check_launch();
 }
 
-/// The three passes of a chunked scan (forward or reverse) on [seqs · seq, N].
-template <class T>
-void chunked_scan(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
-                  std::int64_t N, bool reverse) {
+/// The single-pass scan (forward or reverse) on [seqs · seq, N]: vectors of 4 channels where N and the pointers
+/// allow, single channels otherwise.
+template <class T, int V, bool Reverse>
+void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
+                       std::int64_t N, int max_cols = cuda_detail::scan::tile_columns) {
   namespace S = cuda_detail::scan;
-  const std::int64_t seqs = n / seq, len = S::chunk_tokens(seqs, seq, N), chunks = (seq + len - 1) / len;
-  const std::size_t count = std::size_t(seqs * chunks * N);
-  const subspace::cuda_detail::stream_scratch A(count * sizeof(float), ex.stream), X(count * sizeof(float), ex.stream);
-  const unsigned grid = S::blocks_for(seqs * chunks * N);
-  if (reverse)
-    S::reverse_aggregate<<<grid, S::threads, 0, ex.stream>>>(a, x, A.as<float>(), X.as<float>(), seqs, seq, N, len,
-                                                             chunks);
-  else
-    S::forward_aggregate<<<grid, S::threads, 0, ex.stream>>>(a, x, A.as<float>(), X.as<float>(), seqs, seq, N, len,
-                                                             chunks);
+  S::scan_tiling z{n / seq, seq, N, 0, 0, 0};
+  const std::int64_t columns = N / V;
+  z.cols = int(columns < max_cols ? columns : max_cols);
+  z.groups = (columns + z.cols - 1) / z.cols;
+  z.tiles_per_seq = (seq + z.tile_tokens() - 1) / z.tile_tokens();
+  const std::int64_t tiles = z.tiles(), slots = tiles * z.cols * V;
+  if (tiles > 0x7fffffff) [[unlikely]]
+    throw subspace::invalid_argument("scan: " + std::to_string(tiles) + " tiles exceed the grid's 2^31 − 1 blocks");
+  // One allocation: the flags (zeroed each call, with the ticket after them), then the maps and the states.
+  const std::size_t flag_bytes = std::size_t(tiles + 1) * sizeof(int), map_offset = (flag_bytes + 15) / 16 * 16,
+                    bytes = map_offset + std::size_t(slots) * (sizeof(float2) + sizeof(float));
+  const subspace::cuda_detail::stream_scratch scratch(bytes, ex.stream);
+  char* base = scratch.as<char>();
+  subspace::cuda_check(cudaMemsetAsync(base, 0, flag_bytes, ex.stream));
+  const S::scan_status st{reinterpret_cast<int*>(base), reinterpret_cast<float2*>(base + map_offset),
+                          reinterpret_cast<float*>(base + map_offset + std::size_t(slots) * sizeof(float2)),
+                          reinterpret_cast<unsigned*>(base) + tiles};
+  S::scan_tiles<T, V, Reverse><<<unsigned(tiles), S::threads, 0, ex.stream>>>(a, x, out, z, st);
   subspace::cuda_check_launch();
-  S::chunk_carries<<<S::blocks_for(seqs * N * 32), S::threads, 0, ex.stream>>>(A.as<float>(), X.as<float>(), seqs, N,
-                                                                               chunks, reverse);
-  subspace::cuda_check_launch();
-  if (reverse)
-    S::reverse_final<<<grid, S::threads, 0, ex.stream>>>(a, x, out, X.as<float>(), seqs, seq, N, len, chunks);
-  else S::forward_final<<<grid, S::threads, 0, ex.stream>>>(a, x, out, X.as<float>(), seqs, seq, N, len, chunks);
-  subspace::cuda_check_launch();
+}
+
+template <class T, bool Reverse>
+void single_pass_scan(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
+                      std::int64_t N) {
+  constexpr int wide = 4;  // 8 or 16 bytes: wider bf16 vectors would not fit two blocks an SM in registers
+  const auto aligned = [](const void* p) {
+    return reinterpret_cast<std::uintptr_t>(p) % alignof(cuda_detail::scan::pack<T, wide>) == 0;
+  };
+  if (N % wide == 0 && aligned(a) && aligned(x) && aligned(out))
+    launch_scan_tiles<T, wide, Reverse>(ex, a, x, out, n, seq, N);
+  else launch_scan_tiles<T, 1, Reverse>(ex, a, x, out, n, seq, N);
 }
 
 template <class T>
@@ -385,7 +463,7 @@ void scan_forward(const subspace::exec::cuda& ex, std::type_identity_t<view<cons
   detail::scan::require_rows(x, n, N, "scan_forward", "x");
   detail::scan::require_rows(h, n, N, "scan_forward", "h");
   if (n == 0) return;
-  chunked_scan<T>(ex, a.data(), x.data(), h.data(), n, seq, N, false);
+  single_pass_scan<T, false>(ex, a.data(), x.data(), h.data(), n, seq, N);
 }
 
 template <class T>
@@ -396,7 +474,7 @@ void scan_reverse(const subspace::exec::cuda& ex, std::type_identity_t<view<cons
   detail::scan::require_rows(w, n, N, "scan_reverse", "w");
   detail::scan::require_rows(mu, n, N, "scan_reverse", "mu");
   if (n == 0) return;
-  chunked_scan<T>(ex, a.data(), w.data(), mu.data(), n, seq, N, true);
+  single_pass_scan<T, true>(ex, a.data(), w.data(), mu.data(), n, seq, N);
 }
 
 template <class T>
