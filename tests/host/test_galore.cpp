@@ -656,7 +656,7 @@ TEST_CASE("bad configurations raise invalid_argument saying what to change") {
                        doctest::Contains("refresh_period (tau) must be at least 1"), invalid_argument);
   CHECK_THROWS_WITH_AS((optim::golore<>{.rank = 4, .refresh_period = 0, .random_percent = 100}.init(ex, info)),
                        doctest::Contains("refresh_period (tau) must be at least 1"), invalid_argument);
-  CHECK_THROWS_WITH_AS((optim::galore<>{.rank = 0}.init(ex, info)), doctest::Contains("rank must be at least 1"),
+  CHECK_THROWS_WITH_AS((optim::galore<>{.rank = -1}.init(ex, info)), doctest::Contains("rank must be at least 1"),
                        invalid_argument);
   CHECK_THROWS_WITH_AS((optim::galore<>{.rank = 4, .scale = 0.0f}.init(ex, info)), doctest::Contains("scale"),
                        invalid_argument);

@@ -219,7 +219,10 @@ TEST_CASE("schedule::gradient_accumulation: zero micro-batches or ranks are a cl
 namespace {
 
 struct sgd {  // a minimal conforming optimizer: plain SGD, no state
-  struct state {};
+  struct state {
+    template <class F>
+    void for_each_tensor(F&&) {}  // nothing to checkpoint
+  };
   template <class Exec>
   state init(const Exec&, const parameter_info&) const {
     return {};
@@ -241,6 +244,15 @@ struct no_state_bytes {  // an optimizer missing state_bytes
   template <class G>
   void step(const exec::host&, view<float, host_space>, view<const G, host_space>, state&, const optim::param_info&,
             const optim::step_context&, view<bf16, host_space> = {}) const {}
+};
+
+struct no_checkpoint_names {  // an optimizer whose state cannot name its tensors for checkpoints
+  struct state {};
+  state init(const exec::host&, const parameter_info&) const { return {}; }
+  template <class G>
+  void step(const exec::host&, view<float, host_space>, view<const G, host_space>, state&, const optim::param_info&,
+            const optim::step_context&, view<bf16, host_space> = {}) const {}
+  std::size_t state_bytes(const state&) const { return 0; }
 };
 
 struct fp32_only {  // an optimizer that rejects bf16 gradients
@@ -282,6 +294,9 @@ TEST_CASE("training stacks: the defaults and user overrides pass the stack check
   static_assert(!Optimizer<no_state_bytes>);
   static_assert(!optim::requirement::state_bytes<no_state_bytes>);
   static_assert(optim::requirement::step<no_state_bytes, bf16>);
+  static_assert(!Optimizer<no_checkpoint_names>);
+  static_assert(optim::requirement::state_bytes<no_checkpoint_names>);
+  static_assert(!optim::requirement::checkpoint_tensors<no_checkpoint_names>);
   static_assert(!Optimizer<fp32_only>);
   static_assert(optim::requirement::step<fp32_only, float>);
   static_assert(!optim::requirement::step<fp32_only, bf16>);

@@ -55,26 +55,12 @@
 
 namespace subspace::io {
 
-/// Names the tensors of an optimizer state, for checkpoints: for_each(state, f) calls f(name, view) for each.
-/// A state with a member for_each_tensor(f) (adamw's, galore/golore's) needs nothing more; specialise this for a
-/// state type you cannot change. Views may be in the state's memory space or host int64 scalars (counters).
-template <class State>
-struct state_tensors {
-  static_assert(dependent_false<State>,
-                "io::state_tensors<State>: no checkpoint layout for this optimizer state; specialise "
-                "io::state_tensors or give the state a member for_each_tensor(f) calling f(name, view)");
-};
 /// No optimizer state (save_checkpoint / load_checkpoint without one).
 struct no_optimizer_state {};
 
-template <class State, class F>
-void for_each_state_tensor(State& s, F&& f) {
-  if constexpr (requires { s.for_each_tensor(f); }) {
-    s.for_each_tensor(f);
-  } else {
-    state_tensors<State>::for_each(s, f);
-  }
-}
+// An optimizer state names its tensors for checkpoints through optim::for_each_state_tensor (optim/concepts.hpp):
+// its member for_each_tensor(f), or a specialisation of optim::state_tensors<State>.
+using optim::for_each_state_tensor;
 
 /// A tensor's view, or the view itself (overloads, not `if constexpr (requires ...)`, which nvcc mis-handles in
 /// generic lambdas).

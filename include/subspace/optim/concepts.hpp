@@ -19,9 +19,18 @@
 //                                                       view means none), the same pass also writes
 //                                                       bf16(updated master) into it (the compute copy)
 //   o.state_bytes(const State& state) -> std::size_t   the bytes the state occupies (memory accounting)
+//   state.for_each_tensor(f)                           needed for checkpoints: calls f(name, view) for every
+//                                                       tensor a checkpoint must hold to continue exactly
+//                                                       (views in the state's space, or host int64 counters);
+//                                                       a state with no tensors defines an empty one. For a state
+//                                                       type you cannot change, specialise
+//                                                       optim::state_tensors<State> instead
+//
+// Optional: o.check_parameters(store) — the trainers call it once with every parameter a replica holds (anything
+// with size() and info(i)), before allocating, for checks across parameters (galore/golore: something is projected).
 //
 // step must accept the default `working`. Shapes that disagree with info.shape raise
-// subspace::invalid_argument.
+// subspace::invalid_argument. check_optimizer<O>() below names the first requirement O misses.
 
 #include <concepts>
 #include <cstddef>
@@ -57,6 +66,26 @@ struct step_context {
 template <class O, class Exec>
 using state_t = decltype(std::declval<O&>().init(std::declval<const Exec&>(), std::declval<const param_info&>()));
 
+/// Names the tensors of an optimizer state whose type cannot be given a member for_each_tensor(f): specialise it
+/// with `template <class F> static void for_each(State& s, F&& f)` calling f(name, view) for each tensor.
+template <class State>
+struct state_tensors {};
+
+/// Calls f(name, view) for every tensor of `state` (its for_each_tensor, else state_tensors<State>::for_each):
+/// what checkpoints save and restore.
+template <class State, class F>
+void for_each_state_tensor(State& state, F&& f) {
+  if constexpr (requires { state.for_each_tensor(f); }) {
+    state.for_each_tensor(f);
+  } else {
+    static_assert(
+        requires { state_tensors<State>::for_each(state, f); },
+        "optimizer state: no checkpoint layout; give the state a member for_each_tensor(f) calling "
+        "f(name, view) for each tensor, or specialise optim::state_tensors<State>");
+    state_tensors<State>::for_each(state, f);
+  }
+}
+
 namespace requirement {
 template <class G>
 using grad_t = view<const G, host_space>;
@@ -80,14 +109,24 @@ template <class O>
 concept state_bytes = init<O> && requires(O& o, const state_t<O, exec::host>& state) {
   { o.state_bytes(state) } -> std::convertible_to<std::size_t>;
 };
+/// What checkpoints call a state's for_each_tensor with: f(name, view) for any name, element type and space.
+struct tensor_visitor {
+  template <class Name, class T, class S>
+  void operator()(const Name&, view<T, S>) const {}
+};
+template <class State>
+concept names_its_tensors = requires(State& state, tensor_visitor f) { state.for_each_tensor(f); } ||
+                            requires(State& state, tensor_visitor f) { state_tensors<State>::for_each(state, f); };
+template <class O>
+concept checkpoint_tensors = init<O> && names_its_tensors<state_t<O, exec::host>>;
 }  // namespace requirement
 }  // namespace optim
 
 /// Creates per-parameter state and updates fp32 master weights from gradients; see optim/concepts.hpp.
 template <class O>
-concept Optimizer =
-    optim::requirement::init<O> && optim::requirement::step<O, float> && optim::requirement::step<O, bf16> &&
-    optim::requirement::working_copy<O> && optim::requirement::state_bytes<O>;
+concept Optimizer = optim::requirement::init<O> && optim::requirement::step<O, float> &&
+                    optim::requirement::step<O, bf16> && optim::requirement::working_copy<O> &&
+                    optim::requirement::state_bytes<O> && optim::requirement::checkpoint_tensors<O>;
 
 /// static_assert(check_optimizer<O>()) names the first requirement O misses, in one readable message.
 template <class O>
@@ -117,6 +156,12 @@ consteval bool check_optimizer() {
     static_assert(dependent_false<O>,
                   "`optimizer` does not satisfy subspace::Optimizer: missing `state_bytes(const state&) -> "
                   "std::size_t`");
+    return false;
+  } else if constexpr (!r::checkpoint_tensors<O>) {
+    static_assert(dependent_false<O>,
+                  "`optimizer` does not satisfy subspace::Optimizer: its state has no `for_each_tensor(f)` calling "
+                  "f(name, view) for each tensor (needed for checkpoints; a state without tensors defines an empty "
+                  "one, a state type you cannot change gets a specialisation of optim::state_tensors<State>)");
     return false;
   } else {
     return true;

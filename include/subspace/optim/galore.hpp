@@ -8,8 +8,12 @@
 //
 // Per parameter:
 //   * projected when opt.target(info) (default: a matrix whose name contains "attn" or "mlp") and
-//     rank < min(m, n); otherwise Inner runs unchanged (embeddings, norms, lm_head, small matrices). With
-//     require_projection set, a target with min(m, n) <= rank is an error instead.
+//     r < min(m, n), r = `rank` or by default (auto_rank) a quarter of min(m, n); otherwise Inner runs unchanged
+//     (embeddings, norms, lm_head, small matrices). With require_projection set, a target with min(m, n) <= r is an
+//     error instead; a model where nothing is projected is an error at the trainer (check_parameters) unless
+//     allow_no_projection is set. summary(store) says what is projected.
+//   * Inner is wrapped (optim/subspace_rule.hpp): it steps the parameters that are not projected; a projected
+//     matrix is always stepped by Adam in the subspace, with Inner's hyper-parameters.
 //   * the side by shape: m >= n projects on the right (P r x n, moments m x r), m < n on the left (P m x r,
 //     moments r x n); see optim/projector.hpp.
 //   * every refresh_period (tau) steps of the matrix, starting at its first, P is recomputed from the SVD of that
@@ -40,15 +44,16 @@ namespace subspace::optim {
 
 template <class Inner = adamw>
 struct galore {
-  static_assert(Optimizer<Inner>, "optim::galore<Inner>: Inner must satisfy subspace::Optimizer");
+  static_assert(check_subspace_inner<Inner>());
 
-  Inner inner = subspace_rule<Inner>::reference();               // runs the parameters that are not projected
-  std::int64_t rank = 128;                                       // r
-  std::int64_t refresh_period = 200;                             // tau, in steps of each matrix
-  float scale = 1.0f;                                            // alpha (GaLore's 60M recipe: 0.25)
-  bool reproject_moments = false;                                // map M into each new basis (galore_torch: off)
+  Inner inner = subspace_rule<Inner>::reference();  // runs the parameters that are not projected
+  std::int64_t rank = auto_rank;                    // r for every matrix; auto_rank: max(1, min(m, n) / 4) for each
+  std::int64_t refresh_period = 200;                // tau, in steps of each matrix
+  float scale = 1.0f;                               // alpha (GaLore's 60M recipe: 0.25)
+  bool reproject_moments = false;                   // map M into each new basis (galore_torch: off)
   bool (*target)(const param_info&) = &attention_or_mlp_matrix;  // which parameters to project
-  bool require_projection = false;  // a target with min(m, n) <= rank: error instead of falling back to Inner
+  bool require_projection = false;   // a target with min(m, n) <= rank: error instead of falling back to Inner
+  bool allow_no_projection = false;  // a model where nothing is projected trains with Inner alone (else an error)
 
   template <class Exec>
   using state_type = detail::low_rank_state_for<Inner, Exec>;
@@ -79,11 +84,24 @@ struct galore {
   /// The bytes init(ex, info) would allocate, without allocating: for memory plans of whole models.
   std::size_t state_bytes_for(const param_info& info) const { return detail::state_bytes_for(inner, settings(), info); }
 
-  /// Whether a parameter is projected (a target with rank < min(m, n)).
+  /// Whether a parameter is projected (a target with rank_for(info) < min(m, n)).
   bool projects(const param_info& info) const { return detail::is_projected(settings(), info); }
+  /// The rank r of a projected parameter: `rank`, or with auto_rank max(1, min(m, n) / 4).
+  std::int64_t rank_for(const param_info& info) const { return detail::rank_for(settings(), info); }
+  /// What is projected of a whole model's parameters (anything with size() and info(i), e.g. model.parameters()).
+  template <class Store>
+  projection_summary summary(const Store& store) const {
+    return detail::summarize(settings(), store);
+  }
+  /// Called by the trainers with every parameter a replica holds: raises invalid_argument when none is projected
+  /// (the run would be Inner's under this policy's name), unless allow_no_projection.
+  template <class Store>
+  void check_parameters(const Store& store) const {
+    detail::check_parameters(settings(), store);
+  }
 
   detail::low_rank_settings settings() const {
-    return {"optim::galore", rank, refresh_period, scale, target, require_projection};
+    return {"optim::galore", rank, refresh_period, scale, target, require_projection, allow_no_projection};
   }
 };
 

@@ -37,17 +37,18 @@ namespace subspace::optim {
 
 template <class Inner = adamw>
 struct golore {
-  static_assert(Optimizer<Inner>, "optim::golore<Inner>: Inner must satisfy subspace::Optimizer");
+  static_assert(check_subspace_inner<Inner>());
 
   Inner inner = subspace_rule<Inner>::reference();  // runs the parameters that are not projected
-  std::int64_t rank = 128;                          // r
+  std::int64_t rank = auto_rank;                    // r for every matrix; auto_rank: max(1, min(m, n) / 4) for each
   std::int64_t refresh_period = 200;                // tau, in steps of each matrix
   float scale = 1.0f;                               // alpha
   double random_percent = 20.0;                     // x of GoLore@x%: the last x% of training use random projectors
   std::int64_t total_steps = 0;                     // S_total, the planned optimizer steps (needed when 0 < x < 100)
   std::uint64_t seed = 0;                           // Philox key of the random projectors (same on every rank)
   bool (*target)(const param_info&) = &attention_or_mlp_matrix;  // which parameters to project
-  bool require_projection = false;  // a target with min(m, n) <= rank: error instead of falling back to Inner
+  bool require_projection = false;   // a target with min(m, n) <= rank: error instead of falling back to Inner
+  bool allow_no_projection = false;  // a model where nothing is projected trains with Inner alone (else an error)
 
   template <class Exec>
   using state_type = detail::low_rank_state_for<Inner, Exec>;
@@ -94,10 +95,24 @@ struct golore {
 
   std::size_t state_bytes_for(const param_info& info) const { return detail::state_bytes_for(inner, settings(), info); }
 
+  /// Whether a parameter is projected (a target with rank_for(info) < min(m, n)).
   bool projects(const param_info& info) const { return detail::is_projected(settings(), info); }
+  /// The rank r of a projected parameter: `rank`, or with auto_rank max(1, min(m, n) / 4).
+  std::int64_t rank_for(const param_info& info) const { return detail::rank_for(settings(), info); }
+  /// What is projected of a whole model's parameters (anything with size() and info(i), e.g. model.parameters()).
+  template <class Store>
+  projection_summary summary(const Store& store) const {
+    return detail::summarize(settings(), store);
+  }
+  /// Called by the trainers with every parameter a replica holds: raises invalid_argument when none is projected
+  /// (the run would be Inner's under this policy's name), unless allow_no_projection.
+  template <class Store>
+  void check_parameters(const Store& store) const {
+    detail::check_parameters(settings(), store);
+  }
 
   detail::low_rank_settings settings() const {
-    return {"optim::golore", rank, refresh_period, scale, target, require_projection};
+    return {"optim::golore", rank, refresh_period, scale, target, require_projection, allow_no_projection};
   }
 
  private:

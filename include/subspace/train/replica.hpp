@@ -75,6 +75,7 @@ class replica {
     const executor_type& ex = executor();
     auto& store = stages_[0].parameters();
     compressor_parameters_ = compress::declare(compressor, store);
+    if constexpr (requires { optimizer_.check_parameters(store); }) optimizer_.check_parameters(store);
     require_memory(store);
     store.allocate(ex);
     for (std::size_t i = 0; i < store.size(); ++i) states_.push_back(optimizer_.init(ex, store.info(i)));

@@ -17,6 +17,7 @@
 // The element updates (subspace_adam_update, the decay) are SUBSPACE_HD functions with explicit fused
 // multiply-adds, shared by the host loops here and the CUDA kernels in detail/cuda/low_rank.cuh.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -38,6 +39,7 @@
 #include "../adamw.hpp"
 #include "../concepts.hpp"
 #include "../projector.hpp"
+#include "../subspace_rule.hpp"
 
 namespace subspace::optim {
 
@@ -55,29 +57,29 @@ inline bool attention_or_mlp_matrix(const param_info& info) {
 /// Every matrix (rank 2), whatever its name: for models without the naming convention, and for toy problems.
 inline bool any_matrix(const param_info& info) { return info.shape.rank == 2; }
 
-// --- the inner optimizer's rule in the projected space ------------------------------------------------------------
+/// The default `rank` of galore and golore: each matrix gets a quarter of its short side, r = max(1, min(m, n) / 4)
+/// (GaLore's recipes: 128 on the 512-wide 60M model), so every target of at least 2 x 2 is projected whatever the
+/// model's width. A fixed rank above a target's short side leaves that target to Inner.
+inline constexpr std::int64_t auto_rank = 0;
 
-/// The hyper-parameters of Adam in the projected space.
-struct subspace_adam {
-  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-6f, weight_decay = 0.0f;
-};
+// --- what a model has projected -----------------------------------------------------------------------------------
 
-/// How galore/golore run inner optimizer Inner in the projected space. Specialise it to wrap another element-wise
-/// optimizer: `reference()` (the default Inner of the policies), `hyper(inner)` (its Adam hyper-parameters) and
-/// `state_bytes_for(inner, info)` (the bytes Inner's state takes for a parameter, without allocating it).
-template <class Inner>
-struct subspace_rule {
-  static_assert(dependent_false<Inner>,
-                "optim::galore / optim::golore: no update rule in the projected space for this inner optimizer; "
-                "specialise optim::subspace_rule<Inner> (optim::adamw has one)");
-};
+/// Which parameters of a model galore/golore project, from opt.summary(store): for the line a program prints at
+/// start ("projected 28 of 30 matrices at rank 16-32") and for the check that something is.
+struct projection_summary {
+  std::int64_t matrices = 0;                // parameters of rank 2
+  std::int64_t targets = 0;                 // matrices the target rule selects
+  std::int64_t projected = 0;               // targets whose rank is below their short side: Adam in the subspace
+  std::int64_t min_rank = 0, max_rank = 0;  // over the projected matrices (0 when none)
+  std::int64_t min_short_side = 0, max_short_side = 0;  // min(m, n) over the targets (0 when none)
 
-template <>
-struct subspace_rule<adamw> {
-  /// The AdamW of the GaLore and GoLore reference recipes: beta (0.9, 0.999), eps 1e-6, no weight decay.
-  static adamw reference() { return adamw{0.9f, 0.999f, 1e-6f, 0.0f}; }
-  static subspace_adam hyper(const adamw& a) { return {a.beta1, a.beta2, a.eps, a.weight_decay}; }
-  static std::size_t state_bytes_for(const adamw& a, const param_info& info) { return a.state_bytes_for(info); }
+  /// "projected 28 of 30 matrices at rank 16-32" (one rank: "at rank 32").
+  std::string text() const {
+    std::string t = "projected " + std::to_string(projected) + " of " + std::to_string(matrices) + " matrices";
+    if (projected > 0)
+      t += " at rank " + std::to_string(min_rank) + (max_rank > min_rank ? "-" + std::to_string(max_rank) : "");
+    return t;
+  }
 };
 
 // --- state ----------------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ struct low_rank_state {
   template <class F>
   void for_each_tensor(F&& f) {
     if (inner) {
-      inner->for_each_tensor(f);
+      for_each_state_tensor(*inner, f);
       return;
     }
     f("exp_avg", m.v());
@@ -253,11 +255,15 @@ struct low_rank_settings {
   float scale;
   bool (*target)(const param_info&);
   bool require_projection;
+  bool allow_no_projection;
 };
 
 inline void check_settings(const low_rank_settings& s) {
   const auto who = [&] { return std::string(s.who); };
-  require(s.rank >= 1, [&] { return who() + ": rank must be at least 1, got " + std::to_string(s.rank); });
+  require(s.rank >= 1 || s.rank == auto_rank, [&] {
+    return who() + ": rank must be at least 1 (or optim::auto_rank, a quarter of each matrix's short side), got " +
+           std::to_string(s.rank);
+  });
   require(s.refresh_period >= 1, [&] {
     return who() + ": refresh_period (tau) must be at least 1 step, got " + std::to_string(s.refresh_period);
   });
@@ -267,19 +273,75 @@ inline void check_settings(const low_rank_settings& s) {
           [&] { return who() + ": target must name a predicate (e.g. optim::attention_or_mlp_matrix)"; });
 }
 
+/// The rank r of a matrix: the settings' rank, or with auto_rank max(1, min(m, n) / 4).
+inline std::int64_t rank_for(const low_rank_settings& s, const param_info& info) {
+  if (s.rank != auto_rank || info.shape.rank != 2) return s.rank;
+  return std::max<std::int64_t>(1, std::min(info.shape[0], info.shape[1]) / 4);
+}
+
+inline bool is_target(const low_rank_settings& s, const param_info& info) {
+  return info.shape.rank == 2 && s.target(info);
+}
+
 /// True when the parameter is projected: a target of the rule with rank < min(m, n). A target with
 /// min(m, n) <= rank falls back to Inner, or is an error when require_projection is set.
 inline bool is_projected(const low_rank_settings& s, const param_info& info) {
-  if (info.shape.rank != 2 || !s.target(info)) return false;
+  if (!is_target(s, info)) return false;
   const std::int64_t short_side = std::min(info.shape[0], info.shape[1]);
-  if (s.rank < short_side) return true;
+  const std::int64_t rank = rank_for(s, info);
+  if (rank < short_side) return true;
   require(!s.require_projection, [&] {
     return std::string(s.who) + ": parameter '" + info.name + "' of shape " + to_string(info.shape) +
-           " is a projection target but rank r = " + std::to_string(s.rank) +
-           (s.rank > short_side ? " exceeds" : " equals") + " min(m, n) = " + std::to_string(short_side) +
+           " is a projection target but rank r = " + std::to_string(rank) +
+           (rank > short_side ? " exceeds" : " equals") + " min(m, n) = " + std::to_string(short_side) +
            " (require_projection is set; lower the rank or unset it to fall back to the inner optimizer)";
   });
   return false;
+}
+
+/// What the settings project of a store's parameters (anything with size() and info(i)).
+template <class Store>
+projection_summary summarize(const low_rank_settings& s, const Store& store) {
+  check_settings(s);
+  projection_summary sum;
+  const auto widen = [](std::int64_t& lo, std::int64_t& hi, std::int64_t x) {
+    lo = lo == 0 ? x : std::min(lo, x);
+    hi = std::max(hi, x);
+  };
+  for (std::size_t i = 0; i < store.size(); ++i) {
+    const param_info& info = store.info(i);
+    if (info.shape.rank != 2) continue;
+    ++sum.matrices;
+    if (!is_target(s, info)) continue;
+    ++sum.targets;
+    widen(sum.min_short_side, sum.max_short_side, std::min(info.shape[0], info.shape[1]));
+    if (!is_projected(s, info)) continue;
+    ++sum.projected;
+    widen(sum.min_rank, sum.max_rank, rank_for(s, info));
+  }
+  return sum;
+}
+
+/// A store where nothing is projected would train Inner alone under the policy's name: an error naming why,
+/// unless allow_no_projection is set.
+template <class Store>
+void check_parameters(const low_rank_settings& s, const Store& store) {
+  if (s.allow_no_projection) return;
+  const projection_summary sum = summarize(s, store);
+  require(sum.projected > 0, [&] {
+    const std::string who = std::string(s.who) + ": no parameter is projected, so every one would be stepped by " +
+                            "the inner optimizer alone: ";
+    const std::string unless = "; or set allow_no_projection to train with the inner optimizer alone";
+    if (sum.targets == 0)
+      return who + "none of the " + std::to_string(sum.matrices) +
+             " matrices is a target of the target rule (the default, optim::attention_or_mlp_matrix, takes matrices "
+             "whose names contain \"attn\" or \"mlp\"); choose another target, e.g. optim::any_matrix" +
+             unless;
+    return who + "rank r = " + std::to_string(s.rank) + " is not below the short side of any of the " +
+           std::to_string(sum.targets) + " target matrices (min(m, n) from " + std::to_string(sum.min_short_side) +
+           " to " + std::to_string(sum.max_short_side) + "); lower the rank, or leave it optim::auto_rank (a quarter " +
+           "of each short side)" + unless;
+  });
 }
 
 template <class Inner, class Exec>
@@ -295,7 +357,7 @@ low_rank_state_for<Inner, Exec> init(const Inner& inner, const low_rank_settings
     st.inner.emplace(inner.init(ex, info));
     return st;
   }
-  st.geometry = make_projection(info.shape[0], info.shape[1], s.rank);
+  st.geometry = make_projection(info.shape[0], info.shape[1], rank_for(s, info));
   st.m = tensor<float, Space>(st.geometry.moment_shape());
   st.v = tensor<float, Space>(st.geometry.moment_shape());
   st.p = tensor<float, Space>(st.geometry.projector_shape());
@@ -316,7 +378,7 @@ template <class Inner>
 std::size_t state_bytes_for(const Inner& inner, const low_rank_settings& s, const param_info& info) {
   check_settings(s);
   if (!is_projected(s, info)) return subspace_rule<Inner>::state_bytes_for(inner, info);
-  return std::size_t(make_projection(info.shape[0], info.shape[1], s.rank).state_floats()) * sizeof(float);
+  return std::size_t(make_projection(info.shape[0], info.shape[1], rank_for(s, info)).state_floats()) * sizeof(float);
 }
 
 /// One optimizer step of a parameter: Inner's step, or a refresh when s % period == 0 followed by the projected
@@ -342,10 +404,10 @@ void step(const Inner& inner, const low_rank_settings& s, const Exec& ex, view<f
   require(grad.shape() == info.shape, [&] {
     return who() + "grad has shape " + to_string(grad.shape()) + ", the parameter " + to_string(info.shape);
   });
-  require(p.rows == info.shape[0] && p.cols == info.shape[1] && p.rank == s.rank, [&] {
+  require(p.rows == info.shape[0] && p.cols == info.shape[1] && p.rank == rank_for(s, info), [&] {
     return who() + "state was made for a " + std::to_string(p.rows) + " x " + std::to_string(p.cols) +
            " matrix at rank " + std::to_string(p.rank) + "; the parameter is " + to_string(info.shape) + " at rank " +
-           std::to_string(s.rank) + " (init it with this parameter's info and this optimizer)";
+           std::to_string(rank_for(s, info)) + " (init it with this parameter's info and this optimizer)";
   });
   require(working.data() == nullptr || working.shape() == info.shape, [&] {
     return who() + "working has shape " + to_string(working.shape()) + ", the parameter " + to_string(info.shape);
