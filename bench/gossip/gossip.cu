@@ -19,7 +19,7 @@
 // --ranks ranks (default 8) are threads of this process on one GPU through comm::local (each rank its own stream,
 // the communicator ordered on it; --device host runs them on the CPU instead, the fallback without a GPU and a
 // quick check of the bytes with a small --config), each wrapped in comm::throttled in account mode at every
-// --bandwidths link (default 1gbit,25gbit: comm::links::gbit1 = 1 Gbit/s with 100 us, gbit25 = 25 Gbit/s with 10 us).
+// --bandwidths link (default gbit1,gbit25: comm::links::gbit1 = 1 Gbit/s with 100 us, gbit25 = 25 Gbit/s with 10 us).
 // With
 // --local-ranks L > 1, links between ranks of one node (L consecutive ranks) are --intra-link instead.
 //
@@ -36,7 +36,7 @@
 // --steps should be a multiple of every topology's period so each phase counts equally (default 12: periods 1, 2,
 // 3 and 6 with 8 ranks).
 //
-//   bench_gossip [--config 124m] [--ranks 8] [--local-ranks 1] [--intra-link 100gbit] [--bandwidths 1gbit,25gbit]
+//   bench_gossip [--config 124m] [--ranks 8] [--local-ranks 1] [--intra-link gbit100] [--bandwidths gbit1,gbit25]
 //                [--topologies complete,ring,one_peer_exp,alternating_exp_ring] [--bucket-mb 25] [--steps 12]
 //                [--warmup 2] [--device auto] [--threads 1] [--out FILE.json] [--commit SHA]
 #include <cuda_runtime.h>
@@ -66,7 +66,7 @@ struct options {
   std::string config = "124m";
   int ranks = 8;
   int local_ranks = 1;
-  std::string intra_link = "100gbit";
+  std::string intra_link = "gbit100";
   std::vector<std::string> bandwidths, topologies;  // from the comma-separated flags
   double bucket_mb = 25.0;
   int steps = 12;
@@ -452,7 +452,7 @@ void write_json(const options& o, const std::string& device, const nn::llama_con
 
 int run(int argc, char** argv) {
   options o;
-  std::string bandwidths = "1gbit,25gbit", topologies = "complete,ring,one_peer_exp,alternating_exp_ring";
+  std::string bandwidths = "gbit1,gbit25", topologies = "complete,ring,one_peer_exp,alternating_exp_ring";
   bench::cli cli("bench_gossip",
                  "per-step time and bytes of data-parallel all-reduce against gossip (each decent topology),\n"
                  "ranks as threads on one GPU through comm::local under comm::throttled (account mode), buckets of a "
@@ -464,8 +464,8 @@ int run(int argc, char** argv) {
             "rank its own node, every link the same)")
       .flag("intra-link", o.intra_link, "link inside a node when --local-ranks > 1")
       .flag("bandwidths", bandwidths,
-            "modelled links, comma-separated: 80mbit, 300mbit, 1gbit, 25gbit, 100gbit or "
-            "<number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
+            "modelled links, comma-separated: " + comm::links::preset_names() +
+                " or <number><kbit|mbit|gbit>[@<latency><s|ms|us>] (latency 0 unless given)")
       .flag("topologies", topologies,
             "gossip topologies, comma-separated; allreduce always runs first, as the reference of the ratios")
       .flag("bucket-mb", o.bucket_mb, "bucket size in MB of fp32")

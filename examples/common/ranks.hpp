@@ -40,21 +40,15 @@ inline std::string without_location(std::string m) {
   return m;
 }
 
-/// --bandwidth: a preset name, a comm::link::parse form, or none (nullopt).
+/// --bandwidth: none (nullopt), or what comm::link::parse reads: a comm::links preset by the name of its constant
+/// (gbit1 is comm::links::gbit1) or <number><kbit|mbit|gbit>[@<latency>].
 inline std::optional<subspace::comm::link> parse_bandwidth(const std::string& b) {
-  namespace links = subspace::comm::links;
   if (b == "none") return std::nullopt;
-  if (b == "mbit80") return links::mbit80;
-  if (b == "mbit300") return links::mbit300;
-  if (b == "gbit1") return links::gbit1;
-  if (b == "gbit25") return links::gbit25;
-  if (b == "gbit100") return links::gbit100;
   try {
     return subspace::comm::link::parse(b);
-  } catch (const std::exception&) {
-    throw cli_error("--bandwidth: got '" + b +
-                    "', expected none, mbit80, mbit300, gbit1, gbit25, gbit100 "
-                    "or <number><kbit|mbit|gbit>[@<number><s|ms|us>] (e.g. 2.5gbit@50us)");
+  } catch (const subspace::invalid_argument&) {
+    throw cli_error("--bandwidth: got '" + b + "', expected none, " + subspace::comm::links::preset_names() +
+                    " or <number><kbit|mbit|gbit>[@<number><s|ms|us>] (e.g. 2.5gbit@50us)");
   }
 }
 
@@ -80,8 +74,9 @@ struct network_flags {
 /// Declares --bandwidth and --throttle alone (for an example that orders its flags otherwise).
 inline void declare_link_flags(cli& c, network_flags& n) {
   c.flag("bandwidth", n.bandwidth,
-         "modelled link of every pair of ranks: none, mbit80, mbit300, gbit1, gbit25, gbit100 (comm::links "
-         "presets) or <number><kbit|mbit|gbit>[@<latency><s|ms|us>]")
+         "modelled link of every pair of ranks: none, " + subspace::comm::links::preset_names() +
+             " (the comm::links presets, with their latencies) or <number><kbit|mbit|gbit>[@<latency><s|ms|us>] "
+             "(latency 0 unless given)")
       .flag("throttle", n.throttle,
             "account: add the modelled time to a virtual clock; enforce: also delay each operation's completion "
             "until then",

@@ -68,16 +68,22 @@ TEST_CASE("comm::link: presets and parsing") {
   CHECK(comm::links::gbit1.bits_per_second == 1e9);
   CHECK(comm::links::gbit25.bits_per_second == 25e9);
   CHECK(comm::links::gbit100.bits_per_second == 100e9);
-  CHECK(comm::link::parse("300mbit") == comm::links::mbit300);
-  CHECK(comm::link::parse("100gbit") == comm::links::gbit100);
+  // One vocabulary: the presets parse by the names of their constants.
+  for (const auto& p : comm::links::presets) CHECK(comm::link::parse(p.name) == p.value);
+  CHECK(comm::link::parse("mbit300") == comm::links::mbit300);
+  CHECK(comm::link::parse("gbit1") == comm::links::gbit1);
+  CHECK(comm::links::preset_names() == "mbit80, mbit300, gbit1, gbit25, gbit100");
   const auto same = [](comm::link x, comm::link y) {
     return close(x.bits_per_second, y.bits_per_second) && close(x.latency_seconds, y.latency_seconds);
   };
   CHECK(same(comm::link::parse("2.5gbit@50us"), comm::link{2.5e9, 50e-6}));
   CHECK(same(comm::link::parse("10mbit@0.1s"), comm::link{10e6, 0.1}));
   CHECK(same(comm::link::parse("512kbit@3ms"), comm::link{512e3, 3e-3}));
-  CHECK(comm::link::parse("1gbit") == comm::links::gbit1);
-  CHECK_THROWS_WITH_AS(comm::link::parse("fast"), doctest::Contains("cannot read 'fast'"), invalid_argument);
+  // A number is exactly that link: latency 0 unless given (the preset gbit1 has 100 us).
+  CHECK(comm::link::parse("1gbit") == comm::link{1e9, 0.0});
+  CHECK_THROWS_WITH_AS(comm::link::parse("fast"),
+                       doctest::Contains("cannot read 'fast' (expected mbit80, mbit300, gbit1, gbit25, gbit100 or"),
+                       invalid_argument);
   CHECK_THROWS_AS(comm::link::parse("10mbps"), invalid_argument);
   CHECK_THROWS_AS(comm::link::parse("0gbit"), invalid_argument);
   CHECK_THROWS_AS(comm::link::parse("1gbit@5min"), invalid_argument);

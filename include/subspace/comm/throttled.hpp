@@ -84,8 +84,10 @@ struct link {
   }
   friend constexpr bool operator==(const link&, const link&) = default;
 
-  /// "300mbit", "1gbit", "100gbit" (the presets), or "<number><kbit|mbit|gbit>[@<number><s|ms|us>]", e.g.
-  /// "2.5gbit@50us" (without a latency: 0). Raises invalid_argument naming what it could not read.
+  /// A preset by the name of its constant ("mbit80", "gbit1", ...: links::presets), or
+  /// "<number><kbit|mbit|gbit>[@<number><s|ms|us>]", e.g. "2.5gbit@50us" — exactly that link, latency 0 unless
+  /// given ("1gbit" is 1 Gbit/s with no latency; the preset gbit1 has 100 us). Raises invalid_argument naming
+  /// what it could not read.
   static link parse(std::string_view text);
 };
 
@@ -97,19 +99,30 @@ inline constexpr link mbit300{300e6, 10e-3};  // a good internet link between si
 inline constexpr link gbit1{1e9, 100e-6};     // 1 GbE inside a building
 inline constexpr link gbit25{25e9, 10e-6};    // 25 GbE in a datacenter
 inline constexpr link gbit100{100e9, 5e-6};   // 100 Gbit/s InfiniBand or RoCE
+
+/// The presets by the names of their constants: what link::parse and the examples' --bandwidth read.
+struct named_link {
+  std::string_view name;
+  link value;
+};
+inline constexpr std::array<named_link, 5> presets{
+    {{"mbit80", mbit80}, {"mbit300", mbit300}, {"gbit1", gbit1}, {"gbit25", gbit25}, {"gbit100", gbit100}}};
+
+/// "mbit80, mbit300, gbit1, gbit25, gbit100": for messages and help texts.
+inline std::string preset_names() {
+  std::string out;
+  for (const named_link& p : presets) out += (out.empty() ? "" : ", ") + std::string(p.name);
+  return out;
+}
 }  // namespace links
 
 inline link link::parse(std::string_view text) {
   const std::string t(text);
-  if (t == "80mbit") return links::mbit80;
-  if (t == "300mbit") return links::mbit300;
-  if (t == "1gbit") return links::gbit1;
-  if (t == "25gbit") return links::gbit25;
-  if (t == "100gbit") return links::gbit100;
+  for (const links::named_link& p : links::presets)
+    if (t == p.name) return p.value;
   const auto bad = [&] {
-    return invalid_argument("comm::link::parse: cannot read '" + t +
-                            "' (expected 80mbit, 300mbit, 1gbit, 25gbit, 100gbit or <number><kbit|mbit|gbit>"
-                            "[@<number><s|ms|us>])");
+    return invalid_argument("comm::link::parse: cannot read '" + t + "' (expected " + links::preset_names() +
+                            " or <number><kbit|mbit|gbit>[@<number><s|ms|us>])");
   };
   const auto number_unit = [&](const std::string& s, std::string& unit) {
     char* end = nullptr;
