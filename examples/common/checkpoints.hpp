@@ -23,6 +23,8 @@
 #include <subspace/io/metrics.hpp>
 #include <subspace/util/directory.hpp>
 
+#include "cli.hpp"
+
 namespace examples {
 
 /// The name of step `step`'s checkpoint: step_ and the step, zero-padded to 9 digits (more when larger).
@@ -91,8 +93,7 @@ inline void clean_checkpoint_dir(const std::filesystem::path& root) {
     if (!step_of(e.path()) || !e.is_directory() || is_checkpoint(e.path())) continue;
     std::error_code ec;
     fs::remove_all(e.path(), ec);
-    subspace::require(
-        !ec, [&] { return "cannot remove the incomplete checkpoint " + e.path().string() + ": " + ec.message(); });
+    if (ec) throw tool_error("cannot remove the incomplete checkpoint " + e.path().string() + ": " + ec.message());
     std::printf("checkpoint dir: removed '%s' (an incomplete checkpoint)\n", e.path().c_str());
   }
 }
@@ -138,10 +139,9 @@ inline subspace::io::metrics_writer::open_mode metrics_mode(const std::filesyste
 inline std::filesystem::path resolve_resume(const std::filesystem::path& p) {
   if (is_checkpoint(p)) return p;
   const auto all = checkpoints_in(p);
-  subspace::require(!all.empty(), [&] {
-    return "--resume " + p.string() + ": neither a checkpoint (no " + subspace::io::state_json_file_name +
-           ") nor a directory of step_* checkpoints";
-  });
+  if (all.empty())
+    throw tool_error("--resume " + p.string() + ": neither a checkpoint (no " + subspace::io::state_json_file_name +
+                     ") nor a directory of step_* checkpoints");
   return all.back();
 }
 

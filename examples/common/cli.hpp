@@ -16,7 +16,16 @@
 
 namespace examples {
 
+/// A bad flag or combination of flags: "program: message", exit 2.
 class cli_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A tool's own failure that is not a bad flag (a file it cannot read, a corpus it cannot install): "program:
+/// error: message", exit 1. The library's errors print the same way but keep their "file:line: " prefix, which
+/// says where in the library to look; a tool's messages say what to do instead.
+class tool_error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };

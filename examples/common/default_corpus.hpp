@@ -22,6 +22,8 @@
 #include <subspace/core/error.hpp>
 #include <subspace/util/file.hpp>
 
+#include "cli.hpp"
+
 namespace examples {
 
 /// Where derived data (the extracted default corpus) is kept: $SUBSPACE_DATA_DIR, else $XDG_CACHE_HOME/subspace,
@@ -72,17 +74,16 @@ inline std::filesystem::path default_corpus_path(const std::filesystem::path& ca
 
   const std::string install = std::string("sudo apt-get install -y ") + default_corpus_packages;
   const fs::path program = detail::find_program("bible");
-  subspace::require(!program.empty() && fs::exists(default_corpus_data), [&] {
-    return std::string("default corpus: the King James Bible text comes from the Debian packages ") +
-           default_corpus_packages + ", which are not installed (missing " +
-           (program.empty() ? std::string("the `bible` program") : std::string(default_corpus_data)) +
-           "). Install them with: " + install + " (or name your own text file)";
-  });
+  if (program.empty() || !fs::exists(default_corpus_data))
+    throw tool_error(std::string("default corpus: the King James Bible text comes from the Debian packages ") +
+                     default_corpus_packages + ", which are not installed (missing " +
+                     (program.empty() ? std::string("the `bible` program") : std::string(default_corpus_data)) +
+                     "). Install them with: " + install + " (or name your own text file)");
 
   // `bible -f` prints one verse per line, "Ge1:1 In the beginning ...": keep the text after the reference.
   const std::string command = "'" + program.string() + "' -f Gen1:1-Rev22:21 2>/dev/null";
   FILE* pipe = ::popen(command.c_str(), "r");
-  subspace::require(pipe != nullptr, [&] { return "default corpus: cannot run " + command; });
+  if (pipe == nullptr) throw tool_error("default corpus: cannot run " + command);
   std::string raw;
   char buf[1 << 16];
   for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, pipe)) > 0;) raw.append(buf, n);
@@ -100,11 +101,11 @@ inline std::filesystem::path default_corpus_path(const std::filesystem::path& ca
     out += '\n';
     ++verses;
   }
-  subspace::require(status == 0 && verses == default_corpus_verses, [&] {
-    return "default corpus: `" + command + "` exited with status " + std::to_string(status) + " and printed " +
-           std::to_string(verses) + " verses (expected " + std::to_string(default_corpus_verses) +
-           "); reinstall with: sudo apt-get install --reinstall -y " + default_corpus_packages;
-  });
+  if (status != 0 || verses != default_corpus_verses)
+    throw tool_error("default corpus: `" + command + "` exited with status " + std::to_string(status) +
+                     " and printed " + std::to_string(verses) + " verses (expected " +
+                     std::to_string(default_corpus_verses) + "); reinstall with: sudo apt-get install --reinstall -y " +
+                     default_corpus_packages);
   subspace::io::atomic_write_text(text, out);
   return text;
 }

@@ -50,7 +50,8 @@ inline device_choice choose_device(const std::string& flag) {
 }
 
 /// Runs body() and turns its exceptions into the examples' exit codes: a cli_error (bad flags) prints
-/// "program: message" and returns 2; any other exception prints "program: error: message" and returns 1.
+/// "program: message" and returns 2; any other exception prints "program: error: message" and returns 1 — a
+/// tool_error as it is, a library error with its "file:line: " prefix.
 template <class Body>
 int guarded_main(const char* program, Body&& body) {
   try {
