@@ -69,6 +69,32 @@ testing::named_tensors gradients_of(const adjoint::ssm_config& cfg, Engine engin
   return out;
 }
 
+/// One step's gradients of every rank's stage, the model's layers sharded over `ranks` in-process ranks and
+/// trained by pipeline::pipeline_trainer under `scheduler`.
+template <class Engine, class Scheduler>
+testing::named_tensors stage_gradients(const testing::genesis_data& text, const adjoint::ssm_config& cfg, Engine engine,
+                                       int ranks, Scheduler scheduler, std::uint64_t seed, std::int64_t batch,
+                                       std::int64_t seq) {
+  testing::named_tensors grads;
+  std::mutex mu;
+  comm::local::run_ranks(ranks, [&](comm::local& world) {
+    std::vector<ssm<Engine>> chunks;
+    chunks.emplace_back(cfg, exec::host{1}, engine, adjoint::ssm_stage::shard(cfg, ranks)[std::size_t(world.rank())]);
+    pipeline::pipeline_trainer t(std::move(chunks),
+                                 subspace::stack{.communicator = world,
+                                                 .compressor = compress::identity{},
+                                                 .scheduler = scheduler,
+                                                 .optimizer = optim::adamw{}},
+                                 pipeline::trainer_options{});
+    t.init(seed);
+    auto data = text.train(batch, seq);
+    t.compute_gradients(data);
+    std::lock_guard lock(mu);
+    grads.add(t.chunks()[0].parameters());
+  });
+  return grads;
+}
+
 std::string layer_prefix(std::int64_t k) { return "layers." + std::to_string(k) + "."; }
 
 }  // namespace
@@ -282,32 +308,13 @@ TEST_CASE("ssm stages: exact and sharded engines over 1, 2 and 4 in-process rank
     }
     for (const int ranks : {2, 4}) {
       CAPTURE(ranks);
-      const auto split = [&](auto scheduler) {
-        testing::named_tensors sharded;
-        std::mutex mu;
-        comm::local::run_ranks(ranks, [&](comm::local& world) {
-          const adjoint::ssm_stage stage = adjoint::ssm_stage::shard(cfg, ranks)[std::size_t(world.rank())];
-          std::vector<model> chunks;
-          chunks.emplace_back(cfg, exec::host{1}, engine, stage);
-          pipeline::pipeline_trainer t(std::move(chunks),
-                                       subspace::stack{.communicator = world,
-                                                       .compressor = compress::identity{},
-                                                       .scheduler = scheduler,
-                                                       .optimizer = optim::adamw{}},
-                                       pipeline::trainer_options{});
-          t.init(seed);
-          auto data = text.train(batch, seq);
-          t.compute_gradients(data);
-          std::lock_guard lock(mu);
-          sharded.add(t.chunks()[0].parameters());
-        });
-        REQUIRE(sharded.grads.size() == whole.grads.size());
-        for (const auto& [name, g] : whole.grads) {
-          CAPTURE(name);
-          CHECK(testing::rel_diff(sharded.grads.at(name), g) == 0.0);
-        }
-      };
-      split(pipeline::gpipe{1, ranks});
+      const testing::named_tensors sharded =
+          stage_gradients(text, cfg, engine, ranks, pipeline::gpipe{1, ranks}, seed, batch, seq);
+      REQUIRE(sharded.grads.size() == whole.grads.size());
+      for (const auto& [name, g] : whole.grads) {
+        CAPTURE(name);
+        CHECK(testing::rel_diff(sharded.grads.at(name), g) == 0.0);
+      }
     }
   };
   check(adjoint::exact_adjoint{});
@@ -322,25 +329,7 @@ TEST_CASE("ssm stages: the sharded engine's split backward (zero-bubble schedule
   const adjoint::ssm_config cfg = sized(8, 256, 4, 3);
   const std::int64_t batch = 4, seq = 16;
   const auto gradients = [&](auto engine, int ranks, auto scheduler) {
-    using model = ssm<decltype(engine)>;
-    testing::named_tensors grads;
-    std::mutex mu;
-    comm::local::run_ranks(ranks, [&](comm::local& world) {
-      std::vector<model> chunks;
-      chunks.emplace_back(cfg, exec::host{1}, engine, adjoint::ssm_stage::shard(cfg, ranks)[std::size_t(world.rank())]);
-      pipeline::pipeline_trainer t(std::move(chunks),
-                                   subspace::stack{.communicator = world,
-                                                   .compressor = compress::identity{},
-                                                   .scheduler = scheduler,
-                                                   .optimizer = optim::adamw{}},
-                                   pipeline::trainer_options{});
-      t.init(seed);
-      auto data = text.train(batch, seq);
-      t.compute_gradients(data);
-      std::lock_guard lock(mu);
-      grads.add(t.chunks()[0].parameters());
-    });
-    return grads;
+    return stage_gradients(text, cfg, engine, ranks, scheduler, seed, batch, seq);
   };
   static_assert(ssm<adjoint::sharded_adjoint>::splits_backward && !ssm<adjoint::exact_adjoint>::splits_backward);
   for (const adjoint::sharded_adjoint engine : {adjoint::sharded_adjoint{}, adjoint::sharded_adjoint{.window = 5}})
