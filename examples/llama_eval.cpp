@@ -3,6 +3,7 @@
 //
 //   llama_eval --model DIR --tokens "1,2,3;4,5,6" --out eval.json     # loss + last-position logits, as JSON
 //   llama_eval --model DIR --prompt "In the beginning" --generate 200  # a byte-tokenizer sample
+//   llama_eval --model DIR --tokenizer DIR/tokenizer.json --prompt "In the beginning" --generate 200
 //   llama_eval --init-random 7 --preset tiny --save DIR                # a random model, saved for transformers
 //
 // The model directory holds config.json (read by io::read_hf_config) and model.safetensors or a sharded
@@ -29,6 +30,7 @@
 #include "common/cli.hpp"
 #include "common/device.hpp"
 #include "common/flag_checks.hpp"
+#include "common/text_tokenizer.hpp"
 
 namespace {
 
@@ -51,7 +53,7 @@ struct options {
   std::string save_dtype = "native";
   std::string tokens;
   std::string out;
-  std::string prompt;
+  std::string prompt, tokenizer;
   std::int64_t generate = 0;
   float temperature = 0.8f;
   std::int64_t top_k = 0;
@@ -234,13 +236,14 @@ int run(const Exec& ex, const options& o, const char* device_name) {
   }
   if (!o.tokens.empty()) evaluate_rows(model, o, device_name);
   if (o.generate > 0) {
-    const data::byte_tokenizer tok;
-    const std::vector<std::int32_t> prompt = tok.encode(o.prompt);
+    const examples::text_tokenizer tok(o.tokenizer);
+    if (!tok.byte_level()) tok.check_model_vocab(cfg.vocab, "the model's vocab");
+    const std::vector<std::int32_t> prompt = tok.encode(o.prompt, "--prompt");
     for (std::size_t i = 0; i < prompt.size(); ++i)
       if (prompt[i] >= cfg.vocab)
-        throw examples::cli_error("--prompt: byte " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
+        throw examples::cli_error("--prompt: token " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(cfg.vocab) + ") of '" + cfg.name +
-                                  "' (the byte tokenizer needs a vocabulary of 256)");
+                                  "' (" + tok.described() + ": give the model's --tokenizer)");
     const std::vector<std::int32_t> sample =
         nn::generate(model, prompt, o.generate, nn::sampling{o.temperature, o.top_k, o.seed});
     std::printf("sample (temperature %g, top_k %lld, seed %llu):\n%s%s\n", double(o.temperature), (long long)o.top_k,
@@ -279,6 +282,9 @@ void check_options(const options& o) {
   if (o.generate > 0 && o.prompt.empty())
     throw cli_error("--generate needs a non-empty --prompt (the text the sample continues)");
   if (!o.prompt.empty() && o.generate == 0) throw cli_error("--prompt needs --generate N > 0 (tokens to sample)");
+  if (!o.tokenizer.empty() && o.generate == 0)
+    throw cli_error("--tokenizer encodes --prompt and decodes the sample: it needs --prompt with --generate N > 0");
+  if (!o.tokenizer.empty()) examples::text_tokenizer{o.tokenizer};  // a bad file fails before the model loads
   if (!(o.temperature >= 0.0f) || !std::isfinite(o.temperature))
     throw cli_error("--temperature must be a finite number >= 0 (0: greedy)");
   if (o.top_k < 0) throw cli_error("--top-k must be >= 0 (0: the whole vocabulary)");
@@ -297,7 +303,8 @@ int main(int argc, char** argv) {
   examples::cli cli(
       "llama_eval",
       "Loads a Llama checkpoint (ours or a Hugging Face LlamaForCausalLM directory), or initialises a random one,\n"
-      "then evaluates token rows (loss and last-position logits as JSON), samples text with the byte tokenizer,\n"
+      "then evaluates token rows (loss and last-position logits as JSON), samples text (byte-level or with "
+      "--tokenizer),\n"
       "and/or saves the model as a Hugging Face directory. Host: fp32; CUDA: bf16 weights, fp32 logits.\n"
       "Exit status: 0 done, 1 an error (a message says which file or value), 2 bad flags.");
   cli.flag("device", o.device, "where to run: auto picks cuda when a GPU is present", {"auto", "host", "cuda"})
@@ -319,7 +326,9 @@ int main(int argc, char** argv) {
       .flag("tokens", o.tokens,
             "token rows to evaluate, e.g. \"1,2,3;4,5,6\" (rows of equal length, at most max_seq tokens)")
       .flag("out", o.out, "with --tokens: write the loss and last-position logits to this JSON file (atomically)")
-      .flag("prompt", o.prompt, "text to continue (byte tokenizer: token = byte)")
+      .flag("prompt", o.prompt, "text to continue (encoded by --tokenizer, else byte-level: token = byte)")
+      .flag("tokenizer", o.tokenizer,
+            "Hugging Face tokenizer.json (byte-level BPE) for --prompt and the sample, e.g. the model directory's")
       .flag("generate", o.generate, "with --prompt: tokens to sample")
       .flag("temperature", o.temperature, "sampling temperature (0: greedy)")
       .flag("top-k", o.top_k, "sample from the k most likely tokens (0: all)")
