@@ -18,6 +18,7 @@
 #include <subspace/optim/adamw.hpp>
 #include <subspace/util/directory.hpp>
 
+#include "support/files.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -27,16 +28,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
+using testing::has;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-void spit(const fs::path& p, const std::string& bytes) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
 std::vector<std::string> names_in(const fs::path& dir) {
   std::vector<std::string> out;
   for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
@@ -91,7 +84,7 @@ TEST_CASE("checkpoint files: a directory holding one save's weights beside anoth
     const fs::path mixed = dir / ("mixed-" + std::string(file));
     fs::copy(dir / "a" / "step_10", mixed);
     fs::copy_file(dir / "b" / "step_10" / file, mixed / file, fs::copy_options::overwrite_existing);
-    if (std::string(file) == "config.json") spit(mixed / file, slurp(mixed / file) + " ");
+    if (std::string(file) == "config.json") testing::write_bytes(mixed / file, testing::read_bytes(mixed / file) + " ");
     small_model c(3);
     CHECK_THROWS_WITH_AS(c.load(mixed), has(std::string(file) + " ("), invalid_argument);
     CHECK_THROWS_WITH_AS(c.load(mixed), has("is not the file trainer_state.json records"), invalid_argument);
@@ -192,12 +185,12 @@ TEST_CASE("checkpoint files: the sidecar's counts are bounded, and its version a
   small_model a(1);
   a.save(dir / "ckpt", 3);
   const fs::path sidecar = dir / "ckpt" / "trainer_state.json";
-  const std::string good = slurp(sidecar);
+  const std::string good = testing::read_bytes(sidecar);
   const auto edited = [&](const std::string& from, const std::string& to) {
     std::string s = good;
     const std::size_t at = s.find(from);
     REQUIRE(at != std::string::npos);
-    spit(sidecar, s.replace(at, from.size(), to));
+    testing::write_bytes(sidecar, s.replace(at, from.size(), to));
   };
   edited("\"step\": 3", "\"step\": 9223372036854775807");
   CHECK_THROWS_WITH_AS(io::read_trainer_state(dir / "ckpt"),
@@ -213,7 +206,7 @@ TEST_CASE("checkpoint files: the sidecar's counts are bounded, and its version a
   edited("\"config.json\"", "\"../config.json\"");
   CHECK_THROWS_WITH_AS(io::read_trainer_state(dir / "ckpt"), has("entry \"../config.json\" must be a file name"),
                        invalid_argument);
-  spit(sidecar, good);
+  testing::write_bytes(sidecar, good);
   CHECK(a.load(dir / "ckpt") == 3);
 
   io::trainer_state ts;
@@ -228,7 +221,7 @@ TEST_CASE("checkpoint files: the sidecar's seed and rng_offset are decimal digit
   small_model a(1);
   a.save(dir / "ckpt", 3);
   const fs::path sidecar = dir / "ckpt" / "trainer_state.json";
-  const std::string good = slurp(sidecar);
+  const std::string good = testing::read_bytes(sidecar);
   for (const char* key : {"seed", "rng_offset"}) {
     const std::string field = "\"" + std::string(key) + "\": \"0\"";
     REQUIRE(good.find(field) != std::string::npos);
@@ -237,14 +230,16 @@ TEST_CASE("checkpoint files: the sidecar's seed and rng_offset are decimal digit
       const std::string shown = std::string(key) + " = \"" + value + "\"";
       CAPTURE(shown);
       std::string s = good;
-      spit(sidecar, s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"" + value + "\""));
+      testing::write_bytes(sidecar,
+                           s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"" + value + "\""));
       CHECK_THROWS_WITH_AS(io::read_trainer_state(dir / "ckpt"),
                            has("\"" + std::string(key) +
                                "\" must be a decimal string of an unsigned 64-bit integer, got \"" + value + "\""),
                            invalid_argument);
     }
     std::string s = good;
-    spit(sidecar, s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"18446744073709551615\""));
+    testing::write_bytes(
+        sidecar, s.replace(s.find(field), field.size(), "\"" + std::string(key) + "\": \"18446744073709551615\""));
     const io::trainer_state ts = io::read_trainer_state(dir / "ckpt");
     CHECK((std::string(key) == "seed" ? ts.seed : ts.rng_offset) == ~std::uint64_t(0));
   }
@@ -290,14 +285,15 @@ TEST_CASE("metrics: a resumed run drops the lines after its checkpoint's step an
     }
     m.write(json::object({{"note", json("no step")}}));
   }
-  const std::string six = slurp(path);
-  spit(path, six + "{\"step\": 7, \"lo");  // killed, or out of space, in the middle of a line
+  const std::string six = testing::read_bytes(path);
+  testing::write_bytes(path, six + "{\"step\": 7, \"lo");  // killed, or out of space, in the middle of a line
   CHECK(io::truncate_metrics_after(path, 4) == 3);
   const std::vector<json> lines = io::read_jsonl(path);
   REQUIRE(lines.size() == 5);
   for (std::int64_t step = 1; step <= 4; ++step) CHECK(lines[std::size_t(step - 1)].at("step").as_int() == step);
   CHECK(lines[4].at("note").as_string() == "no step");
-  CHECK(six.rfind(slurp(path).substr(0, slurp(path).find("{\"note\"")), 0) == 0);  // the kept lines keep their bytes
+  CHECK(six.rfind(testing::read_bytes(path).substr(0, testing::read_bytes(path).find("{\"note\"")), 0) ==
+        0);  // the kept lines keep their bytes
   {
     io::metrics_writer m(path, io::metrics_writer::open_mode::append);
     io::metrics_record r;
@@ -312,7 +308,7 @@ TEST_CASE("metrics: a resumed run drops the lines after its checkpoint's step an
 TEST_CASE("checkpoint files: a save never replaces a directory that holds something other than a checkpoint") {
   testing::scratch_dir dir;
   small_model a(1);
-  spit(dir / "notes.txt", "keep me");
+  testing::write_bytes(dir / "notes.txt", "keep me");
   CHECK_THROWS_WITH_AS(a.save(dir.path, 1), has("the path exists and holds no checkpoint"), invalid_argument);
   CHECK(dir.listing() == std::vector<std::string>{"notes.txt"});
   fs::remove(dir / "notes.txt");

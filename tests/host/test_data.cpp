@@ -22,6 +22,7 @@
 #include <subspace/data/tokens.hpp>
 
 #include "../../examples/common/default_corpus.hpp"
+#include "support/files.hpp"
 #include "support/scratch_dir.hpp"
 
 using namespace subspace;
@@ -31,16 +32,8 @@ namespace {
 
 using testing::scratch_dir;
 
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
+using testing::has;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-void spit(const fs::path& p, const std::string& bytes) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
 std::string le32(std::int32_t v) {
   std::string s(4, '\0');
   for (int i = 0; i < 4; ++i) s[std::size_t(i)] = char((std::uint32_t(v) >> (8 * i)) & 0xff);
@@ -73,7 +66,7 @@ TEST_CASE("token files: llm.c version 1 and 7 and raw uint16 round-trip, with th
   scratch_dir dir;
   const auto v1 = iota_tokens(1000, 65000, 65536);  // wraps past 65535
   data::write_llmc_tokens(dir / "v1.bin", v1, 1);
-  const std::string bytes = slurp(dir / "v1.bin");
+  const std::string bytes = testing::read_bytes(dir / "v1.bin");
   REQUIRE(bytes.size() == 1024 + 2 * 1000);
   CHECK(bytes.substr(0, 12) == le32(20240520) + le32(1) + le32(1000));
   CHECK(bytes.substr(12, 1012) == std::string(1012, '\0'));
@@ -88,7 +81,7 @@ TEST_CASE("token files: llm.c version 1 and 7 and raw uint16 round-trip, with th
   std::vector<std::int32_t> v7 = iota_tokens(300, 100000);
   v7.push_back(0x7fffffff);
   data::write_llmc_tokens(dir / "v7.bin", v7, 7);
-  CHECK(slurp(dir / "v7.bin").size() == 1024 + 4 * 301);
+  CHECK(testing::read_bytes(dir / "v7.bin").size() == 1024 + 4 * 301);
   const data::token_file f7(dir / "v7.bin", data::token_format::llmc);
   CHECK(f7.version() == 7);
   CHECK(f7.width() == 4);
@@ -96,7 +89,7 @@ TEST_CASE("token files: llm.c version 1 and 7 and raw uint16 round-trip, with th
 
   const auto raw = iota_tokens(777, 0, 65536);
   data::write_raw_u16_tokens(dir / "train.bin", raw);
-  CHECK(slurp(dir / "train.bin").size() == 2 * 777);
+  CHECK(testing::read_bytes(dir / "train.bin").size() == 2 * 777);
   const data::token_file fr(dir / "train.bin", data::token_format::raw_u16);  // raw only when asked for
   CHECK(fr.version() == 0);
   CHECK(fr.size() == 777);
@@ -112,9 +105,9 @@ TEST_CASE("token files: a damaged llm.c header is an error, never read as raw ui
   scratch_dir dir;
   const auto p = dir / "shard.bin";
   data::write_llmc_tokens(p, iota_tokens(300, 0, 256), 1);
-  std::string bytes = slurp(p);
+  std::string bytes = testing::read_bytes(p);
   bytes[0] = char(bytes[0] ^ 0x01);  // one flipped bit of the magic
-  spit(p, bytes);
+  testing::write_bytes(p, bytes);
   const std::string magic = std::to_string(20240520 ^ 1);
   for (const auto format : {data::token_format::llmc, data::token_format{}}) {  // asked for, and the default
     CHECK_THROWS_WITH_AS(data::token_file(p, format),
@@ -160,7 +153,7 @@ TEST_CASE("token files: bad input names the file and the expected value") {
   const auto p = dir / "bad.bin";
   const std::string name = "token file '" + p.string() + "': ";
   const auto fails = [&](const std::string& bytes, data::token_format fmt, const std::string& text) {
-    spit(p, bytes);
+    testing::write_bytes(p, bytes);
     CAPTURE(text);
     CHECK_THROWS_WITH_AS(data::token_file(p, fmt), has(name + text), invalid_argument);
   };
@@ -405,12 +398,11 @@ TEST_CASE("batch_loader: a saved position resumes exactly, across epochs, sequen
   // The seed is unsigned: a negative, signed or padded string is refused, not wrapped to 2^64 - 1.
   for (const char* seed : {"-1", " -1", "+5", " 5", "18446744073709551616", ""}) {
     CAPTURE(seed);
-    const std::string j =
-        std::string(R"({"epoch":0,"cursor":0,"windows":124,"shuffle":true,"seed":")") + seed + "\"}";
-    CHECK_THROWS_WITH_AS(data::loader_position::from_json(io::json::parse(j)),
-                         has("\"seed\" must be a decimal string of an unsigned 64-bit integer, got \"" +
-                             std::string(seed) + "\""),
-                         invalid_argument);
+    const std::string j = std::string(R"({"epoch":0,"cursor":0,"windows":124,"shuffle":true,"seed":")") + seed + "\"}";
+    CHECK_THROWS_WITH_AS(
+        data::loader_position::from_json(io::json::parse(j)),
+        has("\"seed\" must be a decimal string of an unsigned 64-bit integer, got \"" + std::string(seed) + "\""),
+        invalid_argument);
   }
   const std::string max_seed = R"({"epoch":0,"cursor":0,"windows":124,"shuffle":true,"seed":"18446744073709551615"})";
   CHECK(data::loader_position::from_json(io::json::parse(max_seed)).seed == ~std::uint64_t(0));
@@ -441,8 +433,8 @@ TEST_CASE("text_to_shards: text files become byte shards with a validation tail,
   std::string a, b;
   for (int i = 0; i < 300; ++i) a += "line " + std::to_string(i) + " of the first file\n";
   for (int i = 0; i < 100; ++i) b += "and the second, " + std::to_string(i) + "\n";
-  spit(dir / "a.txt", a);
-  spit(dir / "b.txt", b);
+  testing::write_bytes(dir / "a.txt", a);
+  testing::write_bytes(dir / "b.txt", b);
   data::text_to_shards_options o;
   o.prefix = "kjv";
   o.shard_tokens = 4000;
@@ -482,7 +474,7 @@ TEST_CASE("text_to_shards: text files become byte shards with a validation tail,
   CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "nope.txt"}, dir / "x", o),
                        has("cannot open '" + (dir / "nope.txt").string() + "' (text file)"), invalid_argument);
   CHECK_THROWS_WITH_AS(data::text_to_shards({}, dir / "x", o), has("no input files"), invalid_argument);
-  spit(dir / "empty.txt", "");
+  testing::write_bytes(dir / "empty.txt", "");
   CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "empty.txt"}, dir / "x", o), has("hold no text"), invalid_argument);
   o.val_fraction = 1.5;
   CHECK_THROWS_WITH_AS(data::text_to_shards({dir / "a.txt"}, dir / "x", o),
@@ -494,7 +486,7 @@ TEST_CASE("default corpus: extracted from the Debian packages, or an error that 
   try {
     const auto path = examples::default_corpus_path(dir.path);
     CHECK(path == dir / "kjv.txt");
-    const std::string text = slurp(path);
+    const std::string text = testing::read_bytes(path);
     CHECK(text.rfind("In the beginning God created the heaven and the earth.\n", 0) == 0);
     CHECK(std::count(text.begin(), text.end(), '\n') == 31102);
     CHECK(text.size() > 4'000'000);

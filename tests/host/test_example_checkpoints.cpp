@@ -10,13 +10,14 @@
 
 #include "../../examples/common/checkpoints.hpp"
 #include "../../examples/common/flag_checks.hpp"
+#include "support/files.hpp"
 #include "support/scratch_dir.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
+using subspace::testing::has;
 
 void touch(const fs::path& p) {
   fs::create_directories(p.parent_path());

@@ -25,6 +25,7 @@
 #include <subspace/util/file.hpp>
 #include <subspace/util/json.hpp>
 
+#include "support/files.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
 
@@ -37,16 +38,7 @@ namespace {
 using testing::scratch_dir;
 
 /// A doctest matcher for a message containing `s`.
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-void spit(const fs::path& p, const std::string& bytes) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
+using testing::has;
 
 template <class T>
 bool bits_equal(view<const T, host_space> a, view<const T, host_space> b) {
@@ -170,7 +162,7 @@ TEST_CASE("atomic_write: a writer that throws midway leaves the old file and no 
                                           throw invalid_argument("simulated failure midway");
                                         }),
                        has("simulated failure midway"), invalid_argument);
-  CHECK(slurp(target) == "old content");
+  CHECK(testing::read_bytes(target) == "old content");
   CHECK(dir.listing() == std::vector<std::string>{"state.bin"});
   // and a new file is not created at all
   CHECK_THROWS_AS(io::atomic_write(dir / "new.bin", [](io::file_sink&) { throw std::runtime_error("x"); }),
@@ -178,9 +170,9 @@ TEST_CASE("atomic_write: a writer that throws midway leaves the old file and no 
   CHECK(dir.listing() == std::vector<std::string>{"state.bin"});
   // directories are created; a success replaces the content
   io::atomic_write_text(dir / "a" / "b" / "c.txt", "hello");
-  CHECK(slurp(dir / "a" / "b" / "c.txt") == "hello");
+  CHECK(testing::read_bytes(dir / "a" / "b" / "c.txt") == "hello");
   io::atomic_write_text(target, "new");
-  CHECK(slurp(target) == "new");
+  CHECK(testing::read_bytes(target) == "new");
   CHECK_THROWS_WITH_AS(io::read_text(dir / "nope.txt", "config"), has("nope.txt' (config)"), invalid_argument);
 }
 
@@ -221,7 +213,7 @@ TEST_CASE("safetensors: header and data match a hand-computed layout byte for by
       0x07, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff,  // c: 7, -1
       0x80, 0x3f, 0x00, 0x3f, 0x40, 0xc0,              // b: bf16 1.0, 0.5, -3.0
   };
-  const std::string file = slurp(dir / "t.safetensors");
+  const std::string file = testing::read_bytes(dir / "t.safetensors");
   REQUIRE(file.size() == 8 + 200 + 22);
   CHECK(std::memcmp(file.data(), expected, 8) == 0);
   CHECK(file.substr(8, 200) == expected_header);
@@ -332,7 +324,7 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
     return le64(h.size()) + h + std::string(data_bytes, '\x01');
   };
   const auto fails_with = [&](const std::string& bytes, const std::string& text) {
-    spit(file, bytes);
+    testing::write_bytes(file, bytes);
     CAPTURE(text);
     CHECK_THROWS_WITH_AS(io::safetensors_file{file}, has(text), invalid_argument);
   };
@@ -355,7 +347,8 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
              "shape [2305843009213693952] of F64 holds more bytes than a 64-bit size can count");
   fails_with(with_header(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0),
              "holds more bytes than a 64-bit size can count");
-  spit(file, with_header(R"({"x":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}})", 0));
+  testing::write_bytes(
+      file, with_header(R"({"x":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}})", 0));
   CHECK(io::safetensors_file{file}.at("x").numel() == 0);  // empty, whatever its other extents
   CHECK_THROWS_WITH_AS(io::safetensors_file{dir / "missing.safetensors"},
                        has("cannot open '" + (dir / "missing.safetensors").string() + "'"), invalid_argument);
@@ -366,8 +359,8 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
   io::safetensors_writer w;
   w.add("t", t.v());
   w.write(file);
-  const std::string good = slurp(file);
-  spit(file, good.substr(0, good.size() - 3));
+  const std::string good = testing::read_bytes(file);
+  testing::write_bytes(file, good.substr(0, good.size() - 3));
   CHECK_THROWS_WITH_AS(io::safetensors_file{file}, has("truncated file or bad offsets"), invalid_argument);
 }
 
@@ -381,7 +374,7 @@ TEST_CASE("safetensors: a producer that fails midway leaves the previous file in
     w.add("t", t.v());
     w.write(file);
   }
-  const std::string before = slurp(file);
+  const std::string before = testing::read_bytes(file);
   io::safetensors_writer w;
   w.add("t", t.v());
   w.add_bytes("u", io::st_dtype::F32, {1024}, [](io::file_sink& out) {
@@ -390,13 +383,13 @@ TEST_CASE("safetensors: a producer that fails midway leaves the previous file in
     throw std::runtime_error("simulated device failure while copying 'u'");
   });
   CHECK_THROWS_WITH(w.write(file), has("simulated device failure"));
-  CHECK(slurp(file) == before);
+  CHECK(testing::read_bytes(file) == before);
   CHECK(dir.listing() == std::vector<std::string>{"model.safetensors"});
 
   io::safetensors_writer short_writer;
   short_writer.add_bytes("v", io::st_dtype::F32, {4}, [](io::file_sink& out) { out.write("abc", 3); });
   CHECK_THROWS_WITH_AS(short_writer.write(file), has("should have written 16 bytes, wrote 3"), invalid_argument);
-  CHECK(slurp(file) == before);
+  CHECK(testing::read_bytes(file) == before);
   CHECK(dir.listing() == std::vector<std::string>{"model.safetensors"});
 }
 
@@ -455,9 +448,9 @@ TEST_CASE("safetensors: compatible with the reference implementation (golden fil
   }
   scratch_dir dir;
   w.write(dir / "now.safetensors");
-  const std::string golden = slurp(data_dir / "subspace_written.safetensors");
+  const std::string golden = testing::read_bytes(data_dir / "subspace_written.safetensors");
   REQUIRE_MESSAGE(!golden.empty(), "missing golden file in " << data_dir.string());
-  CHECK(slurp(dir / "now.safetensors") == golden);
+  CHECK(testing::read_bytes(dir / "now.safetensors") == golden);
 
   // tests/data/python_written.safetensors was written by safetensors.numpy.save_file
   // (tests/data/check_safetensors.py write): our reader loads it.
@@ -851,7 +844,7 @@ TEST_CASE("checkpoint: bf16 export converts on load, Hugging Face sharded checkp
   so.dtype = io::weights_dtype::bf16;
   io::save_model(exec::host{}, dir / "hf", cfg, a, so);
   CHECK(io::safetensors_file(dir / "hf" / "model.safetensors").at("model.norm.weight").dtype == io::st_dtype::BF16);
-  CHECK(json::parse(slurp(dir / "hf" / "config.json")).at("torch_dtype").as_string() == "bfloat16");
+  CHECK(json::parse(testing::read_bytes(dir / "hf" / "config.json")).at("torch_dtype").as_string() == "bfloat16");
   fake_model b(cfg, seed + 7);
   io::load_weights(exec::host{}, dir / "hf", b);
   for (std::size_t i = 0; i < a.names.size(); ++i)
@@ -909,7 +902,7 @@ TEST_CASE("metrics: one flushed JSON object per line with the standard fields an
     m.write(r, {{"mfu", 0.375}, {"tokens_per_step", 512}});
     CHECK_THROWS_WITH_AS(m.write(r, {{"loss", 1.0}}), has("extra field \"loss\" repeats"), invalid_argument);
   }
-  const std::string text = slurp(path);
+  const std::string text = testing::read_bytes(path);
   CHECK(std::count(text.begin(), text.end(), '\n') == 2);
   CHECK(text.substr(0, text.find('\n')) ==
         R"({"step":1,"loss":5.5,"lr":0.0003,"tokens":1024,"tok_per_s":2048.5,"wall_s":0.5,"grad_norm":1.25})");
@@ -927,6 +920,6 @@ TEST_CASE("metrics: one flushed JSON object per line with the standard fields an
     m.write(json::object({{"step", json(3)}, {"loss", json(4.0)}}));
   }
   CHECK(io::read_jsonl(path).size() == 3);
-  spit(dir / "bad.jsonl", "{\"step\":1}\n{\"step\":\n");
+  testing::write_bytes(dir / "bad.jsonl", "{\"step\":1}\n{\"step\":\n");
   CHECK_THROWS_WITH_AS(io::read_jsonl(dir / "bad.jsonl"), has("bad.jsonl' line 2"), invalid_argument);
 }

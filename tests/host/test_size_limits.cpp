@@ -11,10 +11,12 @@
 #include <adjoint/selective_ssm.hpp>
 #include <subspace/subspace.hpp>
 
+#include "support/files.hpp"
+
 using namespace subspace;
 
 namespace {
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
+using testing::has;
 constexpr std::int64_t int64_max = std::numeric_limits<std::int64_t>::max();
 constexpr std::int64_t two_62_plus_1 = (std::int64_t(1) << 62) + 1;
 }  // namespace
