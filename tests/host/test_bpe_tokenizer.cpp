@@ -17,6 +17,7 @@
 #include <subspace/util/file.hpp>
 #include <subspace/util/json.hpp>
 
+#include "support/files.hpp"
 #include "support/scratch_dir.hpp"
 
 using namespace subspace;
@@ -27,7 +28,7 @@ namespace {
 const fs::path bpe_dir = fs::path(SUBSPACE_TEST_DATA_DIR) / "bpe";
 const char* const tokenizer_files[] = {"gpt2_style.json", "llama3_style.json", "qwen2_style.json"};
 
-doctest::Contains has(const std::string& s) { return doctest::Contains(s.c_str()); }
+using testing::has;
 
 std::vector<std::int32_t> ids_of(const io::json& array) {
   std::vector<std::int32_t> ids;
