@@ -72,7 +72,14 @@ TEST_CASE_TEMPLATE("lm_head_cross_entropy (host): losses match a float64 referen
     host_tensor<accum_t<T>> losses({c.n});
     lm_head_cross_entropy(exec::host{}, cv(h), cv(w), cv(targets), losses.v(), {}, {}, 1.0f);
     const auto want = naive_losses(cv(h), cv(w), cv(targets));
-    CHECK(testing::compare("losses", losses, want, tol) < tol);
+    // Relative to the losses' norm floored at 1 per row: a loss near 0 (a confident right answer) keeps the
+    // logits' absolute rounding, which is relative to the logits, not to the loss (n 1, vocab 2 hit 2e-5).
+    double err2 = 0, ref2 = 0;
+    for (std::int64_t i = 0; i < c.n; ++i) {
+      err2 += (double(losses(i)) - double(want(i))) * (double(losses(i)) - double(want(i)));
+      ref2 += double(want(i)) * double(want(i));
+    }
+    CHECK(std::sqrt(err2) <= tol * std::max(std::sqrt(ref2), std::sqrt(double(c.n))));
     for (std::int64_t i = 0; i < c.n; ++i)
       if (targets(i) < 0) REQUIRE(losses(i) == 0);
   }

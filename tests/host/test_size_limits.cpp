@@ -61,6 +61,7 @@ TEST_CASE("shapes and tensors refuse element counts past 2^48 instead of wrappin
   CHECK_THROWS_WITH_AS(host_tensor<float>{s}, has("tensor: shape [4611686018427387905, 4] holds more than 2^48"),
                        invalid_argument);
   CHECK(shape({3, 0, std::int64_t(1) << 60}).checked_numel() == 0);
+  CHECK(shape({std::numeric_limits<std::int64_t>::max(), 2, 0}).numel() == 0);  // no product before the zero
 }
 
 TEST_CASE("llama_config: sizes whose products overflow are refused, naming the fields and the limit") {

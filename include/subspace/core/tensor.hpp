@@ -44,7 +44,10 @@ struct shape {
   }
   SUBSPACE_HD std::int64_t operator[](int i) const { return dims[std::size_t(i)]; }
   /// The element count (unchecked: the host code that makes a shape from untrusted extents uses checked_numel).
+  /// A zero extent makes it 0 before anything multiplies: [2^63 − 1, 2, 0] is empty, not an overflow.
   SUBSPACE_HD std::int64_t numel() const {
+    for (int i = 0; i < rank; ++i)
+      if (dims[std::size_t(i)] == 0) return 0;
     std::int64_t n = 1;
     for (int i = 0; i < rank; ++i) n *= dims[std::size_t(i)];
     return n;
