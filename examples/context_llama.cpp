@@ -168,7 +168,7 @@ void load_data(const options& o, setup& s) {
   if (o.data.empty() && s.cfg.vocab < 256)
     throw examples::cli_error("--vocab " + std::to_string(s.cfg.vocab) + " (--preset " + o.preset +
                               "): byte-level text needs a vocabulary of at least 256");
-  s.src = examples::choose_data(o);
+  s.src = examples::choose_data(o, s.cfg.vocab);
   std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
   if (s.train.tokens() < std::uint64_t(o.seq + 1))
     throw examples::cli_error("--seq " + std::to_string(o.seq) + ": the training tokens (" +

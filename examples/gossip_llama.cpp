@@ -54,6 +54,7 @@
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
 #include "common/ranks.hpp"
+#include "common/subspace_flags.hpp"
 
 namespace {
 
@@ -65,7 +66,7 @@ using examples::on_threads;
 using examples::parse_bandwidth;
 using examples::without_location;
 
-struct options : examples::model_flags, examples::data_flags, examples::network_flags {
+struct options : examples::model_flags, examples::data_flags, examples::network_flags, examples::subspace_flags {
   // ranks, topology, network
   int ranks = 0;  // 0: 4 with --launcher local, WORLD_SIZE with --launcher nccl
   std::string topology = "alternating_exp_ring";
@@ -75,9 +76,7 @@ struct options : examples::model_flags, examples::data_flags, examples::network_
   std::string optimizer = "auto";
   int accum_window = 8;  // an int, as the scheduler takes it: a larger value fails at parsing
   float weight_decay = -1.0f, beta1 = -1.0f, beta2 = -1.0f;
-  std::int64_t rank = 128, refresh = 200;
-  float galore_scale = 0.25f;
-  double golore_percent = 20.0;
+  // (GaLore/GoLore's flags: examples::subspace_flags)
   // batch and schedule
   std::int64_t seq = 0, batch = 8, steps = 300, warmup = 30;
   int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
@@ -96,7 +95,9 @@ struct options : examples::model_flags, examples::data_flags, examples::network_
 };
 
 const std::vector<std::string> topologies = {"complete", "ring", "one_peer_exp", "alternating_exp_ring", "allreduce"};
-const std::vector<std::string> gossip_optimizers = {"decent_adam", "decent_adamw", "accum_adam", "accum_adamw"};
+// GaLore and GoLore run on both: the gossip trainer steps any Optimizer from the mixed point.
+const std::vector<std::string> gossip_optimizers = {"decent_adam", "decent_adamw", "accum_adam",
+                                                    "accum_adamw", "galore",       "golore"};
 const std::vector<std::string> allreduce_optimizers = {"adamw", "galore", "golore"};
 
 bool one_of(const std::string& x, const std::vector<std::string>& list) {
@@ -131,6 +132,7 @@ struct setup {
   data::token_dataset train, val;
   std::string device_name;  // "host", or the GPU's name
   std::string where;        // how the ranks run, for the header
+  std::string projected;    // GaLore/GoLore: what they project ("projected 28 of 30 matrices at rank 16-32, ...")
   int threads_per_rank = 0;
 };
 
@@ -159,9 +161,7 @@ void check(const options& o) {
   examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
   need(std::isfinite(o.weight_decay), "--weight-decay must be a finite number (negative: the optimizer's default)");
   need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
-  examples::need_finite("galore-scale", o.galore_scale);
-  need(o.rank >= 1 && o.refresh >= 1, "--rank and --refresh must be >= 1");
-  need(o.golore_percent >= 0 && o.golore_percent <= 100, "--golore-percent must lie in [0, 100]");
+  examples::check_subspace_flags(o);
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
   need(o.threads >= 0, "--threads must be >= 0");
@@ -169,9 +169,9 @@ void check(const options& o) {
   if (gossip)
     need(o.optimizer == "auto" || one_of(o.optimizer, gossip_optimizers),
          "--optimizer " + o.optimizer + " with --topology " + o.topology +
-             ": a gossip topology takes decent_adam, decent_adamw, accum_adam or accum_adamw (the optimizer steps "
-             "from the mixed point); " +
-             o.optimizer + " belongs to --topology allreduce");
+             ": a gossip topology takes decent_adam, decent_adamw, accum_adam, accum_adamw, galore or golore (the "
+             "optimizer steps from the mixed point); " +
+             o.optimizer + " belongs to --topology allreduce (decent_adamw is AdamW from the mixed point)");
   else
     need(o.optimizer == "auto" || one_of(o.optimizer, allreduce_optimizers),
          "--optimizer " + o.optimizer +
@@ -202,11 +202,12 @@ setup decide(const options& o, int ranks, int local_ranks) {
 void load_model_and_data(const options& o, setup& s) {
   s.cfg = examples::model_config(o, o.seq);
   s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
-  s.src = examples::choose_data(o);
-  require(!s.src.bytes || s.cfg.vocab >= 256, [&] {
-    return "--vocab " + std::to_string(s.cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
-  });
+  s.src = examples::choose_data(o, s.cfg.vocab);
   std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
+  // GaLore/GoLore: what they project of this model, refused before any rank starts when nothing would be.
+  if (s.optimizer == "galore") s.projected = examples::projection_of(examples::galore_from(o, {}), o, s.cfg);
+  if (s.optimizer == "golore")
+    s.projected = examples::projection_of(examples::golore_from(o, {}, o.steps, o.seed), o, s.cfg);
 }
 
 void print_header(const options& o, const setup& s) {
@@ -232,6 +233,7 @@ void print_header(const options& o, const setup& s) {
   }
   std::string opt = s.optimizer;
   if (s.optimizer.rfind("accum_", 0) == 0) opt += " (K = " + std::to_string(o.accum_window) + ")";
+  if (!s.projected.empty()) opt += " (" + s.projected + ")";
   std::printf("%d ranks (%s) on %s | %s | %s\n", s.ranks, s.where.c_str(), s.device_name.c_str(), topo.c_str(),
               opt.c_str());
   if (s.modelled)
@@ -247,9 +249,13 @@ void print_header(const options& o, const setup& s) {
 
 // ---- optimizers ----------------------------------------------------------------------------------------------
 
-/// Calls f(std::bool_constant<gossip>{}, optimizer) with the optimizer --optimizer names (resolved in setup).
+/// Calls f(std::bool_constant<gossip>{}, optimizer) with the optimizer --optimizer names (resolved in setup);
+/// only the pairs check() accepts are instantiated.
 template <class F>
 int with_optimizer(const options& o, const setup& s, F&& f) {
+  const auto on_topology = [&](const auto& opt) {
+    return s.gossip ? f(std::true_type{}, opt) : f(std::false_type{}, opt);
+  };
   const auto betas = [&](auto& opt) {
     if (o.beta1 >= 0) opt.beta1 = o.beta1;
     if (o.beta2 >= 0) opt.beta2 = o.beta2;
@@ -281,23 +287,8 @@ int with_optimizer(const options& o, const setup& s, F&& f) {
   optim::adamw inner;
   betas(inner);
   if (name == "adamw") return f(std::false_type{}, inner);
-  if (name == "galore") {
-    optim::galore<> g;
-    g.inner = inner;
-    g.rank = o.rank;
-    g.refresh_period = o.refresh;
-    g.scale = o.galore_scale;
-    return f(std::false_type{}, g);
-  }
-  optim::golore<> g;
-  g.inner = inner;
-  g.rank = o.rank;
-  g.refresh_period = o.refresh;
-  g.scale = o.galore_scale;
-  g.random_percent = o.golore_percent;
-  g.total_steps = o.steps;
-  g.seed = o.seed;
-  return f(std::false_type{}, g);
+  if (name == "galore") return on_topology(examples::galore_from(o, inner));
+  return on_topology(examples::golore_from(o, inner, o.steps, o.seed));
 }
 
 // ---- one rank ------------------------------------------------------------------------------------------------
@@ -521,16 +512,15 @@ int run_rank(const Exec& ex, Comm world, Comm stats, const Opt& opt, const optio
   }
   // Samples from rank 0's model: the global average for gossip (after finish), the common weights for all-reduce.
   if (o.samples > 0 && o.sample_tokens > 0) {
-    const data::byte_tokenizer bytes;
-    const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
-    require(!s.src.bytes || !prompt.empty(), "--prompt must not be empty");
+    const std::vector<std::int32_t> prompt = s.src.tokenizer.encode(o.prompt, "--prompt");
     for (std::int64_t i = 0; i < o.samples; ++i) {
       nn::sampling smp;
       smp.temperature = o.temperature;
       smp.seed = o.seed + std::uint64_t(i);
       const std::vector<std::int32_t> out = nn::generate(t.model(), prompt, o.sample_tokens, smp);
-      if (s.src.bytes) {
-        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+      if (s.src.decodes()) {
+        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(),
+                    s.src.tokenizer.printable(out).c_str());
       } else {
         std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
         for (const auto id : out) std::printf("%d ", id);
@@ -626,7 +616,7 @@ int main(int argc, char** argv) {
             "LOCAL_WORLD_SIZE under nccl)")
       .flag("optimizer", o.optimizer,
             "auto: accum_adamw for gossip, adamw for allreduce. Gossip: decent_adam, "
-            "decent_adamw, accum_adam, accum_adamw; allreduce: adamw, galore, golore",
+            "decent_adamw, accum_adam, accum_adamw; allreduce: adamw; both: galore, golore",
             {"auto", "adamw", "decent_adam", "decent_adamw", "accum_adam", "accum_adamw", "galore", "golore"})
       .flag("accum-window", o.accum_window, "AccumAdam(W) window K: the moments see the mean gradient of K steps");
   examples::declare_link_flags(cli, o);
@@ -650,14 +640,11 @@ int main(int argc, char** argv) {
       .flag("beta2", o.beta2,
             "Adam beta2 (negative: the optimizer's default: adamw 0.95, decent_adam(w) 0.999, "
             "accum_adam(w) 0.98)")
-      .flag("clip", o.clip, "gradient-norm clip (<= 0: off); all-reduce: the global norm, gossip: per bucket")
-      .flag("rank", o.rank, "GaLore/GoLore projection rank r")
-      .flag("refresh", o.refresh, "GaLore/GoLore projector refresh period (steps)")
-      .flag("galore-scale", o.galore_scale, "GaLore/GoLore update scale alpha")
-      .flag("golore-percent", o.golore_percent, "GoLore@x%: the last x% of steps use random projectors")
-      .flag("eval-every", o.eval_every,
-            "validation loss (of the global average) and consensus distance every N "
-            "steps (and at the end)")
+      .flag("clip", o.clip, "gradient-norm clip (<= 0: off); all-reduce: the global norm, gossip: per bucket");
+  examples::declare_subspace_flags(cli, o);
+  cli.flag("eval-every", o.eval_every,
+           "validation loss (of the global average) and consensus distance every N "
+           "steps (and at the end)")
       .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
       .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
       .flag("metrics", o.metrics, "write one JSON line per step to this file (rank 0)")

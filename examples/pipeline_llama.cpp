@@ -176,7 +176,7 @@ void load_data(const options& o, setup& s) {
   if (o.data.empty() && s.cfg.vocab < 256)
     throw examples::cli_error("--vocab " + std::to_string(s.cfg.vocab) + " (--preset " + o.preset +
                               "): byte-level text needs a vocabulary of at least 256");
-  s.src = examples::choose_data(o);
+  s.src = examples::choose_data(o, s.cfg.vocab);
   std::tie(s.train, s.val) = examples::open_tokens(s.src, o.val_fraction);
 }
 
@@ -462,16 +462,15 @@ void finish(const options& o, const setup& s, const Blocks& blocks, gathered& g)
     std::printf("exported the model as a Hugging Face Llama to %s\n", o.export_hf.c_str());
   }
   if (o.samples == 0 || o.sample_tokens == 0) return;
-  const data::byte_tokenizer bytes;
-  const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
-  require(!s.src.bytes || !prompt.empty(), "--prompt must not be empty");
+  const std::vector<std::int32_t> prompt = s.src.tokenizer.encode(o.prompt, "--prompt");
   for (std::int64_t i = 0; i < o.samples; ++i) {
     nn::sampling smp;
     smp.temperature = o.temperature;
     smp.seed = o.seed + std::uint64_t(i);
     const std::vector<std::int32_t> out = nn::generate(whole, prompt, o.sample_tokens, smp);
-    if (s.src.bytes)
-      std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+    if (s.src.decodes())
+      std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(),
+                  s.src.tokenizer.printable(out).c_str());
     else {
       std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
       for (const auto id : out) std::printf("%d ", id);

@@ -25,6 +25,7 @@
 #include "common/flag_checks.hpp"
 #include "common/format.hpp"
 #include "common/llama_data.hpp"
+#include "common/subspace_flags.hpp"
 
 namespace {
 
@@ -37,17 +38,14 @@ using examples::human;
 
 // The model (--preset and the size flags) and data (--text, --data, ...) flags are shared with gossip_llama:
 // common/llama_data.hpp.
-struct options : examples::model_flags, examples::data_flags {
+struct options : examples::model_flags, examples::data_flags, examples::subspace_flags {
   // batch and schedule
   std::int64_t seq = 0, batch = 8, steps = 300, stop_at = 0, warmup = 30;
   int accumulation = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, weight_decay = 0.1f, clip = 1.0f;
   std::string decay = "cosine";
   // optimizer
-  std::string optimizer = "adamw";
-  std::int64_t rank = 128, refresh = 200;
-  float galore_scale = 0.25f;
-  double golore_percent = 20.0;
+  std::string optimizer = "adamw";  // GaLore/GoLore flags: examples::subspace_flags
   // evaluation, checkpoints, output
   std::int64_t eval_every = 50, eval_batches = 20, checkpoint_every = 0, keep_checkpoints = 2, log_every = 1;
   std::string checkpoint_dir, resume, init_from, metrics, summary;
@@ -61,15 +59,14 @@ struct options : examples::model_flags, examples::data_flags {
   double peak_tflops = 0;
 };
 
+/// `described`: the optimizer as the header names it (GaLore/GoLore: with what they project).
 template <class Optimizer, class Exec>
-int train(const Exec& ex, const options& o, const Optimizer& optimizer, const std::string& device_name) {
+int train(const Exec& ex, const options& o, const Optimizer& optimizer, const std::string& described,
+          const std::string& device_name) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
   const nn::llama_config cfg = examples::model_config(o, o.seq);
   const std::int64_t seq = o.seq ? o.seq : std::min<std::int64_t>(cfg.max_seq, 256);
-  const data_source src = examples::choose_data(o);
-  require(!src.bytes || cfg.vocab >= 256, [&] {
-    return "--vocab " + std::to_string(cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
-  });
+  const data_source src = examples::choose_data(o, cfg.vocab);
 
   auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
   data::loader_options lo{o.batch, seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
@@ -106,10 +103,10 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   }
   const std::int64_t first = t.steps_done() + 1;
   const std::int64_t last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
-  require(first <= last, [&] {
-    return "--steps " + std::to_string(o.steps) + (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
-           ": the checkpoint is already at step " + std::to_string(first - 1);
-  });
+  if (first > last)
+    throw examples::cli_error("--steps " + std::to_string(o.steps) +
+                              (o.stop_at > 0 ? " --stop-at " + std::to_string(o.stop_at) : "") +
+                              ": the checkpoint is already at step " + std::to_string(first - 1));
 
   const double flop_per_token = cfg.flops_per_token(seq);
   const double peak = (o.peak_tflops > 0 ? o.peak_tflops : examples::peak_tflops_of(device_name)) * 1e12;
@@ -121,7 +118,7 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
   std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
               human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
   std::printf("device %s | %s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
-              device_name.c_str(), o.optimizer.c_str(), (long long)o.batch, (long long)seq, (long long)o.accumulation,
+              device_name.c_str(), described.c_str(), (long long)o.batch, (long long)seq, (long long)o.accumulation,
               (long long)(o.batch * seq * o.accumulation), (long long)o.steps);
   std::printf("optimizer state %s bytes%s\n", human(double(t.optimizer_state_bytes())).c_str(),
               t.master_bytes() ? (", fp32 masters " + human(double(t.master_bytes())) + " bytes").c_str() : "");
@@ -224,16 +221,15 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
 
   // Samples, from the same prompt with different seeds.
   if (o.samples > 0 && o.sample_tokens > 0) {
-    const data::byte_tokenizer bytes;
-    const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
-    require(!src.bytes || !prompt.empty(), "--prompt must not be empty");
+    const std::vector<std::int32_t> prompt = src.tokenizer.encode(o.prompt, "--prompt");
     for (std::int64_t i = 0; i < o.samples; ++i) {
       nn::sampling s;
       s.temperature = o.temperature;
       s.seed = o.seed + std::uint64_t(i);
       const std::vector<std::int32_t> out = nn::generate(t.model(), prompt, o.sample_tokens, s);
-      if (src.bytes) {
-        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+      if (src.decodes()) {
+        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(),
+                    src.tokenizer.printable(out).c_str());
       } else {
         std::printf("--- sample %lld (token ids) ---\n", (long long)i + 1);
         for (const auto id : out) std::printf("%d ", id);
@@ -246,30 +242,15 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
 
 template <class Exec>
 int train_with(const Exec& ex, const options& o, const std::string& device_name) {
-  if (o.optimizer == "adamw") {
-    optim::adamw a;
-    a.weight_decay = o.weight_decay;
-    return train(ex, o, a, device_name);
-  }
-  optim::adamw inner;
-  inner.weight_decay = o.weight_decay;
-  if (o.optimizer == "galore") {
-    optim::galore<> g;
-    g.inner = inner;
-    g.rank = o.rank;
-    g.refresh_period = o.refresh;
-    g.scale = o.galore_scale;
-    return train(ex, o, g, device_name);
-  }
-  optim::golore<> g;
-  g.inner = inner;
-  g.rank = o.rank;
-  g.refresh_period = o.refresh;
-  g.scale = o.galore_scale;
-  g.random_percent = o.golore_percent;
-  g.total_steps = o.steps;
-  g.seed = o.seed;
-  return train(ex, o, g, device_name);
+  optim::adamw adam;
+  adam.weight_decay = o.weight_decay;
+  if (o.optimizer == "adamw") return train(ex, o, adam, o.optimizer, device_name);
+  const auto with_projection = [&](const auto& opt) {
+    const std::string projected = examples::projection_of(opt, o, examples::model_config(o, o.seq));
+    return train(ex, o, opt, o.optimizer + " (" + projected + ")", device_name);
+  };
+  if (o.optimizer == "galore") return with_projection(examples::galore_from(o, adam));
+  return with_projection(examples::golore_from(o, adam, o.steps, o.seed));
 }
 
 void check(const options& o) {
@@ -291,10 +272,8 @@ void check(const options& o) {
   examples::need_sampling(o.temperature, o.prompt, o.samples, o.sample_tokens);
   examples::need_finite_non_negative("weight-decay", o.weight_decay);
   need(!std::isnan(o.clip), "--clip must be a number (<= 0: off)");
-  examples::need_finite("galore-scale", o.galore_scale);
+  examples::check_subspace_flags(o);
   examples::need_finite_non_negative("peak-tflops", o.peak_tflops);
-  need(o.rank >= 1 && o.refresh >= 1, "--rank and --refresh must be >= 1");
-  need(o.golore_percent >= 0 && o.golore_percent <= 100, "--golore-percent must lie in [0, 100]");
   need(o.resume.empty() || o.init_from.empty(), "--resume and --init-from exclude each other");
   need(o.val_data.empty() || !o.data.empty(), "--val-data needs --data");
   need(o.text.empty() || o.data.empty(), "--text and --data exclude each other");
@@ -330,12 +309,9 @@ int main(int argc, char** argv) {
       .flag("weight-decay", o.weight_decay, "AdamW weight decay, on the projection matrices and an untied LM head")
       .flag("clip", o.clip, "global gradient-norm clip (<= 0: off)")
       .flag("optimizer", o.optimizer, "adamw, or AdamW in a low-rank gradient subspace: GaLore (SVD) or GoLore@x%",
-            {"adamw", "galore", "golore"})
-      .flag("rank", o.rank, "GaLore/GoLore projection rank r")
-      .flag("refresh", o.refresh, "GaLore/GoLore projector refresh period (steps)")
-      .flag("galore-scale", o.galore_scale, "GaLore/GoLore update scale alpha")
-      .flag("golore-percent", o.golore_percent, "GoLore@x%: the last x% of steps use random projectors")
-      .flag("eval-every", o.eval_every, "validation loss every N steps (and at the end)")
+            {"adamw", "galore", "golore"});
+  examples::declare_subspace_flags(cli, o);
+  cli.flag("eval-every", o.eval_every, "validation loss every N steps (and at the end)")
       .flag("eval-batches", o.eval_batches, "validation batches per evaluation (the same ones each time)")
       .flag("checkpoint-dir", o.checkpoint_dir, "save checkpoints to DIR/step_NNNNNNNNN (and at the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")

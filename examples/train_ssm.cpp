@@ -91,9 +91,9 @@ int train_loop(Trainer& t, Model& model, const options& o, data::batch_loader& t
     t.init(o.seed);
   }
   const std::int64_t first = t.steps_done() + 1, last = o.stop_at > 0 ? std::min(o.stop_at, o.steps) : o.steps;
-  require(first <= last, [&] {
-    return "--steps " + std::to_string(o.steps) + ": the checkpoint is already at step " + std::to_string(first - 1);
-  });
+  if (first > last)
+    throw examples::cli_error("--steps " + std::to_string(o.steps) + ": the checkpoint is already at step " +
+                              std::to_string(first - 1));
   std::optional<io::metrics_writer> metrics;
   if (lead && !o.metrics.empty()) {
     // The interrupted run may have logged steps after the checkpoint (and torn its last line): they come again.
@@ -258,15 +258,11 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
   const bool lead_process = launch_rank(launch) == 0;
   if (!lead_process) launch_barrier(launch);
   if (lead_process) examples::clean_before_run(o.checkpoint_dir, o.resume);  // before any rank reads checkpoints
-  const examples::data_source src = examples::choose_data(o);
+  const examples::data_source src = examples::choose_data(o, cfg.vocab);
   if (lead_process) launch_barrier(launch);
-  require(!src.bytes || cfg.vocab >= 256, [&] {
-    return "--vocab " + std::to_string(cfg.vocab) + ": byte-level text needs a vocabulary of at least 256";
-  });
-  require(o.ranks <= cfg.layers, [&] {
-    return "--ranks " + std::to_string(o.ranks) + ": the model has " + std::to_string(cfg.layers) +
-           " layers (at most one rank per layer)";
-  });
+  if (o.ranks > cfg.layers)
+    throw examples::cli_error("--ranks " + std::to_string(o.ranks) + ": the model has " + std::to_string(cfg.layers) +
+                              " layers (at most one rank per layer)");
   auto [train_tokens, val_tokens] = examples::open_tokens(src, o.val_fraction);
   const data::loader_options lo{o.batch, o.seq, cfg.vocab, o.shuffle, o.seed, true, "train"};
   const auto loaders = [&] {
@@ -330,16 +326,15 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
         model(cfg, ex, engine),
         subspace::stack{.scheduler = schedule::gradient_accumulation{int(o.accumulation)}, .optimizer = adam}, to);
     if (const int rc = train_loop(t, t.model(), o, train_data, val_data, true, formula); rc != 0) return rc;
-    if (o.samples > 0 && o.sample_tokens > 0 && src.bytes) {
-      const data::byte_tokenizer bytes;
-      const std::vector<std::int32_t> prompt = bytes.encode(o.prompt);
-      require(!prompt.empty(), "--prompt must not be empty");
+    if (o.samples > 0 && o.sample_tokens > 0 && src.decodes()) {
+      const std::vector<std::int32_t> prompt = src.tokenizer.encode(o.prompt, "--prompt");
       for (std::int64_t i = 0; i < o.samples; ++i) {
         nn::sampling s;
         s.temperature = o.temperature;
         s.seed = o.seed + std::uint64_t(i);
         const std::vector<std::int32_t> out = nn::generate(t.model(), prompt, o.sample_tokens, s);
-        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(), bytes.printable(out).c_str());
+        std::printf("--- sample %lld ---\n%s%s\n", (long long)i + 1, o.prompt.c_str(),
+                    src.tokenizer.printable(out).c_str());
       }
     }
     return 0;

@@ -3,11 +3,12 @@
 //
 //   * model_flags: --preset and the size flags, declared once (declare_model_flags) and turned into an
 //     nn::llama_config by model_config;
-//   * data_flags: --text / --data / --data-format / --val-data / --val-fraction / --shuffle (declare_data_flags),
-//     and choose_data: token files as given by --data (llm.c shards, or nanoGPT's headerless uint16 .bin only with
-//     --data-format raw-u16: a file is never guessed to be raw), or a plain-text file (--text, default the King
-//     James Bible) converted once into byte-level llm.c shards in the data cache (keyed by the file's path, size,
-//     time and the split), then open_tokens: the {train, validation} token datasets.
+//   * data_flags: --text / --data / --data-format / --val-data / --val-fraction / --shuffle / --tokenizer
+//     (declare_data_flags), and choose_data: token files as given by --data (llm.c shards, or nanoGPT's headerless
+//     uint16 .bin only with --data-format raw-u16: a file is never guessed to be raw), or a plain-text file (--text,
+//     default the King James Bible) converted once into llm.c shards in the data cache, byte-level or with the
+//     --tokenizer (keyed by the file's and the tokenizer's path, size and time, and the split), then open_tokens:
+//     the {train, validation} token datasets. The source carries the tokenizer that prompts and samples use.
 //
 // The flags keep their names, help texts and defaults in both programs.
 
@@ -25,6 +26,7 @@
 #include "cli.hpp"
 #include "default_corpus.hpp"
 #include "format.hpp"
+#include "text_tokenizer.hpp"
 
 namespace examples {
 
@@ -37,7 +39,7 @@ struct model_flags {
 
 /// Where the tokens come from.
 struct data_flags {
-  std::string text, data, data_format = "llmc", val_data;
+  std::string text, data, data_format = "llmc", val_data, tokenizer;
   double val_fraction = 0.1;
   bool shuffle = true;
 };
@@ -64,7 +66,9 @@ inline void declare_data_flags(cli& c, data_flags& d) {
             {"llmc", "raw-u16"})
       .flag("val-data", d.val_data, "validation token files for --data (none: the last --val-fraction of --data)")
       .flag("val-fraction", d.val_fraction, "fraction of the tokens held out for validation")
-      .flag("shuffle", d.shuffle, "visit training windows in a seeded random order per epoch (else in order)");
+      .flag("shuffle", d.shuffle, "visit training windows in a seeded random order per epoch (else in order)")
+      .flag("tokenizer", d.tokenizer,
+            "Hugging Face tokenizer.json (byte-level BPE) for --text, the prompt and the samples (none: byte-level)");
 }
 
 /// The model configuration: the preset with any size flags applied; `seq` (0: none) raises max_seq when longer.
@@ -88,46 +92,70 @@ struct data_source {
   bool bytes = false;      // byte-level tokens (samples decode as text)
   std::string described;
   subspace::data::token_format format = subspace::data::token_format::llmc;
+  text_tokenizer tokenizer;  // encodes the prompt and decodes samples (byte-level: only when `bytes`)
+  /// Whether samples print as text (else as token ids).
+  bool decodes() const { return bytes || !tokenizer.byte_level(); }
 };
 
-/// A plain-text file as byte-level shards, converted once into the data cache (keyed by path, size and time).
-inline data_source text_shards(const std::filesystem::path& text, double val_fraction) {
+/// A plain-text file as shards of `tokenizer`'s tokens, converted once into the data cache (keyed by the text's and
+/// the tokenizer's path, size and time).
+inline data_source text_shards(const std::filesystem::path& text, double val_fraction,
+                               const text_tokenizer& tokenizer = {}) {
   namespace fs = std::filesystem;
-  using subspace::require;
   const fs::path abs = fs::absolute(text);
   std::error_code ec;
   const auto size = fs::file_size(abs, ec);
-  require(!ec, [&] { return "--text " + text.string() + ": cannot read the file (" + ec.message() + ")"; });
+  if (ec) throw tool_error("--text " + text.string() + ": cannot read the file (" + ec.message() + ")");
   const auto stamp = fs::last_write_time(abs).time_since_epoch().count();
-  const std::size_t key = std::hash<std::string>{}(abs.string() + "|" + std::to_string(size) + "|" +
-                                                   std::to_string(stamp) + "|" + std::to_string(val_fraction));
+  std::string identity =
+      abs.string() + "|" + std::to_string(size) + "|" + std::to_string(stamp) + "|" + std::to_string(val_fraction);
+  if (!tokenizer.byte_level()) {
+    const fs::path t = fs::absolute(tokenizer.path());
+    identity += "|" + t.string() + "|" + std::to_string(fs::file_size(t)) + "|" +
+                std::to_string(fs::last_write_time(t).time_since_epoch().count());
+  }
+  const std::size_t key = std::hash<std::string>{}(identity);
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016zx", key);
   const fs::path dir = default_data_dir() / "shards" / (abs.stem().string() + "-" + hex);
   const fs::path done = dir / "done";
   if (!fs::exists(done)) {
-    std::printf("converting %s (%s bytes) to byte-level shards in %s\n", abs.c_str(), human(double(size)).c_str(),
-                dir.c_str());
+    std::printf("converting %s (%s bytes) to %s shards in %s\n", abs.c_str(), human(double(size)).c_str(),
+                tokenizer.described().c_str(), dir.c_str());
     subspace::data::text_to_shards_options to;
     to.prefix = "text";
     to.val_fraction = val_fraction;
+    to.tokenizer = tokenizer.bpe();
+    to.version = tokenizer.vocab_size() > 65536 ? 7 : 1;  // uint32 tokens when uint16 cannot hold them
     subspace::data::text_to_shards({abs}, dir, to);
     subspace::io::atomic_write_text(done, abs.string() + "\n");
   }
-  return {(dir / "text_train_*.bin").string(), val_fraction > 0 ? (dir / "text_val_*.bin").string() : "", true,
-          abs.string() + " (byte-level)", subspace::data::token_format::llmc};
+  return {(dir / "text_train_*.bin").string(),
+          val_fraction > 0 ? (dir / "text_val_*.bin").string() : "",
+          tokenizer.byte_level(),
+          abs.string() + " (" + tokenizer.described() + ")",
+          subspace::data::token_format::llmc,
+          tokenizer};
 }
 
-/// --data as given, or --text (default: the King James Bible) as cached byte-level shards.
-inline data_source choose_data(const data_flags& d) {
+/// --data as given, or --text (default: the King James Bible) as cached shards of the --tokenizer's tokens.
+/// cli_error, before any text is converted, when the model's vocabulary (model_vocab) cannot hold the text's tokens.
+inline data_source choose_data(const data_flags& d, std::int64_t model_vocab) {
+  text_tokenizer tokenizer(d.tokenizer);
+  if (d.data.empty() || !tokenizer.byte_level()) tokenizer.check_model_vocab(model_vocab);
   if (!d.data.empty()) {
     const bool raw = d.data_format == "raw-u16";
-    return {d.data, d.val_data, false, d.data + (raw ? " (raw uint16)" : ""),
-            raw ? subspace::data::token_format::raw_u16 : subspace::data::token_format::llmc};
+    return {
+        d.data,
+        d.val_data,
+        false,
+        d.data + (raw ? " (raw uint16)" : "") + (d.tokenizer.empty() ? "" : ", decoded by " + tokenizer.described()),
+        raw ? subspace::data::token_format::raw_u16 : subspace::data::token_format::llmc,
+        std::move(tokenizer)};
   }
   if (d.data_format != "llmc")
     throw cli_error("--data-format " + d.data_format + " applies to --data (--text becomes llm.c shards)");
-  return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text), d.val_fraction);
+  return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text), d.val_fraction, tokenizer);
 }
 
 /// {train, validation} tokens of a source: its validation files, or the last val_fraction of its training files.
