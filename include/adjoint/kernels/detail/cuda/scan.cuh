@@ -129,7 +129,7 @@ struct alignas(sizeof(T) * V) pack {
 /// the status slots are numbered (chain, tile along the sequence), the last fastest.
 struct scan_tiling {
   std::int64_t seqs, seq, N;
-  int cols;                    // vector columns per tile, at most 32
+  int cols;                    // vector columns per tile, at most tile_columns
   std::int64_t groups;         // channel groups across N
   std::int64_t tiles_per_seq;  // tiles along one sequence
   __host__ __device__ int segments() const { return int(threads) / cols; }
@@ -171,9 +171,9 @@ __global__ void __launch_bounds__(threads, 2)
   constexpr int R = rows_per_thread;
   __shared__ unsigned tile_number;
   __shared__ float seg_A[threads * V], seg_X[threads * V];  // per (segment, channel): its map, then its prefix
-  __shared__ float tile_A[32 * V], tile_X[32 * V], entering[32 * V];
+  __shared__ float tile_A[tile_columns * V], tile_X[tile_columns * V], entering[tile_columns * V];
   __shared__ vec last_row[Reverse ? threads : 1];  // Reverse: each segment's last `a` row, for the next segment
-  __shared__ float2 window_maps[lookback * 32 * V];
+  __shared__ float2 window_maps[lookback * tile_columns * V];
   __shared__ int window;  // tiles in the look-back window, negated while none of them knows its leaving state
 
   if (threadIdx.x == 0) tile_number = atomicAdd(st.ticket, 1u);
@@ -420,11 +420,11 @@ void gate_backward(const subspace::exec::cuda& ex, std::type_identity_t<view<con
 /// allow, single channels otherwise.
 template <class T, int V, bool Reverse>
 void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
-                       std::int64_t N, int max_cols = cuda_detail::scan::tile_columns) {
+                       std::int64_t N) {
   namespace S = cuda_detail::scan;
   S::scan_tiling z{n / seq, seq, N, 0, 0, 0};
   const std::int64_t columns = N / V;
-  z.cols = int(columns < max_cols ? columns : max_cols);
+  z.cols = int(columns < S::tile_columns ? columns : S::tile_columns);
   z.groups = (columns + z.cols - 1) / z.cols;
   z.tiles_per_seq = (seq + z.tile_tokens() - 1) / z.tile_tokens();
   const std::int64_t tiles = z.tiles(), slots = tiles * z.cols * V;
