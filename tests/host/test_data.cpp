@@ -238,7 +238,8 @@ TEST_CASE("token datasets: lists, globs and directories of shards, slices and tr
   CHECK(train.tokens() == 270);
   CHECK(val.tokens() == 30);
   CHECK(val.segments().size() == 1);
-  CHECK((*val.segments()[0].file)[val.segments()[0].begin] == 2070);  // the last 30 tokens of the last shard
+  // the last 30 tokens of the last shard
+  CHECK(dynamic_cast<const data::token_file&>(*val.segments()[0].source)[val.segments()[0].begin] == 2070);
   CHECK(ds.split(0.0).second.tokens() == 0);
   CHECK_THROWS_WITH_AS(ds.split(1.0), has("val_fraction 1 (expected 0 <= f < 1)"), invalid_argument);
 }
@@ -289,7 +290,7 @@ TEST_CASE("batch_loader: too few tokens for one batch, and bad options, are name
   CHECK_THROWS_WITH_AS(data::batch_loader(data::token_dataset({dir / "small.bin"}), o),
                        has("batch_loader (train): '" + (dir / "small.bin").string() +
                            "': 100 tokens make 3 windows of seq + 1 = 33 tokens, one batch needs 4 (at least 129 "
-                           "tokens in one file)"),
+                           "tokens in one file or in-memory array: a window never crosses one)"),
                        invalid_argument);
   o.batch = 0;
   CHECK_THROWS_WITH_AS(data::batch_loader(data::token_dataset({dir / "small.bin"}), o),

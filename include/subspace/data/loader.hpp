@@ -2,8 +2,9 @@
 // batch_loader: batches of next-token-prediction windows from a token_dataset.
 //
 // Every segment of the dataset is cut into non-overlapping windows of seq + 1 tokens that start every seq
-// tokens (window j of a segment covers tokens [j seq, j seq + seq]); a window never crosses a segment (file)
-// boundary. Row b of a batch is one window: tokens[b] = window[0, seq), targets[b] = window[1, seq + 1).
+// tokens (window j of a segment covers tokens [j seq, j seq + seq]); a window never crosses a segment boundary
+// (the end of a file or of an in-memory array). Row b of a batch is one window: tokens[b] = window[0, seq),
+// targets[b] = window[1, seq + 1).
 //
 // An epoch visits the windows in order (sequential) or in a permutation (shuffled): a Fisher-Yates shuffle
 // whose draws are Philox4x32-10 blocks of (seed, offset = shuffle_stream | epoch), so epoch e's order is a pure
@@ -105,7 +106,8 @@ class batch_loader {
       return who + data_.describe() + ": " + std::to_string(data_.tokens()) + " tokens make " +
              std::to_string(windows_) + " windows of seq + 1 = " + std::to_string(seq + 1) +
              " tokens, one batch needs " + std::to_string(o_.batch) + " (at least " +
-             std::to_string(std::uint64_t(o_.batch) * seq + 1) + " tokens in one file)";
+             std::to_string(std::uint64_t(o_.batch) * seq + 1) +
+             " tokens in one file or in-memory array: a window never crosses one)";
     });
     require(windows_ < (std::uint64_t(1) << 32), [&] {
       return who + std::to_string(windows_) + " windows per epoch is more than this loader indexes (2^32)";
@@ -156,7 +158,7 @@ class batch_loader {
   void read_window(std::uint64_t w, std::int32_t* out) const {
     const std::size_t s = segment_of(w);
     const auto& seg = data_.segments()[s];
-    seg.file->read(seg.begin + (w - starts_[s]) * std::uint64_t(o_.seq), std::size_t(o_.seq) + 1, out, o_.vocab);
+    seg.source->read(seg.begin + (w - starts_[s]) * std::uint64_t(o_.seq), std::size_t(o_.seq) + 1, out, o_.vocab);
   }
 
   loader_position position() const { return pos_; }

@@ -1,27 +1,30 @@
 #pragma once
-// Token files and datasets made of them.
+// Token sources and the datasets made of them (docs/data.md).
 //
-// Formats (the caller names one; nothing is guessed):
+// A token_source is where tokens live: a token_file on disk, or in_memory_tokens (an owning copy of a program's
+// own tokens). A token_dataset is an ordered list of segments (a source and a token range in it): several shards
+// named by a list or a glob, tokens or text given in memory, and train/validation splits and per-rank shards of
+// them. The batch loader (loader.hpp) reads any dataset the same way.
+//
+// File formats (the caller names one; nothing is guessed):
 //   llm.c shard   token_format::llmc, the default. A header of 256 little-endian int32: [0] magic, [1] version,
 //                 [2] token count; then the tokens. magic 20240520 + version 1: uint16 tokens; magic 20240801 +
 //                 version 7: uint32 tokens. The file holds exactly 1024 + count * width bytes.
 //   raw uint16    token_format::raw_u16: nanoGPT's train.bin / val.bin, little-endian uint16 tokens, no header.
 // A file that does not start with an llm.c magic is an error when llm.c is asked for, never raw tokens: one
-// damaged header byte must not turn a shard (header included) into a run on garbage.
+// damaged header byte must not turn a shard (header included) into a run on garbage. Files are read with
+// positioned reads (pread), shared between the datasets that use them: a file truncated while a run reads it is
+// an error naming the file, not a SIGBUS as a memory map would give.
 //
-// A token_dataset is an ordered list of segments (a file and a token range in it): several shards named by a
-// list or a glob, and train/validation splits of them. Files are read with positioned reads (pread), shared
-// between the datasets that use them: a file truncated while a run reads it is an error naming the file, not a
-// SIGBUS as a memory map would give.
-//
-// Bad input throws invalid_argument naming the file and what was expected: a missing file, a bad magic or
-// version, a truncated (or overlong) file, a token outside the vocabulary.
+// Bad input throws invalid_argument naming the file (or the in-memory tokens) and what was expected: a missing
+// file, a bad magic or version, a truncated (or overlong) file, a negative token, a token outside the vocabulary.
 
 #include <glob.h>
 
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +38,7 @@
 
 #include "../core/error.hpp"
 #include "../util/file.hpp"
+#include "tokenizer.hpp"
 
 namespace subspace::data {
 
@@ -60,8 +64,40 @@ inline std::int32_t load_i32(const std::byte* p) {
 }
 }  // namespace detail
 
+/// Where a dataset's tokens live. The batch loader reads ranges through read(), which checks every token against
+/// the model's vocabulary.
+class token_source {
+ public:
+  virtual ~token_source() = default;
+  /// Number of tokens.
+  virtual std::uint64_t size() const = 0;
+  /// Copies tokens [begin, begin + n) into out; invalid_argument naming the source and position for a token
+  /// that is not below `vocab`.
+  virtual void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const = 0;
+  /// Throws for the first token in [begin, min(end, size())) that is not below `vocab`.
+  virtual void check_vocab(std::int64_t vocab, std::uint64_t begin, std::uint64_t end) const = 0;
+  /// "'path'" for a file, "in-memory tokens 'name'" for tokens in memory: names the source in messages.
+  virtual std::string name() const = 0;
+  /// "llm.c version 1 (uint16 tokens)", "raw uint16 (headerless)" or "in memory": for the examples' data: line.
+  virtual std::string format() const = 0;
+
+ protected:
+  /// The source at the start of an error message: "token file 'a.bin'", "in-memory tokens 'name'".
+  virtual std::string where() const { return name(); }
+  void require_within(std::uint64_t begin, std::size_t n) const {
+    require(begin <= size() && n <= size() - begin, [&] {
+      return where() + ": tokens [" + std::to_string(begin) + ", " + std::to_string(begin + n) + ") outside its " +
+             std::to_string(size()) + " tokens";
+    });
+  }
+  [[noreturn]] void token_outside_vocab(std::uint64_t at, std::int64_t token, std::int64_t vocab) const {
+    throw invalid_argument(where() + ": token " + std::to_string(token) + " at position " + std::to_string(at) +
+                           " is not below the vocabulary size " + std::to_string(vocab));
+  }
+};
+
 /// One token file, validated at open and read with positioned reads.
-class token_file {
+class token_file final : public token_source {
  public:
   explicit token_file(std::filesystem::path path, token_format format = token_format::llmc)
       : file_(std::move(path), "token file") {
@@ -115,11 +151,16 @@ class token_file {
 
   const std::filesystem::path& path() const { return file_.path(); }
   /// Number of tokens.
-  std::uint64_t size() const { return count_; }
+  std::uint64_t size() const override { return count_; }
   /// Bytes per token: 2 (uint16) or 4 (uint32).
   int width() const { return width_; }
   /// The llm.c version (1 or 7), or 0 for a raw uint16 file.
   int version() const { return version_; }
+  std::string name() const override { return detail::quoted(path()); }
+  std::string format() const override {
+    if (version_ == 0) return "raw uint16 (headerless)";
+    return "llm.c version " + std::to_string(version_) + (width_ == 2 ? " (uint16 tokens)" : " (uint32 tokens)");
+  }
 
   /// Token i.
   std::uint32_t operator[](std::uint64_t i) const {
@@ -130,26 +171,24 @@ class token_file {
 
   /// Copies tokens [begin, begin + n) into out; invalid_argument naming the file and position for a token
   /// that is not below `vocab`.
-  void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const {
-    require(begin <= count_ && n <= count_ - begin, [&] {
-      return "token file " + detail::quoted(path()) + ": tokens [" + std::to_string(begin) + ", " +
-             std::to_string(begin + n) + ") outside its " + std::to_string(count_) + " tokens";
-    });
+  void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const override {
+    require_within(begin, n);
     for_each_token(begin, begin + n, [&](std::uint64_t i, std::uint32_t t) {
-      if (std::int64_t(t) >= vocab) bad_token(i, t, vocab);
+      if (std::int64_t(t) >= vocab) token_outside_vocab(i, t, vocab);
       out[i - begin] = std::int32_t(t);
     });
   }
   /// Throws for the first token in [begin, end) that is not below `vocab`.
-  void check_vocab(std::int64_t vocab, std::uint64_t begin = 0, std::uint64_t end = ~std::uint64_t(0)) const {
+  void check_vocab(std::int64_t vocab, std::uint64_t begin = 0, std::uint64_t end = ~std::uint64_t(0)) const override {
     end = std::min(end, count_);
     if (begin >= end) return;
     for_each_token(begin, end, [&](std::uint64_t i, std::uint32_t t) {
-      if (std::int64_t(t) >= vocab) bad_token(i, t, vocab);
+      if (std::int64_t(t) >= vocab) token_outside_vocab(i, t, vocab);
     });
   }
 
  private:
+  std::string where() const override { return "token file " + detail::quoted(path()); }
   /// Calls f(i, token i) for i in [begin, end), reading the file in chunks (a stack buffer: concurrent readers of
   /// one file need no lock).
   template <class F>
@@ -169,14 +208,45 @@ class token_file {
       at += n;
     }
   }
-  [[noreturn]] void bad_token(std::uint64_t at, std::uint32_t t, std::int64_t vocab) const {
-    throw invalid_argument("token file " + detail::quoted(path()) + ": token " + std::to_string(t) + " at position " +
-                           std::to_string(at) + " is not below the vocabulary size " + std::to_string(vocab));
-  }
 
   io::read_file file_;
   std::uint64_t offset_ = 0, count_ = 0;
   int width_ = 2, version_ = 0;
+};
+
+/// Tokens held in memory: an owning copy, checked to be non-negative at construction and against the vocabulary
+/// on every read, as a file's are.
+class in_memory_tokens final : public token_source {
+ public:
+  /// `name` identifies the tokens in messages ("in-memory tokens 'name'").
+  explicit in_memory_tokens(std::vector<std::int32_t> tokens, std::string name = "tokens")
+      : tokens_(std::move(tokens)), name_(std::move(name)) {
+    for (std::size_t i = 0; i < tokens_.size(); ++i)
+      require(tokens_[i] >= 0, [&] {
+        return this->name() + ": token " + std::to_string(tokens_[i]) + " at position " + std::to_string(i) +
+               " is negative (token ids are >= 0)";
+      });
+  }
+
+  std::uint64_t size() const override { return tokens_.size(); }
+  std::span<const std::int32_t> tokens() const { return tokens_; }
+  std::string name() const override { return "in-memory tokens '" + name_ + "'"; }
+  std::string format() const override { return "in memory"; }
+
+  void read(std::uint64_t begin, std::size_t n, std::int32_t* out, std::int64_t vocab) const override {
+    require_within(begin, n);
+    check_vocab(vocab, begin, begin + n);
+    std::copy_n(tokens_.begin() + std::ptrdiff_t(begin), n, out);
+  }
+  void check_vocab(std::int64_t vocab, std::uint64_t begin = 0, std::uint64_t end = ~std::uint64_t(0)) const override {
+    end = std::min<std::uint64_t>(end, tokens_.size());
+    for (std::uint64_t i = begin; i < end; ++i)
+      if (tokens_[i] >= vocab) token_outside_vocab(i, tokens_[i], vocab);
+  }
+
+ private:
+  std::vector<std::int32_t> tokens_;
+  std::string name_;
 };
 
 /// Writes an llm.c shard (version 1: uint16 tokens; version 7: uint32 tokens) atomically.
@@ -274,29 +344,50 @@ inline std::vector<std::filesystem::path> expand_paths(std::string_view spec) {
   return out;
 }
 
-/// A contiguous range of tokens in one file.
+/// A contiguous range of tokens in one source.
 struct token_segment {
-  std::shared_ptr<const token_file> file;
+  std::shared_ptr<const token_source> source;
   std::uint64_t begin = 0, end = 0;
   std::uint64_t size() const { return end - begin; }
 };
 
-/// An ordered list of token segments: the tokens of one or more files, or a part of them.
+/// A tokenizer that turns text into tokens: byte_tokenizer (tokenizer.hpp), bpe_tokenizer (bpe_tokenizer.hpp).
+template <class T>
+concept text_encoder = requires(const T& tokenizer, std::string_view text) {
+  { tokenizer.encode(text) } -> std::convertible_to<std::vector<std::int32_t>>;
+};
+
+/// An ordered list of token segments: the tokens of one or more files or in-memory arrays, or a part of them.
 class token_dataset {
  public:
   token_dataset() = default;
   explicit token_dataset(std::vector<token_segment> segments) : segments_(std::move(segments)) {}
   /// Every token of every file, in order.
   explicit token_dataset(const std::vector<std::filesystem::path>& files, token_format format = token_format::llmc) {
-    for (const auto& f : files) {
-      auto tf = std::make_shared<const token_file>(f, format);
-      const std::uint64_t n = tf->size();
-      segments_.push_back({std::move(tf), 0, n});
-    }
+    for (const auto& f : files) add(std::make_shared<const token_file>(f, format));
   }
   /// The files named by expand_paths(spec).
   static token_dataset open(std::string_view spec, token_format format = token_format::llmc) {
     return token_dataset(expand_paths(spec), format);
+  }
+  /// A copy of `tokens` in memory, one segment; `name` identifies it in messages.
+  static token_dataset from_tokens(std::vector<std::int32_t> tokens, std::string name = "tokens") {
+    require(!tokens.empty(), [&] { return "token_dataset::from_tokens: in-memory tokens '" + name + "' are empty"; });
+    token_dataset out;
+    out.add(std::make_shared<const in_memory_tokens>(std::move(tokens), std::move(name)));
+    return out;
+  }
+  static token_dataset from_tokens(std::span<const std::int32_t> tokens, std::string name = "tokens") {
+    return from_tokens(std::vector<std::int32_t>(tokens.begin(), tokens.end()), std::move(name));
+  }
+  /// The tokens of `text` (byte-level by default, or a bpe_tokenizer's) in memory, one segment.
+  template <text_encoder Tokenizer = byte_tokenizer>
+  static token_dataset from_text(std::string_view text, const Tokenizer& tokenizer = {}, std::string name = "text") {
+    require(!text.empty(), [&] { return "token_dataset::from_text: text '" + name + "' is empty"; });
+    const std::string source = "in-memory text '" + name + "'";
+    if constexpr (requires { tokenizer.encode(text, std::string_view(source)); })
+      return from_tokens(tokenizer.encode(text, source), std::move(name));
+    else return from_tokens(tokenizer.encode(text), std::move(name));
   }
 
   const std::vector<token_segment>& segments() const { return segments_; }
@@ -317,7 +408,7 @@ class token_dataset {
     std::uint64_t at = 0;
     for (const auto& s : segments_) {
       const std::uint64_t lo = std::max(begin, at), hi = std::min(end, at + s.size());
-      if (lo < hi) out.push_back({s.file, s.begin + (lo - at), s.begin + (hi - at)});
+      if (lo < hi) out.push_back({s.source, s.begin + (lo - at), s.begin + (hi - at)});
       at += s.size();
     }
     return token_dataset(std::move(out));
@@ -331,25 +422,61 @@ class token_dataset {
     const auto val = std::uint64_t(std::llround(val_fraction * double(n)));
     return {slice(0, n - val), slice(n - val, n)};
   }
+  /// Rank `rank`'s part of `world` contiguous parts of (nearly) equal length: the global tokens
+  /// [floor(rank·T / world), floor((rank + 1)·T / world)) of the T tokens. The parts cover every token once.
+  token_dataset shard(int rank, int world) const {
+    require(world >= 1, [&] { return "token_dataset::shard: world " + std::to_string(world) + " (expected >= 1)"; });
+    require(rank >= 0 && rank < world, [&] {
+      return "token_dataset::shard: rank " + std::to_string(rank) + " outside the world of " + std::to_string(world) +
+             " (expected 0 <= rank < " + std::to_string(world) + ")";
+    });
+    const std::uint64_t n = tokens(), w = std::uint64_t(world);
+    require(n >= w, [&] {
+      return "token_dataset::shard: " + describe() + " has " + std::to_string(n) + " tokens, fewer than the " +
+             std::to_string(world) + " ranks to share them";
+    });
+    // floor(n·r / w) without the product n·r, which could overflow
+    const auto part_begin = [&](std::uint64_t r) { return n / w * r + n % w * r / w; };
+    return slice(part_begin(std::uint64_t(rank)), part_begin(std::uint64_t(rank) + 1));
+  }
 
   /// Throws for the first token not below `vocab` (scans every token).
   void check_vocab(std::int64_t vocab) const {
-    for (const auto& s : segments_) s.file->check_vocab(vocab, s.begin, s.end);
+    for (const auto& s : segments_) s.source->check_vocab(vocab, s.begin, s.end);
   }
 
-  /// "'a.bin'" or "3 files ('a.bin' ... 'c.bin')", for messages.
+  /// "'a.bin'", "3 files ('a.bin' ... 'c.bin')" or "in-memory tokens 'name'", for messages.
   std::string describe() const {
-    std::vector<std::string> names;
+    std::vector<const token_source*> sources;
+    bool files = true;
     for (const auto& s : segments_) {
-      const std::string n = detail::quoted(s.file->path());
-      if (names.empty() || names.back() != n) names.push_back(n);
+      if (sources.empty() || sources.back() != s.source.get()) sources.push_back(s.source.get());
+      files = files && dynamic_cast<const token_file*>(s.source.get()) != nullptr;
     }
-    if (names.empty()) return "an empty token dataset";
-    if (names.size() == 1) return names[0];
-    return std::to_string(names.size()) + " files (" + names.front() + " ... " + names.back() + ")";
+    if (sources.empty()) return "an empty token dataset";
+    if (sources.size() == 1) return sources[0]->name();
+    return std::to_string(sources.size()) + (files ? " files (" : " token sources (") + sources.front()->name() +
+           " ... " + sources.back()->name() + ")";
+  }
+  /// The formats of its sources, in order of first use, joined by " and ": "llm.c version 1 (uint16 tokens)".
+  std::string formats() const {
+    std::string out;
+    std::vector<std::string> seen;
+    for (const auto& s : segments_) {
+      std::string f = s.source->format();
+      if (std::find(seen.begin(), seen.end(), f) != seen.end()) continue;
+      out += (seen.empty() ? "" : " and ") + f;
+      seen.push_back(std::move(f));
+    }
+    return out;
   }
 
  private:
+  void add(std::shared_ptr<const token_source> source) {
+    const std::uint64_t n = source->size();
+    segments_.push_back({std::move(source), 0, n});
+  }
+
   std::vector<token_segment> segments_;
 };
 
