@@ -192,6 +192,9 @@ void print_header(const options& o, const setup& s, std::size_t element_bytes) {
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
+  std::printf("data: %s — %s train / %s val tokens; replica q reads train shard q of %d\n",
+              examples::describe_data(s.src, s.train, s.val).c_str(), human(double(s.train.tokens())).c_str(),
+              human(double(s.val.tokens())).c_str(), o.dp);
   std::printf("context: %d ranks per sequence x %d replica%s = %d ranks (%s) on %s\n", o.cp, o.dp, o.dp == 1 ? "" : "s",
               s.ranks, s.where.c_str(), s.device_name.c_str());
   std::printf("sequence %lld tokens, %s placement (%lld rows per rank), %s exchange; %lld x %lld sequences per step\n",
@@ -239,10 +242,9 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
                                .optimizer = optim::adamw{}};
   context::context_trainer<Model, decltype(stack)> t(s.cfg, std::move(stack), to, ex);
 
-  const std::uint64_t total = s.train.tokens(), q = std::uint64_t(replica), d = std::uint64_t(o.dp);
   data::batch_loader train_data(
-      s.train.slice(total * q / d, total * (q + 1) / d),
-      data::loader_options{o.batch, o.seq, s.cfg.vocab, o.shuffle, o.seed + q, true,
+      s.train.shard(replica, o.dp),
+      data::loader_options{o.batch, o.seq, s.cfg.vocab, o.shuffle, o.seed + std::uint64_t(replica), true,
                            "train, replica " + std::to_string(replica) + " of " + std::to_string(o.dp)});
   std::optional<data::batch_loader> val_data;
   if (s.val.tokens() > std::uint64_t(o.seq))

@@ -219,8 +219,9 @@ void print_header(const options& o, const setup& s) {
   std::printf(
       "data: %s — %s train / %s val tokens; rank r reads train slice r of %d (~%s tokens each), shuffle "
       "seed %llu + r\n",
-      s.src.described.c_str(), human(double(s.train.tokens())).c_str(), human(double(s.val.tokens())).c_str(), s.ranks,
-      human(double(s.train.tokens()) / s.ranks).c_str(), (unsigned long long)o.seed);
+      examples::describe_data(s.src, s.train, s.val).c_str(), human(double(s.train.tokens())).c_str(),
+      human(double(s.val.tokens())).c_str(), s.ranks, human(double(s.train.tokens()) / s.ranks).c_str(),
+      (unsigned long long)o.seed);
   std::string topo;
   if (s.gossip) {
     topo = "gossip, topology " + o.topology + " (period " + std::to_string(s.schedule->period());
@@ -295,15 +296,14 @@ int with_optimizer(const options& o, const setup& s, F&& f) {
 
 /// Rank r's training loader: slice r of N of the training tokens, shuffled with seed + r.
 data::batch_loader rank_loader(const options& o, const setup& s, int rank) {
-  const std::uint64_t total = s.train.tokens(), n = std::uint64_t(s.ranks), r = std::uint64_t(rank);
   data::loader_options lo{o.batch,
                           s.seq,
                           s.cfg.vocab,
                           o.shuffle,
-                          o.seed + r,
+                          o.seed + std::uint64_t(rank),
                           true,
                           "train, rank " + std::to_string(rank) + " of " + std::to_string(s.ranks)};
-  return data::batch_loader(s.train.slice(total * r / n, total * (r + 1) / n), lo);
+  return data::batch_loader(s.train.shard(rank, s.ranks), lo);
 }
 
 /// A rank's validation loader: the shared held-out tokens, in order (none without them). Evaluation is

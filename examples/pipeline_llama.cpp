@@ -195,6 +195,9 @@ void print_header(const options& o, const setup& s, std::size_t activation_bytes
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
+  std::printf("data: %s — %s train / %s val tokens; replica q reads train shard q of %d\n",
+              examples::describe_data(s.src, s.train, s.val).c_str(), human(double(s.train.tokens())).c_str(),
+              human(double(s.val.tokens())).c_str(), o.dp);
   const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
   const std::vector<std::int64_t> cuts =
       parts > 1 ? pipeline::even_cuts(cfg.n_layers, parts) : std::vector<std::int64_t>{};
@@ -237,15 +240,14 @@ struct gathered {
 };
 
 data::batch_loader replica_loader(const options& o, const setup& s, int replica) {
-  const std::uint64_t total = s.train.tokens(), n = std::uint64_t(o.dp), q = std::uint64_t(replica);
   data::loader_options lo{o.batch,
                           s.seq,
                           s.cfg.vocab,
                           o.shuffle,
-                          o.seed + q,
+                          o.seed + std::uint64_t(replica),
                           true,
                           "train, replica " + std::to_string(replica) + " of " + std::to_string(o.dp)};
-  return data::batch_loader(s.train.slice(total * q / n, total * (q + 1) / n), lo);
+  return data::batch_loader(s.train.shard(replica, o.dp), lo);
 }
 
 /// v as fp32 host values.

@@ -115,7 +115,7 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
               cfg.name.c_str(), human(double(cfg.parameters())).c_str(), (long long)cfg.d_model,
               (long long)cfg.n_layers, (long long)cfg.n_heads, (long long)cfg.n_kv_heads, (long long)cfg.ffn_hidden,
               (long long)cfg.vocab);
-  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(),
+  std::printf("data: %s — %s train / %s val tokens\n", examples::describe_data(src, train_tokens, val_tokens).c_str(),
               human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
   std::printf("device %s | %s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
               device_name.c_str(), described.c_str(), (long long)o.batch, (long long)seq, (long long)o.accumulation,

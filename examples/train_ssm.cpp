@@ -212,14 +212,15 @@ int probe(const Exec& ex, const options& o, Engine engine, const std::string& de
 
 /// The run's banner: model, data, device and batch.
 void print_header(const options& o, const adjoint::ssm_config& cfg, const examples::data_source& src,
-                  std::int64_t train_tokens, std::int64_t val_tokens, const std::string& device_name, bool nccl) {
+                  const data::token_dataset& train_tokens, const data::token_dataset& val_tokens,
+                  const std::string& device_name, bool nccl) {
   std::printf("model '%s': %s parameters (P %lld, N %lld, %lld layers, vocab %lld) | engine %s%s%s\n", cfg.name.c_str(),
               human(double(cfg.parameters())).c_str(), (long long)cfg.d_model, (long long)cfg.state,
               (long long)cfg.layers, (long long)cfg.vocab, o.engine.c_str(),
               o.window > 0 ? (", window " + std::to_string(o.window)).c_str() : "",
               o.recompute_c ? ", C recomputed" : "");
-  std::printf("data: %s — %s train / %s val tokens\n", src.described.c_str(), human(double(train_tokens)).c_str(),
-              human(double(val_tokens)).c_str());
+  std::printf("data: %s — %s train / %s val tokens\n", examples::describe_data(src, train_tokens, val_tokens).c_str(),
+              human(double(train_tokens.tokens())).c_str(), human(double(val_tokens.tokens())).c_str());
   std::printf("%s, %d rank%s | batch %lld x %lld x %lld accumulation = %lld tokens/step | %lld steps\n",
               device_name.c_str(), o.ranks,
               o.ranks == 1 ? "" : (nccl ? "s (layers sharded, NCCL processes)" : "s (layers sharded, in-process)"),
@@ -286,8 +287,7 @@ int train_with(const Exec& ex, const options& o, Engine engine, const std::strin
       adjoint::activation_values(engine, o.batch * o.seq, o.ranks > 1 ? per_rank : cfg.layers, cfg.d_model, cfg.state) *
       sizeof(T);
 
-  if (lead_process)
-    print_header(o, cfg, src, train_tokens.tokens(), val_tokens.tokens(), device_name, launch != nullptr);
+  if (lead_process) print_header(o, cfg, src, train_tokens, val_tokens, device_name, launch != nullptr);
   const auto rank_executor = [&](int ranks) {
     if constexpr (std::is_same_v<Exec, exec::host>) return exec::host{std::max(1, o.threads / ranks)};
     else return ex;  // in-process ranks share the GPU (and its stream: they take turns)

@@ -5,10 +5,12 @@
 //     nn::llama_config by model_config;
 //   * data_flags: --text / --data / --data-format / --val-data / --val-fraction / --shuffle / --tokenizer
 //     (declare_data_flags), and choose_data: token files as given by --data (llm.c shards, or nanoGPT's headerless
-//     uint16 .bin only with --data-format raw-u16: a file is never guessed to be raw), or a plain-text file (--text,
+//     uint16 .bin only with --data-format raw-u16: a file is never guessed to be raw; a directory of text_to_shards
+//     output trains on its *_train_* files and validates on its *_val_* files), or a plain-text file (--text,
 //     default the King James Bible) converted once into llm.c shards in the data cache, byte-level or with the
 //     --tokenizer (keyed by the file's and the tokenizer's path, size and time, and the split), then open_tokens:
-//     the {train, validation} token datasets. The source carries the tokenizer that prompts and samples use.
+//     the {train, validation} token datasets, and describe_data: the data: line. The source carries the tokenizer
+//     that prompts and samples use. docs/data.md says what each choice reads.
 //
 // The flags keep their names, help texts and defaults in both programs.
 
@@ -20,6 +22,7 @@
 #include <system_error>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <subspace/subspace.hpp>
 
@@ -90,12 +93,20 @@ inline subspace::nn::llama_config model_config(const model_flags& m, std::int64_
 struct data_source {
   std::string train, val;  // token-file specs; val empty: split off the end of train
   bool bytes = false;      // byte-level tokens (samples decode as text)
-  std::string described;
   subspace::data::token_format format = subspace::data::token_format::llmc;
   text_tokenizer tokenizer;  // encodes the prompt and decodes samples (byte-level: only when `bytes`)
+  std::string text;          // the --text file the shards were converted from (empty for --data)
+  std::string val_chosen;    // how the validation tokens were chosen, for the data: line
   /// Whether samples print as text (else as token ids).
   bool decodes() const { return bytes || !tokenizer.byte_level(); }
 };
+
+/// "the last 10% of the tokens": the validation part split off the training files.
+inline std::string last_fraction(double val_fraction, const std::string& of) {
+  char percent[32];
+  std::snprintf(percent, sizeof percent, "%.4g%%", val_fraction * 100);
+  return "the last " + std::string(percent) + " of " + of;
+}
 
 /// A plain-text file as shards of `tokenizer`'s tokens, converted once into the data cache (keyed by the text's and
 /// the tokenizer's path, size and time).
@@ -130,29 +141,57 @@ inline data_source text_shards(const std::filesystem::path& text, double val_fra
     subspace::data::text_to_shards({abs}, dir, to);
     subspace::io::atomic_write_text(done, abs.string() + "\n");
   }
-  return {(dir / "text_train_*.bin").string(),
-          val_fraction > 0 ? (dir / "text_val_*.bin").string() : "",
-          tokenizer.byte_level(),
-          abs.string() + " (" + tokenizer.described() + ")",
-          subspace::data::token_format::llmc,
-          tokenizer};
+  return {.train = (dir / "text_train_*.bin").string(),
+          .val = val_fraction > 0 ? (dir / "text_val_*.bin").string() : "",
+          .bytes = tokenizer.byte_level(),
+          .format = subspace::data::token_format::llmc,
+          .tokenizer = tokenizer,
+          .text = abs.string(),
+          .val_chosen = last_fraction(val_fraction, "the text's tokens")};
 }
 
-/// --data as given, or --text (default: the King James Bible) as cached shards of the --tokenizer's tokens.
-/// cli_error, before any text is converted, when the model's vocabulary (model_vocab) cannot hold the text's tokens.
+/// --data: the files as given, except for a directory holding text_to_shards output (<prefix>_train_*.bin and
+/// <prefix>_val_*.bin files), whose *_train_* files train and whose *_val_* files validate (unless --val-data names
+/// others). Any other directory gives all its .bin files, and without --val-data the last --val-fraction of their
+/// tokens validates.
+inline data_source token_files(const data_flags& d, text_tokenizer tokenizer) {
+  namespace fs = std::filesystem;
+  data_source src{
+      .train = d.data,
+      .val = d.val_data,
+      .bytes = false,
+      .format = d.data_format == "raw-u16" ? subspace::data::token_format::raw_u16 : subspace::data::token_format::llmc,
+      .tokenizer = std::move(tokenizer),
+      .text = {},
+      .val_chosen = d.val_data.empty() ? last_fraction(d.val_fraction, "the tokens") : "--val-data"};
+  std::error_code ec;
+  if (!fs::is_directory(d.data, ec)) return src;
+  bool has_train = false, has_val = false;
+  for (const auto& e : fs::directory_iterator(d.data, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!e.is_regular_file() || e.path().extension() != ".bin") continue;
+    has_train = has_train || name.find("_train_") != std::string::npos;
+    has_val = has_val || name.find("_val_") != std::string::npos;
+  }
+  if (!has_train) return src;
+  src.train = (fs::path(d.data) / "*_train_*.bin").string();
+  if (!d.val_data.empty()) return src;
+  if (has_val) {
+    src.val = (fs::path(d.data) / "*_val_*.bin").string();
+    src.val_chosen = "the directory's *_val_* files";
+  } else {
+    src.val_chosen = last_fraction(d.val_fraction, "the *_train_* files' tokens (the directory has no *_val_* file)");
+  }
+  return src;
+}
+
+/// --data as given (token_files), or --text (default: the King James Bible) as cached shards of the --tokenizer's
+/// tokens. cli_error, before any text is converted, when the model's vocabulary (model_vocab) cannot hold the
+/// text's tokens.
 inline data_source choose_data(const data_flags& d, std::int64_t model_vocab) {
   text_tokenizer tokenizer(d.tokenizer);
   if (d.data.empty() || !tokenizer.byte_level()) tokenizer.check_model_vocab(model_vocab);
-  if (!d.data.empty()) {
-    const bool raw = d.data_format == "raw-u16";
-    return {
-        d.data,
-        d.val_data,
-        false,
-        d.data + (raw ? " (raw uint16)" : "") + (d.tokenizer.empty() ? "" : ", decoded by " + tokenizer.described()),
-        raw ? subspace::data::token_format::raw_u16 : subspace::data::token_format::llmc,
-        std::move(tokenizer)};
-  }
+  if (!d.data.empty()) return token_files(d, std::move(tokenizer));
   if (d.data_format != "llmc")
     throw cli_error("--data-format " + d.data_format + " applies to --data (--text becomes llm.c shards)");
   return text_shards(d.text.empty() ? default_corpus_path() : std::filesystem::path(d.text), d.val_fraction, tokenizer);
@@ -165,6 +204,21 @@ inline std::pair<subspace::data::token_dataset, subspace::data::token_dataset> o
   if (!src.val.empty()) val = subspace::data::token_dataset::open(src.val, src.format);
   else std::tie(train, val) = train.split(val_fraction);
   return {std::move(train), std::move(val)};
+}
+
+/// The data: line after "data: ": the format read (llm.c version and width from the headers, raw uint16 by
+/// --data-format), the training and validation files, and how the validation tokens were chosen.
+inline std::string describe_data(const data_source& src, const subspace::data::token_dataset& train,
+                                 const subspace::data::token_dataset& val) {
+  std::vector<subspace::data::token_segment> both = train.segments();
+  both.insert(both.end(), val.segments().begin(), val.segments().end());
+  std::string out = src.text.empty() ? "" : "text '" + src.text + "' (" + src.tokenizer.described() + ") as ";
+  out += subspace::data::token_dataset(std::move(both)).formats();
+  if (src.format == subspace::data::token_format::raw_u16) out += " by --data-format raw-u16";
+  out += ": train " + train.describe() + ", val ";
+  out += val.empty() ? "none" : val.describe() + " (" + src.val_chosen + ")";
+  if (src.text.empty() && !src.tokenizer.byte_level()) out += ", decoded by " + src.tokenizer.described();
+  return out;
 }
 
 }  // namespace examples
