@@ -3,7 +3,8 @@
 # `cmake --install`, linking subspace::subspace; then a C++-only consumer of subspace::core configured with
 # /usr/bin/cmake when there is one (Debian 12: CMake 3.25). With a CUDA preset the first two also enable CUDA,
 # and two consumers of the split targets are configured (not built): subspace::cuda alone must not search for
-# NCCL, subspace::nccl must link it. `cmake` on PATH must be >= 3.28 (scripts/setup.sh).
+# NCCL, subspace::nccl must link it. A FetchContent consumer configured without CMAKE_BUILD_TYPE must be warned of
+# the unoptimised build, with its cache left as it is. `cmake` on PATH must be >= 3.28 (scripts/setup.sh).
 #   bash tests/consumer/check.sh <preset>
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -33,6 +34,24 @@ consume() {
 
 echo "-- consumer via FetchContent, subspace::subspace (CUDA $cuda)"
 consume fetch cmake -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_CUDA=$cuda
+
+echo "-- consumer via FetchContent without CMAKE_BUILD_TYPE: configured, warned, its cache left alone"
+for build_type in "" Release; do
+  log="$work/build-type-${build_type:-none}.log"
+  cmake -S "$root/tests/consumer" -B "$work/build-type-${build_type:-none}" -G Ninja -DCMAKE_BUILD_TYPE="$build_type" \
+    -DSUBSPACE_CONSUME=fetch -DSUBSPACE_SOURCE_DIR="$root" -DCONSUMER_TARGETS=split >"$log" 2>&1
+  warned=no
+  grep -q "subspace: CMAKE_BUILD_TYPE is not set" "$log" && warned=yes
+  if [ "$warned" != "$([ -z "$build_type" ] && echo yes || echo no)" ]; then
+    cat "$log"
+    echo "consumer: CMAKE_BUILD_TYPE '$build_type': warned $warned about an unoptimised build" >&2
+    exit 1
+  fi
+  if ! grep -qx "CMAKE_BUILD_TYPE:STRING=$build_type" "$work/build-type-${build_type:-none}/CMakeCache.txt"; then
+    echo "consumer: subspace changed the consumer's CMAKE_BUILD_TYPE '$build_type'" >&2
+    exit 1
+  fi
+done
 
 echo "-- consumer via find_package after cmake --install, subspace::subspace (CUDA $cuda)"
 cmake -S "$root" -B "$work/lib" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSUBSPACE_CUDA=OFF \
