@@ -477,8 +477,8 @@ int main(int argc, char** argv) {
       .flag("checkpoint-dir", o.checkpoint_dir, "save the model's checkpoint to DIR/step_NNNNNNNNN (and at the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("resume", o.resume,
-            "continue exactly from a checkpoint DIR/step_N (any --cp and --layout; with --sync-every > 1 the "
-            "ranks that saved it)")
+            "continue from a checkpoint DIR/step_N (any --cp and --layout; with --sync-every > 1 the ranks that "
+            "saved it); the learning-rate schedule follows --steps, so the saving run's --steps continues it")
       .flag("device", o.device,
             "where the in-process ranks train: host, or one GPU shared by all ranks (cuda); auto picks cuda "
             "when a GPU is present",

@@ -92,9 +92,12 @@ int train(const Exec& ex, const options& o, const Optimizer& optimizer, const st
     std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
     // The interrupted run may have logged steps after this checkpoint (and torn its last line): they come again.
     if (!o.metrics.empty()) io::truncate_metrics_after(o.metrics, ts.step);
+    // The schedule follows --steps: only the saving run's --steps continues its learning-rate curve exactly.
     if (const io::json* planned = ts.extra.find("steps"); planned && planned->is_int() && planned->as_int() != o.steps)
-      std::printf("note: the learning-rate schedule now ends at step %lld (the checkpoint's run planned %lld)\n",
-                  (long long)o.steps, (long long)planned->as_int());
+      std::printf(
+          "note: not an exact continuation: the learning-rate schedule is re-planned to end at step %lld "
+          "(the checkpoint's run planned %lld; --steps %lld continues it exactly)\n",
+          (long long)o.steps, (long long)planned->as_int(), (long long)planned->as_int());
   } else if (!o.init_from.empty()) {
     t.load_weights(o.init_from);
     std::printf("initial weights from %s\n", o.init_from.c_str());
@@ -316,7 +319,9 @@ int main(int argc, char** argv) {
       .flag("checkpoint-dir", o.checkpoint_dir, "save checkpoints to DIR/step_NNNNNNNNN (and at the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("keep-checkpoints", o.keep_checkpoints, "keep the newest N checkpoints (0: all)")
-      .flag("resume", o.resume, "continue exactly from a checkpoint (or the newest one in a --checkpoint-dir)")
+      .flag("resume", o.resume,
+            "continue from a checkpoint (or the newest one in a --checkpoint-dir); exactly with the saving run's "
+            "--steps, else with the learning-rate schedule re-planned to end at --steps")
       .flag("init-from", o.init_from, "initial weights from a checkpoint or Hugging Face Llama directory")
       .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
       .flag("metrics", o.metrics, "write one JSON line per step to this file (appended to on --resume)")

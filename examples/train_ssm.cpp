@@ -87,6 +87,13 @@ int train_loop(Trainer& t, Model& model, const options& o, data::batch_loader& t
     const fs::path from = examples::resolve_resume(o.resume);
     const io::trainer_state ts = t.resume(from, train);
     if (lead) std::printf("resumed from %s at step %lld\n", from.c_str(), (long long)ts.step);
+    // The schedule follows --steps: only the saving run's --steps continues its learning-rate curve exactly.
+    if (const io::json* planned = ts.extra.find("steps");
+        lead && planned && planned->is_int() && planned->as_int() != o.steps)
+      std::printf(
+          "note: not an exact continuation: the learning-rate schedule is re-planned to end at step %lld "
+          "(the checkpoint's run planned %lld; --steps %lld continues it exactly)\n",
+          (long long)o.steps, (long long)planned->as_int(), (long long)planned->as_int());
   } else {
     t.init(o.seed);
   }
@@ -426,7 +433,9 @@ int main(int argc, char** argv) {
       .flag("checkpoint-dir", o.checkpoint_dir, "save checkpoints to DIR/step_NNNNNNNNN (and at the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
       .flag("keep-checkpoints", o.keep_checkpoints, "keep the newest N checkpoints (0: all)")
-      .flag("resume", o.resume, "continue exactly from a checkpoint (or the newest one in a --checkpoint-dir)")
+      .flag("resume", o.resume,
+            "continue from a checkpoint (or the newest one in a --checkpoint-dir); exactly with the saving run's "
+            "--steps, else with the learning-rate schedule re-planned to end at --steps")
       .flag("log-every", o.log_every, "print a progress line every N steps (and at evaluations)")
       .flag("metrics", o.metrics, "write one JSON line per step to this file (appended to on --resume)")
       .flag("samples", o.samples, "text samples to print at the end (--ranks 1)")
