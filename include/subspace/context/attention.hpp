@@ -426,13 +426,17 @@ class attention {
   payload_buffers ring_[3];
 };
 
-/// The policies of a Llama whose attention is context parallel (every other seam dense). Copies share one group:
-/// connect() it to the rank's communicator and layout before the first forward.
-template <class Comm, class Compressor = compress::identity>
-class blocks : public nn::dense_blocks {
+/// The policies of a Llama whose attention is context parallel; every other seam is Base's (dense, or
+/// nn::subspace_blocks for a Subspace Network split into pipeline stages). Copies share one group: connect() it to
+/// the rank's communicator and layout before the first forward.
+template <class Comm, class Compressor = compress::identity, class Base = nn::dense_blocks>
+class blocks : public Base {
  public:
-  explicit blocks(exchange how = exchange::ring, Compressor compressor = {})
-      : group_(std::make_shared<group<Comm>>()), how_(how), compressor_(std::move(compressor)) {}
+  using communicator_type = Comm;
+  using compressor_type = Compressor;
+
+  explicit blocks(exchange how = exchange::ring, Compressor compressor = {}, Base base = {})
+      : Base(std::move(base)), group_(std::make_shared<group<Comm>>()), how_(how), compressor_(std::move(compressor)) {}
 
   /// The attention of the layer at `site`, with the K/V codec the compressor gives that layer.
   template <class T, class G, class S>

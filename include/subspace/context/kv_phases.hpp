@@ -35,15 +35,21 @@ inline std::string kv_tensor_name(std::int64_t layer, compress::kv_part p, const
 }
 }  // namespace detail
 
-/// f(codec) for every layer's codec of `model` that compresses (none for kv_identity).
+/// f(codec) for every layer's codec of `model` (a whole model or a pipeline stage) that compresses (none for
+/// kv_identity).
 template <class Model, class F>
 void for_each_mos_codec(Model& model, F&& f) {
   using codec_type = std::remove_cvref_t<decltype(model.block(0).attention.codec())>;
   if constexpr (detail::is_mos_codec<codec_type>)
-    for (std::int64_t l = 0; l < model.config().n_layers; ++l) {
+    for (std::int64_t l = model.stage().first_layer; l < model.stage().last_layer; ++l) {
       auto& c = model.block(l).attention.codec();
       if (!c.is_final()) f(c);
     }
+}
+/// The same over a rank's pipeline chunks, in order: every function below takes either.
+template <class Model, class F>
+void for_each_mos_codec(std::vector<Model>& chunks, F&& f) {
+  for (Model& m : chunks) for_each_mos_codec(m, f);
 }
 
 /// Before step `step` (1-based) of training; end_kv_step after its forwards and backwards.

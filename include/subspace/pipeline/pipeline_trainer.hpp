@@ -14,13 +14,16 @@
 //   auto res = t.step(loader);   // every stage of a replica reads the same batches; replicas read their shards
 //
 // The world is split into pipelines (consecutive ranks: the P stages of one replica) and replica groups (the
-// ranks holding the same stage). The rank's chunks — one per virtual stage it holds, one stage of the model each,
-// sharing one parameter store — run the scheduler's plan for its stage rank; payloads move through a
-// pipeline::transport over the pipeline group, and with D > 1 replicas each bucket of gradients is averaged over
-// the replica group as soon as its last backward is done (dist/bucket.hpp), overlapping the rest of the step.
-// Clipping uses the global gradient norm of the whole model (the squared norms of the stages summed over the
-// pipeline); the loss is the mean over every micro-batch (the head's stage has it; the pipeline sums, which is
-// exact with one non-zero term; the replicas average).
+// ranks holding the same stage). The Sequences policy says how a replica group shares the data: whole_sequences
+// (the default) makes every rank of it a data-parallel replica; context::pipeline_context
+// (context/pipeline_context.hpp) spreads each sequence over C of its ranks — pipeline × context (× data)
+// parallelism, rank r holding stage r % P at place (r / P) % C of the context group of replica r / (P·C). The rank's
+// chunks — one per virtual stage it holds, one stage of the model each, sharing one parameter store — run the
+// scheduler's plan for its stage rank; payloads move through a pipeline::transport over the pipeline group, and with D
+// > 1 replicas each bucket of gradients is averaged over the replica group as soon as its last backward is done
+// (dist/bucket.hpp), overlapping the rest of the step. Clipping uses the global gradient norm of the whole model (the
+// squared norms of the stages summed over the pipeline); the loss is the mean over every micro-batch (the head's stage
+// has it; the pipeline sums, which is exact with one non-zero term; the replicas average).
 
 #include <cmath>
 #include <cstddef>
@@ -56,10 +59,58 @@ struct trainer_options : dist::trainer_options {
   std::optional<wire_format::values_as> wire_values;
 };
 
-template <class Model, class Stack>
+/// How the ranks holding a stage share the data: each reads whole sequences (a data-parallel replica). The
+/// Sequences policy of pipeline_trainer; context::pipeline_context is the other one. A policy says:
+///   ranks()                                  ranks per sequence, C (the replica group of a stage is C · D ranks)
+///   connect(group, place, chunks)            once: the C ranks of this rank's stage and replica, its place there
+///   rows_shape(full), rows(full, local)      this rank's rows of a full [B, seq] batch of token ids
+///   begin_step(chunks, step), end_step(chunks)   around training step `step` (1-based)
+///   after_step(chunks, step, stage_group)    after training step `step`, collective over the stage's C · D ranks
+///   save(chunks, dir, rank, lead), load(chunks, dir, rank, ranks)  its state beside a stage's checkpoint
+struct whole_sequences {
+  int ranks() const { return 1; }
+  template <class Comm, class Chunks>
+  void connect(Comm&, int, Chunks&) {}
+  shape rows_shape(const shape& full) const { return full; }
+  void rows(view<const std::int32_t, host_space> full, view<std::int32_t, host_space> local) const {
+    copy(exec::host{}, full, local);
+  }
+  template <class Chunks>
+  void begin_step(Chunks&, std::int64_t) {}
+  template <class Chunks>
+  void end_step(Chunks&) {}
+  template <class Chunks, class Comm>
+  void after_step(Chunks&, std::int64_t, Comm&) {}
+  template <class Chunks>
+  void save(Chunks&, const std::filesystem::path&, int, bool) {}
+  template <class Chunks>
+  void load(Chunks&, const std::filesystem::path&, int, int) {}
+};
+
+/// S can say how the ranks holding a stage of Model share the data (see whole_sequences).
+template <class S, class Model, class Comm>
+concept SequencesPolicy = requires(S& s, const S& cs, Comm& comm, std::vector<Model>& chunks, const shape& full,
+                                   view<const std::int32_t, host_space> in, view<std::int32_t, host_space> out,
+                                   const std::filesystem::path& dir) {
+  { cs.ranks() } -> std::convertible_to<int>;
+  s.connect(comm, 0, chunks);
+  { cs.rows_shape(full) } -> std::convertible_to<shape>;
+  cs.rows(in, out);
+  s.begin_step(chunks, std::int64_t(1));
+  s.end_step(chunks);
+  s.after_step(chunks, std::int64_t(1), comm);
+  s.save(chunks, dir, 0, true);
+  s.load(chunks, dir, 0, 1);
+};
+
+template <class Model, class Stack, class Sequences = whole_sequences>
 class pipeline_trainer {
   static_assert(check_stack<Stack>());
   static_assert(nn::check_model<Model>());
+  static_assert(SequencesPolicy<Sequences, Model, std::remove_cvref_t<decltype(Stack::communicator)>>,
+                "pipeline::pipeline_trainer: Sequences says how the ranks holding a stage share the data: "
+                "pipeline::whole_sequences, or context::pipeline_context over the model's context::blocks and the "
+                "stack's communicator type (see pipeline::whole_sequences for what a policy provides)");
 
  public:
   using model_type = Model;
@@ -78,23 +129,29 @@ class pipeline_trainer {
                 "pipeline::pipeline_trainer: the scheduler must plan schedule::action sequences (pipeline::gpipe, "
                 "pipeline::one_f_one_b, pipeline::interleaved_1f1b)");
 
-  /// Collective over the stack's communicator (it is split into pipelines and replica groups). `chunks` are this
-  /// rank's model stages in the order of its virtual stages, sharing one parameter store.
-  pipeline_trainer(std::vector<Model> chunks, Stack stack, trainer_options o)
+  /// Collective over the stack's communicator (it is split into pipelines and replica groups, and with C > 1 ranks
+  /// per sequence the replica groups into context groups). `chunks` are this rank's model stages in the order of
+  /// its virtual stages, sharing one parameter store.
+  pipeline_trainer(std::vector<Model> chunks, Stack stack, trainer_options o, Sequences sequences = {})
       : stack_(std::move(stack)),
         o_(std::move(o)),
+        sequences_(std::move(sequences)),
         stages_(stack_.scheduler.world_size()),
-        replicas_(replicas_of(stack_.communicator, stages_)),
+        holders_(holders_of(stack_.communicator, stages_, sequences_.ranks())),
         stage_(stack_.communicator.rank() % stages_),
-        replica_index_(stack_.communicator.rank() / stages_),
-        pipe_(stack_.communicator.split(replica_index_, stage_)),
-        group_(stack_.communicator.split(stage_, replica_index_)),
+        holder_(stack_.communicator.rank() / stages_),
+        pipe_(stack_.communicator.split(holder_, stage_)),
+        group_(stack_.communicator.split(stage_, holder_)),
         replica_(std::move(chunks), stack_.optimizer, stack_.compressor),
         engine_(replica_.stages(), stack_.compressor, replica_.compressor_parameters()),
         transport_(pipe_, replica_.executor(), wire_of(stack_.compressor, o_)) {
     o_.validate();
     check_same_tables();
-    if (replicas_ > 1) {
+    if constexpr (!std::is_same_v<Sequences, whole_sequences>) {  // the ranks of this stage and replica
+      context_.emplace(group_.split(replica(), place()));
+      sequences_.connect(*context_, place(), replica_.stages());
+    }
+    if (holders_ > 1) {
       plan_ = dist::bucket_plan::of(replica_.store(), o_.bucket_bytes);
       dist::check_same_plan(group_, plan_, who);
     }
@@ -109,15 +166,25 @@ class pipeline_trainer {
 
   std::vector<Model>& chunks() { return replica_.stages(); }
   const trainer_options& options() const { return o_; }
-  /// Pipeline stages (ranks per pipeline), replicas, and this rank's place in both.
+  /// Pipeline stages (ranks per pipeline), data replicas, ranks per sequence (C), and this rank's place in each.
   int stages() const { return stages_; }
-  int replicas() const { return replicas_; }
+  int replicas() const { return holders_ / context_ranks(); }
+  int context_ranks() const { return sequences_.ranks(); }
   int stage() const { return stage_; }
-  int replica() const { return replica_index_; }
-  /// The stack's communicator (the whole world), the pipeline group and the replica group.
+  int replica() const { return holder_ / context_ranks(); }
+  int place() const { return holder_ % context_ranks(); }
+  /// The stack's communicator (the whole world), the pipeline group, the replica group (the C · D ranks holding
+  /// this stage, over which gradients and losses are averaged) and the context group (its C ranks of this
+  /// replica; not with whole_sequences).
   communicator_type& communicator() { return stack_.communicator; }
   communicator_type& pipeline_communicator() { return pipe_; }
   communicator_type& replica_communicator() { return group_; }
+  communicator_type& context_communicator() {
+    require(context_.has_value(),
+            "pipeline::pipeline_trainer::context_communicator: whole sequences, no context group");
+    return *context_;
+  }
+  const Sequences& sequences() const { return sequences_; }
   /// Seconds this rank waited for a neighbour's payload so far (transport::waited_seconds).
   double waited_seconds() const { return transport_.waited_seconds(); }
   /// Bytes of this rank's optimizer states.
@@ -132,7 +199,8 @@ class pipeline_trainer {
   /// together hold the whole model's initial weights); replicas take replica 0's. Collective.
   void init(std::uint64_t seed) {
     replica_.init(seed);
-    if (replicas_ > 1) replica_.broadcast_from_rank0(group_);
+    if (holders_ > 1) replica_.broadcast_from_rank0(group_);
+    restored_step();
   }
 
   /// One optimizer step on the plan's micro-batches of `loader` (see the top of this file).
@@ -149,9 +217,10 @@ class pipeline_trainer {
       if (r.skipped) return;
       replica_.step_all(optim::step_context{r.lr, r.step});
     });
-    r.tokens = replica_type::batch_tokens(loader) * microbatches() * replicas_;
+    r.tokens = replica_type::batch_tokens(loader) * microbatches() * replicas();  // each sequence once
     step_ = r.step;
     tokens_ += r.tokens;
+    sequences_.after_step(replica_.stages(), step_, group_);
     return r;
   }
 
@@ -166,7 +235,8 @@ class pipeline_trainer {
   double evaluate(data::batch_loader& loader, std::int64_t batches) {
     const int previous = (stage_ + stages_ - 1) % stages_, next = (stage_ + 1) % stages_;
     const double local = replica_.evaluate_local(loader, batches, who, [&](auto tokens, auto targets) {
-      return engine_.evaluate(tokens, targets, transport_, previous, next);
+      rows_.take(sequences_, tokens, targets);
+      return engine_.evaluate(rows_.tokens.v(), rows_.targets.v(), transport_, previous, next);
     });
     transport_.finish();
     return over_replicas(sum_over_pipeline(local));
@@ -182,7 +252,10 @@ class pipeline_trainer {
     io::check_replaceable(dir);  // on every rank, so that all of them fail alike
     if (lead) io::prepare_staging(dir);
     stack_.communicator.barrier().wait();  // the staging directory exists before any stage writes into it
-    if (replica_index_ == 0) {
+    sequences_.save(replica_.stages(), stage_directory(io::staging_directory(dir), stage_), group_.rank(),
+                    holder_ == 0);
+    stack_.communicator.barrier().wait();  // the policy's files are on disk before the sidecar fingerprints them
+    if (holder_ == 0) {
       io::trainer_state ts;
       ts.step = step_;
       ts.tokens = tokens_;
@@ -218,9 +291,11 @@ class pipeline_trainer {
                    std::to_string(ts.step) + " (the stages' checkpoints are of different saves)";
           });
     replica_.sync_model();
+    sequences_.load(replica_.stages(), stage_directory(dir, stage_), group_.rank(), group_.size());
     loader.seek(ts.train_data);
     step_ = ts.step;
     tokens_ = ts.tokens;
+    restored_step();
     stack_.communicator.barrier().wait();
     return ts;
   }
@@ -257,10 +332,19 @@ class pipeline_trainer {
     return w;
   }
 
-  static int replicas_of(communicator_type& world, int stages) {
-    require(stages >= 1 && world.size() % stages == 0, [&] {
-      return std::string(who) + ": the scheduler has " + std::to_string(stages) +
-             " stages, which must divide the communicator's " + std::to_string(world.size()) + " ranks";
+  /// The policy's state for the next step once step_ is set (a step begun and ended without running: no training
+  /// forward accumulates anything).
+  void restored_step() {
+    sequences_.begin_step(replica_.stages(), step_ + 1);
+    sequences_.end_step(replica_.stages());
+  }
+
+  /// The ranks holding each stage: C · D.
+  static int holders_of(communicator_type& world, int stages, int context_ranks) {
+    require(stages >= 1 && context_ranks >= 1 && world.size() % (stages * context_ranks) == 0, [&] {
+      return std::string(who) + ": the scheduler has " + std::to_string(stages) + " stages and each sequence is on " +
+             std::to_string(context_ranks) + " ranks; their product must divide the communicator's " +
+             std::to_string(world.size()) + " ranks";
     });
     return world.size() / stages;
   }
@@ -271,15 +355,49 @@ class pipeline_trainer {
     return m;
   }
 
+  /// This rank's rows of a loader's batches (Sequences::rows), for the engine; the whole batches with one rank per
+  /// sequence.
+  struct rows_source {
+    data::batch_loader* loader = nullptr;
+    const Sequences* sequences = nullptr;
+    host_tensor<std::int32_t> full_tokens, full_targets, tokens, targets;
+
+    shape batch_shape() const { return sequences->rows_shape(full_shape()); }
+    void next(view<std::int32_t, host_space> tok, view<std::int32_t, host_space> tgt) {
+      if constexpr (std::is_same_v<Sequences, whole_sequences>) return loader->next(tok, tgt);
+      sized(full_tokens, full_targets, full_shape());
+      loader->next(full_tokens.v(), full_targets.v());
+      sequences->rows(full_tokens.v(), tok);
+      sequences->rows(full_targets.v(), tgt);
+    }
+    /// The rows of one full batch into `tokens` / `targets`.
+    void take(const Sequences& s, view<const std::int32_t, host_space> tok, view<const std::int32_t, host_space> tgt) {
+      sized(tokens, targets, s.rows_shape(tok.shape()));
+      s.rows(tok, tokens.v());
+      s.rows(tgt, targets.v());
+    }
+
+   private:
+    shape full_shape() const { return shape{loader->options().batch, loader->options().seq}; }
+    static void sized(host_tensor<std::int32_t>& a, host_tensor<std::int32_t>& b, const shape& s) {
+      if (a.shape() == s) return;
+      a = host_tensor<std::int32_t>(s);
+      b = host_tensor<std::int32_t>(s);
+    }
+  };
+
   template <class Update>
   double run(data::batch_loader& loader, Update&& update) {
     replica_.store().zero_grad(replica_.executor());
     dist::bucket_cursor cursor(plan_);
     const auto ready = [&](std::size_t first, std::size_t last) {
-      if (replicas_ > 1) cursor.ready(first, last, [&](std::size_t k) { launch(k); });
+      if (holders_ > 1) cursor.ready(first, last, [&](std::size_t k) { launch(k); });
     };
+    rows_.loader = &loader;
+    rows_.sequences = &sequences_;
+    sequences_.begin_step(replica_.stages(), step_ + 1);
     const double loss = engine_.run(
-        stack_.scheduler.plan(step_, stage_), train::loader_source{loader}, ready,
+        stack_.scheduler.plan(step_, stage_), rows_, ready,
         [&] {
           wait_all();
           update();
@@ -287,6 +405,7 @@ class pipeline_trainer {
         transport_);
     transport_.finish();
     wait_all();
+    sequences_.end_step(replica_.stages());
     return over_replicas(sum_over_pipeline(loss));
   }
 
@@ -309,7 +428,9 @@ class pipeline_trainer {
     pipe_.all_reduce(view<double, host_space>(&comm_scalar_, {1}), comm::reduce_op::sum).wait();
     return comm_scalar_;
   }
-  double over_replicas(double x) { return replicas_ > 1 ? dist::detail::mean_over_ranks(group_, x) : x; }
+  /// The mean over the ranks holding this stage: over the replicas, and over a sequence's rows (C ranks, as many
+  /// rows each).
+  double over_replicas(double x) { return holders_ > 1 ? dist::detail::mean_over_ranks(group_, x) : x; }
 
   void launch(std::size_t k) {
     const dist::bucket& b = plan_[k];
@@ -322,8 +443,12 @@ class pipeline_trainer {
 
   Stack stack_;
   trainer_options o_;
-  int stages_, replicas_, stage_, replica_index_;
+  Sequences sequences_;
+  // holder_: this rank's index among the C · D ranks holding its stage (place + C · replica).
+  int stages_, holders_, stage_, holder_;
   communicator_type pipe_, group_;
+  std::optional<communicator_type> context_;
+  rows_source rows_;
   replica_type replica_;
   train::plan_engine<Model, compressor_type> engine_;
   transport_type transport_;
