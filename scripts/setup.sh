@@ -90,6 +90,42 @@ _subspace_setup() {
 
 _subspace_setup || { [ "${BASH_SOURCE[0]}" = "$0" ] && exit 1 || return 1; }
 
+# Clang >= 17 as .tools/bin/clang++, for the sanitize preset (the host suite and the fuzz targets under ASan +
+# UBSan; libFuzzer). Called by scripts/test.sh only when it runs that preset. Clang 17 is the first with C++20
+# aggregate deduction, which subspace::stack{.optimizer = ...} needs. Debian 12 ships clang-19: as root it is
+# installed; otherwise the apt-get line is printed.
+subspace_setup_clang() {
+  local candidate path found="" major
+  for candidate in clang++-{30..17} clang++; do
+    path="$(command -v "$candidate")" || continue
+    [[ "$path" == "$_subspace_root/.tools/"* ]] && continue  # our own link from an earlier run
+    major="$("$path" -dumpversion 2>/dev/null | cut -d. -f1)"
+    if [ -n "$major" ] && [ "$major" -ge 17 ]; then
+      found="$path"
+      break
+    fi
+  done
+  if [ -z "$found" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      echo "setup: installing clang-19 (Debian packages clang-19, libclang-rt-19-dev) for the sanitize preset"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang-19 libclang-rt-19-dev \
+        >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+          --no-install-recommends clang-19 libclang-rt-19-dev >/dev/null; } ||
+        { echo "setup: apt-get install clang-19 libclang-rt-19-dev failed" >&2; return 1; }
+      found="$(command -v clang++-19)"
+    else
+      echo "setup: the sanitize preset needs clang >= 17. Install it with:" >&2
+      echo "  sudo apt-get install -y clang-19 libclang-rt-19-dev" >&2
+      return 1
+    fi
+  fi
+  mkdir -p "$_subspace_root/.tools/bin"
+  ln -sf "$found" "$_subspace_root/.tools/bin/clang++"
+  case ":$PATH:" in *":$_subspace_root/.tools/bin:"*) ;; *) export PATH="$_subspace_root/.tools/bin:$PATH" ;; esac
+  echo "setup: sanitize preset compiler: $(clang++ --version | head -n1)"
+}
+
 # Presets: cuda when nvcc is there (CI: warnings as errors), else cpu.
 if command -v nvcc >/dev/null; then
   SUBSPACE_PRESET="${SUBSPACE_PRESET:-$([ "${CI:-}" = "true" ] && echo ci || echo cuda)}"

@@ -96,9 +96,9 @@ struct kv_identity {
 /// C can compress the K/V of context-parallel attention: compress::identity (dense), or a compressor tagged
 /// `static constexpr bool compresses_kv = true` with kv_codec<T, Space>(site).
 template <class C>
-concept KVCompressor = std::is_same_v<C, identity> || requires {
-  { C::compresses_kv } -> std::convertible_to<bool>;
-} && bool(C::compresses_kv);
+concept KVCompressor = std::is_same_v<C, identity> || (requires {
+                         { C::compresses_kv } -> std::convertible_to<bool>;
+                       } && bool(C::compresses_kv));
 
 /// The codec `compressor` gives the attention of the layer at `site`: kv_identity for compress::identity, else
 /// compressor.kv_codec<T, Space>(site).
