@@ -4,9 +4,9 @@
 #   bash scripts/fuzz.sh TARGET [MINUTES]     # TARGET: json safetensors_header safetensors_file config tokens
 #                                              #         trainer_state resume (or "all", one after another)
 #
-# With clang >= 16 (clang++-16 ... clang++-20 or clang++ on PATH, or CXX): libFuzzer with ASan and UBSan, in
-# build/fuzz-libfuzzer. Otherwise the project's compiler with the portable driver under ASan and UBSan: the
-# sanitize preset's build (build/sanitize). Either way the seed corpus is the one the library writes, plus the
+# With clang >= 17 (as scripts/setup.sh finds or installs it): libFuzzer with ASan and UBSan, in
+# build/fuzz-libfuzzer. Otherwise g++ with the portable driver under ASan and UBSan, the sanitize preset's flags
+# (build/fuzz-portable). Either way the seed corpus is the one the library writes, plus the
 # committed past findings; new corpus inputs (libFuzzer) go to build/fuzz-corpus/TARGET. A finding is written to
 # build/fuzz-findings/TARGET/crash-* (or timeout-*): replay it with `build/.../fuzz_TARGET FILE`, fix the reader,
 # and commit the file under tests/fuzz/regressions/TARGET/.
@@ -22,16 +22,12 @@ fi
 source scripts/setup.sh >/dev/null
 jobs="$(nproc 2>/dev/null || echo 2)"
 
-# A clang new enough for the headers and with libFuzzer, if there is one.
+# clang >= 17 with libFuzzer (scripts/setup.sh finds one or installs Debian's clang-19 as root), else g++ with the
+# portable driver.
 clang=""
-for c in "${CXX:-}" clang++-20 clang++-19 clang++-18 clang++-17 clang++-16 clang++; do
-  [ -n "$c" ] && command -v "$c" >/dev/null || continue
-  major="$("$c" -dumpversion 2>/dev/null | cut -d. -f1)"
-  if "$c" --version 2>/dev/null | grep -q clang && [ "${major:-0}" -ge 16 ]; then
-    clang="$c"
-    break
-  fi
-done
+if subspace_setup_clang >/dev/null; then
+  clang="$(command -v clang++)"
+fi
 
 if [ -n "$clang" ]; then
   build=build/fuzz-libfuzzer
@@ -39,9 +35,9 @@ if [ -n "$clang" ]; then
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$clang" -DSUBSPACE_CUDA=OFF \
     -DSUBSPACE_BUILD_EXAMPLES=OFF -DSUBSPACE_BUILD_BENCH=OFF >/dev/null
 else
-  build=build/sanitize
-  echo "fuzz: no clang >= 16: the portable driver under ASan and UBSan (sanitize preset), in $build"
-  cmake --preset sanitize >/dev/null
+  build=build/fuzz-portable
+  echo "fuzz: no clang >= 17: g++ with the portable driver under ASan and UBSan (the sanitize preset's flags), in $build"
+  cmake --preset sanitize -B "$build" -DCMAKE_CXX_COMPILER=g++ >/dev/null
 fi
 cmake --build "$build" -j "$jobs" --target subspace_fuzz_targets
 corpus="$build/tests/fuzz/corpus"
