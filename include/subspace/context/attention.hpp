@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -435,8 +436,16 @@ class blocks : public Base {
   using communicator_type = Comm;
   using compressor_type = Compressor;
 
-  explicit blocks(exchange how = exchange::ring, Compressor compressor = {}, Base base = {})
+  // Defaults only where the types have them: a defaulted argument of a type without one breaks traits such as
+  // std::is_default_constructible under nvcc, which instantiates default arguments eagerly.
+  explicit blocks(exchange how, Compressor compressor, Base base)
       : Base(std::move(base)), group_(std::make_shared<group<Comm>>()), how_(how), compressor_(std::move(compressor)) {}
+  explicit blocks(exchange how, Compressor compressor)
+    requires std::default_initializable<Base>
+      : blocks(how, std::move(compressor), Base{}) {}
+  explicit blocks(exchange how = exchange::ring)
+    requires std::default_initializable<Compressor> && std::default_initializable<Base>
+      : blocks(how, Compressor{}, Base{}) {}
 
   /// The attention of the layer at `site`, with the K/V codec the compressor gives that layer.
   template <class T, class G, class S>
