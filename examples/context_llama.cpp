@@ -44,6 +44,7 @@
 
 #include "common/checkpoints.hpp"
 #include "common/cli.hpp"
+#include "common/context_flags.hpp"
 #include "common/device.hpp"
 #include "common/flag_checks.hpp"
 #include "common/format.hpp"
@@ -57,11 +58,11 @@ using examples::duration;
 using examples::human;
 namespace fs = std::filesystem;
 
-struct options : examples::model_flags, examples::data_flags, examples::network_flags {
-  int cp = 4, dp = 1;
+struct options : examples::model_flags, examples::data_flags, examples::network_flags, examples::context_flags {
+  options() { cp = 4; }
+  int dp = 1;
   std::int64_t sync_every = 1;
-  std::string layout = "zigzag", attention = "ring", compressor = "identity";
-  std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
+  std::string compressor = "identity";
   std::int64_t seq = 1024, batch = 1, steps = 100, warmup = 10;
   int microbatches = 1;  // an int, as the scheduler takes it: a larger value fails at parsing
   float lr = 3e-3f, min_lr = -1.0f, clip = 1.0f;
@@ -86,15 +87,10 @@ struct setup {
   int threads_per_rank = 0;
 };
 
-context::placement placement_of(const options& o) {
-  return o.layout == "zigzag" ? context::placement::zigzag : context::placement::contiguous;
-}
-
 void check(const options& o) {
   const auto need = [](bool ok, const std::string& what) {
     if (!ok) throw examples::cli_error(what);
   };
-  need(o.cp >= 1 && o.cp <= 64, "--cp must lie in [1, 64], got " + std::to_string(o.cp));
   need(o.dp >= 1 && o.cp * o.dp <= 256, "--dp must be >= 1 with --cp x --dp <= 256 ranks");
   need(o.seq >= 1, "--seq must be >= 1, got " + std::to_string(o.seq));
   need(o.microbatches >= 1 && o.batch >= 1, "--microbatches and --batch must be >= 1");
@@ -112,18 +108,7 @@ void check(const options& o) {
   need(std::isfinite(o.comm_timeout) && o.comm_timeout > 0, "--comm-timeout must be a positive number of seconds");
   need(o.threads >= 0, "--threads must be >= 0");
   need(o.sync_every >= 1, "--sync-every must be >= 1, got " + std::to_string(o.sync_every));
-  const std::int64_t unit = o.layout == "zigzag" ? 2 * std::int64_t(o.cp) : std::int64_t(o.cp);
-  need(o.seq % unit == 0, "--seq " + std::to_string(o.seq) + " must be a multiple of " + std::to_string(unit) + " (" +
-                              (o.layout == "zigzag" ? "2 x --cp: zigzag gives every rank two equal chunks"
-                                                    : "--cp: every rank holds as many rows") +
-                              ")");
-  need(o.rank_k >= 0 && o.rank_v >= 0, "--rank-k and --rank-v must be >= 0 (0: 2% and 5% of the K/V width)");
-  need(o.generators >= 1, "--generators must be >= 1");
-  need(o.warmup_pca >= 1 && o.pca_steps >= 1, "--warmup-pca and --pca-steps must be >= 1");
-  need(o.unplug_at >= 0, "--unplug-at must be >= 0 (0: never)");
-  need(o.compressor != "mos" || o.warmup_pca < o.steps, "--warmup-pca " + std::to_string(o.warmup_pca) +
-                                                            " must be shorter than --steps " + std::to_string(o.steps) +
-                                                            " (compression starts after the uncompressed warm-up)");
+  examples::check_context_flags(o, o.seq, o.steps, o.compressor == "mos");
   examples::parse_bandwidth(o.bandwidth);
   // Last, as they create directories: every path the run writes.
   if (!o.checkpoint_dir.empty()) examples::need_writable_directory("checkpoint-dir", o.checkpoint_dir);
@@ -137,30 +122,7 @@ setup decide(const options& o) {
   s.net = m.net;
   s.modelled = m.modelled;
   s.cfg = examples::model_config(o, o.seq);
-  if (o.compressor == "mos") {
-    compress::kv_subspace_options m;
-    m.layers = s.cfg.n_layers;
-    m.kv_dim = s.cfg.kv_dim();
-    m.rank_k = o.rank_k;
-    m.rank_v = o.rank_v;
-    m.generators = o.generators;
-    m.generator_seed = o.seed * 2 + 301;
-    m.warmup_steps = o.warmup_pca;
-    m.pca_steps = std::min(o.pca_steps, o.warmup_pca);
-    m.unplug_at_step = o.unplug_at;
-    if (m.k_rank() >= m.kv_dim || m.v_rank() >= m.kv_dim)
-      throw examples::cli_error("--rank-k " + std::to_string(m.k_rank()) + " / --rank-v " + std::to_string(m.v_rank()) +
-                                ": each rank must be below the K/V width " + std::to_string(m.kv_dim) +
-                                " (KV heads x head dim of '" + s.cfg.name + "')");
-    if (s.cfg.n_layers < 2)
-      throw examples::cli_error("--compressor mos: the last layer stays dense, so the model needs at least 2 layers");
-    try {
-      m.validate();
-    } catch (const subspace::invalid_argument& e) {
-      throw examples::cli_error("--compressor mos: " + examples::without_location(e.what()));
-    }
-    s.mos = m;
-  }
+  if (o.compressor == "mos") s.mos = examples::mos_options(o, s.cfg, o.seed, "--compressor mos");
   return s;
 }
 
@@ -233,8 +195,8 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
                  optim::parse_decay(o.decay)};
   to.context_ranks = o.cp;
   to.seq = o.seq;
-  to.layout = placement_of(o);
-  to.kv_exchange = o.attention == "ring" ? context::exchange::ring : context::exchange::all_gather;
+  to.layout = o.placement();
+  to.kv_exchange = o.exchange();
   to.sync_every = o.sync_every;
   auto stack = subspace::stack{.communicator = comm::throttled<Comm>(std::move(world), s.net),
                                .compressor = std::move(compressor),
@@ -436,14 +398,6 @@ int main(int argc, char** argv) {
       "byte-tokenized.");
   cli.flag("cp", o.cp, "ranks per sequence (the context group)")
       .flag("dp", o.dp, "data-parallel replicas of the context group (gradients averaged over all ranks)")
-      .flag("layout", o.layout,
-            "zigzag: rank i holds chunks i and 2C-1-i of 2C (balanced causal work; --seq a multiple of 2 x --cp); "
-            "contiguous: rank i holds the i-th run of --seq / --cp positions",
-            {"zigzag", "contiguous"})
-      .flag("attention", o.attention,
-            "ring: K/V blocks passed from rank to rank, each hop overlapped with attention to the previous "
-            "block; all_gather: one all-gather forward, one reduce-scatter backward",
-            {"ring", "all_gather"})
       .flag("sync-every", o.sync_every,
             "1: gradients averaged over every rank each step; c > 1: each rank steps on its own rows' gradient "
             "and the weights are averaged every c steps (checkpoints then hold one directory per rank)")
@@ -451,13 +405,8 @@ int main(int argc, char** argv) {
             "identity: K and V cross the wire as they are; mos: Mixture of Subspaces, each chunk's K and V in a "
             "learned rotation of a shared low-rank basis (after --warmup-pca dense steps; the last layer stays "
             "dense)",
-            {"identity", "mos"})
-      .flag("rank-k", o.rank_k, "rank of the compressed K (0: 2% of the K/V width, at least 1)")
-      .flag("rank-v", o.rank_v, "rank of the compressed V (0: 5% of the K/V width, at least 1)")
-      .flag("generators", o.generators, "rotation coefficients per chunk (m)")
-      .flag("warmup-pca", o.warmup_pca, "dense steps before compression starts (its basis comes from their K/V)")
-      .flag("pca-steps", o.pca_steps, "the last warm-up steps whose K/V second moments give the basis")
-      .flag("unplug-at", o.unplug_at, "from this step on send dense K/V again (0: never)");
+            {"identity", "mos"});
+  examples::declare_context_flags(cli, o, "--compressor mos");
   examples::declare_network_flags(cli, o);
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);

@@ -2,7 +2,11 @@
 // Subspace Network whose stage boundaries carry k coefficients and a token id per token instead of d activations
 // (compress::subspace_projection + nn::subspace_blocks). Guide: docs/pipeline.md.
 //
-// Ranks: --stages P pipeline stages × --dp D replicas = P·D ranks; rank r is stage r % P of replica r / P.
+// Ranks: --stages P pipeline stages × --cp C ranks per sequence × --dp D replicas = P·C·D ranks; rank r is stage
+// r % P at place (r / P) % C of replica r / (P·C). With --cp C > 1 every stage is context parallel
+// (context::pipeline_context): its C ranks hold the rows of each sequence that --layout gives them, exchange K/V in
+// the attention (--attention), with --kv-compressor mos compressed by Mixture of Subspaces — at once with the
+// Subspace Network's boundary between the stages (docs/context.md, "Pipeline × context parallelism").
 //   --launcher local (default)  the ranks as threads of this process through comm::local: on the host (fp32) or,
 //                               in a CUDA build, on one GPU (bf16 weights, fp32 masters; each rank its own stream).
 //   --launcher nccl (CUDA)      one process per GPU through comm::nccl; the launcher's environment names the ranks
@@ -27,6 +31,7 @@
 #include <subspace/comm/nccl.cuh>
 #endif
 
+#include <subspace/context/pipeline_context.hpp>
 #include <subspace/nn/subspace_blocks.hpp>
 #include <subspace/pipeline/any_schedule.hpp>
 #include <subspace/pipeline/layout.hpp>
@@ -50,6 +55,7 @@
 
 #include "common/checkpoints.hpp"
 #include "common/cli.hpp"
+#include "common/context_flags.hpp"
 #include "common/device.hpp"
 #include "common/flag_checks.hpp"
 #include "common/format.hpp"
@@ -63,9 +69,10 @@ using examples::duration;
 using examples::human;
 namespace fs = std::filesystem;
 
-struct options : examples::model_flags, examples::data_flags, examples::network_flags {
+struct options : examples::model_flags, examples::data_flags, examples::network_flags, examples::context_flags {
   int stages = 4, dp = 1, virtual_stages = 2;
   std::string schedule = "1f1b", compressor = "subspace", variant = "reparam", wire = "fp32";
+  std::string kv_compressor = "identity";
   std::int64_t k = 0;
   std::int64_t seq = 0, batch = 4, steps = 200, warmup = 20;
   int microbatches = 8;  // an int, as the scheduler takes it: a larger value fails at parsing
@@ -103,6 +110,7 @@ struct setup {
   std::int64_t seq = 0;
   std::optional<compress::subspace_projection> codec;  // --compressor subspace
   std::int64_t unconstrained_from = 0;                 // the first layer of the last stage
+  std::optional<compress::kv_subspace_options> mos;    // --kv-compressor mos
   examples::data_source src;
   data::token_dataset train, val;
   std::string device_name, where;
@@ -114,7 +122,10 @@ void check(const options& o) {
     if (!ok) throw examples::cli_error(what);
   };
   need(o.stages >= 1 && o.stages <= 64, "--stages must lie in [1, 64], got " + std::to_string(o.stages));
-  need(o.dp >= 1 && o.stages * o.dp <= 256, "--dp must be >= 1 with --stages x --dp <= 256 ranks");
+  need(o.dp >= 1 && o.cp >= 1 && o.stages * o.cp * o.dp <= 256,
+       "--cp and --dp must be >= 1 with --stages x --cp x --dp <= 256 ranks");
+  need(o.kv_compressor == "identity" || o.cp >= 2,
+       "--kv-compressor mos compresses the K/V that context parallelism exchanges: it needs --cp >= 2");
   need(o.virtual_stages >= 1, "--virtual-stages must be >= 1");
   need(o.k >= 0, "--k must be >= 1 (or 0: d/50, d/100 from d 4096 on, at least 8)");
   need(o.microbatches >= 1 && o.batch >= 1, "--microbatches and --batch must be >= 1");
@@ -154,6 +165,8 @@ setup decide(const options& o, int ranks) {
   s.modelled = m.modelled;
   s.cfg = examples::model_config(o, o.seq);
   s.seq = o.seq ? o.seq : std::min<std::int64_t>(s.cfg.max_seq, 256);
+  if (o.cp > 1) examples::check_context_flags(o, s.seq, o.steps, o.kv_compressor == "mos");
+  if (o.kv_compressor == "mos") s.mos = examples::mos_options(o, s.cfg, o.seed, "--kv-compressor mos");
   const std::int64_t parts = std::int64_t(o.stages) * s.chunks;
   if (parts > s.cfg.n_layers)
     throw examples::cli_error("--stages " + std::to_string(o.stages) +
@@ -212,6 +225,17 @@ void print_header(const options& o, const setup& s, std::size_t activation_bytes
   std::printf("pipeline: %d stages%s x %d replica%s = %d ranks (%s) on %s | layers %s\n", o.stages,
               s.chunks > 1 ? (" x " + std::to_string(s.chunks) + " virtual").c_str() : "", o.dp, o.dp == 1 ? "" : "s",
               s.ranks, s.where.c_str(), s.device_name.c_str(), layout.c_str());
+  if (o.cp > 1) {
+    std::printf("context: every stage's sequences over %d ranks, %s placement (%lld rows per rank), %s exchange\n",
+                o.cp, o.layout.c_str(), (long long)(s.seq / o.cp), o.attention.c_str());
+    if (s.mos)
+      std::printf(
+          "K/V compressor: Mixture of Subspaces, r_K %lld, r_V %lld, m %lld: dense for %lld warm-up steps (the last "
+          "%lld gather the K/V second moments), the last layer dense\n",
+          (long long)s.mos->k_rank(), (long long)s.mos->v_rank(), (long long)s.mos->generators,
+          (long long)s.mos->warmup_steps, (long long)s.mos->pca_steps);
+    else std::printf("K/V compressor: identity (dense K/V blocks)\n");
+  }
   std::printf("schedule %s, %lld micro-batches of %lld x %lld tokens per step: closed-form bubble %.3f\n",
               o.schedule.c_str(), (long long)o.microbatches, (long long)o.batch, (long long)s.seq, sched.bubble());
   const auto [fwd, bwd] = boundary_bytes_per_token(s, activation_bytes);
@@ -261,11 +285,13 @@ void to_host_float(const Exec& ex, view<T, S> v, view<float, host_space> out) {
   }
 }
 
-/// Trains rank `world.rank()`; rank 0 prints. Returns the exit status (the same on every rank).
-template <class Model, class Compressor, class Blocks, class Exec, class Comm>
-int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, const Blocks& blocks, const options& o,
+/// Trains rank `world.rank()` with the blocks and Sequences policy of `parts` (a pair made for this rank: the
+/// context-parallel blocks hold the rank's group); rank 0 prints. Returns the exit status (the same on every rank).
+template <class Model, class Compressor, class Parts, class Exec, class Comm>
+int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, Parts parts, const options& o,
              const setup& s, gathered* out, io::metrics_writer* metrics) {
-  const int rank = world.rank(), n = world.size(), stage = rank % o.stages, replica = rank / o.stages;
+  auto& [blocks, sequences] = parts;
+  const int rank = world.rank(), n = world.size(), stage = rank % o.stages, replica = rank / (o.stages * o.cp);
   const bool lead = rank == 0;
   pipeline::trainer_options to;
   to.clip = o.clip;
@@ -278,7 +304,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
                                                .compressor = std::move(compressor),
                                                .scheduler = chosen_schedule(o),
                                                .optimizer = optim::adamw{}},
-                               to);
+                               to, sequences);
   data::batch_loader train_data = replica_loader(o, s, replica);
   std::optional<data::batch_loader> val_data;
   if (!s.val.empty())
@@ -391,7 +417,7 @@ int run_rank(const Exec& ex, Comm world, Comm stats, Compressor compressor, cons
     }
   }
   if (!o.checkpoint_dir.empty()) save(t.steps_done());
-  if (out && replica == 0) {  // the stages' tensors for the samples
+  if (out && replica == 0 && t.place() == 0) {  // the stages' tensors for the samples
     std::lock_guard lock(out->mu);
     auto& store = t.chunks()[0].parameters();
     for (std::size_t i = 0; i < store.size(); ++i) {
@@ -481,17 +507,39 @@ void finish(const options& o, const setup& s, const Blocks& blocks, gathered& g)
   }
 }
 
-/// Calls f(model tag, compressor, blocks) for --compressor.
-template <class Exec, class F>
+/// Calls f(model tag, compressor, make_parts, base blocks) for --compressor and, with --cp > 1, the
+/// context-parallel attention over the stage's context groups of Comm with --kv-compressor: make_parts() gives a
+/// rank its blocks and Sequences policy (context-parallel blocks share their group between copies, so each rank
+/// makes its own); the base blocks are the same model with single-device attention, for the samples.
+template <class Exec, class Comm, class F>
 int with_compressor(const options& o, const setup& s, F&& f) {
   using T = std::conditional_t<std::is_same_v<Exec, exec::host>, float, bf16>;
+  using trainer_comm = comm::throttled<Comm>;
+  const auto with_context = [&](const auto& compressor, const auto& base) {
+    using base_type = std::remove_cvref_t<decltype(base)>;
+    if (o.cp == 1)
+      return f(
+          std::type_identity<nn::llama<Exec, T, base_type>>{}, compressor,
+          [&] { return std::pair(base, pipeline::whole_sequences{}); }, base);
+    const context::layout layout(s.seq, o.cp, o.placement());
+    const auto context_parallel = [&](auto kv) {
+      using blocks_type = context::blocks<trainer_comm, decltype(kv), base_type>;
+      const auto make_parts = [&] {
+        const blocks_type blocks(o.exchange(), kv, base);
+        return std::pair(blocks, context::pipeline_context(blocks, layout));
+      };
+      return f(std::type_identity<nn::llama<Exec, T, blocks_type>>{}, compressor, make_parts, base);
+    };
+    if (s.mos) return context_parallel(compress::kv_subspace_mixture(*s.mos));
+    return context_parallel(compress::identity{});
+  };
   if (s.codec) {
     const nn::subspace_blocks blocks(
         *s.codec, s.unconstrained_from,
         o.variant == "projected" ? nn::subspace_variant::projected : nn::subspace_variant::reparameterised);
-    return f(std::type_identity<nn::llama<Exec, T, nn::subspace_blocks>>{}, *s.codec, blocks);
+    return with_context(*s.codec, blocks);
   }
-  return f(std::type_identity<nn::llama<Exec, T>>{}, compress::identity{}, nn::dense_blocks{});
+  return with_context(compress::identity{}, nn::dense_blocks{});
 }
 
 /// --launcher local: the ranks as threads, through comm::local (host memory, or device memory on one GPU).
@@ -502,15 +550,16 @@ int run_local(const options& o, setup& s) {
   if (!o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
   gathered g;
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
-  return with_compressor<Exec>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
-    using model_t = typename decltype(model_tag)::type;
-    const int status = examples::on_threads(s.ranks, [&](int r) {
-      return run_rank<model_t>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor, blocks, o, s,
-                               &g, r == 0 && metrics ? &*metrics : nullptr);
-    });
-    if (status == 0) finish(o, s, blocks, g);
-    return status;
-  });
+  return with_compressor<Exec, comm::local>(
+      o, s, [&](auto model_tag, const auto& compressor, const auto& make_parts, const auto& base) {
+        using model_t = typename decltype(model_tag)::type;
+        const int status = examples::on_threads(s.ranks, [&](int r) {
+          return run_rank<model_t>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor,
+                                   make_parts(), o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
+        });
+        if (status == 0) finish(o, s, base, g);
+        return status;
+      });
 }
 
 #if defined(__CUDACC__)
@@ -518,10 +567,11 @@ int run_local(const options& o, setup& s) {
 int run_nccl(const options& o) {
   examples::nccl_process proc = examples::nccl_process::connect(o.comm_timeout);
   const comm::launch_info& li = proc.info;
-  if (li.world_size != o.stages * o.dp)
-    throw examples::cli_error("--stages " + std::to_string(o.stages) + " x --dp " + std::to_string(o.dp) + " = " +
-                              std::to_string(o.stages * o.dp) + " ranks, but the launcher (" + li.launcher +
-                              ") started " + std::to_string(li.world_size));
+  if (li.world_size != o.stages * o.cp * o.dp)
+    throw examples::cli_error("--stages " + std::to_string(o.stages) + " x --cp " + std::to_string(o.cp) + " x --dp " +
+                              std::to_string(o.dp) + " = " + std::to_string(o.stages * o.cp * o.dp) +
+                              " ranks, but the launcher (" + li.launcher + ") started " +
+                              std::to_string(li.world_size));
   setup s = decide(o, li.world_size);
   try {
     if (li.rank == 0) {  // rank 0 converts --text into the shard cache and cleans the checkpoints first
@@ -536,10 +586,10 @@ int run_nccl(const options& o) {
     std::optional<io::metrics_writer> metrics;
     if (li.rank == 0 && !o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
     const exec::cuda ex{proc.stream};
-    const int status =
-        with_compressor<exec::cuda>(o, s, [&](auto model_tag, const auto& compressor, const auto& blocks) {
+    const int status = with_compressor<exec::cuda, comm::nccl>(
+        o, s, [&](auto model_tag, const auto& compressor, const auto& make_parts, const auto&) {
           using model_t = typename decltype(model_tag)::type;
-          return run_rank<model_t>(ex, proc.world, proc.stats, compressor, blocks, o, s, nullptr,
+          return run_rank<model_t>(ex, proc.world, proc.stats, compressor, make_parts(), o, s, nullptr,
                                    metrics ? &*metrics : nullptr);
         });
     if (li.rank == 0 && (o.samples > 0 || !o.export_hf.empty()))
@@ -561,9 +611,11 @@ int main(int argc, char** argv) {
       "pipeline_llama",
       "Trains a Llama 3 model split into pipeline stages, plain (--compressor identity) or as a Subspace\n"
       "Network (--compressor subspace: every stage boundary carries k coefficients and a token id per\n"
-      "token, exactly, instead of d activations). Stages x replicas ranks run as threads (comm::local) on\n"
-      "the host or one GPU, or one process per GPU (comm::nccl); every rank's traffic goes through\n"
-      "comm::throttled. With no data flags it trains on the King James Bible, byte-tokenized.");
+      "token, exactly, instead of d activations). --cp C > 1 spreads every stage's sequences over C ranks\n"
+      "(context parallelism; --kv-compressor mos compresses their K/V exchange). Stages x --cp x replicas\n"
+      "ranks run as threads (comm::local) on the host or one GPU, or one process per GPU (comm::nccl);\n"
+      "every rank's traffic goes through comm::throttled. With no data flags it trains on the King James\n"
+      "Bible, byte-tokenized.");
   cli.flag("stages", o.stages, "pipeline stages (ranks per pipeline)")
       .flag("schedule", o.schedule,
             "gpipe: all forwards, then all backwards; 1f1b: one forward one backward "
@@ -583,7 +635,16 @@ int main(int argc, char** argv) {
             "re-projected onto span(U) after each step",
             {"reparam", "projected"})
       .flag("wire", o.wire, "element type of the coefficients on the wire", {"fp32", "bf16"})
-      .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)");
+      .flag("dp", o.dp, "data-parallel replicas of the whole pipeline (gradients averaged per stage)")
+      .flag("cp", o.cp,
+            "ranks per sequence in every stage (context parallelism: each holds --layout's rows of every sequence "
+            "and the attention exchanges K/V among them; gradients averaged over the --cp x --dp ranks of a stage)")
+      .flag("kv-compressor", o.kv_compressor,
+            "with --cp >= 2: identity: K and V cross the wire as they are; mos: Mixture of Subspaces, each chunk's "
+            "K and V in a learned rotation of a shared low-rank basis (after --warmup-pca dense steps; the last "
+            "layer dense), at once with --compressor subspace between the stages",
+            {"identity", "mos"});
+  examples::declare_context_flags(cli, o, "--kv-compressor mos");
   examples::declare_network_flags(cli, o);
   examples::declare_model_flags(cli, o);
   examples::declare_data_flags(cli, o);
@@ -631,7 +692,7 @@ int main(int argc, char** argv) {
 #endif
     }
     examples::clean_before_run(o.checkpoint_dir, o.resume);
-    const int ranks = o.stages * o.dp;
+    const int ranks = o.stages * o.cp * o.dp;
     setup s = decide(o, ranks);
     const examples::device_choice d = examples::choose_device(o.device);
 #if defined(__CUDACC__)
