@@ -4,7 +4,8 @@
 // ring and all-gather), × 2 data replicas the plain pipeline × data parallel's, fp32 steps track train::trainer;
 // with both compressors (a Subspace Network's boundary between the stages, Mixture of Subspaces in the attention)
 // training steps track the same compressed model on one rank, through the warm-up, the switch and compressed
-// steps, with the weights identical on every rank holding a stage.
+// steps, with the weights identical on every rank holding a stage, and runs resumed from per-stage checkpoints (inside
+// the PCA window: every rank's partial second moments; after the switch: the tables) repeat the losses bit for bit.
 #include <doctest/doctest.h>
 
 #include <chrono>
@@ -32,6 +33,7 @@
 #include "support/genesis.hpp"
 #include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
+#include "support/scratch_dir.hpp"
 
 namespace {
 
@@ -304,5 +306,57 @@ TEST_CASE(
   for (const auto& [name, v] : reference.values) {
     CAPTURE(name);
     CHECK(testing::rel_diff(piped.values.at(name), v) <= 1e-5);
+  }
+}
+
+TEST_CASE(
+    "pipeline x context with both compressors: runs resumed inside the PCA window and after the switch repeat "
+    "the losses bit for bit") {
+  const testing::genesis_data text;
+  const nn::llama_config cfg = four_layers();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const std::int64_t batch = 2, steps = 5;
+  compress::kv_subspace_options mos;
+  mos.layers = cfg.n_layers;
+  mos.kv_dim = cfg.kv_dim();
+  mos.rank_k = 2;
+  mos.rank_v = 3;
+  mos.warmup_steps = 3;
+  mos.pca_steps = 2;  // steps 2 and 3 gather the second moments
+  const compress::subspace_projection ssn({cfg.d_model, cfg.vocab, 5, seed, seed + 1, compress::wire_dtype::fp32});
+  const nn::subspace_blocks subspace(ssn, pipeline::even_cuts(cfg.n_layers, 2).back());
+  pipeline::trainer_options o;
+  o.schedule = {3e-3f, 3e-4f, 1, steps * 2, optim::decay_kind::cosine};
+  const world_shape w;
+  const testing::scratch_dir dir;
+  // Trains to `steps` from `resume` (or from the start), saving after step 2 and step 4.
+  const auto run = [&](const std::filesystem::path& resume) {
+    by_rank got(4);
+    on_world<float>(cfg, w, compress::kv_subspace_mixture(mos), subspace, ssn, seed, o, [&](auto& t, int r) {
+      auto data = text.train(batch, w.seq);
+      if (!resume.empty()) CHECK(t.resume(resume, data).step == (resume.filename() == "at2" ? 2 : 4));
+      std::vector<double> losses;
+      while (t.steps_done() < steps) {
+        losses.push_back(t.step(data).loss);
+        if (resume.empty() && (t.steps_done() == 2 || t.steps_done() == 4))
+          t.save(dir.path / ("at" + std::to_string(t.steps_done())), data.position(), seed);
+      }
+      got.add(t, r, losses);
+    });
+    return got.losses;
+  };
+  const auto whole = run({});
+  CHECK(std::filesystem::exists(dir.path / "at2" / "stage-0" / context::kv_sigma_file_name(1)));
+  CHECK(std::filesystem::exists(dir.path / "at4" / "stage-1" / context::kv_state_file_name));
+  for (const int at : {2, 4}) {
+    CAPTURE(at);
+    const auto resumed = run(dir.path / ("at" + std::to_string(at)));
+    for (int r = 0; r < 4; ++r) {
+      CAPTURE(r);
+      REQUIRE(resumed[std::size_t(r)].size() == std::size_t(steps - at));
+      for (std::int64_t s = at; s < steps; ++s)
+        CHECK(resumed[std::size_t(r)][std::size_t(s - at)] == whole[std::size_t(r)][std::size_t(s)]);
+    }
   }
 }
