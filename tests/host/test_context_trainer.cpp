@@ -24,6 +24,7 @@
 #include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
+#include "support/whole_model.hpp"
 
 namespace {
 
@@ -36,22 +37,6 @@ nn::llama_config small() {
   c.n_layers = 3;
   c.max_seq = 32;
   return c;
-}
-
-/// The whole model's loss and gradients over M micro-batches of `loader`, one device.
-double single_device(const nn::llama_config& cfg, std::uint64_t seed, data::batch_loader& loader, int m,
-                     testing::named_tensors& out) {
-  using model = nn::llama<exec::host, double>;
-  std::vector<model> stages = train::as_stages(model(cfg, exec::host{1}));
-  stages[0].init(seed);
-  stages[0].zero_grad();
-  compress::identity none;
-  train::plan_engine<model, compress::identity> engine(stages, none, {});
-  const double loss = engine.run(
-      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader}, [](std::size_t, std::size_t) {},
-      [] {});
-  out.add(stages[0].parameters());
-  return loss;
 }
 
 /// Runs body(trainer, rank) on every rank of a world of C · replicas ranks.
@@ -95,7 +80,8 @@ TEST_CASE("context trainer: 2 and 4 ranks per sequence equal one device (fp64 lo
   const int m = 2;
   testing::named_tensors whole;
   auto reference_data = text.train(batch, seq);
-  const double whole_loss = single_device(cfg, seed, reference_data, m, whole);
+  const double whole_loss =
+      testing::whole_model_gradients<nn::llama<exec::host, double>>(cfg, seed, reference_data, m, whole);
 
   for (const int c : {2, 4})
     for (const auto p : {context::placement::contiguous, context::placement::zigzag})

@@ -34,6 +34,7 @@
 #include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
+#include "support/whole_model.hpp"
 
 namespace {
 
@@ -85,22 +86,6 @@ void on_world(const nn::llama_config& cfg, const world_shape& w, KV kv, Base bas
       lo);
 }
 
-/// The whole model's loss and gradients over M micro-batches of `loader`, one device.
-double single_device(const nn::llama_config& cfg, std::uint64_t seed, data::batch_loader& loader, int m,
-                     testing::named_tensors& out) {
-  using model = nn::llama<exec::host, double>;
-  std::vector<model> stages = train::as_stages(model(cfg, exec::host{1}));
-  stages[0].init(seed);
-  stages[0].zero_grad();
-  compress::identity none;
-  train::plan_engine<model, compress::identity> engine(stages, none, {});
-  const double loss = engine.run(
-      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader}, [](std::size_t, std::size_t) {},
-      [] {});
-  out.add(stages[0].parameters());
-  return loss;
-}
-
 /// Every rank's tensors (its stage's), by rank.
 struct by_rank {
   std::mutex mu;
@@ -135,7 +120,8 @@ TEST_CASE("pipeline x context: 2 stages x 2 context ranks equal one device (fp64
   world_shape w;
   testing::named_tensors reference;
   auto reference_data = text.train(batch, w.seq);
-  const double reference_loss = single_device(cfg, seed, reference_data, w.microbatches, reference);
+  const double reference_loss = testing::whole_model_gradients<nn::llama<exec::host, double>>(
+      cfg, seed, reference_data, w.microbatches, reference);
 
   for (const auto p : {context::placement::contiguous, context::placement::zigzag})
     for (const auto e : {context::exchange::ring, context::exchange::all_gather}) {

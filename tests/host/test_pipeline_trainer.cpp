@@ -32,6 +32,7 @@
 #include "support/named_tensors.hpp"
 #include "support/numeric.hpp"
 #include "support/scratch_dir.hpp"
+#include "support/whole_model.hpp"
 
 namespace {
 
@@ -43,22 +44,6 @@ nn::llama_config eight_layers() {
   c.vocab = 256;
   c.n_layers = 8;
   return c;
-}
-
-/// The whole model's loss and gradients over M micro-batches of `loader`, one device.
-template <class Model>
-double whole_model_gradients(const nn::llama_config& cfg, std::uint64_t seed, data::batch_loader& loader, int m,
-                             testing::named_tensors& out) {
-  std::vector<Model> stages = train::as_stages(Model(cfg, exec::host{1}));
-  stages[0].init(seed);
-  stages[0].zero_grad();
-  compress::identity none;
-  train::plan_engine<Model, compress::identity> engine(stages, none, {});
-  const double loss = engine.run(
-      schedule::gradient_accumulation{m}.plan(0, 0), train::loader_source{loader}, [](std::size_t, std::size_t) {},
-      [] {});
-  out.add(stages[0].parameters());
-  return loss;
 }
 
 /// Runs body(trainer, loader) on every rank of a P-stage pipeline of `cfg` (v chunks per rank, D replicas) with
@@ -99,7 +84,7 @@ TEST_CASE(
   const int m = 4;
   testing::named_tensors whole;
   auto reference_data = text.train(batch, seq);
-  const double whole_loss = whole_model_gradients<model>(cfg, seed, reference_data, m, whole);
+  const double whole_loss = testing::whole_model_gradients<model>(cfg, seed, reference_data, m, whole);
 
   const auto check = [&](auto scheduler, int v, const char* what) {
     CAPTURE(what);
