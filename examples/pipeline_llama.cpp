@@ -665,7 +665,9 @@ int main(int argc, char** argv) {
             "save every stage's checkpoint to DIR/step_NNNNNNNNN/stage-S (and at "
             "the end)")
       .flag("checkpoint-every", o.checkpoint_every, "save every N steps (0: only at the end)")
-      .flag("resume", o.resume, "continue exactly from a checkpoint saved with the same layout (DIR/step_N)")
+      .flag("resume", o.resume,
+            "continue from a checkpoint saved with the same layout (DIR/step_N); exactly with the saving run's "
+            "--steps, else with the learning-rate schedule re-planned to end at --steps")
       .flag("export-hf", o.export_hf,
             "at the end, write the model as a plain Hugging Face Llama directory (a "
             "Subspace Network's E_fix + E Uᵀ and U Z multiplied out; --launcher local)")
