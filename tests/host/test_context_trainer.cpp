@@ -197,6 +197,51 @@ TEST_CASE("context trainer: fp32 steps track train::trainer, every rank holds th
   }
 }
 
+TEST_CASE("context trainer: 2 ranks per sequence x 2 replicas resume exactly, each replica at its own data position") {
+  const testing::genesis_data text;
+  const nn::llama_config cfg = small();
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const std::int64_t batch = 2, seq = 32;
+  const int m = 2;
+  context::trainer_options o = options_for(2, seq, context::placement::zigzag, context::exchange::ring);
+  o.schedule = {1e-3f, 1e-3f, 0, 8, optim::decay_kind::constant};
+  testing::scratch_dir dir;
+  std::mutex mu;
+  std::vector<double> straight(4), resumed(4);
+  std::vector<data::loader_position> saved(4), restored(4);
+  // Each replica shuffles with its own seed, as the examples' replicas do.
+  const auto data_of = [&](const auto& t) {
+    return testing::loader_for(text.dir.path, "train", batch, seq, true, 7 + std::uint64_t(t.replica()));
+  };
+  on_context<nn::llama<exec::host, float>>(cfg, 2, m, seed, o, [&](auto& t, int r) {
+    auto data = data_of(t);
+    for (int s = 0; s < 2; ++s) t.step(data);
+    saved[std::size_t(r)] = data.position();
+    t.save(dir.path / "ckpt", data.position(), seed);
+    double last = 0;
+    for (int s = 0; s < 2; ++s) last = t.step(data).loss;
+    std::lock_guard lock(mu);
+    straight[std::size_t(r)] = last;
+  });
+  on_context<nn::llama<exec::host, float>>(cfg, 2, m, seed + 1, o, [&](auto& t, int r) {
+    auto data = data_of(t);
+    CHECK(t.resume(dir.path / "ckpt", data).step == 2);
+    restored[std::size_t(r)] = data.position();
+    double last = 0;
+    for (int s = 0; s < 2; ++s) last = t.step(data).loss;
+    std::lock_guard lock(mu);
+    resumed[std::size_t(r)] = last;
+  });
+  CHECK(saved[0] != saved[2]);  // the replicas are at different positions
+  for (int r = 0; r < 4; ++r) {
+    CAPTURE(r);
+    CHECK(restored[std::size_t(r)] == saved[std::size_t(r)]);
+    CHECK(std::isfinite(straight[std::size_t(r)]));
+    CHECK(resumed[std::size_t(r)] == straight[std::size_t(r)]);  // bitwise
+  }
+}
+
 TEST_CASE("context trainer: clear errors for a layout the world or the loader cannot hold") {
   const testing::genesis_data text;
   const nn::llama_config cfg = small();

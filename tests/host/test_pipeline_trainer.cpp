@@ -246,7 +246,7 @@ TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per
   CHECK(sent[3] == boundary);
 }
 
-TEST_CASE("pipeline: a checkpoint of every stage resumes exactly") {
+TEST_CASE("pipeline: a checkpoint of every stage resumes exactly, each data replica at its own data position") {
   using model = nn::llama<exec::host, float>;
   const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
@@ -256,31 +256,39 @@ TEST_CASE("pipeline: a checkpoint of every stage resumes exactly") {
   const int m = 2, p = 2;
   pipeline::trainer_options o;
   o.schedule = {3e-3f, 3e-3f, 0, 10, optim::decay_kind::constant};
-  testing::scratch_dir dir;
-  std::mutex mu;
-  testing::named_tensors straight, resumed;
-  on_pipeline<model>(cfg, pipeline::one_f_one_b{m, p}, 1, 1, seed, o, [&](auto& t) {
-    auto d = text.train(batch, seq);
-    for (int s = 0; s < 2; ++s) t.step(d);
-    t.save(dir.path, d.position(), seed);
-    for (int s = 0; s < 2; ++s) t.step(d);
-    std::lock_guard lock(mu);
-    straight.add(t.chunks()[0].parameters());
-  });
-  CHECK(std::filesystem::exists(dir.path / "stage-0" / "model.safetensors"));
-  CHECK(std::filesystem::exists(dir.path / "stage-1" / "model.safetensors"));
-  on_pipeline<model>(cfg, pipeline::one_f_one_b{m, p}, 1, 1, seed + 1, o, [&](auto& t) {
-    auto d = text.train(batch, seq);
-    const io::trainer_state ts = t.resume(dir.path, d);
-    CHECK(ts.step == 2);
-    CHECK(t.steps_done() == 2);
-    for (int s = 0; s < 2; ++s) t.step(d);
-    std::lock_guard lock(mu);
-    resumed.add(t.chunks()[0].parameters());
-  });
-  for (const auto& [name, w] : straight.values) {
-    CAPTURE(name);
-    CHECK(resumed.values.at(name) == w);
+  for (const int replicas : {1, 2}) {
+    CAPTURE(replicas);
+    testing::scratch_dir dir;
+    std::mutex mu;
+    testing::named_tensors straight, resumed;
+    // Each replica shuffles with its own seed, as the examples' replicas do.
+    const auto data_of = [&](const auto& t) {
+      return testing::loader_for(text.dir.path, "train", batch, seq, true, 7 + std::uint64_t(t.replica()));
+    };
+    on_pipeline<model>(cfg, pipeline::one_f_one_b{m, p}, 1, replicas, seed, o, [&](auto& t) {
+      auto d = data_of(t);
+      for (int s = 0; s < 2; ++s) t.step(d);
+      t.save(dir.path, d.position(), seed);
+      for (int s = 0; s < 2; ++s) t.step(d);
+      std::lock_guard lock(mu);
+      if (t.replica() == 0) straight.add(t.chunks()[0].parameters());
+    });
+    CHECK(std::filesystem::exists(dir.path / "stage-0" / "model.safetensors"));
+    CHECK(std::filesystem::exists(dir.path / "stage-1" / "model.safetensors"));
+    on_pipeline<model>(cfg, pipeline::one_f_one_b{m, p}, 1, replicas, seed + 1, o, [&](auto& t) {
+      auto d = data_of(t);
+      const io::trainer_state ts = t.resume(dir.path, d);
+      CHECK(ts.step == 2);
+      CHECK(t.steps_done() == 2);
+      for (int s = 0; s < 2; ++s) t.step(d);
+      std::lock_guard lock(mu);
+      if (t.replica() == 0) resumed.add(t.chunks()[0].parameters());
+    });
+    REQUIRE(!straight.values.empty());
+    for (const auto& [name, w] : straight.values) {
+      CAPTURE(name);
+      CHECK(resumed.values.at(name) == w);
+    }
   }
 }
 

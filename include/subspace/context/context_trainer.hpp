@@ -45,6 +45,7 @@
 #include "../core/error.hpp"
 #include "../data/loader.hpp"
 #include "../dist/bucket.hpp"
+#include "../dist/replica_positions.hpp"
 #include "../io/checkpoint.hpp"
 #include "../nn/concepts.hpp"
 #include "../nn/llama.hpp"
@@ -241,6 +242,9 @@ class context_trainer {
     const std::filesystem::path where = per_rank ? rank_directory(staging, rank) : staging;
     save_kv_state(model(), where, rank, per_rank || rank == 0);
     stack_.communicator.barrier().wait();  // every rank's part is on disk before the sidecar fingerprints it
+    if (!per_rank)  // one checkpoint for all: it keeps every data replica's position (a per-rank one its own)
+      extra =
+          dist::with_replica_positions(stack_.communicator, replica(), replicas(), train_position, std::move(extra));
     if (per_rank || rank == 0) {
       io::trainer_state ts;
       ts.step = step_;
@@ -285,7 +289,7 @@ class context_trainer {
     replica_.sync_model();
     if constexpr (!std::is_same_v<compressor_type, compress::identity>)
       load_kv_state(model(), where, rank, stack_.communicator.size(), !per_rank, stack_.compressor.options());
-    loader.seek(ts.train_data);
+    loader.seek(per_rank ? ts.train_data : dist::replica_position(ts, replica(), replicas(), dir));
     step_ = ts.step;
     tokens_ = ts.tokens;
     set_kv_phase(model(), step_ + 1);

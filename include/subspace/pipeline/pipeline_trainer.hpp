@@ -39,6 +39,7 @@
 #include "../core/error.hpp"
 #include "../data/loader.hpp"
 #include "../dist/bucket.hpp"
+#include "../dist/replica_positions.hpp"
 #include "../io/checkpoint.hpp"
 #include "../kernels/reduce.hpp"
 #include "../nn/concepts.hpp"
@@ -243,7 +244,8 @@ class pipeline_trainer {
   }
 
   /// Writes the checkpoint `dir`: every stage's directory dir/stage-<s> (replica 0 writes it; the others hold the
-  /// same state) is a checkpoint of its tensors with the whole model's names (io/checkpoint.hpp). The stages write
+  /// same state) is a checkpoint of its tensors with the whole model's names (io/checkpoint.hpp), and every data
+  /// replica's `train_position` (dist/replica_positions.hpp). The stages write
   /// into one staging directory, which rank 0 publishes whole once every stage is on disk (util/directory.hpp), so
   /// `dir` never holds stages of two saves. Collective.
   void save(const std::filesystem::path& dir, const data::loader_position& train_position, std::uint64_t seed,
@@ -255,6 +257,7 @@ class pipeline_trainer {
     sequences_.save(replica_.stages(), stage_directory(io::staging_directory(dir), stage_), group_.rank(),
                     holder_ == 0);
     stack_.communicator.barrier().wait();  // the policy's files are on disk before the sidecar fingerprints them
+    extra = dist::with_replica_positions(stack_.communicator, replica(), replicas(), train_position, std::move(extra));
     if (holder_ == 0) {
       io::trainer_state ts;
       ts.step = step_;
@@ -292,7 +295,7 @@ class pipeline_trainer {
           });
     replica_.sync_model();
     sequences_.load(replica_.stages(), stage_directory(dir, stage_), group_.rank(), group_.size());
-    loader.seek(ts.train_data);
+    loader.seek(dist::replica_position(ts, replica(), replicas(), dir));
     step_ = ts.step;
     tokens_ = ts.tokens;
     restored_step();
