@@ -289,9 +289,13 @@ TEST_CASE(
     }
   }
   REQUIRE(piped.values.size() == reference.values.size());
+  // ψ starts at zero, so its value is Adam's normalised updates alone; where an element's gradient cancels across
+  // the chunks' tokens, the rounding of another summation order reaches the update whole (worst of 100 seeds: 2.1e-3
+  // on a ψ bias, 1.6e-5 elsewhere). A bug in the compressed backward moves these by O(1).
   for (const auto& [name, v] : reference.values) {
     CAPTURE(name);
-    CHECK(testing::rel_diff(piped.values.at(name), v) <= 1e-5);
+    const bool psi = name.find(".psi.") != std::string::npos;
+    CHECK(testing::rel_diff(piped.values.at(name), v) <= (psi ? 1e-2 : 1e-4));
   }
 }
 
