@@ -341,10 +341,13 @@ int run_local(const options& o, setup& s) {
   if (!o.metrics.empty()) metrics.emplace(o.metrics, examples::metrics_mode(o.metrics, o.resume));
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
   const auto run = [&](auto compressor) {
-    return examples::on_threads(s.ranks, [&](int r) {
-      return run_rank<nn::llama<Exec, T>>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor, o, s,
-                                          r == 0 && metrics ? &*metrics : nullptr);
-    });
+    return examples::on_threads(
+        s.ranks,
+        [&](int r) {
+          return run_rank<nn::llama<Exec, T>>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor,
+                                              o, s, r == 0 && metrics ? &*metrics : nullptr);
+        },
+        world, stats);
   };
   if (!s.mos) return run(compress::identity{});
   return run(compress::kv_subspace_mixture(*s.mos));

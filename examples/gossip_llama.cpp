@@ -550,11 +550,14 @@ int run_local(const options& o, setup& s) {
   }
   std::vector<comm::local> world = ranks.world(), stats = ranks.stats_world();
   return with_optimizer(o, s, [&](auto gossip, const auto& opt) {
-    return on_threads(s.ranks, [&](int r) {
-      return run_rank<decltype(gossip)::value>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], opt, o, s,
-                                               std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]),
-                                               r == 0 && metrics ? &*metrics : nullptr);
-    });
+    return on_threads(
+        s.ranks,
+        [&](int r) {
+          return run_rank<decltype(gossip)::value>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], opt, o,
+                                                   s, std::move(train[std::size_t(r)]), std::move(val[std::size_t(r)]),
+                                                   r == 0 && metrics ? &*metrics : nullptr);
+        },
+        world, stats);
   });
 }
 

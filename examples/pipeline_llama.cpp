@@ -553,10 +553,13 @@ int run_local(const options& o, setup& s) {
   return with_compressor<Exec, comm::local>(
       o, s, [&](auto model_tag, const auto& compressor, const auto& make_parts, const auto& base) {
         using model_t = typename decltype(model_tag)::type;
-        const int status = examples::on_threads(s.ranks, [&](int r) {
-          return run_rank<model_t>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor,
-                                   make_parts(), o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
-        });
+        const int status = examples::on_threads(
+            s.ranks,
+            [&](int r) {
+              return run_rank<model_t>(ranks.exec(r), world[std::size_t(r)], stats[std::size_t(r)], compressor,
+                                       make_parts(), o, s, &g, r == 0 && metrics ? &*metrics : nullptr);
+            },
+            world, stats);
         if (status == 0) finish(o, s, base, g);
         return status;
       });

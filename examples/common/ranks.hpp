@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -106,23 +107,27 @@ inline modelled_network network_of(const network_flags& n) {
   return {subspace::comm::network(l ? *l : subspace::comm::link{1e30, 0.0}, mode), l.has_value()};
 }
 
-/// Runs body(r) on a thread per rank; returns the highest exit status, or rethrows the first failure (lowest rank)
-/// with the rank named.
-template <class Body>
-int on_threads(int n, Body&& body) {
+/// Runs body(r) on a thread per rank; returns the highest exit status, or rethrows the first failure (in time) with
+/// the rank named. A rank that throws aborts the `worlds` (vectors of comm::local handles, one per rank), so its
+/// peers stop at once instead of waiting out the communicator's timeout.
+template <class Body, class... Worlds>
+int on_threads(int n, Body&& body, Worlds&... worlds) {
   std::vector<int> status(static_cast<std::size_t>(n), 0);
-  std::vector<std::string> errors(static_cast<std::size_t>(n));
+  std::string first;
+  std::mutex first_mutex;
   subspace::run_concurrently(n, [&](int r) {
     try {
       status[std::size_t(r)] = body(r);
     } catch (const std::exception& e) {
-      errors[std::size_t(r)] = e.what();
       status[std::size_t(r)] = -1;
+      {
+        const std::lock_guard lock(first_mutex);  // before the abort that makes the peers fail too
+        if (first.empty()) first = "rank " + std::to_string(r) + ": " + e.what();
+      }
+      (worlds[std::size_t(r)].abort(std::string("it failed: ") + e.what()), ...);
     }
   });
-  for (int r = 0; r < n; ++r)
-    if (status[std::size_t(r)] < 0)
-      throw std::runtime_error("rank " + std::to_string(r) + ": " + errors[std::size_t(r)]);
+  if (!first.empty()) throw std::runtime_error(first);
   return *std::max_element(status.begin(), status.end());
 }
 

@@ -3,8 +3,9 @@
 # Subspace Network and as a plain pipeline, under modelled 80 Mbit/s links. Each run exits 0, prints the progress
 # lines with the validation loss and a sample, and writes one JSON line per step. The subspace boundaries carry
 # exactly B·S·M·(4k + 2) bytes forward (rank 0's sends) per step, the plain ones B·S·M·d·4. A run stopped after 3
-# steps with a checkpoint and resumed to 6 ends with the uninterrupted run's final loss, and --export-hf writes a
-# Hugging Face Llama directory (config.json, model.safetensors) that llama_eval loads.
+# steps with a checkpoint and resumed to 6 ends with the uninterrupted run's final loss; a resume from that checkpoint
+# with one stage's file damaged fails at once naming it; and --export-hf writes a Hugging Face Llama directory
+# (config.json, model.safetensors) that llama_eval loads.
 #
 #   pipeline_llama_run.sh PIPELINE_LLAMA LLAMA_EVAL TEXT_FILE
 set -euo pipefail
@@ -49,6 +50,19 @@ grep -q "resumed from .* at step 3" "$work/resumed.log" || fail "no resume line"
 want=$(grep -o 'step 6/6 | loss [0-9.]*' "$work/subspace.log")
 got=$(grep -o 'step 6/6 | loss [0-9.]*' "$work/resumed.log")
 [ -n "$want" ] && [ "$want" = "$got" ] || fail "resumed '$got' differs from uninterrupted '$want'"
+
+# A checkpoint whose last stage is damaged: rank 3 fails to load it, and its failure aborts the in-process world,
+# so ranks 0-2 (which loaded theirs and wait for rank 3) stop at once instead of after --comm-timeout, and the
+# error names rank 3 and its file rather than a peer's timeout.
+cp -r "$work/ckpt/step_000000003" "$work/damaged"
+truncate -s 100 "$work/damaged/stage-3/model.safetensors"
+status=0
+timeout 120 "$bin" "${common[@]}" --compressor subspace --k 4 --comm-timeout 600 --resume "$work/damaged" \
+  >"$work/damaged.log" 2>&1 || status=$?
+[ "$status" -ne 124 ] || fail "the resume from a damaged stage hung (the peers waited for rank 3)"
+[ "$status" -ne 0 ] || fail "the resume from a damaged stage exited 0"
+grep -q "error: rank 3: .*stage-3.*model.safetensors" "$work/damaged.log" || fail "the error does not name rank 3's file"
+! grep -q "timed out" "$work/damaged.log" || fail "a peer timed out instead of stopping with rank 3"
 
 # The export is a plain Llama llama_eval reads.
 [ -f "$work/hf/config.json" ] && [ -f "$work/hf/model.safetensors" ] || fail "no exported Hugging Face directory"

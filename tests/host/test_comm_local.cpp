@@ -1,7 +1,8 @@
 // comm::local on host memory: the Communicator conformance suite over 1, 2, 3, 4 and 8 ranks; every operation
 // against values computed directly here (odd sizes, several element types, strided views); matching in any
 // posting order; split groups; an operation in flight while its rank computes; and the error paths (timeouts,
-// mismatched sizes, types, kinds and roots, abandoned operations), each within the world's timeout; run_ranks.
+// mismatched sizes, types, kinds and roots, abandoned operations, abort), each within the world's timeout; run_ranks
+// (a rank that throws aborts the world).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -168,24 +169,39 @@ TEST_CASE("comm::local::run_ranks: n ranks of a new world on n threads, the firs
   });
   for (const float s : sums) CHECK(s == 10.0f);
 
-  // Rank 1 fails at once; the others wait for it in an all_reduce until the world's timeout (an option of
-  // run_ranks), return, and only then does rank 1's exception, the first, reach the caller.
+  // Rank 1 fails at once; its exception aborts the world, so the others' all_reduce fails at once (not after the
+  // 20 s timeout) naming it, and rank 1's exception, the cause, reaches the caller once every rank has returned.
   std::atomic<int> returned{0};
   struct count_return {
     std::atomic<int>& n;
     ~count_return() { ++n; }
   };
+  std::vector<std::string> peers(3);
+  const auto start = std::chrono::steady_clock::now();
   CHECK_THROWS_WITH_AS(comm::local::run_ranks(
                            3,
                            [&](comm::local& c) {
                              const count_return on_return{returned};
                              if (c.rank() == 1) throw invalid_argument("rank 1 gives up");
                              host_tensor<float> x = filled<float>({2}, 1.0f);
-                             c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+                             try {
+                               c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+                             } catch (const comm::aborted_error& e) {
+                               peers[std::size_t(c.rank())] = e.what();
+                               throw;
+                             }
                            },
-                           with_timeout(300ms)),
+                           with_timeout(20s)),
                        "rank 1 gives up", invalid_argument);
+  CHECK(std::chrono::steady_clock::now() - start < 5s);
   CHECK(returned == 3);
+  for (const int r : {0, 2}) {
+    CAPTURE(peers[std::size_t(r)]);
+    CHECK(peers[std::size_t(r)].find("rank " + std::to_string(r) + "'s all_reduce(sum) of 2 fp32 elements") !=
+          std::string::npos);
+    CHECK(peers[std::size_t(r)].find("cannot complete: rank 1 of world (3 ranks) aborted it: it threw \"rank 1 gives "
+                                     "up\"") != std::string::npos);
+  }
 }
 
 TEST_CASE("comm::local: strided views, in-place gathers and reshaped messages move the right elements") {
@@ -477,6 +493,94 @@ TEST_CASE("comm::local: an abandoned operation fails its late partner instead of
   });
   CHECK(late.find("rank 0's send #1 to rank 1") != std::string::npos);
   CHECK(late.find("abandoned") != std::string::npos);
+}
+
+TEST_CASE(
+    "comm::local: abort() fails every pending and later operation, in the world and in the worlds split from "
+    "it, on every rank") {
+  // 4 ranks, split into pairs {0, 1} and {2, 3}. Rank 3 aborts the world while rank 0 waits on a recv from rank 1,
+  // rank 1 on an all_reduce of its pair, and rank 2 on a world all_reduce; every one fails at once (the timeout is
+  // 20 s), and so does each operation posted after the abort. What completed before it stays complete.
+  auto comms = make_world(4);
+  std::vector<std::string> pending(4), later(4), sub_later(4);
+  std::atomic<int> waiting{0};
+  const auto start = std::chrono::steady_clock::now();
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
+    comm::local pair = c.split(r / 2, r);
+    host_tensor<float> x = filled<float>({3}, float(r + 1));
+    pair.all_reduce(x.v(), comm::reduce_op::sum).wait();  // completes before the abort
+    CHECK(x(0) == (r < 2 ? 3.0f : 7.0f));
+    comm::local::request q;
+    if (r == 0) q = c.recv(x.v(), 1);
+    if (r == 1) q = pair.all_reduce(x.v(), comm::reduce_op::sum);
+    if (r == 2) q = c.all_reduce(x.v(), comm::reduce_op::sum);
+    ++waiting;
+    if (r == 3) {
+      while (waiting < 4) std::this_thread::yield();
+      c.abort("rank 3 saw a NaN");
+      c.abort("a second reason");  // the first one stays
+    } else {
+      try {
+        q.wait();
+      } catch (const comm::aborted_error& e) {
+        pending[std::size_t(r)] = e.what();
+      }
+    }
+    try {
+      c.barrier().wait();
+    } catch (const comm::aborted_error& e) {
+      later[std::size_t(r)] = e.what();
+    }
+    try {
+      pair.send(x.v(), 1 - r % 2).wait();
+    } catch (const comm::aborted_error& e) {
+      sub_later[std::size_t(r)] = e.what();
+    }
+  });
+  CHECK(std::chrono::steady_clock::now() - start < 5s);
+  const std::string why = "cannot complete: rank 3 of world (4 ranks) aborted it: rank 3 saw a NaN";
+  CHECK(pending[0].find("rank 0's recv #1 from rank 1 (3 fp32 elements) in world (4 ranks) " + why) !=
+        std::string::npos);
+  CHECK(pending[1].find("rank 1's all_reduce(sum) of 3 fp32 elements (collective #2) in world/split(color 0) (2 "
+                        "ranks) " +
+                        why) != std::string::npos);
+  CHECK(pending[2].find("rank 2's all_reduce(sum) of 3 fp32 elements (collective #2) in world (4 ranks) " + why) !=
+        std::string::npos);
+  for (int r = 0; r < 4; ++r) {
+    CAPTURE(r);
+    CHECK(later[std::size_t(r)].find("barrier") != std::string::npos);
+    CHECK(later[std::size_t(r)].find(why) != std::string::npos);
+    CHECK(sub_later[std::size_t(r)].find("send #1") != std::string::npos);
+    CHECK(sub_later[std::size_t(r)].find(why) != std::string::npos);
+  }
+}
+
+TEST_CASE("comm::local: aborting a split world leaves its parent and its sibling working") {
+  auto comms = make_world(4);
+  std::vector<float> sums(4, 0.0f);
+  std::vector<std::string> failed(4);
+  comm::local::run_ranks(comms, [&](comm::local& c) {
+    const int r = c.rank();
+    comm::local pair = c.split(r / 2, r);
+    host_tensor<float> x = filled<float>({2}, float(r + 1));
+    if (r == 0) pair.abort();
+    if (r < 2) {
+      try {
+        pair.all_reduce(x.v(), comm::reduce_op::sum).wait();
+      } catch (const comm::aborted_error& e) {
+        failed[std::size_t(r)] = e.what();
+      }
+    } else {
+      pair.all_reduce(x.v(), comm::reduce_op::sum).wait();
+    }
+    c.all_reduce(x.v(), comm::reduce_op::sum).wait();
+    sums[std::size_t(r)] = x(1);
+  });
+  CHECK(failed[0].find("rank 0 of world/split(color 0) (2 ranks) aborted it: abort() called") != std::string::npos);
+  CHECK(failed[1].find("rank 0 of world/split(color 0) (2 ranks) aborted it") != std::string::npos);
+  // Ranks 0 and 1 kept their own values (1, 2); ranks 2 and 3 hold their pair's sum (7 each): 1 + 2 + 7 + 7.
+  for (const float s : sums) CHECK(s == 17.0f);
 }
 
 TEST_CASE("comm::local: mismatched point-to-point messages fail on both ranks with a size or type error") {

@@ -21,6 +21,10 @@
 //     peer has issued so far. The operation is then abandoned: a partner that arrives later fails with
 //     comm::aborted_error instead of writing into a buffer nobody waits for.
 //
+// Giving up. abort(why) on any rank's handle fails every pending and later operation of its world, and of every
+// world split from it, on every rank, with comm::aborted_error naming `why`. run_ranks does this for a rank that
+// throws, so its peers stop at once (rather than after the timeout) and the rank's own exception reaches the caller.
+//
 // Asynchrony. Every operation returns a request at once. The data moves when the last participant posts:
 // host memory on that participant's thread (so a rank that posted early computes while its peers catch up, and
 // finds its request complete), device memory on the world's streams. Reductions accumulate in float (double
@@ -37,7 +41,9 @@
 // lives as long as any handle or request of it.
 
 #include <chrono>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -47,6 +53,7 @@
 #include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
+#include "detail/local_host.hpp"
 #include "detail/local_world.hpp"
 #include "error.hpp"
 
@@ -133,18 +140,34 @@ class local {
   }
 
   /// Runs body(c) with the handle c of every rank of a new world of n ranks, each rank on its own thread (rank 0 on
-  /// the calling thread, core/parallel.hpp's run_concurrently). Returns when every rank has returned or thrown;
-  /// then rethrows the first exception a rank threw.
+  /// the calling thread, core/parallel.hpp's run_concurrently). A rank that throws aborts the world (abort(), so the
+  /// other ranks' pending operations fail at once). Returns when every rank has returned or thrown; then rethrows
+  /// the first exception a rank threw (the cause, not the aborted_error it set off in its peers).
   template <class Body>
   static void run_ranks(int n, Body&& body, local_options options = {}) {
     std::vector<local> ranks = world(n, std::move(options));
     run_ranks(ranks, body);
   }
   /// The same on handles made beforehand (a world's ranks, or communicators built on them, such as
-  /// comm::throttled): body(ranks[r]) on a thread per element.
+  /// comm::throttled): body(ranks[r]) on a thread per element; a rank that throws aborts its handle's world when
+  /// the handle has abort(why).
   template <class Comm, class Body>
   static void run_ranks(std::vector<Comm>& ranks, Body&& body) {
-    run_concurrently(int(ranks.size()), [&](int r) { body(ranks[std::size_t(r)]); });
+    std::exception_ptr first;
+    std::mutex first_mutex;
+    run_concurrently(int(ranks.size()), [&](int r) {
+      try {
+        body(ranks[std::size_t(r)]);
+      } catch (...) {
+        {
+          const std::lock_guard lock(first_mutex);  // recorded before the abort that wakes the peers
+          if (!first) first = std::current_exception();
+        }
+        if constexpr (requires(Comm& c) { c.abort(std::string()); })
+          ranks[std::size_t(r)].abort("it threw \"" + detail::what_of(std::current_exception()) + "\"");
+      }
+    });
+    if (first) std::rethrow_exception(first);
   }
 
   /// A handle on no world: what split() returns to a rank that passed a negative color. size() == 0.
@@ -294,6 +317,15 @@ class local {
     require(rs.group_depth.load() > 0,
             [&] { return "comm::local::group_end: no group_start to close on rank " + std::to_string(rank_); });
     rs.group_depth.fetch_sub(1);
+  }
+
+  /// Aborts this handle's world and every world split from it, for every rank: each pending operation (and each one
+  /// issued later) fails with comm::aborted_error naming this rank and `why`. Operations whose data is already
+  /// moving finish. Aborting an aborted world keeps the first reason.
+  void abort(const std::string& why = "abort() called") {
+    check_member("abort");
+    detail::abort_world(*world_,
+                        "rank " + std::to_string(rank_) + " of " + detail::world_text(*world_) + " aborted it: " + why);
   }
 
   /// Collective (blocks until every rank has called it, or the timeout): ranks passing the same color >= 0 form

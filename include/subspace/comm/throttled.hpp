@@ -474,6 +474,13 @@ class throttled {
     }
   }
 
+  /// Aborts the wrapped communicator (comm::local and comm::nccl have abort; others do not, and this is then absent).
+  void abort(const std::string& why = "abort() called")
+    requires requires(C& c, const std::string& w) { c.abort(w); }
+  {
+    inner_.abort(why);
+  }
+
   /// Splits the wrapped communicator; the new one keeps this rank's network, counters and clock.
   throttled split(int color, int key) {
     const int n = size();

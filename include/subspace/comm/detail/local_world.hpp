@@ -11,6 +11,10 @@
 // Locking: one mutex per world guards the queues, the slots and the status of every operation. Data moves
 // outside the lock; an operation is then `moving`, and a timed-out wait keeps waiting for a moving operation
 // (a copy in progress finishes) instead of abandoning it.
+//
+// Aborting. abort_world fails every operation posted and not yet moving, in the world and in every world split
+// from it, and every operation posted afterwards: the peers of a rank that gave up fail at once instead of each
+// waiting out the timeout.
 
 #include <algorithm>
 #include <array>
@@ -129,6 +133,12 @@ using local_accum_t =
 template <class T>
 inline constexpr bool local_reducible_v = is_element_v<T> || (std::is_integral_v<T> && !std::is_same_v<T, bool>);
 
+/// One step of a reduction over ranks: max keeps the larger, every other op adds (avg divides afterwards).
+template <class A>
+SUBSPACE_HD inline A local_combine(A acc, A x, reduce_op op) {
+  return op == reduce_op::max ? (x > acc ? x : acc) : acc + x;
+}
+
 enum class local_status : std::uint8_t { posted, moving, done, failed };
 enum class local_failure : std::uint8_t { none, mismatch, aborted, timeout };
 
@@ -210,6 +220,8 @@ struct local_world {
   std::map<std::uint64_t, local_coll_slot> slots;
   std::vector<std::uint64_t> collectives_issued;
   std::unique_ptr<local_rank_state[]> ranks;
+  std::string aborted;                               // why the world was aborted; empty: it was not
+  std::vector<std::weak_ptr<local_world>> children;  // the worlds split from this one
 
   // Device resources (streams, created on the first device operation by detail/cuda/local.cuh).
   std::once_flag device_once;
@@ -266,6 +278,17 @@ inline std::string describe(const local_op& op) {
       return who + "recv #" + std::to_string(op.index + 1) + " from rank " + std::to_string(op.peer) + " (" +
              std::to_string(op.numel) + " " + op.element + " elements)";
     default: return who + describe_call(op) + " (collective #" + std::to_string(op.index + 1) + ")";
+  }
+}
+
+/// What an exception says (its what(), when it is a std::exception).
+inline std::string what_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
   }
 }
 
@@ -364,6 +387,44 @@ inline bool test_op(local_world& w, local_op& op) {
   return true;
 }
 
+// --- aborting -----------------------------------------------------------------------------------------------------
+
+inline std::string abort_text(const local_world& w, const local_op& op) {
+  return "comm::local: " + describe(op) + " in " + world_text(w) + " cannot complete: " + w.aborted;
+}
+
+/// Under the lock: fails op (posted into an aborted world) at once; false when the world was not aborted.
+inline bool refuse_if_aborted(local_world& w, local_op& op) {
+  if (w.aborted.empty()) return false;
+  fail(op, local_failure::aborted, abort_text(w, op));
+  return true;
+}
+
+/// Aborts w and every world split from it (once; a second abort keeps the first reason): each operation posted and
+/// not yet moving fails with comm::aborted_error naming `why`, and so does each one posted later.
+inline void abort_world(local_world& w, const std::string& why) {
+  std::vector<std::shared_ptr<local_world>> children;
+  {
+    std::lock_guard lock(w.mutex);
+    if (!w.aborted.empty()) return;
+    w.aborted = why;
+    const auto stop = [&](local_op& op) {
+      if (op.status == local_status::posted) fail(op, local_failure::aborted, abort_text(w, op));
+    };
+    for (auto& c : w.channels) {
+      for (auto& e : c.sends) stop(*e.op);
+      for (auto& e : c.recvs) stop(*e.op);
+    }
+    for (auto& [index, slot] : w.slots)
+      for (auto& e : slot.entries)
+        if (e.op) stop(*e.op);
+    for (const auto& c : w.children)
+      if (auto child = c.lock()) children.push_back(std::move(child));
+  }
+  w.cv.notify_all();
+  for (const auto& child : children) abort_world(*child, why);
+}
+
 // --- matching -----------------------------------------------------------------------------------------------------
 
 /// Posts a send (from op.rank to op.peer) or a recv (at op.rank from op.peer); moves the data when the partner
@@ -375,6 +436,7 @@ inline void post_p2p(local_world& w, local_p2p_entry e) {
   std::unique_lock lock(w.mutex);
   local_p2p_channel& c = w.channels[std::size_t(src) * std::size_t(w.n) + std::size_t(dst)];
   op.index = is_send ? c.sends_posted++ : c.recvs_posted++;
+  if (refuse_if_aborted(w, op)) return;
   std::deque<local_p2p_entry>& partners = is_send ? c.recvs : c.sends;
   if (partners.empty()) {
     (is_send ? c.sends : c.recvs).push_back(std::move(e));
@@ -463,6 +525,7 @@ inline void run_split(const std::shared_ptr<local_world>& w, std::vector<local_c
                                              w->name + "/split(color " + std::to_string(color) + ")", opts);
     sub->parent = w;
     sub->parent_ranks = members;
+    w->children.push_back(sub);
     for (std::size_t i = 0; i < members.size(); ++i) {
       local_op& op = *es[std::size_t(members[i])].op;
       op.split_world = sub;
@@ -477,6 +540,7 @@ inline void post_collective(const std::shared_ptr<local_world>& wp, local_coll_e
   local_op& op = *e.op;
   std::unique_lock lock(w.mutex);
   op.index = w.collectives_issued[std::size_t(op.rank)]++;
+  if (refuse_if_aborted(w, op)) return;
   local_coll_slot& slot = w.slots[op.index];
   if (slot.entries.empty()) slot.entries.resize(std::size_t(w.n));
   slot.entries[std::size_t(op.rank)] = std::move(e);
@@ -522,95 +586,6 @@ inline void post_collective(const std::shared_ptr<local_world>& wp, local_coll_e
     }
   }
   w.cv.notify_all();
-}
-
-// --- host data movement ---------------------------------------------------------------------------------------------
-
-/// Copies src into dst element by element in row-major order (same element count, any shapes and strides).
-template <class T>
-void copy_elements(view<const T, host_space> src, view<T, host_space> dst) {
-  if (src.is_contiguous() && dst.is_contiguous()) {
-    std::copy(src.data(), src.data() + src.numel(), dst.data());
-    return;
-  }
-  std::vector<T> tmp;
-  tmp.reserve(std::size_t(src.numel()));
-  for_each_element(src, [&](const T& x) { tmp.push_back(x); });
-  std::size_t i = 0;
-  for_each_element(dst, [&](T& x) { x = tmp[i++]; });
-}
-
-template <class A>
-SUBSPACE_HD inline A local_combine(A acc, A x, reduce_op op) {
-  return op == reduce_op::max ? (x > acc ? x : acc) : acc + x;
-}
-
-template <class T>
-std::shared_ptr<void> host_move(local_world&, const local_p2p_entry& send, const local_p2p_entry& recv) {
-  copy_elements(as_view<const T, host_space>(send.buf), as_view<T, host_space>(recv.buf));
-  return nullptr;
-}
-
-/// Runs one collective over host buffers, on the calling thread (the last rank to call it). Results go through
-/// scratch memory first, so buffers that alias (in place, or an input inside an output) are safe.
-template <class T>
-std::shared_ptr<void> host_collective(local_world& w, const std::vector<local_coll_entry>& es) {
-  const int n = w.n;
-  const local_op& op = *es[0].op;
-  std::vector<T> inputs;  // the ranks' inputs, rank-major
-  const auto gather_inputs = [&](bool from_out) {
-    for (const auto& e : es)
-      for_each_element(as_view<const T, host_space>(from_out ? e.out : e.in), [&](const T& x) { inputs.push_back(x); });
-  };
-  if (op.kind == local_kind::broadcast) {
-    const auto& root = es[std::size_t(op.peer)];
-    const auto src = as_view<const T, host_space>(root.out);
-    std::vector<T> data;
-    for_each_element(src, [&](const T& x) { data.push_back(x); });
-    for (int r = 0; r < n; ++r) {
-      if (r == op.peer) continue;
-      std::size_t i = 0;
-      for_each_element(as_view<T, host_space>(es[std::size_t(r)].out), [&](T& x) { x = data[i++]; });
-    }
-    return nullptr;
-  }
-  if (op.kind == local_kind::all_gather) {
-    gather_inputs(false);
-    for (const auto& e : es) {
-      std::size_t i = 0;
-      for_each_element(as_view<T, host_space>(e.out), [&](T& x) { x = inputs[i++]; });
-    }
-    return nullptr;
-  }
-  if constexpr (local_reducible_v<T>) {
-    using A = local_accum_t<T>;
-    const bool all_reduce = op.kind == local_kind::all_reduce;
-    gather_inputs(all_reduce);
-    const std::size_t total = inputs.size() / std::size_t(n);  // elements per rank's input
-    std::vector<A> acc(total);
-    for (std::size_t i = 0; i < total; ++i) acc[i] = A(inputs[i]);
-    for (int r = 1; r < n; ++r)
-      for (std::size_t i = 0; i < total; ++i)
-        acc[i] = local_combine(acc[i], A(inputs[std::size_t(r) * total + i]), op.rop);
-    if (op.rop == reduce_op::avg)
-      for (auto& a : acc) a = a / A(n);
-    if (all_reduce) {
-      for (const auto& e : es) {
-        std::size_t i = 0;
-        for_each_element(as_view<T, host_space>(e.out), [&](T& x) { x = T(acc[i++]); });
-      }
-    } else {  // reduce_scatter: rank r receives block r
-      const std::size_t block = total / std::size_t(n);
-      for (int r = 0; r < n; ++r) {
-        std::size_t i = std::size_t(r) * block;
-        for_each_element(as_view<T, host_space>(es[std::size_t(r)].out), [&](T& x) { x = T(acc[i++]); });
-      }
-    }
-    return nullptr;
-  } else {
-    throw invalid_argument(std::string("comm::local: ") + to_string(op.kind) + " cannot reduce " + op.element +
-                           " elements");
-  }
 }
 
 }  // namespace detail
