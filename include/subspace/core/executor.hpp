@@ -28,9 +28,17 @@ inline constexpr bool is_memory_space_v = std::is_same_v<S, host_space> || std::
 
 namespace exec {
 
-/// Runs on the calling thread. `threads` bounds the worker threads a kernel may use (0: all hardware threads).
+/// The vector instructions host kernels may use.
+enum class host_simd {
+  native,    ///< the widest the CPU reports at run time (x86-64 with GCC or Clang: AVX-512, else AVX2 with FMA)
+  portable,  ///< only the portable code, vectorised for the build's target: the reference the others are tested against
+};
+
+/// Runs on the calling thread. `threads` bounds the worker threads a kernel may use (0: all hardware threads);
+/// `simd` the vector instructions it may use (results differ between the two in rounding only).
 struct host {
   int threads = 0;
+  host_simd simd = host_simd::native;
 
   int concurrency() const {
     if (threads > 0) return threads;

@@ -38,6 +38,9 @@
 #include "../core/executor.hpp"
 #include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
+#include "../core/vector_math.hpp"
+#include "elementwise.hpp"
+#include "gemm.hpp"
 
 namespace subspace {
 
@@ -124,6 +127,61 @@ SUBSPACE_HD void merge_row(const O* o_part, std::int64_t sp, A l_part, A* o_acc,
   l_acc = l;
 }
 
+/// Query rows are processed in blocks of this many: a block's scores are one gemm over the keys its last row sees
+/// (the causal triangle costs at most a block's worth of masked scores per row).
+inline constexpr std::int64_t rows_per_block = 64;
+
+/// Query rows [i0, i0 + rows) and the keys [0, keys) the last of them sees.
+struct row_block {
+  std::int64_t rows = 0, keys = 0;
+};
+inline row_block block_of(const dims& d, const attention_params& p, std::int64_t i0) {
+  const std::int64_t rows = std::min(rows_per_block, d.seq - i0);
+  return {rows, visible_keys(d, p, i0 + rows - 1)};
+}
+
+/// Rows [s0, s0 + n) of head h of batch entry b of a [B, S, H, hd] view, as an [n, hd] matrix (the view's strides).
+template <class T>
+view<T, host_space> rows(const view<T, host_space>& x, std::int64_t b, std::int64_t h, std::int64_t s0,
+                         std::int64_t n) {
+  return view<T, host_space>(x.data() + b * x.stride(0) + s0 * x.stride(1) + h * x.stride(2), shape{n, x.dim(3)},
+                             {x.stride(1), x.stride(3)});
+}
+
+/// One task's scratch: a block's scores (or probabilities) and their gradients, rows_per_block x seq_kv, and an
+/// output block rows_per_block x hd, all in A.
+template <class A>
+struct block_buffers {
+  host_tensor<A> s, ds, o;
+  block_buffers(std::int64_t hd, std::int64_t seq_kv)
+      : s({rows_per_block, std::max<std::int64_t>(seq_kv, 1)}),
+        ds({rows_per_block, std::max<std::int64_t>(seq_kv, 1)}),
+        o({rows_per_block, hd}) {}
+  view<A, host_space> scores(const row_block& r) { return part(s, r.rows, r.keys); }
+  view<A, host_space> score_grads(const row_block& r) { return part(ds, r.rows, r.keys); }
+  view<A, host_space> out(const row_block& r) { return o.v().slice(0, r.rows); }
+
+ private:
+  static view<A, host_space> part(host_tensor<A>& t, std::int64_t rows, std::int64_t cols) {
+    return view<A, host_space>(t.data(), shape{rows, cols}, {t.dim(1), 1});
+  }
+};
+
+/// Softmax in place over the first n of a row's `keys` scores (the rest, masked, become 0); returns the row's
+/// log-sum-exp (n > 0).
+template <class A>
+A softmax_row(A* s, std::int64_t n, std::int64_t keys) {
+  A m = -std::numeric_limits<A>::infinity();
+  for (std::int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  for (std::int64_t j = 0; j < n; ++j) s[j] = vector_exp(s[j] - m);  // a loop of its own: it vectorises
+  A sum = 0;
+  for (std::int64_t j = 0; j < n; ++j) sum += s[j];
+  const A inv = A(1) / sum;
+  for (std::int64_t j = 0; j < n; ++j) s[j] *= inv;
+  for (std::int64_t j = n; j < keys; ++j) s[j] = A(0);
+  return m + std::log(sum);
+}
+
 template <class A, class X, class Y>
 A dot(const X* x, std::int64_t sx, const Y* y, std::int64_t sy, std::int64_t n) {
   A s = 0;
@@ -144,36 +202,31 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q, view<const s
   namespace at = detail::attention;
   const at::dims d = at::check("attention_forward", q, k, v, lse, p);
   at::require_shape(out, q.shape(), "attention_forward", "out");
-  const std::int64_t hd = d.head_dim, sd = q.stride(3), kd = k.stride(3), vd = v.stride(3), od = out.stride(3);
+  const std::int64_t hd = d.head_dim;
   const double flops = 4.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
 
   at::for_each_task(ex, d.batch * d.heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.heads, h = task % d.heads, hk = h / d.group();
-    std::vector<A> score(static_cast<std::size_t>(d.seq_kv)), acc(static_cast<std::size_t>(hd));
-    for (std::int64_t i = 0; i < d.seq; ++i) {
-      const T* qi = at::row(q, b, i, h);
-      T* oi = at::row(out, b, i, h);
-      const std::int64_t n = at::visible_keys(d, p, i);
-      if (n == 0) {  // sees no key
-        for (std::int64_t e = 0; e < hd; ++e) oi[e * od] = T(0.0f);
-        lse(b, h, i) = -std::numeric_limits<A>::infinity();
-        continue;
+    const exec::host one{1, ex.simd};  // this task's thread
+    at::block_buffers<A> buf(hd, d.seq_kv);
+    for (std::int64_t i0 = 0; i0 < d.seq; i0 += at::rows_per_block) {
+      const at::row_block r = at::block_of(d, p, i0);
+      if (r.keys > 0) {
+        const auto s = buf.scores(r);
+        gemm(one, op::none, op::transpose, p.scale, at::rows(q, b, h, i0, r.rows), at::rows(k, b, hk, 0, r.keys), 0.0f,
+             s);
+        for (std::int64_t i = 0; i < r.rows; ++i)
+          lse(b, h, i0 + i) = at::softmax_row(&s(i, 0), at::visible_keys(d, p, i0 + i), r.keys);
+        const auto o = buf.out(r);
+        gemm(one, op::none, op::none, 1.0f, view<const A, host_space>(s), at::rows(v, b, hk, 0, r.keys), 0.0f, o);
+        copy(one, view<const A, host_space>(o), at::rows(out, b, h, i0, r.rows));
       }
-      A m = -std::numeric_limits<A>::infinity();
-      for (std::int64_t j = 0; j < n; ++j) {
-        score[std::size_t(j)] = A(p.scale) * at::dot<A>(qi, sd, at::row(k, b, j, hk), kd, hd);
-        m = std::max(m, score[std::size_t(j)]);
+      for (std::int64_t i = 0; i < r.rows; ++i) {
+        if (at::visible_keys(d, p, i0 + i) > 0) continue;  // a row that sees no key
+        T* oi = at::row(out, b, i0 + i, h);
+        for (std::int64_t e = 0; e < hd; ++e) oi[e * out.stride(3)] = T(0.0f);
+        lse(b, h, i0 + i) = -std::numeric_limits<A>::infinity();
       }
-      A sum = 0;
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (std::int64_t j = 0; j < n; ++j) {
-        const A w = std::exp(score[std::size_t(j)] - m);
-        sum += w;
-        const T* vj = at::row(v, b, j, hk);
-        for (std::int64_t e = 0; e < hd; ++e) acc[std::size_t(e)] += w * A(vj[e * vd]);
-      }
-      for (std::int64_t e = 0; e < hd; ++e) oi[e * od] = convert<T>(acc[std::size_t(e)] / sum);
-      lse(b, h, i) = m + std::log(sum);
     }
   });
 }
@@ -191,55 +244,65 @@ void attention_backward(const exec::host& ex, view<Q, host_space> q, view<const 
   using T = std::remove_const_t<Q>;
   using A = accum_t<T>;
   namespace at = detail::attention;
-  const char* op = "attention_backward";
-  const at::dims d = at::check(op, q, k, v, lse, p);
-  at::require_shape(out, q.shape(), op, "out");
-  at::require_shape(dout, q.shape(), op, "dout");
-  at::require_shape(dq, q.shape(), op, "dq");
-  at::require_shape(dk, k.shape(), op, "dk");
-  at::require_shape(dv, k.shape(), op, "dv");
+  const char* op_name = "attention_backward";
+  const at::dims d = at::check(op_name, q, k, v, lse, p);
+  at::require_shape(out, q.shape(), op_name, "out");
+  at::require_shape(dout, q.shape(), op_name, "dout");
+  at::require_shape(dq, q.shape(), op_name, "dq");
+  at::require_shape(dk, k.shape(), op_name, "dk");
+  at::require_shape(dv, k.shape(), op_name, "dv");
   const std::int64_t hd = d.head_dim, G = d.group();
   const double flops = 10.0 * double(d.batch * d.heads) * double(d.seq) * double(d.seq_kv) * double(hd);
 
   // One task per (batch, KV head): it owns dk and dv of that head and dq of the query heads that share it.
   at::for_each_task(ex, d.batch * d.kv_heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.kv_heads, hk = task % d.kv_heads;
-    std::vector<A> dk_acc(std::size_t(d.seq_kv * hd), A(0)), dv_acc(std::size_t(d.seq_kv * hd), A(0));
-    std::vector<A> dq_acc(static_cast<std::size_t>(hd));
+    const exec::host one{1, ex.simd};
+    at::block_buffers<A> buf(hd, d.seq_kv);
+    host_tensor<A> dk_acc({d.seq_kv, hd}), dv_acc({d.seq_kv, hd});
+    fill(one, dk_acc.v(), A(0));
+    fill(one, dv_acc.v(), A(0));
     for (std::int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-      for (std::int64_t i = 0; i < d.seq; ++i) {
-        const T* qi = at::row(q, b, i, h);
-        const T* doi = at::row(dout, b, i, h);
-        T* dqi = at::row(dq, b, i, h);
-        const A l = lse(b, h, i);
-        const std::int64_t n = at::visible_keys(d, p, i);
-        std::fill(dq_acc.begin(), dq_acc.end(), A(0));
-        if (n > 0 && l != -std::numeric_limits<A>::infinity()) {
-          const A D = at::dot<A>(doi, dout.stride(3), at::row(out, b, i, h), out.stride(3), hd);
-          for (std::int64_t j = 0; j < n; ++j) {
-            const T* kj = at::row(k, b, j, hk);
-            const T* vj = at::row(v, b, j, hk);
-            const A pij = std::exp(A(p.scale) * at::dot<A>(qi, q.stride(3), kj, k.stride(3), hd) - l);
-            const A dp = at::dot<A>(doi, dout.stride(3), vj, v.stride(3), hd);
-            const A ds = pij * (dp - D);  // d loss / d s_ij
-            A* dkj = dk_acc.data() + j * hd;
-            A* dvj = dv_acc.data() + j * hd;
-            for (std::int64_t e = 0; e < hd; ++e) {
-              dq_acc[std::size_t(e)] += ds * A(kj[e * k.stride(3)]);
-              dkj[e] += ds * A(qi[e * q.stride(3)]);
-              dvj[e] += pij * A(doi[e * dout.stride(3)]);
-            }
-          }
+      for (std::int64_t i0 = 0; i0 < d.seq; i0 += at::rows_per_block) {
+        const at::row_block r = at::block_of(d, p, i0);
+        const auto qr = at::rows(q, b, h, i0, r.rows);
+        const auto dor = at::rows(dout, b, h, i0, r.rows);
+        const auto dqr = at::rows(dq, b, h, i0, r.rows);
+        if (r.keys == 0) {
+          fill(one, dqr, T(0.0f));
+          continue;
         }
-        for (std::int64_t e = 0; e < hd; ++e) dqi[e * dq.stride(3)] = convert<T>(A(p.scale) * dq_acc[std::size_t(e)]);
+        const auto kr = at::rows(k, b, hk, 0, r.keys);
+        const auto s = buf.scores(r), dp = buf.score_grads(r);
+        // p_ij from the lse (0 where masked, and on a row whose lse is -inf), then ds_ij = p_ij (dp_ij - D_i).
+        gemm(one, op::none, op::transpose, p.scale, qr, kr, 0.0f, s);
+        gemm(one, op::none, op::transpose, 1.0f, dor, at::rows(v, b, hk, 0, r.keys), 0.0f, dp);
+        for (std::int64_t i = 0; i < r.rows; ++i) {
+          const std::int64_t n = at::visible_keys(d, p, i0 + i);
+          const A l = lse(b, h, i0 + i);
+          const bool sees = n > 0 && l != -std::numeric_limits<A>::infinity();
+          const A D = sees ? at::dot<A>(at::row(dout, b, i0 + i, h), dout.stride(3), at::row(out, b, i0 + i, h),
+                                        out.stride(3), hd)
+                           : A(0);
+          A* si = &s(i, 0);
+          A* dpi = &dp(i, 0);
+          const std::int64_t live = sees ? n : 0;
+          for (std::int64_t j = 0; j < live; ++j) si[j] = vector_exp(si[j] - l);
+          for (std::int64_t j = live; j < r.keys; ++j) si[j] = A(0);
+          for (std::int64_t j = 0; j < r.keys; ++j) dpi[j] = si[j] * (dpi[j] - D);
+        }
+        const view<const A, host_space> pc(s), dsc(dp);
+        gemm(one, op::none, op::none, p.scale, dsc, kr, 0.0f, dqr);
+        gemm(one, op::transpose, op::none, 1.0f, dsc, qr, 1.0f, dk_acc.v().slice(0, r.keys));
+        gemm(one, op::transpose, op::none, 1.0f, pc, dor, 1.0f, dv_acc.v().slice(0, r.keys));
       }
     }
     for (std::int64_t j = 0; j < d.seq_kv; ++j) {
       T* dkj = at::row(dk, b, j, hk);
       T* dvj = at::row(dv, b, j, hk);
       for (std::int64_t e = 0; e < hd; ++e) {
-        dkj[e * dk.stride(3)] = convert<T>(A(p.scale) * dk_acc[std::size_t(j * hd + e)]);
-        dvj[e * dv.stride(3)] = convert<T>(dv_acc[std::size_t(j * hd + e)]);
+        dkj[e * dk.stride(3)] = convert<T>(A(p.scale) * dk_acc(j, e));
+        dvj[e * dv.stride(3)] = convert<T>(dv_acc(j, e));
       }
     }
   });

@@ -14,7 +14,8 @@
 // there, converting to the accumulator type), runs a register-blocked micro-kernel written so that the compiler
 // vectorises it at plain -O2 (no intrinsics), and spreads blocks of C over at most ex.concurrency() threads
 // (core/parallel.hpp). Every block of C is computed the same way whichever thread runs it, so results do not depend
-// on the thread count.
+// on the thread count. In fp32 on x86-64, the micro-kernel is AVX-512's or AVX2's when the CPU has them
+// (detail/gemm_x86.hpp; exec::host::simd = portable keeps the portable one): the same loop around a wider tile.
 // The CUDA implementation (cuBLASLt) lives in detail/cuda/gemm.cuh and comes along under nvcc.
 
 #include <algorithm>
@@ -29,6 +30,7 @@
 #include "../core/executor.hpp"
 #include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
+#include "detail/gemm_x86.hpp"
 
 namespace subspace {
 
@@ -138,10 +140,10 @@ inline void micro_row(Acc (&acc)[NR], Acc a, const Acc* b) {
   for (int j = 0; j < NR; ++j) acc[j] += a * b[j];
 }
 
-/// c[mr x nr] (leading dimension ldc) += a_panel (kc x mr, packed) * b_panel (kc x nr, packed).
+/// c[mr x nr] (leading dimension ldc) = (add ? c : 0) + a_panel (kc x mr, packed) * b_panel (kc x nr, packed).
 /// The rows are unrolled with an index_sequence rather than a compiler-specific pragma.
 template <class Acc, int MR, int NR>
-inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc) {
+inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc, bool add) {
   Acc acc[MR][NR] = {};
   for (int p = 0; p < kc; ++p) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
@@ -149,7 +151,7 @@ inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc) {
     }(std::make_index_sequence<std::size_t(MR)>{});
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = add ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
 /// Packs rows [i0, i0 + rows) and columns [p0, p0 + depth) of the matrix x(i, p) = data[i * row + p * col] into
@@ -170,27 +172,39 @@ void pack(const T* data, std::int64_t row, std::int64_t col, std::int64_t i0, in
   }
 }
 
-/// Per-thread buffers: packed panels of A and B and the mc x nc accumulator block of C.
+/// The portable tile: blocking<Acc> and micro_kernel, for the blocked loop below (detail/gemm_x86.hpp has the
+/// vectorised ones).
 template <class Acc>
+struct portable_tile {
+  using acc = Acc;
+  static constexpr int mr = blocking<Acc>::mr, nr = blocking<Acc>::nr, mc = blocking<Acc>::mc, nc = blocking<Acc>::nc,
+                       kc = blocking<Acc>::kc;
+  static void micro(int kc_, const Acc* a, const Acc* b, Acc* c, int ldc, bool add) {
+    micro_kernel<Acc, mr, nr>(kc_, a, b, c, ldc, add);
+  }
+};
+
+/// Per-thread buffers: packed panels of A and B and the mc x nc accumulator block of C.
+template <class Tile>
 struct workspace {
-  using blk = blocking<Acc>;
-  std::unique_ptr<Acc[]> a{new Acc[std::size_t(blk::mc) * blk::kc]};
-  std::unique_ptr<Acc[]> b{new Acc[std::size_t(blk::kc) * blk::nc]};
-  std::unique_ptr<Acc[]> c{new Acc[std::size_t(blk::mc) * blk::nc]};
+  using Acc = typename Tile::acc;
+  std::unique_ptr<Acc[]> a{new Acc[std::size_t(Tile::mc) * Tile::kc]};
+  std::unique_ptr<Acc[]> b{new Acc[std::size_t(Tile::kc) * Tile::nc]};
+  std::unique_ptr<Acc[]> c{new Acc[std::size_t(Tile::mc) * Tile::nc]};
 };
 
 /// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi`: the whole k loop, then the epilogue.
-template <class Acc, class TA, class TB, class TC>
+template <class Tile, class Acc, class TA, class TB, class TC>
 void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, std::int64_t bi,
-           std::int64_t i0, std::int64_t j0, workspace<Acc>& ws) {
-  using blk = blocking<Acc>;
+           std::int64_t i0, std::int64_t j0, workspace<Tile>& ws) {
+  using blk = Tile;
   const int mb = int(std::min<std::int64_t>(blk::mc, pr.m - i0));
   const int nb = int(std::min<std::int64_t>(blk::nc, pr.n - j0));
   const TA* a = A + bi * pr.a.batch;
   const TB* b = B + bi * pr.b.batch;
   TC* c = C + bi * pr.c.batch;
   Acc* acc = ws.c.get();  // ld = nc; padded micro-tiles stay inside
-  std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
+  if (alpha == Acc(0) || pr.k == 0) std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
 
   if (alpha != Acc(0)) {
     for (std::int64_t p0 = 0; p0 < pr.k; p0 += blk::kc) {
@@ -199,8 +213,8 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
       pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0, nb, p0, kb, ws.b.get());  // op_b(B)^T: columns as rows
       for (int jr = 0; jr < nb; jr += blk::nr)
         for (int ir = 0; ir < mb; ir += blk::mr)
-          micro_kernel<Acc, blk::mr, blk::nr>(kb, ws.a.get() + std::size_t(ir) * kb, ws.b.get() + std::size_t(jr) * kb,
-                                              acc + std::size_t(ir) * blk::nc + jr, blk::nc);
+          Tile::micro(kb, ws.a.get() + std::size_t(ir) * kb, ws.b.get() + std::size_t(jr) * kb,
+                      acc + std::size_t(ir) * blk::nc + jr, blk::nc, p0 > 0);  // the first k panel writes
     }
   }
 
@@ -218,19 +232,27 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
 
 /// Runs the problem's blocks of C on the threads of `ex` worth starting for its size (parallel_for: each thread
 /// takes a contiguous range of blocks, with its own workspace).
-template <class Acc, class TA, class TB, class TC>
-void run(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, const exec::host& ex) {
-  using blk = blocking<Acc>;
+template <class Tile, class Acc, class TA, class TB, class TC>
+void run_tiled(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, const exec::host& ex) {
+  using blk = Tile;
   const std::int64_t mblocks = (pr.m + blk::mc - 1) / blk::mc, nblocks = (pr.n + blk::nc - 1) / blk::nc;
   const std::int64_t tasks = pr.batch * mblocks * nblocks;
   const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
   parallel_for(for_flops(ex, flops), tasks, [&](std::int64_t first, std::int64_t last) {
-    workspace<Acc> w;
+    workspace<Tile> w;
     for (std::int64_t t = first; t < last; ++t) {
       const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
-      block(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
+      block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
     }
   });
+}
+
+/// The widest tile `ex` and the CPU allow, else the portable one.
+template <class Acc, class TA, class TB, class TC>
+void run(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, const exec::host& ex) {
+  const bool vectorised =
+      run_vectorised<Acc>(ex, [&]<class Tile>(Tile) { run_tiled<Tile>(pr, A, B, C, alpha, beta, ex); });
+  if (!vectorised) run_tiled<portable_tile<Acc>>(pr, A, B, C, alpha, beta, ex);
 }
 
 }  // namespace detail::gemm_host

@@ -19,6 +19,7 @@
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
+#include "../core/vector_math.hpp"
 #include "detail/layer_checks.hpp"
 
 namespace subspace {
@@ -29,7 +30,7 @@ SUBSPACE_HD inline float exp_of(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  return std::exp(x);
+  return vector_exp(x);  // the host loops below vectorise with it
 #endif
 }
 SUBSPACE_HD inline double exp_of(double x) {

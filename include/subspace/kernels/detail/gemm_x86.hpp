@@ -1,0 +1,157 @@
+#pragma once
+// The host gemm's fp32 micro-kernels for x86-64 vector units, chosen at run time: AVX-512 (a 12 x 32 register
+// tile: 24 of the 32 zmm registers accumulate) or AVX2 with FMA (6 x 16: 12 of the 16 ymm registers), compiled for
+// those instruction sets with function attributes whatever the build's -march, and used when the CPU has them and
+// the executor allows it (exec::host::vectors). kernels/gemm.hpp packs the panels and runs the blocks; the portable
+// micro-kernel there is the reference these are tested against. GCC and Clang on x86-64 only; elsewhere nothing here
+// is compiled and the portable kernel runs.
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "../../core/executor.hpp"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define SUBSPACE_DETAIL_GEMM_X86 1  // undefined at the end of this header
+#include <immintrin.h>
+#endif
+
+namespace subspace::detail::gemm_host {
+
+/// The instruction sets the x86 kernels need, as the CPU reports them (cached after the first call).
+struct x86_features {
+  bool avx2_fma = false, avx512 = false;
+};
+
+inline x86_features cpu_features() {
+#if defined(SUBSPACE_DETAIL_GEMM_X86)
+  static const x86_features f = [] {
+    __builtin_cpu_init();
+    x86_features r;
+    r.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    r.avx512 = __builtin_cpu_supports("avx512f");
+    return r;
+  }();
+  return f;
+#else
+  return {};
+#endif
+}
+
+#if defined(SUBSPACE_DETAIL_GEMM_X86)
+
+/// acc[i] += a[i] * (b0, b1) for every row i of the tile; the fold unrolls the rows (no lambda: it would not
+/// inherit the target).
+template <std::size_t... I>
+[[gnu::target("avx512f"), gnu::always_inline]] inline void rank1_avx512(__m512 (&acc)[sizeof...(I)][2], const float* a,
+                                                                        const __m512& b0, const __m512& b1,
+                                                                        std::index_sequence<I...>) {
+  ((acc[I][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[I]), b0, acc[I][0]),
+    acc[I][1] = _mm512_fmadd_ps(_mm512_set1_ps(a[I]), b1, acc[I][1])),
+   ...);
+}
+
+/// row[0, 32) = (add ? row : 0) + (x0, x1).
+[[gnu::target("avx512f"), gnu::always_inline]] inline void store_row_avx512(float* row, const __m512& x0,
+                                                                            const __m512& x1, bool add) {
+  _mm512_storeu_ps(row, add ? _mm512_add_ps(_mm512_loadu_ps(row), x0) : x0);
+  _mm512_storeu_ps(row + 16, add ? _mm512_add_ps(_mm512_loadu_ps(row + 16), x1) : x1);
+}
+
+/// Every row of the tile through store_row_avx512 (unrolled like the rank-1 updates).
+template <std::size_t... I>
+[[gnu::target("avx512f"), gnu::always_inline]] inline void store_avx512(const __m512 (&acc)[sizeof...(I)][2], float* c,
+                                                                        int ldc, bool add, std::index_sequence<I...>) {
+  (store_row_avx512(c + std::int64_t(I) * ldc, acc[I][0], acc[I][1], add), ...);
+}
+
+/// c[12 x 32] (leading dimension ldc) = (add ? c : 0) + a (kc x 12, packed) * b (kc x 32, packed), in AVX-512.
+[[gnu::target("avx512f")]] inline void micro_kernel_avx512(int kc, const float* a, const float* b, float* c, int ldc,
+                                                           bool add) {
+  constexpr int mr = 12;
+  __m512 acc[mr][2];
+  for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
+  for (int p = 0; p < kc; ++p, a += mr, b += 32) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    rank1_avx512(acc, a, b0, b1, std::make_index_sequence<mr>{});
+  }
+  store_avx512(acc, c, ldc, add, std::make_index_sequence<mr>{});
+}
+
+template <std::size_t... I>
+[[gnu::target("avx2,fma"), gnu::always_inline]] inline void rank1_avx2(__m256 (&acc)[sizeof...(I)][2], const float* a,
+                                                                       const __m256& b0, const __m256& b1,
+                                                                       std::index_sequence<I...>) {
+  ((acc[I][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + I), b0, acc[I][0]),
+    acc[I][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + I), b1, acc[I][1])),
+   ...);
+}
+
+[[gnu::target("avx2,fma"), gnu::always_inline]] inline void store_row_avx2(float* row, const __m256& x0,
+                                                                           const __m256& x1, bool add) {
+  _mm256_storeu_ps(row, add ? _mm256_add_ps(_mm256_loadu_ps(row), x0) : x0);
+  _mm256_storeu_ps(row + 8, add ? _mm256_add_ps(_mm256_loadu_ps(row + 8), x1) : x1);
+}
+
+template <std::size_t... I>
+[[gnu::target("avx2,fma"), gnu::always_inline]] inline void store_avx2(const __m256 (&acc)[sizeof...(I)][2], float* c,
+                                                                       int ldc, bool add, std::index_sequence<I...>) {
+  (store_row_avx2(c + std::int64_t(I) * ldc, acc[I][0], acc[I][1], add), ...);
+}
+
+/// c[6 x 16] (leading dimension ldc) = (add ? c : 0) + a (kc x 6, packed) * b (kc x 16, packed), in AVX2 with FMA.
+[[gnu::target("avx2,fma")]] inline void micro_kernel_avx2(int kc, const float* a, const float* b, float* c, int ldc,
+                                                          bool add) {
+  constexpr int mr = 6;
+  __m256 acc[mr][2];
+  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  for (int p = 0; p < kc; ++p, a += mr, b += 16) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    rank1_avx2(acc, a, b0, b1, std::make_index_sequence<mr>{});
+  }
+  store_avx2(acc, c, ldc, add, std::make_index_sequence<mr>{});
+}
+
+/// The tiles of kernels/gemm.hpp's blocked loop for the kernels above (mc a multiple of mr, nc of nr).
+struct avx512_tile {
+  using acc = float;
+  static constexpr int mr = 12, nr = 32, mc = 144, nc = 256, kc = 256;
+  static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
+    micro_kernel_avx512(kc_, a, b, c, ldc, add);
+  }
+};
+struct avx2_tile {
+  using acc = float;
+  static constexpr int mr = 6, nr = 16, mc = 144, nc = 256, kc = 256;
+  static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
+    micro_kernel_avx2(kc_, a, b, c, ldc, add);
+  }
+};
+
+#endif
+
+/// Calls run(tile) with the widest tile the CPU and `ex` allow and returns true; false when only the portable
+/// kernel may run (another CPU, another compiler, fp64, or exec::host::simd == portable).
+template <class Acc, class Run>
+bool run_vectorised([[maybe_unused]] const exec::host& ex, [[maybe_unused]] Run&& run) {
+#if defined(SUBSPACE_DETAIL_GEMM_X86)
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (ex.simd == exec::host_simd::portable) return false;
+    const x86_features f = cpu_features();
+    if (f.avx512) {
+      run(avx512_tile{});
+      return true;
+    }
+    if (f.avx2_fma) {
+      run(avx2_tile{});
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+}  // namespace subspace::detail::gemm_host
+
+#undef SUBSPACE_DETAIL_GEMM_X86
