@@ -160,14 +160,23 @@ inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc, bo
 template <class Acc, int R, class T>
 void pack(const T* data, std::int64_t row, std::int64_t col, std::int64_t i0, int rows, std::int64_t p0, int depth,
           Acc* dst) {
-  for (int q = 0; q < rows; q += R) {
+  for (int q = 0; q < rows; q += R, dst += std::size_t(R) * depth) {
     const int live = std::min(R, rows - q);
     const T* base = data + (i0 + q) * row + p0 * col;
-    for (int p = 0; p < depth; ++p, dst += R) {
+    if (col == 1) {  // each row's depth is contiguous: read it in order (the common layouts of A and of B^T)
+      for (int r = 0; r < live; ++r) {
+        const T* src = base + r * row;
+        for (int p = 0; p < depth; ++p) dst[p * R + r] = convert<Acc>(src[p]);
+      }
+      for (int r = live; r < R; ++r)
+        for (int p = 0; p < depth; ++p) dst[p * R + r] = Acc(0);
+      continue;
+    }
+    for (int p = 0; p < depth; ++p) {
       const T* src = base + p * col;
       int r = 0;
-      for (; r < live; ++r) dst[r] = convert<Acc>(src[r * row]);
-      for (; r < R; ++r) dst[r] = Acc(0);
+      for (; r < live; ++r) dst[p * R + r] = convert<Acc>(src[r * row]);
+      for (; r < R; ++r) dst[p * R + r] = Acc(0);
     }
   }
 }
@@ -184,21 +193,42 @@ struct portable_tile {
   }
 };
 
-/// Per-thread buffers: packed panels of A and B and the mc x nc accumulator block of C.
+/// The k panels of B a thread keeps packed: consecutive blocks of one column block (j0) reuse them, so B is packed
+/// once per column block rather than once per block. Past this many panels only the current one is kept.
+inline constexpr std::int64_t cached_b_panels = 4;
+
+/// Per-thread buffers: packed panels of A and B, the mc x nc accumulator block of C, and which B panels are packed.
 template <class Tile>
 struct workspace {
   using Acc = typename Tile::acc;
+  std::int64_t b_panels = 0;
   std::unique_ptr<Acc[]> a{new Acc[std::size_t(Tile::mc) * Tile::kc]};
-  std::unique_ptr<Acc[]> b{new Acc[std::size_t(Tile::kc) * Tile::nc]};
+  std::unique_ptr<Acc[]> b;
   std::unique_ptr<Acc[]> c{new Acc[std::size_t(Tile::mc) * Tile::nc]};
+  std::int64_t b_batch = -1, b_col = -1;  // the (batch entry, j0) whose panels b holds; -1: none
 };
 
-/// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi`: the whole k loop, then the epilogue.
+/// This thread's workspace, kept between calls (a thread computing many small products, as attention's, allocates
+/// and faults in its buffers once), with room for the B panels of a depth-k product and no B panel marked packed.
+template <class Tile>
+workspace<Tile>& thread_workspace(std::int64_t k) {
+  thread_local workspace<Tile> ws;
+  const std::int64_t panels = std::clamp<std::int64_t>((k + Tile::kc - 1) / Tile::kc, 1, cached_b_panels);
+  if (panels > ws.b_panels) {
+    ws.b.reset(new typename Tile::acc[std::size_t(panels) * Tile::kc * Tile::nc]);
+    ws.b_panels = panels;
+  }
+  ws.b_batch = ws.b_col = -1;  // another call's B
+  return ws;
+}
+
+/// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi` (mb <= mc rows): the whole k loop, then the
+/// epilogue.
 template <class Tile, class Acc, class TA, class TB, class TC>
 void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, std::int64_t bi,
-           std::int64_t i0, std::int64_t j0, workspace<Tile>& ws) {
+           std::int64_t i0, std::int64_t j0, int mc, workspace<Tile>& ws) {
   using blk = Tile;
-  const int mb = int(std::min<std::int64_t>(blk::mc, pr.m - i0));
+  const int mb = int(std::min<std::int64_t>(mc, pr.m - i0));
   const int nb = int(std::min<std::int64_t>(blk::nc, pr.n - j0));
   const TA* a = A + bi * pr.a.batch;
   const TB* b = B + bi * pr.b.batch;
@@ -207,21 +237,47 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
   if (alpha == Acc(0) || pr.k == 0) std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
 
   if (alpha != Acc(0)) {
-    for (std::int64_t p0 = 0; p0 < pr.k; p0 += blk::kc) {
+    const std::int64_t panels = (pr.k + blk::kc - 1) / blk::kc;
+    const bool keep = panels <= ws.b_panels;  // every panel of B fits: reuse them across this column block
+    const bool packed = keep && ws.b_batch == bi && ws.b_col == j0;
+    // Full tiles of fp32 A with rows contiguous along k are read in place where the tile has a kernel for it;
+    // the rest of A (a last partial tile, other types and layouts) is packed.
+    constexpr bool can_read_a = requires { &Tile::micro_direct; } && std::is_same_v<TA, Acc>;
+    const bool direct = can_read_a && pr.a.col == 1;
+    const int packed_from = direct ? mb / blk::mr * blk::mr : 0;  // rows [packed_from, mb) go through ws.a
+    for (std::int64_t p0 = 0, panel = 0; p0 < pr.k; p0 += blk::kc, ++panel) {
       const int kb = int(std::min<std::int64_t>(blk::kc, pr.k - p0));
-      pack<Acc, blk::mr>(a, pr.a.row, pr.a.col, i0, mb, p0, kb, ws.a.get());
-      pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0, nb, p0, kb, ws.b.get());  // op_b(B)^T: columns as rows
+      Acc* bp = ws.b.get() + std::size_t(keep ? panel : 0) * blk::kc * blk::nc;
+      if (packed_from < mb)
+        pack<Acc, blk::mr>(a, pr.a.row, pr.a.col, i0 + packed_from, mb - packed_from, p0, kb, ws.a.get());
+      if (!packed) pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0, nb, p0, kb, bp);  // op_b(B)^T: columns as rows
       for (int jr = 0; jr < nb; jr += blk::nr)
-        for (int ir = 0; ir < mb; ir += blk::mr)
-          Tile::micro(kb, ws.a.get() + std::size_t(ir) * kb, ws.b.get() + std::size_t(jr) * kb,
-                      acc + std::size_t(ir) * blk::nc + jr, blk::nc, p0 > 0);  // the first k panel writes
+        for (int ir = 0; ir < mb; ir += blk::mr) {
+          Acc* ctile = acc + std::size_t(ir) * blk::nc + jr;
+          if constexpr (can_read_a) {
+            if (ir < packed_from) {
+              Tile::micro_direct(kb, a + (i0 + ir) * pr.a.row + p0, pr.a.row, bp + std::size_t(jr) * kb, ctile, blk::nc,
+                                 p0 > 0);
+              continue;
+            }
+          }
+          Tile::micro(kb, ws.a.get() + std::size_t(ir - packed_from) * kb, bp + std::size_t(jr) * kb, ctile, blk::nc,
+                      p0 > 0);  // the first k panel writes
+        }
     }
+    ws.b_batch = keep ? bi : -1;
+    ws.b_col = keep ? j0 : -1;
   }
 
   for (int i = 0; i < mb; ++i) {
     TC* crow = c + (i0 + i) * pr.c.row + j0 * pr.c.col;
     const Acc* arow = acc + std::size_t(i) * blk::nc;
-    if (beta == Acc(0)) {
+    if (pr.c.col == 1) {  // contiguous rows of C: the loops vectorise
+      if (beta == Acc(0))
+        for (int j = 0; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j]);
+      else
+        for (int j = 0; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j] + beta * convert<Acc>(crow[j]));
+    } else if (beta == Acc(0)) {
       for (int j = 0; j < nb; ++j) crow[j * pr.c.col] = convert<TC>(alpha * arow[j]);
     } else {
       for (int j = 0; j < nb; ++j)
@@ -231,18 +287,25 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
 }
 
 /// Runs the problem's blocks of C on the threads of `ex` worth starting for its size (parallel_for: each thread
-/// takes a contiguous range of blocks, with its own workspace).
+/// takes a contiguous range of blocks, the blocks of one column block in a row, with its own workspace). Blocks are
+/// mc rows high, or fewer when that leaves threads without a block (the row blocking does not change any element's
+/// arithmetic, so results still do not depend on the thread count).
 template <class Tile, class Acc, class TA, class TB, class TC>
 void run_tiled(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, const exec::host& ex) {
   using blk = Tile;
-  const std::int64_t mblocks = (pr.m + blk::mc - 1) / blk::mc, nblocks = (pr.n + blk::nc - 1) / blk::nc;
-  const std::int64_t tasks = pr.batch * mblocks * nblocks;
   const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
-  parallel_for(for_flops(ex, flops), tasks, [&](std::int64_t first, std::int64_t last) {
-    workspace<Tile> w;
+  const exec::host workers = for_flops(ex, flops);
+  const std::int64_t nblocks = (pr.n + blk::nc - 1) / blk::nc;
+  int mc = blk::mc;
+  while (mc > blk::mr && pr.batch * ((pr.m + mc - 1) / mc) * nblocks < workers.concurrency())
+    mc = std::max(blk::mr, (mc / 2 + blk::mr - 1) / blk::mr * blk::mr);
+  const std::int64_t mblocks = (pr.m + mc - 1) / mc;
+  const std::int64_t tasks = pr.batch * mblocks * nblocks;
+  parallel_for(workers, tasks, [&](std::int64_t first, std::int64_t last) {
+    workspace<Tile>& w = thread_workspace<Tile>(pr.k);
     for (std::int64_t t = first; t < last; ++t) {
       const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
-      block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * blk::mc, (rest / mblocks) * blk::nc, w);
+      block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * mc, (rest / mblocks) * blk::nc, mc, w);
     }
   });
 }

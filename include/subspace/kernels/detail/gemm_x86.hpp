@@ -52,6 +52,17 @@ template <std::size_t... I>
    ...);
 }
 
+/// The same rank-1 updates reading A where it lies: row i of the tile at a + i * lda (no packed panel).
+template <std::size_t... I>
+[[gnu::target("avx512f"), gnu::always_inline]] inline void rank1_direct_avx512(__m512 (&acc)[sizeof...(I)][2],
+                                                                               const float* a, std::int64_t lda,
+                                                                               const __m512& b0, const __m512& b1,
+                                                                               std::index_sequence<I...>) {
+  ((acc[I][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[std::int64_t(I) * lda]), b0, acc[I][0]),
+    acc[I][1] = _mm512_fmadd_ps(_mm512_set1_ps(a[std::int64_t(I) * lda]), b1, acc[I][1])),
+   ...);
+}
+
 /// row[0, 32) = (add ? row : 0) + (x0, x1).
 [[gnu::target("avx512f"), gnu::always_inline]] inline void store_row_avx512(float* row, const __m512& x0,
                                                                             const __m512& x1, bool add) {
@@ -95,9 +106,32 @@ template <std::size_t... I>
 }
 
 template <std::size_t... I>
+[[gnu::target("avx2,fma"), gnu::always_inline]] inline void rank1_direct_avx2(__m256 (&acc)[sizeof...(I)][2],
+                                                                              const float* a, std::int64_t lda,
+                                                                              const __m256& b0, const __m256& b1,
+                                                                              std::index_sequence<I...>) {
+  ((acc[I][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + std::int64_t(I) * lda), b0, acc[I][0]),
+    acc[I][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + std::int64_t(I) * lda), b1, acc[I][1])),
+   ...);
+}
+
+template <std::size_t... I>
 [[gnu::target("avx2,fma"), gnu::always_inline]] inline void store_avx2(const __m256 (&acc)[sizeof...(I)][2], float* c,
                                                                        int ldc, bool add, std::index_sequence<I...>) {
   (store_row_avx2(c + std::int64_t(I) * ldc, acc[I][0], acc[I][1], add), ...);
+}
+
+/// micro_kernel_avx512 on 12 rows of A read in place (row i at a + i * lda, its k elements contiguous).
+[[gnu::target("avx512f")]] inline void micro_kernel_direct_avx512(int kc, const float* a, std::int64_t lda,
+                                                                  const float* b, float* c, int ldc, bool add) {
+  constexpr int mr = 12;
+  __m512 acc[mr][2];
+  for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
+  for (int p = 0; p < kc; ++p, ++a, b += 32) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    rank1_direct_avx512(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
+  }
+  store_avx512(acc, c, ldc, add, std::make_index_sequence<mr>{});
 }
 
 /// c[6 x 16] (leading dimension ldc) = (add ? c : 0) + a (kc x 6, packed) * b (kc x 16, packed), in AVX2 with FMA.
@@ -113,12 +147,28 @@ template <std::size_t... I>
   store_avx2(acc, c, ldc, add, std::make_index_sequence<mr>{});
 }
 
-/// The tiles of kernels/gemm.hpp's blocked loop for the kernels above (mc a multiple of mr, nc of nr).
+[[gnu::target("avx2,fma")]] inline void micro_kernel_direct_avx2(int kc, const float* a, std::int64_t lda,
+                                                                 const float* b, float* c, int ldc, bool add) {
+  constexpr int mr = 6;
+  __m256 acc[mr][2];
+  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  for (int p = 0; p < kc; ++p, ++a, b += 16) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    rank1_direct_avx2(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
+  }
+  store_avx2(acc, c, ldc, add, std::make_index_sequence<mr>{});
+}
+
+/// The tiles of kernels/gemm.hpp's blocked loop for the kernels above (mc a multiple of mr, nc of nr). micro_direct
+/// reads a whole tile of fp32 A in place when its rows are contiguous along k, which saves packing A.
 struct avx512_tile {
   using acc = float;
   static constexpr int mr = 12, nr = 32, mc = 144, nc = 256, kc = 256;
   static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
     micro_kernel_avx512(kc_, a, b, c, ldc, add);
+  }
+  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, float* c, int ldc, bool add) {
+    micro_kernel_direct_avx512(kc_, a, lda, b, c, ldc, add);
   }
 };
 struct avx2_tile {
@@ -126,6 +176,9 @@ struct avx2_tile {
   static constexpr int mr = 6, nr = 16, mc = 144, nc = 256, kc = 256;
   static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
     micro_kernel_avx2(kc_, a, b, c, ldc, add);
+  }
+  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, float* c, int ldc, bool add) {
+    micro_kernel_direct_avx2(kc_, a, lda, b, c, ldc, add);
   }
 };
 
