@@ -3,19 +3,61 @@
 // arithmetic of the build's target (no FMA, no SSE4.1 rounding), so a loop applying them runs 4 to 16 lanes wide
 // where std::exp would run one element per call. Accuracy is stated per function; the host kernels that use them
 // (attention's softmax, SwiGLU's sigmoid) are tested against float64 references.
+//
+// The array forms (exp_shifted, fma_into) also run their loop compiled for the CPU's widest vector unit when the
+// executor allows it (exec::host::simd; x86-64 with GCC or Clang: AVX-512, else AVX2 with FMA, detected at run time
+// by cpu_features, which kernels/detail/gemm_x86.hpp uses too).
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "executor.hpp"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define SUBSPACE_DETAIL_X86_TARGETS 1  // undefined at the end of this header
+#endif
+
 namespace subspace {
+
+namespace detail {
+
+/// The x86 vector instruction sets the host kernels use, as the CPU reports them (cached after the first call).
+struct x86_features {
+  bool avx2_fma = false, avx512 = false;
+};
+
+inline x86_features cpu_features() {
+#if defined(SUBSPACE_DETAIL_X86_TARGETS)
+  static const x86_features f = [] {
+    __builtin_cpu_init();
+    x86_features r;
+    r.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    r.avx512 = __builtin_cpu_supports("avx512f");
+    return r;
+  }();
+  return f;
+#else
+  return {};
+#endif
+}
+
+/// The widest instruction set `ex` lets host loops use on this CPU.
+enum class vector_width { portable, avx2_fma, avx512 };
+inline vector_width widest(const exec::host& ex) {
+  if (ex.simd == exec::host_simd::portable) return vector_width::portable;
+  const x86_features f = cpu_features();
+  return f.avx512 ? vector_width::avx512 : f.avx2_fma ? vector_width::avx2_fma : vector_width::portable;
+}
+
+}  // namespace detail
 
 /// e^x in float, within a few ulp of the correctly rounded result for x in [-87.3, 88.7] (measured against std::exp
 /// in double over that range: tests/host/test_vector_math.cpp); 0 below it, +inf above it, NaN for NaN. Cody–Waite
 /// reduction x = n ln2 + r (|r| <= ln2 / 2) and a degree-6 polynomial for e^r (Cephes' expf coefficients), then 2^n
 /// through the exponent bits.
-inline float vector_exp(float x) {
+[[gnu::always_inline]] inline float vector_exp(float x) {  // inlined: the loops around it vectorise
   constexpr float log2e = 1.44269504088896341f;
   constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln2_hi has 9 bits: n * ln2_hi is exact
   constexpr float round_magic = 12582912.0f;                        // 1.5 * 2^23: adding it rounds to an integer
@@ -51,4 +93,61 @@ inline float vector_exp(float x) {
 /// e^x in double: std::exp (the float64 paths are references, not hot loops).
 inline double vector_exp(double x) { return std::exp(x); }
 
+namespace detail {
+
+template <class T>
+void exp_shifted_loop(T* x, std::int64_t n, T shift) {
+  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
+}
+inline void fma_into_loop(float a, const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
+#if defined(SUBSPACE_DETAIL_X86_TARGETS)
+// The same loops compiled for wider units (the generic bodies inline into them).
+[[gnu::target("avx512f")]] inline void exp_shifted_avx512(float* x, std::int64_t n, float shift) {
+  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
+}
+[[gnu::target("avx2,fma")]] inline void exp_shifted_avx2(float* x, std::int64_t n, float shift) {
+  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
+}
+[[gnu::target("avx512f")]] inline void fma_into_avx512(float a, const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+[[gnu::target("avx2,fma")]] inline void fma_into_avx2(float a, const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+#endif
+
+}  // namespace detail
+
+/// x[i] = e^(x[i] - shift) for i < n (vector_exp: the float results may differ with the width in the last bit).
+inline void exp_shifted([[maybe_unused]] const exec::host& ex, float* x, std::int64_t n, float shift) {
+#if defined(SUBSPACE_DETAIL_X86_TARGETS)
+  switch (detail::widest(ex)) {
+    case detail::vector_width::avx512: return detail::exp_shifted_avx512(x, n, shift);
+    case detail::vector_width::avx2_fma: return detail::exp_shifted_avx2(x, n, shift);
+    case detail::vector_width::portable: break;
+  }
+#endif
+  detail::exp_shifted_loop(x, n, shift);
+}
+inline void exp_shifted(const exec::host&, double* x, std::int64_t n, double shift) {
+  detail::exp_shifted_loop(x, n, shift);
+}
+
+/// y[i] = fma(a, x[i], y[i]) for i < n, each correctly rounded: the same bits at every width, and as exact::fma.
+inline void fma_into([[maybe_unused]] const exec::host& ex, float a, const float* x, float* y, std::int64_t n) {
+#if defined(SUBSPACE_DETAIL_X86_TARGETS)
+  switch (detail::widest(ex)) {
+    case detail::vector_width::avx512: return detail::fma_into_avx512(a, x, y, n);
+    case detail::vector_width::avx2_fma: return detail::fma_into_avx2(a, x, y, n);
+    case detail::vector_width::portable: break;
+  }
+#endif
+  detail::fma_into_loop(a, x, y, n);
+}
+
 }  // namespace subspace
+
+#undef SUBSPACE_DETAIL_X86_TARGETS

@@ -170,10 +170,10 @@ struct block_buffers {
 /// Softmax in place over the first n of a row's `keys` scores (the rest, masked, become 0); returns the row's
 /// log-sum-exp (n > 0).
 template <class A>
-A softmax_row(A* s, std::int64_t n, std::int64_t keys) {
+A softmax_row(const exec::host& ex, A* s, std::int64_t n, std::int64_t keys) {
   A m = -std::numeric_limits<A>::infinity();
   for (std::int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-  for (std::int64_t j = 0; j < n; ++j) s[j] = vector_exp(s[j] - m);  // a loop of its own: it vectorises
+  exp_shifted(ex, s, n, m);
   A sum = 0;
   for (std::int64_t j = 0; j < n; ++j) sum += s[j];
   const A inv = A(1) / sum;
@@ -216,7 +216,7 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q, view<const s
         gemm(one, op::none, op::transpose, p.scale, at::rows(q, b, h, i0, r.rows), at::rows(k, b, hk, 0, r.keys), 0.0f,
              s);
         for (std::int64_t i = 0; i < r.rows; ++i)
-          lse(b, h, i0 + i) = at::softmax_row(&s(i, 0), at::visible_keys(d, p, i0 + i), r.keys);
+          lse(b, h, i0 + i) = at::softmax_row(one, &s(i, 0), at::visible_keys(d, p, i0 + i), r.keys);
         const auto o = buf.out(r);
         gemm(one, op::none, op::none, 1.0f, view<const A, host_space>(s), at::rows(v, b, hk, 0, r.keys), 0.0f, o);
         copy(one, view<const A, host_space>(o), at::rows(out, b, h, i0, r.rows));
@@ -287,7 +287,7 @@ void attention_backward(const exec::host& ex, view<Q, host_space> q, view<const 
           A* si = &s(i, 0);
           A* dpi = &dp(i, 0);
           const std::int64_t live = sees ? n : 0;
-          for (std::int64_t j = 0; j < live; ++j) si[j] = vector_exp(si[j] - l);
+          exp_shifted(one, si, live, l);
           for (std::int64_t j = live; j < r.keys; ++j) si[j] = A(0);
           for (std::int64_t j = 0; j < r.keys; ++j) dpi[j] = si[j] * (dpi[j] - D);
         }

@@ -25,6 +25,7 @@
 #include "../core/exact.hpp"
 #include "../core/executor.hpp"
 #include "../core/tensor.hpp"
+#include "../core/vector_math.hpp"
 
 namespace subspace {
 
@@ -84,9 +85,15 @@ void fill(const exec::host&, view<T, host_space> x, std::type_identity_t<T> valu
 /// y <- alpha * x + y element by element, computed in accum_t<T> (one fused multiply-add), rounded to T.
 template <class X, class T>
   requires(is_element_v<T> && std::is_same_v<std::remove_const_t<X>, T>)
-void axpy(const exec::host&, float alpha, view<X, host_space> x, view<T, host_space> y) {
+void axpy(const exec::host& ex, float alpha, view<X, host_space> x, view<T, host_space> y) {
   detail::require_same_shape(x, y, "axpy");
   const detail::elementwise::axpy_op<T> op{accum_t<T>(alpha)};
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<std::remove_const_t<X>, float>) {
+    if (x.is_contiguous() && y.is_contiguous()) {  // the same fma, as wide as the CPU runs it
+      fma_into(ex, alpha, x.data(), y.data(), y.numel());
+      return;
+    }
+  }
   if (x.is_contiguous() && y.is_contiguous()) {
     for (std::int64_t i = 0; i < y.numel(); ++i) y.data()[i] = op(x.data()[i], y.data()[i]);
     return;

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "../../core/executor.hpp"
+#include "../../core/vector_math.hpp"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define SUBSPACE_DETAIL_GEMM_X86 1  // undefined at the end of this header
@@ -18,26 +19,6 @@
 #endif
 
 namespace subspace::detail::gemm_host {
-
-/// The instruction sets the x86 kernels need, as the CPU reports them (cached after the first call).
-struct x86_features {
-  bool avx2_fma = false, avx512 = false;
-};
-
-inline x86_features cpu_features() {
-#if defined(SUBSPACE_DETAIL_GEMM_X86)
-  static const x86_features f = [] {
-    __builtin_cpu_init();
-    x86_features r;
-    r.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    r.avx512 = __builtin_cpu_supports("avx512f");
-    return r;
-  }();
-  return f;
-#else
-  return {};
-#endif
-}
 
 #if defined(SUBSPACE_DETAIL_GEMM_X86)
 
@@ -190,15 +171,10 @@ template <class Acc, class Run>
 bool run_vectorised([[maybe_unused]] const exec::host& ex, [[maybe_unused]] Run&& run) {
 #if defined(SUBSPACE_DETAIL_GEMM_X86)
   if constexpr (std::is_same_v<Acc, float>) {
-    if (ex.simd == exec::host_simd::portable) return false;
-    const x86_features f = cpu_features();
-    if (f.avx512) {
-      run(avx512_tile{});
-      return true;
-    }
-    if (f.avx2_fma) {
-      run(avx2_tile{});
-      return true;
+    switch (widest(ex)) {
+      case vector_width::avx512: run(avx512_tile{}); return true;
+      case vector_width::avx2_fma: run(avx2_tile{}); return true;
+      case vector_width::portable: break;
     }
   }
 #endif
