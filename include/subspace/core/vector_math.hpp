@@ -4,9 +4,9 @@
 // where std::exp would run one element per call. Accuracy is stated per function; the host kernels that use them
 // (attention's softmax, SwiGLU's sigmoid) are tested against float64 references.
 //
-// The array forms (exp_shifted, fma_into) also run their loop compiled for the CPU's widest vector unit when the
-// executor allows it (exec::host::simd; x86-64 with GCC or Clang: AVX-512, else AVX2 with FMA, detected at run time
-// by cpu_features, which kernels/detail/gemm_x86.hpp uses too).
+// for_each_index runs a loop compiled for the CPU's widest vector unit when the executor allows it (exec::host::simd;
+// x86-64 with GCC or Clang: AVX-512, else AVX2 with FMA, detected at run time by cpu_features, which
+// kernels/detail/gemm_x86.hpp uses too); exp_shifted and fma_into are loops through it.
 
 #include <bit>
 #include <cmath>
@@ -95,57 +95,45 @@ inline double vector_exp(double x) { return std::exp(x); }
 
 namespace detail {
 
-template <class T>
-void exp_shifted_loop(T* x, std::int64_t n, T shift) {
-  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
-}
-inline void fma_into_loop(float a, const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
-}
-
 #if defined(SUBSPACE_DETAIL_X86_TARGETS)
-// The same loops compiled for wider units (the generic bodies inline into them).
-[[gnu::target("avx512f")]] inline void exp_shifted_avx512(float* x, std::int64_t n, float shift) {
-  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
+// The loop of for_each_index compiled for wider units; f (default target) inlines into it.
+template <class F>
+[[gnu::target("avx512f")]] void for_each_index_avx512(std::int64_t n, F& f) {
+  for (std::int64_t i = 0; i < n; ++i) f(i);
 }
-[[gnu::target("avx2,fma")]] inline void exp_shifted_avx2(float* x, std::int64_t n, float shift) {
-  for (std::int64_t i = 0; i < n; ++i) x[i] = vector_exp(x[i] - shift);
-}
-[[gnu::target("avx512f")]] inline void fma_into_avx512(float a, const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
-}
-[[gnu::target("avx2,fma")]] inline void fma_into_avx2(float a, const float* x, float* y, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+template <class F>
+[[gnu::target("avx2,fma")]] void for_each_index_avx2(std::int64_t n, F& f) {
+  for (std::int64_t i = 0; i < n; ++i) f(i);
 }
 #endif
 
 }  // namespace detail
 
-/// x[i] = e^(x[i] - shift) for i < n (vector_exp: the float results may differ with the width in the last bit).
-inline void exp_shifted([[maybe_unused]] const exec::host& ex, float* x, std::int64_t n, float shift) {
+/// f(i) for every i in [0, n), in order, in a loop compiled for the widest vector unit `ex` allows on this CPU: f is
+/// inlined into the loop, so a branch-free f (vector_exp, std::fma, arithmetic) vectorises at that width. Floating-
+/// point results may differ between widths in rounding (the compiler may fuse a multiply and an add where the unit
+/// has FMA), never in anything else.
+template <class F>
+void for_each_index([[maybe_unused]] const exec::host& ex, std::int64_t n, F&& f) {
 #if defined(SUBSPACE_DETAIL_X86_TARGETS)
   switch (detail::widest(ex)) {
-    case detail::vector_width::avx512: return detail::exp_shifted_avx512(x, n, shift);
-    case detail::vector_width::avx2_fma: return detail::exp_shifted_avx2(x, n, shift);
+    case detail::vector_width::avx512: return detail::for_each_index_avx512(n, f);
+    case detail::vector_width::avx2_fma: return detail::for_each_index_avx2(n, f);
     case detail::vector_width::portable: break;
   }
 #endif
-  detail::exp_shifted_loop(x, n, shift);
+  for (std::int64_t i = 0; i < n; ++i) f(i);
 }
-inline void exp_shifted(const exec::host&, double* x, std::int64_t n, double shift) {
-  detail::exp_shifted_loop(x, n, shift);
+
+/// x[i] = e^(x[i] - shift) for i < n (vector_exp in float, std::exp in double).
+template <class T>
+void exp_shifted(const exec::host& ex, T* x, std::int64_t n, T shift) {
+  for_each_index(ex, n, [&](std::int64_t i) { x[i] = vector_exp(x[i] - shift); });
 }
 
 /// y[i] = fma(a, x[i], y[i]) for i < n, each correctly rounded: the same bits at every width, and as exact::fma.
-inline void fma_into([[maybe_unused]] const exec::host& ex, float a, const float* x, float* y, std::int64_t n) {
-#if defined(SUBSPACE_DETAIL_X86_TARGETS)
-  switch (detail::widest(ex)) {
-    case detail::vector_width::avx512: return detail::fma_into_avx512(a, x, y, n);
-    case detail::vector_width::avx2_fma: return detail::fma_into_avx2(a, x, y, n);
-    case detail::vector_width::portable: break;
-  }
-#endif
-  detail::fma_into_loop(a, x, y, n);
+inline void fma_into(const exec::host& ex, float a, const float* x, float* y, std::int64_t n) {
+  for_each_index(ex, n, [&](std::int64_t i) { y[i] = std::fma(a, x[i], y[i]); });
 }
 
 }  // namespace subspace

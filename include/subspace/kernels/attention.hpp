@@ -148,18 +148,15 @@ view<T, host_space> rows(const view<T, host_space>& x, std::int64_t b, std::int6
                              {x.stride(1), x.stride(3)});
 }
 
-/// One task's scratch: a block's scores (or probabilities) and their gradients, rows_per_block x seq_kv, and an
-/// output block rows_per_block x hd, all in A.
+/// One task's scratch: a block's scores (or probabilities) and their gradients, rows_per_block x seq_kv, in A.
 template <class A>
 struct block_buffers {
-  host_tensor<A> s, ds, o;
-  block_buffers(std::int64_t hd, std::int64_t seq_kv)
+  host_tensor<A> s, ds;
+  explicit block_buffers(std::int64_t seq_kv)
       : s({rows_per_block, std::max<std::int64_t>(seq_kv, 1)}),
-        ds({rows_per_block, std::max<std::int64_t>(seq_kv, 1)}),
-        o({rows_per_block, hd}) {}
+        ds({rows_per_block, std::max<std::int64_t>(seq_kv, 1)}) {}
   view<A, host_space> scores(const row_block& r) { return part(s, r.rows, r.keys); }
   view<A, host_space> score_grads(const row_block& r) { return part(ds, r.rows, r.keys); }
-  view<A, host_space> out(const row_block& r) { return o.v().slice(0, r.rows); }
 
  private:
   static view<A, host_space> part(host_tensor<A>& t, std::int64_t rows, std::int64_t cols) {
@@ -208,7 +205,7 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q, view<const s
   at::for_each_task(ex, d.batch * d.heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.heads, h = task % d.heads, hk = h / d.group();
     const exec::host one{1, ex.simd};  // this task's thread
-    at::block_buffers<A> buf(hd, d.seq_kv);
+    at::block_buffers<A> buf(d.seq_kv);
     for (std::int64_t i0 = 0; i0 < d.seq; i0 += at::rows_per_block) {
       const at::row_block r = at::block_of(d, p, i0);
       if (r.keys > 0) {
@@ -217,9 +214,8 @@ void attention_forward(const exec::host& ex, view<Q, host_space> q, view<const s
              s);
         for (std::int64_t i = 0; i < r.rows; ++i)
           lse(b, h, i0 + i) = at::softmax_row(one, &s(i, 0), at::visible_keys(d, p, i0 + i), r.keys);
-        const auto o = buf.out(r);
-        gemm(one, op::none, op::none, 1.0f, view<const A, host_space>(s), at::rows(v, b, hk, 0, r.keys), 0.0f, o);
-        copy(one, view<const A, host_space>(o), at::rows(out, b, h, i0, r.rows));
+        gemm(one, op::none, op::none, 1.0f, view<const A, host_space>(s), at::rows(v, b, hk, 0, r.keys), 0.0f,
+             at::rows(out, b, h, i0, r.rows));
       }
       for (std::int64_t i = 0; i < r.rows; ++i) {
         if (at::visible_keys(d, p, i0 + i) > 0) continue;  // a row that sees no key
@@ -258,7 +254,7 @@ void attention_backward(const exec::host& ex, view<Q, host_space> q, view<const 
   at::for_each_task(ex, d.batch * d.kv_heads, flops, [&](std::int64_t task) {
     const std::int64_t b = task / d.kv_heads, hk = task % d.kv_heads;
     const exec::host one{1, ex.simd};
-    at::block_buffers<A> buf(hd, d.seq_kv);
+    at::block_buffers<A> buf(d.seq_kv);
     host_tensor<A> dk_acc({d.seq_kv, hd}), dv_acc({d.seq_kv, hd});
     fill(one, dk_acc.v(), A(0));
     fill(one, dv_acc.v(), A(0));

@@ -19,6 +19,7 @@
 // The CUDA implementation (cuBLASLt) lives in detail/cuda/gemm.cuh and comes along under nvcc.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -286,8 +287,8 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
   }
 }
 
-/// Runs the problem's blocks of C on the threads of `ex` worth starting for its size (parallel_for: each thread
-/// takes a contiguous range of blocks, the blocks of one column block in a row, with its own workspace). Blocks are
+/// Runs the problem's blocks of C on the threads of `ex` worth using for its size (parallel_for: each thread claims
+/// blocks in order, the blocks of one column block in a row, with its own workspace). Blocks are
 /// mc rows high, or fewer when that leaves threads without a block (the row blocking does not change any element's
 /// arithmetic, so results still do not depend on the thread count).
 template <class Tile, class Acc, class TA, class TB, class TC>
@@ -301,9 +302,11 @@ void run_tiled(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alph
     mc = std::max(blk::mr, (mc / 2 + blk::mr - 1) / blk::mr * blk::mr);
   const std::int64_t mblocks = (pr.m + mc - 1) / mc;
   const std::int64_t tasks = pr.batch * mblocks * nblocks;
-  parallel_for(workers, tasks, [&](std::int64_t first, std::int64_t last) {
+  // Each thread claims the next block until none is left, so a thread that starts late or runs slow takes fewer.
+  std::atomic<std::int64_t> next{0};
+  parallel_for(workers, std::min<std::int64_t>(tasks, workers.concurrency()), [&](std::int64_t, std::int64_t) {
     workspace<Tile>& w = thread_workspace<Tile>(pr.k);
-    for (std::int64_t t = first; t < last; ++t) {
+    for (std::int64_t t = next++; t < tasks; t = next++) {
       const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
       block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * mc, (rest / mblocks) * blk::nc, mc, w);
     }

@@ -18,6 +18,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "../core/vector_math.hpp"
 #include "detail/layer_checks.hpp"
@@ -64,6 +65,9 @@ struct backward_op {
   }
 };
 
+/// What for_flops weighs one element at (the exponential's polynomial and a division, roughly).
+inline constexpr double flops_per_element = 30.0;
+
 /// Shapes and layouts shared by both executors: every operand is [N, f] like gate, and contiguous.
 template <class Gate, class... Rows>
 void check(const char* op, const Gate& gate, const detail::layer::operand<Rows>&... rows) {
@@ -78,20 +82,27 @@ void check(const char* op, const Gate& gate, const detail::layer::operand<Rows>&
 /// h = silu(gate) * up, element by element (h may alias gate or up).
 template <class T>
   requires is_element_v<T>
-void swiglu_forward(const exec::host&, std::type_identity_t<view<const T, host_space>> gate,
+void swiglu_forward(const exec::host& ex, std::type_identity_t<view<const T, host_space>> gate,
                     std::type_identity_t<view<const T, host_space>> up, view<T, host_space> h) {
   using A = accum_t<T>;
   namespace S = detail::swiglu;
   namespace L = detail::layer;
   S::check("swiglu_forward", gate, L::operand{up, "up"}, L::operand{h, "h"});
-  const std::int64_t n = gate.numel();
-  for (std::int64_t i = 0; i < n; ++i) h.data()[i] = convert<T>(S::forward_op{}(A(gate.data()[i]), A(up.data()[i])));
+  const T *g = gate.data(), *u = up.data();
+  T* out = h.data();
+  parallel_for(for_flops(ex, S::flops_per_element * double(gate.numel())), gate.numel(),
+               [&](std::int64_t first, std::int64_t last) {
+                 for_each_index(ex, last - first, [&](std::int64_t k) {
+                   const std::int64_t i = first + k;
+                   out[i] = convert<T>(S::forward_op{}(A(g[i]), A(u[i])));
+                 });
+               });
 }
 
 /// dgate and dup from dh (overwritten; dgate may alias gate and dup may alias up).
 template <class T>
   requires is_element_v<T>
-void swiglu_backward(const exec::host&, std::type_identity_t<view<const T, host_space>> gate,
+void swiglu_backward(const exec::host& ex, std::type_identity_t<view<const T, host_space>> gate,
                      std::type_identity_t<view<const T, host_space>> up,
                      std::type_identity_t<view<const T, host_space>> dh, view<T, host_space> dgate,
                      std::type_identity_t<view<T, host_space>> dup) {
@@ -100,13 +111,18 @@ void swiglu_backward(const exec::host&, std::type_identity_t<view<const T, host_
   namespace L = detail::layer;
   S::check("swiglu_backward", gate, L::operand{up, "up"}, L::operand{dh, "dh"}, L::operand{dgate, "dgate"},
            L::operand{dup, "dup"});
-  const std::int64_t n = gate.numel();
-  for (std::int64_t i = 0; i < n; ++i) {
-    A dg, du;
-    S::backward_op{}(A(gate.data()[i]), A(up.data()[i]), A(dh.data()[i]), dg, du);
-    dgate.data()[i] = convert<T>(dg);
-    dup.data()[i] = convert<T>(du);
-  }
+  const T *g = gate.data(), *u = up.data(), *d = dh.data();
+  T *dg_out = dgate.data(), *du_out = dup.data();
+  parallel_for(for_flops(ex, 2 * S::flops_per_element * double(gate.numel())), gate.numel(),
+               [&](std::int64_t first, std::int64_t last) {
+                 for_each_index(ex, last - first, [&](std::int64_t k) {
+                   const std::int64_t i = first + k;
+                   A dg, du;
+                   S::backward_op{}(A(g[i]), A(u[i]), A(d[i]), dg, du);
+                   dg_out[i] = convert<T>(dg);
+                   du_out[i] = convert<T>(du);
+                 });
+               });
 }
 
 }  // namespace subspace
