@@ -30,7 +30,9 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
+#include "../core/vector_math.hpp"
 #include "gemm.hpp"
 
 namespace subspace {
@@ -130,23 +132,29 @@ void lm_head_cross_entropy(const exec::host& ex, view<H, host_space> h,
     const view<A, host_space> z = logits.v().slice(0, n);
     const auto h_rows = h.slice(r0, r0 + n);
     gemm(ex, op::none, op::transpose, 1.0f, h_rows, weight, 0.0f, z);
-    for (std::int64_t i = 0; i < n; ++i) {
-      A* row = z.data() + i * d.vocab;
-      const std::int32_t t = targets.data()[r0 + i];
-      if (t < 0) {  // ignored
-        losses.data()[r0 + i] = A(0);
-        if (grads) std::fill(row, row + d.vocab, A(0));
-        continue;
+    // Rows are independent, each computed the same way on any thread: the loss, and the logits' gradient
+    // grad_scale * (softmax - onehot) in place of the logits.
+    parallel_for(for_flops(ex, 20.0 * double(n * d.vocab)), n, [&](std::int64_t first, std::int64_t last) {
+      const exec::host one{1, ex.simd};
+      for (std::int64_t i = first; i < last; ++i) {
+        A* row = z.data() + i * d.vocab;
+        const std::int32_t t = targets.data()[r0 + i];
+        if (t < 0) {  // ignored
+          losses.data()[r0 + i] = A(0);
+          if (grads) std::fill(row, row + d.vocab, A(0));
+          continue;
+        }
+        const A m = *std::max_element(row, row + d.vocab), zt = row[t];
+        exp_shifted(one, row, d.vocab, m);  // row = e^(z - m)
+        A sum = 0;
+        for (std::int64_t j = 0; j < d.vocab; ++j) sum += row[j];
+        losses.data()[r0 + i] = m + std::log(sum) - zt;
+        if (!grads) continue;
+        const A scale = A(grad_scale) / sum;
+        for (std::int64_t j = 0; j < d.vocab; ++j) row[j] *= scale;
+        row[t] -= A(grad_scale);
       }
-      const A m = *std::max_element(row, row + d.vocab);
-      A sum = 0;
-      for (std::int64_t j = 0; j < d.vocab; ++j) sum += std::exp(row[j] - m);
-      const A lse = m + std::log(sum);
-      losses.data()[r0 + i] = lse - row[t];
-      if (!grads) continue;
-      for (std::int64_t j = 0; j < d.vocab; ++j) row[j] = A(grad_scale) * std::exp(row[j] - lse);
-      row[t] -= A(grad_scale);
-    }
+    });
     if (want_dh) gemm(ex, op::none, op::none, 1.0f, view<const A, host_space>(z), weight, 0.0f, dh.slice(r0, r0 + n));
     if (want_dw) gemm(ex, op::transpose, op::none, 1.0f, view<const A, host_space>(z), h_rows, 1.0f, dweight);
   }

@@ -19,6 +19,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "detail/layer_checks.hpp"
 
@@ -44,22 +45,25 @@ void check(const char* op, const X& x, const W& weight, const R& rstd, const det
 /// y = x * rstd * weight with rstd = 1 / sqrt(mean(x^2) + eps) per row; rstd is saved for the backward pass.
 template <class T>
   requires is_element_v<T>
-void rmsnorm_forward(const exec::host&, std::type_identity_t<view<const T, host_space>> x,
+void rmsnorm_forward(const exec::host& ex, std::type_identity_t<view<const T, host_space>> x,
                      std::type_identity_t<view<const T, host_space>> weight, float eps, view<T, host_space> y,
                      std::type_identity_t<view<accum_t<T>, host_space>> rstd) {
   using A = accum_t<T>;
   detail::norm::check("rmsnorm_forward", x, weight, rstd, detail::layer::operand{y, "y"});
   require(eps > 0.0f, "rmsnorm_forward: eps must be positive");
   const std::int64_t n = x.dim(0), d = x.dim(1);
-  for (std::int64_t i = 0; i < n; ++i) {
-    const T* xr = x.data() + i * d;
-    T* yr = y.data() + i * d;
-    A ss = 0;
-    for (std::int64_t j = 0; j < d; ++j) ss += A(xr[j]) * A(xr[j]);
-    const A r = A(1) / std::sqrt(ss / A(d) + A(eps));
-    rstd.data()[i] = r;
-    for (std::int64_t j = 0; j < d; ++j) yr[j] = convert<T>(A(xr[j]) * r * A(weight.data()[j]));
-  }
+  // Rows are independent and each is computed the same way on any thread.
+  parallel_for(for_flops(ex, 4.0 * double(n * d)), n, [&](std::int64_t first, std::int64_t last) {
+    for (std::int64_t i = first; i < last; ++i) {
+      const T* xr = x.data() + i * d;
+      T* yr = y.data() + i * d;
+      A ss = 0;
+      for (std::int64_t j = 0; j < d; ++j) ss += A(xr[j]) * A(xr[j]);
+      const A r = A(1) / std::sqrt(ss / A(d) + A(eps));
+      rstd.data()[i] = r;
+      for (std::int64_t j = 0; j < d; ++j) yr[j] = convert<T>(A(xr[j]) * r * A(weight.data()[j]));
+    }
+  });
 }
 
 /// dx = rstd * (dy*weight - x̂ * mean(dy*weight*x̂)) (overwritten) and dweight += sum over rows of dy * x̂.

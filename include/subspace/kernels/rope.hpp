@@ -26,6 +26,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor.hpp"
 #include "detail/layer_checks.hpp"
 #include "rope_config.hpp"
@@ -93,7 +94,7 @@ SUBSPACE_HD inline void rotate(A& a, A& b, A c, A s) {
 /// `inverse`).
 template <class T>
   requires is_element_v<T>
-void rope_apply(const exec::host&, view<T, host_space> x, view<const float, host_space> inv_freq, std::int64_t pos0,
+void rope_apply(const exec::host& ex, view<T, host_space> x, view<const float, host_space> inv_freq, std::int64_t pos0,
                 bool inverse) {
   using A = accum_t<T>;
   detail::rope::check(x, inv_freq, pos0);
@@ -105,11 +106,12 @@ void rope_apply(const exec::host&, view<T, host_space> x, view<const float, host
       cs[std::size_t(2 * (s * half + i))] = std::cos(angle);
       cs[std::size_t(2 * (s * half + i) + 1)] = inverse ? -std::sin(angle) : std::sin(angle);
     }
-  for (std::int64_t b = 0; b < batch; ++b)
-    for (std::int64_t s = 0; s < seq; ++s)
+  // Rows (b, s) are independent; each is rotated the same way on any thread.
+  parallel_for(for_flops(ex, 6.0 * double(x.numel())), batch * seq, [&](std::int64_t first, std::int64_t last) {
+    for (std::int64_t bs = first; bs < last; ++bs) {
+      const A* c = cs.data() + 2 * (bs % seq) * half;
       for (std::int64_t h = 0; h < heads; ++h) {
-        T* row = x.data() + ((b * seq + s) * heads + h) * hd;
-        const A* c = cs.data() + 2 * s * half;
+        T* row = x.data() + (bs * heads + h) * hd;
         for (std::int64_t i = 0; i < half; ++i) {
           A lo = A(row[i]), hi = A(row[i + half]);
           detail::rope::rotate(lo, hi, c[2 * i], c[2 * i + 1]);
@@ -117,6 +119,8 @@ void rope_apply(const exec::host&, view<T, host_space> x, view<const float, host
           row[i + half] = convert<T>(hi);
         }
       }
+    }
+  });
 }
 
 }  // namespace subspace
