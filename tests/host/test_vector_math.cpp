@@ -80,3 +80,23 @@ TEST_CASE("exp_shifted and fma_into: every vector width the CPU has gives exp wi
     CHECK(worst <= 1.5);
   }
 }
+
+TEST_CASE("max_of and sum_of: the largest element and the sum over lengths around the 16 lanes") {
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal;
+  for (const std::int64_t n : {1, 2, 15, 16, 17, 31, 33, 256, 1000}) {
+    CAPTURE(n);
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (auto& v : x) v = float(normal(gen));
+    x[std::size_t(gen() % std::uint64_t(n))] = 7.5f;  // the maximum, anywhere
+    CHECK(max_of(x.data(), n) == 7.5f);
+    double want = 0, magnitude = 0;
+    for (const float v : x) {
+      want += double(v);
+      magnitude += std::abs(double(v));
+    }
+    CHECK(std::abs(double(sum_of(x.data(), n)) - want) <= 1e-6 * magnitude);
+  }
+}

@@ -125,6 +125,35 @@ void for_each_index([[maybe_unused]] const exec::host& ex, std::int64_t n, F&& f
   for (std::int64_t i = 0; i < n; ++i) f(i);
 }
 
+/// The largest of x[0, n) (n >= 1; NaNs are skipped unless every element is NaN), in 16 independent lanes that the
+/// compiler vectorises.
+template <class T>
+T max_of(const T* x, std::int64_t n) {
+  T lanes[16];
+  for (auto& l : lanes) l = x[0];
+  std::int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+  T m = lanes[0];
+  for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+/// x[0] + ... + x[n-1], summed in 16 lanes (element j into lane j mod 16), then the lanes in order: vectorised, and
+/// the same sum on every call with the same n.
+template <class T>
+T sum_of(const T* x, std::int64_t n) {
+  T lanes[16] = {};
+  std::int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[j + l];
+  T s = 0;
+  for (const T l : lanes) s += l;
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
 /// x[i] = e^(x[i] - shift) for i < n (vector_exp in float, std::exp in double).
 template <class T>
 void exp_shifted(const exec::host& ex, T* x, std::int64_t n, T shift) {

@@ -168,14 +168,11 @@ struct block_buffers {
 /// log-sum-exp (n > 0).
 template <class A>
 A softmax_row(const exec::host& ex, A* s, std::int64_t n, std::int64_t keys) {
-  A m = -std::numeric_limits<A>::infinity();
-  for (std::int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  const A m = max_of(s, n);
   exp_shifted(ex, s, n, m);
-  A sum = 0;
-  for (std::int64_t j = 0; j < n; ++j) sum += s[j];
-  const A inv = A(1) / sum;
-  for (std::int64_t j = 0; j < n; ++j) s[j] *= inv;
-  for (std::int64_t j = n; j < keys; ++j) s[j] = A(0);
+  const A sum = sum_of(s, n), inv = A(1) / sum;
+  for_each_index(ex, n, [&](std::int64_t j) { s[j] *= inv; });
+  std::fill(s + n, s + keys, A(0));  // the masked keys
   return m + std::log(sum);
 }
 
