@@ -141,14 +141,15 @@ inline void micro_row(Acc (&acc)[NR], Acc a, const Acc* b) {
   for (int j = 0; j < NR; ++j) acc[j] += a * b[j];
 }
 
-/// c[mr x nr] (leading dimension ldc) = (add ? c : 0) + a_panel (kc x mr, packed) * b_panel (kc x nr, packed).
-/// The rows are unrolled with an index_sequence rather than a compiler-specific pragma.
+/// c[mr x nr] (leading dimension ldc) = (add ? c : 0) + a_panel (kc x mr, packed) * b_panel (kc x nr; row p at
+/// b + p * ldb: ldb = nr for a packed panel). The rows are unrolled with an index_sequence rather than a
+/// compiler-specific pragma.
 template <class Acc, int MR, int NR>
-inline void micro_kernel(int kc, const Acc* a, const Acc* b, Acc* c, int ldc, bool add) {
+inline void micro_kernel(int kc, const Acc* a, const Acc* b, std::int64_t ldb, Acc* c, int ldc, bool add) {
   Acc acc[MR][NR] = {};
   for (int p = 0; p < kc; ++p) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
-      (micro_row<Acc, NR>(acc[I], a[p * MR + int(I)], b + p * NR), ...);
+      (micro_row<Acc, NR>(acc[I], a[p * MR + int(I)], b + p * ldb), ...);
     }(std::make_index_sequence<std::size_t(MR)>{});
   }
   for (int i = 0; i < MR; ++i)
@@ -182,6 +183,14 @@ void pack(const T* data, std::int64_t row, std::int64_t col, std::int64_t i0, in
   }
 }
 
+/// An operand read in place by a kernel that needs it in the accumulator type (null for another type, whose tiles
+/// are always packed).
+template <class Acc, class T>
+const Acc* in_place(const T* p) {
+  if constexpr (std::is_same_v<T, Acc>) return p;
+  else return nullptr;
+}
+
 /// The portable tile: blocking<Acc> and micro_kernel, for the blocked loop below (detail/gemm_x86.hpp has the
 /// vectorised ones).
 template <class Acc>
@@ -189,8 +198,8 @@ struct portable_tile {
   using acc = Acc;
   static constexpr int mr = blocking<Acc>::mr, nr = blocking<Acc>::nr, mc = blocking<Acc>::mc, nc = blocking<Acc>::nc,
                        kc = blocking<Acc>::kc;
-  static void micro(int kc_, const Acc* a, const Acc* b, Acc* c, int ldc, bool add) {
-    micro_kernel<Acc, mr, nr>(kc_, a, b, c, ldc, add);
+  static void micro(int kc_, const Acc* a, const Acc* b, std::int64_t ldb, Acc* c, int ldc, bool add) {
+    micro_kernel<Acc, mr, nr>(kc_, a, b, ldb, c, ldc, add);
   }
 };
 
@@ -238,33 +247,41 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
   if (alpha == Acc(0) || pr.k == 0) std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
 
   if (alpha != Acc(0)) {
+    // Full tiles of fp32 operands laid out for the kernel are read in place where the tile has a kernel for it:
+    // A's rows contiguous along k (micro_direct), B's rows contiguous along n (its row stride as ldb). The rest (a
+    // last partial tile, other types and layouts) is packed.
+    constexpr bool in_place_a = requires { &Tile::micro_direct; } && std::is_same_v<TA, Acc>;
+    constexpr bool in_place_b = requires { &Tile::micro_direct; } && std::is_same_v<TB, Acc>;
+    const int a_packed_from = in_place_a && pr.a.col == 1 ? mb / blk::mr * blk::mr : 0;
+    const int b_packed_from = in_place_b && pr.b.col == 1 ? nb / blk::nr * blk::nr : 0;
     const std::int64_t panels = (pr.k + blk::kc - 1) / blk::kc;
-    const bool keep = panels <= ws.b_panels;  // every panel of B fits: reuse them across this column block
+    const bool keep = panels <= ws.b_panels;  // every packed panel of B fits: reuse them across this column block
     const bool packed = keep && ws.b_batch == bi && ws.b_col == j0;
-    // Full tiles of fp32 A with rows contiguous along k are read in place where the tile has a kernel for it;
-    // the rest of A (a last partial tile, other types and layouts) is packed.
-    constexpr bool can_read_a = requires { &Tile::micro_direct; } && std::is_same_v<TA, Acc>;
-    const bool direct = can_read_a && pr.a.col == 1;
-    const int packed_from = direct ? mb / blk::mr * blk::mr : 0;  // rows [packed_from, mb) go through ws.a
     for (std::int64_t p0 = 0, panel = 0; p0 < pr.k; p0 += blk::kc, ++panel) {
       const int kb = int(std::min<std::int64_t>(blk::kc, pr.k - p0));
       Acc* bp = ws.b.get() + std::size_t(keep ? panel : 0) * blk::kc * blk::nc;
-      if (packed_from < mb)
-        pack<Acc, blk::mr>(a, pr.a.row, pr.a.col, i0 + packed_from, mb - packed_from, p0, kb, ws.a.get());
-      if (!packed) pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0, nb, p0, kb, bp);  // op_b(B)^T: columns as rows
-      for (int jr = 0; jr < nb; jr += blk::nr)
+      if (a_packed_from < mb)
+        pack<Acc, blk::mr>(a, pr.a.row, pr.a.col, i0 + a_packed_from, mb - a_packed_from, p0, kb, ws.a.get());
+      if (!packed && b_packed_from < nb)  // op_b(B)^T: columns as rows
+        pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0 + b_packed_from, nb - b_packed_from, p0, kb, bp);
+      for (int jr = 0; jr < nb; jr += blk::nr) {
+        const bool b_here = jr < b_packed_from;
+        const Acc* bt = b_here ? in_place<Acc>(b) + p0 * pr.b.row + (j0 + jr)
+                               : bp + std::size_t(jr - b_packed_from) * kb;
+        const std::int64_t ldb = b_here ? pr.b.row : blk::nr;
         for (int ir = 0; ir < mb; ir += blk::mr) {
           Acc* ctile = acc + std::size_t(ir) * blk::nc + jr;
-          if constexpr (can_read_a) {
-            if (ir < packed_from) {
-              Tile::micro_direct(kb, a + (i0 + ir) * pr.a.row + p0, pr.a.row, bp + std::size_t(jr) * kb, ctile, blk::nc,
-                                 p0 > 0);
+          if constexpr (requires { &Tile::micro_direct; }) {
+            if (ir < a_packed_from) {
+              Tile::micro_direct(kb, in_place<Acc>(a) + (i0 + ir) * pr.a.row + p0, pr.a.row, bt, ldb,
+                                 ctile, blk::nc, p0 > 0);
               continue;
             }
           }
-          Tile::micro(kb, ws.a.get() + std::size_t(ir - packed_from) * kb, bp + std::size_t(jr) * kb, ctile, blk::nc,
+          Tile::micro(kb, ws.a.get() + std::size_t(ir - a_packed_from) * kb, bt, ldb, ctile, blk::nc,
                       p0 > 0);  // the first k panel writes
         }
+      }
     }
     ws.b_batch = keep ? bi : -1;
     ws.b_col = keep ? j0 : -1;

@@ -22,25 +22,18 @@ namespace subspace::detail::gemm_host {
 
 #if defined(SUBSPACE_DETAIL_GEMM_X86)
 
-/// acc[i] += a[i] * (b0, b1) for every row i of the tile; the fold unrolls the rows (no lambda: it would not
-/// inherit the target).
-template <std::size_t... I>
-[[gnu::target("avx512f"), gnu::always_inline]] inline void rank1_avx512(__m512 (&acc)[sizeof...(I)][2], const float* a,
-                                                                        const __m512& b0, const __m512& b1,
-                                                                        std::index_sequence<I...>) {
-  ((acc[I][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[I]), b0, acc[I][0]),
-    acc[I][1] = _mm512_fmadd_ps(_mm512_set1_ps(a[I]), b1, acc[I][1])),
-   ...);
-}
+// Each kernel computes c[mr x 32 or 16] (leading dimension ldc) = (add ? c : 0) + A_tile * B_tile over kc steps.
+// B's row p of the tile is at b + p * ldb (ldb = nr for a packed panel, or B's own row stride when B is read in
+// place). A's tile is a packed panel (row i of step p at a[p * mr + i]) or, with InPlace, A itself (row i at
+// a + i * lda, its k elements contiguous). Rows are unrolled with index_sequence folds: a lambda would not inherit
+// the target attribute.
 
-/// The same rank-1 updates reading A where it lies: row i of the tile at a + i * lda (no packed panel).
-template <std::size_t... I>
-[[gnu::target("avx512f"), gnu::always_inline]] inline void rank1_direct_avx512(__m512 (&acc)[sizeof...(I)][2],
-                                                                               const float* a, std::int64_t lda,
-                                                                               const __m512& b0, const __m512& b1,
-                                                                               std::index_sequence<I...>) {
-  ((acc[I][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[std::int64_t(I) * lda]), b0, acc[I][0]),
-    acc[I][1] = _mm512_fmadd_ps(_mm512_set1_ps(a[std::int64_t(I) * lda]), b1, acc[I][1])),
+template <bool InPlace, std::size_t... I>
+[[gnu::target("avx512f"), gnu::always_inline]] inline void rank1_avx512(__m512 (&acc)[sizeof...(I)][2], const float* a,
+                                                                        std::int64_t lda, const __m512& b0,
+                                                                        const __m512& b1, std::index_sequence<I...>) {
+  ((acc[I][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[InPlace ? std::int64_t(I) * lda : std::int64_t(I)]), b0, acc[I][0]),
+    acc[I][1] = _mm512_fmadd_ps(_mm512_set1_ps(a[InPlace ? std::int64_t(I) * lda : std::int64_t(I)]), b1, acc[I][1])),
    ...);
 }
 
@@ -51,32 +44,34 @@ template <std::size_t... I>
   _mm512_storeu_ps(row + 16, add ? _mm512_add_ps(_mm512_loadu_ps(row + 16), x1) : x1);
 }
 
-/// Every row of the tile through store_row_avx512 (unrolled like the rank-1 updates).
 template <std::size_t... I>
 [[gnu::target("avx512f"), gnu::always_inline]] inline void store_avx512(const __m512 (&acc)[sizeof...(I)][2], float* c,
                                                                         int ldc, bool add, std::index_sequence<I...>) {
   (store_row_avx512(c + std::int64_t(I) * ldc, acc[I][0], acc[I][1], add), ...);
 }
 
-/// c[12 x 32] (leading dimension ldc) = (add ? c : 0) + a (kc x 12, packed) * b (kc x 32, packed), in AVX-512.
-[[gnu::target("avx512f")]] inline void micro_kernel_avx512(int kc, const float* a, const float* b, float* c, int ldc,
-                                                           bool add) {
+/// The AVX-512 kernel: a 12 x 32 tile in 24 zmm accumulators.
+template <bool InPlace>
+[[gnu::target("avx512f")]] inline void micro_kernel_avx512(int kc, const float* a, std::int64_t lda, const float* b,
+                                                           std::int64_t ldb, float* c, int ldc, bool add) {
   constexpr int mr = 12;
   __m512 acc[mr][2];
   for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
-  for (int p = 0; p < kc; ++p, a += mr, b += 32) {
+  for (int p = 0; p < kc; ++p, a += InPlace ? 1 : mr, b += ldb) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-    rank1_avx512(acc, a, b0, b1, std::make_index_sequence<mr>{});
+    rank1_avx512<InPlace>(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
   }
   store_avx512(acc, c, ldc, add, std::make_index_sequence<mr>{});
 }
 
-template <std::size_t... I>
+template <bool InPlace, std::size_t... I>
 [[gnu::target("avx2,fma"), gnu::always_inline]] inline void rank1_avx2(__m256 (&acc)[sizeof...(I)][2], const float* a,
-                                                                       const __m256& b0, const __m256& b1,
-                                                                       std::index_sequence<I...>) {
-  ((acc[I][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + I), b0, acc[I][0]),
-    acc[I][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + I), b1, acc[I][1])),
+                                                                       std::int64_t lda, const __m256& b0,
+                                                                       const __m256& b1, std::index_sequence<I...>) {
+  ((acc[I][0] =
+        _mm256_fmadd_ps(_mm256_broadcast_ss(a + (InPlace ? std::int64_t(I) * lda : std::int64_t(I))), b0, acc[I][0]),
+    acc[I][1] =
+        _mm256_fmadd_ps(_mm256_broadcast_ss(a + (InPlace ? std::int64_t(I) * lda : std::int64_t(I))), b1, acc[I][1])),
    ...);
 }
 
@@ -87,79 +82,48 @@ template <std::size_t... I>
 }
 
 template <std::size_t... I>
-[[gnu::target("avx2,fma"), gnu::always_inline]] inline void rank1_direct_avx2(__m256 (&acc)[sizeof...(I)][2],
-                                                                              const float* a, std::int64_t lda,
-                                                                              const __m256& b0, const __m256& b1,
-                                                                              std::index_sequence<I...>) {
-  ((acc[I][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + std::int64_t(I) * lda), b0, acc[I][0]),
-    acc[I][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + std::int64_t(I) * lda), b1, acc[I][1])),
-   ...);
-}
-
-template <std::size_t... I>
 [[gnu::target("avx2,fma"), gnu::always_inline]] inline void store_avx2(const __m256 (&acc)[sizeof...(I)][2], float* c,
                                                                        int ldc, bool add, std::index_sequence<I...>) {
   (store_row_avx2(c + std::int64_t(I) * ldc, acc[I][0], acc[I][1], add), ...);
 }
 
-/// micro_kernel_avx512 on 12 rows of A read in place (row i at a + i * lda, its k elements contiguous).
-[[gnu::target("avx512f")]] inline void micro_kernel_direct_avx512(int kc, const float* a, std::int64_t lda,
-                                                                  const float* b, float* c, int ldc, bool add) {
-  constexpr int mr = 12;
-  __m512 acc[mr][2];
-  for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
-  for (int p = 0; p < kc; ++p, ++a, b += 32) {
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-    rank1_direct_avx512(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
-  }
-  store_avx512(acc, c, ldc, add, std::make_index_sequence<mr>{});
-}
-
-/// c[6 x 16] (leading dimension ldc) = (add ? c : 0) + a (kc x 6, packed) * b (kc x 16, packed), in AVX2 with FMA.
-[[gnu::target("avx2,fma")]] inline void micro_kernel_avx2(int kc, const float* a, const float* b, float* c, int ldc,
-                                                          bool add) {
+/// The AVX2 kernel: a 6 x 16 tile in 12 ymm accumulators.
+template <bool InPlace>
+[[gnu::target("avx2,fma")]] inline void micro_kernel_avx2(int kc, const float* a, std::int64_t lda, const float* b,
+                                                          std::int64_t ldb, float* c, int ldc, bool add) {
   constexpr int mr = 6;
   __m256 acc[mr][2];
   for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
-  for (int p = 0; p < kc; ++p, a += mr, b += 16) {
+  for (int p = 0; p < kc; ++p, a += InPlace ? 1 : mr, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    rank1_avx2(acc, a, b0, b1, std::make_index_sequence<mr>{});
+    rank1_avx2<InPlace>(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
   }
   store_avx2(acc, c, ldc, add, std::make_index_sequence<mr>{});
 }
 
-[[gnu::target("avx2,fma")]] inline void micro_kernel_direct_avx2(int kc, const float* a, std::int64_t lda,
-                                                                 const float* b, float* c, int ldc, bool add) {
-  constexpr int mr = 6;
-  __m256 acc[mr][2];
-  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
-  for (int p = 0; p < kc; ++p, ++a, b += 16) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    rank1_direct_avx2(acc, a, lda, b0, b1, std::make_index_sequence<mr>{});
-  }
-  store_avx2(acc, c, ldc, add, std::make_index_sequence<mr>{});
-}
-
-/// The tiles of kernels/gemm.hpp's blocked loop for the kernels above (mc a multiple of mr, nc of nr). micro_direct
-/// reads a whole tile of fp32 A in place when its rows are contiguous along k, which saves packing A.
+/// The tiles of kernels/gemm.hpp's blocked loop for the kernels above (mc a multiple of mr, nc of nr). They can read
+/// fp32 operands in place: a whole tile of A whose rows are contiguous along k (micro_direct), and a whole tile of
+/// B whose rows are contiguous along n (any micro call, with B's row stride as ldb), which saves packing them.
 struct avx512_tile {
   using acc = float;
   static constexpr int mr = 12, nr = 32, mc = 144, nc = 256, kc = 256;
-  static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
-    micro_kernel_avx512(kc_, a, b, c, ldc, add);
+  static void micro(int kc_, const float* a, const float* b, std::int64_t ldb, float* c, int ldc, bool add) {
+    micro_kernel_avx512<false>(kc_, a, 0, b, ldb, c, ldc, add);
   }
-  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, float* c, int ldc, bool add) {
-    micro_kernel_direct_avx512(kc_, a, lda, b, c, ldc, add);
+  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
+                           int ldc, bool add) {
+    micro_kernel_avx512<true>(kc_, a, lda, b, ldb, c, ldc, add);
   }
 };
 struct avx2_tile {
   using acc = float;
   static constexpr int mr = 6, nr = 16, mc = 144, nc = 256, kc = 256;
-  static void micro(int kc_, const float* a, const float* b, float* c, int ldc, bool add) {
-    micro_kernel_avx2(kc_, a, b, c, ldc, add);
+  static void micro(int kc_, const float* a, const float* b, std::int64_t ldb, float* c, int ldc, bool add) {
+    micro_kernel_avx2<false>(kc_, a, 0, b, ldb, c, ldc, add);
   }
-  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, float* c, int ldc, bool add) {
-    micro_kernel_direct_avx2(kc_, a, lda, b, c, ldc, add);
+  static void micro_direct(int kc_, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
+                           int ldc, bool add) {
+    micro_kernel_avx2<true>(kc_, a, lda, b, ldb, c, ldc, add);
   }
 };
 
