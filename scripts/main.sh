@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and trains the example Llama (examples/train_llama) on the
-# default corpus — the King James Bible, byte-level — on the GPU when one is present, else on the CPU (a few
-# minutes on 2 cores), then prints text samples. Extra arguments go to the trainer (see --help). Afterwards it
+# default corpus — the King James Bible, byte-level — on the GPU when one is present, else on the CPU (about a
+# minute on 2 cores), then prints text samples. Extra arguments go to the trainer (see --help). Afterwards it
 # builds the other examples (scripts/build_examples.sh; about 5 more minutes on 2 cores the first time), so that
 # every build/examples/... command of the README works.
 #
