@@ -165,9 +165,13 @@ struct block_buffers {
 };
 
 /// Softmax in place over the first n of a row's `keys` scores (the rest, masked, become 0); returns the row's
-/// log-sum-exp (n > 0).
+/// log-sum-exp (-inf when n == 0).
 template <class A>
 A softmax_row(const exec::host& ex, A* s, std::int64_t n, std::int64_t keys) {
+  if (n == 0) {  // a row of the block that sees no key (context parallelism): max_of needs one element
+    std::fill(s, s + keys, A(0));
+    return -std::numeric_limits<A>::infinity();
+  }
   const A m = max_of(s, n);
   exp_shifted(ex, s, n, m);
   const A sum = sum_of(s, n), inv = A(1) / sum;
