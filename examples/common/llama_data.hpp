@@ -49,7 +49,8 @@ struct data_flags {
 
 inline void declare_model_flags(cli& c, model_flags& m) {
   const std::string presets = "micro, tiny, 60m, 124m, 1b, 2b";
-  c.flag("preset", m.preset, "model preset (" + presets + "); the size flags below override it",
+  c.flag("preset", m.preset,
+         "model preset (" + presets + "; micro's head dim 4 runs on the host only); the size flags below override it",
          subspace::nn::presets::names())
       .flag("d-model", m.d_model, "hidden size (0: the preset's)")
       .flag("layers", m.layers, "transformer layers (0: the preset's)")

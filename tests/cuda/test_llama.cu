@@ -161,3 +161,19 @@ TEST_CASE("llama (CUDA): loss, logits and every gradient tensor match the host m
     }
   }
 }
+
+TEST_CASE("llama (CUDA): a config whose head dim the CUDA attention does not take fails when the model is built") {
+  testing::stream_guard sg;
+  const exec::cuda ex{sg.stream};
+  const auto build = [&](const nn::llama_config& c) { device_model model(c, ex); };
+  auto cfg = gpu_check_config(false);        // d_model 128
+  for (const std::int64_t heads : {2, 8}) {  // head dims 64 and 16
+    cfg.n_heads = heads;
+    CHECK_NOTHROW(build(cfg));
+  }
+  cfg.n_heads = 32;  // head dim 4
+  CHECK_THROWS_WITH_AS(build(cfg), doctest::Contains("head dim 4 (d_model 128 / n_heads 32)"), invalid_argument);
+  CHECK_THROWS_WITH_AS(build(nn::presets::micro()), doctest::Contains("llama_config 'micro': head dim 4"),
+                       invalid_argument);
+  CHECK_NOTHROW(nn::llama<exec::host, float>(nn::presets::micro()));  // the host kernels take any head dim
+}

@@ -52,6 +52,14 @@ struct attention_params {
   std::int64_t q_pos0 = 0, kv_pos0 = 0;
 };
 
+/// Whether attention in `Space` takes head dimension `hd`: the host kernels take any, the CUDA kernels are
+/// instantiated for 16, 32, 64 and 128. Models check it when they are built, before a step fails on it.
+template <class Space>
+constexpr bool attention_supports_head_dim(std::int64_t hd) {
+  if constexpr (std::is_same_v<Space, device_space>) return hd == 16 || hd == 32 || hd == 64 || hd == 128;
+  return hd > 0;
+}
+
 namespace detail::attention {
 
 /// The sizes of one attention call, checked.

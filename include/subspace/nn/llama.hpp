@@ -60,6 +60,7 @@
 #include "../core/memory.hpp"
 #include "../core/parameter.hpp"
 #include "../core/tensor.hpp"
+#include "../kernels/attention.hpp"
 #include "../kernels/detail/layer_checks.hpp"
 #include "../kernels/elementwise.hpp"
 #include "../kernels/gemm.hpp"
@@ -166,6 +167,11 @@ class llama {
              ") must be a non-empty range inside [0, " + std::to_string(cfg_.n_layers) + ")";
     });
     stage_ = stage;
+    require(attention_supports_head_dim<space>(cfg_.head_dim()), [&] {
+      return "llama_config '" + cfg_.name + "': head dim " + std::to_string(cfg_.head_dim()) + " (d_model " +
+             std::to_string(cfg_.d_model) + " / n_heads " + std::to_string(cfg_.n_heads) +
+             ") is not one the CUDA attention kernels take (16, 32, 64 or 128)";
+    });
     require_memory();
     const std::vector<parameter_info> infos = llama_parameter_infos(cfg_);
     require(!cfg_.tied_embeddings || (has_embedding() && has_head()), [&] {

@@ -681,7 +681,7 @@ void require_rows(const V& x, const char* op, const char* name) {
 }
 
 inline void require_launchable(const detail::attention::dims& d, const char* op) {
-  require(d.head_dim == 16 || d.head_dim == 32 || d.head_dim == 64 || d.head_dim == 128, [&] {
+  require(attention_supports_head_dim<device_space>(d.head_dim), [&] {
     return std::string(op) + " (CUDA): head dim " + std::to_string(d.head_dim) +
            " is not supported (16, 32, 64 or 128)";
   });
