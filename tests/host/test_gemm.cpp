@@ -53,6 +53,9 @@ TEST_CASE("gemm (host): every transpose combination, odd and block-boundary size
               1e-5);
         CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, -0.5f, 0.75f, seed + 3,
                                               exec::host{0, simd}) < 1e-5);
+        // C += A B: over one k panel the kernels add into C's full tiles in place.
+        CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, 1.0f, 1.0f, seed + 5, exec::host{0, simd}) <
+              1e-5);
       });
     }
   }
@@ -141,14 +144,24 @@ TEST_CASE("gemm (host): bf16, fp16 and double operands, bf16 and fp16 output, mi
 TEST_CASE("gemm (host): the result does not depend on the thread count") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
-  auto A = testing::random_tensor<float>({300, 270}, seed);
-  auto B = testing::random_tensor<float>({270, 520}, seed + 1);
-  host_tensor<float> c1({300, 520}), c3({300, 520});
-  gemm(exec::host{1}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c1.v());
-  gemm(exec::host{3}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c3.v());
-  CHECK(testing::rel_error(c1, c3) == 0.0);
-  const auto want = gemm_reference(op::none, op::none, 1.0, cv(A), cv(B), 0.0, cv(c1));
-  CHECK(testing::rel_error(cv(c1), cv(want)) < 1e-5);
+  // The blocks' sizes follow the thread count (688 rows: 5 blocks for one thread, 6 for two); no element's sum does.
+  struct dims {
+    std::int64_t m, n, k;
+  };
+  for (const dims d : {dims{300, 520, 270}, dims{688, 344, 300}, dims{128, 344, 2048}}) {
+    CAPTURE(d.m);
+    auto A = testing::random_tensor<float>({d.m, d.k}, seed);
+    auto B = testing::random_tensor<float>({d.k, d.n}, seed + 1);
+    host_tensor<float> c1({d.m, d.n});
+    gemm(exec::host{1}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c1.v());
+    const auto want = gemm_reference(op::none, op::none, 1.0, cv(A), cv(B), 0.0, cv(c1));
+    CHECK(testing::rel_error(cv(c1), cv(want)) < 1e-5);
+    for (const int threads : {2, 3}) {
+      host_tensor<float> c({d.m, d.n});
+      gemm(exec::host{threads}, op::none, op::none, 1.0f, A.v(), B.v(), 0.0f, c.v());
+      CHECK(testing::rel_error(c1, c) == 0.0);
+    }
+  }
 }
 
 TEST_CASE("gemm (host): empty dimensions") {

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -191,6 +192,13 @@ const Acc* in_place(const T* p) {
   else return nullptr;
 }
 
+/// C written in place by a kernel that writes the accumulator type (null for another type).
+template <class Acc, class T>
+Acc* in_place_out(T* p) {
+  if constexpr (std::is_same_v<T, Acc>) return p;
+  else return nullptr;
+}
+
 /// The portable tile: blocking<Acc> and micro_kernel, for the blocked loop below (detail/gemm_x86.hpp has the
 /// vectorised ones).
 template <class Acc>
@@ -232,19 +240,30 @@ workspace<Tile>& thread_workspace(std::int64_t k) {
   return ws;
 }
 
-/// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi` (mb <= mc rows): the whole k loop, then the
-/// epilogue.
+/// Whether the kernels may write C's full tiles in place: fp32 C with contiguous rows, and C = A B (beta 0) or C +=
+/// A B over one k panel (beta 1; over several the sum's order would differ from the accumulator's).
+template <class Tile, class Acc, class TC>
+bool writes_c_in_place(const gemm_problem& pr, Acc alpha, Acc beta) {
+  return std::is_same_v<TC, Acc> && pr.c.col == 1 && pr.c.row <= std::numeric_limits<int>::max() && pr.k > 0 &&
+         alpha == Acc(1) && (beta == Acc(0) || (beta == Acc(1) && pr.k <= Tile::kc));
+}
+
+/// Computes the (mb x nb) block of C at (i0, j0) of batch entry `bi` (mb <= mc rows, nb <= nc columns): the whole k
+/// loop, then the epilogue for what the kernels did not write in place.
 template <class Tile, class Acc, class TA, class TB, class TC>
 void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, Acc beta, std::int64_t bi,
-           std::int64_t i0, std::int64_t j0, int mc, workspace<Tile>& ws) {
+           std::int64_t i0, std::int64_t j0, int mc, int nc, workspace<Tile>& ws) {
   using blk = Tile;
   const int mb = int(std::min<std::int64_t>(mc, pr.m - i0));
-  const int nb = int(std::min<std::int64_t>(blk::nc, pr.n - j0));
+  const int nb = int(std::min<std::int64_t>(nc, pr.n - j0));
   const TA* a = A + bi * pr.a.batch;
   const TB* b = B + bi * pr.b.batch;
   TC* c = C + bi * pr.c.batch;
-  Acc* acc = ws.c.get();  // ld = nc; padded micro-tiles stay inside
+  Acc* acc = ws.c.get();  // ld = blk::nc; padded micro-tiles stay inside
   if (alpha == Acc(0) || pr.k == 0) std::fill(acc, acc + std::size_t(blk::mc) * blk::nc, Acc(0));
+  // The full tiles of C the kernels write in place (saving a pass through the accumulator block); none: 0 x 0.
+  const bool direct = writes_c_in_place<Tile, Acc, TC>(pr, alpha, beta);
+  const int direct_rows = direct ? mb / blk::mr * blk::mr : 0, direct_cols = direct ? nb / blk::nr * blk::nr : 0;
 
   if (alpha != Acc(0)) {
     // Full tiles of fp32 operands laid out for the kernel are read in place where the tile has a kernel for it:
@@ -266,20 +285,22 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
         pack<Acc, blk::nr>(b, pr.b.col, pr.b.row, j0 + b_packed_from, nb - b_packed_from, p0, kb, bp);
       for (int jr = 0; jr < nb; jr += blk::nr) {
         const bool b_here = jr < b_packed_from;
-        const Acc* bt = b_here ? in_place<Acc>(b) + p0 * pr.b.row + (j0 + jr)
-                               : bp + std::size_t(jr - b_packed_from) * kb;
+        const Acc* bt =
+            b_here ? in_place<Acc>(b) + p0 * pr.b.row + (j0 + jr) : bp + std::size_t(jr - b_packed_from) * kb;
         const std::int64_t ldb = b_here ? pr.b.row : blk::nr;
         for (int ir = 0; ir < mb; ir += blk::mr) {
-          Acc* ctile = acc + std::size_t(ir) * blk::nc + jr;
+          const bool c_here = ir < direct_rows && jr < direct_cols;
+          Acc* ctile =
+              c_here ? in_place_out<Acc>(c) + (i0 + ir) * pr.c.row + (j0 + jr) : acc + std::size_t(ir) * blk::nc + jr;
+          const int ldc = c_here ? int(pr.c.row) : blk::nc;
+          const bool add = p0 > 0 || (c_here && beta == Acc(1));  // the first k panel writes
           if constexpr (requires { &Tile::micro_direct; }) {
             if (ir < a_packed_from) {
-              Tile::micro_direct(kb, in_place<Acc>(a) + (i0 + ir) * pr.a.row + p0, pr.a.row, bt, ldb,
-                                 ctile, blk::nc, p0 > 0);
+              Tile::micro_direct(kb, in_place<Acc>(a) + (i0 + ir) * pr.a.row + p0, pr.a.row, bt, ldb, ctile, ldc, add);
               continue;
             }
           }
-          Tile::micro(kb, ws.a.get() + std::size_t(ir - a_packed_from) * kb, bt, ldb, ctile, blk::nc,
-                      p0 > 0);  // the first k panel writes
+          Tile::micro(kb, ws.a.get() + std::size_t(ir - a_packed_from) * kb, bt, ldb, ctile, ldc, add);
         }
       }
     }
@@ -290,11 +311,12 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
   for (int i = 0; i < mb; ++i) {
     TC* crow = c + (i0 + i) * pr.c.row + j0 * pr.c.col;
     const Acc* arow = acc + std::size_t(i) * blk::nc;
-    if (pr.c.col == 1) {  // contiguous rows of C: the loops vectorise
+    if (pr.c.col == 1) {                                     // contiguous rows of C: the loops vectorise
+      const int j0_row = i < direct_rows ? direct_cols : 0;  // columns before it were written in place
       if (beta == Acc(0))
-        for (int j = 0; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j]);
+        for (int j = j0_row; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j]);
       else
-        for (int j = 0; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j] + beta * convert<Acc>(crow[j]));
+        for (int j = j0_row; j < nb; ++j) crow[j] = convert<TC>(alpha * arow[j] + beta * convert<Acc>(crow[j]));
     } else if (beta == Acc(0)) {
       for (int j = 0; j < nb; ++j) crow[j * pr.c.col] = convert<TC>(alpha * arow[j]);
     } else {
@@ -313,11 +335,24 @@ void run_tiled(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alph
   using blk = Tile;
   const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
   const exec::host workers = for_flops(ex, flops);
+  const std::int64_t threads = workers.concurrency();
+  const auto round_up = [](std::int64_t x, int to) { return (x + to - 1) / to * to; };
+  // Blocks of even size (n = 344 in two blocks of 192 and 152 rather than 256 and 88), and enough of them, in a
+  // multiple of the threads where a few more suffice, that no thread is left idle while another finishes.
   const std::int64_t nblocks = (pr.n + blk::nc - 1) / blk::nc;
-  int mc = blk::mc;
-  while (mc > blk::mr && pr.batch * ((pr.m + mc - 1) / mc) * nblocks < workers.concurrency())
-    mc = std::max(blk::mr, (mc / 2 + blk::mr - 1) / blk::mr * blk::mr);
-  const std::int64_t mblocks = (pr.m + mc - 1) / mc;
+  const int nc = int(round_up((pr.n + nblocks - 1) / nblocks, blk::nr));
+  std::int64_t mblocks = (pr.m + blk::mc - 1) / blk::mc;
+  const std::int64_t most_mblocks = (pr.m + blk::mr - 1) / blk::mr;
+  while (mblocks < most_mblocks && pr.batch * mblocks * nblocks < threads)
+    mblocks = std::min(most_mblocks, 2 * mblocks);
+  for (std::int64_t more = mblocks; more <= std::min(most_mblocks, mblocks + 3); ++more) {
+    if (pr.batch * more * nblocks % threads == 0) {
+      mblocks = more;
+      break;
+    }
+  }
+  const int mc = int(round_up((pr.m + mblocks - 1) / mblocks, blk::mr));
+  mblocks = (pr.m + mc - 1) / mc;
   const std::int64_t tasks = pr.batch * mblocks * nblocks;
   // Each thread claims the next block until none is left, so a thread that starts late or runs slow takes fewer.
   std::atomic<std::int64_t> next{0};
@@ -325,7 +360,7 @@ void run_tiled(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alph
     workspace<Tile>& w = thread_workspace<Tile>(pr.k);
     for (std::int64_t t = next++; t < tasks; t = next++) {
       const std::int64_t bi = t / (mblocks * nblocks), rest = t % (mblocks * nblocks);
-      block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * mc, (rest / mblocks) * blk::nc, mc, w);
+      block<Tile>(pr, A, B, C, alpha, beta, bi, (rest % mblocks) * mc, (rest / mblocks) * nc, mc, nc, w);
     }
   });
 }
