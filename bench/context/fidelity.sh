@@ -20,13 +20,7 @@ device="${FIDELITY_DEVICE:-auto}" threads="${FIDELITY_THREADS:-0}"
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-text=()
-corpus="King James Bible (Debian bible-kjv-text)"
-if [ -n "${SUBSPACE_CORPUS:-}" ]; then
-  text=(--text "$SUBSPACE_CORPUS"); corpus="$(basename "$SUBSPACE_CORPUS")"
-elif [ ! -e /usr/lib/bible.data ]; then
-  text=(--text "$here/../../tests/data/kjv_genesis.txt"); corpus="tests/data/kjv_genesis.txt (Genesis, KJV)"
-fi
+source "$here/../common/corpus.sh"
 common=(--preset "$preset" --cp "$cp" --seq "$seq" --batch 1 --steps "$steps" --warmup $((steps / 10)) --decay cosine
         --eval-every $((steps / 5)) --eval-batches 4 --seed 1 --log-every 10 --device "$device"
         --threads "$threads" "${text[@]}")

@@ -17,13 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-text=()
-corpus="King James Bible (Debian bible-kjv-text)"
-if [ -n "${SUBSPACE_CORPUS:-}" ]; then
-  text=(--text "$SUBSPACE_CORPUS"); corpus="$(basename "$SUBSPACE_CORPUS")"
-elif [ ! -e /usr/lib/bible.data ]; then
-  text=(--text "$here/../../tests/data/kjv_genesis.txt"); corpus="tests/data/kjv_genesis.txt (Genesis, KJV)"
-fi
+source "$here/../common/corpus.sh"
 common=(--preset 60m --seq 256 --batch 16 --steps "$steps" --lr 1e-3 --warmup $((steps / 10)) --decay cosine
         --clip 1.0 --eval-every $((steps / 10)) --eval-batches 20 --seed 1 --samples 0 --log-every 100
         --rank 128 --refresh 200 --galore-scale 0.25 --golore-percent 20 --device cuda "${text[@]}")

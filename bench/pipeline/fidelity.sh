@@ -13,13 +13,7 @@ bin="$1"; out="$2"; commit="${3:-unknown}"; steps="${4:-400}"
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-text=()
-corpus="King James Bible (Debian bible-kjv-text)"
-if [ -n "${SUBSPACE_CORPUS:-}" ]; then
-  text=(--text "$SUBSPACE_CORPUS"); corpus="$(basename "$SUBSPACE_CORPUS")"
-elif [ ! -e /usr/lib/bible.data ]; then
-  text=(--text "$here/../../tests/data/kjv_genesis.txt"); corpus="tests/data/kjv_genesis.txt (Genesis, KJV)"
-fi
+source "$here/../common/corpus.sh"
 common=(--preset 60m --vocab 256 --stages 4 --schedule 1f1b --microbatches 4 --batch 4 --seq 256 --steps "$steps"
         --lr 1e-3 --warmup $((steps / 10)) --decay cosine --clip 1.0 --eval-every $((steps / 6)) --eval-batches 20
         --seed 1 --samples 0 --log-every 100 "${text[@]}")
