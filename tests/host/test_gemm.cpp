@@ -44,18 +44,19 @@ TEST_CASE("gemm (host): every transpose combination, odd and block-boundary size
                         {13, 33, 65}, {6, 16, 16},  {144, 256, 256}, {145, 257, 257}, {129, 257, 257}, {3, 260, 513}};
   for (const exec::host_simd simd : {exec::host_simd::portable, exec::host_simd::native}) {
     CAPTURE(int(simd));
-    for (const auto& d : sizes) {
+    for (std::size_t i = 0; i < std::size(sizes); ++i) {
+      const dims d = sizes[i];
       CAPTURE(d.m);
       CAPTURE(d.n);
       CAPTURE(d.k);
+      // Every other size C += A B, which the kernels add into C's full tiles in place over one k panel (and through
+      // the accumulator block over several); the others a scaled product and C.
+      const float alpha = i % 2 == 0 ? 1.0f : -0.5f, beta = i % 2 == 0 ? 1.0f : 0.75f;
       for_each_transpose([&](op op_a, op op_b, std::uint64_t seed) {
         CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, 1.0f, 0.0f, seed, exec::host{0, simd}) <
               1e-5);
-        CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, -0.5f, 0.75f, seed + 3,
+        CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, alpha, beta, seed + 3,
                                               exec::host{0, simd}) < 1e-5);
-        // C += A B: over one k panel the kernels add into C's full tiles in place.
-        CHECK(gemm_error<float, float, float>(op_a, op_b, d.m, d.n, d.k, 0, 1.0f, 1.0f, seed + 5, exec::host{0, simd}) <
-              1e-5);
       });
     }
   }
@@ -148,7 +149,7 @@ TEST_CASE("gemm (host): the result does not depend on the thread count") {
   struct dims {
     std::int64_t m, n, k;
   };
-  for (const dims d : {dims{300, 520, 270}, dims{688, 344, 300}, dims{128, 344, 2048}}) {
+  for (const dims d : {dims{300, 520, 270}, dims{688, 344, 40}, dims{128, 344, 300}}) {
     CAPTURE(d.m);
     auto A = testing::random_tensor<float>({d.m, d.k}, seed);
     auto B = testing::random_tensor<float>({d.k, d.n}, seed + 1);
