@@ -9,13 +9,14 @@
 #
 # Environment (defaults): FIDELITY_SEQ (8192) tokens per sequence, FIDELITY_CP (4) ranks per sequence,
 # FIDELITY_PRESET (tiny), FIDELITY_DEVICE (auto: the GPU when the build has CUDA and one is present),
-# FIDELITY_THREADS (0: all; host worker threads per rank), SUBSPACE_CORPUS (a text file instead of the default
-# corpus: the King James Bible when its Debian package is installed, else tests/data/kjv_genesis.txt).
+# FIDELITY_THREADS (0: all; host worker threads per rank), FIDELITY_PARALLEL (0; 1 trains the two runs at once, for
+# a GPU with room for both: the same curves in about half the wall time), SUBSPACE_CORPUS (a text file instead of
+# the default corpus: the King James Bible when its Debian package is installed, else tests/data/kjv_genesis.txt).
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 bin="$1"; out="$2"; commit="${3:-unknown}"; steps="${4:-200}"
 seq="${FIDELITY_SEQ:-8192}" cp="${FIDELITY_CP:-4}" preset="${FIDELITY_PRESET:-tiny}"
-device="${FIDELITY_DEVICE:-auto}" threads="${FIDELITY_THREADS:-0}"
+device="${FIDELITY_DEVICE:-auto}" threads="${FIDELITY_THREADS:-0}" parallel="${FIDELITY_PARALLEL:-0}"
 [[ "$steps" =~ ^[0-9]+$ ]] && [ "$steps" -ge 20 ] || { echo "fidelity.sh: STEPS must be an integer >= 20, got '$steps'" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
@@ -24,14 +25,29 @@ source "$here/../common/corpus.sh"
 common=(--preset "$preset" --cp "$cp" --seq "$seq" --batch 1 --steps "$steps" --warmup $((steps / 10)) --decay cosine
         --eval-every $((steps / 5)) --eval-batches 4 --seed 1 --log-every 10 --device "$device"
         --threads "$threads" "${text[@]}")
-for run in dense mos; do
-  compressor=identity extra=()
+train() {  # train RUN: one run's log and metrics into $work
+  local run="$1" compressor=identity extra=()
   [ "$run" = mos ] && compressor=mos extra=(--warmup-pca $((steps / 10)))
-  echo "== $run"
-  "$bin" "${common[@]}" --compressor "$compressor" "${extra[@]}" --metrics "$work/$run.jsonl" >"$work/$run.log" 2>&1 ||
-    { tail -20 "$work/$run.log"; echo "fidelity.sh: the $run run failed" >&2; exit 1; }
-  grep -E "^(context|sequence|compressor|switched|done|K/V sent)|val" "$work/$run.log" || true
-done
+  "$bin" "${common[@]}" --compressor "$compressor" "${extra[@]}" --metrics "$work/$run.jsonl" >"$work/$run.log" 2>&1
+}
+report() {  # report RUN STATUS: the run's header and validation lines, or its last lines and a failure
+  echo "== $1"
+  [ "$2" = 0 ] || { tail -20 "$work/$1.log"; echo "fidelity.sh: the $1 run failed" >&2; exit 1; }
+  grep -E "^(context|sequence|compressor|switched|done|K/V sent)|val" "$work/$1.log" || true
+}
+if [ "$parallel" = 1 ]; then
+  train dense & dense_pid=$!
+  train mos & mos_pid=$!
+  dense_status=0 mos_status=0
+  wait "$dense_pid" || dense_status=$?
+  wait "$mos_pid" || mos_status=$?
+  report dense "$dense_status"; report mos "$mos_status"
+else
+  for run in dense mos; do
+    status=0; train "$run" || status=$?
+    report "$run" "$status"
+  done
+fi
 
 python3 - "$work" "$out" "$commit" "$corpus" "$steps" "$seq" "$cp" "$preset" <<'PY'
 import json, math, os, sys, time

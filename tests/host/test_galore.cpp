@@ -24,6 +24,8 @@
 
 using namespace subspace;
 using optim::projection_side;
+using testing::gram;
+using testing::max_abs_minus_identity;
 
 namespace {
 
@@ -54,28 +56,6 @@ host_tensor<double> random_orthonormal(std::int64_t rows, std::int64_t cols, std
   host_tensor<double> q({rows, cols});
   orthonormalize(ex, g.v(), q.v());
   return q;
-}
-
-/// A^T A (transpose = true) or A A^T, in double.
-template <class T>
-host_tensor<double> gram(const host_tensor<T>& a, bool transpose) {
-  const std::int64_t r = a.dim(0), c = a.dim(1), k = transpose ? c : r;
-  host_tensor<double> g({k, k});
-  for (std::int64_t i = 0; i < k; ++i)
-    for (std::int64_t j = 0; j < k; ++j) {
-      double s = 0;
-      for (std::int64_t l = 0; l < (transpose ? r : c); ++l)
-        s += transpose ? double(a(l, i)) * double(a(l, j)) : double(a(i, l)) * double(a(j, l));
-      g(i, j) = s;
-    }
-  return g;
-}
-
-double max_abs_minus_identity(const host_tensor<double>& g) {
-  double e = 0;
-  for (std::int64_t i = 0; i < g.dim(0); ++i)
-    for (std::int64_t j = 0; j < g.dim(1); ++j) e = std::max(e, std::abs(g(i, j) - (i == j ? 1.0 : 0.0)));
-  return e;
 }
 
 /// max |P P^T - I| (right) or |P^T P - I| (left): how far P is from orthonormal.

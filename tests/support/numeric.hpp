@@ -2,6 +2,7 @@
 // Shared test helpers: fresh random inputs (with cast ties), a loop over the element types, bitwise and relative-error
 // comparisons in double.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,6 +85,29 @@ double rel_error(view<const A, host_space> a, view<const B, host_space> b) {
 template <class A, class B>
 double rel_error(const host_tensor<A>& a, const host_tensor<B>& b) {
   return rel_error(a.v(), b.v());
+}
+
+/// A^T A (transpose = true) or A A^T, in double.
+template <class T>
+host_tensor<double> gram(const host_tensor<T>& a, bool transpose) {
+  const std::int64_t r = a.dim(0), c = a.dim(1), k = transpose ? c : r;
+  host_tensor<double> g({k, k});
+  for (std::int64_t i = 0; i < k; ++i)
+    for (std::int64_t j = 0; j < k; ++j) {
+      double s = 0;
+      for (std::int64_t l = 0; l < (transpose ? r : c); ++l)
+        s += transpose ? double(a(l, i)) * double(a(l, j)) : double(a(i, l)) * double(a(j, l));
+      g(i, j) = s;
+    }
+  return g;
+}
+
+/// max |g - I| over a square g: how far a Gram matrix is from the identity.
+inline double max_abs_minus_identity(const host_tensor<double>& g) {
+  double e = 0;
+  for (std::int64_t i = 0; i < g.dim(0); ++i)
+    for (std::int64_t j = 0; j < g.dim(1); ++j) e = std::max(e, std::abs(g(i, j) - (i == j ? 1.0 : 0.0)));
+  return e;
 }
 
 }  // namespace subspace::testing

@@ -169,7 +169,7 @@ struct kv_tables {
 /// The top-r eigenbasis of a symmetric positive semi-definite [d, d] matrix (uncentered PCA), as [d, r] in double.
 inline host_tensor<double> top_eigenbasis(view<const double, host_space> sigma, std::int64_t r) {
   host_tensor<double> u(shape{sigma.dim(0), r});
-  svd(exec::host{1}, sigma, view<double, host_space>{}, u.v(), view<double, host_space>{});
+  symmetric_eigen(exec::host{1}, sigma, view<double, host_space>{}, u.v());
   return u;
 }
 

