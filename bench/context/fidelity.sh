@@ -10,13 +10,15 @@
 # Environment (defaults): FIDELITY_SEQ (8192) tokens per sequence, FIDELITY_CP (4) ranks per sequence,
 # FIDELITY_PRESET (tiny), FIDELITY_DEVICE (auto: the GPU when the build has CUDA and one is present),
 # FIDELITY_THREADS (0: all; host worker threads per rank), FIDELITY_PARALLEL (0; 1 trains the two runs at once, for
-# a GPU with room for both: the same curves in about half the wall time), SUBSPACE_CORPUS (a text file instead of
-# the default corpus: the King James Bible when its Debian package is installed, else tests/data/kjv_genesis.txt).
+# a GPU with room for both: the same curves in about half the wall time), FIDELITY_FLAGS (more context_llama flags
+# for both runs, e.g. model sizes or --lr), SUBSPACE_CORPUS (a text file instead of the default corpus: the King
+# James Bible when its Debian package is installed, else tests/data/kjv_genesis.txt).
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 bin="$1"; out="$2"; commit="${3:-unknown}"; steps="${4:-200}"
 seq="${FIDELITY_SEQ:-8192}" cp="${FIDELITY_CP:-4}" preset="${FIDELITY_PRESET:-tiny}"
 device="${FIDELITY_DEVICE:-auto}" threads="${FIDELITY_THREADS:-0}" parallel="${FIDELITY_PARALLEL:-0}"
+read -r -a flags <<<"${FIDELITY_FLAGS:-}"
 [[ "$steps" =~ ^[0-9]+$ ]] && [ "$steps" -ge 20 ] || { echo "fidelity.sh: STEPS must be an integer >= 20, got '$steps'" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
 work="$(mktemp -d)"
@@ -24,7 +26,7 @@ trap 'rm -rf "$work"' EXIT
 source "$here/../common/corpus.sh"
 common=(--preset "$preset" --cp "$cp" --seq "$seq" --batch 1 --steps "$steps" --warmup $((steps / 10)) --decay cosine
         --eval-every $((steps / 5)) --eval-batches 4 --seed 1 --log-every 10 --device "$device"
-        --threads "$threads" "${text[@]}")
+        --threads "$threads" "${text[@]}" "${flags[@]}")
 train() {  # train RUN: one run's log and metrics into $work
   local run="$1" compressor=identity extra=()
   [ "$run" = mos ] && compressor=mos extra=(--warmup-pca $((steps / 10)))
@@ -49,9 +51,9 @@ else
   done
 fi
 
-python3 - "$work" "$out" "$commit" "$corpus" "$steps" "$seq" "$cp" "$preset" <<'PY'
+python3 - "$work" "$out" "$commit" "$corpus" "$steps" "$seq" "$cp" "$preset" "${FIDELITY_FLAGS:-}" <<'PY'
 import json, math, os, sys, time
-work, out, commit, corpus, steps, seq, cp, preset = sys.argv[1:]
+work, out, commit, corpus, steps, seq, cp, preset, flags = sys.argv[1:]
 runs = {}
 for name in ("dense", "mos"):
     lines = [json.loads(l) for l in open(os.path.join(work, name + ".jsonl")) if l.strip()]
@@ -60,7 +62,7 @@ for name in ("dense", "mos"):
     runs[name] = {"final_val_loss": curve[-1][1], "final_val_perplexity": math.exp(curve[-1][1]),
                   "final_train_loss": lines[-1]["loss"], "val_loss_curve": curve,
                   "kv_bytes_sent_per_rank": sum(max(l["kv_bytes_sent"]) for l in lines),  # the busiest rank each step
-                  "header": [h for h in log if h.startswith(("context", "sequence", "compressor"))]}
+                  "header": [h for h in log if h.startswith(("model", "context", "sequence", "compressor"))]}
 ratio = runs["mos"]["final_val_perplexity"] / runs["dense"]["final_val_perplexity"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
 where = next((h for h in runs["dense"]["header"] if h.startswith("context")), "")  # names the GPU when on one
@@ -68,7 +70,8 @@ doc = {"benchmark": "context_fidelity", "device": (cpu + "; " if where.endswith(
        "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
        "config": {"preset": preset, "vocab": "bytes", "corpus": corpus, "cp": int(cp), "seq": int(seq), "batch": 1,
                   "steps": int(steps), "warmup": int(steps) // 10, "decay": "cosine", "layout": "zigzag",
-                  "exchange": "ring", "mos_warmup_pca": int(steps) // 10, "eval_batches": 4, "seed": 1},
+                  "exchange": "ring", "mos_warmup_pca": int(steps) // 10, "eval_batches": 4, "seed": 1,
+                  "more_flags": flags},
        "results": runs, "perplexity_ratio_mos_to_dense": ratio,
        "kv_bytes_ratio_mos_to_dense": runs["mos"]["kv_bytes_sent_per_rank"] / runs["dense"]["kv_bytes_sent_per_rank"]}
 tmp = out + ".tmp"

@@ -1,9 +1,11 @@
 #pragma once
 // The context-parallel flags of context_llama and pipeline_llama (--layout, --attention and the Mixture of
-// Subspaces flags --rank-k, --rank-v, --generators, --warmup-pca, --pca-steps, --unplug-at), their checks, and
-// the compressor options they configure. Each program declares --cp and the flag that turns compression on itself.
+// Subspaces flags --rank-k, --rank-v, --generators, --theta-max, --warmup-pca, --pca-steps, --unplug-at), their
+// checks, and the compressor options they configure. Each program declares --cp and the flag that turns compression
+// on itself.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -23,6 +25,7 @@ struct context_flags {
   int cp = 1;  // ranks per sequence
   std::string layout = "zigzag", attention = "ring";
   std::int64_t rank_k = 0, rank_v = 0, generators = 1, warmup_pca = 50, pca_steps = 20, unplug_at = 0;
+  double theta_max = 0.5;
 
   subspace::context::placement placement() const {
     return layout == "zigzag" ? subspace::context::placement::zigzag : subspace::context::placement::contiguous;
@@ -45,6 +48,9 @@ inline void declare_context_flags(cli& c, context_flags& f, const std::string& m
       .flag("rank-k", f.rank_k, "rank of the compressed K (0: 2% of the K/V width, at least 1; " + mos_flag + ")")
       .flag("rank-v", f.rank_v, "rank of the compressed V (0: 5% of the K/V width, at least 1; " + mos_flag + ")")
       .flag("generators", f.generators, "rotation coefficients per chunk (m)")
+      .flag("theta-max", f.theta_max,
+            "bound of each rotation coefficient, |theta| < it through tanh, where the rotation's Taylor form "
+            "stays nearly orthogonal (0: unbounded)")
       .flag("warmup-pca", f.warmup_pca, "dense steps before compression starts (its basis comes from their K/V)")
       .flag("pca-steps", f.pca_steps, "the last warm-up steps whose K/V second moments give the basis")
       .flag("unplug-at", f.unplug_at, "from this step on send dense K/V again (0: never)");
@@ -61,6 +67,8 @@ inline void check_context_flags(const context_flags& f, std::int64_t seq, std::i
                             ")");
   need(f.rank_k >= 0 && f.rank_v >= 0, "--rank-k and --rank-v must be >= 0 (0: 2% and 5% of the K/V width)");
   need(f.generators >= 1, "--generators must be >= 1");
+  need(std::isfinite(f.theta_max) && f.theta_max >= 0,
+       "--theta-max must be a finite number >= 0 (0: unbounded), got " + std::to_string(f.theta_max));
   need(f.warmup_pca >= 1 && f.pca_steps >= 1, "--warmup-pca and --pca-steps must be >= 1");
   need(f.unplug_at >= 0, "--unplug-at must be >= 0 (0: never)");
   need(!mos || f.warmup_pca < steps, "--warmup-pca " + std::to_string(f.warmup_pca) + " must be shorter than --steps " +
@@ -78,6 +86,7 @@ inline subspace::compress::kv_subspace_options mos_options(const context_flags& 
   m.rank_k = f.rank_k;
   m.rank_v = f.rank_v;
   m.generators = f.generators;
+  m.theta_max = f.theta_max;
   m.generator_seed = seed * 2 + 301;
   m.warmup_steps = f.warmup_pca;
   m.pca_steps = std::min(f.pca_steps, f.warmup_pca);

@@ -275,7 +275,9 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("kv_subspace: finite differences of the compressed model (k and v projections, psi, upstream tensors)") {
+TEST_CASE(
+    "kv_subspace: finite differences of the compressed model (k and v projections, psi, upstream tensors; "
+    "theta bounded and not)") {
   const nn::llama_config cfg = model_config();
   const std::uint64_t seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -283,7 +285,10 @@ TEST_CASE("kv_subspace: finite differences of the compressed model (k and v proj
   const testing::token_batch data(batch, seq, cfg.vocab, seed + 1, false);
   for (const std::int64_t m : {1, 3}) {
     CAPTURE(m);
-    const compress::kv_subspace_options o = mos_options(cfg, m);
+    // θ bounded hard (|u| ~ 0.1 against θ_max 0.12: tanh's slope well below 1) with m = 1, unbounded with m = 3.
+    compress::kv_subspace_options o = mos_options(cfg, m);
+    o.theta_max = m == 1 ? 0.12 : 0.0;
+    CAPTURE(o.theta_max);
     using blocks_t = context::blocks<comm::local, compress::kv_subspace_mixture>;
     std::vector<comm::local> one = comm::local::world(1, quick_timeout());
     const context::layout lay(seq, 1, context::placement::contiguous, 4);
@@ -374,4 +379,9 @@ TEST_CASE("kv_subspace: the last layer and the warm-up send K and V dense; bad o
   bad.unplug_at_step = 5;
   CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("unplug_at_step must be 0 (never) or after"),
                        invalid_argument);
+  for (const double theta_max : {-0.1, double(NAN), double(INFINITY)}) {
+    bad = o;
+    bad.theta_max = theta_max;
+    CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("theta_max must be a finite number >= 0"), invalid_argument);
+  }
 }

@@ -5,7 +5,8 @@
 //
 // Per attention layer ℓ but the last, and separately for Z = K (before RoPE) and Z = V [n rows, d_kv]:
 //
-//   z̄ = mean of the chunk's rows,   θ = W_ψ z̄ + b_ψ  (m numbers; ψ a learned linear head, zero at the start)
+//   z̄ = mean of the chunk's rows,   u = W_ψ z̄ / ‖z̄‖₁ + b_ψ,   θ = θ_max tanh(u / θ_max)
+//                                    (m numbers; ψ a learned linear head, zero at the start; θ_max 0: θ = u)
 //   U(θ) = U_0 + Σ_j θ_j P_j + ½ Σ_jl θ_j θ_l Q_jl      (= (I + S + ½S²) U_0, S = Σ θ_j A_j: the 2nd-order Taylor
 //                                                        form of exp(S) U_0, through P_j = A_j U_0, Q_jl = A_j A_l U_0)
 //   sent: C = Z U(θ) [n, r] and θ;   rebuilt by every rank, the owner too: Ẑ = C U(θ)ᵀ
@@ -15,13 +16,20 @@
 // the last steps of an uncompressed warm-up (every rank's, summed; rank 0 computes U_0, P and Q and broadcasts
 // them in fp32, so every rank holds the same bits). The final layer always sends K and V dense.
 //
+// Two things here are ours, not the paper's θ = W_ψ z̄ + b_ψ: ψ reads z̄ over its ℓ1 norm, so that an Adam step
+// (about lr per weight, whatever the gradient's scale) moves θ by at most about 2 lr, where on z̄ itself it moved θ
+// by lr ‖z̄‖₁ (‖z̄‖₁ is in the hundreds to thousands for a Llama's keys); and θ is bounded by θ_max (default 0.5),
+// where the Taylor form is nearly a rotation (its singular values are √(1 + λ⁴/4) for an eigenvalue iλ of S: 1.12
+// at λ = 1). Unbounded, θ grew to hundreds and training diverged (docs/context.md, "Choices of ours").
+//
 // Phases, by the 1-based step: steps 1 .. warmup_steps are dense (the last pca_steps of them accumulate Σ);
 // from warmup_steps + 1 on the layers compress (after switch_to_compressed); from unplug_at_step on (when set)
 // they are dense again.
 //
 // Backward. A receiver turns dẐ into dC = dẐ U and dθ_l = ⟨dẐᵀ C, ∂U/∂θ_l⟩ (the d_kv × r matrix dU is contracted
 // at once, never sent); the owner sums every rank's (dC, dθ) and adds its own path: dZ = dC Uᵀ, dθ_l +=
-// ⟨Zᵀ dC, ∂U/∂θ_l⟩, dW_ψ += dθ z̄ᵀ, db_ψ += dθ, dZ += 𝟙 (W_ψᵀ dθ)ᵀ / n, with ∂U/∂θ_l = P_l + ½ Σ_l' θ_l' (Q_ll' +
+// ⟨Zᵀ dC, ∂U/∂θ_l⟩, then through the head (du = dθ (1 − (θ/θ_max)²), x = z̄/‖z̄‖₁): dW_ψ += du xᵀ, db_ψ += du,
+// dZ += 𝟙 ((dx − (dx·x) sign(z̄)) / ‖z̄‖₁)ᵀ / n with dx = W_ψᵀ du, where ∂U/∂θ_l = P_l + ½ Σ_l' θ_l' (Q_ll' +
 // Q_l'l). The payload: values = C^K then C^V for every (sequence, chunk), in the activation type; side = θ^K then
 // θ^V, in its accumulation type.
 //
@@ -61,6 +69,7 @@ struct kv_subspace_options {
   std::int64_t warmup_steps = 500;      // dense steps before compression starts
   std::int64_t pca_steps = 50;          // the last warm-up steps accumulate Σ Zᵀ Z
   std::int64_t unplug_at_step = 0;      // from this step on dense again (0: never)
+  double theta_max = 0.5;               // |θ| < theta_max, through tanh (0: unbounded, θ = u)
 
   std::int64_t k_rank() const {
     return rank_k > 0 ? rank_k : std::max<std::int64_t>(1, std::llround(0.02 * double(kv_dim)));
@@ -88,6 +97,8 @@ struct kv_subspace_options {
       return "pca_steps must lie in [1, warmup_steps = " + std::to_string(warmup_steps) + "], got " +
              std::to_string(pca_steps);
     });
+    need(std::isfinite(theta_max) && theta_max >= 0,
+         [&] { return "theta_max must be a finite number >= 0 (0: unbounded), got " + std::to_string(theta_max); });
     need(unplug_at_step == 0 || unplug_at_step > warmup_steps + 1, [&] {
       return "unplug_at_step must be 0 (never) or after the first compressed step " + std::to_string(warmup_steps + 1) +
              ", got " + std::to_string(unplug_at_step);
@@ -185,6 +196,15 @@ void rotated_basis(const kv_tables& t, const A* theta, U* u) {
     }
     u[i] = convert<U>(x);
   }
+}
+
+/// θ of the head's output u: θ_max tanh(u / θ_max), or u when theta_max is 0.
+inline double bounded_theta(double u, double theta_max) {
+  return theta_max > 0 ? theta_max * std::tanh(u / theta_max) : u;
+}
+/// dθ/du at θ: 1 − (θ / θ_max)², or 1 when theta_max is 0.
+inline double bounded_theta_slope(double theta, double theta_max) {
+  return theta_max > 0 ? 1.0 - (theta / theta_max) * (theta / theta_max) : 1.0;
 }
 
 /// dθ_l += ⟨G, ∂U/∂θ_l⟩ for G [d, r], with ∂U/∂θ_l = P_l + ½ Σ_l' θ_l' (Q_ll' + Q_l'l).
@@ -380,20 +400,28 @@ class kv_subspace_codec : public kv_subspace_phase {
                     gemm(ex, op::transpose, op::none, 1.0f, rows(z, r), dc, 0.0f, g_.v());  // Zᵀ dC
                     for (std::int64_t l = 0; l < m; ++l) dtheta[std::size_t(l)] = grad_side.data()[t0 + l];
                     contract_basis_gradient(tables(p), g_.data(), theta, dtheta.data());
-                    // θ = W z̄ + b: dW += dθ z̄ᵀ, db += dθ, dZ rows += Wᵀ dθ / n.
-                    const std::vector<A> mean = row_mean(z, n, dkv);
+                    // The head (see the top of this file): du = dθ θ'(u), dW += du xᵀ, db += du, dx = Wᵀ du, and
+                    // every row's dZ += (dx − (dx·x) sign(z̄)) / (‖z̄‖₁ n), x = z̄ / ‖z̄‖₁.
+                    const head_input h = head_of(z, n, dkv);
                     const int q = int(p);
                     for (std::int64_t l = 0; l < m; ++l) {
-                      const A dt = dtheta[std::size_t(l)];
-                      psi_db_[q].data()[l] += G(dt);
+                      const A du = dtheta[std::size_t(l)] * A(bounded_theta_slope(double(theta[l]), o_.theta_max));
+                      dtheta[std::size_t(l)] = du;
+                      psi_db_[q].data()[l] += G(du);
                       for (std::int64_t c = 0; c < dkv; ++c)
-                        psi_dw_[q].data()[l * dkv + c] += G(dt * mean[std::size_t(c)]);
+                        psi_dw_[q].data()[l * dkv + c] += G(du * h.x[std::size_t(c)]);
+                    }
+                    if (h.norm == A(0)) return;  // z̄ = 0: x is 0 around it (a subgradient)
+                    std::vector<A> dx(static_cast<std::size_t>(dkv), A(0));
+                    A dot = 0;
+                    for (std::int64_t c = 0; c < dkv; ++c) {
+                      for (std::int64_t l = 0; l < m; ++l)
+                        dx[std::size_t(c)] += A(psi_w_[q].data()[l * dkv + c]) * dtheta[std::size_t(l)];
+                      dot += dx[std::size_t(c)] * h.x[std::size_t(c)];
                     }
                     for (std::int64_t c = 0; c < dkv; ++c) {
-                      A s = 0;
-                      for (std::int64_t l = 0; l < m; ++l)
-                        s += A(psi_w_[q].data()[l * dkv + c]) * dtheta[std::size_t(l)];
-                      const A add = s / A(n);
+                      const A mc = h.mean[std::size_t(c)], sign = mc > A(0) ? A(1) : (mc < A(0) ? A(-1) : A(0));
+                      const A add = (dx[std::size_t(c)] - dot * sign) / (h.norm * A(n));
                       for (std::int64_t i = 0; i < n; ++i) dz[i * dkv + c] = convert<T>(A(dz[i * dkv + c]) + add);
                     }
                   });
@@ -424,15 +452,27 @@ class kv_subspace_codec : public kv_subspace_phase {
     for (auto& x : mean) x /= A(n);
     return mean;
   }
-  /// θ = W_ψ z̄ + b_ψ of one chunk's rows.
+  /// What ψ reads of a chunk: z̄, its ℓ1 norm and x = z̄ / ‖z̄‖₁ (zero when z̄ is).
+  struct head_input {
+    std::vector<A> mean, x;
+    A norm = 0;
+  };
+  static head_input head_of(const T* z, std::int64_t n, std::int64_t d) {
+    head_input h{row_mean(z, n, d), std::vector<A>(static_cast<std::size_t>(d), A(0)), A(0)};
+    for (const A m : h.mean) h.norm += std::abs(m);
+    if (h.norm > A(0))
+      for (std::int64_t c = 0; c < d; ++c) h.x[std::size_t(c)] = h.mean[std::size_t(c)] / h.norm;
+    return h;
+  }
+  /// θ of one chunk's rows: θ_max tanh((W_ψ x + b_ψ) / θ_max).
   void chunk_theta(const kv_rows& r, kv_part p, const T* z, A* theta) const {
     const std::int64_t d = r.kv_dim();
-    const std::vector<A> mean = row_mean(z, r.chunk_rows, d);
+    const head_input h = head_of(z, r.chunk_rows, d);
     const int q = int(p);
     for (std::int64_t l = 0; l < o_.generators; ++l) {
-      A s = A(psi_b_[q].data()[l]);
-      for (std::int64_t c = 0; c < d; ++c) s += A(psi_w_[q].data()[l * d + c]) * mean[std::size_t(c)];
-      theta[l] = s;
+      A u = A(psi_b_[q].data()[l]);
+      for (std::int64_t c = 0; c < d; ++c) u += A(psi_w_[q].data()[l * d + c]) * h.x[std::size_t(c)];
+      theta[l] = A(bounded_theta(double(u), o_.theta_max));
     }
   }
   /// u_ = U(θ) of part p, in T.

@@ -1,7 +1,7 @@
 #pragma once
 // compress::kv_subspace_mixture on exec::cuda: the codec of a layer for bf16 K/V in device memory (fp32 θ, tables
 // and accumulation). The products are the library's gemm (cuBLASLt: bf16 in, bf16 or fp32 out); the small parts
-// are kernels here: the chunk mean and θ, U(θ) from the fp32 tables, the contraction of a d_kv × r gradient to dθ,
+// are kernels here: the chunk mean and θ (ψ's head, bounded), U(θ) from the fp32 tables, the contraction of a d_kv × r gradient to dθ,
 // ψ's gradients and the rows' share of θ's gradient. The d_kv × r basis U(θ) is formed in bf16 per chunk (sender
 // and receivers form the same bits); no d_kv × d_kv matrix is formed except the second moment of the warm-up.
 // The host codec (compress/kv_subspace_mixture.hpp) is the reference the GPU tests compare with.
@@ -46,14 +46,23 @@ __device__ inline float block_sum(float v) {
   return v;  // in thread 0
 }
 
-/// theta[l] = b[l] + Σ_c w[l, c] zbar[c]; one block per l.
+/// θ of the head's output u (bounded_theta in kv_subspace_mixture.hpp).
+__device__ inline float bounded_theta(float u, float theta_max) {
+  return theta_max > 0.0f ? theta_max * tanhf(u / theta_max) : u;
+}
+
+/// theta[l] = bounded(b[l] + Σ_c w[l, c] zbar[c] / ‖zbar‖₁) (the sum taken as 0 when zbar is); one block per l.
 static __global__ void theta_of(const __nv_bfloat16* w, const __nv_bfloat16* b, const float* zbar, std::int64_t d,
-                                float* theta) {
+                                float theta_max, float* theta) {
   const std::int64_t l = blockIdx.x;
-  float s = 0.0f;
-  for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) s += __bfloat162float(w[l * d + c]) * zbar[c];
+  float s = 0.0f, norm = 0.0f;
+  for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    s += __bfloat162float(w[l * d + c]) * zbar[c];
+    norm += fabsf(zbar[c]);
+  }
   s = block_sum(s);
-  if (threadIdx.x == 0) theta[l] = s + __bfloat162float(b[l]);
+  norm = block_sum(norm);
+  if (threadIdx.x == 0) theta[l] = bounded_theta((norm > 0.0f ? s / norm : 0.0f) + __bfloat162float(b[l]), theta_max);
 }
 
 /// u = U(θ) = U_0 + Σ θ_j P_j + ½ Σ θ_j θ_l Q_jl, rounded to bf16; tables [(1 + m + m²) · dr].
@@ -85,20 +94,53 @@ static __global__ void contract(const float* g, const float* tables, const float
   if (threadIdx.x == 0) dtheta[l] = accumulate ? dtheta[l] + s : s;
 }
 
-/// θ = W z̄ + b, backward: dw[l, c] += dθ_l z̄_c, db[l] += dθ_l, and every row of dz gets (Wᵀ dθ) / n.
-static __global__ void theta_backward(const float* dtheta, const float* zbar, const __nv_bfloat16* w, int m,
+/// The head's backward, its scalars (one block): head = [‖z̄‖₁, dx·x, du_0 .. du_{m-1}] with du_l = dθ_l (1 −
+/// (θ_l/θ_max)²), x = z̄ / ‖z̄‖₁ and dx = Wᵀ du.
+static __global__ void theta_backward_scalars(const float* dtheta, const float* theta, const float* zbar,
+                                              const __nv_bfloat16* w, int m, std::int64_t d, float theta_max,
+                                              float* head) {
+  float* du = head + 2;
+  if (threadIdx.x == 0)
+    for (int l = 0; l < m; ++l) {
+      const float slope = theta_max > 0.0f ? 1.0f - (theta[l] / theta_max) * (theta[l] / theta_max) : 1.0f;
+      du[l] = dtheta[l] * slope;
+    }
+  __syncthreads();
+  float norm = 0.0f, dot = 0.0f;
+  for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float dx = 0.0f;
+    for (int l = 0; l < m; ++l) dx += __bfloat162float(w[l * d + c]) * du[l];
+    norm += fabsf(zbar[c]);
+    dot += dx * zbar[c];
+  }
+  norm = block_sum(norm);
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) {
+    head[0] = norm;
+    head[1] = norm > 0.0f ? dot / norm : 0.0f;
+  }
+}
+
+/// The head's backward, per column c: dw[l, c] += du_l x_c, db[l] += du_l, and every row of dz gets
+/// (dx_c − (dx·x) sign(z̄_c)) / (‖z̄‖₁ n) (nothing when z̄ = 0); head from theta_backward_scalars.
+static __global__ void theta_backward(const float* head, const float* zbar, const __nv_bfloat16* w, int m,
                                       std::int64_t n, std::int64_t d, float* dw, float* db, __nv_bfloat16* dz) {
+  const float norm = head[0], dot = head[1];
+  const float* du = head + 2;
   for (std::int64_t c = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < d;
        c += std::int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
+    const float x = norm > 0.0f ? zbar[c] / norm : 0.0f;
+    float dx = 0.0f;
     for (int l = 0; l < m; ++l) {
-      dw[l * d + c] += dtheta[l] * zbar[c];
-      s += __bfloat162float(w[l * d + c]) * dtheta[l];
+      dw[l * d + c] += du[l] * x;
+      dx += __bfloat162float(w[l * d + c]) * du[l];
     }
-    s /= float(n);
-    for (std::int64_t i = 0; i < n; ++i) dz[i * d + c] = __float2bfloat16(__bfloat162float(dz[i * d + c]) + s);
     if (c == 0)
-      for (int l = 0; l < m; ++l) db[l] += dtheta[l];
+      for (int l = 0; l < m; ++l) db[l] += du[l];
+    if (norm == 0.0f) continue;
+    const float sign = zbar[c] > 0.0f ? 1.0f : (zbar[c] < 0.0f ? -1.0f : 0.0f);
+    const float add = (dx - dot * sign) / (norm * float(n));
+    for (std::int64_t i = 0; i < n; ++i) dz[i * d + c] = __float2bfloat16(__bfloat162float(dz[i * d + c]) + add);
   }
 }
 
@@ -184,6 +226,7 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     refresh_tables(ex);
     const std::int64_t m = o_.generators, n = r.chunk_rows, d = r.kv_dim();
     dtheta_ = sized(dtheta_, shape{m});
+    head_ = sized(head_, shape{2 + m});
     zbar_ = sized(zbar_, shape{d});
     for_each_unit(
         r, k.data(), v.data(), [&](kv_part p, std::int64_t unit, const T* z, std::int64_t c0, std::int64_t t0) {
@@ -199,8 +242,11 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
           const int q = int(p);
           kv_kernels::column_mean<<<::subspace::cuda_detail::grid_for(d), ::subspace::cuda_detail::block_threads, 0,
                                     ex.stream>>>(kv_kernels::raw(z), n, d, zbar_.data());
+          kv_kernels::theta_backward_scalars<<<1, 256, 0, ex.stream>>>(
+              dtheta_.data(), theta, zbar_.data(), kv_kernels::raw(psi_w_[q].data()), int(m), d, float(o_.theta_max),
+              head_.data());
           kv_kernels::theta_backward<<<::subspace::cuda_detail::grid_for(d), ::subspace::cuda_detail::block_threads, 0,
-                                       ex.stream>>>(dtheta_.data(), zbar_.data(), kv_kernels::raw(psi_w_[q].data()),
+                                       ex.stream>>>(head_.data(), zbar_.data(), kv_kernels::raw(psi_w_[q].data()),
                                                     int(m), n, d, psi_dw_[q].data(), psi_db_[q].data(),
                                                     kv_kernels::raw(dz));
           cuda_check(cudaGetLastError());
@@ -247,7 +293,8 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
         column_mean<<<::subspace::cuda_detail::grid_for(d), ::subspace::cuda_detail::block_threads, 0, ex.stream>>>(
             kv_kernels::raw(z), r.chunk_rows, d, zbar_.data());
     kv_kernels::theta_of<<<unsigned(o_.generators), 256, 0, ex.stream>>>(
-        kv_kernels::raw(psi_w_[q].data()), kv_kernels::raw(psi_b_[q].data()), zbar_.data(), d, theta);
+        kv_kernels::raw(psi_w_[q].data()), kv_kernels::raw(psi_b_[q].data()), zbar_.data(), d, float(o_.theta_max),
+        theta);
     cuda_check(cudaGetLastError());
   }
   void basis_of(const exec::cuda& ex, kv_part p, const A* theta) {
@@ -282,7 +329,7 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
   tensor<float, S> tables_[2];
   std::uint64_t device_version_ = 0;
   tensor<T, S> u_;
-  tensor<float, S> g_, zz_, zbar_, dtheta_;
+  tensor<float, S> g_, zz_, zbar_, dtheta_, head_;
 };
 
 }  // namespace subspace::compress
