@@ -184,19 +184,13 @@ void pack(const T* data, std::int64_t row, std::int64_t col, std::int64_t i0, in
   }
 }
 
-/// An operand read in place by a kernel that needs it in the accumulator type (null for another type, whose tiles
-/// are always packed).
+/// An operand, or C, used in place by a kernel that works in the accumulator type: the pointer itself (its constness
+/// kept) when T is Acc, else null (tiles of another type are always packed).
 template <class Acc, class T>
-const Acc* in_place(const T* p) {
-  if constexpr (std::is_same_v<T, Acc>) return p;
-  else return nullptr;
-}
-
-/// C written in place by a kernel that writes the accumulator type (null for another type).
-template <class Acc, class T>
-Acc* in_place_out(T* p) {
-  if constexpr (std::is_same_v<T, Acc>) return p;
-  else return nullptr;
+auto in_place(T* p) {
+  using out = std::conditional_t<std::is_const_v<T>, const Acc, Acc>;
+  if constexpr (std::is_same_v<std::remove_const_t<T>, Acc>) return static_cast<out*>(p);
+  else return static_cast<out*>(nullptr);
 }
 
 /// The portable tile: blocking<Acc> and micro_kernel, for the blocked loop below (detail/gemm_x86.hpp has the
@@ -291,7 +285,7 @@ void block(const gemm_problem& pr, const TA* A, const TB* B, TC* C, Acc alpha, A
         for (int ir = 0; ir < mb; ir += blk::mr) {
           const bool c_here = ir < direct_rows && jr < direct_cols;
           Acc* ctile =
-              c_here ? in_place_out<Acc>(c) + (i0 + ir) * pr.c.row + (j0 + jr) : acc + std::size_t(ir) * blk::nc + jr;
+              c_here ? in_place<Acc>(c) + (i0 + ir) * pr.c.row + (j0 + jr) : acc + std::size_t(ir) * blk::nc + jr;
           const int ldc = c_here ? int(pr.c.row) : blk::nc;
           const bool add = p0 > 0 || (c_here && beta == Acc(1));  // the first k panel writes
           if constexpr (requires { &Tile::micro_direct; }) {
