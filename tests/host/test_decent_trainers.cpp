@@ -650,7 +650,11 @@ TEST_CASE("dist::data_parallel_trainer: on 2 and 4 ranks equals train::trainer o
     std::string where;
     const double err = worst_tensor_error(got[0], want_x, plan, &where);
     CAPTURE(where);
-    CHECK(err <= 1e-5);
+    // The weights at 1e-4, the losses and norms at 1e-5: after 3 steps the weights hold Adam's normalised updates,
+    // which pass the rounding of another summation order (the all-reduce) through whole where a gradient element
+    // nearly cancels (seed 3140195582555024982 put layer 0's o_proj 1.2e-5 off, the same on every run); a wrong
+    // gradient would move them by far more.
+    CHECK(err <= 1e-4);
     for (int r = 0; r < n; ++r) {
       CAPTURE(r);
       CHECK(got[std::size_t(r)] == got[0]);  // every rank ends with the same weights
