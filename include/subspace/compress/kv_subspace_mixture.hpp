@@ -20,7 +20,7 @@
 // (about lr per weight, whatever the gradient's scale) moves θ by at most about 2 lr, where on z̄ itself it moved θ
 // by lr ‖z̄‖₁ (‖z̄‖₁ is in the hundreds to thousands for a Llama's keys); and θ is bounded by θ_max (default 0.5),
 // where the Taylor form is nearly a rotation (its singular values are √(1 + λ⁴/4) for an eigenvalue iλ of S: 1.12
-// at λ = 1). Unbounded, θ grew to hundreds and training diverged (docs/context.md, "Choices of ours").
+// at λ = 1). Unbounded, θ grew to hundreds and training diverged (docs/context.md, "Why ψ reads z̄ / ‖z̄‖₁").
 //
 // Phases, by the 1-based step: steps 1 .. warmup_steps are dense (the last pca_steps of them accumulate Σ);
 // from warmup_steps + 1 on the layers compress (after switch_to_compressed); from unplug_at_step on (when set)
@@ -46,6 +46,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/config.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/executor.hpp"
@@ -198,13 +199,15 @@ void rotated_basis(const kv_tables& t, const A* theta, U* u) {
   }
 }
 
-/// θ of the head's output u: θ_max tanh(u / θ_max), or u when theta_max is 0.
-inline double bounded_theta(double u, double theta_max) {
-  return theta_max > 0 ? theta_max * std::tanh(u / theta_max) : u;
+/// θ of the head's output u: θ_max tanh(u / θ_max), or u when theta_max is 0 (host and device).
+template <class F>
+SUBSPACE_HD F bounded_theta(F u, F theta_max) {
+  return theta_max > F(0) ? theta_max * std::tanh(u / theta_max) : u;
 }
-/// dθ/du at θ: 1 − (θ / θ_max)², or 1 when theta_max is 0.
-inline double bounded_theta_slope(double theta, double theta_max) {
-  return theta_max > 0 ? 1.0 - (theta / theta_max) * (theta / theta_max) : 1.0;
+/// dθ/du at θ: 1 − (θ / θ_max)², or 1 when theta_max is 0 (host and device).
+template <class F>
+SUBSPACE_HD F bounded_theta_slope(F theta, F theta_max) {
+  return theta_max > F(0) ? F(1) - (theta / theta_max) * (theta / theta_max) : F(1);
 }
 
 /// dθ_l += ⟨G, ∂U/∂θ_l⟩ for G [d, r], with ∂U/∂θ_l = P_l + ½ Σ_l' θ_l' (Q_ll' + Q_l'l).

@@ -8,7 +8,7 @@
 //   symmetric_eigen(ex, a, w, v) a (n x n, symmetric) = V diag(w) V^T, eigenvalues descending; writes the leading
 //                                w (k' <= n values) and v (n x k'); host only
 //
-// Both are defined by a convention that makes their result unique, so that the host and CUDA implementations
+// Each is defined by a convention that makes its result unique, so that the host and CUDA implementations
 // agree up to rounding:
 //   * orthonormalize applies the sign fix Q <- Q diag(sign(diag R)) (sign(0) = +1). For a Gaussian `a` this Q is
 //     exactly Haar-distributed on the Stiefel manifold (Mezzadri, "How to generate random matrices from the
@@ -200,6 +200,15 @@ inline void hestenes(colmajor& w, colmajor& v) {
     }
     if (!rotated) break;
   }
+}
+
+/// -1 when the largest-magnitude entry of x[0..n) (the first on ties) is negative, else +1: the sign convention of
+/// svd's and symmetric_eigen's vectors.
+inline double largest_entry_sign(const double* x, std::int64_t n) {
+  std::int64_t arg = 0;
+  for (std::int64_t i = 1; i < n; ++i)
+    if (std::abs(x[i]) > std::abs(x[arg])) arg = i;
+  return x[arg] < 0.0 ? -1.0 : 1.0;
 }
 
 /// Makes column j of `basis` (len x count) a unit vector orthogonal to columns 0..j-1, starting from the first
@@ -394,10 +403,7 @@ void svd(const exec::host&, view<TA, host_space> a, view<T, host_space> s, view<
   for (std::int64_t jj = 0; jj < count; ++jj) {
     const std::int64_t j = order[std::size_t(jj)];
     const double* r = rot.col(j);
-    std::int64_t arg = 0;
-    for (std::int64_t i = 1; i < count; ++i)
-      if (std::abs(r[i]) > std::abs(r[arg])) arg = i;
-    const double sign = r[arg] < 0.0 ? -1.0 : 1.0;
+    const double sign = detail::linalg_host::largest_entry_sign(r, count);
     for (std::int64_t i = 0; i < count; ++i) shortv(i, jj) = sign * r[i];
     const double sj = sigma[std::size_t(j)];
     if (sj > 0.0)
@@ -469,10 +475,7 @@ void symmetric_eigen(const exec::host&, view<TA, host_space> a, view<T, host_spa
       const double f = 2.0 * detail::linalg_host::dot(vk, x.data() + k + 1, len);
       for (std::int64_t i = 0; i < len; ++i) x[std::size_t(k + 1 + i)] -= f * vk[i];
     }
-    std::int64_t arg = 0;
-    for (std::int64_t i = 1; i < n; ++i)
-      if (std::abs(x[std::size_t(i)]) > std::abs(x[std::size_t(arg)])) arg = i;
-    const double sign = x[std::size_t(arg)] < 0.0 ? -1.0 : 1.0;
+    const double sign = detail::linalg_host::largest_entry_sign(x.data(), n);
     for (std::int64_t i = 0; i < n; ++i) v(i, jj) = convert<T>(sign * x[std::size_t(i)]);
   }
 }

@@ -1,8 +1,8 @@
 #pragma once
 // compress::kv_subspace_mixture on exec::cuda: the codec of a layer for bf16 K/V in device memory (fp32 θ, tables
 // and accumulation). The products are the library's gemm (cuBLASLt: bf16 in, bf16 or fp32 out); the small parts
-// are kernels here: the chunk mean and θ (ψ's head, bounded), U(θ) from the fp32 tables, the contraction of a d_kv × r gradient to dθ,
-// ψ's gradients and the rows' share of θ's gradient. The d_kv × r basis U(θ) is formed in bf16 per chunk (sender
+// are kernels here: the chunk mean and θ (ψ's bounded head), U(θ) from the fp32 tables, the contraction of a d_kv × r
+// gradient to dθ, ψ's gradients and the rows' share of θ's gradient. The d_kv × r basis U(θ) is formed in bf16 per chunk (sender
 // and receivers form the same bits); no d_kv × d_kv matrix is formed except the second moment of the warm-up.
 // The host codec (compress/kv_subspace_mixture.hpp) is the reference the GPU tests compare with.
 
@@ -44,11 +44,6 @@ __device__ inline float block_sum(float v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
   __syncthreads();
   return v;  // in thread 0
-}
-
-/// θ of the head's output u (bounded_theta in kv_subspace_mixture.hpp).
-__device__ inline float bounded_theta(float u, float theta_max) {
-  return theta_max > 0.0f ? theta_max * tanhf(u / theta_max) : u;
 }
 
 /// theta[l] = bounded(b[l] + Σ_c w[l, c] zbar[c] / ‖zbar‖₁) (the sum taken as 0 when zbar is); one block per l.
@@ -101,10 +96,7 @@ static __global__ void theta_backward_scalars(const float* dtheta, const float* 
                                               float* head) {
   float* du = head + 2;
   if (threadIdx.x == 0)
-    for (int l = 0; l < m; ++l) {
-      const float slope = theta_max > 0.0f ? 1.0f - (theta[l] / theta_max) * (theta[l] / theta_max) : 1.0f;
-      du[l] = dtheta[l] * slope;
-    }
+    for (int l = 0; l < m; ++l) du[l] = dtheta[l] * bounded_theta_slope(theta[l], theta_max);
   __syncthreads();
   float norm = 0.0f, dot = 0.0f;
   for (std::int64_t c = threadIdx.x; c < d; c += blockDim.x) {
