@@ -294,19 +294,25 @@ class kv_subspace_phase {
     return s;
   }
 
+  /// Calls f(part, offset of its C in values, offset of its θ in side) for K, then V. A part's units (unit = b ·
+  /// chunks + c, one chunk of one sequence) lie in a row: its C [units, chunk_rows, r], its θ [units, m].
+  template <class F>
+  void for_each_part(const kv_rows& r, F&& f) const {
+    const std::int64_t units = r.batch * r.chunks;
+    f(kv_part::key, std::int64_t(0), std::int64_t(0));
+    f(kv_part::value, units * r.chunk_rows * o_.k_rank(), units * o_.generators);
+  }
   /// Calls f(part, unit, rows of Z, offset of C in values, offset of θ in side) for every (part, sequence, chunk):
   /// unit = b · chunks + c indexes the chunk's rows in [B, S, Hkv, hd]; the rows of Z are those of zk or zv (null
   /// when the caller has none).
   template <class Z, class F>
   void for_each_unit(const kv_rows& r, Z* zk, Z* zv, F&& f) const {
     const std::int64_t units = r.batch * r.chunks, n = r.chunk_rows, m = o_.generators;
-    for (int p = 0; p < 2; ++p) {
-      const std::int64_t rk = rank(kv_part(p));
-      const std::int64_t c_base = p == 0 ? 0 : units * n * o_.k_rank(), t_base = p == 0 ? 0 : units * m;
-      Z* base = p == 0 ? zk : zv;
+    for_each_part(r, [&](kv_part p, std::int64_t c_base, std::int64_t t_base) {
+      Z* base = p == kv_part::key ? zk : zv;
       for (std::int64_t u = 0; u < units; ++u)
-        f(kv_part(p), u, base ? base + u * n * r.kv_dim() : nullptr, c_base + u * n * rk, t_base + u * m);
-    }
+        f(p, u, base ? base + u * n * r.kv_dim() : nullptr, c_base + u * n * rank(p), t_base + u * m);
+    });
   }
 
   kv_subspace_options o_;
