@@ -122,6 +122,70 @@ TEST_CASE("context::layout: contiguous and zigzag chunks, owners, positions and 
   CHECK_THROWS_AS(zz.chunks_of(4), invalid_argument);
 }
 
+TEST_CASE("context::layout: the visible blocks cover every (query, key) pair the causal mask keeps, once") {
+  // Row by row: each pair of global positions (q >= k) of rank me's queries and rank owner's keys lies in exactly
+  // one block; no block holds a pair the mask drops, except inside a masked block (the kernel masks it there).
+  const auto check = [](const context::layout& lay) {
+    for (int me = 0; me < lay.ranks(); ++me)
+      for (int owner = 0; owner < lay.ranks(); ++owner) {
+        CAPTURE(me);
+        CAPTURE(owner);
+        const auto qs = lay.positions(me), ks = lay.positions(owner);
+        const auto global = [](const std::vector<nn::position_chunk>& chunks, std::int64_t row) {
+          for (const nn::position_chunk& c : chunks) {
+            if (row < c.rows) return c.pos0 + row;
+            row -= c.rows;
+          }
+          return std::int64_t(-1);
+        };
+        const std::int64_t rows = lay.rows_per_rank();
+        std::vector<int> covered(std::size_t(rows * rows), 0);
+        for (const context::visible_block& b : lay.visible_blocks(me, owner)) {
+          CHECK(b.q_rows > 0);
+          CHECK(b.k_rows > 0);
+          if (b.masked) {  // one chunk each, positions contiguous from the block's first ones
+            CHECK(b.q_rows == lay.chunk_rows());
+            CHECK(b.k_rows == lay.chunk_rows());
+            CHECK(global(qs, b.q0) == b.q_pos0);
+            CHECK(global(ks, b.k0) == b.k_pos0);
+          }
+          for (std::int64_t i = b.q0; i < b.q0 + b.q_rows; ++i)
+            for (std::int64_t j = b.k0; j < b.k0 + b.k_rows; ++j) {
+              ++covered[std::size_t(i * rows + j)];
+              if (!b.masked) CHECK(global(ks, j) <= global(qs, i));
+            }
+        }
+        for (std::int64_t i = 0; i < rows; ++i)
+          for (std::int64_t j = 0; j < rows; ++j) {
+            const bool visible = global(ks, j) <= global(qs, i);
+            const int times = covered[std::size_t(i * rows + j)];
+            // a masked block also spans the masked-out corner of its diagonal chunk pair
+            if (visible) CHECK(times == 1);
+            else CHECK(times <= 1);
+          }
+      }
+  };
+  for (const int d : {1, 2, 4, 8}) {
+    check(context::layout(48, d, context::placement::contiguous, 48 / (3 * d)));  // three chunks per rank
+    check(context::layout(16 * d, d, context::placement::zigzag));
+  }
+
+  // Zigzag: one block for every other owner (twice the chunk rows on one side), three for the rank's own keys.
+  const context::layout zz(64, 4, context::placement::zigzag);
+  const std::int64_t c = zz.chunk_rows();
+  for (int me = 0; me < 4; ++me)
+    for (int owner = 0; owner < 4; ++owner) {
+      const auto blocks = zz.visible_blocks(me, owner);
+      if (owner == me) {
+        CHECK(blocks.size() == 3);
+        continue;
+      }
+      REQUIRE(blocks.size() == 1);
+      CHECK_FALSE(blocks[0].masked);
+      CHECK(blocks[0].q_rows * blocks[0].k_rows == 2 * c * c);
+    }
+}
+
 TEST_CASE(
     "context::attention: D = 1, 2, 4, 8 ranks, contiguous and zigzag, ring and all-gather equal one device (fp64 "
     "loss and every gradient)") {

@@ -7,8 +7,9 @@
 // the local K (before RoPE) and V into a payload; the payloads of every rank arrive (exchange::all_gather: one
 // all-gather; exchange::ring: passed from rank to rank, each hop in flight while the payload that came before it
 // is used); each rank rebuilds K̂, V̂ from every payload, its own included, rotates K̂ at the owner's positions, and
-// each local query chunk attends to each key chunk its causal mask lets it see (the kernels' global-position
-// masks), the partial results folded together by their log-sum-exp (attention_merge). With kv_identity the merged
+// the local queries attend to the key chunks the causal mask lets them see, in as few blocks as the layout allows
+// (layout::visible_blocks; the kernels' global-position masks cut the diagonal ones), the partial results folded
+// together by their log-sum-exp (attention_merge). With kv_identity the merged
 // out and lse are exactly single-device attention's.
 //
 // Backward: the kernels' backward on each (query chunk, key chunk) pair, given the merged out and lse, is that
@@ -336,28 +337,12 @@ class attention {
     return view<U, Space>(l.data() + b * l.dim(1) * l.dim(2) + s0, shape{1, l.dim(1), n}, {0, l.dim(2), 1, 0});
   }
 
-  /// Calls f(query chunk, key chunk, q_row0, k_row0) for each pair of a local query chunk and a key chunk of
-  /// `owner` that the causal mask lets see each other.
-  template <class F>
-  static void for_each_visible(const geometry& g, int owner, F&& f) {
-    const std::vector<nn::position_chunk> qs = g.layout->positions(g.me), ks = g.layout->positions(owner);
-    std::int64_t q0 = 0;
-    for (const nn::position_chunk& qc : qs) {
-      std::int64_t k0 = 0;
-      for (const nn::position_chunk& kc : ks) {
-        if (kc.pos0 <= qc.pos0 + qc.rows - 1) f(qc, kc, q0, k0);
-        k0 += kc.rows;
-      }
-      q0 += qc.rows;
-    }
-  }
-
-  static attention_params params_of(const geometry& g, const nn::position_chunk& qc, const nn::position_chunk& kc) {
+  static attention_params params_of(const geometry& g, const visible_block& blk) {
     attention_params p;
     p.scale = float(1.0 / std::sqrt(double(g.head_dim)));
-    p.causal = true;
-    p.q_pos0 = qc.pos0;
-    p.kv_pos0 = kc.pos0;
+    p.causal = blk.masked;
+    p.q_pos0 = blk.q_pos0;
+    p.kv_pos0 = blk.k_pos0;
     return p;
   }
 
@@ -367,17 +352,16 @@ class attention {
                     int owner) {
     const view<T, Space> blk = block(st.kv, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g);
-    for_each_visible(
-        g, owner, [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0, std::int64_t k0) {
-          part_out_ = sized<T>(part_out_, shape{1, qc.rows, g.heads, g.head_dim});
-          part_lse_ = sized<accum_type>(part_lse_, shape{1, g.heads, qc.rows});
-          for (std::int64_t b = 0; b < g.batch; ++b) {
-            attention_forward(ex, ro(rows_of(a.q, b, q0, qc.rows)), ro(rows_of(k, b, k0, kc.rows)),
-                              ro(rows_of(v, b, k0, kc.rows)), part_out_.v(), part_lse_.v(), params_of(g, qc, kc));
-            attention_merge(ex, ro(part_out_.v()), ro(part_lse_.v()), rows_of(out_acc_.v(), b, q0, qc.rows),
-                            stat_rows(a.lse, b, q0, qc.rows));
-          }
-        });
+    for (const visible_block& vb : g.layout->visible_blocks(g.me, owner)) {
+      part_out_ = sized<T>(part_out_, shape{1, vb.q_rows, g.heads, g.head_dim});
+      part_lse_ = sized<accum_type>(part_lse_, shape{1, g.heads, vb.q_rows});
+      for (std::int64_t b = 0; b < g.batch; ++b) {
+        attention_forward(ex, ro(rows_of(a.q, b, vb.q0, vb.q_rows)), ro(rows_of(k, b, vb.k0, vb.k_rows)),
+                          ro(rows_of(v, b, vb.k0, vb.k_rows)), part_out_.v(), part_lse_.v(), params_of(g, vb));
+        attention_merge(ex, ro(part_out_.v()), ro(part_lse_.v()), rows_of(out_acc_.v(), b, vb.q0, vb.q_rows),
+                        stat_rows(a.lse, b, vb.q0, vb.q_rows));
+      }
+    }
   }
 
   /// Adds the local queries' gradients w.r.t. `owner`'s K̂ (rotated) and V̂ into dk, dv [B, S, Hkv, hd], and
@@ -387,21 +371,20 @@ class attention {
                           slot_state& st, int owner, view<T, Space> dk, view<T, Space> dv) {
     const view<T, Space> blk = block(st.kv, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g);
-    for_each_visible(g, owner,
-                     [&](const nn::position_chunk& qc, const nn::position_chunk& kc, std::int64_t q0, std::int64_t k0) {
-                       part_dq_ = sized<T>(part_dq_, shape{1, qc.rows, g.heads, g.head_dim});
-                       part_dk_ = sized<T>(part_dk_, shape{1, kc.rows, g.kv_heads, g.head_dim});
-                       part_dv_ = sized<T>(part_dv_, shape{1, kc.rows, g.kv_heads, g.head_dim});
-                       for (std::int64_t b = 0; b < g.batch; ++b) {
-                         attention_backward(ex, rows_of(a.q, b, q0, qc.rows), ro(rows_of(k, b, k0, kc.rows)),
-                                            ro(rows_of(v, b, k0, kc.rows)), rows_of(a.out, b, q0, qc.rows),
-                                            stat_rows(a.lse, b, q0, qc.rows), rows_of(a.dout, b, q0, qc.rows),
-                                            part_dq_.v(), part_dk_.v(), part_dv_.v(), params_of(g, qc, kc));
-                         axpy(ex, 1.0f, ro(part_dq_.v()), rows_of(a.dq, b, q0, qc.rows));
-                         axpy(ex, 1.0f, ro(part_dk_.v()), rows_of(dk, b, k0, kc.rows));
-                         axpy(ex, 1.0f, ro(part_dv_.v()), rows_of(dv, b, k0, kc.rows));
-                       }
-                     });
+    for (const visible_block& vb : g.layout->visible_blocks(g.me, owner)) {
+      part_dq_ = sized<T>(part_dq_, shape{1, vb.q_rows, g.heads, g.head_dim});
+      part_dk_ = sized<T>(part_dk_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
+      part_dv_ = sized<T>(part_dv_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
+      for (std::int64_t b = 0; b < g.batch; ++b) {
+        attention_backward(ex, rows_of(a.q, b, vb.q0, vb.q_rows), ro(rows_of(k, b, vb.k0, vb.k_rows)),
+                           ro(rows_of(v, b, vb.k0, vb.k_rows)), rows_of(a.out, b, vb.q0, vb.q_rows),
+                           stat_rows(a.lse, b, vb.q0, vb.q_rows), rows_of(a.dout, b, vb.q0, vb.q_rows), part_dq_.v(),
+                           part_dk_.v(), part_dv_.v(), params_of(g, vb));
+        axpy(ex, 1.0f, ro(part_dq_.v()), rows_of(a.dq, b, vb.q0, vb.q_rows));
+        axpy(ex, 1.0f, ro(part_dk_.v()), rows_of(dk, b, vb.k0, vb.k_rows));
+        axpy(ex, 1.0f, ro(part_dv_.v()), rows_of(dv, b, vb.k0, vb.k_rows));
+      }
+    }
   }
 
   /// dk, dv from this rank's summed d(payload) through the codec, and dq back through RoPE.

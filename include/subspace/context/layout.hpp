@@ -13,6 +13,7 @@
 // A rank's rows are its chunks in that order, concatenated: the local sequence the model sees, with the chunks'
 // global positions given to the model (nn::llama::set_positions) so RoPE and the causal mask use them.
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -25,6 +26,16 @@
 namespace subspace::context {
 
 enum class placement { contiguous, zigzag };
+
+/// A rectangle of (one rank's query rows × another's key rows) that one attention call covers: local rows
+/// [q0, q0 + q_rows) of the querying rank and [k0, k0 + k_rows) of the owner. A masked block is one query chunk
+/// and one key chunk that the causal mask cuts (the kernel masks it from the chunks' first positions); in an
+/// unmasked one every query sees every key, and its rows may span several chunks.
+struct visible_block {
+  std::int64_t q0 = 0, q_rows = 0, k0 = 0, k_rows = 0, q_pos0 = 0, k_pos0 = 0;
+  bool masked = false;
+  friend bool operator==(const visible_block&, const visible_block&) = default;
+};
 
 inline std::string_view to_string(placement p) { return p == placement::contiguous ? "contiguous" : "zigzag"; }
 
@@ -80,6 +91,39 @@ class layout {
     std::vector<nn::position_chunk> out;
     for (const std::int64_t c : chunks_of(r)) out.push_back({chunk_rows_, c * chunk_rows_});
     return out;
+  }
+
+  /// The blocks of rank `me`'s queries × rank `owner`'s keys that the causal mask lets see each other, as few and
+  /// as large as the placement allows: neighbouring chunks that see each other whole share one unmasked block.
+  /// Zigzag gives one block per other owner (two chunks of queries × one of keys, or one × two) and three for the
+  /// rank's own keys, instead of up to four blocks of a chunk each.
+  std::vector<visible_block> visible_blocks(int me, int owner) const {
+    const std::vector<nn::position_chunk> qs = positions(me), ks = positions(owner);
+    std::vector<visible_block> per_key;  // runs of neighbouring query chunks that see a key chunk whole
+    std::int64_t k0 = 0;
+    for (const nn::position_chunk& kc : ks) {
+      std::int64_t q0 = 0;
+      for (const nn::position_chunk& qc : qs) {
+        const bool sees_some = kc.pos0 <= qc.pos0 + qc.rows - 1, sees_all = kc.pos0 + kc.rows - 1 <= qc.pos0;
+        visible_block* last = per_key.empty() ? nullptr : &per_key.back();
+        if (sees_all && last && !last->masked && last->k0 == k0 && last->q0 + last->q_rows == q0)
+          last->q_rows += qc.rows;
+        else if (sees_some)
+          per_key.push_back({q0, qc.rows, k0, kc.rows, qc.pos0, kc.pos0, !sees_all});
+        q0 += qc.rows;
+      }
+      k0 += kc.rows;
+    }
+    std::vector<visible_block> blocks;  // unmasked blocks of the same query rows and neighbouring key rows joined
+    for (const visible_block& b : per_key) {
+      const auto joins = [&](const visible_block& m) {
+        return !m.masked && !b.masked && m.q0 == b.q0 && m.q_rows == b.q_rows && m.k0 + m.k_rows == b.k0;
+      };
+      const auto into = std::find_if(blocks.begin(), blocks.end(), joins);
+      if (into != blocks.end()) into->k_rows += b.k_rows;
+      else blocks.push_back(b);
+    }
+    return blocks;
   }
 
   /// Copies rank r's rows of every sequence of `full` [B, seq] into `local` [B, rows_per_rank()].
