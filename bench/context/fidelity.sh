@@ -3,7 +3,8 @@
 # schedule, data order and seed, once with the dense K/V exchange and once with Mixture of Subspaces (its default
 # ranks, a dense warm-up of a tenth of the steps whose K/V give the basis, the last layer dense); the JSON holds each
 # run's validation-loss curve, final validation loss and perplexity, the ratio of MoS's perplexity to the dense
-# run's, and the K/V bytes each rank sent.
+# run's, the K/V bytes each rank sent, the seconds of training steps, and the last warm-up step's time (the switch
+# ends it: the PCA and the tables' broadcast).
 #
 #   bash bench/context/fidelity.sh CONTEXT_LLAMA OUT.json [COMMIT] [STEPS]
 #
@@ -62,6 +63,10 @@ for name in ("dense", "mos"):
     runs[name] = {"final_val_loss": curve[-1][1], "final_val_perplexity": math.exp(curve[-1][1]),
                   "final_train_loss": lines[-1]["loss"], "val_loss_curve": curve,
                   "kv_bytes_sent_per_rank": sum(max(l["kv_bytes_sent"]) for l in lines),  # the busiest rank each step
+                  "train_s": sum(l["step_ms"] for l in lines) / 1e3,
+                  # the last warm-up step: the switch (the PCA, the tables' broadcast) ends it
+                  "switch_step_s": next((l["step_ms"] / 1e3 for l in lines if l["step"] == int(steps) // 10), None)
+                                   if name == "mos" else None,
                   "header": [h for h in log if h.startswith(("model", "context", "sequence", "compressor"))]}
 ratio = runs["mos"]["final_val_perplexity"] / runs["dense"]["final_val_perplexity"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
@@ -81,6 +86,7 @@ with open(tmp, "w") as f:
 os.replace(tmp, out)
 for name, r in runs.items():
     print(f"{name:5s} final val loss {r['final_val_loss']:.4f} (perplexity {r['final_val_perplexity']:.3f}), "
-          f"K/V sent {r['kv_bytes_sent_per_rank'] / 1e6:.1f} MB per rank")
+          f"K/V sent {r['kv_bytes_sent_per_rank'] / 1e6:.1f} MB per rank, {r['train_s']:.0f} s of steps" +
+          (f", the switch step {r['switch_step_s']:.2f} s" if r["switch_step_s"] is not None else ""))
 print(f"MoS / dense perplexity: {ratio:.4f}; K/V bytes: {doc['kv_bytes_ratio_mos_to_dense']:.4f}")
 PY
