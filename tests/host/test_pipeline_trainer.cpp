@@ -208,7 +208,9 @@ TEST_CASE("pipeline x data parallel: 2 stages x 2 replicas equal the mean of the
   }
 }
 
-TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per micro-batch, in the wire type") {
+TEST_CASE(
+    "pipeline (identity): every boundary carries B*S*d values each way per micro-batch, in the wire type; a step "
+    "makes one pipeline collective") {
   using model = nn::llama<exec::host, float>;
   const testing::genesis_data text;
   const nn::llama_config cfg = eight_layers();
@@ -235,6 +237,14 @@ TEST_CASE("pipeline (identity): every boundary carries B*S*d values each way per
     auto d = text.train(batch, seq);
     CHECK(std::isfinite(t.compute_gradients(d)));
     sent[std::size_t(c.rank())] = c.metrics()[comm::op_kind::send].bytes_sent - before;
+    // A training step sums the gradient norm's squares and the loss in one collective (a slow link's latency
+    // once); compute_gradients, which does not clip, sums the loss alone.
+    const std::uint64_t reductions = c.metrics()[comm::op_kind::all_reduce].calls;
+    auto more = text.train(batch, seq);
+    const auto r = t.step(more);
+    CHECK(std::isfinite(r.loss));
+    CHECK(std::isfinite(r.grad_norm));
+    CHECK(c.metrics()[comm::op_kind::all_reduce].calls == reductions + 1);
   });
   const std::size_t value_bytes = o.wire_values ? 2 : sizeof(float);
   const std::uint64_t boundary = std::uint64_t(batch * seq * cfg.d_model) * value_bytes * std::uint64_t(m);

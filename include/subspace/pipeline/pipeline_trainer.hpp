@@ -212,11 +212,12 @@ class pipeline_trainer {
     train::step_result r;
     r.step = step_ + 1;
     r.lr = o_.schedule.at(r.step);
-    r.loss = run(loader, [&] {
-      r.grad_norm = clip();
+    r.loss = run(loader, [&](double local_loss) {
+      double pipeline_loss = 0;
+      r.grad_norm = clip(local_loss, pipeline_loss);
       r.skipped = !std::isfinite(r.grad_norm);
-      if (r.skipped) return;
-      replica_.step_all(optim::step_context{r.lr, r.step});
+      if (!r.skipped) replica_.step_all(optim::step_context{r.lr, r.step});
+      return std::optional<double>(pipeline_loss);
     });
     r.tokens = replica_type::batch_tokens(loader) * microbatches() * replicas();  // each sequence once
     step_ = r.step;
@@ -228,7 +229,7 @@ class pipeline_trainer {
   /// The forward and backward passes of a step without the update: leaves this rank's gradients (averaged over
   /// the replicas) in the store and returns the step's loss. Tests call it alone (also on fp64 models).
   double compute_gradients(data::batch_loader& loader) {
-    return run(loader, [] {});
+    return run(loader, [](double) { return std::optional<double>(); });
   }
 
   /// The mean loss over `batches` batches of `loader` (every stage of a replica the same loader, read from its
@@ -389,6 +390,8 @@ class pipeline_trainer {
     }
   };
 
+  /// One step's forwards and backwards; update(local loss) runs at the plan's optimizer_step and returns the loss
+  /// summed over the pipeline when it summed it (with the norm, in one collective), else nullopt.
   template <class Update>
   double run(data::batch_loader& loader, Update&& update) {
     replica_.store().zero_grad(replica_.executor());
@@ -399,26 +402,32 @@ class pipeline_trainer {
     rows_.loader = &loader;
     rows_.sequences = &sequences_;
     sequences_.begin_step(replica_.stages(), step_ + 1);
+    std::optional<double> pipeline_loss;
     const double loss = engine_.run(
         stack_.scheduler.plan(step_, stage_), rows_, ready,
-        [&] {
+        [&](double local_loss) {
           wait_all();
-          update();
+          pipeline_loss = update(local_loss);
         },
         transport_);
     transport_.finish();
     wait_all();
     sequences_.end_step(replica_.stages());
-    return over_replicas(sum_over_pipeline(loss));
+    return over_replicas(pipeline_loss ? *pipeline_loss : sum_over_pipeline(loss));
   }
 
   /// The global gradient norm over the pipeline's stages; scales this stage's gradients to o_.clip when it is
-  /// exceeded. Every stage computes the same norm.
-  double clip() {
+  /// exceeded. Every stage computes the same norm. The stages' losses are summed in the same collective (one
+  /// latency of a slow link, not two) into pipeline_loss.
+  double clip(double local_loss, double& pipeline_loss) {
     const auto grads = replica_.grads(0, replica_.parameters());
     double squares = 0;
     for (const auto& g : grads) squares += double(squared_norm(replica_.executor(), g));
-    const double norm = std::sqrt(sum_over_pipeline(squares));
+    comm_pair_[0] = squares;
+    comm_pair_[1] = local_loss;
+    pipe_.all_reduce(view<double, host_space>(comm_pair_, {2}), comm::reduce_op::sum).wait();
+    pipeline_loss = comm_pair_[1];
+    const double norm = std::sqrt(comm_pair_[0]);
     if (o_.clip > 0 && std::isfinite(norm) && norm > o_.clip) {
       const float factor = float(o_.clip / (norm + 1e-6));
       for (const auto& g : grads) scale(replica_.executor(), factor, g);
@@ -458,6 +467,7 @@ class pipeline_trainer {
   dist::bucket_plan plan_;
   std::vector<request_type> pending_;
   double comm_scalar_ = 0;
+  double comm_pair_[2] = {0, 0};  // the gradient norm's squares and the loss, summed over the pipeline together
   std::int64_t step_ = 0, tokens_ = 0;
 };
 

@@ -29,7 +29,9 @@
 //   - ready(first, last) is called during the last backward (or backward_weight, and for the tensors it completes,
 //     backward_input) of each stage in the plan with the store indices whose gradients are complete (data-parallel
 //     trainers launch buckets there); the compressor's tensors are reported once every boundary's backward of the
-//     step is done. optimizer_step calls the trainer's step hook.
+//     step is done. optimizer_step calls the trainer's step hook: step(loss) with the rank's mean loss over the
+//     step's micro-batches when the hook takes it (optimizer_step closes a plan, so every forward has run), else
+//     step().
 //
 // The compressor sees the micro-batch's token ids (one per row of the residual stream, in the executor's memory)
 // and the rank's parameter store.
@@ -84,7 +86,7 @@ class plan_engine {
   }
 
   /// Runs `plan` (local mode) with micro-batches from `source`; calls ready(first, last) as gradients complete and
-  /// step() at optimizer_step. Returns the mean loss over the plan's micro-batches.
+  /// step(loss) or step() at optimizer_step. Returns the mean loss over the plan's micro-batches.
   template <class Source, class Ready, class Step>
   double run(const std::vector<schedule::action>& plan, Source&& source, Ready&& ready, Step&& step) {
     return run(plan, source, ready, step, no_transport{});
@@ -103,7 +105,8 @@ class plan_engine {
     for (std::size_t i = 0; i < plan.size(); ++i) {
       const schedule::action& a = plan[i];
       if (a.kind == schedule::action_kind::optimizer_step) {
-        step();
+        if constexpr (std::is_invocable_v<Step&, double>) step(loss / double(sum.microbatches));
+        else step();
         continue;
       }
       flight& f = a.kind == schedule::action_kind::forward || a.kind == schedule::action_kind::recv_activation
