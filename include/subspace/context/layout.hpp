@@ -108,8 +108,7 @@ class layout {
         visible_block* last = per_key.empty() ? nullptr : &per_key.back();
         if (sees_all && last && !last->masked && last->k0 == k0 && last->q0 + last->q_rows == q0)
           last->q_rows += qc.rows;
-        else if (sees_some)
-          per_key.push_back({q0, qc.rows, k0, kc.rows, qc.pos0, kc.pos0, !sees_all});
+        else if (sees_some) per_key.push_back({q0, qc.rows, k0, kc.rows, qc.pos0, kc.pos0, !sees_all});
         q0 += qc.rows;
       }
       k0 += kc.rows;

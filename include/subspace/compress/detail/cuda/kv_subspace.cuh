@@ -224,8 +224,7 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     for_each_part(r, [&](kv_part p, std::int64_t c0, std::int64_t t0) {
       basis_of(ex, r, p, side.data() + t0);
       T* out = (p == kv_part::key ? k_hat : v_hat).data();
-      gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f,
-           rows(out, r));
+      gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f, rows(out, r));
     });
   }
 
