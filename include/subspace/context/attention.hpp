@@ -353,12 +353,12 @@ class attention {
     const view<T, Space> blk = block(st.kv, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g);
     for (const visible_block& vb : g.layout->visible_blocks(g.me, owner)) {
-      part_out_ = sized<T>(part_out_, shape{1, vb.q_rows, g.heads, g.head_dim});
-      part_lse_ = sized<accum_type>(part_lse_, shape{1, g.heads, vb.q_rows});
+      const view<T, Space> part_out = scratch_view(part_out_, shape{1, vb.q_rows, g.heads, g.head_dim});
+      const view<accum_type, Space> part_lse = scratch_view(part_lse_, shape{1, g.heads, vb.q_rows});
       for (std::int64_t b = 0; b < g.batch; ++b) {
         attention_forward(ex, ro(rows_of(a.q, b, vb.q0, vb.q_rows)), ro(rows_of(k, b, vb.k0, vb.k_rows)),
-                          ro(rows_of(v, b, vb.k0, vb.k_rows)), part_out_.v(), part_lse_.v(), params_of(g, vb));
-        attention_merge(ex, ro(part_out_.v()), ro(part_lse_.v()), rows_of(out_acc_.v(), b, vb.q0, vb.q_rows),
+                          ro(rows_of(v, b, vb.k0, vb.k_rows)), part_out, part_lse, params_of(g, vb));
+        attention_merge(ex, ro(part_out), ro(part_lse), rows_of(out_acc_.v(), b, vb.q0, vb.q_rows),
                         stat_rows(a.lse, b, vb.q0, vb.q_rows));
       }
     }
@@ -372,17 +372,17 @@ class attention {
     const view<T, Space> blk = block(st.kv, owner, g);
     const view<T, Space> k = key_of(blk, g), v = value_of(blk, g);
     for (const visible_block& vb : g.layout->visible_blocks(g.me, owner)) {
-      part_dq_ = sized<T>(part_dq_, shape{1, vb.q_rows, g.heads, g.head_dim});
-      part_dk_ = sized<T>(part_dk_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
-      part_dv_ = sized<T>(part_dv_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
+      const view<T, Space> part_dq = scratch_view(part_dq_, shape{1, vb.q_rows, g.heads, g.head_dim});
+      const view<T, Space> part_dk = scratch_view(part_dk_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
+      const view<T, Space> part_dv = scratch_view(part_dv_, shape{1, vb.k_rows, g.kv_heads, g.head_dim});
       for (std::int64_t b = 0; b < g.batch; ++b) {
         attention_backward(ex, rows_of(a.q, b, vb.q0, vb.q_rows), ro(rows_of(k, b, vb.k0, vb.k_rows)),
                            ro(rows_of(v, b, vb.k0, vb.k_rows)), rows_of(a.out, b, vb.q0, vb.q_rows),
-                           stat_rows(a.lse, b, vb.q0, vb.q_rows), rows_of(a.dout, b, vb.q0, vb.q_rows), part_dq_.v(),
-                           part_dk_.v(), part_dv_.v(), params_of(g, vb));
-        axpy(ex, 1.0f, ro(part_dq_.v()), rows_of(a.dq, b, vb.q0, vb.q_rows));
-        axpy(ex, 1.0f, ro(part_dk_.v()), rows_of(dk, b, vb.k0, vb.k_rows));
-        axpy(ex, 1.0f, ro(part_dv_.v()), rows_of(dv, b, vb.k0, vb.k_rows));
+                           stat_rows(a.lse, b, vb.q0, vb.q_rows), rows_of(a.dout, b, vb.q0, vb.q_rows), part_dq,
+                           part_dk, part_dv, params_of(g, vb));
+        axpy(ex, 1.0f, ro(part_dq), rows_of(a.dq, b, vb.q0, vb.q_rows));
+        axpy(ex, 1.0f, ro(part_dk), rows_of(dk, b, vb.k0, vb.k_rows));
+        axpy(ex, 1.0f, ro(part_dv), rows_of(dv, b, vb.k0, vb.k_rows));
       }
     }
   }
@@ -400,9 +400,10 @@ class attention {
   exchange how_;
   Codec codec_;
   std::vector<slot_state> slots_;
-  // Scratch, sized on use: the fp32/fp64 output accumulator, one pair's partial results, the gradients w.r.t. one
-  // owner's K̂ and V̂, this rank's payload (all-gather input, then its summed gradients), every owner's payload
-  // gradients (reduce-scatter input), and the ring's two accumulators and part.
+  // Scratch, sized on use: the fp32/fp64 output accumulator, one block's partial results (grown only, as blocks
+  // differ in shape: scratch_view), the gradients w.r.t. one owner's K̂ and V̂, this rank's payload (all-gather
+  // input, then its summed gradients), every owner's payload gradients (reduce-scatter input), and the ring's two
+  // accumulators and part.
   tensor<accum_type, Space> out_acc_;
   tensor<T, Space> part_out_, part_dq_, part_dk_, part_dv_, dkv_;
   tensor<accum_type, Space> part_lse_;

@@ -235,6 +235,15 @@ using host_tensor = tensor<T, host_space>;
 template <class T>
 using device_tensor = tensor<T, device_space>;
 
+/// A view of shape `s` over the front of scratch tensor `t`, which is reallocated only when it holds fewer than
+/// s.numel() elements: for scratch whose shape changes from call to call (freeing device memory synchronises the
+/// whole device, so reallocating on every change of shape would stall every stream on it).
+template <class T, class Space>
+view<T, Space> scratch_view(tensor<T, Space>& t, const shape& s) {
+  if (t.data() == nullptr || t.numel() < s.numel()) t = tensor<T, Space>(shape{s.numel()});
+  return view<T, Space>(t.data(), s);
+}
+
 namespace detail {
 template <class A, class B>
 void require_same_shape(const A& a, const B& b, const char* op) {

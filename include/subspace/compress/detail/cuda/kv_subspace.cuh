@@ -212,8 +212,8 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
       const T* z = (p == kv_part::key ? k : v).data();
       A* theta = side.data() + t0;
       chunk_theta(ex, r, p, z, theta);
-      basis_of(ex, r, p, theta);
-      gemm(ex, op::none, op::none, 1.0f, rows(z, r), ro(u_.v()), 0.0f, coefficients(values.data() + c0, r, p));
+      gemm(ex, op::none, op::none, 1.0f, rows(z, r), basis_of(ex, r, p, theta), 0.0f,
+           coefficients(values.data() + c0, r, p));
     });
   }
 
@@ -222,9 +222,9 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     if (!compressing()) return dense_.decode(ex, r, values, side, k_hat, v_hat);
     refresh_tables(ex);
     for_each_part(r, [&](kv_part p, std::int64_t c0, std::int64_t t0) {
-      basis_of(ex, r, p, side.data() + t0);
+      const view<const T, S> u = basis_of(ex, r, p, side.data() + t0);
       T* out = (p == kv_part::key ? k_hat : v_hat).data();
-      gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f, rows(out, r));
+      gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), u, 0.0f, rows(out, r));
     });
   }
 
@@ -234,13 +234,13 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     refresh_tables(ex);
     for_each_part(r, [&](kv_part p, std::int64_t c0, std::int64_t t0) {
       const A* theta = side.data() + t0;
-      basis_of(ex, r, p, theta);
+      const view<const T, S> u = basis_of(ex, r, p, theta);
       const view<const T, S> dz = rows((p == kv_part::key ? dk_hat : dv_hat).data(), r);
       const view<const T, S> c = coefficients(values.data() + c0, r, p);
-      gemm(ex, op::none, op::none, 1.0f, dz, ro(u_.v()), 0.0f, coefficients(grad_values.data() + c0, r, p));
-      g_ = sized(g_, shape{units(r), r.kv_dim(), rank(p)});
-      gemm(ex, op::transpose, op::none, 1.0f, dz, c, 0.0f, g_.v());  // dẐᵀ C
-      contract(ex, r, p, theta, grad_side.data() + t0, false);
+      gemm(ex, op::none, op::none, 1.0f, dz, u, 0.0f, coefficients(grad_values.data() + c0, r, p));
+      const view<float, S> g = scratch_view(g_, shape{units(r), r.kv_dim(), rank(p)});
+      gemm(ex, op::transpose, op::none, 1.0f, dz, c, 0.0f, g);  // dẐᵀ C
+      contract(ex, r, p, g, theta, grad_side.data() + t0, false);
     });
   }
 
@@ -250,30 +250,29 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     if (!compressing()) return dense_.encode_backward(ex, r, k, v, values, side, grad_values, grad_side, dk, dv);
     refresh_tables(ex);
     const std::int64_t m = o_.generators, n = r.chunk_rows, d = r.kv_dim(), nu = units(r);
-    dtheta_ = sized(dtheta_, shape{nu, m});
-    head_ = sized(head_, shape{nu, 2 + m});
-    row_add_ = sized(row_add_, shape{nu, d});
+    const view<float, S> dtheta = scratch_view(dtheta_, shape{nu, m});
+    const view<float, S> head = scratch_view(head_, shape{nu, 2 + m});
+    const view<float, S> row_add = scratch_view(row_add_, shape{nu, d});
     for_each_part(r, [&](kv_part p, std::int64_t c0, std::int64_t t0) {
       const A* theta = side.data() + t0;
       const T* z = (p == kv_part::key ? k : v).data();
-      basis_of(ex, r, p, theta);
+      const view<const T, S> u = basis_of(ex, r, p, theta);
       const view<const T, S> dc = coefficients(grad_values.data() + c0, r, p);
       T* dz = (p == kv_part::key ? dk : dv).data();
-      gemm(ex, op::none, op::transpose, 1.0f, dc, ro(u_.v()), 0.0f, rows(dz, r));  // dZ = dC Uᵀ
-      g_ = sized(g_, shape{nu, d, rank(p)});
-      gemm(ex, op::transpose, op::none, 1.0f, rows(z, r), dc, 0.0f, g_.v());  // Zᵀ dC
-      copy(ex, view<const A, S>(grad_side.data() + t0, shape{nu, m}), dtheta_.v());
-      contract(ex, r, p, theta, dtheta_.data(), true);
+      gemm(ex, op::none, op::transpose, 1.0f, dc, u, 0.0f, rows(dz, r));  // dZ = dC Uᵀ
+      const view<float, S> g = scratch_view(g_, shape{nu, d, rank(p)});
+      gemm(ex, op::transpose, op::none, 1.0f, rows(z, r), dc, 0.0f, g);  // Zᵀ dC
+      copy(ex, view<const A, S>(grad_side.data() + t0, shape{nu, m}), dtheta);
+      contract(ex, r, p, g, theta, dtheta.data(), true);
       const int q = int(p);
-      column_mean(ex, r, z);
+      const float* zbar = column_mean(ex, r, z);
       kv_kernels::theta_backward_scalars<<<unsigned(nu), 256, 0, ex.stream>>>(
-          dtheta_.data(), theta, zbar_.data(), kv_kernels::raw(psi_w_[q].data()), int(m), d, float(o_.theta_max),
-          head_.data());
+          dtheta.data(), theta, zbar, kv_kernels::raw(psi_w_[q].data()), int(m), d, float(o_.theta_max), head.data());
       kv_kernels::theta_backward<<<::subspace::cuda_detail::grid_for(d), ::subspace::cuda_detail::block_threads, 0,
-                                   ex.stream>>>(head_.data(), zbar_.data(), kv_kernels::raw(psi_w_[q].data()), int(m),
-                                                nu, n, d, psi_dw_[q].data(), psi_db_[q].data(), row_add_.data());
+                                   ex.stream>>>(head.data(), zbar, kv_kernels::raw(psi_w_[q].data()), int(m), nu, n,
+                                                d, psi_dw_[q].data(), psi_db_[q].data(), row_add.data());
       kv_kernels::add_to_rows<<<::subspace::cuda_detail::grid_for(nu * n * d), ::subspace::cuda_detail::block_threads,
-                                0, ex.stream>>>(row_add_.data(), nu, n, d, kv_kernels::raw(dz));
+                                0, ex.stream>>>(row_add.data(), nu, n, d, kv_kernels::raw(dz));
       cuda_check(cudaGetLastError());
     });
   }
@@ -281,15 +280,6 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
  private:
   static_assert(std::is_same_v<G, float>, "kv_subspace_codec_cuda: the store's gradients are fp32 on the device");
 
-  template <class U>
-  static view<const U, S> ro(view<U, S> x) {
-    return x;
-  }
-  template <class U>
-  static tensor<U, S> sized(tensor<U, S>& t, const shape& s) {
-    if (t.shape() == s) return std::move(t);
-    return tensor<U, S>(s);
-  }
   static std::int64_t units(const kv_rows& r) { return r.batch * r.chunks; }
   /// The rows of every unit of a part, [units, chunk_rows, d_kv].
   template <class U>
@@ -314,47 +304,50 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
     device_version_ = tables_version();
   }
 
-  /// zbar_ [units, d_kv]: the mean row of each unit of z.
-  void column_mean(const exec::cuda& ex, const kv_rows& r, const T* z) {
+  /// The mean row of each unit of z, [units, d_kv] (in zbar_).
+  const float* column_mean(const exec::cuda& ex, const kv_rows& r, const T* z) {
     const std::int64_t d = r.kv_dim();
-    zbar_ = sized(zbar_, shape{units(r), d});
+    float* zbar = scratch_view(zbar_, shape{units(r), d}).data();
     const dim3 grid(unsigned((d + kv_kernels::mean_columns - 1) / kv_kernels::mean_columns), unsigned(units(r)));
     kv_kernels::column_mean<<<grid, dim3(kv_kernels::mean_columns, kv_kernels::mean_rows), 0, ex.stream>>>(
-        kv_kernels::raw(z), r.chunk_rows, d, zbar_.data());
+        kv_kernels::raw(z), r.chunk_rows, d, zbar);
     cuda_check(cudaGetLastError());
+    return zbar;
   }
   /// theta [units, m] of part p's rows z.
   void chunk_theta(const exec::cuda& ex, const kv_rows& r, kv_part p, const T* z, A* theta) {
-    column_mean(ex, r, z);
+    const float* zbar = column_mean(ex, r, z);
     const int q = int(p);
     kv_kernels::theta_of<<<dim3(unsigned(o_.generators), unsigned(units(r))), 256, 0, ex.stream>>>(
-        kv_kernels::raw(psi_w_[q].data()), kv_kernels::raw(psi_b_[q].data()), zbar_.data(), int(o_.generators),
-        r.kv_dim(), float(o_.theta_max), theta);
+        kv_kernels::raw(psi_w_[q].data()), kv_kernels::raw(psi_b_[q].data()), zbar, int(o_.generators), r.kv_dim(),
+        float(o_.theta_max), theta);
     cuda_check(cudaGetLastError());
   }
-  /// u_ [units, d_kv, r]: U(θ) of every unit of part p.
-  void basis_of(const exec::cuda& ex, const kv_rows& r, kv_part p, const A* theta) {
+  /// U(θ) of every unit of part p, [units, d_kv, r] (in u_).
+  view<const T, S> basis_of(const exec::cuda& ex, const kv_rows& r, kv_part p, const A* theta) {
     const kv_tables& t = tables(p);
-    u_ = sized(u_, shape{units(r), t.d, t.r});
+    const view<T, S> u = scratch_view(u_, shape{units(r), t.d, t.r});
     kv_kernels::rotated_basis<<<::subspace::cuda_detail::grid_for(units(r) * t.d * t.r),
                                 ::subspace::cuda_detail::block_threads, 0, ex.stream>>>(
-        tables_[int(p)].data(), theta, int(t.m), t.d * t.r, units(r), kv_kernels::raw(u_.data()));
+        tables_[int(p)].data(), theta, int(t.m), t.d * t.r, units(r), kv_kernels::raw(u.data()));
     cuda_check(cudaGetLastError());
+    return u;
   }
-  /// dtheta [units, m] (+)= ⟨g_[u], ∂U/∂θ⟩ for part p.
-  void contract(const exec::cuda& ex, const kv_rows& r, kv_part p, const A* theta, A* dtheta, bool accumulate) {
+  /// dtheta [units, m] (+)= ⟨g[u], ∂U/∂θ⟩ for part p.
+  void contract(const exec::cuda& ex, const kv_rows& r, kv_part p, view<const float, S> g, const A* theta, A* dtheta,
+                bool accumulate) {
     const kv_tables& t = tables(p);
     kv_kernels::contract<<<dim3(unsigned(t.m), unsigned(units(r))), 256, 0, ex.stream>>>(
-        g_.data(), tables_[int(p)].data(), theta, int(t.m), t.d * t.r, dtheta, accumulate);
+        g.data(), tables_[int(p)].data(), theta, int(t.m), t.d * t.r, dtheta, accumulate);
     cuda_check(cudaGetLastError());
   }
   /// Σ += Zᵀ Z over every row (fp32 on the device), added into the host second moment at once.
   void accumulate(const exec::cuda& ex, const kv_rows& r, view<const T, S> z, kv_part p) {
     const std::int64_t d = r.kv_dim();
-    zz_ = sized(zz_, shape{d, d});
+    const view<float, S> zz = scratch_view(zz_, shape{d, d});
     const view<const T, S> all(z.data(), shape{r.batch * r.rows(), d});
-    gemm(ex, op::transpose, op::none, 1.0f, all, all, 0.0f, zz_.v());
-    const host_tensor<float> h = to_host(ex, view<const float, S>(zz_.v()));
+    gemm(ex, op::transpose, op::none, 1.0f, all, all, 0.0f, zz);
+    const host_tensor<float> h = to_host(ex, view<const float, S>(zz));
     host_tensor<double>& s = sigma(p);
     for (std::int64_t i = 0; i < d * d; ++i) s.data()[i] += double(h.data()[i]);
   }
@@ -364,6 +357,7 @@ class kv_subspace_codec_cuda : public kv_subspace_phase {
   view<G, S> psi_dw_[2], psi_db_[2];
   tensor<float, S> tables_[2];
   std::uint64_t device_version_ = 0;
+  // Scratch, grown only (scratch_view): K and V differ in rank, so u_ and g_ change shape within every call.
   tensor<T, S> u_;
   tensor<float, S> g_, zz_, zbar_, dtheta_, head_, row_add_;
 };
