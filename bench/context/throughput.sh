@@ -12,6 +12,7 @@
 # THROUGHPUT_CP (4) ranks per sequence, THROUGHPUT_LINKS ("gbit100 mbit300": the fast link first),
 # THROUGHPUT_SYNC_EVERY (1: the weight gradients all-reduced every step, over the same modelled link; c > 1
 # averages the weights every c steps instead, and STEPS - 3 must then be a multiple of c),
+# THROUGHPUT_COMPRESSORS ("identity mos": the dense exchange and Mixture of Subspaces; the ratios need both),
 # THROUGHPUT_DEVICE (auto), THROUGHPUT_THREADS (0), SUBSPACE_CORPUS (as bench/common/corpus.sh).
 # The ranks are threads of one process: on one GPU they share it, so each step's compute is what all D ranks take
 # together, not what one of D GPUs would; the network time is each link's own, as on D machines.
@@ -20,6 +21,7 @@ set -euo pipefail
 bin="$1"; out="$2"; commit="${3:-unknown}"; steps="${4:-8}"
 preset="${THROUGHPUT_PRESET:-60m}" seq="${THROUGHPUT_SEQ:-16384}" cp="${THROUGHPUT_CP:-4}"
 links="${THROUGHPUT_LINKS:-gbit100 mbit300}" sync_every="${THROUGHPUT_SYNC_EVERY:-1}"
+compressors="${THROUGHPUT_COMPRESSORS:-identity mos}"
 device="${THROUGHPUT_DEVICE:-auto}" threads="${THROUGHPUT_THREADS:-0}"
 [[ "$steps" =~ ^[0-9]+$ ]] && [ "$steps" -ge 5 ] || { echo "throughput.sh: STEPS must be an integer >= 5, got '$steps'" >&2; exit 2; }
 [[ "$sync_every" =~ ^[0-9]+$ ]] && [ "$sync_every" -ge 1 ] && [ $(((steps - 3) % sync_every)) = 0 ] ||
@@ -33,7 +35,9 @@ common=(--preset "$preset" --cp "$cp" --seq "$seq" --batch 1 --steps "$steps" --
         "${text[@]}")
 runs=()
 for link in $links; do
-  for compressor in identity mos; do
+  for compressor in $compressors; do
+    [ "$compressor" = identity ] || [ "$compressor" = mos ] ||
+      { echo "throughput.sh: THROUGHPUT_COMPRESSORS takes identity and mos, got '$compressor'" >&2; exit 2; }
     run="$compressor@$link" extra=()
     [ "$compressor" = mos ] && extra=(--warmup-pca 2)
     echo "== $run"
@@ -64,12 +68,13 @@ for name in names:
                     "comm_model_s_per_step": sum(l["comm_model_s"] for l in timed) / len(timed),
                     "final_loss": lines[-1]["loss"],
                     "compressor_line": next((h for h in log if h.startswith("compressor")), "")})
-get = lambda c, l: next(r for r in results if r["compressor"] == c and r["link"] == l)
+tok_s = {(r["compressor"], r["link"]): r["tok_per_s"] for r in results}
 links = list(dict.fromkeys(r["link"] for r in results))
 fast, slow = links[0], links[-1]
-ratios = {f"mos_{slow}_vs_dense_{fast}_tok_per_s": get("mos", slow)["tok_per_s"] / get("identity", fast)["tok_per_s"],
-          f"dense_{slow}_vs_dense_{fast}_tok_per_s": get("identity", slow)["tok_per_s"] / get("identity", fast)["tok_per_s"],
-          f"mos_vs_dense_at_{slow}_tok_per_s": get("mos", slow)["tok_per_s"] / get("identity", slow)["tok_per_s"]}
+wanted = {f"mos_{slow}_vs_dense_{fast}_tok_per_s": (("mos", slow), ("identity", fast)),
+          f"dense_{slow}_vs_dense_{fast}_tok_per_s": (("identity", slow), ("identity", fast)),
+          f"mos_vs_dense_at_{slow}_tok_per_s": (("mos", slow), ("identity", slow))}
+ratios = {k: tok_s[a] / tok_s[b] for k, (a, b) in wanted.items() if a in tok_s and b in tok_s}  # those it ran
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
 where = next((h for h in header if h.startswith("context")), "")
 doc = {"benchmark": "context_throughput", "device": (cpu + "; " if where.endswith(" on host") else "") + where,
