@@ -65,6 +65,22 @@ TEST_CASE("view: strides, slices, transposes and reshapes address the right elem
   CHECK(c(0, 1, 0) == 4.0f);
 }
 
+TEST_CASE("scratch_view: a view of the asked shape over the scratch's front, reallocated only to grow") {
+  host_tensor<float> t;
+  const view<float, host_space> a = scratch_view(t, shape{2, 3, 4});
+  CHECK(a.shape() == shape{2, 3, 4});
+  CHECK(a.stride(0) == 12);
+  const float* first = t.data();
+  REQUIRE(first != nullptr);
+  const view<float, host_space> b = scratch_view(t, shape{4, 5});  // smaller: the same memory
+  CHECK(b.data() == first);
+  CHECK(b.shape() == shape{4, 5});
+  CHECK(b.stride(0) == 5);
+  CHECK(scratch_view(t, shape{24}).data() == first);
+  CHECK(scratch_view(t, shape{5, 5}).numel() == 25);  // larger: grown
+  CHECK(t.numel() == 25);
+}
+
 TEST_CASE("copy: contiguous and strided host copies, and shape mismatches are errors") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);

@@ -9,11 +9,11 @@
 // is used); each rank rebuilds K̂, V̂ from every payload, its own included, rotates K̂ at the owner's positions, and
 // the local queries attend to the key chunks the causal mask lets them see, in as few blocks as the layout allows
 // (layout::visible_blocks; the kernels' global-position masks cut the diagonal ones), the partial results folded
-// together by their log-sum-exp (attention_merge). With kv_identity the merged
-// out and lse are exactly single-device attention's.
+// together by their log-sum-exp (attention_merge). With kv_identity the merged out and lse are exactly
+// single-device attention's.
 //
-// Backward: the kernels' backward on each (query chunk, key chunk) pair, given the merged out and lse, is that
-// pair's share of the full gradients (kernels/attention.hpp). So dq sums over the key chunks locally; a rank's
+// Backward: the kernels' backward on each block of (queries, keys), given the merged out and lse, is that
+// block's share of the full gradients (kernels/attention.hpp). So dq sums over the key chunks locally; a rank's
 // gradients w.r.t. an owner's K̂ (rotated back) and V̂ go through the codec's decode_backward into its part of
 // d(payload), and the parts are summed at the owner — one reduce-scatter (all_gather), or an accumulator per
 // block passed around the ring, each rank adding its part (ring) — where encode_backward gives dK and dV. The
