@@ -351,8 +351,7 @@ class kv_subspace_codec : public kv_subspace_phase {
     for_each_unit(r, k.data(), v.data(), [&](kv_part p, std::int64_t, const T* z, std::int64_t c0, std::int64_t t0) {
       A* theta = side.data() + t0;
       chunk_theta(r, p, z, theta);
-      basis_of(p, theta);
-      gemm(ex, op::none, op::none, 1.0f, rows(z, r), ro(u_.v()), 0.0f, coefficients(values.data() + c0, r, p));
+      gemm(ex, op::none, op::none, 1.0f, rows(z, r), basis_of(p, theta), 0.0f, coefficients(values.data() + c0, r, p));
     });
   }
 
@@ -361,9 +360,9 @@ class kv_subspace_codec : public kv_subspace_phase {
     if (!compressing()) return dense_.decode(ex, r, values, side, k_hat, v_hat);
     for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
                   [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
-                    basis_of(p, side.data() + t0);
+                    const view<const T, host_space> u = basis_of(p, side.data() + t0);
                     T* out = (p == kv_part::key ? k_hat : v_hat).data() + unit * r.chunk_rows * r.kv_dim();
-                    gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), ro(u_.v()), 0.0f,
+                    gemm(ex, op::none, op::transpose, 1.0f, coefficients(values.data() + c0, r, p), u, 0.0f,
                          view<T, host_space>(out, shape{r.chunk_rows, r.kv_dim()}));
                   });
   }
@@ -376,17 +375,16 @@ class kv_subspace_codec : public kv_subspace_phase {
     for_each_unit(r, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
                   [&](kv_part p, std::int64_t unit, const T*, std::int64_t c0, std::int64_t t0) {
                     const A* theta = side.data() + t0;
-                    basis_of(p, theta);
+                    const view<const T, host_space> u = basis_of(p, theta);
                     const T* dz = (p == kv_part::key ? dk_hat : dv_hat).data() + unit * r.chunk_rows * r.kv_dim();
                     const view<const T, host_space> dzv(dz, shape{r.chunk_rows, r.kv_dim()});
                     const view<const T, host_space> c = coefficients(values.data() + c0, r, p);
-                    gemm(ex, op::none, op::none, 1.0f, dzv, ro(u_.v()), 0.0f,
-                         coefficients(grad_values.data() + c0, r, p));
-                    g_ = sized(g_, shape{r.kv_dim(), rank(p)});
-                    gemm(ex, op::transpose, op::none, 1.0f, dzv, c, 0.0f, g_.v());  // dẐᵀ C
+                    gemm(ex, op::none, op::none, 1.0f, dzv, u, 0.0f, coefficients(grad_values.data() + c0, r, p));
+                    const view<T, host_space> g = scratch_view(g_, shape{r.kv_dim(), rank(p)});
+                    gemm(ex, op::transpose, op::none, 1.0f, dzv, c, 0.0f, g);  // dẐᵀ C
                     A* dtheta = grad_side.data() + t0;
                     for (std::int64_t l = 0; l < o_.generators; ++l) dtheta[l] = A(0);
-                    contract_basis_gradient(tables(p), g_.data(), theta, dtheta);
+                    contract_basis_gradient(tables(p), g.data(), theta, dtheta);
                   });
   }
 
@@ -400,15 +398,15 @@ class kv_subspace_codec : public kv_subspace_phase {
     for_each_unit(r, k.data(), v.data(),
                   [&](kv_part p, std::int64_t unit, const T* z, std::int64_t c0, std::int64_t t0) {
                     const A* theta = side.data() + t0;
-                    basis_of(p, theta);
+                    const view<const T, host_space> u = basis_of(p, theta);
                     const view<const T, host_space> dc = coefficients(grad_values.data() + c0, r, p);
                     T* dz = (p == kv_part::key ? dk : dv).data() + unit * n * dkv;
                     const view<T, host_space> dzv(dz, shape{n, dkv});
-                    gemm(ex, op::none, op::transpose, 1.0f, dc, ro(u_.v()), 0.0f, dzv);  // dZ = dC Uᵀ
-                    g_ = sized(g_, shape{dkv, rank(p)});
-                    gemm(ex, op::transpose, op::none, 1.0f, rows(z, r), dc, 0.0f, g_.v());  // Zᵀ dC
+                    gemm(ex, op::none, op::transpose, 1.0f, dc, u, 0.0f, dzv);  // dZ = dC Uᵀ
+                    const view<T, host_space> g = scratch_view(g_, shape{dkv, rank(p)});
+                    gemm(ex, op::transpose, op::none, 1.0f, rows(z, r), dc, 0.0f, g);  // Zᵀ dC
                     for (std::int64_t l = 0; l < m; ++l) dtheta[std::size_t(l)] = grad_side.data()[t0 + l];
-                    contract_basis_gradient(tables(p), g_.data(), theta, dtheta.data());
+                    contract_basis_gradient(tables(p), g.data(), theta, dtheta.data());
                     // The head (see the top of this file): du = dθ θ'(u), dW += du xᵀ, db += du, dx = Wᵀ du, and
                     // every row's dZ += (dx − (dx·x) sign(z̄)) / (‖z̄‖₁ n), x = z̄ / ‖z̄‖₁.
                     const head_input h = head_of(z, n, dkv);
@@ -437,15 +435,6 @@ class kv_subspace_codec : public kv_subspace_phase {
   }
 
  private:
-  template <class U>
-  static view<const U, host_space> ro(view<U, host_space> x) {
-    return x;
-  }
-  template <class U>
-  static host_tensor<U> sized(host_tensor<U>& t, const shape& s) {
-    if (t.shape() == s) return std::move(t);
-    return host_tensor<U>(s);
-  }
   static view<const T, host_space> rows(const T* z, const kv_rows& r) {
     return view<const T, host_space>(z, shape{r.chunk_rows, r.kv_dim()});
   }
@@ -484,25 +473,26 @@ class kv_subspace_codec : public kv_subspace_phase {
       theta[l] = A(bounded_theta(double(u), o_.theta_max));
     }
   }
-  /// u_ = U(θ) of part p, in T.
-  void basis_of(kv_part p, const A* theta) {
+  /// U(θ) of part p, in T (in u_).
+  view<const T, host_space> basis_of(kv_part p, const A* theta) {
     const kv_tables& t = tables(p);
-    u_ = sized(u_, shape{t.d, t.r});
-    rotated_basis(t, theta, u_.data());
+    const view<T, host_space> u = scratch_view(u_, shape{t.d, t.r});
+    rotated_basis(t, theta, u.data());
+    return u;
   }
   void accumulate(const exec::host& ex, const kv_rows& r, view<const T, host_space> z, kv_part p) {
     host_tensor<double>& s = sigma(p);
     const std::int64_t d = r.kv_dim();
     const view<const T, host_space> all(z.data(), shape{r.batch * r.rows(), d});
-    zz_ = sized(zz_, shape{d, d});
-    gemm(ex, op::transpose, op::none, 1.0f, all, all, 0.0f, zz_.v());
-    for (std::int64_t i = 0; i < d * d; ++i) s.data()[i] += double(zz_.data()[i]);
+    const view<T, host_space> zz = scratch_view(zz_, shape{d, d});
+    gemm(ex, op::transpose, op::none, 1.0f, all, all, 0.0f, zz);
+    for (std::int64_t i = 0; i < d * d; ++i) s.data()[i] += double(zz.data()[i]);
   }
 
   kv_identity dense_;
   view<T, host_space> psi_w_[2], psi_b_[2];
   view<G, host_space> psi_dw_[2], psi_db_[2];
-  host_tensor<T> u_, g_, zz_;
+  host_tensor<T> u_, g_, zz_;  // scratch, grown only (scratch_view): K and V differ in rank
 };
 
 template <class G>
