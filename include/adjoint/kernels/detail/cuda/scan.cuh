@@ -10,7 +10,8 @@
 //                       affine map s ↦ A s + X (fp32); the block scans its segments' maps and finds the state
 //                       entering the tile by decoupled look-back over the tiles before it, 32 at a time (tile
 //                       numbers come from a ticket, so a tile waits only on running tiles); every thread then
-//                       rescans its registers. Each input is read once and each output written once.
+//                       rescans its registers. Each input is read once and each output written once. 16-bit rows
+//                       stay packed two values a register, so three blocks fit an SM.
 //   scan_window         one thread per (sequence, token, channel): its window of at most W terms
 
 #include <cuda_runtime.h>
@@ -118,22 +119,70 @@ inline constexpr int lookback = 32;
 /// Rows each scan thread holds in registers: a thread scans `rows_per_thread` consecutive tokens of `V` channels.
 inline constexpr int rows_per_thread = 8;
 
+/// Scan blocks an SM holds at once: the registers are bounded to fit them, so that while one block waits in its
+/// look-back the others' loads keep the memory busy. fp32 rows take twice the registers of 16-bit ones.
+template <class T>
+inline constexpr int scan_blocks_per_sm = sizeof(T) == 4 ? 2 : 3;
+
 /// V values loaded or stored as one vector.
 template <class T, int V>
 struct alignas(sizeof(T) * V) pack {
   T v[V];
 };
 
-/// How the single-pass scan tiles [seqs · seq, N]: a tile is `segments() · rows_per_thread` tokens of one sequence
+/// V values of T in registers, packed into 32-bit words where they fill them (two bf16 or fp16 a word): the scan
+/// holds 2 · rows_per_thread of these through its look-back, and one 16-bit value per register would double them.
+template <class T, int V, bool Words = (sizeof(T) * V) % 4 == 0>
+struct row_values {
+  static constexpr int count = int(sizeof(T)) * V / 4;
+  unsigned w[count];
+  __device__ static row_values load(const T* p) {
+    return __builtin_bit_cast(row_values, *reinterpret_cast<const pack<T, V>*>(p));
+  }
+  __device__ void store(T* p) const { *reinterpret_cast<pack<T, V>*>(p) = __builtin_bit_cast(pack<T, V>, *this); }
+  __device__ static row_values fill(float f) {
+    row_values r;
+    for (int v = 0; v < V; ++v) r.set(v, f);
+    return r;
+  }
+  __device__ float get(int v) const {
+    if constexpr (sizeof(T) == 4) return __uint_as_float(w[v]);
+    else return float(T::from_bits(std::uint16_t(w[v / 2] >> (16 * (v % 2)))));
+  }
+  __device__ void set(int v, float f) {
+    if constexpr (sizeof(T) == 4) w[v] = __float_as_uint(f);
+    else {
+      const unsigned bits = T(f).bits, shift = 16 * (v % 2);
+      w[v / 2] = (w[v / 2] & ~(0xffffu << shift)) | (bits << shift);
+    }
+  }
+};
+
+template <class T, int V>
+struct row_values<T, V, false> {  // a single 16-bit value
+  pack<T, V> p;
+  __device__ static row_values load(const T* q) { return {*reinterpret_cast<const pack<T, V>*>(q)}; }
+  __device__ void store(T* q) const { *reinterpret_cast<pack<T, V>*>(q) = p; }
+  __device__ static row_values fill(float f) {
+    row_values r;
+    for (int v = 0; v < V; ++v) r.p.v[v] = T(f);
+    return r;
+  }
+  __device__ float get(int v) const { return float(p.v[v]); }
+  __device__ void set(int v, float f) { p.v[v] = T(f); }
+};
+
+/// How the single-pass scan tiles [seqs · seq, N]: a tile is `segments() · rows` tokens of one sequence
 /// and `cols · V` channels (one channel group). The tiles of one (sequence, group) form a chain along the sequence;
 /// the status slots are numbered (chain, tile along the sequence), the last fastest.
 struct scan_tiling {
   std::int64_t seqs, seq, N;
   int cols;                    // vector columns per tile, at most tile_columns
+  int rows;                    // rows per thread
   std::int64_t groups;         // channel groups across N
   std::int64_t tiles_per_seq;  // tiles along one sequence
   __host__ __device__ int segments() const { return int(threads) / cols; }
-  __host__ __device__ std::int64_t tile_tokens() const { return std::int64_t(segments()) * rows_per_thread; }
+  __host__ __device__ std::int64_t tile_tokens() const { return std::int64_t(segments()) * rows; }
   __host__ __device__ std::int64_t tiles() const { return seqs * groups * tiles_per_seq; }
 };
 
@@ -160,19 +209,18 @@ __device__ inline int await(int& flag) {
 }
 
 /// The single-pass scan. Forward: h_t = a_t h_{t−1} + x_t from h_{−1} = 0. Reverse: μ_t = x_t + a_{t+1} μ_{t+1}
-/// from μ_{seq} = 0, walked as a forward scan over the reversed sequence whose coefficients are `a` one token later.
+/// from μ_{seq} = 0, walked as a forward scan over the reversed sequence whose coefficients are `a` one token later
+/// (each thread loads its `a` rows one row back along the walk).
 /// Each thread loads its rows once into registers and composes them into one affine map s ↦ A s + X; the block
 /// scans its segments' maps in shared memory; the block then finds the state entering the tile by decoupled
 /// look-back over the tiles before it; and every thread rescans its registers from its entering state.
-template <class T, int V, bool Reverse>
-__global__ void __launch_bounds__(threads, 2)
+template <class T, int V, bool Reverse, int R = rows_per_thread, int MinBlocks = scan_blocks_per_sm<T>>
+__global__ void __launch_bounds__(threads, MinBlocks)
     scan_tiles(const T* a, const T* x, T* out, scan_tiling z, scan_status st) {
-  using vec = pack<T, V>;
-  constexpr int R = rows_per_thread;
+  using vec = row_values<T, V>;
   __shared__ unsigned tile_number;
   __shared__ float seg_A[threads * V], seg_X[threads * V];  // per (segment, channel): its map, then its prefix
   __shared__ float tile_A[tile_columns * V], tile_X[tile_columns * V], entering[tile_columns * V];
-  __shared__ vec last_row[Reverse ? threads : 1];  // Reverse: each segment's last `a` row, for the next segment
   __shared__ float2 window_maps[lookback * tile_columns * V];
   __shared__ int window;  // tiles in the look-back window, negated while none of them knows its leaving state
 
@@ -185,33 +233,22 @@ __global__ void __launch_bounds__(threads, 2)
   const int S = z.segments(), CG = z.cols * V, col = int(threadIdx.x) % z.cols, s = int(threadIdx.x) / z.cols;
   const std::int64_t channel = (g * z.cols + col) * V, p0 = j * z.tile_tokens() + std::int64_t(s) * R;
   const bool active = s < S && channel < z.N;
-  const auto at = [&](std::int64_t p) {  // this thread's channels of position p of the walk
-    return (b * z.seq + (Reverse ? z.seq - 1 - p : p)) * z.N + channel;
-  };
+  // This thread's channels of walk position p0 + r lie at row_offset + r * row_step.
+  const std::int64_t row_offset = (b * z.seq + (Reverse ? z.seq - 1 - p0 : p0)) * z.N + channel,
+                     row_step = Reverse ? -z.N : z.N;
+  const int rows_here = active ? int(min(std::int64_t(R), z.seq - p0)) : 0;  // rows before the sequence's end
 
+  // Reverse: the coefficient of walk position p is `a` at walk position p − 1 (zero at p = 0), one row back.
+  const std::int64_t coef_offset = row_offset - (Reverse ? row_step : 0);
   vec coef[R], in[R];  // rows past the sequence (and idle threads) are the identity map
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (active && p0 + r < z.seq) {
-      coef[r] = *reinterpret_cast<const vec*>(a + at(p0 + r));
-      in[r] = *reinterpret_cast<const vec*>(x + at(p0 + r));
+    if (r < rows_here) {
+      coef[r] = Reverse && p0 + r == 0 ? vec::fill(0.0f) : vec::load(a + coef_offset + r * row_step);
+      in[r] = vec::load(x + row_offset + r * row_step);
     } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) coef[r].v[v] = T(1.0f), in[r].v[v] = T(0.0f);
+      coef[r] = vec::fill(1.0f), in[r] = vec::fill(0.0f);
     }
-  }
-  if constexpr (Reverse) {  // coefficient of walk position p is `a` at position p − 1 (zero at p = 0)
-    last_row[threadIdx.x] = coef[R - 1];
-    __syncthreads();
-    vec before;
-#pragma unroll
-    for (int v = 0; v < V; ++v) before.v[v] = T(0.0f);
-    if (s > 0) before = last_row[threadIdx.x - z.cols];
-    else if (active && p0 > 0 && p0 <= z.seq) before = *reinterpret_cast<const vec*>(a + at(p0 - 1));
-#pragma unroll
-    for (int r = R - 1; r > 0; --r)
-      if (p0 + r < z.seq) coef[r] = coef[r - 1];  // a row past the sequence keeps the identity
-    coef[0] = before;
   }
 
 #pragma unroll
@@ -219,8 +256,8 @@ __global__ void __launch_bounds__(threads, 2)
     float A = 1, X = 0;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float c = float(coef[r].v[v]);
-      X = c * X + float(in[r].v[v]);
+      const float c = coef[r].get(v);
+      X = c * X + in[r].get(v);
       A *= c;
     }
     if (s < S) {
@@ -312,13 +349,13 @@ __global__ void __launch_bounds__(threads, 2)
     float state = seg_A[s * CG + ch] * entering[ch] + seg_X[s * CG + ch];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      state = float(coef[r].v[v]) * state + float(in[r].v[v]);
-      in[r].v[v] = T(state);
+      state = coef[r].get(v) * state + in[r].get(v);
+      in[r].set(v, state);
     }
   }
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    if (p0 + r < z.seq) *reinterpret_cast<vec*>(out + at(p0 + r)) = in[r];
+    if (r < rows_here) in[r].store(out + row_offset + r * row_step);
 }
 
 template <class T>
@@ -418,11 +455,12 @@ void gate_backward(const subspace::exec::cuda& ex, std::type_identity_t<view<con
 
 /// The single-pass scan (forward or reverse) on [seqs · seq, N]: vectors of 4 channels where N and the pointers
 /// allow, single channels otherwise.
-template <class T, int V, bool Reverse>
+template <class T, int V, bool Reverse, int R = cuda_detail::scan::rows_per_thread,
+          int MinBlocks = cuda_detail::scan::scan_blocks_per_sm<T>>
 void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
                        std::int64_t N) {
   namespace S = cuda_detail::scan;
-  S::scan_tiling z{n / seq, seq, N, 0, 0, 0};
+  S::scan_tiling z{n / seq, seq, N, 0, R, 0, 0};
   const std::int64_t columns = N / V;
   z.cols = int(columns < S::tile_columns ? columns : S::tile_columns);
   z.groups = (columns + z.cols - 1) / z.cols;
@@ -439,7 +477,7 @@ void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T
   const S::scan_status st{reinterpret_cast<int*>(base), reinterpret_cast<float2*>(base + map_offset),
                           reinterpret_cast<float*>(base + map_offset + std::size_t(slots) * sizeof(float2)),
                           reinterpret_cast<unsigned*>(base) + tiles};
-  S::scan_tiles<T, V, Reverse><<<unsigned(tiles), S::threads, 0, ex.stream>>>(a, x, out, z, st);
+  S::scan_tiles<T, V, Reverse, R, MinBlocks><<<unsigned(tiles), S::threads, 0, ex.stream>>>(a, x, out, z, st);
   subspace::cuda_check_launch();
 }
 
