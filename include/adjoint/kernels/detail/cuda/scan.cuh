@@ -110,7 +110,8 @@ __global__ void shifted_product(const T* mu, const T* h, T* out, std::int64_t n,
 /// Vector columns (of 4 channels) per tile. Narrow tiles are long: each tile's look-back reads every channel's map
 /// of the tiles still unresolved before it, as many as run at once, so it costs about as much as the tile's own
 /// data unless tiles are hundreds of tokens long. On an H100 (N 64 and 256) 4 columns beat 2, 8, 16 and 32 in
-/// both directions and dtypes; 1 column, less than a 32-byte sector of each row, falls behind.
+/// both directions and dtypes; 1 column, less than a 32-byte sector of each row, falls behind. Tiles over whole
+/// 64-channel rows with 512-thread blocks, which make the loads twice as efficient, still scan 1–3 points slower.
 inline constexpr int tile_columns = 4;
 
 /// Tiles whose flags one look-back round reads at once (a warp's lanes).
@@ -180,11 +181,12 @@ struct row_values<T, V, false> {  // a single 16-bit value
 /// the status slots are numbered (chain, tile along the sequence), the last fastest.
 struct scan_tiling {
   std::int64_t seqs, seq, N;
-  int cols;                    // vector columns per tile, at most tile_columns
+  int cols;                    // vector columns per tile
   int rows;                    // rows per thread
+  int block;                   // threads per block
   std::int64_t groups;         // channel groups across N
   std::int64_t tiles_per_seq;  // tiles along one sequence
-  __host__ __device__ int segments() const { return int(threads) / cols; }
+  __host__ __device__ int segments() const { return block / cols; }
   __host__ __device__ std::int64_t tile_tokens() const { return std::int64_t(segments()) * rows; }
   __host__ __device__ std::int64_t tiles() const { return seqs * groups * tiles_per_seq; }
 };
@@ -217,14 +219,15 @@ __device__ inline int await(int& flag) {
 /// Each thread loads its rows once into registers and composes them into one affine map s ↦ A s + X; the block
 /// scans its segments' maps in shared memory; the block then finds the state entering the tile by decoupled
 /// look-back over the tiles before it; and every thread rescans its registers from its entering state.
-template <class T, int V, bool Reverse, int R = rows_per_thread<T>, int MinBlocks = scan_blocks_per_sm>
-__global__ void __launch_bounds__(threads, MinBlocks)
+template <class T, int V, bool Reverse, int R = rows_per_thread<T>, int MinBlocks = scan_blocks_per_sm,
+          int Block = int(threads), int Columns = tile_columns>
+__global__ void __launch_bounds__(Block, MinBlocks)
     scan_tiles(const T* a, const T* x, T* out, scan_tiling z, scan_status st) {
   using vec = row_values<T, V>;
   __shared__ unsigned tile_number;
-  __shared__ float seg_A[threads * V], seg_X[threads * V];  // per (segment, channel): its map, then its prefix
-  __shared__ float tile_A[tile_columns * V], tile_X[tile_columns * V], entering[tile_columns * V];
-  __shared__ float2 window_maps[lookback * tile_columns * V];
+  __shared__ float seg_A[Block * V], seg_X[Block * V];  // per (segment, channel): its map, then its prefix
+  __shared__ float tile_A[Columns * V], tile_X[Columns * V], entering[Columns * V];
+  __shared__ float2 window_maps[lookback * Columns * V];
   __shared__ int window;  // tiles in the look-back window, negated while none of them knows its leaving state
 
   if (threadIdx.x == 0) tile_number = atomicAdd(st.ticket, 1u);
@@ -273,7 +276,7 @@ __global__ void __launch_bounds__(threads, MinBlocks)
   // Each warp scans the segments of some channels, 32 segments a round; the prefix of segment s is the map of
   // segments 0 .. s − 1 (composition: the later map applied after the earlier).
   const int lane = int(threadIdx.x) % 32;
-  for (int ch = int(threadIdx.x) / 32; ch < CG; ch += int(threads) / 32) {
+  for (int ch = int(threadIdx.x) / 32; ch < CG; ch += Block / 32) {
     float carry_A = 1, carry_X = 0;
     for (int s0 = 0; s0 < S; s0 += 32) {
       const int seg = s0 + lane;
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(threads, MinBlocks)
     }
     __syncthreads();
     const int count = window < 0 ? -window : window;
-    for (int i = t; i < count * CG; i += int(threads)) {  // the window's maps; a known state s is the map (0, s)
+    for (int i = t; i < count * CG; i += Block) {  // the window's maps; a known state s is the map (0, s)
       const int k = i / CG, c = i % CG;
       const std::int64_t q = newest - k;
       window_maps[i] = window > 0 && k == count - 1
@@ -459,13 +462,14 @@ void gate_backward(const subspace::exec::cuda& ex, std::type_identity_t<view<con
 /// The single-pass scan (forward or reverse) on [seqs · seq, N]: vectors of 4 channels where N and the pointers
 /// allow, single channels otherwise.
 template <class T, int V, bool Reverse, int R = cuda_detail::scan::rows_per_thread<T>,
-          int MinBlocks = cuda_detail::scan::scan_blocks_per_sm>
+          int MinBlocks = cuda_detail::scan::scan_blocks_per_sm, int Block = int(cuda_detail::scan::threads),
+          int Columns = cuda_detail::scan::tile_columns>
 void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T* out, std::int64_t n, std::int64_t seq,
                        std::int64_t N) {
   namespace S = cuda_detail::scan;
-  S::scan_tiling z{n / seq, seq, N, 0, R, 0, 0};
+  S::scan_tiling z{n / seq, seq, N, 0, R, Block, 0, 0};
   const std::int64_t columns = N / V;
-  z.cols = int(columns < S::tile_columns ? columns : S::tile_columns);
+  z.cols = int(columns < Columns ? columns : Columns);
   z.groups = (columns + z.cols - 1) / z.cols;
   z.tiles_per_seq = (seq + z.tile_tokens() - 1) / z.tile_tokens();
   const std::int64_t tiles = z.tiles(), slots = tiles * z.cols * V;
@@ -480,7 +484,7 @@ void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T
   const S::scan_status st{reinterpret_cast<int*>(base), reinterpret_cast<float2*>(base + map_offset),
                           reinterpret_cast<float*>(base + map_offset + std::size_t(slots) * sizeof(float2)),
                           reinterpret_cast<unsigned*>(base) + tiles};
-  S::scan_tiles<T, V, Reverse, R, MinBlocks><<<unsigned(tiles), S::threads, 0, ex.stream>>>(a, x, out, z, st);
+  S::scan_tiles<T, V, Reverse, R, MinBlocks, Block, Columns><<<unsigned(tiles), Block, 0, ex.stream>>>(a, x, out, z, st);
   subspace::cuda_check_launch();
 }
 
