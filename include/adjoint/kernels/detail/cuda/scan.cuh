@@ -484,7 +484,8 @@ void launch_scan_tiles(const subspace::exec::cuda& ex, const T* a, const T* x, T
   const S::scan_status st{reinterpret_cast<int*>(base), reinterpret_cast<float2*>(base + map_offset),
                           reinterpret_cast<float*>(base + map_offset + std::size_t(slots) * sizeof(float2)),
                           reinterpret_cast<unsigned*>(base) + tiles};
-  S::scan_tiles<T, V, Reverse, R, MinBlocks, Block, Columns><<<unsigned(tiles), Block, 0, ex.stream>>>(a, x, out, z, st);
+  S::scan_tiles<T, V, Reverse, R, MinBlocks, Block, Columns>
+      <<<unsigned(tiles), Block, 0, ex.stream>>>(a, x, out, z, st);
   subspace::cuda_check_launch();
 }
 
