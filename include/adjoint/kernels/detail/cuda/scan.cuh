@@ -111,16 +111,18 @@ __global__ void shifted_product(const T* mu, const T* h, T* out, std::int64_t n,
 /// of the tiles still unresolved before it, as many as run at once, so it costs about as much as the tile's own
 /// data unless tiles are hundreds of tokens long. On an H100 (N 64 and 256) 4 columns beat 2, 8, 16 and 32 in
 /// both directions and dtypes; 1 column, less than a 32-byte sector of each row, falls behind. Tiles over whole
-/// 64-channel rows with 512-thread blocks, which make the loads twice as efficient, still scan 1–3 points slower.
+/// 64-channel rows (512-thread blocks) scan 1–3 points slower, although their loads alone reach 92% of the copy
+/// bandwidth against 76% for these 32-byte slices of each row.
 inline constexpr int tile_columns = 4;
 
 /// Tiles whose flags one look-back round reads at once (a warp's lanes).
 inline constexpr int lookback = 32;
 
 /// Rows each scan thread holds in registers: a thread scans `rows_per_thread` consecutive tokens of `V` channels.
-/// Longer tiles spread the block's scan and look-back over more bytes: on an H100, bf16 at 16 rows moves 51% of
-/// the device copy's bandwidth against 45% at 8 and 34% at 4 (two or three blocks an SM alike). fp32 rows take
-/// twice the registers, and 16 of them would not fit two blocks an SM.
+/// Longer tiles spread the block's scan and look-back over more bytes: in a sweep on an H100 (launches back to
+/// back), bf16 at 16 rows moved 51% of the copy bandwidth against 45% at 8 and 34% at 4, two or three blocks an SM
+/// alike (bench_ssm, alternating with a copy, measures 49–50% at 16). fp32 rows take twice the registers, and 16
+/// of them would not fit two blocks an SM.
 template <class T>
 inline constexpr int rows_per_thread = sizeof(T) == 4 ? 8 : 16;
 
