@@ -135,8 +135,11 @@ TEST_CASE("rmsnorm (CUDA): forward and backward against the host in double") {
     struct dims {
       std::int64_t n, d;
     };
-    // packed rows, odd rows (element path), many rows (grid-stride), and rows past 48 KiB of fp32 dweight.
-    for (const dims sz : {dims{37, 64}, dims{19, 1001}, dims{4099, 128}, dims{6, 16384}}) {
+    // Rows held by one warp with 1, 2, 4 and 8 packs a lane (64, 512, 768, 2048), by 2 warps (4096) and by 8
+    // (16384: fp32 streams it); odd rows (element path: 8 warps at 1001, streamed at 4097); many rows
+    // (grid-stride); bf16 rows streamed past 48 KiB of fp32 dweight (20000).
+    for (const dims sz : {dims{37, 64}, dims{300, 512}, dims{129, 768}, dims{65, 2048}, dims{33, 4096}, dims{19, 1001},
+                          dims{5, 4097}, dims{4099, 128}, dims{6, 16384}, dims{3, 20000}}) {
       const auto seed = testing::fresh_seed();
       CAPTURE(seed);
       CAPTURE(sz.n);
@@ -167,6 +170,17 @@ TEST_CASE("rmsnorm (CUDA): forward and backward against the host in double") {
       CHECK(testing::rel_error(cv(download(ex, y_d)), cv(y)) < tolerance<T>());
       CHECK(testing::rel_error(cv(download(ex, dx_d)), cv(dx)) < tolerance<T>());
       CHECK(testing::rel_error(cv(download(ex, dw_d)), cv(dw_host)) < 1e-4);  // fp32 sums over up to 4099 rows
+
+      // beta 1: the input gradient added to a residual stream's, rounded once.
+      auto stream = testing::random_tensor<double>({sz.n, sz.d}, seed + 4);
+      round_to<T>(stream);
+      host_tensor<double> added({sz.n, sz.d});
+      copy(hx, cv(stream), added.v());
+      rmsnorm_backward(hx, cv(x), cv(w), cv(rstd), cv(dy), added.v(), dw_host.v(), 1.0f);
+      auto added_d = upload<T>(ex, stream);
+      rmsnorm_backward(ex, x_d.v(), w_d.v(), rstd_d.v(), dy_d.v(), added_d.v(), dw_d.v(), 1.0f);
+      CHECK(testing::rel_error(cv(download(ex, added_d)), cv(added)) < tolerance<T>());
+      CHECK(testing::rel_error(cv(download(ex, dw_d)), cv(dw_host)) < 1e-4);
     }
   });
 }

@@ -164,6 +164,14 @@ TEST_CASE("rmsnorm (host): forward matches the formula, backward matches finite 
   };
   CHECK(fd_error(x, dx, loss) < 1e-8);
   CHECK(fd_error(w, dw_delta, loss) < 1e-8);
+
+  // beta 1 adds the input gradient to what dx holds (a residual stream's gradient), in the same pass.
+  auto stream = testing::random_tensor<double>({n, d}, seed + 4);
+  host_tensor<double> added({n, d});
+  copy(ex, cv(stream), added.v());
+  rmsnorm_backward(ex, cv(x), cv(w), cv(rstd), cv(r), added.v(), dw.v(), 1.0f);
+  for (std::int64_t i = 0; i < n * d; ++i)
+    REQUIRE(std::abs(added.data()[i] - (stream.data()[i] + dx.data()[i])) <= 1e-14 * (1 + std::abs(added.data()[i])));
 }
 
 TEST_CASE("rmsnorm (host): float and bf16 follow the double reference, shapes are checked") {

@@ -2,14 +2,16 @@
 // RMSNorm (docs/llama-kernels.md), row by row over x[N, d]:
 //
 //   rmsnorm_forward(ex, x, weight[d], eps, y, rstd[N])       rstd = 1 / sqrt(mean(x^2) + eps),  y = x * rstd * weight
-//   rmsnorm_backward(ex, x, weight, rstd, dy, dx, dweight)   dx overwritten, dweight += (accumulates)
+//   rmsnorm_backward(ex, x, weight, rstd, dy, dx, dweight, beta = 0)
+//                                                            dx = beta * dx + ∂x (beta 0: dx is not read), dweight +=
 //
 // With x̂ = x * rstd and g = dy * weight, the backward of one row is
 //   dx = rstd * (g - x̂ * mean(g * x̂)),      dweight += dy * x̂   (summed over the rows).
 //
-// x, weight, y, dy, dx in T; rstd in A = accum_t<T> (the saved statistic); dweight in G. Host: the readable
-// reference in A, on the calling thread. CUDA (detail/cuda/norm.cuh): one warp per row, bf16 or fp32 in and out
-// with fp32 statistics, 16-byte vector access when the rows allow it.
+// beta 1 adds the input gradient into a residual stream's gradient in the same pass (no separate add, and one
+// rounding to T instead of two). x, weight, y, dy, dx in T; rstd in A = accum_t<T> (the saved statistic); dweight
+// in G. Host: the readable reference in A, on the calling thread. CUDA (detail/cuda/norm.cuh): a row held in
+// registers by one warp (or a few, for wide rows), bf16 or fp32 in and out with fp32 statistics.
 
 #include <cmath>
 #include <cstdint>
@@ -66,14 +68,15 @@ void rmsnorm_forward(const exec::host& ex, std::type_identity_t<view<const T, ho
   });
 }
 
-/// dx = rstd * (dy*weight - x̂ * mean(dy*weight*x̂)) (overwritten) and dweight += sum over rows of dy * x̂.
+/// dx = beta * dx + rstd * (dy*weight - x̂ * mean(dy*weight*x̂)) (beta 0: dx is only written) and
+/// dweight += sum over rows of dy * x̂.
 template <class T, class G>
   requires(is_element_v<T> && is_element_v<G>)
 void rmsnorm_backward(const exec::host&, std::type_identity_t<view<const T, host_space>> x,
                       std::type_identity_t<view<const T, host_space>> weight,
                       std::type_identity_t<view<const accum_t<T>, host_space>> rstd,
                       std::type_identity_t<view<const T, host_space>> dy, view<T, host_space> dx,
-                      view<G, host_space> dweight) {
+                      view<G, host_space> dweight, float beta = 0.0f) {
   using A = accum_t<T>;
   using AG = std::conditional_t<std::is_same_v<accum_t<G>, double>, double, A>;
   detail::norm::check("rmsnorm_backward", x, weight, rstd, detail::layer::operand{dy, "dy"},
@@ -92,7 +95,8 @@ void rmsnorm_backward(const exec::host&, std::type_identity_t<view<const T, host
     const A c = dot / A(d);
     for (std::int64_t j = 0; j < d; ++j) {
       const A xhat = A(xr[j]) * r;
-      dxr[j] = convert<T>(r * (A(dyr[j]) * A(weight.data()[j]) - xhat * c));
+      const A grad = r * (A(dyr[j]) * A(weight.data()[j]) - xhat * c);
+      dxr[j] = convert<T>(beta == 0.0f ? grad : A(beta) * A(dxr[j]) + grad);
       dw[std::size_t(j)] += AG(A(dyr[j]) * xhat);
     }
   }

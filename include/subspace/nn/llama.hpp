@@ -618,7 +618,6 @@ class llama {
       const std::int64_t n = b * s, d = cfg_.d_model, f = cfg_.ffn_hidden, hq = cfg_.n_heads, hkv = cfg_.n_kv_heads,
                          hd = cfg_.head_dim();
       dres_ = a.template take<T>({n, d});
-      scratch_.dx = a.template take<T>({n, d});
       scratch_.dln = a.template take<T>({n, d});
       scratch_.dq = a.template take<T>({b, s, hq, hd});
       scratch_.datt = a.template take<T>({b, s, hq, hd});

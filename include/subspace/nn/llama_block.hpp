@@ -135,7 +135,7 @@ class llama_block {
 
   /// Backward scratch, shared by every layer (overwritten layer by layer).
   struct scratch {
-    view<T, space> dx, dln;            // [N, d]
+    view<T, space> dln;                // [N, d]
     view<T, space> dq, datt;           // [B, S, Hq, hd]
     view<T, space> dk, dv;             // [B, S, Hkv, hd]
     view<T, space> dgate, dup, dhact;  // [N, f]
@@ -261,9 +261,8 @@ class llama_block {
     swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
     linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f, keep == nullptr);
     linear_backward(ex, a.ln2, up_proj, s.dup, s.dln, 1.0f, keep == nullptr);
-    rmsnorm_backward(ex, ro(a.mid), ro(post_attention_layernorm.value), ro(a.rstd2), ro(s.dln), s.dx,
-                     post_attention_layernorm.grad);
-    axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dmid
+    rmsnorm_backward(ex, ro(a.mid), ro(post_attention_layernorm.value), ro(a.rstd2), ro(s.dln), dres,
+                     post_attention_layernorm.grad, 1.0f);  // dres = dL/dmid
 
     // Attention branch: mid = x + o(attention(rope(q(n1)), rope(k(n1)), v(n1))).
     residual.backward(ex, site(c, sublayer::attention), dres);
@@ -276,8 +275,8 @@ class llama_block {
     linear_backward(ex, a.ln1, q_proj, s.dq, s.dln, 0.0f, keep == nullptr);
     linear_backward(ex, a.ln1, k_proj, s.dk, s.dln, 1.0f, keep == nullptr);
     linear_backward(ex, a.ln1, v_proj, s.dv, s.dln, 1.0f, keep == nullptr);
-    rmsnorm_backward(ex, x, ro(input_layernorm.value), ro(a.rstd1), ro(s.dln), s.dx, input_layernorm.grad);
-    axpy(ex, 1.0f, ro(s.dx), dres);  // dres = dL/dx
+    rmsnorm_backward(ex, x, ro(input_layernorm.value), ro(a.rstd1), ro(s.dln), dres, input_layernorm.grad,
+                     1.0f);  // dres = dL/dx
   }
 
   /// The second half of a split backward: the weight products' gradients from what backward kept, accumulated
