@@ -3,8 +3,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include <subspace/kernels/elementwise.hpp>
 #include <subspace/optim/adamw.hpp>
 
 #include "support/numeric.hpp"
@@ -102,6 +104,36 @@ TEST_CASE("optim::adamw: the first step is bias-corrected to lr * sign(g), after
     expected.data()[i] = double(w0.data()[i]) * (1.0 - double(lr) * 0.5) - double(lr) * g / (std::abs(g) + 1e-8);
   }
   CHECK(testing::rel_error(master, expected) <= 1e-6);
+}
+
+TEST_CASE("optim::adamw: step_context::grad_scale equals scaling the fp32 gradient in memory first, bit for bit") {
+  const auto seed = testing::fresh_seed();
+  CAPTURE(seed);
+  const optim::adamw opt{};
+  const optim::param_info info{"w", {3, 41}, true};
+  const float factor = 0.37f;
+  auto folded = testing::random_tensor<float>(info.shape, seed);
+  auto scaled = testing::random_tensor<float>(info.shape, seed);
+  auto st_folded = opt.init(exec::host{}, info), st_scaled = opt.init(exec::host{}, info);
+  for (std::int64_t t = 1; t <= 3; ++t) {
+    const auto grad = testing::random_tensor<float>(info.shape, seed + std::uint64_t(t), 0.0f, 0.1f);
+    const auto kept = testing::random_tensor<float>(info.shape, seed + std::uint64_t(t), 0.0f, 0.1f);
+    auto grad_scaled = testing::random_tensor<float>(info.shape, seed + std::uint64_t(t), 0.0f, 0.1f);
+    scale(exec::host{}, factor, grad_scaled.v());
+    opt.step(exec::host{}, folded.v(), grad.v(), st_folded, info, optim::step_context{1e-2f, t, factor});
+    opt.step(exec::host{}, scaled.v(), grad_scaled.v(), st_scaled, info, optim::step_context{1e-2f, t});
+    CHECK(std::memcmp(grad.data(), kept.data(), std::size_t(grad.numel()) * sizeof(float)) == 0);  // read only
+  }
+  CHECK(std::memcmp(folded.data(), scaled.data(), std::size_t(folded.numel()) * sizeof(float)) == 0);
+  CHECK(std::memcmp(st_folded.m.data(), st_scaled.m.data(), std::size_t(folded.numel()) * sizeof(float)) == 0);
+  CHECK(std::memcmp(st_folded.v.data(), st_scaled.v.data(), std::size_t(folded.numel()) * sizeof(float)) == 0);
+  CHECK(optim::applies_grad_scale<optim::adamw>);
+  for (const float bad : {0.0f, -1.0f, NAN, INFINITY}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH_AS(
+        opt.step(exec::host{}, folded.v(), scaled.v(), st_folded, info, optim::step_context{1e-2f, 4, bad}),
+        doctest::Contains("grad_scale must be a positive number"), invalid_argument);
+  }
 }
 
 TEST_CASE("optim::adamw: state is two fp32 moments, zeroed, and its size is exact") {

@@ -322,18 +322,31 @@ TEST_CASE(
       const auto value = store.value(index);
       const auto grad = store.grad(index);
       std::vector<double> fd, analytic;
+      int near_kink = 0;
       for (std::int64_t e = 0; e < std::min<std::int64_t>(value.numel(), 12); ++e) {
         const std::int64_t i = (e * 7919) % value.numel();
-        const double x0 = value.data()[i], h = 5e-5;
+        const double x0 = value.data()[i];
         const auto at = [&](double x) {
           value.data()[i] = x;
           return model.evaluate(data.tok(), data.tgt());
         };
         // The five-point stencil: truncation O(h⁴), so h can be large enough for rounding not to matter.
-        fd.push_back((8 * (at(x0 + h) - at(x0 - h)) - (at(x0 + 2 * h) - at(x0 - 2 * h))) / (12 * h));
+        const auto stencil = [&](double h) {
+          return (8 * (at(x0 + h) - at(x0 - h)) - (at(x0 + 2 * h) - at(x0 - 2 * h))) / (12 * h);
+        };
+        const double wide = stencil(5e-5), narrow = stencil(5e-6);
         value.data()[i] = x0;
+        // ψ reads a chunk's mean over its ℓ1 norm, which has a kink wherever a component of the mean is zero.
+        // Upstream tensors move many means, so a stencil 1e-4 wide crosses one now and then (about one run in
+        // four); the two widths then disagree, and the element is left out (a wrong gradient shows either way).
+        if (std::abs(wide - narrow) > 1e-6 * std::max(std::abs(wide), 1e-3)) {
+          ++near_kink;
+          continue;
+        }
+        fd.push_back(wide);
         analytic.push_back(grad.data()[i]);
       }
+      CHECK(near_kink <= 2);
       REQUIRE(norm_of(analytic) > 0);
       // Relative to the gradient's norm, or to 1e-3 when a draw makes it smaller: the differences' rounding floor
       // (~1e-11) would otherwise dominate a gradient that happens to nearly cancel.

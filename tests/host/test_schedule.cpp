@@ -67,6 +67,18 @@ TEST_CASE("lr_schedule: bad configurations name the field and the expected range
                        invalid_argument);
 }
 
+TEST_CASE("clip_factor: 1 unless clipping is on and the norm exceeds max_norm, then max_norm / (norm + 1e-6)") {
+  CHECK(optim::clip_factor(0.5, 1.0) == 1.0f);
+  CHECK(optim::clip_factor(1.0, 1.0) == 1.0f);
+  CHECK(optim::clip_factor(4.0, 0.0) == 1.0f);   // clipping disabled
+  CHECK(optim::clip_factor(4.0, -1.0) == 1.0f);  // clipping disabled
+  CHECK(optim::clip_factor(INFINITY, 1.0) == 1.0f);
+  CHECK(optim::clip_factor(NAN, 1.0) == 1.0f);
+  CHECK(optim::clip_factor(4.0, 1.0) == float(1.0 / (4.0 + 1e-6)));
+  CHECK(optim::clip_factor(3e5, 2.5) == float(2.5 / (3e5 + 1e-6)));
+  CHECK_THROWS_AS(optim::clip_factor(4.0, std::nan("")), invalid_argument);
+}
+
 TEST_CASE("clip_grad_norm: the global norm matches a direct computation, clipping scales to max_norm") {
   const auto seed = testing::fresh_seed();
   CAPTURE(seed);
@@ -83,6 +95,8 @@ TEST_CASE("clip_grad_norm: the global norm matches a direct computation, clippin
   std::vector<view<float, host_space>> views;
   for (auto& g : grads) views.push_back(g.v());
   const double before = direct();
+  CHECK(optim::grad_norm(exec::host{}, views) == doctest::Approx(before).epsilon(1e-6));  // fp32 sums per view
+  CHECK(optim::grad_squares(exec::host{}, views) == doctest::Approx(before * before).epsilon(2e-6));
 
   // No clipping: max_norm above the norm, or 0 (disabled); the gradients are untouched.
   CHECK(optim::clip_grad_norm(exec::host{}, views, before * 2) == doctest::Approx(before).epsilon(1e-6));

@@ -177,6 +177,52 @@ TEST_CASE_TEMPLATE("trainer: a resumed run is bit-identical to an uninterrupted 
   CHECK(data.position() == straight_data.position());
 }
 
+TEST_CASE_TEMPLATE("trainer: a clipped step equals the gradients scaled in memory and an unscaled optimizer step",
+                   Optimizer, optim::adamw, optim::galore<>) {
+  // AdamW applies the clipping factor as it reads each gradient (step_context::grad_scale); GaLore gets gradients
+  // scaled in memory by the replica. Either way the step is bit for bit the one clip_grad_norm's scaling gives.
+  testing::scratch_dir dir;
+  genesis_shards(dir.path);
+  const std::int64_t seq = 32, batch = 4;
+  const auto cfg = small_config(32, 2, seq);
+  const std::uint64_t seed = testing::fresh_seed();
+  CAPTURE(seed);
+  Optimizer opt{};
+  if constexpr (!std::is_same_v<Optimizer, optim::adamw>) opt.rank = 8;
+  const auto stack = subspace::stack{.optimizer = opt};
+  train::trainer_options o;
+  o.clip = 1e-3;  // far below the gradient norm: the step clips
+  o.schedule = {1e-3f, 1e-3f, 0, 1, optim::decay_kind::constant};
+
+  train::trainer folded(host_llama(cfg, exec::host{}), stack, o);
+  folded.init(seed);
+  auto data = loader_for(dir.path, "train", batch, seq, false);
+  const train::step_result r = folded.step(data);
+  REQUIRE(r.grad_norm > 10 * o.clip);
+
+  train::trainer by_hand(host_llama(cfg, exec::host{}), stack, o);
+  by_hand.init(seed);
+  auto again = loader_for(dir.path, "train", batch, seq, false);
+  const data::token_batch b = again.next();
+  auto& model = by_hand.model();
+  model.zero_grad();
+  model.forward(b.tokens.v(), b.targets.v());
+  model.backward();
+  auto& store = model.parameters();
+  const std::vector<view<float, host_space>> grads{store.flat_grads()};  // one range, as the trainer sums it
+  CHECK(testing::same_bits(optim::clip_grad_norm(exec::host{}, grads, o.clip), r.grad_norm));
+  for (std::size_t i = 0; i < store.size(); ++i)
+    by_hand.optimizer().step(exec::host{}, store.value(i), view<const float, host_space>(store.grad(i)),
+                             by_hand.states()[i], store.info(i), optim::step_context{r.lr, 1});
+
+  const auto want = snapshot(by_hand), got = snapshot(folded);
+  REQUIRE(want.size() == got.size());
+  for (const auto& [name, bytes] : want) {
+    CAPTURE(name);
+    CHECK(got.at(name) == bytes);
+  }
+}
+
 TEST_CASE("trainer: accumulating two micro-batches of 4 equals one batch of 8") {
   testing::scratch_dir dir;
   genesis_shards(dir.path);

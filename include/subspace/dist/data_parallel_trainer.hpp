@@ -151,10 +151,10 @@ class data_parallel_trainer {
     r.step = step_ + 1;
     r.lr = o_.schedule.at(r.step);
     r.loss = run(loader, [&] {
-      r.grad_norm = optim::clip_grad_norm(replica_.executor(), replica_.grads(0, replica_.parameters()), o_.clip);
+      r.grad_norm = optim::grad_norm(replica_.executor(), replica_.grads(0, replica_.parameters()));
       r.skipped = !std::isfinite(r.grad_norm);
       if (r.skipped) return;
-      replica_.step_all(optim::step_context{r.lr, r.step});
+      replica_.step_all(optim::step_context{r.lr, r.step, optim::clip_factor(r.grad_norm, o_.clip)});
     });
     r.tokens = replica_type::batch_tokens(loader) * accumulation() * stack_.communicator.size();
     step_ = r.step;

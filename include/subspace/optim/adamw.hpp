@@ -1,7 +1,7 @@
 #pragma once
 // optim::adamw: Adam with decoupled weight decay, as torch.optim.AdamW.
 //
-// For step t (ctx.step, 1-based), gradient g, learning rate lr:
+// For step t (ctx.step, 1-based), gradient g (times ctx.grad_scale, the clipping factor), learning rate lr:
 //   m  <- beta1 m + (1 - beta1) g
 //   v  <- beta2 v + (1 - beta2) g^2
 //   p  <- p (1 - lr wd)                                   only when info.decay
@@ -43,10 +43,12 @@ struct adamw_coefficients {
   float sqrt_bias2;  // sqrt(1 - beta2^t)
   float eps;
   float decay_factor;  // 1 - lr wd, or 1 without decay
+  float grad_scale;    // the clipping factor (step_context::grad_scale)
 };
 
 /// One element of an AdamW step: updates p, m and v in place and returns the new p.
-SUBSPACE_HD inline float adamw_update(float& p, float g, float& m, float& v, const adamw_coefficients& c) {
+SUBSPACE_HD inline float adamw_update(float& p, float grad, float& m, float& v, const adamw_coefficients& c) {
+  const float g = grad * c.grad_scale;  // for an fp32 gradient, the bits scale() would write into it
   m = exact::fma(c.beta1, m, c.one_minus_beta1 * g);
   v = exact::fma(c.beta2, v, c.one_minus_beta2 * (g * g));
   const float denom = exact::div(exact::sqrt(v), c.sqrt_bias2) + c.eps;
@@ -87,6 +89,9 @@ struct adamw_impl<exec::host> {
 }  // namespace detail
 
 struct adamw {
+  /// Clipping is folded into the update (optim::applies_grad_scale).
+  static constexpr bool applies_grad_scale = true;
+
   float beta1 = 0.9f;
   float beta2 = 0.95f;
   float eps = 1e-8f;
@@ -152,6 +157,7 @@ struct adamw {
         float(std::sqrt(bias2)),
         eps,
         info.decay ? float(1.0 - double(ctx.lr) * double(weight_decay)) : 1.0f,
+        ctx.grad_scale,
     };
   }
 
@@ -164,6 +170,9 @@ struct adamw {
             [&] { return who() + "beta1 and beta2 must lie in [0, 1)"; });
     require(eps > 0.0f, [&] { return who() + "eps must be positive"; });
     require(ctx.step >= 1, [&] { return who() + "step_context::step is 1-based, got " + std::to_string(ctx.step); });
+    require(std::isfinite(ctx.grad_scale) && ctx.grad_scale > 0.0f, [&] {
+      return who() + "step_context::grad_scale must be a positive number, got " + std::to_string(ctx.grad_scale);
+    });
     require(master.shape() == info.shape, [&] {
       return who() + "master has shape " + to_string(master.shape()) + ", the parameter " + to_string(info.shape);
     });

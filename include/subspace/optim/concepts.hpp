@@ -58,9 +58,16 @@ inline param_info param_info_for(std::string name, const shape& s) {
 
 /// What changes from one optimizer step to the next.
 struct step_context {
-  float lr = 0.0f;        // the learning rate of this step (after any schedule)
-  std::int64_t step = 1;  // 1-based count of optimizer steps taken, this one included (bias correction)
+  float lr = 0.0f;          // the learning rate of this step (after any schedule)
+  std::int64_t step = 1;    // 1-based count of optimizer steps taken, this one included (bias correction)
+  float grad_scale = 1.0f;  // every gradient element is multiplied by this before use (global-norm clipping)
 };
+
+/// Whether optimizer O multiplies each gradient element by step_context::grad_scale as it reads it, which saves
+/// the pass over every gradient that scaling them in memory takes. train::replica::step_all scales the gradients
+/// in memory for the others and hands them a grad_scale of 1.
+template <class O>
+inline constexpr bool applies_grad_scale = requires { requires O::applies_grad_scale; };
 
 /// The state type O::init returns for executor Exec.
 template <class O, class Exec>

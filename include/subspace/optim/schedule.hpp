@@ -10,10 +10,12 @@
 //   after    t > total_steps:          min_lr (peak_lr for constant)
 // So the first step runs at peak/warmup, step warmup_steps at the peak, and step total_steps at min_lr.
 //
-// clip_grad_norm(ex, grads, max_norm): the global L2 norm over every gradient view (squared_norm per view,
-// summed in double); when max_norm > 0 and the norm exceeds it, every gradient is scaled by
-// max_norm / (norm + 1e-6) (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping. A non-finite
-// norm leaves the gradients untouched (the caller decides whether to skip the step).
+// grad_norm(ex, grads): the global L2 norm over every gradient view (squared_norm per view, summed in double).
+// clip_factor(norm, max_norm): max_norm / (norm + 1e-6) when max_norm > 0 and the norm exceeds it, else 1 (as
+// torch.nn.utils.clip_grad_norm_); the trainers hand it to the optimizer as step_context::grad_scale.
+// clip_grad_norm(ex, grads, max_norm): the norm, with every gradient scaled in memory by the factor. Returns the
+// norm before clipping. A non-finite norm leaves the gradients untouched (the caller decides whether to skip the
+// step).
 
 #include <charconv>
 #include <cmath>
@@ -92,18 +94,35 @@ struct lr_schedule {
   }
 };
 
-/// The global L2 norm of `grads` (a range of views in the executor's memory space) before clipping; scales them
-/// to max_norm when it is exceeded (max_norm <= 0: no clipping). See the top of this file.
+/// The sum of squares of every element of `grads` (a range of views in the executor's memory space), in double.
 template <class Exec, class Range>
-double clip_grad_norm(const Exec& ex, const Range& grads, double max_norm) {
-  require(!std::isnan(max_norm), "clip_grad_norm: max_norm is NaN (expected a number; <= 0 disables clipping)");
+double grad_squares(const Exec& ex, const Range& grads) {
   double total = 0;
   for (const auto& g : grads) total += double(subspace::squared_norm(ex, g));
-  const double norm = std::sqrt(total);
-  if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) {
-    const float factor = float(max_norm / (norm + 1e-6));
+  return total;
+}
+
+/// The global L2 norm of `grads`.
+template <class Exec, class Range>
+double grad_norm(const Exec& ex, const Range& grads) {
+  return std::sqrt(grad_squares(ex, grads));
+}
+
+/// The factor that scales gradients of global norm `norm` to max_norm when it exceeds it (max_norm <= 0: no
+/// clipping), else 1; 1 for a non-finite norm.
+inline float clip_factor(double norm, double max_norm) {
+  require(!std::isnan(max_norm), "clip_grad_norm: max_norm is NaN (expected a number; <= 0 disables clipping)");
+  return max_norm > 0 && std::isfinite(norm) && norm > max_norm ? float(max_norm / (norm + 1e-6)) : 1.0f;
+}
+
+/// The global L2 norm of `grads` before clipping; scales them in memory to max_norm when it is exceeded. See the
+/// top of this file.
+template <class Exec, class Range>
+double clip_grad_norm(const Exec& ex, const Range& grads, double max_norm) {
+  const double norm = grad_norm(ex, grads);
+  const float factor = clip_factor(norm, max_norm);
+  if (factor != 1.0f)
     for (const auto& g : grads) subspace::scale(ex, factor, g);
-  }
   return norm;
 }
 

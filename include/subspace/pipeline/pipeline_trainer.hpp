@@ -214,9 +214,9 @@ class pipeline_trainer {
     r.lr = o_.schedule.at(r.step);
     r.loss = run(loader, [&](double local_loss) {
       double pipeline_loss = 0;
-      r.grad_norm = clip(local_loss, pipeline_loss);
+      r.grad_norm = global_grad_norm(local_loss, pipeline_loss);
       r.skipped = !std::isfinite(r.grad_norm);
-      if (!r.skipped) replica_.step_all(optim::step_context{r.lr, r.step});
+      if (!r.skipped) replica_.step_all(optim::step_context{r.lr, r.step, optim::clip_factor(r.grad_norm, o_.clip)});
       return std::optional<double>(pipeline_loss);
     });
     r.tokens = replica_type::batch_tokens(loader) * microbatches() * replicas();  // each sequence once
@@ -416,23 +416,16 @@ class pipeline_trainer {
     return over_replicas(pipeline_loss ? *pipeline_loss : sum_over_pipeline(loss));
   }
 
-  /// The global gradient norm over the pipeline's stages; scales this stage's gradients to o_.clip when it is
-  /// exceeded. Every stage computes the same norm. The stages' losses are summed in the same collective (one
-  /// latency of a slow link, not two) into pipeline_loss.
-  double clip(double local_loss, double& pipeline_loss) {
-    const auto grads = replica_.grads(0, replica_.parameters());
-    double squares = 0;
-    for (const auto& g : grads) squares += double(squared_norm(replica_.executor(), g));
+  /// The global gradient norm over the pipeline's stages (the step clips to o_.clip with it). Every stage
+  /// computes the same norm. The stages' losses are summed in the same collective (one latency of a slow link,
+  /// not two) into pipeline_loss.
+  double global_grad_norm(double local_loss, double& pipeline_loss) {
+    const double squares = optim::grad_squares(replica_.executor(), replica_.grads(0, replica_.parameters()));
     comm_pair_[0] = squares;
     comm_pair_[1] = local_loss;
     pipe_.all_reduce(view<double, host_space>(comm_pair_, {2}), comm::reduce_op::sum).wait();
     pipeline_loss = comm_pair_[1];
-    const double norm = std::sqrt(comm_pair_[0]);
-    if (o_.clip > 0 && std::isfinite(norm) && norm > o_.clip) {
-      const float factor = float(o_.clip / (norm + 1e-6));
-      for (const auto& g : grads) scale(replica_.executor(), factor, g);
-    }
-    return norm;
+    return std::sqrt(comm_pair_[0]);
   }
 
   double sum_over_pipeline(double x) {

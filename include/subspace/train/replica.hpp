@@ -171,12 +171,24 @@ class replica {
       cast(executor(), view<const float, space>(own_.v().slice(begin, end)), store().flat_values().slice(begin, end));
   }
 
-  /// One optimizer step of parameter i from its master and gradient.
+  /// One optimizer step of parameter i from its master and gradient (a grad_scale other than 1 needs an optimizer
+  /// that applies it; step_all scales the gradients for the others).
   void step(std::size_t i, const optim::step_context& ctx) {
+    if constexpr (!optim::applies_grad_scale<Optimizer>)
+      require(ctx.grad_scale == 1.0f,
+              "train::replica::step: this optimizer does not apply step_context::grad_scale "
+              "(step_all scales the gradients in memory for it)");
     optimizer_.step(executor(), master(i), view<const grad_type, space>(grad(i)), states_[i], info(i), ctx, working(i));
   }
   /// One optimizer step of every parameter, then the stages' after_step hooks (policies that constrain weights).
-  void step_all(const optim::step_context& ctx) {
+  /// ctx.grad_scale (the clipping factor) goes to an optimizer that applies it as it reads each gradient; for any
+  /// other, the gradients are scaled in memory first.
+  void step_all(optim::step_context ctx) {
+    if constexpr (!optim::applies_grad_scale<Optimizer>) {
+      if (ctx.grad_scale != 1.0f)
+        for (const auto& g : grads(0, parameters())) scale(executor(), ctx.grad_scale, g);
+      ctx.grad_scale = 1.0f;
+    }
     for (std::size_t i = 0; i < parameters(); ++i) step(i, ctx);
     for (Model& m : stages_) m.after_step();
   }

@@ -17,8 +17,9 @@
 // model given as several local stages (compress::identity for a plain model) and declares its trainable tensors
 // in the stages' store at construction, so they are initialised, stepped, clipped and checkpointed with the
 // model's; the communicator is comm::self (one rank). The step: zero the gradients, run the plan, take the global
-// L2 norm of every gradient, clipped to `clip` when it exceeds it, then the optimizer at the schedule's learning
-// rate, then the model's after_step hooks. A non-finite gradient norm skips the update (the weights stay as they
+// L2 norm of every gradient, then the optimizer at the schedule's learning rate with the gradients clipped to
+// `clip` when the norm exceeds it (AdamW scales each gradient as it reads it; for other optimizers the replica
+// scales them in memory first), then the model's after_step hooks. A non-finite gradient norm skips the update (the weights stay as they
 // were) and the result says so.
 //
 // Master weights (train::replica, replica.hpp): a model whose weights are fp32 (the host reference) is its own
@@ -173,10 +174,10 @@ class trainer {
     r.loss = engine_.run(
         stack_.scheduler.plan(step_, 0), loader_source{loader}, [](std::size_t, std::size_t) {},
         [&] {
-          r.grad_norm = optim::clip_grad_norm(r_.executor(), r_.grads(0, r_.parameters()), o_.clip);
+          r.grad_norm = optim::grad_norm(r_.executor(), r_.grads(0, r_.parameters()));
           r.skipped = !std::isfinite(r.grad_norm);
           if (r.skipped) return;
-          r_.step_all(optim::step_context{r.lr, r.step});
+          r_.step_all(optim::step_context{r.lr, r.step, optim::clip_factor(r.grad_norm, o_.clip)});
         });
     step_ = r.step;
     tokens_ += r.tokens;
