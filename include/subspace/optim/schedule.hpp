@@ -111,7 +111,7 @@ double grad_norm(const Exec& ex, const Range& grads) {
 /// The factor that scales gradients of global norm `norm` to max_norm when it exceeds it (max_norm <= 0: no
 /// clipping), else 1; 1 for a non-finite norm.
 inline float clip_factor(double norm, double max_norm) {
-  require(!std::isnan(max_norm), "clip_grad_norm: max_norm is NaN (expected a number; <= 0 disables clipping)");
+  require(!std::isnan(max_norm), "clip_factor: max_norm is NaN (expected a number; <= 0 disables clipping)");
   return max_norm > 0 && std::isfinite(norm) && norm > max_norm ? float(max_norm / (norm + 1e-6)) : 1.0f;
 }
 

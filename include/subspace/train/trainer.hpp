@@ -19,8 +19,8 @@
 // model's; the communicator is comm::self (one rank). The step: zero the gradients, run the plan, take the global
 // L2 norm of every gradient, then the optimizer at the schedule's learning rate with the gradients clipped to
 // `clip` when the norm exceeds it (AdamW scales each gradient as it reads it; for other optimizers the replica
-// scales them in memory first), then the model's after_step hooks. A non-finite gradient norm skips the update (the weights stay as they
-// were) and the result says so.
+// scales them in memory first), then the model's after_step hooks. A non-finite gradient norm skips the update
+// (the weights stay as they were) and the result says so.
 //
 // Master weights (train::replica, replica.hpp): a model whose weights are fp32 (the host reference) is its own
 // master copy. A model with bf16 weights (CUDA) gets fp32 masters beside it; the optimizer updates the masters and
