@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include <adjoint/selective_ssm.hpp>
 #include <subspace/optim/adamw.hpp>
@@ -55,8 +56,9 @@ std::map<std::string, std::vector<double>> by_name(const Store& store, const std
   return out;
 }
 
+// `what` as a string_view: doctest CAPTUREs a const char* as a pointer.
 template <class T, class Engine>
-void compare(Engine engine, const char* what, std::uint64_t seed) {
+void compare(Engine engine, std::string_view what, std::uint64_t seed) {
   CAPTURE(what);
   testing::stream_guard sg;
   const exec::cuda ex{sg.stream};

@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <subspace/comm/local.hpp>
@@ -86,7 +87,8 @@ TEST_CASE(
   auto reference_data = text.train(batch, seq);
   const double whole_loss = testing::whole_model_gradients<model>(cfg, seed, reference_data, m, whole);
 
-  const auto check = [&](auto scheduler, int v, const char* what) {
+  // `what` as a string_view: doctest CAPTUREs a const char* as a pointer.
+  const auto check = [&](auto scheduler, int v, std::string_view what) {
     CAPTURE(what);
     CAPTURE(scheduler.world_size());
     std::mutex mu;
