@@ -135,9 +135,11 @@ TEST_CASE("rmsnorm (CUDA): forward and backward against the host in double") {
     struct dims {
       std::int64_t n, d;
     };
-    // Rows held by one warp with 1, 2, 4 and 8 packs a lane (64, 512, 768, 2048), by 2 warps (4096) and by 8
-    // (16384: fp32 streams it); odd rows (element path: 8 warps at 1001, streamed at 4097); many rows
-    // (grid-stride); bf16 rows streamed past 48 KiB of fp32 dweight (20000).
+    // bf16 rows (fp32 in brackets) held in registers: the forward by one warp with 1, 2, 4 and 8 packs a lane
+    // (64, 512, 768, 2048 [64-1024]) and by 2-8 warps (4096, 16384 [2048, 4096]), the backward by 1, 2, 4 and 8
+    // warps of 1 or 2 packs (64-4096 [64-2048]) and by 4-8 warps of 8 packs (16384 [4096]); 16384 fp32 streamed;
+    // odd rows (element path: 4 warps of 8 at 1001, streamed at 4097); many rows (grid-stride); rows streamed past
+    // 48 KiB of fp32 dweight (20000).
     for (const dims sz : {dims{37, 64}, dims{300, 512}, dims{129, 768}, dims{65, 2048}, dims{33, 4096}, dims{19, 1001},
                           dims{5, 4097}, dims{4099, 128}, dims{6, 16384}, dims{3, 20000}}) {
       const auto seed = testing::fresh_seed();

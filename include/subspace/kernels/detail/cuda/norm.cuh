@@ -3,9 +3,11 @@
 //
 // A row sits in registers: each lane of a warp loads its packs of the row (16 bytes each, or single elements
 // when the row length or the pointers do not allow packs) all at once, so a warp has the whole row in flight
-// rather than one pack at a time. Rows wider than 32 lanes · max_packs packs are spread over 2, 4 or 8 warps of
-// the block, which add their partial sums through shared memory; rows wider than that (over 16384 bf16 values,
-// 8192 fp32, or 2048 unaligned) take the streaming kernels, which walk the row in a loop.
+// rather than one pack at a time. A row is spread over the fewest warps of the block (1, 2, 4 or 8; they add
+// their partial sums through shared memory) whose lanes hold it in at most max_packs packs each in the forward,
+// and in at most backward_packs in the backward (it keeps more in registers, and needs the occupancy); rows wider
+// than 8 warps hold (over 16384 bf16 values, 8192 fp32, or 2048 unaligned) take the streaming kernels, which walk
+// the row in a loop.
 //
 // Forward: the row's sum of squares gives rstd (1/sqrtf, correctly rounded), then y = x * rstd * weight in fp32,
 // rounded once.
@@ -31,6 +33,12 @@ inline constexpr int warps_per_block = 8;
 /// Packs a lane holds of its row: a warp holds up to 32 · max_packs packs (2048 bf16 values) in registers.
 inline constexpr int max_packs = 8;
 
+/// Packs a lane of the backward holds when the row allows it: its weight-gradient sums stay in registers for
+/// the whole kernel, and more than two packs cost the occupancy that hides the loads. On an H100 (bf16, 16384
+/// rows, beta 1) two packs a lane over 2, 4 and 8 warps moved 68%, 83% and 87% of a device copy's bandwidth at
+/// d = 768, 2048 and 4096, against 63%, 47% and 49% with four or eight packs over fewer warps.
+inline constexpr int backward_packs = 2;
+
 /// How rows of d values are spread over a block: `packs` packs of P values per lane (1, 2, 4 or 8), `warps` warps
 /// per row (1, 2, 4 or 8), so a block works on warps_per_block / warps rows at once. packs == 0: the row does not
 /// fit, and the streaming kernels run.
@@ -39,12 +47,15 @@ struct row_layout {
   int warps = 1;
 };
 
-inline row_layout layout_for(std::int64_t d, int P) {
+/// The fewest warps per row whose lanes hold it in at most `packs` packs each; then, if none does, in at most
+/// max_packs.
+inline row_layout layout_for(std::int64_t d, int P, int packs = max_packs) {
   const std::int64_t per_lane = (d / P + 31) / 32;  // packs a lane holds with one warp per row
-  for (int warps = 1; warps <= warps_per_block; warps *= 2) {
-    const std::int64_t need = (per_lane + warps - 1) / warps;
-    if (need <= max_packs) return {need <= 1 ? 1 : need <= 2 ? 2 : need <= 4 ? 4 : 8, warps};
-  }
+  for (const int limit : {packs, max_packs})
+    for (int warps = 1; warps <= warps_per_block; warps *= 2) {
+      const std::int64_t need = (per_lane + warps - 1) / warps;
+      if (need <= limit) return {need <= 1 ? 1 : need <= 2 ? 2 : need <= 4 ? 4 : 8, warps};
+    }
   return {};
 }
 
@@ -338,7 +349,7 @@ void rmsnorm_backward(const exec::cuda& ex, std::type_identity_t<view<const T, d
   const std::size_t smem = std::size_t(d) * sizeof(float);
   const unsigned threads = 32 * N::warps_per_block;
   const auto launch = [&]<int Q>() {
-    const N::row_layout l = N::layout_for(d, Q);
+    const N::row_layout l = N::layout_for(d, Q, N::backward_packs);
     if (l.packs == 0) {
       auto kernel = N::backward_kernel<Q, T>;
       N::allow_shared(kernel, smem, d);
