@@ -253,6 +253,11 @@ TEST_CASE("swiglu (CUDA): forward and backward against the host in double, in pl
       swiglu_backward(ex, g_d.v(), u_d.v(), dh_d.v(), g_d.v(), u_d.v());
       CHECK(testing::rel_error(cv(download(ex, g_d)), cv(download(ex, dg_d))) == 0.0);
       CHECK(testing::rel_error(cv(download(ex, u_d)), cv(download(ex, du_d))) == 0.0);
+      // The backward's recomputed h, written over dh: the forward's bits.
+      auto g2_d = upload<T>(ex, gate);
+      auto u2_d = upload<T>(ex, up);
+      swiglu_backward(ex, g2_d.v(), u2_d.v(), dh_d.v(), dg_d.v(), du_d.v(), dh_d.v());
+      CHECK(testing::rel_error(cv(download(ex, dh_d)), cv(download(ex, h_d))) == 0.0);
     }
   });
 }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <numbers>
 #include <string>
@@ -339,6 +340,27 @@ TEST_CASE("swiglu (host): forward is silu(gate) * up, backward matches finite di
   swiglu_forward(ex, cv(gb), cv(ub), hb.v());
   CHECK(testing::rel_error(cv(hb), cv(h)) < 1e-2);
 
+  // The backward recomputes h when asked, bit for bit the forward's, written over dh; in float and bf16 too.
+  host_tensor<double> dh_then_h({n, f}), dg3({n, f}), du3({n, f});
+  copy(ex, cv(r), dh_then_h.v());
+  swiglu_backward(ex, cv(gate), cv(up), cv(dh_then_h), dg3.v(), du3.v(), dh_then_h.v());
+  CHECK(testing::rel_error(cv(dh_then_h), cv(h)) == 0.0);
+  CHECK(testing::rel_error(cv(dg3), cv(dg)) == 0.0);
+  CHECK(testing::rel_error(cv(du3), cv(du)) == 0.0);
+  host_tensor<bf16> hb2({n, f}), dgb({n, f}), dub({n, f}), rb({n, f});
+  cast(ex, cv(r), rb.v());
+  swiglu_backward(ex, cv(gb), cv(ub), cv(rb), dgb.v(), dub.v(), hb2.v());
+  CHECK(std::memcmp(hb2.data(), hb.data(), std::size_t(hb.numel()) * sizeof(bf16)) == 0);
+  host_tensor<float> gf({n, f}), uf({n, f}), hf({n, f}), hf2({n, f}), rf({n, f}), dgf({n, f}), duf({n, f});
+  cast(ex, cv(gate), gf.v());
+  cast(ex, cv(up), uf.v());
+  cast(ex, cv(r), rf.v());
+  swiglu_forward(ex, cv(gf), cv(uf), hf.v());
+  swiglu_backward(ex, cv(gf), cv(uf), cv(rf), dgf.v(), duf.v(), hf2.v());
+  CHECK(std::memcmp(hf2.data(), hf.data(), std::size_t(hf.numel()) * sizeof(float)) == 0);
+
   host_tensor<double> bad({n, f + 1});
   check_throws_with([&] { swiglu_forward(ex, cv(gate), cv(bad), h.v()); }, {"swiglu_forward", "up", "[7, 20]"});
+  check_throws_with([&] { swiglu_backward(ex, cv(gate), cv(up), cv(r), dg.v(), du.v(), bad.v()); },
+                    {"swiglu_backward", "h", "[7, 20]"});
 }

@@ -340,6 +340,14 @@ struct counting_projection : nn::dense_projection {
     if (backwards) ++*backwards;
     nn::dense_projection::backward<Exec, T, G>(ex, x, w, dy, dx, dw);
   }
+  /// The down projection's backward comes in halves (the block recomputes SwiGLU's output for the second).
+  template <class Exec, class T>
+  void backward_input(const Exec& ex, std::type_identity_t<view<const T, nn::space_t<Exec>>> x,
+                      std::type_identity_t<view<const T, nn::space_t<Exec>>> w,
+                      std::type_identity_t<view<const T, nn::space_t<Exec>>> dy, view<T, nn::space_t<Exec>> dx) const {
+    if (backwards) ++*backwards;
+    nn::dense_projection::backward_input<Exec, T>(ex, x, w, dy, dx);
+  }
 };
 
 /// An attention policy that counts its calls and otherwise is dense_attention.

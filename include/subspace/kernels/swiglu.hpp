@@ -2,13 +2,16 @@
 // SwiGLU (docs/llama-kernels.md), element by element over [N, f]:
 //
 //   swiglu_forward(ex, gate, up, h)                    h = silu(gate) * up,  silu(g) = g * sigmoid(g)
-//   swiglu_backward(ex, gate, up, dh, dgate, dup)      dgate = dh * up * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+//   swiglu_backward(ex, gate, up, dh, dgate, dup, h = {})
+//                                                      dgate = dh * up * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
 //                                                      dup   = dh * silu(g)                    (both overwritten)
+//                                                      h     = silu(g) * up, when h is given: the forward's output
+//                                                              recomputed bit for bit, so a layer need not keep it
 //
 // Every element is computed in accum_t<T> from its own inputs and rounded to T once, so the outputs may alias
-// the inputs (h may be gate or up; dgate may be gate, dup may be up), which lets a caller overwrite the saved
-// activations with their gradients. Host: the reference, on the calling thread. CUDA (detail/cuda/swiglu.cuh):
-// a grid-stride loop with 16-byte vector access when the pointers allow.
+// the inputs (h may be gate or up; dgate may be gate, dup may be up, the backward's h may be dh), which lets a
+// caller overwrite the saved activations with their gradients. Host: the reference, on the calling thread. CUDA
+// (detail/cuda/swiglu.cuh): a grid-stride loop with 16-byte vector access when the pointers allow.
 
 #include <cmath>
 #include <cstdint>
@@ -99,30 +102,38 @@ void swiglu_forward(const exec::host& ex, std::type_identity_t<view<const T, hos
                });
 }
 
-/// dgate and dup from dh (overwritten; dgate may alias gate and dup may alias up).
+/// dgate and dup from dh (overwritten; dgate may alias gate and dup may alias up), and h = silu(gate) * up when
+/// h is given (it may alias dh).
 template <class T>
   requires is_element_v<T>
 void swiglu_backward(const exec::host& ex, std::type_identity_t<view<const T, host_space>> gate,
                      std::type_identity_t<view<const T, host_space>> up,
                      std::type_identity_t<view<const T, host_space>> dh, view<T, host_space> dgate,
-                     std::type_identity_t<view<T, host_space>> dup) {
+                     std::type_identity_t<view<T, host_space>> dup, std::type_identity_t<view<T, host_space>> h = {}) {
   using A = accum_t<T>;
   namespace S = detail::swiglu;
   namespace L = detail::layer;
   S::check("swiglu_backward", gate, L::operand{up, "up"}, L::operand{dh, "dh"}, L::operand{dgate, "dgate"},
            L::operand{dup, "dup"});
+  if (h.data()) S::check("swiglu_backward", gate, L::operand{h, "h"});
   const T *g = gate.data(), *u = up.data(), *d = dh.data();
-  T *dg_out = dgate.data(), *du_out = dup.data();
-  parallel_for(for_flops(ex, 2 * S::flops_per_element * double(gate.numel())), gate.numel(),
-               [&](std::int64_t first, std::int64_t last) {
-                 for_each_index(ex, last - first, [&](std::int64_t k) {
-                   const std::int64_t i = first + k;
-                   A dg, du;
-                   S::backward_op{}(A(g[i]), A(u[i]), A(d[i]), dg, du);
-                   dg_out[i] = convert<T>(dg);
-                   du_out[i] = convert<T>(du);
+  T *dg_out = dgate.data(), *du_out = dup.data(), *h_out = h.data();
+  const auto run = [&]<bool WithH>() {  // two loops rather than a test per element, so each vectorises
+    parallel_for(for_flops(ex, (WithH ? 3 : 2) * S::flops_per_element * double(gate.numel())), gate.numel(),
+                 [&](std::int64_t first, std::int64_t last) {
+                   for_each_index(ex, last - first, [&](std::int64_t k) {
+                     const std::int64_t i = first + k;
+                     A dg, du;
+                     const A gi = A(g[i]), ui = A(u[i]);
+                     S::backward_op{}(gi, ui, A(d[i]), dg, du);
+                     dg_out[i] = convert<T>(dg);
+                     du_out[i] = convert<T>(du);
+                     if constexpr (WithH) h_out[i] = convert<T>(S::forward_op{}(gi, ui));
+                   });
                  });
-               });
+  };
+  if (h_out) run.template operator()<true>();
+  else run.template operator()<false>();
 }
 
 }  // namespace subspace

@@ -9,7 +9,9 @@
 //                p.backward(ex, x, w, dy, dx, dw)                       dx overwritten, dw += (in G)
 //                optional halves for a split backward (zero-bubble schedules):
 //                p.backward_input(ex, x, w, dy, dx), p.backward_weight(ex, x, dy, dw)
-//                (the attention o_proj and the MLP down_proj: the two products that write into the residual)
+//                (the attention o_proj and the MLP down_proj: the two products that write into the residual).
+//                backward_input must not read x: with the halves, the block passes down_proj an empty x there
+//                and recomputes SwiGLU's output for backward_weight instead of keeping it
 //   residual     p.forward(ex, site, x, y)                    y ← x + y, the residual add after a sublayer
 //                p.backward(ex, site, dy)                     dy ← (∂out/∂y)ᵀ dy in place
 //                A policy may keep the stream in another representation (coefficients in a subspace, out =

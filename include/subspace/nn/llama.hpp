@@ -482,6 +482,7 @@ class llama {
         k.d_o = a.template take<T>({n, d});
         k.dgate = a.template take<T>({n, f});
         k.dup = a.template take<T>({n, f});
+        if constexpr (block_type::recomputes_hact) k.hact = a.template take<T>({n, f});
         k.dq = a.template take<T>({b, s, hq, hd});
         k.dk = a.template take<T>({b, s, hkv, hd});
         k.dv = a.template take<T>({b, s, hkv, hd});
@@ -588,6 +589,8 @@ class llama {
     st.x.assign(L + 1, {});
     for (auto& x : st.x) x = a.template take<T>({n, d});
     st.acts.assign(L, {});
+    // h is the forward's scratch when the backward recomputes it: one buffer for the slot's layers.
+    const view<T, space> shared_hact = block_type::recomputes_hact ? a.template take<T>({n, f}) : view<T, space>{};
     for (auto& act : st.acts) {
       act.ln1 = a.template take<T>({n, d});
       act.rstd1 = a.template take<stat_type>({n});
@@ -601,7 +604,7 @@ class llama {
       act.rstd2 = a.template take<stat_type>({n});
       act.gate = a.template take<T>({n, f});
       act.up = a.template take<T>({n, f});
-      act.hact = a.template take<T>({n, f});
+      act.hact = block_type::recomputes_hact ? shared_hact : a.template take<T>({n, f});
     }
     if (has_head()) {
       st.lnf = a.template take<T>({n, d});

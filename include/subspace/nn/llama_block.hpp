@@ -114,6 +114,12 @@ class llama_block {
     p.backward_weight(ex, in, in, grad);
   };
 
+  /// SwiGLU's output h = silu(gate) · up is not kept for the backward when the down projection's backward splits
+  /// (its input gradient does not read h): SwiGLU's backward recomputes h, bit for bit, for the weight product.
+  /// Every layer of a slot then shares one h buffer for its forward: L − 1 of the L copies are saved (3.75 GiB of
+  /// activations at 1B).
+  static constexpr bool recomputes_hact = splits_backward;
+
   /// The sizes a block needs from the configuration.
   struct dims {
     std::int64_t d = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn = 0;
@@ -122,15 +128,16 @@ class llama_block {
 
   /// What one layer saves in forward for its backward pass. N = B·S rows.
   struct activations {
-    view<T, space> ln1;             // [N, d] input_layernorm(x)
-    view<stat_type, space> rstd1;   // [N]
-    view<T, space> q, k, v;         // [B, S, Hq | Hkv, hd], q and k after RoPE
-    view<T, space> att;             // [B, S, Hq, hd] attention output (o_proj's input)
-    view<stat_type, space> lse;     // [B, Hq, S]
-    view<T, space> mid;             // [N, d] x + attention branch
-    view<T, space> ln2;             // [N, d] post_attention_layernorm(mid)
-    view<stat_type, space> rstd2;   // [N]
-    view<T, space> gate, up, hact;  // [N, f] gate_proj, up_proj, silu(gate) * up
+    view<T, space> ln1;            // [N, d] input_layernorm(x)
+    view<stat_type, space> rstd1;  // [N]
+    view<T, space> q, k, v;        // [B, S, Hq | Hkv, hd], q and k after RoPE
+    view<T, space> att;            // [B, S, Hq, hd] attention output (o_proj's input)
+    view<stat_type, space> lse;    // [B, Hq, S]
+    view<T, space> mid;            // [N, d] x + attention branch
+    view<T, space> ln2;            // [N, d] post_attention_layernorm(mid)
+    view<stat_type, space> rstd2;  // [N]
+    view<T, space> gate, up;       // [N, f] gate_proj, up_proj
+    view<T, space> hact;           // [N, f] silu(gate) * up (shared by the slot's layers when recomputes_hact)
   };
 
   /// Backward scratch, shared by every layer (overwritten layer by layer).
@@ -146,6 +153,7 @@ class llama_block {
   struct deferred {
     view<T, space> d_down, d_o;  // [N, d] dL/d(output) of down_proj and o_proj
     view<T, space> dgate, dup;   // [N, f]
+    view<T, space> hact;         // [N, f] h recomputed by the backward (recomputes_hact), down_proj's input
     view<T, space> dq;           // [B, S, Hq, hd]
     view<T, space> dk, dv;       // [B, S, Hkv, hd]
   };
@@ -257,8 +265,17 @@ class llama_block {
     // MLP branch: y = mid + down(silu(gate(n2)) * up(n2)).
     residual.backward(ex, site(c, sublayer::mlp), dres);
     if (keep) copy(ex, ro(dres), keep->d_down);
-    project_backward(ex, down_projection, ro(a.hact), down_proj, ro(dres), s.dhact, keep != nullptr);
-    swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
+    if constexpr (recomputes_hact) {
+      // dh first (it does not read h), then SwiGLU's backward writes h over dh (or into the kept buffer), then
+      // the weight product reads it.
+      down_projection.backward_input(ex, view<const T, space>{}, ro(down_proj.value), ro(dres), s.dhact);
+      const view<T, space> h = keep ? keep->hact : s.dhact;
+      swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup, h);
+      if (!keep) down_projection.backward_weight(ex, ro(h), ro(dres), down_proj.grad);
+    } else {
+      project_backward(ex, down_projection, ro(a.hact), down_proj, ro(dres), s.dhact, keep != nullptr);
+      swiglu_backward(ex, ro(a.gate), ro(a.up), ro(s.dhact), s.dgate, s.dup);
+    }
     linear_backward(ex, a.ln2, gate_proj, s.dgate, s.dln, 0.0f, keep == nullptr);
     linear_backward(ex, a.ln2, up_proj, s.dup, s.dln, 1.0f, keep == nullptr);
     rmsnorm_backward(ex, ro(a.mid), ro(post_attention_layernorm.value), ro(a.rstd2), ro(s.dln), dres,
@@ -286,7 +303,7 @@ class llama_block {
   {
     using detail::ro;
     const std::int64_t n = c.batch * c.seq;
-    down_projection.backward_weight(ex, ro(a.hact), ro(keep.d_down), down_proj.grad);
+    down_projection.backward_weight(ex, ro(recomputes_hact ? keep.hact : a.hact), ro(keep.d_down), down_proj.grad);
     weight_product(ex, a.ln2, gate_proj, keep.dgate);
     weight_product(ex, a.ln2, up_proj, keep.dup);
     o_projection.backward_weight(ex, ro(rows(a.att, n)), ro(keep.d_o), o_proj.grad);

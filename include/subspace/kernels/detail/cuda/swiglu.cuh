@@ -35,7 +35,7 @@ __global__ void forward_kernel(const T* gate, const T* up, T* h, std::int64_t n)
 }
 
 template <int P, class T>
-__global__ void backward_kernel(const T* gate, const T* up, const T* dh, T* dgate, T* dup, std::int64_t n) {
+__global__ void backward_kernel(const T* gate, const T* up, const T* dh, T* dgate, T* dup, T* h, std::int64_t n) {
   using pk = layer::pack<T, P>;
   const std::int64_t packs = n / P, items = packs + (n - packs * P);
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -44,22 +44,26 @@ __global__ void backward_kernel(const T* gate, const T* up, const T* dh, T* dgat
       const pk g = reinterpret_cast<const pk*>(gate)[i];
       const pk u = reinterpret_cast<const pk*>(up)[i];
       const pk d = reinterpret_cast<const pk*>(dh)[i];
-      pk og, ou;
+      pk og, ou, oh;
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         float dg, du;
         detail::swiglu::backward_op{}(float(g.v[k]), float(u.v[k]), float(d.v[k]), dg, du);
         og.v[k] = T(dg);
         ou.v[k] = T(du);
+        if (h) oh.v[k] = T(detail::swiglu::forward_op{}(float(g.v[k]), float(u.v[k])));
       }
       reinterpret_cast<pk*>(dgate)[i] = og;
       reinterpret_cast<pk*>(dup)[i] = ou;
+      if (h) reinterpret_cast<pk*>(h)[i] = oh;
     } else {
       const std::int64_t e = packs * P + (i - packs);
       float dg, du;
-      detail::swiglu::backward_op{}(float(gate[e]), float(up[e]), float(dh[e]), dg, du);
+      const float g = float(gate[e]), u = float(up[e]);
+      detail::swiglu::backward_op{}(g, u, float(dh[e]), dg, du);
       dgate[e] = T(dg);
       dup[e] = T(du);
+      if (h) h[e] = T(detail::swiglu::forward_op{}(g, u));
     }
   }
 }
@@ -88,28 +92,32 @@ void swiglu_forward(const exec::cuda& ex, std::type_identity_t<view<const T, dev
   cuda_check_launch();
 }
 
-/// dgate and dup (overwritten; they may alias gate and up) on ex.stream.
+/// dgate and dup (overwritten; they may alias gate and up), and h = silu(gate) * up when h is given (it may alias
+/// dh), on ex.stream.
 template <class T>
   requires is_element_v<T>
 void swiglu_backward(const exec::cuda& ex, std::type_identity_t<view<const T, device_space>> gate,
                      std::type_identity_t<view<const T, device_space>> up,
                      std::type_identity_t<view<const T, device_space>> dh, view<T, device_space> dgate,
-                     std::type_identity_t<view<T, device_space>> dup) {
+                     std::type_identity_t<view<T, device_space>> dup,
+                     std::type_identity_t<view<T, device_space>> h = {}) {
   static_assert(cuda_detail::layer::is_activation_v<T>, "swiglu_backward (CUDA): T must be bf16, fp16 or float");
   namespace S = detail::swiglu;
   namespace L = detail::layer;
   S::check("swiglu_backward", gate, L::operand{up, "up"}, L::operand{dh, "dh"}, L::operand{dgate, "dgate"},
            L::operand{dup, "dup"});
+  if (h.data()) S::check("swiglu_backward", gate, L::operand{h, "h"});
   const std::int64_t n = gate.numel();
   if (n == 0) return;
   constexpr int P = cuda_detail::layer::pack_width<T>;
-  if (cuda_detail::layer::all_aligned(gate.data(), up.data(), dh.data(), dgate.data(), dup.data()))
+  const bool h_aligned = h.data() == nullptr || cuda_detail::layer::all_aligned(h.data());
+  if (h_aligned && cuda_detail::layer::all_aligned(gate.data(), up.data(), dh.data(), dgate.data(), dup.data()))
     cuda_detail::swiglu::backward_kernel<P>
         <<<cuda_detail::grid_for(n / P + n % P), cuda_detail::block_threads, 0, ex.stream>>>(
-            gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), n);
+            gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), h.data(), n);
   else
     cuda_detail::swiglu::backward_kernel<1><<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, ex.stream>>>(
-        gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), n);
+        gate.data(), up.data(), dh.data(), dgate.data(), dup.data(), h.data(), n);
   cuda_check_launch();
 }
 
