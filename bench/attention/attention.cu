@@ -5,8 +5,8 @@
 // dO in a head-major layout with the KV heads repeated per query head, prepared once outside the timed loop (as
 // PyTorch's transpose + repeat_kv would do); its group sum of dK and dV is timed.
 //
-//   bench_attention [--configs LIST] [--reps N] [--warmup N] [--no-causal] [--no-reference] [--out FILE.json]
-//                   [--commit SHA]
+//   bench_attention [--configs LIST] [--reps N] [--warmup N] [--kernel fastest|portable] [--no-causal] [--no-reference]
+//                   [--out FILE.json] [--commit SHA]
 //
 // A config is B,S,Hq,Hkv,hd (e.g. 8,2048,32,8,64). Default: the Llama benchmark shapes (1B: 8,2048,32,8,64;
 // 124M: 16,1024,12,4,64; 2B: 8,1024,32,8,128) and a long hd-128 one (4,2048,32,8,128). TFLOP/s count the useful
@@ -44,6 +44,7 @@ struct config {
   int warmup = 5;
   bool causal = true;
   bool reference = true;
+  attention_kernel kernel = attention_kernel::fastest;
   std::string out;
   std::string commit = "unknown";
   std::vector<problem> problems;
@@ -139,7 +140,7 @@ timing time_pair(const config& cfg, cudaStream_t stream, A&& ours, B&& ref, bool
 result run_one(const config& cfg, const problem& pr, cudaStream_t stream, std::uint64_t seed) {
   const exec::cuda ex{stream};
   const std::int64_t B = pr.batch, S = pr.seq, Hq = pr.heads, Hkv = pr.kv_heads, hd = pr.head_dim;
-  const attention_params params{float(1.0 / std::sqrt(double(hd))), cfg.causal, 0, 0};
+  const attention_params params{float(1.0 / std::sqrt(double(hd))), cfg.causal, 0, 0, cfg.kernel};
   device_tensor<bf16> q({B, S, Hq, hd}), k({B, S, Hkv, hd}), v({B, S, Hkv, hd}), dout({B, S, Hq, hd});
   device_tensor<bf16> out({B, S, Hq, hd}), dq({B, S, Hq, hd}), dk({B, S, Hkv, hd}), dv({B, S, Hkv, hd});
   device_tensor<float> lse({B, Hq, S});
@@ -246,6 +247,7 @@ void write_json(const config& cfg, const std::string& device, const std::vector<
                {"dtype", "bf16"},
                {"statistics", "fp32"},
                {"scale", "1/sqrt(hd)"},
+               {"kernel", cfg.kernel == attention_kernel::fastest ? "fastest" : "portable"},
                {"flop", "forward 4 B Hq S^2 hd (x 0.5 causal), backward 2.5 x forward, for both"},
                {"reference", cfg.reference ? "naive: batched cuBLASLt QK^T, softmax kernel, PV; backward 4 GEMMs + "
                                              "dS kernel + group sum"
@@ -259,6 +261,7 @@ void write_json(const config& cfg, const std::string& device, const std::vector<
 int run(int argc, char** argv) {
   config cfg;
   std::string configs = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128";
+  std::string kernel = "fastest";
   bool no_causal = false, no_reference = false;
   bench::cli cli("bench_attention",
                  "fused attention (ours) vs naive cuBLASLt + softmax attention, forward and backward");
@@ -266,19 +269,26 @@ int run(int argc, char** argv) {
            "';'-separated B,S,Hq,Hkv,hd; the default: the Llama 1B, 124M and 2B shapes and a long hd-128 one")
       .flag("reps", cfg.reps, "timed calls per pass and implementation")
       .flag("warmup", cfg.warmup, "untimed calls first")
+      .flag("kernel", kernel,
+            "our forward kernel: fastest (the Hopper wgmma/TMA kernel where the GPU and build have it, head dims 64 "
+            "and 128) or portable (the mma.sync kernel)")
       .toggle("no-causal", no_causal, "full (unmasked) attention instead of causal")
       .toggle("no-reference", no_reference, "time ours only (the naive reference holds two B Hq S^2 bf16 matrices)");
   bench::output_flags(cli, cfg.out, cfg.commit);
   if (!cli.parse(argc, argv)) return 0;
   bench::check_range("reps", cfg.reps, 1);
   bench::check_range("warmup", cfg.warmup, 1);
+  if (kernel != "fastest" && kernel != "portable")
+    throw bench::cli_error("--kernel: expected fastest or portable, got '" + kernel + "'");
+  cfg.kernel = kernel == "fastest" ? attention_kernel::fastest : attention_kernel::portable;
   cfg.causal = !no_causal;
   cfg.reference = !no_reference;
   cfg.problems = parse_problems(configs);
 
   const cudaDeviceProp prop = bench::device_properties();
-  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %d reps after %d warm-up calls%s\n", prop.name, prop.major,
-              prop.minor, cfg.causal ? "causal" : "full", cfg.reps, cfg.warmup, cfg.reference ? "" : ", no reference");
+  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %s forward kernel, %d reps after %d warm-up calls%s\n",
+              prop.name, prop.major, prop.minor, cfg.causal ? "causal" : "full", kernel.c_str(), cfg.reps, cfg.warmup,
+              cfg.reference ? "" : ", no reference");
 
   cudaStream_t stream = nullptr;
   cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));

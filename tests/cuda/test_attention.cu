@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <string_view>
 
 #include <subspace/kernels/attention.hpp>
 
@@ -48,10 +49,14 @@ view<T, device_space> seq_slice(view<T, device_space> x, std::int64_t s0, std::i
 constexpr double out_tol = 1e-2, grad_tol = 1e-2, lse_tol = 2e-3;
 
 /// Runs one case forward and backward on the device and on the host (double, same bf16 inputs) and checks everything.
-void check_case(const exec::cuda& ex, const attention_case& c, std::uint64_t seed) {
+void check_case(const exec::cuda& ex, const attention_case& c, std::uint64_t seed,
+                attention_kernel kernel = attention_kernel::fastest) {
+  const std::string_view kernel_name = kernel == attention_kernel::fastest ? "fastest" : "portable";
   CAPTURE(seed);
   CAPTURE(c.text());
-  const attention_params p = c.params();
+  CAPTURE(kernel_name);
+  attention_params p = c.params();
+  p.kernel = kernel;
   const auto q = testing::random_tensor<bf16>(c.q_shape(), seed);
   const auto k = testing::random_tensor<bf16>(c.kv_shape(), seed + 1);
   const auto v = testing::random_tensor<bf16>(c.kv_shape(), seed + 2);
@@ -90,8 +95,8 @@ void check_case(const exec::cuda& ex, const attention_case& c, std::uint64_t see
   const double e_dq = testing::compare("dq", dq, dq_h, grad_tol);
   const double e_dk = testing::compare("dk", dk, dk_h, grad_tol);
   const double e_dv = testing::compare("dv", dv, dv_h, grad_tol);
-  std::printf("  %-70s out %.1e  lse %.1e  dq %.1e  dk %.1e  dv %.1e\n", c.text().c_str(), e_out, e_lse, e_dq, e_dk,
-              e_dv);
+  std::printf("  %-70s %-8s out %.1e  lse %.1e  dq %.1e  dk %.1e  dv %.1e\n", c.text().c_str(), kernel_name.data(),
+              e_out, e_lse, e_dq, e_dk, e_dv);
   CHECK(e_out < out_tol);
   CHECK(e_lse <= lse_tol);
   CHECK(e_dq < grad_tol);
@@ -114,10 +119,17 @@ TEST_CASE("attention (CUDA): forward and backward match the host for every head 
         {1, 37, 300, 2, 2, hd, false, 0, 0},   // many more keys than queries
         {1, 1024, 1024, 4, 2, hd, true},       // a training length
     };
-    for (const attention_case& c : cases) check_case(ex, c, testing::fresh_seed());
+    for (const attention_case& c : cases) {
+      check_case(ex, c, testing::fresh_seed());
+      // Head dims 64 and 128 have two forward kernels on an H100 (attention_kernel): the other one too.
+      if (hd >= 64) check_case(ex, c, testing::fresh_seed(), attention_kernel::portable);
+    }
   }
-  check_case(ex, {1, 1024, 1024, 2, 2, 64, false}, testing::fresh_seed());
-  check_case(ex, {1, 16, 16, 2, 1, 64, true, 0, 100}, testing::fresh_seed());  // nothing visible anywhere
+  for (const attention_kernel kernel : {attention_kernel::fastest, attention_kernel::portable}) {
+    check_case(ex, {1, 1024, 1024, 2, 2, 64, false}, testing::fresh_seed(), kernel);
+    check_case(ex, {1, 16, 16, 2, 1, 64, true, 0, 100}, testing::fresh_seed(), kernel);    // nothing visible anywhere
+    check_case(ex, {3, 300, 260, 4, 1, 128, true, 40, 0}, testing::fresh_seed(), kernel);  // partial tiles, GQA 4
+  }
 }
 
 TEST_CASE("attention (CUDA): two KV blocks as strided views merge to the full attention, backward included") {

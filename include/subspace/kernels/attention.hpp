@@ -44,12 +44,18 @@
 
 namespace subspace {
 
+/// Which CUDA kernel computes the forward (the host ignores it): `fastest` takes the Hopper kernel (wgmma fed by
+/// TMA) where the device is an H100-class GPU, the build has sm_90a code and the head dim is 64 or 128, else the
+/// mma.sync kernel; `portable` always the mma.sync kernel. Both are exact to bf16 rounding, not to each other.
+enum class attention_kernel { fastest, portable };
+
 /// What attention computes besides its operands: the score scale (usually 1/sqrt(hd)), whether the causal mask
-/// applies, and the global positions of query row 0 and key 0 that the mask compares.
+/// applies, the global positions of query row 0 and key 0 that the mask compares, and the CUDA kernel choice.
 struct attention_params {
   float scale;
   bool causal = true;
   std::int64_t q_pos0 = 0, kv_pos0 = 0;
+  attention_kernel kernel = attention_kernel::fastest;
 };
 
 /// Whether attention in `Space` takes head dimension `hd`: the host kernels take any, the CUDA kernels are

@@ -34,6 +34,8 @@
 #include "../../../core/cuda/launch.cuh"
 #include "../../../core/cuda/memory.cuh"
 #include "../../attention.hpp"
+#include "attention_common.cuh"
+#include "attention_sm90.cuh"
 
 namespace subspace {
 namespace cuda_detail::attention {
@@ -88,13 +90,6 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
-/// 2^x (MUFU.EX2; exact 0 for -inf).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 __device__ __forceinline__ void atomic_add2(float* address, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(address), make_float2(a, b));
@@ -103,9 +98,6 @@ __device__ __forceinline__ void atomic_add2(float* address, float a, float b) {
   atomicAdd(address + 1, b);
 #endif
 }
-
-inline constexpr float log2e = 1.4426950408889634f;
-inline constexpr float ln2 = 0.6931471805599453f;
 
 // ---- Tiles ----------------------------------------------------------------------------------------------------
 
@@ -169,16 +161,6 @@ constexpr std::size_t backward_smem_bytes() {
 
 // ---- Kernel parameters ----------------------------------------------------------------------------------------
 
-/// Element strides of a [B, S, H, hd] operand (the head-dim stride is 1).
-struct bsh_strides {
-  std::int64_t b = 0, s = 0, h = 0;
-};
-
-template <class V>
-bsh_strides strides_of(const V& x) {
-  return {x.stride(0), x.stride(1), x.stride(2)};
-}
-
 struct forward_params {
   const __nv_bfloat16* q;
   const __nv_bfloat16* k;
@@ -210,13 +192,6 @@ struct backward_params {
   std::int64_t delta;
   float scale, scale_log2;
 };
-
-/// The last key index (exclusive) that rows [0, rows_end) may see, clamped to [0, seq_kv].
-__device__ __forceinline__ int key_end(bool causal, int rows_end, std::int64_t delta, int seq_kv) {
-  if (!causal) return seq_kv;
-  const std::int64_t e = std::int64_t(rows_end - 1) + delta + 1;
-  return int(e < 0 ? 0 : (e > seq_kv ? std::int64_t(seq_kv) : e));
-}
 
 // ---- Forward --------------------------------------------------------------------------------------------------
 
@@ -305,7 +280,7 @@ __global__ void __launch_bounds__(forward_shape<HD>::warps * 32, forward_shape<H
         s[nt][e] = x;
       }
 
-      // Online softmax, per row half (rh = 0: row r0, rh = 1: row r0 + 8); a row's 4 threads share a quad.
+    // Online softmax, per row half (rh = 0: row r0, rh = 1: row r0 + 8); a row's 4 threads share a quad.
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       float mx = neg_inf;
@@ -705,6 +680,35 @@ void launch_forward(const forward_params& p, int batch, int heads, cudaStream_t 
   cuda_check_launch();
 }
 
+/// The Hopper forward (attention_sm90.cuh) when `sm90::available` and the head dim is 64 or 128; false when it
+/// does not apply, so the mma.sync kernel runs instead.
+template <class VQ, class VK>
+bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, const VK& v, attention_kernel choice,
+                         cudaStream_t stream) {
+  const std::int64_t hd = q.dim(3);
+  if (choice != attention_kernel::fastest || (hd != 64 && hd != 128) || p.seq_kv == 0 || !sm90::available(stream))
+    return false;
+  // TMA wants every stride a multiple of 16 bytes, also those of dimensions of extent 1 (which it never steps).
+  const auto stride = [](const auto& x, int d) { return x.dim(d) <= 1 ? std::int64_t(8) : x.stride(d); };
+  const CUtensorMap mq =
+      sm90::map_bsh(q.data(), q.dim(0), q.dim(1), q.dim(2), hd, stride(q, 0), stride(q, 1), stride(q, 2), sm90::BM);
+  const CUtensorMap mk =
+      sm90::map_bsh(k.data(), k.dim(0), k.dim(1), k.dim(2), hd, stride(k, 0), stride(k, 1), stride(k, 2), sm90::BN);
+  const CUtensorMap mv =
+      sm90::map_bsh(v.data(), v.dim(0), v.dim(1), v.dim(2), hd, stride(v, 0), stride(v, 1), stride(v, 2), sm90::BN);
+  const sm90::params sp{p.out,   p.lse, p.os.b,   p.os.s,  p.os.h,   p.lse_b, p.lse_h,
+                        p.lse_s, p.seq, p.seq_kv, p.group, p.causal, p.delta, p.scale_log2};
+  const dim3 grid(unsigned((p.seq + sm90::BM - 1) / sm90::BM), unsigned(q.dim(2)), unsigned(q.dim(0)));
+  const auto launch = [&]<int HD>() {
+    set_smem(sm90::forward_kernel<HD>, sm90::smem_bytes<HD>());
+    sm90::forward_kernel<HD><<<grid, sm90::threads, sm90::smem_bytes<HD>(), stream>>>(mq, mk, mv, sp);
+  };
+  if (hd == 64) launch.template operator()<64>();
+  else launch.template operator()<128>();
+  cuda_check_launch();
+  return true;
+}
+
 template <int HD>
 void launch_backward(const backward_params& p, const __nv_bfloat16* out, bsh_strides os, __nv_bfloat16* dq,
                      bsh_strides dqs, int batch, int kv_heads, cudaStream_t stream) {
@@ -793,6 +797,7 @@ void attention_forward(const exec::cuda& ex, view<Q, device_space> q,
   fp.causal = p.causal;
   fp.delta = p.q_pos0 - p.kv_pos0;
   fp.scale_log2 = p.scale * ca::log2e;
+  if (ca::launch_forward_sm90(fp, q, k, v, p.kernel, ex.stream)) return;
   ca::dispatch_head_dim(d.head_dim,
                         [&]<int HD>() { ca::launch_forward<HD>(fp, int(d.batch), int(d.heads), ex.stream); });
 }

@@ -1,0 +1,36 @@
+#pragma once
+// What the CUDA attention kernels share: the exp2 of the online softmax, the [B, S, H, hd] strides, the causal
+// key range of a block of rows.
+
+#include <cstdint>
+
+namespace subspace::cuda_detail::attention {
+
+/// 2^x (MUFU.EX2; exact 0 for -inf).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+inline constexpr float log2e = 1.4426950408889634f;
+inline constexpr float ln2 = 0.6931471805599453f;
+
+/// Element strides of a [B, S, H, hd] operand (the head-dim stride is 1).
+struct bsh_strides {
+  std::int64_t b = 0, s = 0, h = 0;
+};
+
+template <class V>
+bsh_strides strides_of(const V& x) {
+  return {x.stride(0), x.stride(1), x.stride(2)};
+}
+
+/// The last key index (exclusive) that rows [0, rows_end) may see, clamped to [0, seq_kv].
+__device__ __forceinline__ int key_end(bool causal, int rows_end, std::int64_t delta, int seq_kv) {
+  if (!causal) return seq_kv;
+  const std::int64_t e = std::int64_t(rows_end - 1) + delta + 1;
+  return int(e < 0 ? 0 : (e > seq_kv ? std::int64_t(seq_kv) : e));
+}
+
+}  // namespace subspace::cuda_detail::attention
