@@ -136,17 +136,21 @@ __device__ __forceinline__ void wgmma_ss_m64n128(float (&d)[64], std::uint64_t a
 }
 /// d[64 x 64] += A[64 x 16] (registers) B[16 x 64] (MN-major in shared memory).
 __device__ __forceinline__ void wgmma_rs_m64n64(float (&d)[32], const unsigned (&a)[4], std::uint64_t b) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D32
-               ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-               : SUBSPACE_OUT32(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D32
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : SUBSPACE_OUT32(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 /// d[64 x 128] += A[64 x 16] (registers) B[16 x 128] (MN-major in shared memory).
 __device__ __forceinline__ void wgmma_rs_m64n128(float (&d)[64], const unsigned (&a)[4], std::uint64_t b) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D64
-               ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-               : SUBSPACE_OUT64(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D64
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : SUBSPACE_OUT64(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 #undef SUBSPACE_WGMMA_D32
 #undef SUBSPACE_WGMMA_D64
@@ -317,7 +321,9 @@ __global__ void __launch_bounds__(threads, 1)
 
 // ---- Host side ------------------------------------------------------------------------------------------------
 
-/// Writes 1 when the running image of this kernel was built for sm_90a.
+/// Writes 1 when the running image of this kernel was built for sm_90a (a template, so that every translation unit
+/// including this header may define it).
+template <int = 0>
 __global__ void probe_kernel(int* has_sm90a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   *has_sm90a = 1;
@@ -340,7 +346,7 @@ inline bool available(cudaStream_t stream) {
   bool has = false;
   if (major == 9) {
     cuda_detail::stream_scratch flag(sizeof(int), stream);
-    probe_kernel<<<1, 1, 0, stream>>>(static_cast<int*>(flag.get()));
+    probe_kernel<><<<1, 1, 0, stream>>>(static_cast<int*>(flag.get()));
     cuda_check(cudaGetLastError());
     int value = 0;
     cuda_check(cudaMemcpyAsync(&value, flag.get(), sizeof value, cudaMemcpyDeviceToHost, stream));
