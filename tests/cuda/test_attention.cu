@@ -1,8 +1,9 @@
 // attention on CUDA against the float64 host reference on the same bf16 inputs: every head dim (16, 32, 64, 128),
 // causal and not, GQA ratios 1/2/4, odd lengths (1, 37, 130, 1024), Skv != S, global-position offsets with rows that
-// see no key, forward (out, lse) and backward (dq, dk, dv); outputs are poisoned first so every element must be
-// written. Then the context-parallel use: two KV blocks given as strided views, merged by lse, and their backward
-// passes given the merged out/lse; and the argument errors. Failures print the first mismatching elements.
+// see no key, forward (out, lse) and backward (dq, dk, dv), head dims 64 and 128 through both forward kernels
+// (attention_kernel::fastest and portable); outputs are poisoned first so every element must be written. Then the
+// context-parallel use: two KV blocks given as strided views, merged by lse, and their backward passes given the
+// merged out/lse; head-major operands; and the argument errors. Failures print the first mismatching elements.
 #include <doctest/doctest.h>
 
 #include <cuda_runtime.h>
@@ -197,6 +198,49 @@ TEST_CASE("attention (CUDA): two KV blocks as strided views merge to the full at
     CHECK(testing::compare("dq (sum of the blocks)", dq_sum, dq_h, grad_tol) < grad_tol);
     CHECK(testing::compare("dk (blocks side by side)", to_host(ex, dk_cat.v()), dk_h, grad_tol) < grad_tol);
     CHECK(testing::compare("dv (blocks side by side)", to_host(ex, dv_cat.v()), dv_h, grad_tol) < grad_tol);
+  }
+}
+
+TEST_CASE("attention (CUDA): head-major operands ([B, H, S, hd] memory seen as [B, S, H, hd]) match the host") {
+  // Strides that are not a packed [B, S, H, hd]: the Hopper kernel's TMA maps take them or the mma.sync kernel
+  // runs; either way the result is the host's.
+  testing::stream_guard s;
+  const exec::cuda ex{s.stream};
+  for (const std::int64_t hd : {64, 128}) {
+    const attention_case c{2, 200, 200, 4, 2, hd, true};
+    const auto seed = testing::fresh_seed();
+    CAPTURE(seed);
+    CAPTURE(c.text());
+    const auto q = testing::random_tensor<bf16>(c.q_shape(), seed);
+    const auto k = testing::random_tensor<bf16>(c.kv_shape(), seed + 1);
+    const auto v = testing::random_tensor<bf16>(c.kv_shape(), seed + 2);
+    host_tensor<double> out_h(c.q_shape()), lse_h(c.lse_shape());
+    attention_forward(exec::host{}, cv(testing::to_double(q)), cv(testing::to_double(k)), cv(testing::to_double(v)),
+                      out_h.v(), lse_h.v(), c.params());
+    // Head-major copies on the device, viewed with the [B, S, H, hd] extents.
+    const auto head_major = [&](const host_tensor<bf16>& x) {
+      const std::int64_t B = x.shape().dims[0], S = x.shape().dims[1], H = x.shape().dims[2];
+      host_tensor<bf16> hm(shape{B, H, S, hd});
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t i = 0; i < S; ++i)
+          for (std::int64_t h = 0; h < H; ++h)
+            for (std::int64_t e = 0; e < hd; ++e)
+              hm.data()[((b * H + h) * S + i) * hd + e] = x.data()[((b * S + i) * H + h) * hd + e];
+      return to_device(ex, cv(hm));
+    };
+    const auto dq = head_major(q), dk = head_major(k), dv = head_major(v);
+    const auto as_bsh = [&](const device_tensor<bf16>& t) {
+      const shape hm = t.shape();
+      return view<const bf16, device_space>(t.data(), shape{hm.dims[0], hm.dims[2], hm.dims[1], hd},
+                                            {hm.dims[1] * hm.dims[2] * hd, hd, hm.dims[2] * hd, 1});
+    };
+    device_tensor<bf16> out(c.q_shape());
+    device_tensor<float> lse(c.lse_shape());
+    poison(ex, out);
+    poison(ex, lse);
+    attention_forward(ex, as_bsh(dq), as_bsh(dk), as_bsh(dv), out.v(), lse.v(), c.params());
+    CHECK(testing::compare("out", to_host(ex, out.v()), out_h, out_tol) < out_tol);
+    CHECK(testing::lse_error("lse", to_host(ex, lse.v()), lse_h, lse_tol) <= lse_tol);
   }
 }
 

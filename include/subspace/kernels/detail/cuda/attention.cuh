@@ -680,28 +680,23 @@ void launch_forward(const forward_params& p, int batch, int heads, cudaStream_t 
   cuda_check_launch();
 }
 
-/// The Hopper forward (attention_sm90.cuh) when `sm90::available` and the head dim is 64 or 128; false when it
-/// does not apply, so the mma.sync kernel runs instead.
+/// The Hopper forward (attention_sm90.cuh) when `sm90::available`, the head dim is 64 or 128 and TMA takes the
+/// operands' strides; false when it does not apply, so the mma.sync kernel runs instead.
 template <class VQ, class VK>
 bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, const VK& v, attention_kernel choice,
                          cudaStream_t stream) {
   const std::int64_t hd = q.dim(3);
   if (choice != attention_kernel::fastest || (hd != 64 && hd != 128) || p.seq_kv == 0 || !sm90::available(stream))
     return false;
-  // TMA wants every stride a multiple of 16 bytes, also those of dimensions of extent 1 (which it never steps).
-  const auto stride = [](const auto& x, int d) { return x.dim(d) <= 1 ? std::int64_t(8) : x.stride(d); };
-  const CUtensorMap mq =
-      sm90::map_bsh(q.data(), q.dim(0), q.dim(1), q.dim(2), hd, stride(q, 0), stride(q, 1), stride(q, 2), sm90::BM);
-  const CUtensorMap mk =
-      sm90::map_bsh(k.data(), k.dim(0), k.dim(1), k.dim(2), hd, stride(k, 0), stride(k, 1), stride(k, 2), sm90::BN);
-  const CUtensorMap mv =
-      sm90::map_bsh(v.data(), v.dim(0), v.dim(1), v.dim(2), hd, stride(v, 0), stride(v, 1), stride(v, 2), sm90::BN);
+  const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::BM), mk = sm90::map_bsh(k, sm90::BN),
+                                   mv = sm90::map_bsh(v, sm90::BN);
+  if (!mq || !mk || !mv) return false;
   const sm90::params sp{p.out,   p.lse, p.os.b,   p.os.s,  p.os.h,   p.lse_b, p.lse_h,
                         p.lse_s, p.seq, p.seq_kv, p.group, p.causal, p.delta, p.scale_log2};
   const dim3 grid(unsigned((p.seq + sm90::BM - 1) / sm90::BM), unsigned(q.dim(2)), unsigned(q.dim(0)));
   const auto launch = [&]<int HD>() {
     set_smem(sm90::forward_kernel<HD>, sm90::smem_bytes<HD>());
-    sm90::forward_kernel<HD><<<grid, sm90::threads, sm90::smem_bytes<HD>(), stream>>>(mq, mk, mv, sp);
+    sm90::forward_kernel<HD><<<grid, sm90::threads, sm90::smem_bytes<HD>(), stream>>>(*mq, *mk, *mv, sp);
   };
   if (hd == 64) launch.template operator()<64>();
   else launch.template operator()<128>();

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "../../../core/cuda/error.cuh"
@@ -374,22 +375,25 @@ inline encode_tiled_fn encode_tiled() {
   return f;
 }
 
-/// A TMA map of a bf16 [B, S, H, hd] view (element strides s_b, s_s, s_h; unit stride in hd) as {hd, H, S, B},
-/// boxes of 64 head-dim columns x 1 head x `box_rows` rows x 1 sequence, 128-byte swizzle, zeros out of bounds.
-inline CUtensorMap map_bsh(const void* data, std::int64_t batch, std::int64_t seq, std::int64_t heads, std::int64_t hd,
-                           std::int64_t s_b, std::int64_t s_s, std::int64_t s_h, int box_rows) {
+/// A TMA map of a bf16 [B, S, H, hd] view (unit stride in hd) as {hd, H, S, B}, boxes of 64 head-dim columns x 1
+/// head x `box_rows` rows x 1 sequence, 128-byte swizzle, zeros out of bounds; nullopt where the driver refuses
+/// the strides (the caller then takes the mma.sync kernel). A dimension of extent 1 gets the stride a contiguous
+/// layout would give it, since TMA checks every stride, also those it never steps.
+template <class V>
+std::optional<CUtensorMap> map_bsh(const V& x, int box_rows) {
+  const std::int64_t hd = x.dim(3), heads = x.dim(2), seq = x.dim(1), batch = x.dim(0);
+  const std::int64_t s_h = heads > 1 ? x.stride(2) : hd, s_s = seq > 1 ? x.stride(1) : s_h * heads,
+                     s_b = batch > 1 ? x.stride(0) : s_s * seq;
   CUtensorMap m;
   const cuuint64_t dims[4] = {cuuint64_t(hd), cuuint64_t(heads), cuuint64_t(seq), cuuint64_t(batch)};
   const cuuint64_t strides[3] = {cuuint64_t(s_h) * 2, cuuint64_t(s_s) * 2, cuuint64_t(s_b) * 2};
   const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(data), dims, strides,
-                                    box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw cuda_error("attention (CUDA): cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for shape [" +
-                     std::to_string(batch) + ", " + std::to_string(seq) + ", " + std::to_string(heads) + ", " +
-                     std::to_string(hd) + "]");
+  const CUresult r =
+      encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(static_cast<const void*>(x.data())),
+                     dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return std::nullopt;
   return m;
 }
 
