@@ -328,13 +328,7 @@ __global__ void __launch_bounds__(forward_shape<HD>::warps * 32, forward_shape<H
   // Epilogue: out = O / l through this warp's 16 rows of sq (16-byte stores to global), lse = m + log2(l) in ln.
   float inv[2], lse[2];
 #pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    float sum = l[rh];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[rh] = sum > 0.0f ? 1.0f / sum : 0.0f;
-    lse[rh] = sum > 0.0f ? (m[rh] + __log2f(sum)) * ln2 : neg_inf;
-  }
+  for (int rh = 0; rh < 2; ++rh) finish_row(m[rh], l[rh], inv[rh], lse[rh]);
   __nv_bfloat16* so = sq + warp * 16 * LD;
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) {

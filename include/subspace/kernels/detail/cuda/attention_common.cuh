@@ -1,6 +1,6 @@
 #pragma once
 // What the CUDA attention kernels share: the exp2 of the online softmax, the [B, S, H, hd] strides, the causal
-// key range of a block of rows.
+// key range of a block of rows, the end of a row's online softmax.
 
 #include <cstdint>
 
@@ -31,6 +31,16 @@ __device__ __forceinline__ int key_end(bool causal, int rows_end, std::int64_t d
   if (!causal) return seq_kv;
   const std::int64_t e = std::int64_t(rows_end - 1) + delta + 1;
   return int(e < 0 ? 0 : (e > seq_kv ? std::int64_t(seq_kv) : e));
+}
+
+/// The end of the online softmax for a row whose four quad lanes each hold part of its sum l (in the exp2 domain,
+/// relative to the running maximum m): inv = 1 / l, lse = (m + log2 l) ln 2, or 0 and -inf for a row that saw no
+/// key.
+__device__ __forceinline__ void finish_row(float m, float l, float& inv, float& lse) {
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  inv = l > 0.0f ? 1.0f / l : 0.0f;
+  lse = l > 0.0f ? (m + __log2f(l)) * ln2 : -__builtin_huge_valf();
 }
 
 }  // namespace subspace::cuda_detail::attention

@@ -299,13 +299,7 @@ __global__ void __launch_bounds__(threads, 1)
   // Epilogue: out = O / l in bf16, lse = (m + log2 l) ln 2; the rows past S were zeros and are not stored.
   float inv[2], lse[2];
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    float sum = l[hh];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[hh] = sum > 0.0f ? 1.0f / sum : 0.0f;
-    lse[hh] = sum > 0.0f ? (m[hh] + __log2f(sum)) * ln2 : neg_inf;
-  }
+  for (int hh = 0; hh < 2; ++hh) finish_row(m[hh], l[hh], inv[hh], lse[hh]);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + 8 * hh;
