@@ -44,9 +44,10 @@
 
 namespace subspace {
 
-/// Which CUDA kernel computes the forward (the host ignores it): `fastest` takes the Hopper kernel (wgmma fed by
-/// TMA) where the device is an H100-class GPU, the build has sm_90a code and the head dim is 64 or 128, else the
-/// mma.sync kernel; `portable` always the mma.sync kernel. Both are exact to bf16 rounding, not to each other.
+/// Which CUDA kernels compute the forward and the backward (the host ignores it): `fastest` takes the Hopper
+/// kernels (wgmma fed by TMA) where the device is an H100-class GPU, the build has sm_90a code and the head dim is
+/// 64 or 128, else the mma.sync kernels; `portable` always the mma.sync kernels. Both are exact to bf16 rounding,
+/// not to each other.
 enum class attention_kernel { fastest, portable };
 
 /// What attention computes besides its operands: the score scale (usually 1/sqrt(hd)), whether the causal mask

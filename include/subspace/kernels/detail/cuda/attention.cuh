@@ -36,6 +36,7 @@
 #include "../../attention.hpp"
 #include "attention_common.cuh"
 #include "attention_sm90.cuh"
+#include "attention_sm90_backward.cuh"
 
 namespace subspace {
 namespace cuda_detail::attention {
@@ -88,15 +89,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsig
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const unsigned*>(&v);
-}
-
-__device__ __forceinline__ void atomic_add2(float* address, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(address), make_float2(a, b));
-#else
-  atomicAdd(address, a);
-  atomicAdd(address + 1, b);
-#endif
 }
 
 // ---- Tiles ----------------------------------------------------------------------------------------------------
@@ -698,9 +690,36 @@ bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, cons
   return true;
 }
 
-template <int HD>
+/// The Hopper dq/dk/dv kernel (attention_sm90_backward.cuh) under the same conditions as launch_forward_sm90;
+/// false when it does not apply.
+template <class VQ, class VK, class VO>
+bool launch_backward_sm90(const backward_params& p, const VQ& q, const VK& k, const VK& v, const VO& dout,
+                          attention_kernel choice, cudaStream_t stream) {
+  const std::int64_t hd = q.dim(3);
+  if (choice != attention_kernel::fastest || (hd != 64 && hd != 128) || p.seq_kv == 0 || !sm90::available(stream))
+    return false;
+  const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::backward_bm),
+                                   mdo = sm90::map_bsh(dout, sm90::backward_bm), mk = sm90::map_bsh(k, sm90::BN),
+                                   mv = sm90::map_bsh(v, sm90::BN);
+  if (!mq || !mdo || !mk || !mv) return false;
+  const sm90::backward_args a{p.lse, p.lse_b, p.lse_h,  p.lse_s, p.d,     p.dq_accum, p.dk,    p.dv,    p.dks,
+                              p.dvs, p.seq,   p.seq_kv, p.heads, p.group, p.causal,   p.delta, p.scale, p.scale_log2};
+  const dim3 grid(unsigned((p.seq_kv + sm90::BN - 1) / sm90::BN), unsigned(k.dim(2)), unsigned(q.dim(0)));
+  const auto launch = [&]<int HD>() {
+    set_smem(sm90::backward_kernel<HD>, sm90::backward_smem_bytes<HD>());
+    sm90::backward_kernel<HD><<<grid, sm90::threads, sm90::backward_smem_bytes<HD>(), stream>>>(*mq, *mk, *mv, *mdo, a);
+  };
+  if (hd == 64) launch.template operator()<64>();
+  else launch.template operator()<128>();
+  cuda_check_launch();
+  return true;
+}
+
+/// D, the zeroed dq accumulator, the dq/dk/dv kernel (`hopper()` launches the Hopper one and says whether it
+/// applied; else the mma.sync one), then dq from the accumulator.
+template <int HD, class Hopper>
 void launch_backward(const backward_params& p, const __nv_bfloat16* out, bsh_strides os, __nv_bfloat16* dq,
-                     bsh_strides dqs, int batch, int kv_heads, cudaStream_t stream) {
+                     bsh_strides dqs, int batch, int kv_heads, Hopper&& hopper, cudaStream_t stream) {
   const std::int64_t rows = std::int64_t(batch) * p.heads * p.seq;
   constexpr int threads = 256;
   const std::int64_t dot_threads = rows * (HD / 8);
@@ -711,7 +730,7 @@ void launch_backward(const backward_params& p, const __nv_bfloat16* out, bsh_str
 
   constexpr int BN = 16 * backward_shape<HD>::warps;
   constexpr std::size_t smem = backward_smem_bytes<HD>();
-  if (p.seq_kv > 0) {  // with no key, dq stays zero
+  if (p.seq_kv > 0 && !hopper()) {  // with no key, dq stays zero
     set_smem(backward_kernel<HD>, smem);
     const dim3 grid(unsigned((p.seq_kv + BN - 1) / BN), unsigned(kv_heads), unsigned(batch));
     backward_kernel<HD><<<grid, backward_shape<HD>::warps * 32, smem, stream>>>(p);
@@ -865,9 +884,10 @@ void attention_backward(const exec::cuda& ex, view<Q, device_space> q,
   bp.delta = p.q_pos0 - p.kv_pos0;
   bp.scale = p.scale;
   bp.scale_log2 = p.scale * ca::log2e;
+  const auto hopper = [&] { return ca::launch_backward_sm90(bp, q, k, v, dout, p.kernel, ex.stream); };
   ca::dispatch_head_dim(d.head_dim, [&]<int HD>() {
     ca::launch_backward<HD>(bp, ca::raw(out.data()), ca::strides_of(out), ca::raw(dq.data()), ca::strides_of(dq),
-                            int(d.batch), int(d.kv_heads), ex.stream);
+                            int(d.batch), int(d.kv_heads), hopper, ex.stream);
   });
 }
 

@@ -1,6 +1,6 @@
 #pragma once
 // What the CUDA attention kernels share: the exp2 of the online softmax, the [B, S, H, hd] strides, the causal
-// key range of a block of rows, the end of a row's online softmax.
+// key range of a block of rows, the end of a row's online softmax, the backward's adds into the fp32 dq.
 
 #include <cstdint>
 
@@ -41,6 +41,16 @@ __device__ __forceinline__ void finish_row(float m, float l, float& inv, float& 
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   inv = l > 0.0f ? 1.0f / l : 0.0f;
   lse = l > 0.0f ? (m + __log2f(l)) * ln2 : -__builtin_huge_valf();
+}
+
+/// address[0..1] += (a, b), one 8-byte vector atomic on sm_90 (the backward's adds into the fp32 dq accumulator).
+__device__ __forceinline__ void atomic_add2(float* address, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(a, b));
+#else
+  atomicAdd(address, a);
+  atomicAdd(address + 1, b);
+#endif
 }
 
 }  // namespace subspace::cuda_detail::attention

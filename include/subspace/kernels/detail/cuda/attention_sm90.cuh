@@ -127,13 +127,23 @@ __device__ __forceinline__ void operand_fence(float (&r)[N]) {
       "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),   \
       "+f"(d[63])
 
-/// d[64 x 128] (+)= A[64 x 16] B[128 x 16]^T, both K-major in shared memory.
+/// d[64 x 128] (+)= A[64 x 16] B[16 x 128], both in shared memory: K-major (TA, TB = 0) or MN-major (1).
+template <int TA = 0, int TB = 0>
 __device__ __forceinline__ void wgmma_ss_m64n128(float (&d)[64], std::uint64_t a, std::uint64_t b, int accumulate) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D64 ", %64, %65, p, 1, 1, %67, %68;\n}\n"
       : SUBSPACE_OUT64(d)
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
+}
+/// d[64 x 64] (+)= A[64 x 16] B[16 x 64], both in shared memory, majors as above.
+template <int TA = 0, int TB = 0>
+__device__ __forceinline__ void wgmma_ss_m64n64(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " SUBSPACE_WGMMA_D32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+      : SUBSPACE_OUT32(d)
+      : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
 }
 /// d[64 x 64] += A[64 x 16] (registers) B[16 x 64] (MN-major in shared memory).
 __device__ __forceinline__ void wgmma_rs_m64n64(float (&d)[32], const unsigned (&a)[4], std::uint64_t b) {
