@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(threads, 1)
     mbar_init(&sm.bar_kv, 1);
     for (int s = 0; s < stages; ++s) {
       mbar_init(&sm.full[s], 1 + 32);  // the TMA thread's expect_tx and the 32 lanes copying lse and D
-      mbar_init(&sm.empty[s], consumers);
+      mbar_init(&sm.empty[s], 128 * consumers);  // every consumer thread: each releases its own lse/D reads
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(threads, 1)
       wgmma_wait_all();
       operand_fence(dq);
       operand_fence(dk);
-      if (t == 0) mbar_arrive(&sm.empty[s]);
+      mbar_arrive(&sm.empty[s]);
       const int q_col = (HD == 128 ? 64 * c : 0) + 2 * q4;
       float* acc = p.dq_accum + ((std::int64_t(b) * p.heads + h) * p.seq + i0) * HD;
 #pragma unroll
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(threads, 1)
     } else {
       wgmma_wait_all();
       operand_fence(dk);
-      if (t == 0) mbar_arrive(&sm.empty[s]);
+      mbar_arrive(&sm.empty[s]);
     }
   }
 
