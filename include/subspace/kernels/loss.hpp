@@ -41,7 +41,7 @@ namespace subspace {
 /// one chunk of logits within chunk_bytes (at least one row).
 struct lm_head_options {
   std::int64_t chunk_rows = 0;
-  std::size_t chunk_bytes = std::size_t(256) << 20;
+  std::size_t chunk_bytes = std::size_t(1024) << 20;  // 1 GiB: 4 chunks at 16K rows x 50K vocab (docs/llama-kernels.md)
 };
 
 namespace detail::loss {

@@ -3,14 +3,15 @@
 // one in attention.cuh (same D = rowsum(dout * out) kernel before it and the same fp32 dq accumulator and final
 // scaling after it). docs/llama-kernels.md, "Hopper attention".
 //
-// One block of three warpgroups per (BN = 128 keys, KV head, batch), walking every query tile of BM rows of every
+// One block of three warpgroups per (BN = 128 keys, KV head, batch), walking every 64-row query tile of every
 // query head that shares the KV head. Warpgroup 0 produces: one thread loads K and V once and Q and dout per tile
 // (TMA, two stages), one warp copies the tile's lse (in the exp2 domain) and D into shared memory. Warpgroups 1
 // and 2 consume, 64 keys each, in the transposed orientation so that dK and dV stay in registers for the whole
-// walk: S^T = K Q^T, P^T = exp2(S^T scale log2 e - lse log2 e), dV += P^T dO (P from registers), dP^T = V dO^T,
-// dS^T = P^T (dP^T - D), dK += dS^T Q (dS from registers). dS^T goes to shared memory (128-byte swizzle) and
-// dQ = dS K runs as a wgmma with both operands MN-major; the two warpgroups split it (by query rows at BM = 128,
-// by head-dim columns at BM = 64) and add it into the fp32 accumulator with 8-byte atomics.
+// walk: S^T = K Q^T and dP^T = V dO^T; P^T = exp2(S^T scale log2 e - lse log2 e) while dP^T runs; dV += P^T dO
+// (P from registers) while dS^T = P^T (dP^T - D) is computed; dK += dS^T Q (dS from registers). dS^T also goes to
+// shared memory (128-byte swizzle) for dQ = dS K, a wgmma with both operands MN-major: at head dim 128 each
+// consumer takes 64 of dq's columns, at 64 they take turns by tile. dq is added into the fp32 accumulator with
+// 8-byte atomics.
 
 #include "attention_sm90.cuh"
 
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(threads, 1)
   if (threadIdx.x == 0) {
     mbar_init(&sm.bar_kv, 1);
     for (int s = 0; s < stages; ++s) {
-      mbar_init(&sm.full[s], 1 + 32);  // the TMA thread's expect_tx and the 32 lanes copying lse and D
+      mbar_init(&sm.full[s], 1 + 32);            // the TMA thread's expect_tx and the 32 lanes copying lse and D
       mbar_init(&sm.empty[s], 128 * consumers);  // every consumer thread: each releases its own lse/D reads
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -170,20 +171,25 @@ __global__ void __launch_bounds__(threads, 1)
     const int s = it % stages, h = head_of(it), i0 = row_of(it);
     mbar_wait(&sm.full[s], unsigned(it / stages) & 1u);
 
-    // S^T = K Q^T: A is this consumer's 64 key rows of K, B the tile's bm query rows, both K-major.
-    // K-major tiles step 32 bytes per k-step of 16 within a 64-column chunk; MN-major ones 16 rows of 128 bytes.
+    // S^T = K Q^T and dP^T = V dO^T, two groups: A is this consumer's 64 key rows of K (V), B the tile's bm query
+    // rows of Q (dout), all K-major (32 bytes per k-step of 16 within a 64-column chunk). P is computed while the
+    // dP product runs.
     const std::uint64_t k_km = fresh(sw128(sm.k[0] + 64 * c * 128, 16, 1024)),
                         q_km = fresh(sw128(sm.q[s][0], 16, 1024));
+    const std::uint64_t v_km = fresh(sw128(sm.v[0] + 64 * c * 128, 16, 1024)),
+                        do_km = fresh(sw128(sm.dout[s][0], 16, 1024));
     const auto k_step = [](int kk, unsigned chunk) { return unsigned(kk / 4) * chunk + unsigned(kk % 4) * 32u; };
-    float st[S_REGS];
+    float st[S_REGS], dpt[S_REGS];
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      const std::uint64_t a = advance(k_km, k_step(kk, BN * 128)), bq = advance(q_km, k_step(kk, tile_chunk));
-      wgmma_ss_m64n64(st, a, bq, kk > 0);
-    }
+    for (int kk = 0; kk < HD / 16; ++kk)
+      wgmma_ss_m64n64(st, advance(k_km, k_step(kk, BN * 128)), advance(q_km, k_step(kk, tile_chunk)), kk > 0);
     wgmma_commit();
-    wgmma_wait_all();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk)
+      wgmma_ss_m64n64(dpt, advance(v_km, k_step(kk, BN * 128)), advance(do_km, k_step(kk, tile_chunk)), kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
     operand_fence(st);
 
     // P^T, 0 where masked; as bf16 A fragments (the accumulator layout is the A-fragment layout).
@@ -211,11 +217,8 @@ __global__ void __launch_bounds__(threads, 1)
         pa[kk][x] = *reinterpret_cast<const unsigned*>(&pr);
       }
 
-    // dV += P^T dO (dout MN-major: its rows are the k dimension) and dP^T = V dO^T, in one group.
-    float dpt[S_REGS];
+    // dV += P^T dO (dout MN-major: its rows are the k dimension), running while dS is computed.
     const std::uint64_t do_mn = fresh(sw128(sm.dout[s][0], tile_chunk, 1024));
-    const std::uint64_t v_km = fresh(sw128(sm.v[0] + 64 * c * 128, 16, 1024)),
-                        do_km = fresh(sw128(sm.dout[s][0], 16, 1024));
     operand_fence(dv);
     wgmma_fence();
 #pragma unroll
@@ -224,15 +227,9 @@ __global__ void __launch_bounds__(threads, 1)
       if constexpr (HD == 64) wgmma_rs_m64n64(dv, pa[kk], ob);
       else wgmma_rs_m64n128(dv, pa[kk], ob);
     }
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      const std::uint64_t a = advance(v_km, k_step(kk, BN * 128)), ob = advance(do_km, k_step(kk, tile_chunk));
-      wgmma_ss_m64n64(dpt, a, ob, kk > 0);
-    }
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<1>();
     operand_fence(dpt);
-    operand_fence(dv);
 
     // dS^T = P^T (dP^T - D), with P as the dV product read it (bf16), as bf16 A fragments.
     unsigned dsa[bm / 16][4];
@@ -289,6 +286,7 @@ __global__ void __launch_bounds__(threads, 1)
       wgmma_wait_all();
       operand_fence(dq);
       operand_fence(dk);
+      operand_fence(dv);
       mbar_arrive(&sm.empty[s]);
       const int q_col = (HD == 128 ? 64 * c : 0) + 2 * q4;
       float* acc = p.dq_accum + ((std::int64_t(b) * p.heads + h) * p.seq + i0) * HD;
@@ -303,6 +301,7 @@ __global__ void __launch_bounds__(threads, 1)
     } else {
       wgmma_wait_all();
       operand_fence(dk);
+      operand_fence(dv);
       mbar_arrive(&sm.empty[s]);
     }
   }

@@ -1,7 +1,7 @@
 #pragma once
 // lm_head_cross_entropy on CUDA (see loss.hpp), ordered on ex.stream.
 //
-// Per chunk of R rows (R from options; the default keeps the chunk's fp32 logits within 256 MiB):
+// Per chunk of R rows (R from options; the default keeps the chunk's fp32 logits within 1 GiB):
 //   1. logits[R, V] (fp32) = h_chunk weight^T            gemm, cuBLASLt, bf16 in, fp32 out
 //   2. one block per row: pass 1 reads the row once for its maximum and sum of exponentials (online, fp32), pass 2
 //      reads it again and writes g = grad_scale * (softmax - onehot) as T over the same memory: row r of g starts
