@@ -270,8 +270,8 @@ int run(int argc, char** argv) {
       .flag("reps", cfg.reps, "timed calls per pass and implementation")
       .flag("warmup", cfg.warmup, "untimed calls first")
       .flag("kernel", kernel,
-            "our forward kernel: fastest (the Hopper wgmma/TMA kernel where the GPU and build have it, head dims 64 "
-            "and 128) or portable (the mma.sync kernel)")
+            "our kernels, forward and backward: fastest (the Hopper wgmma/TMA kernels where the GPU and build have "
+            "them, head dims 64 and 128) or portable (the mma.sync kernels)")
       .toggle("no-causal", no_causal, "full (unmasked) attention instead of causal")
       .toggle("no-reference", no_reference, "time ours only (the naive reference holds two B Hq S^2 bf16 matrices)");
   bench::output_flags(cli, cfg.out, cfg.commit);
@@ -286,7 +286,7 @@ int run(int argc, char** argv) {
   cfg.problems = parse_problems(configs);
 
   const cudaDeviceProp prop = bench::device_properties();
-  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %s forward kernel, %d reps after %d warm-up calls%s\n",
+  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %s kernels, %d reps after %d warm-up calls%s\n",
               prop.name, prop.major, prop.minor, cfg.causal ? "causal" : "full", kernel.c_str(), cfg.reps, cfg.warmup,
               cfg.reference ? "" : ", no reference");
 

@@ -1,6 +1,6 @@
 // attention on CUDA against the float64 host reference on the same bf16 inputs: every head dim (16, 32, 64, 128),
 // causal and not, GQA ratios 1/2/4, odd lengths (1, 37, 130, 1024), Skv != S, global-position offsets with rows that
-// see no key, forward (out, lse) and backward (dq, dk, dv), head dims 64 and 128 through both forward kernels
+// see no key, forward (out, lse) and backward (dq, dk, dv), head dims 64 and 128 through both kernel pairs
 // (attention_kernel::fastest and portable); outputs are poisoned first so every element must be written. Then the
 // context-parallel use: two KV blocks given as strided views, merged by lse, and their backward passes given the
 // merged out/lse; head-major operands; and the argument errors. Failures print the first mismatching elements.
@@ -122,7 +122,7 @@ TEST_CASE("attention (CUDA): forward and backward match the host for every head 
     };
     for (const attention_case& c : cases) {
       check_case(ex, c, testing::fresh_seed());
-      // Head dims 64 and 128 have two forward kernels on an H100 (attention_kernel): the other one too.
+      // Head dims 64 and 128 have two kernel pairs on an H100 (attention_kernel): the other one too.
       if (hd >= 64) check_case(ex, c, testing::fresh_seed(), attention_kernel::portable);
     }
   }
