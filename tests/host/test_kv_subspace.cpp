@@ -323,7 +323,9 @@ TEST_CASE(
       const auto grad = store.grad(index);
       std::vector<double> fd, analytic;
       int near_kink = 0;
-      for (std::int64_t e = 0; e < std::min<std::int64_t>(value.numel(), 12); ++e) {
+      // Twelve elements (all of a smaller tensor), drawing up to 48 candidates past the ones near a kink.
+      const std::int64_t want = std::min<std::int64_t>(value.numel(), 12);
+      for (std::int64_t e = 0; e < std::min<std::int64_t>(value.numel(), 48) && std::int64_t(fd.size()) < want; ++e) {
         const std::int64_t i = (e * 7919) % value.numel();
         const double x0 = value.data()[i];
         const auto at = [&](double x) {
@@ -338,7 +340,9 @@ TEST_CASE(
         value.data()[i] = x0;
         // ψ reads a chunk's mean over its ℓ1 norm, which has a kink wherever a component of the mean is zero.
         // Upstream tensors move many means, so a stencil 1e-4 wide crosses one now and then (about one run in
-        // four); the two widths then disagree, and the element is left out (a wrong gradient shows either way).
+        // four; the embedding, which moves every mean, five of twelve elements in one run in two hundred); the two
+        // widths then disagree, and the element is replaced by the next candidate (a wrong gradient shows either
+        // way).
         if (std::abs(wide - narrow) > 1e-6 * std::max(std::abs(wide), 1e-3)) {
           ++near_kink;
           continue;
@@ -346,15 +350,22 @@ TEST_CASE(
         fd.push_back(wide);
         analytic.push_back(grad.data()[i]);
       }
-      CHECK(near_kink <= 2);
+      CAPTURE(near_kink);
+      if (fd.empty()) {  // only a tensor of a few elements, each near a kink in this draw (about one run in 500)
+        MESSAGE(what << ": every element is near a kink in this draw; not compared");
+        continue;
+      }
       REQUIRE(norm_of(analytic) > 0);
       // Relative to the gradient's norm, or to 1e-3 when a draw makes it smaller: the differences' rounding floor
-      // (~1e-11) would otherwise dominate a gradient that happens to nearly cancel.
+      // (~1e-11) would otherwise dominate a gradient that happens to nearly cancel. The bound is the kink filter's:
+      // a kink that moves the wide stencil by less than 1e-6 of it passes the filter (seen: up to 5.5e-7, above
+      // 1e-7 in one run of forty); a wrong gradient is off by orders of magnitude more.
       std::vector<double> diff(analytic.size());
       for (std::size_t i = 0; i < diff.size(); ++i) diff[i] = analytic[i] - fd[i];
       const double err = norm_of(diff) / std::max(norm_of(fd), 1e-3);
-      MESSAGE(what << ": |g| " << norm_of(analytic) << ", error " << err);
-      CHECK(err <= 1e-7);
+      MESSAGE(what << ": " << fd.size() << " elements (" << near_kink << " near a kink), |g| " << norm_of(analytic)
+                   << ", error " << err);
+      CHECK(err <= 1e-6);
     }
   }
 }
