@@ -15,9 +15,10 @@
 //
 // Host (this file): T = float or double (losses and the logits in accum_t<T>), the readable reference; a target
 // outside [-1, V) throws invalid_argument. CUDA (detail/cuda/loss.cuh): T = bf16 (or float) h, weight and dh, fp32
-// losses, fp32 dweight; fp32 logits per chunk (cuBLASLt), one block per row for the softmax statistics in fp32, g
-// written in T over the logits it replaces; a target outside [-1, V) gives a NaN loss for its row and no gradient
-// (the data loaders reject such tokens up front; the kernel stays asynchronous).
+// losses, fp32 dweight; logits per chunk in T (options.logits = input, the default) or fp32 (cuBLASLt, fp32
+// accumulation), one block per row for the softmax statistics in fp32, g written in T over the logits it replaces;
+// a target outside [-1, V) gives a NaN loss for its row and no gradient (the data loaders reject such tokens up
+// front; the kernel stays asynchronous).
 
 #include <algorithm>
 #include <cmath>
@@ -37,11 +38,17 @@
 
 namespace subspace {
 
+/// The type a chunk of logits is stored in on CUDA: h's type (bf16 logits for a bf16 model, as PyTorch's autocast
+/// computes them before an fp32 cross-entropy), or fp32. The softmax statistics, losses and gradient arithmetic are
+/// fp32 either way; the host keeps its logits in accum_t<T> (= T for its float and double).
+enum class lm_head_logits { input, fp32 };
+
 /// How lm_head_cross_entropy splits the rows: chunk_rows rows at a time, or (chunk_rows = 0) as many rows as keep
-/// one chunk of logits within chunk_bytes (at least one row).
+/// one chunk of logits within chunk_bytes (at least one row); and the type of the logits on CUDA.
 struct lm_head_options {
   std::int64_t chunk_rows = 0;
-  std::size_t chunk_bytes = std::size_t(1024) << 20;  // 1 GiB: 4 chunks at 16K rows x 50K vocab (docs/llama-kernels.md)
+  std::size_t chunk_bytes = std::size_t(1024) << 20;  // 1 GiB: 2 chunks of bf16 logits at 16K rows x 50K vocab
+  lm_head_logits logits = lm_head_logits::input;
 };
 
 namespace detail::loss {

@@ -683,8 +683,9 @@ bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, cons
                         p.lse_s, p.seq, p.seq_kv, p.group, p.causal, p.delta, p.scale_log2};
   const dim3 grid(unsigned((p.seq + sm90::BM - 1) / sm90::BM), unsigned(q.dim(2)), unsigned(q.dim(0)));
   const auto launch = [&]<int HD>() {
-    set_smem(sm90::forward_kernel<HD>, sm90::smem_bytes<HD>());
-    sm90::forward_kernel<HD><<<grid, sm90::threads, sm90::smem_bytes<HD>(), stream>>>(*mq, *mk, *mv, sp);
+    set_smem(sm90::forward_kernel<HD, sm90::ping_pong>, sm90::smem_bytes<HD>());
+    sm90::forward_kernel<HD, sm90::ping_pong>
+        <<<grid, sm90::threads, sm90::smem_bytes<HD>(), stream>>>(*mq, *mk, *mv, sp);
   };
   if (hd == 64) launch.template operator()<64>();
   else launch.template operator()<128>();

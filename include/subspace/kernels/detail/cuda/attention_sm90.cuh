@@ -1,13 +1,16 @@
 #pragma once
-// attention_forward on Hopper (sm_90a): the forward kernel of FlashAttention-3's design, without its ping-pong
-// and intra-warpgroup overlap yet (docs/llama-kernels.md, "Hopper attention").
+// attention_forward on Hopper (sm_90a): the forward kernel of FlashAttention-3's design (docs/llama-kernels.md,
+// "Hopper attention").
 //
 // One block of three warpgroups per (BM = 128 query rows, head, batch). Warpgroup 0 is the producer: one thread
 // issues TMA loads of the Q tile and of 128-key K and V tiles into two stages each (full and empty mbarriers per
 // stage). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q K^T with wgmma (both operands in shared
 // memory, 128-byte swizzle), the online softmax on the accumulators (exp2 domain), O += P V with P taken from the
-// S registers and V read from shared memory as an MN-major operand. The producer gives its registers to the
-// consumers (setmaxnreg), which hold S and O (up to 128 floats a thread at head dim 128).
+// S registers and V read from shared memory as an MN-major operand. Within a consumer, tile n's S product runs
+// while tile n - 1's PV does, and the softmax of tile n while PV finishes (intra-warpgroup overlap); between the
+// consumers, named barriers make them take turns issuing (ping-pong), so one's softmax overlaps the other's
+// products. The producer gives its registers to the consumers (setmaxnreg), which hold S, P and O (up to 160
+// values a thread at head dim 128).
 //
 // Operands and semantics are those of the mma.sync kernel in attention.cuh (causal on global positions, GQA, rows
 // without a visible key give O = 0 and lse = -inf); TMA sees q [B, S, Hq, hd] as a 4-D tensor {hd, Hq, S, B} with
@@ -176,7 +179,19 @@ __device__ __forceinline__ void wgmma_rs_m64n128(float (&d)[64], const unsigned 
 
 // ---- Kernel ---------------------------------------------------------------------------------------------------
 
-template <int HD>
+/// Whether the two consumer warpgroups take turns issuing their wgmmas (ping-pong), so that one's softmax runs
+/// while the other's products do.
+inline constexpr bool ping_pong = true;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/// Consumer c (0 or 1) waits for its turn to issue wgmmas: named barrier 1 + c, passed when the other consumer's
+/// 128 threads have arrived on it.
+__device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 256;" ::"r"(1 + c) : "memory"); }
+/// Consumer c hands the turn to the other consumer.
+__device__ __forceinline__ void consumer_arrive(int c) { asm volatile("bar.arrive %0, 256;" ::"r"(2 - c) : "memory"); }
+#endif
+
+template <int HD, bool PingPong>
 __global__ void __launch_bounds__(threads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                    const __grid_constant__ CUtensorMap map_v, const params p) {
@@ -235,25 +250,40 @@ __global__ void __launch_bounds__(threads, 1)
   float o[O_REGS], m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < O_REGS; ++i) o[i] = 0.0f;
-  if (tiles > 0) mbar_wait(&sm.bar_q, 0);
-  for (int n = 0; n < tiles; ++n) {
-    const int s = n % stages, j0 = n * BN;
-    const unsigned phase = unsigned(n / stages) & 1u;
 
-    // S = Q K^T over HD / 16 k-steps of 16; the chunk changes every 4.
-    float sc[64];
-    mbar_wait(&sm.full_k[s], phase);
-    wgmma_fence();
+  // The turn to issue wgmmas (ping-pong): consumer 0 goes first. Each consumer has tiles + 1 turns, and the last
+  // turn of consumer 1 hands over to nobody, so every arrival on a named barrier is waited for.
+  const auto take_turn = [&] {
+    if constexpr (PingPong) consumer_sync(c);
+  };
+  const auto pass_turn = [&](bool last) {
+    if constexpr (PingPong)
+      if (!(last && c == 1)) consumer_arrive(c);
+  };
+  if constexpr (PingPong)
+    if (c == 1 && tiles > 0) consumer_arrive(c);
+
+  // S = Q K^T of stage s into sc, over HD / 16 k-steps of 16 (the chunk changes every 4); not committed.
+  const auto issue_s = [&](float(&sc)[64], int s) {
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk)
       wgmma_ss_m64n128(sc, sw128(sm.q[kk / 4] + 64 * c * 128 + (kk % 4) * 32, 16, 1024),
                        sw128(sm.k[s][kk / 4] + (kk % 4) * 32, 16, 1024), kk > 0);
-    wgmma_commit();
-    wgmma_wait_all();
-    operand_fence(sc);
-    if (t == 0) mbar_arrive(&sm.empty_k[s]);
-
-    // Into the exp2 domain; masked where the tile crosses the diagonal or the end of the keys.
+  };
+  // O += P V of stage s: P as bf16 pairs in the A-fragment layout, V's 16 key rows of k-step kk at +2048 bytes,
+  // its 64-column chunks one stage-chunk apart; not committed.
+  const auto issue_pv = [&](const unsigned(&pa)[BN / 16][4], int s) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const std::uint64_t vb = sw128(sm.v[s][0] + kk * 16 * 128, chunk_bytes, 1024);
+      if constexpr (HD == 64) wgmma_rs_m64n64(o, pa[kk], vb);
+      else wgmma_rs_m64n128(o, pa[kk], vb);
+    }
+  };
+  // The online softmax of key tile n in sc (exp2 domain, masked where the tile crosses the diagonal or the end of
+  // the keys): sc becomes P = 2^(x - m), m and l are updated, and `correction` is the factor O must take.
+  const auto softmax = [&](float(&sc)[64], int n, float(&correction)[2]) {
+    const int j0 = n * BN;
     const bool full =
         j0 + BN <= p.seq_kv && (!p.causal || std::int64_t(j0 + BN - 1) <= std::int64_t(i0 + 64 * c) + p.delta);
     float row_max[2] = {neg_inf, neg_inf};
@@ -265,7 +295,7 @@ __global__ void __launch_bounds__(threads, 1)
       sc[i] = x;
       row_max[hh] = fmaxf(row_max[hh], x);
     }
-    float correction[2], base[2];
+    float base[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       row_max[hh] = fmaxf(row_max[hh], __shfl_xor_sync(0xffffffffu, row_max[hh], 1));
@@ -282,13 +312,10 @@ __global__ void __launch_bounds__(threads, 1)
       sc[i] = exp2_approx(sc[i] - base[hh]);
       l[hh] += sc[i];
     }
-#pragma unroll
-    for (int i = 0; i < O_REGS; ++i) o[i] *= correction[(i % 4) / 2];
-
-    // O += P V: P from the S registers as bf16 pairs (the accumulator layout is the A-fragment layout), V's 16
-    // key rows of k-step kk at +2048 bytes, its 64-column chunks one stage-chunk apart.
-    // Every P register is written before the first wgmma reads any (else ptxas fences between the wgmmas).
-    unsigned pa[BN / 16][4];
+  };
+  // P as bf16 pairs: the accumulator layout is the A-fragment layout. Every P register is written before the
+  // first wgmma reads any (else ptxas fences between the wgmmas).
+  const auto to_fragments = [](const float(&sc)[64], unsigned(&pa)[BN / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
@@ -296,19 +323,59 @@ __global__ void __launch_bounds__(threads, 1)
         const __nv_bfloat162 pr = __floats2bfloat162_rn(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
         pa[kk][x] = *reinterpret_cast<const unsigned*>(&pr);
       }
-    mbar_wait(&sm.full_v[s], phase);
+  };
+
+  if (tiles > 0) {
+    // Tile n's S product is issued together with tile n - 1's PV product, so the softmax of tile n runs while
+    // the tensor cores do PV; O takes tile n's correction once PV has landed.
+    float sc[64], correction[2];
+    unsigned pa[BN / 16][4];
+    mbar_wait(&sm.bar_q, 0);
+    mbar_wait(&sm.full_k[0], 0);
+    take_turn();
+    wgmma_fence();
+    issue_s(sc, 0);
+    wgmma_commit();
+    pass_turn(false);
+    wgmma_wait<0>();
+    operand_fence(sc);
+    if (t == 0) mbar_arrive(&sm.empty_k[0]);
+    softmax(sc, 0, correction);  // O is still 0: no correction to apply
+    to_fragments(sc, pa);
+    for (int n = 1; n < tiles; ++n) {
+      const int s = n % stages, s_prev = (n - 1) % stages;
+      mbar_wait(&sm.full_k[s], unsigned(n / stages) & 1u);
+      mbar_wait(&sm.full_v[s_prev], unsigned((n - 1) / stages) & 1u);
+      take_turn();
+      operand_fence(o);
+      wgmma_fence();
+      issue_s(sc, s);
+      wgmma_commit();
+      issue_pv(pa, s_prev);
+      wgmma_commit();
+      pass_turn(false);
+      wgmma_wait<1>();  // S landed; PV may still run
+      operand_fence(sc);
+      if (t == 0) mbar_arrive(&sm.empty_k[s]);
+      softmax(sc, n, correction);
+      wgmma_wait<0>();
+      operand_fence(o);
+      if (t == 0) mbar_arrive(&sm.empty_v[s_prev]);
+#pragma unroll
+      for (int i = 0; i < O_REGS; ++i) o[i] *= correction[(i % 4) / 2];
+      to_fragments(sc, pa);
+    }
+    const int s_last = (tiles - 1) % stages;
+    mbar_wait(&sm.full_v[s_last], unsigned((tiles - 1) / stages) & 1u);
+    take_turn();
     operand_fence(o);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const std::uint64_t vb = sw128(sm.v[s][0] + kk * 16 * 128, chunk_bytes, 1024);
-      if constexpr (HD == 64) wgmma_rs_m64n64(o, pa[kk], vb);
-      else wgmma_rs_m64n128(o, pa[kk], vb);
-    }
+    issue_pv(pa, s_last);
     wgmma_commit();
-    wgmma_wait_all();
+    pass_turn(true);
+    wgmma_wait<0>();
     operand_fence(o);
-    if (t == 0) mbar_arrive(&sm.empty_v[s]);
+    if (t == 0) mbar_arrive(&sm.empty_v[s_last]);
   }
 
   // Epilogue: out = O / l in bf16, lse = (m + log2 l) ln 2; the rows past S were zeros and are not stored.

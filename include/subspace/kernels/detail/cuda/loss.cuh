@@ -1,14 +1,16 @@
 #pragma once
 // lm_head_cross_entropy on CUDA (see loss.hpp), ordered on ex.stream.
 //
-// Per chunk of R rows (R from options; the default keeps the chunk's fp32 logits within 1 GiB):
-//   1. logits[R, V] (fp32) = h_chunk weight^T            gemm, cuBLASLt, bf16 in, fp32 out
+// Per chunk of R rows (R from options; the default keeps the chunk's logits within 1 GiB), with the logits in L =
+// T (options.logits = input, the default) or fp32:
+//   1. logits[R, V] (L) = h_chunk weight^T               gemm, cuBLASLt, fp32 accumulation
 //   2. one block per row: pass 1 reads the row once for its maximum and sum of exponentials (online, fp32), pass 2
 //      reads it again and writes g = grad_scale * (softmax - onehot) as T over the same memory: row r of g starts
-//      where row r of the logits does (row stride 4V / sizeof(T) elements of T), each block writing behind what
-//      it has read (a barrier between the reads and the writes of each stretch of the row)
+//      where row r of the logits does (row stride V sizeof(L) / sizeof(T) elements of T), each block writing at or
+//      behind what it has read (a barrier between the reads and the writes of each stretch of the row)
 //   3. dh_chunk = g weight (overwritten), dweight += g^T h_chunk       gemm, with g as a strided T matrix
-// so the logits take R V 4 bytes of scratch (allocated and freed in stream order) and g needs none of its own.
+// so the logits take R V sizeof(L) bytes of scratch (allocated and freed in stream order) and g needs none of its
+// own. bf16 logits halve the bytes the three passes move and the number of chunks.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -41,6 +43,26 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
   m = mx;
 }
 
+/// Four consecutive logits (16-byte aligned for fp32, 8-byte for bf16) as floats.
+template <class L>
+__device__ __forceinline__ void load4(const L* p, float (&x)[4]) {
+  if constexpr (std::is_same_v<L, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    x[0] = a.x;
+    x[1] = a.y;
+    x[2] = b.x;
+    x[3] = b.y;
+  }
+}
+
 template <class G>
 __device__ __forceinline__ void store(G* p, const float (&g)[4]) {
   if constexpr (std::is_same_v<G, float>) {
@@ -54,18 +76,20 @@ __device__ __forceinline__ void store(G* p, const float (&g)[4]) {
   }
 }
 
-/// One block per row of logits[rows, vocab] (fp32): losses[row], and with `grads` the row's gradient in G over the
-/// row's own memory. VEC = 4: the vocabulary is a multiple of 4 and the rows 16-byte aligned (vector accesses).
-template <class G, int VEC>
+/// One block per row of logits[rows, vocab] (L = fp32 or bf16): losses[row], and with `grads` the row's gradient in
+/// G (no wider than L) over the row's own memory. VEC = 4: the vocabulary is a multiple of 4 and the rows aligned
+/// for vector accesses.
+template <class L, class G, int VEC>
 __global__ void __launch_bounds__(row_threads)
-    softmax_cross_entropy_kernel(float* logits, std::int64_t vocab, const std::int32_t* targets, float* losses,
+    softmax_cross_entropy_kernel(L* logits, std::int64_t vocab, const std::int32_t* targets, float* losses,
                                  float grad_scale, bool grads) {
+  static_assert(sizeof(G) <= sizeof(L), "the gradient is written over the logits");
   constexpr float neg_inf = -__builtin_huge_valf();
   constexpr int warps = row_threads / 32;
   __shared__ float red_m[warps], red_s[warps];
   __shared__ float shared_lse, shared_target_logit;
   const int tid = int(threadIdx.x), lane = tid % 32, warp = tid / 32;
-  float* z = logits + std::int64_t(blockIdx.x) * vocab;
+  L* z = logits + std::int64_t(blockIdx.x) * vocab;
   G* g = reinterpret_cast<G*>(z);  // the gradient row, written over the logits row
   const std::int32_t target = targets[blockIdx.x];
   const bool valid = target >= 0 && target < vocab;  // uniform over the block
@@ -75,15 +99,8 @@ __global__ void __launch_bounds__(row_threads)
     float m = neg_inf, s = 0.0f;
     for (std::int64_t c = std::int64_t(tid) * VEC; c < vocab; c += std::int64_t(row_threads) * VEC) {
       float x[VEC];
-      if constexpr (VEC == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(z + c);
-        x[0] = v.x;
-        x[1] = v.y;
-        x[2] = v.z;
-        x[3] = v.w;
-      } else {
-        x[0] = z[c];
-      }
+      if constexpr (VEC == 4) load4(z + c, x);
+      else x[0] = float(z[c]);
       float mx = x[0];
 #pragma unroll
       for (int e = 1; e < VEC; ++e) mx = fmaxf(mx, x[e]);
@@ -106,7 +123,7 @@ __global__ void __launch_bounds__(row_threads)
       float bm = red_m[0], bs = red_s[0];
       for (int w = 1; w < warps; ++w) combine(bm, bs, red_m[w], red_s[w]);
       shared_lse = bm + logf(bs);
-      shared_target_logit = z[target];  // read before any thread writes over the row
+      shared_target_logit = float(z[target]);  // read before any thread writes over the row
     }
     __syncthreads();
     lse = shared_lse;
@@ -117,21 +134,14 @@ __global__ void __launch_bounds__(row_threads)
   if (!grads) return;
 
   // Pass 2: g = grad_scale * (exp(z - lse) - [j == target]); 0 for an ignored or invalid row. The writes of one
-  // stretch land at or before the fp32 elements read in that stretch, so a barrier between them is enough.
+  // stretch land at or before the logits read in that stretch, so a barrier between them is enough.
   for (std::int64_t base = 0; base < vocab; base += std::int64_t(row_threads) * VEC) {
     const std::int64_t c = base + std::int64_t(tid) * VEC;
     float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (c < vocab && valid) {
       float x[VEC];
-      if constexpr (VEC == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(z + c);
-        x[0] = v.x;
-        x[1] = v.y;
-        x[2] = v.z;
-        x[3] = v.w;
-      } else {
-        x[0] = z[c];
-      }
+      if constexpr (VEC == 4) load4(z + c, x);
+      else x[0] = float(z[c]);
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
         out[e] = grad_scale * (__expf(x[e] - lse) - (c + e == std::int64_t(target) ? 1.0f : 0.0f));
@@ -147,6 +157,38 @@ __global__ void __launch_bounds__(row_threads)
   }
 }
 
+/// The chunk loop of lm_head_cross_entropy with its logits in L (see the top of the file).
+template <class T, class L>
+void chunked(const exec::cuda& ex, const detail::loss::dims& d, view<const T, device_space> h,
+             view<const T, device_space> weight, view<const std::int32_t, device_space> targets,
+             view<float, device_space> losses, view<T, device_space> dh, view<float, device_space> dweight,
+             float grad_scale, const lm_head_options& options) {
+  const bool want_dh = dh.data() != nullptr, want_dw = dweight.data() != nullptr, grads = want_dh || want_dw;
+  const std::int64_t R = detail::loss::chunk_rows(d, sizeof(L), options);
+  require(R <= 0x7fffffff, "lm_head_cross_entropy (CUDA): chunk of more than 2^31 - 1 rows");
+  stream_scratch scratch(std::size_t(R) * std::size_t(d.vocab) * sizeof(L), ex.stream);
+  L* logits = static_cast<L*>(scratch.get());
+  const bool vec = d.vocab % 4 == 0;  // the scratch is 256-byte aligned, so rows are 16-byte (fp32) / 8-byte aligned
+
+  for (std::int64_t r0 = 0; r0 < d.rows; r0 += R) {
+    const std::int64_t n = std::min(R, d.rows - r0);
+    const auto h_rows = h.slice(r0, r0 + n);
+    gemm(ex, op::none, op::transpose, 1.0f, h_rows, weight, 0.0f, view<L, device_space>(logits, {n, d.vocab}));
+    if (vec)
+      softmax_cross_entropy_kernel<L, T, 4><<<unsigned(n), row_threads, 0, ex.stream>>>(
+          logits, d.vocab, targets.data() + r0, losses.data() + r0, grad_scale, grads);
+    else
+      softmax_cross_entropy_kernel<L, T, 1><<<unsigned(n), row_threads, 0, ex.stream>>>(
+          logits, d.vocab, targets.data() + r0, losses.data() + r0, grad_scale, grads);
+    cuda_check_launch();
+    if (!grads) continue;
+    const std::int64_t pitch = d.vocab * std::int64_t(sizeof(L) / sizeof(T));  // g's row stride, in T
+    const view<const T, device_space> g(reinterpret_cast<const T*>(logits), {n, d.vocab}, {pitch, 1, 0, 0});
+    if (want_dh) gemm(ex, op::none, op::none, 1.0f, g, weight, 0.0f, dh.slice(r0, r0 + n));
+    if (want_dw) gemm(ex, op::transpose, op::none, 1.0f, g, h_rows, 1.0f, dweight);
+  }
+}
+
 }  // namespace cuda_detail::loss
 
 /// lm_head_cross_entropy on ex.stream (see loss.hpp): T = bf16 (or float) h, weight and dh; fp32 losses and dweight
@@ -159,33 +201,11 @@ void lm_head_cross_entropy(const exec::cuda& ex, view<H, device_space> h,
                            view<std::remove_const_t<H>, device_space> dh, view<float, device_space> dweight,
                            float grad_scale, const lm_head_options& options = {}) {
   using T = std::remove_const_t<H>;
-  namespace cl = cuda_detail::loss;
   const detail::loss::dims d = detail::loss::check("lm_head_cross_entropy", h, weight, targets, losses, dh, dweight);
   if (d.rows == 0) return;
-  const bool want_dh = dh.data() != nullptr, want_dw = dweight.data() != nullptr, grads = want_dh || want_dw;
-  const std::int64_t R = detail::loss::chunk_rows(d, sizeof(float), options);
-  require(R <= 0x7fffffff, "lm_head_cross_entropy (CUDA): chunk of more than 2^31 - 1 rows");
-  cuda_detail::stream_scratch scratch(std::size_t(R) * std::size_t(d.vocab) * sizeof(float), ex.stream);
-  float* logits = static_cast<float*>(scratch.get());
-  const bool vec = d.vocab % 4 == 0;  // the scratch is 256-byte aligned, so rows are 16-byte aligned
-
-  for (std::int64_t r0 = 0; r0 < d.rows; r0 += R) {
-    const std::int64_t n = std::min(R, d.rows - r0);
-    const auto h_rows = h.slice(r0, r0 + n);
-    gemm(ex, op::none, op::transpose, 1.0f, h_rows, weight, 0.0f, view<float, device_space>(logits, {n, d.vocab}));
-    if (vec)
-      cl::softmax_cross_entropy_kernel<T, 4><<<unsigned(n), cl::row_threads, 0, ex.stream>>>(
-          logits, d.vocab, targets.data() + r0, losses.data() + r0, grad_scale, grads);
-    else
-      cl::softmax_cross_entropy_kernel<T, 1><<<unsigned(n), cl::row_threads, 0, ex.stream>>>(
-          logits, d.vocab, targets.data() + r0, losses.data() + r0, grad_scale, grads);
-    cuda_check_launch();
-    if (!grads) continue;
-    const std::int64_t pitch = d.vocab * std::int64_t(sizeof(float) / sizeof(T));  // g's row stride, in T
-    const view<const T, device_space> g(reinterpret_cast<const T*>(logits), {n, d.vocab}, {pitch, 1, 0, 0});
-    if (want_dh) gemm(ex, op::none, op::none, 1.0f, g, weight, 0.0f, dh.slice(r0, r0 + n));
-    if (want_dw) gemm(ex, op::transpose, op::none, 1.0f, g, h_rows, 1.0f, dweight);
-  }
+  if (options.logits == lm_head_logits::input || std::is_same_v<T, float>)
+    cuda_detail::loss::chunked<T, T>(ex, d, h, weight, targets, losses, dh, dweight, grad_scale, options);
+  else cuda_detail::loss::chunked<T, float>(ex, d, h, weight, targets, losses, dh, dweight, grad_scale, options);
 }
 
 }  // namespace subspace
