@@ -423,12 +423,8 @@ __global__ void __launch_bounds__(backward_shape<HD>::warps * 32, backward_shape
   load_tile<HD, BN, T>(sk_a, p.k + b * p.ks.b + hk * p.ks.h + std::int64_t(j0) * p.ks.s, p.ks.s, keys);
   load_tile<HD, BN, T>(sv_a, p.v + b * p.vs.b + hk * p.vs.h + std::int64_t(j0) * p.vs.s, p.vs.s, keys);
 
-  // The query tiles that can see these keys: rows i >= j0 - delta when causal.
-  int first_row = 0;
-  if (p.causal) {
-    const std::int64_t f = std::int64_t(j0) - p.delta;
-    first_row = int(f < 0 ? 0 : (f > p.seq ? std::int64_t(p.seq) : f));
-  }
+  // The query tiles that can see these keys.
+  const int first_row = first_row_seeing(p.causal, j0, p.delta, p.seq);
   const int m_tiles = (p.seq + BM - 1) / BM, m_begin = first_row / BM;
   const int per_head = first_row >= p.seq ? 0 : m_tiles - m_begin;
   const int n_iter = p.group * per_head;
@@ -460,8 +456,7 @@ __global__ void __launch_bounds__(backward_shape<HD>::warps * 32, backward_shape
 #pragma unroll
   for (int kh = 0; kh < 2; ++kh) {
     const int j = j0 + warp * 16 + g + 8 * kh;
-    const std::int64_t f = p.causal ? std::int64_t(j) - p.delta : 0;
-    first_query[kh] = j >= p.seq_kv ? p.seq : int(f < 0 ? 0 : (f > p.seq ? std::int64_t(p.seq) : f));
+    first_query[kh] = j >= p.seq_kv ? p.seq : first_row_seeing(p.causal, j, p.delta, p.seq);
   }
 
   for (int it = 0; it < n_iter; ++it) {
@@ -668,14 +663,19 @@ void launch_forward(const forward_params& p, int batch, int heads, cudaStream_t 
   cuda_check_launch();
 }
 
-/// The Hopper forward (attention_sm90.cuh) when `sm90::available`, the head dim is 64 or 128 and TMA takes the
-/// operands' strides; false when it does not apply, so the mma.sync kernel runs instead.
+/// Whether the Hopper kernels may take a call: the fastest kernel asked for, head dim 64 or 128, some keys, and an
+/// sm_90a image on the device (TMA's acceptance of the strides is checked when the maps are made).
+inline bool sm90_applies(attention_kernel choice, std::int64_t hd, int seq_kv, cudaStream_t stream) {
+  return choice == attention_kernel::fastest && (hd == 64 || hd == 128) && seq_kv > 0 && sm90::available(stream);
+}
+
+/// The Hopper forward (attention_sm90.cuh) when sm90_applies and TMA takes the operands' strides; false when it
+/// does not apply, so the mma.sync kernel runs instead.
 template <class VQ, class VK>
 bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, const VK& v, attention_kernel choice,
                          cudaStream_t stream) {
   const std::int64_t hd = q.dim(3);
-  if (choice != attention_kernel::fastest || (hd != 64 && hd != 128) || p.seq_kv == 0 || !sm90::available(stream))
-    return false;
+  if (!sm90_applies(choice, hd, p.seq_kv, stream)) return false;
   const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::BM), mk = sm90::map_bsh(k, sm90::BN),
                                    mv = sm90::map_bsh(v, sm90::BN);
   if (!mq || !mk || !mv) return false;
@@ -699,8 +699,7 @@ template <class VQ, class VK, class VO>
 bool launch_backward_sm90(const backward_params& p, const VQ& q, const VK& k, const VK& v, const VO& dout,
                           attention_kernel choice, cudaStream_t stream) {
   const std::int64_t hd = q.dim(3);
-  if (choice != attention_kernel::fastest || (hd != 64 && hd != 128) || p.seq_kv == 0 || !sm90::available(stream))
-    return false;
+  if (!sm90_applies(choice, hd, p.seq_kv, stream)) return false;
   const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::backward_bm),
                                    mdo = sm90::map_bsh(dout, sm90::backward_bm), mk = sm90::map_bsh(k, sm90::BN),
                                    mv = sm90::map_bsh(v, sm90::BN);

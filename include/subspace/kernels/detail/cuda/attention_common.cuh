@@ -1,6 +1,7 @@
 #pragma once
 // What the CUDA attention kernels share: the exp2 of the online softmax, the [B, S, H, hd] strides, the causal
-// key range of a block of rows, the end of a row's online softmax, the backward's adds into the fp32 dq.
+// key range of a block of rows and the first row that sees a key, the end of a row's online softmax, the backward's
+// adds into the fp32 dq.
 
 #include <cstdint>
 
@@ -31,6 +32,14 @@ __device__ __forceinline__ int key_end(bool causal, int rows_end, std::int64_t d
   if (!causal) return seq_kv;
   const std::int64_t e = std::int64_t(rows_end - 1) + delta + 1;
   return int(e < 0 ? 0 : (e > seq_kv ? std::int64_t(seq_kv) : e));
+}
+
+/// The first query row that sees key j (causal: row i sees j when j <= i + delta), clamped to [0, seq]; 0 without
+/// a mask. The backward kernels start their walk over the query tiles of a key block there.
+__device__ __forceinline__ int first_row_seeing(bool causal, int j, std::int64_t delta, int seq) {
+  if (!causal) return 0;
+  const std::int64_t f = std::int64_t(j) - delta;
+  return int(f < 0 ? 0 : (f > seq ? std::int64_t(seq) : f));
 }
 
 /// The end of the online softmax for a row whose four quad lanes each hold part of its sum l (in the exp2 domain,

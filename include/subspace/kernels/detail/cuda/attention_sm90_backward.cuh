@@ -83,12 +83,8 @@ __global__ void __launch_bounds__(threads, 1)
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0), t = int(threadIdx.x) % 128;
   const int hk = int(blockIdx.y), b = int(blockIdx.z), j0 = int(blockIdx.x) * BN;
 
-  // The query tiles that can see these keys: rows i >= j0 - delta when causal.
-  int first_row = 0;
-  if (p.causal) {
-    const std::int64_t f = std::int64_t(j0) - p.delta;
-    first_row = int(f < 0 ? 0 : (f > p.seq ? std::int64_t(p.seq) : f));
-  }
+  // The query tiles that can see these keys.
+  const int first_row = first_row_seeing(p.causal, j0, p.delta, p.seq);
   const int m_tiles = (p.seq + bm - 1) / bm, m_begin = first_row / bm;
   const int per_head = first_row >= p.seq ? 0 : m_tiles - m_begin;
   const int n_iter = p.group * per_head;
@@ -159,8 +155,7 @@ __global__ void __launch_bounds__(threads, 1)
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int j = key + 8 * hh;
-    const std::int64_t f = p.causal ? std::int64_t(j) - p.delta : 0;
-    first_query[hh] = j >= p.seq_kv ? p.seq : int(f < 0 ? 0 : (f > p.seq ? std::int64_t(p.seq) : f));
+    first_query[hh] = j >= p.seq_kv ? p.seq : first_row_seeing(p.causal, j, p.delta, p.seq);
   }
 
   float dk[KV_REGS], dv[KV_REGS];
