@@ -9,8 +9,8 @@
 // and 2 consume, 64 keys each, in the transposed orientation so that dK and dV stay in registers for the whole
 // walk: S^T = K Q^T and dP^T = V dO^T; P^T = exp2(S^T scale log2 e - lse log2 e) while dP^T runs; dV += P^T dO
 // (P from registers) while dS^T = P^T (dP^T - D) is computed; dK += dS^T Q (dS from registers). dS^T also goes to
-// shared memory (128-byte swizzle) for dQ = dS K, a wgmma with both operands MN-major: at head dim 128 each
-// consumer takes 64 of dq's columns, at 64 they take turns by tile. dq is added into the fp32 accumulator with
+// shared memory (128-byte swizzle, two buffers) for dQ = dS K, a wgmma with both operands MN-major: at head dim 128
+// each consumer takes 64 of dq's columns, at 64 they take turns by tile. dq is added into the fp32 accumulator with
 // 8-byte atomics.
 
 #include "attention_sm90.cuh"
@@ -28,7 +28,7 @@ struct backward_shared {
   alignas(1024) unsigned char v[chunks][BN * 128];
   alignas(1024) unsigned char q[stages][chunks][bm * 128];
   alignas(1024) unsigned char dout[stages][chunks][bm * 128];
-  alignas(1024) unsigned char ds[BN * 128];  // dS^T: key rows of the tile's 64 query columns
+  alignas(1024) unsigned char ds[2][BN * 128];  // dS^T: key rows of the tile's 64 query columns; two tiles
   float lse2[stages][bm], dot[stages][bm];
   alignas(8) std::uint64_t bar_kv, full[stages], empty[stages];
 };
@@ -251,19 +251,20 @@ __global__ void __launch_bounds__(threads, 1)
     }
     wgmma_commit();
 
-    // dS^T into the swizzled tile (key row jr, query column i: 16-byte unit i / 8 ^ jr % 8), once the dQ product
-    // of the last tile has read it.
-    consumers_sync(1);
+    // dS^T into the swizzled tile (key row jr, query column i: 16-byte unit i / 8 ^ jr % 8). Tiles alternate
+    // between two buffers: the last reader of this one, the dQ product of tile it - 2, finished before its
+    // consumer reached the barrier below in tile it - 1, so one barrier a tile is enough.
+    unsigned char* const ds = sm.ds[it % 2];
 #pragma unroll
     for (int kk = 0; kk < bm / 16; ++kk)
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         const int jr = 64 * c + r + 8 * (x % 2), i = 16 * kk + 8 * (x / 2) + 2 * q4;
-        unsigned char* dst = sm.ds + jr * 128 + (((i / 8) ^ (jr % 8)) * 16) + (i % 8) * 2;
+        unsigned char* dst = ds + jr * 128 + (((i / 8) ^ (jr % 8)) * 16) + (i % 8) * 2;
         *reinterpret_cast<unsigned*>(dst) = dsa[kk][x];
       }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the stores, visible to wgmma
-    consumers_sync(2);
+    consumers_sync(1);
 
     // dQ (unscaled) = dS K over the tile's 128 keys: A = dS^T read MN-major, B = K read MN-major (its rows are
     // the k dimension). At head dim 128 consumer c takes head-dim columns 64c..64c+63; at 64 the consumers take
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(threads, 1)
     const bool dq_here = HD == 128 || (it % 2) == c;
     if (dq_here) {
       float dq[32];
-      const std::uint64_t ds_mn = fresh(sw128(sm.ds, BN * 128, 1024)),
+      const std::uint64_t ds_mn = fresh(sw128(ds, BN * 128, 1024)),
                           k_mn = fresh(sw128(sm.k[HD == 128 ? c : 0], BN * 128, 1024));
       wgmma_fence();
 #pragma unroll
