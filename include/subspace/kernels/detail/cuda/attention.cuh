@@ -663,10 +663,14 @@ void launch_forward(const forward_params& p, int batch, int heads, cudaStream_t 
   cuda_check_launch();
 }
 
-/// Whether the Hopper kernels may take a call: the fastest kernel asked for, head dim 64 or 128, some keys, and an
-/// sm_90a image on the device (TMA's acceptance of the strides is checked when the maps are made).
-inline bool sm90_applies(attention_kernel choice, std::int64_t hd, int seq_kv, cudaStream_t stream) {
-  return choice == attention_kernel::fastest && (hd == 64 || hd == 128) && seq_kv > 0 && sm90::available(stream);
+/// Whether the Hopper kernels may take a call: the fastest kernel asked for, head dim 64 or 128, some keys, at most
+/// 65535 row and key blocks (their grids' z extent), and an sm_90a image on the device (TMA's acceptance of the
+/// strides is checked when the maps are made).
+inline bool sm90_applies(attention_kernel choice, std::int64_t hd, int seq, int seq_kv, cudaStream_t stream) {
+  const bool fits = (std::int64_t(seq) + sm90::BM - 1) / sm90::BM <= 65535 &&
+                    (std::int64_t(seq_kv) + sm90::BN - 1) / sm90::BN <= 65535;
+  return choice == attention_kernel::fastest && (hd == 64 || hd == 128) && seq_kv > 0 && fits &&
+         sm90::available(stream);
 }
 
 /// The Hopper forward (attention_sm90.cuh) when sm90_applies and TMA takes the operands' strides; false when it
@@ -675,13 +679,13 @@ template <class VQ, class VK>
 bool launch_forward_sm90(const forward_params& p, const VQ& q, const VK& k, const VK& v, attention_kernel choice,
                          cudaStream_t stream) {
   const std::int64_t hd = q.dim(3);
-  if (!sm90_applies(choice, hd, p.seq_kv, stream)) return false;
+  if (!sm90_applies(choice, hd, p.seq, p.seq_kv, stream)) return false;
   const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::BM), mk = sm90::map_bsh(k, sm90::BN),
                                    mv = sm90::map_bsh(v, sm90::BN);
   if (!mq || !mk || !mv) return false;
   const sm90::params sp{p.out,   p.lse, p.os.b,   p.os.s,  p.os.h,   p.lse_b, p.lse_h,
                         p.lse_s, p.seq, p.seq_kv, p.group, p.causal, p.delta, p.scale_log2};
-  const dim3 grid(unsigned((p.seq + sm90::BM - 1) / sm90::BM), unsigned(q.dim(2)), unsigned(q.dim(0)));
+  const dim3 grid(unsigned(q.dim(2)), unsigned(q.dim(0)), unsigned((p.seq + sm90::BM - 1) / sm90::BM));
   const auto launch = [&]<int HD>() {
     set_smem(sm90::forward_kernel<HD, sm90::ping_pong>, sm90::smem_bytes<HD>());
     sm90::forward_kernel<HD, sm90::ping_pong>
@@ -699,14 +703,14 @@ template <class VQ, class VK, class VO>
 bool launch_backward_sm90(const backward_params& p, const VQ& q, const VK& k, const VK& v, const VO& dout,
                           attention_kernel choice, cudaStream_t stream) {
   const std::int64_t hd = q.dim(3);
-  if (!sm90_applies(choice, hd, p.seq_kv, stream)) return false;
+  if (!sm90_applies(choice, hd, p.seq, p.seq_kv, stream)) return false;
   const std::optional<CUtensorMap> mq = sm90::map_bsh(q, sm90::backward_bm),
                                    mdo = sm90::map_bsh(dout, sm90::backward_bm), mk = sm90::map_bsh(k, sm90::BN),
                                    mv = sm90::map_bsh(v, sm90::BN);
   if (!mq || !mdo || !mk || !mv) return false;
   const sm90::backward_args a{p.lse, p.lse_b, p.lse_h,  p.lse_s, p.d,     p.dq_accum, p.dk,    p.dv,    p.dks,
                               p.dvs, p.seq,   p.seq_kv, p.heads, p.group, p.causal,   p.delta, p.scale, p.scale_log2};
-  const dim3 grid(unsigned((p.seq_kv + sm90::BN - 1) / sm90::BN), unsigned(k.dim(2)), unsigned(q.dim(0)));
+  const dim3 grid(unsigned(k.dim(2)), unsigned(q.dim(0)), unsigned((p.seq_kv + sm90::BN - 1) / sm90::BN));
   const auto launch = [&]<int HD>() {
     set_smem(sm90::backward_kernel<HD>, sm90::backward_smem_bytes<HD>());
     sm90::backward_kernel<HD><<<grid, sm90::threads, sm90::backward_smem_bytes<HD>(), stream>>>(*mq, *mk, *mv, *mdo, a);

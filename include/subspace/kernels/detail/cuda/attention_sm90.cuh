@@ -2,13 +2,13 @@
 // attention_forward on Hopper (sm_90a): the forward kernel of FlashAttention-3's design (docs/llama-kernels.md,
 // "Hopper attention").
 //
-// One block of three warpgroups per (BM = 128 query rows, head, batch). Warpgroup 0 is the producer: one thread
-// issues TMA loads of the Q tile and of 128-key K and V tiles into two stages each (full and empty mbarriers per
-// stage). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q K^T with wgmma (both operands in shared
-// memory, 128-byte swizzle), the online softmax on the accumulators (exp2 domain), O += P V with P taken from the
-// S registers and V read from shared memory as an MN-major operand. Within a consumer, tile n's S product runs
-// while tile n - 1's PV does, and the softmax of tile n while PV finishes (intra-warpgroup overlap); between the
-// consumers, named barriers make them take turns issuing (ping-pong), so one's softmax overlaps the other's
+// One block of three warpgroups per (head, batch, BM = 128 query rows), the row blocks with the most keys first.
+// Warpgroup 0 is the producer: one thread issues TMA loads of the Q tile and of 128-key K and V tiles into two stages
+// each (full and empty mbarriers per stage). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q K^T with
+// wgmma (both operands in shared memory, 128-byte swizzle), the online softmax on the accumulators (exp2 domain), O +=
+// P V with P taken from the S registers and V read from shared memory as an MN-major operand. Within a consumer, tile
+// n's S product runs while tile n - 1's PV does, and the softmax of tile n while PV finishes (intra-warpgroup overlap);
+// between the consumers, named barriers make them take turns issuing (ping-pong), so one's softmax overlaps the other's
 // products. The producer gives its registers to the consumers (setmaxnreg), which hold S, P and O (up to 160
 // values a thread at head dim 128).
 //
@@ -202,8 +202,10 @@ __global__ void __launch_bounds__(threads, 1)
   auto& sm = *reinterpret_cast<shared<HD>*>((reinterpret_cast<std::uintptr_t>(window) + 1023) & ~std::uintptr_t(1023));
   // The warpgroup index through a shuffle, so the compiler knows it is uniform across the warp.
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0), t = int(threadIdx.x) % 128;
-  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);  // the blocks with the most keys first
-  const int h = int(blockIdx.y), b = int(blockIdx.z), hk = h / p.group;
+  // The row block is the grid's slowest dimension, counted down, so the blocks with the most keys start first
+  // over every head and sequence (longest first: the shorter blocks fill the last wave).
+  const int m_block = int(gridDim.z) - 1 - int(blockIdx.z);
+  const int h = int(blockIdx.x), b = int(blockIdx.y), hk = h / p.group;
   const int i0 = m_block * BM, rows = min(BM, p.seq - i0);
   const int kv_end = key_end(p.causal, i0 + rows, p.delta, p.seq_kv);
   const int tiles = (kv_end + BN - 1) / BN;

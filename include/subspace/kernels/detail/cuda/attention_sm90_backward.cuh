@@ -3,7 +3,8 @@
 // one in attention.cuh (same D = rowsum(dout * out) kernel before it and the same fp32 dq accumulator and final
 // scaling after it). docs/llama-kernels.md, "Hopper attention".
 //
-// One block of three warpgroups per (BN = 128 keys, KV head, batch), walking every 64-row query tile of every
+// One block of three warpgroups per (KV head, batch, BN = 128 keys), the key blocks seen by the most rows first,
+// walking every 64-row query tile of every
 // query head that shares the KV head. Warpgroup 0 produces: one thread loads K and V once and Q and dout per tile
 // (TMA, two stages), one warp copies the tile's lse (in the exp2 domain) and D into shared memory. Warpgroups 1
 // and 2 consume, 64 keys each, in the transposed orientation so that dK and dV stay in registers for the whole
@@ -81,7 +82,9 @@ __global__ void __launch_bounds__(threads, 1)
   auto& sm = *reinterpret_cast<backward_shared<HD>*>((reinterpret_cast<std::uintptr_t>(window) + 1023) &
                                                      ~std::uintptr_t(1023));
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0), t = int(threadIdx.x) % 128;
-  const int hk = int(blockIdx.y), b = int(blockIdx.z), j0 = int(blockIdx.x) * BN;
+  // The key block is the grid's slowest dimension: under a causal mask the first key blocks, seen by the most
+  // query rows, start first over every head and sequence (longest first).
+  const int hk = int(blockIdx.x), b = int(blockIdx.y), j0 = int(blockIdx.z) * BN;
 
   // The query tiles that can see these keys.
   const int first_row = first_row_seeing(p.causal, j0, p.delta, p.seq);
