@@ -9,10 +9,10 @@
 //                   [--out FILE.json] [--commit SHA]
 //
 // A config is B,S,Hq,Hkv,hd (e.g. 8,2048,32,8,64). Default: the Llama benchmark shapes (1B: 8,2048,32,8,64;
-// 124M: 16,1024,12,4,64; 2B: 8,1024,32,8,128) and a long hd-128 one (4,2048,32,8,128). TFLOP/s count the useful
-// FLOPs for both implementations: forward 4 B Hq S^2 hd (halved when causal), backward 2.5x the forward (five
-// products against two). Every call is timed alone with CUDA events, ours and the reference alternating; the median
-// is reported, with the relative difference between the two implementations' out, dq, dk and dv.
+// 124M: 16,1024,12,4,64; 2B: 8,1024,32,8,128) and two long hd-128 ones (4,2048,32,8,128; 2,8192,16,8,128). TFLOP/s
+// count the useful FLOPs for both implementations: forward 4 B Hq S^2 hd (halved when causal), backward 2.5x the
+// forward (five products against two). Every call is timed alone with CUDA events, ours and the reference alternating;
+// the median is reported, with the relative difference between the two implementations' out, dq, dk and dv.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -260,13 +260,13 @@ void write_json(const config& cfg, const std::string& device, const std::vector<
 
 int run(int argc, char** argv) {
   config cfg;
-  std::string configs = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128";
+  std::string configs = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128;2,8192,16,8,128";
   std::string kernel = "fastest";
   bool no_causal = false, no_reference = false;
   bench::cli cli("bench_attention",
                  "fused attention (ours) vs naive cuBLASLt + softmax attention, forward and backward");
   cli.flag("configs", configs,
-           "';'-separated B,S,Hq,Hkv,hd; the default: the Llama 1B, 124M and 2B shapes and a long hd-128 one")
+           "';'-separated B,S,Hq,Hkv,hd; the default: the Llama 1B, 124M and 2B shapes and two long hd-128 ones")
       .flag("reps", cfg.reps, "timed calls per pass and implementation")
       .flag("warmup", cfg.warmup, "untimed calls first")
       .flag("kernel", kernel,
@@ -286,8 +286,8 @@ int run(int argc, char** argv) {
   cfg.problems = parse_problems(configs);
 
   const cudaDeviceProp prop = bench::device_properties();
-  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %s kernels, %d reps after %d warm-up calls%s\n",
-              prop.name, prop.major, prop.minor, cfg.causal ? "causal" : "full", kernel.c_str(), cfg.reps, cfg.warmup,
+  std::printf("bench_attention on %s (sm_%d%d), bf16, %s, %s kernels, %d reps after %d warm-up calls%s\n", prop.name,
+              prop.major, prop.minor, cfg.causal ? "causal" : "full", kernel.c_str(), cfg.reps, cfg.warmup,
               cfg.reference ? "" : ", no reference");
 
   cudaStream_t stream = nullptr;

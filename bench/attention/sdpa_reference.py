@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-DEFAULT_CONFIGS = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128"
+DEFAULT_CONFIGS = "8,2048,32,8,64;16,1024,12,4,64;8,1024,32,8,128;4,2048,32,8,128;2,8192,16,8,128"
 
 
 def parse_configs(text):
