@@ -13,6 +13,7 @@
 // caller overwrite the saved activations with their gradients. Host: the reference, on the calling thread. CUDA
 // (detail/cuda/swiglu.cuh): a grid-stride loop with 16-byte vector access when the pointers allow.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -50,21 +51,28 @@ SUBSPACE_HD inline A sigmoid(A g) {
   return A(1) / (A(1) + exp_of(-g));
 }
 
-/// h = silu(g) * u.
+/// h = silu(g) * u, computing sigmoid(g) or given it as s (the same operations, so the same bits).
 struct forward_op {
   template <class A>
+  SUBSPACE_HD A operator()(A g, A u, A s) const {
+    return g * s * u;
+  }
+  template <class A>
   SUBSPACE_HD A operator()(A g, A u) const {
-    return g * sigmoid(g) * u;
+    return (*this)(g, u, sigmoid(g));
   }
 };
 
-/// (dgate, dup) of one element.
+/// (dgate, dup) of one element, from its sigmoid s = sigmoid(g) or computing it.
 struct backward_op {
   template <class A>
-  SUBSPACE_HD void operator()(A g, A u, A dh, A& dg, A& du) const {
-    const A s = sigmoid(g);
+  SUBSPACE_HD void operator()(A g, A u, A dh, A s, A& dg, A& du) const {
     dg = dh * u * s * (A(1) + g * (A(1) - s));
     du = dh * g * s;
+  }
+  template <class A>
+  SUBSPACE_HD void operator()(A g, A u, A dh, A& dg, A& du) const {
+    (*this)(g, u, dh, sigmoid(g), dg, du);
   }
 };
 
@@ -118,19 +126,35 @@ void swiglu_backward(const exec::host& ex, std::type_identity_t<view<const T, ho
   if (h.data()) S::check("swiglu_backward", gate, L::operand{h, "h"});
   const T *g = gate.data(), *u = up.data(), *d = dh.data();
   T *dg_out = dgate.data(), *du_out = dup.data(), *h_out = h.data();
-  const auto run = [&]<bool WithH>() {  // two loops rather than a test per element, so each vectorises
-    parallel_for(for_flops(ex, (WithH ? 3 : 2) * S::flops_per_element * double(gate.numel())), gate.numel(),
-                 [&](std::int64_t first, std::int64_t last) {
-                   for_each_index(ex, last - first, [&](std::int64_t k) {
-                     const std::int64_t i = first + k;
-                     A dg, du;
-                     const A gi = A(g[i]), ui = A(u[i]);
-                     S::backward_op{}(gi, ui, A(d[i]), dg, du);
-                     dg_out[i] = convert<T>(dg);
-                     du_out[i] = convert<T>(du);
-                     if constexpr (WithH) h_out[i] = convert<T>(S::forward_op{}(gi, ui));
-                   });
-                 });
+  // Blocks of `block` elements: the arithmetic writes local arrays, a second loop copies them out. The outputs may
+  // alias the inputs, so in one loop the compiler needs run-time overlap checks for every pair of pointers; with h
+  // there are more than it will emit, and the loop ran scalar (11% of a host step of the tiny preset).
+  constexpr std::int64_t block = 256;
+  const auto run = [&]<bool WithH>() {  // two variants rather than a test per element, so each vectorises
+    parallel_for(
+        for_flops(ex, (WithH ? 3 : 2) * S::flops_per_element * double(gate.numel())), gate.numel(),
+        [&](std::int64_t first, std::int64_t last) {
+          A sg[block], dg[block], du[block];
+          [[maybe_unused]] A hh[WithH ? block : 1];
+          for (std::int64_t b0 = first; b0 < last; b0 += block) {
+            const std::int64_t n = std::min(block, last - b0);
+            const T *gb = g + b0, *ub = u + b0, *db = d + b0;
+            for_each_index(ex, n, [&](std::int64_t k) { sg[k] = S::sigmoid(A(gb[k])); });
+            for_each_index(
+                ex, n, [&](std::int64_t k) { S::backward_op{}(A(gb[k]), A(ub[k]), A(db[k]), sg[k], dg[k], du[k]); });
+            if constexpr (WithH)
+              for_each_index(ex, n, [&](std::int64_t k) { hh[k] = S::forward_op{}(A(gb[k]), A(ub[k]), sg[k]); });
+            T *dgb = dg_out + b0, *dub = du_out + b0;
+            for_each_index(ex, n, [&](std::int64_t k) {
+              dgb[k] = convert<T>(dg[k]);
+              dub[k] = convert<T>(du[k]);
+            });
+            if constexpr (WithH) {
+              T* hb = h_out + b0;
+              for_each_index(ex, n, [&](std::int64_t k) { hb[k] = convert<T>(hh[k]); });
+            }
+          }
+        });
   };
   if (h_out) run.template operator()<true>();
   else run.template operator()<false>();
