@@ -1,7 +1,7 @@
 #pragma once
 // attention_forward / attention_backward on CUDA: fused flash-attention-style kernels (FlashAttention-2's
-// algorithm) on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), fp32 softmax statistics. On an H100
-// with an sm_90a image, head dims 64 and 128 go to the Hopper kernels instead (attention_sm90.cuh,
+// algorithm) on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), fp32 softmax statistics. On Hopper (H100,
+// H200) with an sm_90a image, head dims 64 and 128 go to the Hopper kernels instead (attention_sm90.cuh,
 // attention_sm90_backward.cuh) unless attention_params::kernel asks for these portable ones.
 //
 // Operands: q/out/dout/dq [B, S, Hq, hd], k/v/dk/dv [B, Skv, Hkv, hd] in bf16, lse [B, Hq, S] in fp32. Any strides

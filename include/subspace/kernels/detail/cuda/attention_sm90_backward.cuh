@@ -4,15 +4,14 @@
 // scaling after it). docs/llama-kernels.md, "Hopper attention".
 //
 // One block of three warpgroups per (KV head, batch, BN = 128 keys), the key blocks seen by the most rows first,
-// walking every 64-row query tile of every
-// query head that shares the KV head. Warpgroup 0 produces: one thread loads K and V once and Q and dout per tile
-// (TMA, two stages), one warp copies the tile's lse (in the exp2 domain) and D into shared memory. Warpgroups 1
-// and 2 consume, 64 keys each, in the transposed orientation so that dK and dV stay in registers for the whole
-// walk: S^T = K Q^T and dP^T = V dO^T; P^T = exp2(S^T scale log2 e - lse log2 e) while dP^T runs; dV += P^T dO
-// (P from registers) while dS^T = P^T (dP^T - D) is computed; dK += dS^T Q (dS from registers). dS^T also goes to
-// shared memory (128-byte swizzle, two buffers) for dQ = dS K, a wgmma with both operands MN-major: at head dim 128
-// each consumer takes 64 of dq's columns, at 64 they take turns by tile. dq is added into the fp32 accumulator with
-// 8-byte atomics.
+// walking every 64-row query tile of every query head that shares the KV head. Warpgroup 0 produces: one thread loads K
+// and V once and Q and dout per tile (TMA, two stages), one warp copies the tile's lse (in the exp2 domain) and D into
+// shared memory. Warpgroups 1 and 2 consume, 64 keys each, in the transposed orientation so that dK and dV stay in
+// registers for the whole walk: S^T = K Q^T and dP^T = V dO^T; P^T = exp2(S^T scale log2 e - lse log2 e) while dP^T
+// runs; dV += P^T dO (P from registers) while dS^T = P^T (dP^T - D) is computed; dK += dS^T Q (dS from registers). dS^T
+// also goes to shared memory (128-byte swizzle, two buffers) for dQ = dS K, a wgmma with both operands MN-major: at
+// head dim 128 each consumer takes 64 of dq's columns, at 64 they take turns by tile. dq is added into the fp32
+// accumulator with 8-byte atomics.
 
 #include "attention_sm90.cuh"
 
