@@ -6,7 +6,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <subspace/comm/local.hpp>
@@ -269,24 +271,24 @@ TEST_CASE("comm::throttled: split keeps naming links and peers by the ranks of t
   CHECK(t[1][op_kind::all_reduce].calls == 1);
 }
 
-TEST_CASE("comm::throttled: account mode never sleeps, enforce mode completes at the modelled time, queueing") {
-  const comm::link l{8e6, 0.05};  // 10 kB: 0.05 s + 0.01 s
-  const double t = l.seconds(10'000);
+TEST_CASE("comm::throttled: account mode never sleeps; in enforce mode back-to-back messages overlap their latency") {
+  const comm::link l{8e6, 0.2};  // 10 kB: 0.01 s on the wire, 0.2 s in flight
+  const double t = l.seconds(10'000), wire = t - l.latency_seconds;
   for (const auto mode : {comm::throttle_mode::account, comm::throttle_mode::enforce}) {
     CAPTURE(int(mode));
     auto comms = throttled_world(2, comm::network{l, mode});
     std::vector<double> first(2), second(2), clock(2);
     bool early_test = true;
+    const auto t0 = std::chrono::steady_clock::now();  // one origin for both ranks: before either can send
     comm::local::run_ranks(comms, [&](tlocal& c) {
       const int r = c.rank();
       host_tensor<std::uint8_t> a({10'000}), b({10'000});
-      const auto t0 = std::chrono::steady_clock::now();
       const auto since = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
       auto q1 = r == 0 ? c.send(a.v(), 1) : c.recv(a.v(), 0);
       auto q2 = r == 0 ? c.send(b.v(), 1) : c.recv(b.v(), 0);
       if (r == 1 && mode == comm::throttle_mode::enforce) {
         std::this_thread::sleep_for(5ms);
-        early_test = q1.test();  // the data is there, the modelled network is not done
+        early_test = q1.test();  // the data is there, the modelled message is still in flight
       }
       q1.wait();
       first[std::size_t(r)] = since();
@@ -295,16 +297,71 @@ TEST_CASE("comm::throttled: account mode never sleeps, enforce mode completes at
       clock[std::size_t(r)] = c.metrics().seconds;
     });
     for (int r = 0; r < 2; ++r) {
-      CHECK(close(clock[std::size_t(r)], 2 * t));
-      if (mode == comm::throttle_mode::enforce) {
-        CHECK(first[std::size_t(r)] >= t - 1e-3);
-        CHECK(second[std::size_t(r)] >= 2 * t - 1e-3);  // the second message waits for the first
-        CHECK(second[std::size_t(r)] < 2 * t + 1.0);
-      } else {
-        CHECK(second[std::size_t(r)] < t);  // nothing slept
-      }
+      CAPTURE(r);
+      CHECK(close(clock[std::size_t(r)], 2 * t));  // the clock sums the operations' times in both modes
+      if (mode == comm::throttle_mode::account) CHECK(second[std::size_t(r)] < t);  // nothing slept
     }
-    if (mode == comm::throttle_mode::enforce) CHECK_FALSE(early_test);
+    if (mode == comm::throttle_mode::enforce) {
+      // The sender is done once its bytes are on the wire, one message after the other.
+      CHECK(first[0] >= wire - 1e-3);
+      CHECK(second[0] >= 2 * wire - 1e-3);
+      CHECK(second[0] < t);
+      // The receiver gets the first at t and the second one wire time later, not a latency later.
+      CHECK(first[1] >= t - 1e-3);
+      CHECK(second[1] >= t + wire - 1e-3);
+      CHECK(second[1] < 2 * t - 0.1);
+      CHECK_FALSE(early_test);
+    }
+  }
+}
+
+TEST_CASE("comm::throttled: in enforce mode a message arrives a link's time after it is sent, however late received") {
+  using clock = std::chrono::steady_clock;
+  const comm::link l{8e6, 0.1};  // 1 kB: 0.101 s
+  const double t = l.seconds(1000);
+  const auto seconds = [](clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  // Over a world of two, and over the pairs {0, 1} and {2, 3} split from a world of four: the members of a split
+  // agree on its id, so its messages are timed from their sends too.
+  for (const bool split : {false, true}) {
+    CAPTURE(split);
+    const int n = split ? 4 : 2;
+    auto comms = throttled_world(n, comm::network{l, comm::throttle_mode::enforce});
+    // Per receiving world rank: when the late receive was posted and completed, when the early message was sent and
+    // received.
+    std::vector<clock::time_point> late_posted(n), late_done(n), early_sent(n), early_done(n);
+    comm::local::run_ranks(comms, [&](tlocal& world) {
+      const int me = world.rank();
+      std::optional<tlocal> pair;
+      if (split) pair.emplace(world.split(me / 2, me));
+      tlocal& c = split ? *pair : world;
+      const int partner = me + (c.rank() == 0 ? 1 : -1);
+      host_tensor<std::uint8_t> x({1000});
+      // The late receive: posted three link times after its message left.
+      if (c.rank() == 0) {
+        c.send(x.v(), 1).wait();
+      } else {
+        std::this_thread::sleep_for(std::chrono::duration<double>(3 * t));
+        late_posted[std::size_t(me)] = clock::now();
+        c.recv(x.v(), 0).wait();
+        late_done[std::size_t(me)] = clock::now();
+      }
+      c.barrier().wait();
+      // The early receive: posted before its message is sent.
+      if (c.rank() == 0) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(2 * t));
+        early_sent[std::size_t(partner)] = clock::now();
+        c.send(x.v(), 1).wait();
+      } else {
+        c.recv(x.v(), 0).wait();
+        early_done[std::size_t(me)] = clock::now();
+      }
+    });
+    for (int q = 1; q < n; q += 2) {
+      const auto i = std::size_t(q);
+      CAPTURE(q);
+      CHECK(seconds(late_done[i] - late_posted[i]) < t / 2);      // it arrived long ago
+      CHECK(seconds(early_done[i] - early_sent[i]) >= t - 1e-3);  // not when the data is there: a link time later
+    }
   }
 }
 

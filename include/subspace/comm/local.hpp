@@ -102,6 +102,9 @@ std::shared_ptr<void> local_run(local_world& w, const std::vector<local_coll_ent
 /// One rank's handle on a world of in-process ranks. See the top of comm/local.hpp.
 class local {
  public:
+  /// Every rank lives in this process (comm::throttled then times each message from when it was sent).
+  static constexpr bool in_process = true;
+
   /// Completion handle of one operation.
   class request {
    public:

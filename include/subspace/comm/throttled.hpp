@@ -45,9 +45,17 @@
 //
 // A rank's operations occupy its network one after another: the virtual clock is their sum, except that the
 // operations issued between group_start() and group_end() run concurrently (the group adds the longest of
-// them). In enforce mode an operation starts when the rank's network is free (or when it is issued, if later)
-// and its request completes at start + T. Bookkeeping traffic (split() exchanges the colors and keys through
-// the wrapped communicator) is not counted.
+// them). Bookkeeping traffic (split() exchanges the colors and keys through the wrapped communicator) is not
+// counted.
+//
+// Enforce mode. An operation starts when the rank's network is free (or when it is issued, if later; a group's
+// operations all start with the group). A collective holds the network for its T and completes at start + T. A
+// message is a link's latency in flight, not on the wire: a send holds the sender's network for 8B/β and
+// completes then, and the message arrives at start + α + 8B/β, so back-to-back messages overlap their latencies
+// as on a real link. A receive completes when its message arrives: between ranks of one process (a wrapped
+// communicator with `in_process`, as comm::local) the sender posts each message's arrival time on a board that
+// copies of one `network` share, and the receive waits for it; a receive from another process cannot see when
+// its message left, and completes at T after it is posted (or after the rank's network is free, if later).
 
 #include <algorithm>
 #include <array>
@@ -57,11 +65,13 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -153,12 +163,42 @@ inline link link::parse(std::string_view text) {
 
 enum class throttle_mode { account, enforce };
 
+namespace detail {
+/// When each point-to-point message between in-process ranks arrives (see the top): the sender posts the time
+/// before it hands the data to the wrapped communicator, the receiver takes it once the data is there.
+class arrival_board {
+ public:
+  using time_point = std::chrono::steady_clock::time_point;
+  using key = std::tuple<std::uint64_t, int, int, std::uint64_t>;  // communicator, from, to, message number
+
+  void post(const key& k, time_point arrival) {
+    const std::lock_guard lock(mu_);
+    arrivals_[k] = arrival;
+  }
+  std::optional<time_point> take(const key& k) {
+    const std::lock_guard lock(mu_);
+    const auto it = arrivals_.find(k);
+    if (it == arrivals_.end()) return std::nullopt;
+    const time_point t = it->second;
+    arrivals_.erase(it);
+    return t;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<key, time_point> arrivals_;
+};
+}  // namespace detail
+
 /// The modelled network: a default link, directed per-pair overrides, the mode and the broadcast chunk.
 struct network {
   link default_link = links::gbit1;
   std::map<std::pair<int, int>, link> overrides;  // (from, to) in the ranks of the first wrapped communicator
   throttle_mode mode = throttle_mode::account;
   std::uint64_t broadcast_chunk_bytes = std::uint64_t(1) << 20;
+  /// Enforce mode's arrival times of messages between in-process ranks, shared by the copies of this network:
+  /// give every rank of one world a copy of the same network.
+  std::shared_ptr<detail::arrival_board> arrivals = std::make_shared<detail::arrival_board>();
 
   network() = default;
   explicit network(link l, throttle_mode m = throttle_mode::account) : default_link(l), mode(m) {}
@@ -323,9 +363,20 @@ struct throttle_state {
   network net;
   traffic t;
   int group_depth = 0;
-  double group_longest = 0;
+  double group_longest = 0, group_hold = 0;
   std::chrono::steady_clock::time_point group_start{}, busy_until{};
+  // Per communicator (its id): messages sent to and received from each peer, and splits made.
+  std::map<std::pair<std::uint64_t, int>, std::uint64_t> sent, received;
+  std::map<std::uint64_t, std::uint64_t> splits;
 };
+
+/// The id of a communicator split from `parent` (its `nth` split) with `color`: the same on every member.
+inline std::uint64_t split_id(std::uint64_t parent, std::uint64_t nth, int color) {
+  std::uint64_t x = parent ^ (nth * 0x9e3779b97f4a7c15ull) ^ (std::uint64_t(std::uint32_t(color)) << 17);
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;  // splitmix64's finaliser
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
 }  // namespace detail
 
 /// A communicator C seen through a modelled network. See the top of comm/throttled.hpp.
@@ -340,19 +391,35 @@ class throttled {
     request() = default;
     void wait() {
       if (inner_) inner_->wait();
-      if (deadline_) std::this_thread::sleep_until(*deadline_);
+      if (const auto d = deadline()) std::this_thread::sleep_until(*d);
     }
     bool test() {
       if (inner_ && !inner_->test()) return false;
-      return !deadline_ || std::chrono::steady_clock::now() >= *deadline_;
+      const auto d = deadline();
+      return !d || std::chrono::steady_clock::now() >= *d;
     }
 
    private:
     friend class throttled;
-    request(inner_request r, std::optional<std::chrono::steady_clock::time_point> d)
-        : inner_(std::move(r)), deadline_(d) {}
+    using time_point = std::chrono::steady_clock::time_point;
+    struct arrival {
+      std::shared_ptr<detail::arrival_board> board;
+      detail::arrival_board::key key;
+    };
+    request(inner_request r, std::optional<time_point> d, std::optional<arrival> a = std::nullopt)
+        : inner_(std::move(r)), deadline_(d), arrival_(std::move(a)) {}
+    // Called once the wrapped request is complete: a receive from an in-process rank then takes its message's
+    // arrival from the board (kept from the first call on); without one it keeps the deadline it was issued with.
+    std::optional<time_point> deadline() {
+      if (arrival_) {
+        if (const auto t = arrival_->board->take(arrival_->key)) deadline_ = *t;
+        arrival_.reset();
+      }
+      return deadline_;
+    }
     std::optional<inner_request> inner_;
-    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    std::optional<time_point> deadline_;
+    std::optional<arrival> arrival_;
   };
 
   /// Wraps `inner`; its ranks name the network's links.
@@ -380,10 +447,22 @@ class throttled {
 
   template <class T, class S>
   request send(view<const T, S> buf, int peer) {
-    auto r = inner_.send(buf, peer);
-    double t = 0;
-    if (peer != rank()) t = point_to_point(op_kind::send, network_rank(), members_[std::size_t(peer)], buf.bytes());
-    return finish(std::move(r), op_kind::send, t);
+    if (peer == rank()) {  // free: a call, no traffic, no time
+      charge(op_kind::send, 0.0, 0.0);
+      return request(inner_.send(buf, peer), std::nullopt);
+    }
+    const int to = members_[std::size_t(peer)];
+    const double t = point_to_point(op_kind::send, network_rank(), to, buf.bytes());
+    const double wire = t - state_->net.between(network_rank(), to).latency_seconds;
+    const auto start = charge(op_kind::send, t, wire);
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    if (enforcing()) {
+      deadline = start + to_duration(wire);
+      // Posted before the wrapped send, so a receiver whose data is there finds it.
+      if constexpr (in_process)
+        state_->net.arrivals->post({id_, rank(), peer, state_->sent[{id_, peer}]++}, start + to_duration(t));
+    }
+    return request(inner_.send(buf, peer), deadline);
   }
   template <class T, class S>
     requires(!std::is_const_v<T>)
@@ -394,10 +473,20 @@ class throttled {
   template <class T, class S>
     requires(!std::is_const_v<T>)
   request recv(view<T, S> buf, int peer) {
-    auto r = inner_.recv(buf, peer);
-    double t = 0;
-    if (peer != rank()) t = point_to_point(op_kind::recv, members_[std::size_t(peer)], network_rank(), buf.bytes());
-    return finish(std::move(r), op_kind::recv, t);
+    if (peer == rank()) {
+      charge(op_kind::recv, 0.0, 0.0);
+      return request(inner_.recv(buf, peer), std::nullopt);
+    }
+    const double t = point_to_point(op_kind::recv, members_[std::size_t(peer)], network_rank(), buf.bytes());
+    const auto start = charge(op_kind::recv, t, 0.0);  // the incoming link is the sender's to hold
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    std::optional<typename request::arrival> arrival;
+    if (enforcing()) {
+      deadline = start + to_duration(t);  // when the sender is in another process
+      if constexpr (in_process)
+        arrival = typename request::arrival{state_->net.arrivals, {id_, peer, rank(), state_->received[{id_, peer}]++}};
+    }
+    return request(inner_.recv(buf, peer), deadline, std::move(arrival));
   }
 
   template <class T, class S>
@@ -460,7 +549,7 @@ class throttled {
     inner_.group_start();
     detail::throttle_state& st = *state_;
     if (st.group_depth++ == 0) {
-      st.group_longest = 0;
+      st.group_longest = st.group_hold = 0;
       st.group_start = std::max(std::chrono::steady_clock::now(), st.busy_until);
     }
   }
@@ -470,7 +559,7 @@ class throttled {
     require(st.group_depth > 0, "comm::throttled::group_end: no group_start to close");
     if (--st.group_depth == 0) {
       st.t.seconds += st.group_longest;
-      st.busy_until = st.group_start + to_duration(st.group_longest);
+      st.busy_until = st.group_start + to_duration(st.group_hold);
     }
   }
 
@@ -502,12 +591,13 @@ class throttled {
       std::stable_sort(group.begin(), group.end(), [&](int a, int b) { return value(a, 2) < value(b, 2); });
       for (const int q : group) members.push_back(members_[std::size_t(q)]);
     }
-    return throttled(std::move(sub), state_, std::move(members));
+    const std::uint64_t id = detail::split_id(id_, state_->splits[id_]++, color);
+    return throttled(std::move(sub), state_, std::move(members), id);
   }
 
  private:
-  throttled(C inner, std::shared_ptr<detail::throttle_state> st, std::vector<int> members)
-      : inner_(std::move(inner)), state_(std::move(st)), members_(std::move(members)) {}
+  throttled(C inner, std::shared_ptr<detail::throttle_state> st, std::vector<int> members, std::uint64_t id)
+      : inner_(std::move(inner)), state_(std::move(st)), members_(std::move(members)), id_(id) {}
 
   static std::chrono::steady_clock::duration to_duration(double seconds) {
     return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
@@ -555,30 +645,39 @@ class throttled {
     return model::seconds(s, link_of());
   }
 
-  /// Charges t seconds of kind k to the clock; wraps the inner request with its modelled completion time.
-  request finish(inner_request r, op_kind k, double t) {
+  /// Charges an operation of kind k: t modelled seconds to the clock (a group adds its longest operation) and, in
+  /// enforce mode, `hold` seconds of the rank's network. Returns when it starts on the modelled network.
+  std::chrono::steady_clock::time_point charge(op_kind k, double t, double hold) {
     detail::throttle_state& st = *state_;
     op_traffic& o = st.t.by_op[std::size_t(k)];
     ++o.calls;
     o.seconds += t;
-    std::optional<std::chrono::steady_clock::time_point> deadline;
     if (st.group_depth > 0) {
       st.group_longest = std::max(st.group_longest, t);
-      if (st.net.mode == throttle_mode::enforce) deadline = st.group_start + to_duration(t);
-    } else {
-      st.t.seconds += t;
-      if (st.net.mode == throttle_mode::enforce) {
-        const auto start = std::max(std::chrono::steady_clock::now(), st.busy_until);
-        st.busy_until = start + to_duration(t);
-        deadline = st.busy_until;
-      }
+      st.group_hold = std::max(st.group_hold, hold);
+      return st.group_start;
     }
-    return request(std::move(r), deadline);
+    st.t.seconds += t;
+    if (!enforcing()) return {};
+    const auto start = std::max(std::chrono::steady_clock::now(), st.busy_until);
+    st.busy_until = start + to_duration(hold);
+    return start;
   }
+
+  /// A collective holds the rank's network for its whole time t and completes after it.
+  request finish(inner_request r, op_kind k, double t) {
+    const auto start = charge(k, t, t);
+    return request(std::move(r), enforcing() ? std::optional(start + to_duration(t)) : std::nullopt);
+  }
+
+  bool enforcing() const { return state_->net.mode == throttle_mode::enforce; }
+  /// Whether every rank of the wrapped communicator lives in this process (arrival times go through the board).
+  static constexpr bool in_process = requires { requires C::in_process; };
 
   C inner_;
   std::shared_ptr<detail::throttle_state> state_;
   std::vector<int> members_;  // group rank -> network rank
+  std::uint64_t id_ = 0;      // the same on every member: 0 for the first wrapped, detail::split_id for splits
 };
 
 static_assert(Communicator<throttled<self>>);
