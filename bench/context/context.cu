@@ -8,7 +8,11 @@
 // copies take together; efficiency = the single-device attention's time (the library's flash kernels on the whole
 // sequence, forward + backward) / that time. 1.0 would be attention split over D ranks at no cost. A shared GPU
 // hides the causal imbalance of a contiguous layout (its ranks overlap), which D separate GPUs would not; the JSON
-// also has the slowest rank's own time, which on a shared GPU is about the wall time.
+// also has the slowest rank's own time, which on a shared GPU is about the wall time. Beside each (D, layout) it
+// times the attention kernels alone on the same blocks (every rank's visible blocks of every owner, forward and
+// backward, its own K and V standing in for the owner's; no exchange, merge, gradient add, RoPE or copy): the
+// floor the context-parallel attention stands on, so the JSON's kernels_only entries split the gap to the single
+// device into the kernels' own loss on smaller blocks and what the context-parallel machinery adds.
 //
 // Bytes (--bytes): on the host (fp32), a model of --kv-dim wide K/V with one compressed layer and the dense last
 // layer, D in-process ranks through comm::throttled, one forward and backward, dense and Mixture of Subspaces
@@ -107,11 +111,11 @@ struct cp_result {
   double wall_s = 0, max_rank_s = 0;
 };
 
-/// Forward + backward of context::attention over `d` ranks on one GPU.
-cp_result context_parallel(const attention_case& c, int d, context::placement p, context::exchange how, int repeat) {
-  const examples::local_ranks<exec::cuda> ranks(d, 120.0, 0);
-  std::vector<comm::local> world = ranks.world();
-  const context::layout lay(c.seq, d, p);
+/// Times `once` of every rank together: D threads sharing the GPU, each on its own stream (`make(r, ex)` builds rank
+/// r's buffers and returns its `once`), one untimed run to size every buffer, then `repeat` runs started together;
+/// the median of the group's wall time and of each rank's own.
+template <class Make>
+cp_result time_ranks(const examples::local_ranks<exec::cuda>& ranks, int d, int repeat, Make&& make) {
   std::barrier sync(d);
   std::vector<double> own(static_cast<std::size_t>(d));
   double wall = 0;
@@ -119,29 +123,8 @@ cp_result context_parallel(const attention_case& c, int d, context::placement p,
   examples::on_threads(d, [&](int r) {
     cuda_check(cudaSetDevice(0));
     const exec::cuda ex = ranks.exec(r);
-    const std::int64_t rows = lay.rows_per_rank();
-    const shape qs{1, rows, c.heads, c.head_dim}, ks{1, rows, c.kv_heads, c.head_dim};
-    auto q0 = random_device(qs, 10 + r, ex), k0 = random_device(ks, 20 + r, ex), v = random_device(ks, 30 + r, ex),
-         dout = random_device(qs, 40 + r, ex);
-    tensor<bf16, device_space> q(qs), k(ks), out(qs), dq(qs), dk(ks), dv(ks);
-    tensor<float, device_space> lse(shape{1, c.heads, rows});
-    const std::vector<float> f = rope_inv_freq(rope_config{}, c.head_dim);
-    tensor<float, device_space> inv(shape{std::int64_t(f.size())});
-    copy(ex, view<const float, host_space>(f.data(), inv.shape()), inv.v());
-    const std::vector<nn::position_chunk> pos = lay.positions(r);
-    auto g = std::make_shared<context::group<comm::local>>();
-    g->communicator = &world[std::size_t(r)];
-    g->layout = lay;
-    context::attention<comm::local, bf16, device_space> a(g, how);
-    const auto once = [&] {
-      copy(ex, view<const bf16, device_space>(q0.v()), q.v());
-      copy(ex, view<const bf16, device_space>(k0.v()), k.v());
-      a.forward(ex,
-                nn::attention_forward_args<bf16, device_space>{q.v(), k.v(), v.v(), out.v(), lse.v(), pos, inv.v()});
-      a.backward(ex, nn::attention_backward_args<bf16, device_space>{q.v(), k.v(), v.v(), out.v(), lse.v(), dout.v(),
-                                                                     dq.v(), dk.v(), dv.v(), pos, inv.v()});
-    };
-    once();  // untimed: sizes every buffer
+    auto once = make(r, ex);
+    once();
     cuda_check(cudaStreamSynchronize(ex.stream));
     std::vector<double> walls, mine;
     for (int i = 0; i < repeat; ++i) {
@@ -161,6 +144,78 @@ cp_result context_parallel(const attention_case& c, int d, context::placement p,
     return 0;
   });
   return {wall, *std::max_element(own.begin(), own.end())};
+}
+
+/// Forward + backward of context::attention over `d` ranks on one GPU.
+cp_result context_parallel(const attention_case& c, int d, context::placement p, context::exchange how, int repeat) {
+  const examples::local_ranks<exec::cuda> ranks(d, 120.0, 0);
+  std::vector<comm::local> world = ranks.world();
+  const context::layout lay(c.seq, d, p);
+  return time_ranks(ranks, d, repeat, [&](int r, const exec::cuda& ex) {
+    const std::int64_t rows = lay.rows_per_rank();
+    const shape qs{1, rows, c.heads, c.head_dim}, ks{1, rows, c.kv_heads, c.head_dim};
+    auto q0 = random_device(qs, 10 + r, ex), k0 = random_device(ks, 20 + r, ex), v = random_device(ks, 30 + r, ex),
+         dout = random_device(qs, 40 + r, ex);
+    tensor<bf16, device_space> q(qs), k(ks), out(qs), dq(qs), dk(ks), dv(ks);
+    tensor<float, device_space> lse(shape{1, c.heads, rows});
+    const std::vector<float> f = rope_inv_freq(rope_config{}, c.head_dim);
+    tensor<float, device_space> inv(shape{std::int64_t(f.size())});
+    copy(ex, view<const float, host_space>(f.data(), inv.shape()), inv.v());
+    auto g = std::make_shared<context::group<comm::local>>();
+    g->communicator = &world[std::size_t(r)];
+    g->layout = lay;
+    return [=, &ex, q0 = std::move(q0), k0 = std::move(k0), v = std::move(v), dout = std::move(dout), q = std::move(q),
+            k = std::move(k), out = std::move(out), dq = std::move(dq), dk = std::move(dk), dv = std::move(dv),
+            lse = std::move(lse), inv = std::move(inv), pos = lay.positions(r),
+            a = context::attention<comm::local, bf16, device_space>(g, how)]() mutable {
+      copy(ex, view<const bf16, device_space>(q0.v()), q.v());
+      copy(ex, view<const bf16, device_space>(k0.v()), k.v());
+      a.forward(ex,
+                nn::attention_forward_args<bf16, device_space>{q.v(), k.v(), v.v(), out.v(), lse.v(), pos, inv.v()});
+      a.backward(ex, nn::attention_backward_args<bf16, device_space>{q.v(), k.v(), v.v(), out.v(), lse.v(), dout.v(),
+                                                                     dq.v(), dk.v(), dv.v(), pos, inv.v()});
+    };
+  });
+}
+
+/// Rows [s0, s0 + n) of a [1, S, H, hd] view.
+template <class U>
+view<U, device_space> rows_of(view<U, device_space> x, std::int64_t s0, std::int64_t n) {
+  return view<U, device_space>(x.data() + s0 * x.dim(2) * x.dim(3), shape{1, n, x.dim(2), x.dim(3)});
+}
+
+/// The attention kernels alone over the blocks context::attention computes on `d` ranks of layout `p` (see the top).
+cp_result kernels_only(const attention_case& c, int d, context::placement p, int repeat) {
+  const examples::local_ranks<exec::cuda> ranks(d, 120.0, 0);
+  const context::layout lay(c.seq, d, p);
+  return time_ranks(ranks, d, repeat, [&](int r, const exec::cuda& ex) {
+    const std::int64_t rows = lay.rows_per_rank();
+    const shape qs{1, rows, c.heads, c.head_dim}, ks{1, rows, c.kv_heads, c.head_dim};
+    std::vector<context::visible_block> blocks;
+    for (int owner = 0; owner < d; ++owner)
+      for (const context::visible_block& vb : lay.visible_blocks(r, owner)) blocks.push_back(vb);
+    return
+        [=, &ex, q = random_device(qs, 10 + r, ex), k = random_device(ks, 20 + r, ex),
+         v = random_device(ks, 30 + r, ex), dout = random_device(qs, 40 + r, ex), out = tensor<bf16, device_space>(qs),
+         dq = tensor<bf16, device_space>(qs), dk = tensor<bf16, device_space>(ks), dv = tensor<bf16, device_space>(ks),
+         lse = tensor<float, device_space>(shape{1, c.heads, rows})]() mutable {
+          const auto ro = [](auto x) { return view<const bf16, device_space>(x); };
+          for (const context::visible_block& vb : blocks) {
+            attention_params ap;
+            ap.scale = float(1.0 / std::sqrt(double(c.head_dim)));
+            ap.causal = vb.masked;
+            ap.q_pos0 = vb.q_pos0;
+            ap.kv_pos0 = vb.k_pos0;
+            const auto qb = rows_of(q.v(), vb.q0, vb.q_rows), ob = rows_of(out.v(), vb.q0, vb.q_rows);
+            const auto kb = rows_of(k.v(), vb.k0, vb.k_rows), vbv = rows_of(v.v(), vb.k0, vb.k_rows);
+            const view<float, device_space> lb(lse.data(), shape{1, c.heads, vb.q_rows});
+            attention_forward(ex, qb, ro(kb), ro(vbv), ob, lb, ap);
+            attention_backward(ex, qb, ro(kb), ro(vbv), ro(ob), view<const float, device_space>(lb),
+                               ro(rows_of(dout.v(), vb.q0, vb.q_rows)), rows_of(dq.v(), vb.q0, vb.q_rows),
+                               rows_of(dk.v(), vb.k0, vb.k_rows), rows_of(dv.v(), vb.k0, vb.k_rows), ap);
+          }
+        };
+  });
 }
 
 /// K/V bytes per rank of one forward + backward of a 2-layer model (layer 0 compressed when `mos`, the last dense)
@@ -245,7 +300,7 @@ int main(int argc, char** argv) {
     bench::check_range("--repeat", o.repeat, 1);
     // The bytes run on the host alone (no GPU needed).
     io::json doc = bench::document("context", o.bytes ? "host, fp32" : bench::device_properties().name, o.commit);
-    io::json results = io::json::array();
+    io::json results = io::json::array(), kernel_floor = io::json::array();
     if (o.bytes) {
       bench::check_range("--kv-dim", o.kv_dim, 64);
       for (const std::string& rs : bench::split_list("--ranks", o.ranks)) {
@@ -273,10 +328,18 @@ int main(int argc, char** argv) {
       const double single = single_device(ac, int(o.repeat));
       std::printf("single device: %.3f ms (forward + backward, %lld tokens)\n", 1e3 * single, (long long)o.seq);
       for (const std::string& rs : bench::split_list("--ranks", o.ranks))
-        for (const std::string& ls : bench::split_list("--layouts", o.layouts))
+        for (const std::string& ls : bench::split_list("--layouts", o.layouts)) {
+          const int d = std::stoi(rs);
+          const auto p = ls == "zigzag" ? context::placement::zigzag : context::placement::contiguous;
+          const cp_result floor = kernels_only(ac, d, p, int(o.repeat));
+          std::printf("D %-2d %-10s kernels only  all ranks %.3f ms (efficiency %.2f)\n", d, ls.c_str(),
+                      1e3 * floor.wall_s, single / floor.wall_s);
+          kernel_floor.push_back(io::json::object({{"ranks", io::json(d)},
+                                                   {"layout", io::json(ls)},
+                                                   {"all_ranks_s", io::json(floor.wall_s)},
+                                                   {"single_device_s", io::json(single)},
+                                                   {"efficiency", io::json(single / floor.wall_s)}}));
           for (const std::string& es : bench::split_list("--exchanges", o.exchanges)) {
-            const int d = std::stoi(rs);
-            const auto p = ls == "zigzag" ? context::placement::zigzag : context::placement::contiguous;
             const auto e = es == "ring" ? context::exchange::ring : context::exchange::all_gather;
             const cp_result m = context_parallel(ac, d, p, e, int(o.repeat));
             std::printf("D %-2d %-10s %-10s  all ranks %.3f ms (efficiency %.2f)\n", d, ls.c_str(), es.c_str(),
@@ -289,6 +352,7 @@ int main(int argc, char** argv) {
                                                 {"single_device_s", io::json(single)},
                                                 {"efficiency", io::json(single / m.wall_s)}}));
           }
+        }
     }
     doc.set("config", io::json::object({{"seq", io::json(o.seq)},
                                         {"heads", io::json(o.heads)},
@@ -296,6 +360,7 @@ int main(int argc, char** argv) {
                                         {"head_dim", io::json(o.head_dim)},
                                         {"repeat", io::json(o.repeat)}}));
     doc.set("results", results);
+    if (!o.bytes) doc.set("kernels_only", kernel_floor);
     if (!o.out.empty()) bench::write_document(o.out, doc);
     return 0;
   });
