@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -84,6 +85,19 @@ inline std::vector<std::string> split_list(const char* flag, const std::string& 
   while (std::getline(ss, item, sep))
     if (!item.empty()) out.push_back(item);
   if (out.empty()) throw cli_error(std::string("--") + flag + ": empty list");
+  return out;
+}
+
+/// The items of a `sep`-separated list of integers; cli_error naming the item that is not one.
+inline std::vector<std::int64_t> split_ints(const char* flag, const std::string& list, char sep = ',') {
+  std::vector<std::int64_t> out;
+  for (const std::string& item : split_list(flag, list, sep)) {
+    std::int64_t v = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (ec != std::errc{} || end != item.data() + item.size())
+      throw cli_error(std::string("--") + flag + ": got '" + item + "' in '" + list + "', expected integers");
+    out.push_back(v);
+  }
   return out;
 }
 

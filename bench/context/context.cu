@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -276,6 +277,25 @@ std::pair<double, double> measured_bytes(std::int64_t kv_dim, int d, std::int64_
   return {most - dense_layer, dense_layer};
 }
 
+/// The --ranks list, each in [1, 64].
+std::vector<int> rank_counts(const std::string& list) {
+  std::vector<int> out;
+  for (const std::int64_t d : bench::split_ints("ranks", list)) {
+    bench::check_range("ranks", d, 1, 64);
+    out.push_back(int(d));
+  }
+  return out;
+}
+
+/// cli_error naming the flag unless `name` is one of `allowed` (checked before any timing).
+void one_of(const char* flag, const std::string& name, std::initializer_list<const char*> allowed) {
+  for (const char* a : allowed)
+    if (name == a) return;
+  std::string expected;
+  for (const char* a : allowed) expected += (expected.empty() ? "" : " or ") + std::string(a);
+  throw bench::cli_error(std::string("--") + flag + ": got '" + name + "', expected " + expected);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -297,14 +317,17 @@ int main(int argc, char** argv) {
   bench::output_flags(c, o.out, o.commit);
   return bench::guarded_main("bench_context", [&] {
     if (!c.parse(argc, argv)) return 0;
-    bench::check_range("--repeat", o.repeat, 1);
+    bench::check_range("repeat", o.repeat, 1);
+    const std::vector<int> rank_list = rank_counts(o.ranks);
+    for (const std::string& l : bench::split_list("layouts", o.layouts)) one_of("layouts", l, {"contiguous", "zigzag"});
+    for (const std::string& e : bench::split_list("exchanges", o.exchanges))
+      one_of("exchanges", e, {"ring", "all_gather"});
     // The bytes run on the host alone (no GPU needed).
     io::json doc = bench::document("context", o.bytes ? "host, fp32" : bench::device_properties().name, o.commit);
     io::json results = io::json::array(), kernel_floor = io::json::array();
     if (o.bytes) {
-      bench::check_range("--kv-dim", o.kv_dim, 64);
-      for (const std::string& rs : bench::split_list("--ranks", o.ranks)) {
-        const int d = std::stoi(rs);
+      bench::check_range("kv-dim", o.kv_dim, 64);
+      for (const int d : rank_list) {
         const std::int64_t seq = 16 * d;  // bytes per token do not depend on the length
         const double dense0 = measured_bytes(o.kv_dim, d, seq, false).first;
         const auto [mos0, mos1] = measured_bytes(o.kv_dim, d, seq, true);
@@ -327,9 +350,8 @@ int main(int argc, char** argv) {
       const attention_case ac{o.seq, o.heads, o.kv_heads, o.head_dim};
       const double single = single_device(ac, int(o.repeat));
       std::printf("single device: %.3f ms (forward + backward, %lld tokens)\n", 1e3 * single, (long long)o.seq);
-      for (const std::string& rs : bench::split_list("--ranks", o.ranks))
-        for (const std::string& ls : bench::split_list("--layouts", o.layouts)) {
-          const int d = std::stoi(rs);
+      for (const int d : rank_list)
+        for (const std::string& ls : bench::split_list("layouts", o.layouts)) {
           const auto p = ls == "zigzag" ? context::placement::zigzag : context::placement::contiguous;
           const cp_result floor = kernels_only(ac, d, p, int(o.repeat));
           std::printf("D %-2d %-10s kernels only  all ranks %.3f ms (efficiency %.2f)\n", d, ls.c_str(),
@@ -339,7 +361,7 @@ int main(int argc, char** argv) {
                                                    {"all_ranks_s", io::json(floor.wall_s)},
                                                    {"single_device_s", io::json(single)},
                                                    {"efficiency", io::json(single / floor.wall_s)}}));
-          for (const std::string& es : bench::split_list("--exchanges", o.exchanges)) {
+          for (const std::string& es : bench::split_list("exchanges", o.exchanges)) {
             const auto e = es == "ring" ? context::exchange::ring : context::exchange::all_gather;
             const cp_result m = context_parallel(ac, d, p, e, int(o.repeat));
             std::printf("D %-2d %-10s %-10s  all ranks %.3f ms (efficiency %.2f)\n", d, ls.c_str(), es.c_str(),

@@ -50,8 +50,9 @@ namespace {
 
 struct options {
   std::string configs = "124m,1b", bandwidths = "mbit80,gbit1,gbit100", wires = "fp32", throttle = "enforce";
+  std::string ks = "0";
   std::string schedules = "1f1b";
-  std::int64_t layers = 0, microbatches = 4, batch = 1, seq = 1024, k = 0;
+  std::int64_t layers = 0, microbatches = 4, batch = 1, seq = 1024;
   int stages = 4, steps = 3, warmup = 1;
   bool bytes_only = false;
   std::string out, commit = "unknown";
@@ -159,7 +160,9 @@ int main(int argc, char** argv) {
             "enforce: transfers complete when the link would deliver them; account: only "
             "the virtual clock",
             {"enforce", "account"})
-      .flag("k", o.k, "subspace dimension (0: the default rule, d/50 or d/100 from d 4096)")
+      .flag("k", o.ks,
+            "subspace dimensions, comma-separated (0: the default rule, d/50 or d/100 from d 4096); each "
+            "runs against the same dense run")
       .flag("wires", o.wires, "subspace wire types, comma-separated: fp32, bf16")
       .flag("schedules", o.schedules, "pipeline schedules, comma-separated: gpipe, 1f1b, zb (zero bubble)")
       .flag("steps", o.steps, "timed steps per scenario")
@@ -168,15 +171,15 @@ int main(int argc, char** argv) {
   bench::output_flags(c, o.out, o.commit);
   return bench::guarded_main("bench_pipeline", [&] {
     if (!c.parse(argc, argv)) return 0;
-    bench::check_range("--stages", o.stages, 2, 16);
-    bench::check_range("--steps", o.steps, 1);
-    bench::check_range("--warmup", o.warmup, 0);
+    bench::check_range("stages", o.stages, 2, 16);
+    bench::check_range("steps", o.steps, 1);
+    bench::check_range("warmup", o.warmup, 0);
     const cudaDeviceProp prop = bench::device_properties();
     io::json doc = bench::document("pipeline", prop.name, o.commit);
     io::json results = io::json::array();
     const auto mode =
         o.throttle == "enforce" && !o.bytes_only ? comm::throttle_mode::enforce : comm::throttle_mode::account;
-    for (const std::string& name : bench::split_list("--configs", o.configs)) {
+    for (const std::string& name : bench::split_list("configs", o.configs)) {
       nn::llama_config cfg = nn::presets::by_name(name);
       if (o.layers) cfg.n_layers = o.layers;
       if (o.seq > cfg.max_seq) cfg.max_seq = o.seq;
@@ -184,10 +187,10 @@ int main(int argc, char** argv) {
       const bench::random_shard shard("pipeline." + name, tokens * std::uint64_t(o.steps + o.warmup + 1) + 1, cfg.vocab,
                                       seed);
       const std::int64_t uf = pipeline::even_cuts(cfg.n_layers, o.stages).back();
-      for (const std::string& schedule_name : bench::split_list("--schedules", o.schedules)) {
+      for (const std::string& schedule_name : bench::split_list("schedules", o.schedules)) {
         const pipeline::any_schedule schedule(schedule_name, int(o.microbatches), o.stages);
         double dense_fastest = 0;
-        for (const std::string& bw : bench::split_list("--bandwidths", o.bandwidths)) {
+        for (const std::string& bw : bench::split_list("bandwidths", o.bandwidths)) {
           const comm::network net(*examples::parse_bandwidth(bw), mode);
           const measured d =
               run<nn::llama<exec::cuda, bf16>>(o, schedule, cfg, compress::identity{}, nn::dense_blocks{}, net, shard);
@@ -223,20 +226,21 @@ int main(int argc, char** argv) {
           };
           const double dense_bytes = double(tokens) * double(cfg.d_model) * 2;
           results.push_back(report("identity", "bf16", 0, d, dense_bytes, dense_bytes));
-          for (const std::string& wire : bench::split_list("--wires", o.wires)) {
-            const compress::subspace_projection codec(
-                {cfg.d_model, cfg.vocab, o.k, seed + 1, seed + 2,
-                 wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
-            const measured sm = run<nn::llama<exec::cuda, bf16, nn::subspace_blocks>>(
-                o, schedule, cfg, codec, nn::subspace_blocks(codec, uf), net, shard);
-            const double w = double(codec.wire_element_bytes(2)), kk = double(codec.k());
-            io::json j = report("subspace", wire, codec.k(), sm,
-                                double(tokens) * (kk * w + double(codec.token_id_bytes())), double(tokens) * kk * w);
-            j.set("bytes_ratio_forward", io::json(double(d.forward_bytes) / double(sm.forward_bytes)));
-            j.set("bytes_ratio_backward", io::json(double(d.backward_bytes) / double(sm.backward_bytes)));
-            j.set("step_speedup_vs_dense_same_link", io::json(d.step_s / sm.step_s));
-            results.push_back(j);
-          }
+          for (const std::string& wire : bench::split_list("wires", o.wires))
+            for (const std::int64_t k : bench::split_ints("k", o.ks)) {
+              const compress::subspace_projection codec(
+                  {cfg.d_model, cfg.vocab, k, seed + 1, seed + 2,
+                   wire == "bf16" ? compress::wire_dtype::bf16 : compress::wire_dtype::fp32, false});
+              const measured sm = run<nn::llama<exec::cuda, bf16, nn::subspace_blocks>>(
+                  o, schedule, cfg, codec, nn::subspace_blocks(codec, uf), net, shard);
+              const double w = double(codec.wire_element_bytes(2)), kk = double(codec.k());
+              io::json j = report("subspace", wire, codec.k(), sm,
+                                  double(tokens) * (kk * w + double(codec.token_id_bytes())), double(tokens) * kk * w);
+              j.set("bytes_ratio_forward", io::json(double(d.forward_bytes) / double(sm.forward_bytes)));
+              j.set("bytes_ratio_backward", io::json(double(d.backward_bytes) / double(sm.backward_bytes)));
+              j.set("step_speedup_vs_dense_same_link", io::json(d.step_s / sm.step_s));
+              results.push_back(j);
+            }
         }
         // Subspace at each link against dense at the fastest link (the claim: slow links compressed ≈ fast dense).
         for (io::json& j : results.as_array())

@@ -126,8 +126,7 @@ std::pair<std::int64_t, bool> longest(const adjoint::ssm_config& cfg, Engine eng
 template <class Engine>
 void memory_rows(const options& o, const adjoint::ssm_config& cfg, Engine engine, const std::string& name,
                  io::json& results) {
-  for (const std::string& s : bench::split_list("--seqs", o.seqs)) {
-    const std::int64_t T = std::stoll(s);
+  for (const std::int64_t T : bench::split_ints("seqs", o.seqs)) {
     const step_memory m = measure(cfg, engine, T);
     const double formula = adjoint::activation_values(engine, T, cfg.layers, cfg.d_model, cfg.state) * sizeof(bf16);
     if (m.fits)
