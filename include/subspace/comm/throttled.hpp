@@ -77,6 +77,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/hash.hpp"
 #include "../core/tensor.hpp"
 #include "concepts.hpp"
 #include "self.hpp"
@@ -372,10 +373,13 @@ struct throttle_state {
 
 /// The id of a communicator split from `parent` (its `nth` split) with `color`: the same on every member.
 inline std::uint64_t split_id(std::uint64_t parent, std::uint64_t nth, int color) {
-  std::uint64_t x = parent ^ (nth * 0x9e3779b97f4a7c15ull) ^ (std::uint64_t(std::uint32_t(color)) << 17);
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;  // splitmix64's finaliser
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
+  fnv1a_64 h;
+  for (const std::uint64_t v : {parent, nth}) {
+    h.add_u32(std::uint32_t(v));
+    h.add_u32(std::uint32_t(v >> 32));
+  }
+  h.add_u32(std::uint32_t(color));
+  return h.value();
 }
 }  // namespace detail
 
