@@ -124,9 +124,9 @@ std::pair<std::int64_t, bool> longest(const adjoint::ssm_config& cfg, Engine eng
 }
 
 template <class Engine>
-void memory_rows(const options& o, const adjoint::ssm_config& cfg, Engine engine, const std::string& name,
-                 io::json& results) {
-  for (const std::int64_t T : bench::split_ints("seqs", o.seqs)) {
+void memory_rows(const std::vector<std::int64_t>& seqs, const adjoint::ssm_config& cfg, Engine engine,
+                 const std::string& name, io::json& results) {
+  for (const std::int64_t T : seqs) {
     const step_memory m = measure(cfg, engine, T);
     const double formula = adjoint::activation_values(engine, T, cfg.layers, cfg.d_model, cfg.state) * sizeof(bf16);
     if (m.fits)
@@ -282,6 +282,8 @@ int main(int argc, char** argv) {
   bench::output_flags(c, o.out, o.commit);
   return bench::guarded_main("bench_ssm", [&] {
     if (!c.parse(argc, argv)) return 0;
+    const std::vector<std::int64_t> seqs = bench::split_ints("seqs", o.seqs);
+    for (const std::int64_t T : seqs) bench::check_range("seqs", T, 1, std::int64_t(1) << 40);
     const adjoint::ssm_config cfg = model_of(o);
     io::json doc = bench::document("ssm", bench::device_properties().name, o.commit);
     doc.set("config", io::json::object({{"layers", io::json(cfg.layers)},
@@ -293,10 +295,10 @@ int main(int argc, char** argv) {
     io::json memory = io::json::array(), probes = io::json::array();
     std::printf("model: K %lld, P %lld, N %lld, %s parameters\n", (long long)cfg.layers, (long long)cfg.d_model,
                 (long long)cfg.state, examples::human(double(cfg.parameters())).c_str());
-    memory_rows(o, cfg, adjoint::exact_adjoint{}, "exact", memory);
-    memory_rows(o, cfg, adjoint::exact_adjoint{.recompute_c = true}, "exact_recompute", memory);
-    memory_rows(o, cfg, adjoint::sharded_adjoint{}, "sharded", memory);
-    memory_rows(o, cfg, adjoint::bptt{}, "bptt", memory);
+    memory_rows(seqs, cfg, adjoint::exact_adjoint{}, "exact", memory);
+    memory_rows(seqs, cfg, adjoint::exact_adjoint{.recompute_c = true}, "exact_recompute", memory);
+    memory_rows(seqs, cfg, adjoint::sharded_adjoint{}, "sharded", memory);
+    memory_rows(seqs, cfg, adjoint::bptt{}, "bptt", memory);
     doc.set("memory", memory);
     if (o.probe) {
       const std::int64_t b = probe_row(o, cfg, adjoint::bptt{}, "bptt", probes);
