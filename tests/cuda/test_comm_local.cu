@@ -186,7 +186,8 @@ TEST_CASE_TEMPLATE("comm::local on device memory: 4 ranks on one GPU match host 
       // sum, one cancelling element (m = 1) can be off by any factor (1.5e-6 was seen).
       double error = 0, scale = 0;
       for (std::int64_t i = 0; i < m; ++i) {
-        error += (double(float(dev.sum[ru](i))) - expected(i)) * (double(float(dev.sum[ru](i))) - expected(i));
+        const double off = double(float(dev.sum[ru](i))) - expected(i);
+        error += off * off;
         scale += magnitude(i) * magnitude(i);
       }
       CHECK(std::sqrt(error / scale) <= (std::is_same_v<T, float> ? 1e-6 : 1e-2));
