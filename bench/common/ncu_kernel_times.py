@@ -20,7 +20,11 @@ import sys
 
 
 def main(path):
-    rows = list(csv.reader(line for line in open(path, errors="replace") if line.startswith('"')))
+    try:
+        with open(path, errors="replace") as log:
+            rows = list(csv.reader(line for line in log if line.startswith('"')))
+    except OSError as e:
+        sys.exit(f"{path}: cannot read the Nsight Compute log ({e.strerror})")
     if not rows:
         sys.exit(f"{path}: no CSV rows (was ncu run with --csv --page raw?)")
     head = rows[0]
